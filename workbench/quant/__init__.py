@@ -1,0 +1,1 @@
+"""Pure-tensor quantization: specs, formats, algorithms (RTN, GPTQ, AWQ), packing, metrics."""

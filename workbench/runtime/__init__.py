@@ -1,0 +1,1 @@
+"""Quantized runtime: QuantLinear modules, apply_plan, save/load, fast decode."""

@@ -1,0 +1,1 @@
+"""Inspection statistics: weight and activation distributions, outliers, Gram matrices, cache."""

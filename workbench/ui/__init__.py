@@ -1,0 +1,1 @@
+"""Panel / ipywidgets app. Imports panel lazily; the core never imports this package."""
