@@ -1,0 +1,188 @@
+"""GEMM for larger batches / prefill: y = x @ dequant(W)^T on tensor cores (``tl.dot``), 2/3/4/8-bit.
+
+Per K step the program loads an x tile ``[BLOCK_M, BLOCK_K]`` and a packed word tile
+``[BLOCK_N, BLOCK_K / PER]``, unpacks it into 16-bit codes without any int->float conversion
+(``0x6400 | q`` read as fp16 is ``1024 + q``; ``0x4300 | q`` read as bf16 is ``128 + q`` for q < 128) and
+multiplies on the tensor cores with fp32 accumulation.  The offset and the zero point are removed per
+group with the row sums of x, and the scale is applied per group on the ``[BLOCK_M, BLOCK_N]`` partial:
+
+    y[m, n] = sum_g s_g[n] * (dot_g(x, OFF + q)[m, n] - (z_g[n] + OFF) * sum_{k in g} x[m, k])
+
+so the per-weight work is shift, mask/or, pack; the fp32 sums of ``x * (OFF + q)`` stay exact to ~1e-6
+relative.  ``BLOCK_K`` divides the group size, so each K step lies in one group.  bf16 activations with
+8-bit codes use a plain conversion (128 + 255 is not exact in bf16).
+
+Packing layout and scale form: ``workbench.quant.packing``.  Reference: ``reference.gemm_int_ref``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from workbench.errors import WorkbenchError
+from workbench.kernels.checks import (
+    alloc_output,
+    check_int_weight,
+    finish_output,
+    group_tile,
+    split_tiles,
+)
+from workbench.quant.packing import packed_k
+
+
+@triton.jit
+def _gemm_int_kernel(
+    # pointers
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    # sizes: KWL words of the (low) plane per row, LO_WORDS = Kp/16 (3-bit high-plane offset)
+    M, N, K, KWL, LO_WORDS, K_TILES, TILES_PER_SPLIT,
+    # strides (elements)
+    stride_xm, stride_wn, stride_ym,
+    # meta-parameters
+    BITS: tl.constexpr, PER: tl.constexpr,  # bits per code; codes per word of the (low) plane
+    TILES_PER_GROUP: tl.constexpr,  # K steps per group (ignored per-channel)
+    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+    MAGIC: tl.constexpr, OFF: tl.constexpr,  # 16-bit pattern OR-ed into the code and its float value
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    DT = x_ptr.dtype.element_ty
+    BKW: tl.constexpr = BLOCK_K // PER
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mmask = m < M
+    nmask = n < N
+    row_off = tl.multiple_of(n * stride_wn, 4)[:, None]  # rows are multiples of 16 bytes
+    j = tl.arange(0, PER)[None, None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    sx_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t_start = pid_k * TILES_PER_SPLIT
+    t_end = tl.minimum(t_start + TILES_PER_SPLIT, K_TILES)
+    for t in range(t_start, t_end):
+        widx = t * BKW + tl.arange(0, BKW)  # [BKW]
+        wmask = nmask[:, None] & (widx < KWL)[None, :]
+        words = tl.load(w_ptr + row_off + widx[None, :], mask=wmask, other=0)  # [BN, BKW]
+        if BITS == 3:
+            q = (words[:, :, None] >> (j * 2)) & 3
+            hw = tl.load(w_ptr + row_off + LO_WORDS + (widx // 2)[None, :], mask=wmask, other=0)
+            hi16 = hw >> ((widx % 2) * 16)[None, :]
+            q = q | (((hi16[:, :, None] >> j) & 1) << 2)
+        else:
+            q = (words[:, :, None] >> (j * BITS)) & ((1 << BITS) - 1)  # [BN, BKW, PER]
+        if MAGIC != 0:
+            wq = (q | MAGIC).to(tl.int16).to(DT, bitcast=True)  # OFF + q, exact
+        else:
+            wq = q.to(DT)
+        wq = tl.reshape(wq, [BLOCK_N, BLOCK_K])  # column k = word * PER + position
+        k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :],
+                     other=0.0)  # [BM, BK]
+        sx = tl.sum(xt.to(tl.float32), axis=1)  # [BM]
+        if PER_CHANNEL:
+            acc = tl.dot(xt, tl.trans(wq), acc)
+            sx_acc += sx
+        else:
+            part = tl.dot(xt, tl.trans(wq))  # [BM, BN] fp32
+            g = t // TILES_PER_GROUP
+            s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zo = tl.load(z_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32) + OFF
+            else:
+                zo = tl.zeros([BLOCK_N], dtype=tl.float32) + ((1 << (BITS - 1)) + OFF)
+            acc += part * s[None, :] - sx[:, None] * (zo * s)[None, :]
+    if PER_CHANNEL:
+        s = tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zo = tl.load(z_ptr + n, mask=nmask, other=0.0).to(tl.float32) + OFF
+        else:
+            zo = tl.zeros([BLOCK_N], dtype=tl.float32) + ((1 << (BITS - 1)) + OFF)
+        acc = acc * s[None, :] - sx_acc[:, None] * (zo * s)[None, :]
+    y_ptrs = y_ptr + m[:, None] * stride_ym + n[None, :]
+    ymask = mmask[:, None] & nmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch shape of the tensor-core path."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_gemm_config(M: int, N: int, K: int, bits: int) -> GemmConfig:
+    """Hand-chosen config per shape class (see benchmarks/KERNEL_NOTES.md)."""
+    if M <= 16:
+        return GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    if M <= 64:
+        return GemmConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    return GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def gemm_int(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    K: int,
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ dequant(W)^T for any number of rows, on tensor cores.
+
+    Args:
+        x: fp16/bf16 [M, K], contiguous along K.
+        packed: int32 [N, packed_words(K, bits)] (``pack_codes``).
+        scales_t: fp16 [n_groups, N]; zeros_t: fp16 [n_groups, N] or None (symmetric, zero 2**(bits-1)).
+        bits: 2, 3, 4, 8; group_size: power of two 16..256, or >= K for per-channel; K: input features.
+        config: launch shape (default: ``default_gemm_config``).
+        out: optional [M, N] output in x.dtype (every element is overwritten).
+    Returns:
+        y: [M, N] in x.dtype.
+    """
+    name = "gemm_int"
+    N = check_int_weight(name, x, packed, scales_t, zeros_t, bits, group_size, K)
+    M = x.shape[0]
+    per = 16 if bits == 3 else 32 // bits
+    per_channel, G = group_tile(group_size, K, per, name)
+    cfg = config or default_gemm_config(M, N, K, bits)
+    bk = cfg.block_k if per_channel else min(cfg.block_k, G)
+    bk = max(bk, per, 16)
+    if not per_channel and G % bk:
+        raise WorkbenchError(f"{name}: block_k={bk} must divide group_size={G}")
+    k_tiles = triton.cdiv(K, bk)
+    split, tps = split_tiles(k_tiles, cfg.split_k)
+    if x.dtype == torch.float16:
+        magic, off = 0x6400, 1024
+    elif bits <= 4:
+        magic, off = 0x4300, 128
+    else:
+        magic, off = 0, 0
+    y = alloc_output(name, out, x, N, split)
+    Kp = packed_k(K, bits)
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
+    _gemm_int_kernel[grid](
+        x, packed, scales_t, zeros_t if zeros_t is not None else scales_t, y,
+        M, N, K, Kp // per, Kp // 16, k_tiles, tps,
+        x.stride(0), packed.stride(0), y.stride(0),
+        BITS=bits, PER=per, TILES_PER_GROUP=max(1, G // bk), PER_CHANNEL=per_channel,
+        HAS_ZERO=zeros_t is not None, MAGIC=magic, OFF=off,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT_K=split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return finish_output(y, out, x.dtype)

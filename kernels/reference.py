@@ -1,0 +1,73 @@
+"""Plain-torch references for the dequantize-matmul kernels, with the launchers' exact signatures.
+
+Every Triton launcher in this folder has a twin here that computes the same function in float32 on
+any device (CPU included): unpack the codes (``workbench.quant.packing``), dequantize
+``W_hat = (codes - zeros) * scales`` per group along K (shorter last group), ``y = x @ W_hat^T``, cast to
+``x.dtype``.  They are the CPU fallback of the runtime and the ground truth of the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.quant.packing import n_groups, unpack_codes
+
+
+def dequantize_int(
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    K: int,
+) -> torch.Tensor:
+    """Packed int weight -> float32 W_hat [N, K].
+
+    Args:
+        packed: int32 [N, packed_words(K, bits)] (packing layout).
+        scales_t: [n_groups, N] (``prepare_group_params``); zeros_t: same or None (symmetric).
+        bits: 2, 3, 4 or 8; group_size: G (per-channel: G >= K); K: input features.
+    """
+    codes = unpack_codes(packed, bits, K).to(torch.float32)  # [N, K]
+    ng = n_groups(K, group_size)
+    G = min(group_size, K)
+    idx = torch.arange(K, device=packed.device) // G  # group of each column
+    assert int(idx.max()) == ng - 1, f"group count mismatch: {ng} vs {int(idx.max()) + 1}"
+    s = scales_t.to(torch.float32).t()[:, idx]  # [N, K]
+    if zeros_t is None:
+        z = float(2 ** (bits - 1))
+    else:
+        z = zeros_t.to(torch.float32).t()[:, idx]
+    return (codes - z) * s
+
+
+def dequant_matmul_int_ref(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    K: int,
+) -> torch.Tensor:
+    """y = x @ W_hat^T in float32, returned in x.dtype.  x: [M, K] fp16/bf16 -> y: [M, N]."""
+    W = dequantize_int(packed, scales_t, zeros_t, bits, group_size, K)
+    return (x.to(torch.float32) @ W.t()).to(x.dtype)
+
+
+def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 bit patterns uint8 [N, K] and fp32 scales [N] -> float32 W_hat [N, K]."""
+    return codes.view(torch.float8_e4m3fn).to(torch.float32) * scales.to(torch.float32)[:, None]
+
+
+def dequant_matmul_fp8_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y = x @ W_hat^T for FP8 E4M3 weights.  x: [M, K]; codes uint8 [N, K]; scales fp32 [N] -> [M, N]."""
+    W = dequantize_fp8(codes, scales)
+    return (x.to(torch.float32) @ W.t()).to(x.dtype)
+
+
+# Same function, one name per kernel launcher (gemv_int, gemm_int, gemv_fp8, gemm_fp8).
+gemv_int_ref = dequant_matmul_int_ref
+gemm_int_ref = dequant_matmul_int_ref
+gemv_fp8_ref = dequant_matmul_fp8_ref
+gemm_fp8_ref = dequant_matmul_fp8_ref

@@ -1,0 +1,115 @@
+"""Bit packing: exact round trips for every width and odd shapes, the documented layout, storage bytes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.quant.packing import (
+    k_align,
+    n_groups,
+    pack_codes,
+    packed_k,
+    packed_nbytes,
+    packed_words,
+    prepare_fp8_params,
+    prepare_group_params,
+    unpack_codes,
+)
+
+SHAPES = [(1, 33), (5, 172), (3, 576), (8, 64), (2, 4096), (4, 1), (7, 129), (1, 14336)]
+BITS = [2, 3, 4, 8]
+
+
+@pytest.mark.parametrize("shape,bits", list(itertools.product(SHAPES, BITS)), ids=lambda v: str(v))
+def test_round_trip_exact(shape, bits):
+    N, K = shape
+    g = torch.Generator().manual_seed(N * 1000 + K + bits)
+    codes = torch.randint(0, 2**bits, (N, K), dtype=torch.uint8, generator=g)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (N, packed_words(K, bits))
+    assert packed.shape[1] * 32 == packed_k(K, bits) * bits  # exactly `bits` bits per (padded) weight
+    assert packed.shape[1] % 4 == 0  # rows are whole 16-byte vectors
+    assert torch.equal(unpack_codes(packed, bits, K), codes)
+
+
+def test_extreme_codes_round_trip():
+    for bits in BITS:
+        codes = torch.full((3, 100), 2**bits - 1, dtype=torch.uint8)
+        codes[1] = 0
+        assert torch.equal(unpack_codes(pack_codes(codes, bits), bits, 100), codes)
+
+
+def test_layout_4bit_lsb_first():
+    codes = torch.arange(16, dtype=torch.uint8).remainder(16)[None, :]  # 0,1,...,15
+    packed = pack_codes(codes, 4)
+    # word 0 holds codes 0..7, LSB first: 0x76543210; word 1: 0xFEDCBA98 as int32
+    assert int(packed[0, 0]) == 0x76543210
+    assert int(packed[0, 1]) == 0xFEDCBA98 - 2**32
+    assert int(packed[0, 2:].abs().sum()) == 0  # zero padding up to Kp = 64
+
+
+def test_layout_8bit_is_padded_bytes():
+    codes = torch.randint(0, 256, (3, 100), dtype=torch.uint8)
+    packed = pack_codes(codes, 8)
+    as_bytes = packed.view(torch.uint8)  # little-endian int32 -> 4 consecutive codes
+    assert torch.equal(as_bytes[:, :100], codes) and int(as_bytes[:, 100:].sum()) == 0
+
+
+def test_layout_3bit_planes():
+    N, K = 4, 172
+    codes = torch.randint(0, 8, (N, K), dtype=torch.uint8)
+    packed = pack_codes(codes, 3)
+    Kp = packed_k(K, 3)
+    assert Kp == 256 and packed.shape == (N, 3 * Kp // 32)
+    lo = packed[:, : Kp // 16]
+    two = pack_codes(codes & 3, 2)  # the 2-bit plane is the 2-bit layout (padded further, with zeros)
+    assert torch.equal(lo[:, : two.shape[1]], two) and int(lo[:, two.shape[1] :].abs().sum()) == 0
+    hi = packed[:, Kp // 16 :].to(torch.int64) & 0xFFFFFFFF
+    for k in (0, 31, 32, 100, 171):
+        bit = (hi[:, k // 32] >> (k % 32)) & 1
+        assert torch.equal(bit.to(torch.uint8), codes[:, k] >> 2)
+
+
+def test_storage_bytes():
+    assert packed_nbytes(14336, 4096, 4) == 14336 * 4096 // 2 == 29_360_128
+    assert packed_nbytes(14336, 4096, 3) == 14336 * 4096 * 3 // 8
+    assert packed_nbytes(14336, 4096, 2) == 14336 * 4096 // 4
+    assert packed_k(576, 4) == 576 and packed_k(576, 3) == 640 and packed_k(172, 2) == 192
+    assert k_align(3) == 128 and k_align(4) == 64
+
+
+def test_group_params_shorter_last_group():
+    N, K, G = 6, 576, 128
+    assert n_groups(K, G) == 5 and n_groups(172, 64) == 3 and n_groups(172, 4096) == 1
+    s = torch.rand(N, 5, dtype=torch.float32)
+    z = torch.rand(N, 5) * 15
+    st, zt = prepare_group_params(s, z, K, G)
+    assert st.shape == (5, N) and st.dtype == torch.float16 and st.is_contiguous()
+    assert torch.equal(st, s.t().half()) and torch.equal(zt, z.t().half())
+    st2, zt2 = prepare_group_params(s, None, K, G)
+    assert zt2 is None
+    with pytest.raises(WorkbenchError, match="5 groups"):
+        prepare_group_params(torch.rand(N, 4), None, K, G)
+
+
+def test_fp8_params():
+    w = torch.randn(5, 40).to(torch.float8_e4m3fn)
+    codes, s = prepare_fp8_params(w.view(torch.uint8), torch.rand(5, 1))
+    assert codes.dtype == torch.uint8 and s.shape == (5,) and s.dtype == torch.float32
+    with pytest.raises(WorkbenchError, match="one per output channel"):
+        prepare_fp8_params(w.view(torch.uint8), torch.rand(4))
+
+
+def test_bad_input_is_named():
+    with pytest.raises(WorkbenchError, match="does not fit in 3 bits"):
+        pack_codes(torch.full((2, 10), 8, dtype=torch.uint8), 3)
+    with pytest.raises(WorkbenchError, match="bits=5"):
+        pack_codes(torch.zeros(2, 10, dtype=torch.uint8), 5)
+    with pytest.raises(WorkbenchError, match="uint8"):
+        pack_codes(torch.zeros(2, 10, dtype=torch.int32), 4)
+    with pytest.raises(WorkbenchError, match="K=100"):
+        unpack_codes(torch.zeros(2, 3, dtype=torch.int32), 4, 100)

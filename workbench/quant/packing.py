@@ -1,0 +1,188 @@
+"""Bit packing of integer weight codes: the one layout the low-bit kernels read.
+
+Input (the quant-core contract): ``codes`` uint8 ``[N, K]`` (N = out features, K = in features), every
+value ``< 2**bits``; ``scales`` / ``zeros`` ``[N, n_groups]`` with groups of G along K from column 0 and a
+shorter last group when G does not divide K; ``zeros is None`` means symmetric (fixed zero
+``2**(bits-1)``).  Dequantization: ``W_hat[n, k] = (codes[n, k] - zeros[n, k // G]) * scales[n, k // G]``.
+
+Layout (``LAYOUT_VERSION = 1``)
+-------------------------------
+* K is padded with zero codes up to ``Kp = packed_k(K, bits)``, a multiple of ``k_align(bits)``
+  (64 for 2/4/8 bits, 128 for 3 bits).  This makes every packed row a multiple of 16 bytes, so the
+  kernels can use 16-byte loads, and every 3-bit plane a whole number of words.  Pad codes are 0; the
+  kernels mask the activations beyond K, so padding never changes a result.
+* Orientation: row-major ``[N, words]`` int32 — one output channel per row, K contiguous.  The GEMV
+  kernel reduces along K inside a thread (16-byte loads along K, warps over rows), the GEMM kernel
+  unpacks a ``[BLOCK_N, BLOCK_K]`` tile and feeds ``tl.dot`` with its transpose.
+* bits in {2, 4, 8}: ``packed`` is int32 ``[N, Kp * bits / 32]``; code k of row n lives in word
+  ``k // (32 // bits)`` at bit offset ``(k % (32 // bits)) * bits`` (LSB first).  For 8 bits this is
+  byte-identical to the padded uint8 codes viewed as little-endian int32.
+* bits = 3, exactly 3 bits per weight as two planes in one row: ``packed`` is int32 ``[N, 3 * Kp / 32]``;
+  words ``[0, Kp/16)`` are the 2-bit plane (``code & 3``, laid out exactly like bits=2), the last
+  ``Kp/32`` words ``[Kp/16, 3*Kp/32)`` are the 1-bit plane (``code >> 2``): bit ``k % 32`` of word
+  ``Kp/16 + k // 32``.
+* Word values are the two's-complement int32 view of the unsigned 32-bit pattern.
+
+Scales and zeros for the kernels (``prepare_group_params``): transposed to ``[n_groups, N]`` contiguous
+fp16 (one coalesced row of N per group), not padded (kernels mask groups >= n_groups); zeros ``None`` for
+symmetric.  FP8 E4M3 weights are not bit-packed: the kernels read the uint8 bit patterns ``[N, K]``
+directly with an fp32 per-output-channel scale ``[N]`` (``prepare_fp8_params``).
+
+Storage bytes (what the runtime keeps on the GPU):
+* packed weights: ``N * Kp * bits / 8``
+* scales: ``2 * N * n_groups`` (fp16); zeros: ``2 * N * n_groups`` (fp16, asymmetric only)
+* FP8: ``N * K`` codes + ``4 * N`` scales.
+(``packed_nbytes`` returns the first; e.g. int4 g128 asym on 4096 x 14336: 29,360,128 B of codes plus
+917,504 B of scales and 917,504 B of zeros = 4.25 bits per weight.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from workbench.errors import WorkbenchError
+
+LAYOUT_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def k_align(bits: int) -> int:
+    """Multiple that K is padded to inside the packed layout (64, or 128 for 3 bits)."""
+    _check_bits(bits)
+    return 128 if bits == 3 else 64
+
+
+def packed_k(K: int, bits: int) -> int:
+    """Padded K (``Kp``) of the packed layout for ``K`` input features."""
+    a = k_align(bits)
+    return ((K + a - 1) // a) * a
+
+
+def packed_words(K: int, bits: int) -> int:
+    """Number of int32 words per packed row."""
+    return packed_k(K, bits) * bits // 32
+
+
+def packed_nbytes(N: int, K: int, bits: int) -> int:
+    """Bytes of the packed code tensor for an [N, K] weight."""
+    return N * packed_words(K, bits) * 4
+
+
+def n_groups(K: int, group_size: int) -> int:
+    """Groups along K with a shorter last group (per-channel: pass group_size >= K)."""
+    return max(1, math.ceil(K / group_size))
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise WorkbenchError(f"packing: bits={bits} has no packed layout; supported: {SUPPORTED_BITS}")
+
+
+def _to_int32(u: torch.Tensor) -> torch.Tensor:
+    """int64 holding unsigned 32-bit patterns -> int32 with the same bits."""
+    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32)
+
+
+def _pack_plane(vals: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack ``vals`` [N, Kp] (each < 2**width) LSB-first into int32 words [N, Kp*width/32]."""
+    per = 32 // width
+    N, Kp = vals.shape
+    v = vals.to(torch.int64).view(N, Kp // per, per)
+    shifts = torch.arange(per, device=vals.device, dtype=torch.int64) * width
+    return _to_int32((v << shifts).sum(dim=-1))
+
+
+def _unpack_plane(words: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of ``_pack_plane``: int32 [N, W] -> int64 [N, W * 32/width]."""
+    per = 32 // width
+    N, W = words.shape
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per, device=words.device, dtype=torch.int64) * width
+    return ((u[:, :, None] >> shifts) & ((1 << width) - 1)).view(N, W * per)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes into the kernel layout (see module docstring).
+
+    Args:
+        codes: uint8 [N, K], every value < 2**bits.
+        bits: 2, 3, 4 or 8.
+    Returns:
+        int32 [N, packed_words(K, bits)], contiguous, on the device of ``codes``.
+    """
+    _check_bits(bits)
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise WorkbenchError(
+            f"packing: codes must be uint8 [N, K], got {codes.dtype} of shape {tuple(codes.shape)}"
+        )
+    N, K = codes.shape
+    if codes.numel() and int(codes.max()) >= 2**bits:
+        raise WorkbenchError(f"packing: code {int(codes.max())} does not fit in {bits} bits (shape {N}x{K})")
+    Kp = packed_k(K, bits)
+    padded = torch.zeros(N, Kp, dtype=torch.uint8, device=codes.device)
+    padded[:, :K] = codes
+    if bits == 3:
+        lo = _pack_plane(padded & 3, 2)  # [N, Kp/16]
+        hi = _pack_plane(padded >> 2, 1)  # [N, Kp/32]
+        return torch.cat([lo, hi], dim=1).contiguous()
+    return _pack_plane(padded, bits).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: int32 [N, packed_words(K, bits)] -> uint8 [N, K]."""
+    _check_bits(bits)
+    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != packed_words(K, bits):
+        raise WorkbenchError(
+            f"packing: expected int32 [N, {packed_words(K, bits)}] for K={K} at {bits} bits, "
+            f"got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    Kp = packed_k(K, bits)
+    if bits == 3:
+        lo = _unpack_plane(packed[:, : Kp // 16], 2)
+        hi = _unpack_plane(packed[:, Kp // 16 :], 1)
+        vals = lo | (hi << 2)
+    else:
+        vals = _unpack_plane(packed, bits)
+    return vals[:, :K].to(torch.uint8).contiguous()
+
+
+def prepare_group_params(
+    scales: torch.Tensor, zeros: torch.Tensor | None, K: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales / zeros [N, n_groups] -> kernel form: fp16 [n_groups, N] contiguous (zeros None if symmetric).
+
+    Args:
+        scales: [N, n_groups] float (any float dtype).
+        zeros: [N, n_groups] float zero points, or None (symmetric, zero 2**(bits-1)).
+        K: input features; group_size: G (per-channel: G >= K, one group).
+    """
+    if scales.dim() != 2:
+        raise WorkbenchError(f"packing: scales must be [N, n_groups], got shape {tuple(scales.shape)}")
+    ng = n_groups(K, group_size)
+    if scales.shape[1] != ng:
+        raise WorkbenchError(
+            f"packing: scales {tuple(scales.shape)} need {ng} groups for K={K}, group_size={group_size}"
+        )
+    s_t = scales.t().to(torch.float16).contiguous()
+    z_t = None
+    if zeros is not None:
+        if zeros.shape != scales.shape:
+            raise WorkbenchError(f"packing: zeros {tuple(zeros.shape)} != scales {tuple(scales.shape)}")
+        z_t = zeros.t().to(torch.float16).contiguous()
+    return s_t, z_t
+
+
+def prepare_fp8_params(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 E4M3 codes uint8 [N, K] (float8_e4m3fn bit patterns), scales [N] or [N, 1] -> (codes, fp32 [N])."""
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise WorkbenchError(
+            f"packing: fp8 codes must be uint8 [N, K], got {codes.dtype} {tuple(codes.shape)}"
+        )
+    if scales.numel() != codes.shape[0]:
+        raise WorkbenchError(
+            f"packing: fp8 scales must be one per output channel ({codes.shape[0]}), "
+            f"got {tuple(scales.shape)}"
+        )
+    return codes.contiguous(), scales.reshape(-1).to(torch.float32).contiguous()
