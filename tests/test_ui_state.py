@@ -1,0 +1,151 @@
+"""The app's state object driven without a browser on stories260K: plan edits, undo/redo, totals, files."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("panel")
+pytest.importorskip("param")
+
+from workbench.plan import Plan, plan_totals  # noqa: E402
+from workbench.quant.spec import QuantSpec  # noqa: E402
+from workbench.ui.state import WorkbenchState  # noqa: E402
+
+
+@pytest.fixture()
+def state(stories):
+    s = WorkbenchState()
+    s.set_model(stories)
+    return s
+
+
+def _bits(state) -> int:
+    return state.totals.total_bits
+
+
+def test_starts_all_bf16_with_exact_totals(state, stories):
+    assert state.phase == "ready"
+    assert state.plan.default == "bf16" and state.plan.rules == []
+    n = sum(x.n_params for x in state.layers)
+    assert state.totals.total_bits == 16 * n
+    assert state.totals.mb == pytest.approx(state.totals.bf16_mb)
+    assert list(state.table["spec"].unique()) == ["bf16"]
+    assert len(state.table) == len(state.layers) == 36
+
+
+def test_layer_edit_changes_totals_by_the_layer_storage_exactly(state):
+    layer = next(x for x in state.layers if x.name == "model.layers.2.mlp.down_proj")
+    before = _bits(state)
+    assert state.set_layer_spec(layer.name, "int4_g32")
+    spec = QuantSpec.parse("int4_g32")
+    expected = before - 16 * layer.n_params + spec.storage_bits(layer.out_features, layer.in_features)
+    assert _bits(state) == expected
+    row = state.table.set_index("layer").loc[layer.name]
+    assert row["spec"] == "int4_g32"
+    assert row["bits"] == pytest.approx(spec.bits_per_weight(layer.in_features, layer.out_features), abs=1e-3)
+    # the same totals as the core computes from the saved plan
+    again = Plan.from_json(json.loads(state.plan_json()))
+    assert plan_totals(again.resolve(state.layers), state.layers).total_bits == expected
+
+
+def test_edit_latency_is_well_under_a_second(state):
+    names = [x.name for x in state.layers]
+    t0 = time.perf_counter()
+    for i, name in enumerate(names[:10]):
+        state.set_layer_spec(name, "int8_ch" if i % 2 else "int4_g64")
+    per_edit = (time.perf_counter() - t0) / 10
+    assert per_edit < 0.25, f"one plan edit took {per_edit:.3f} s"
+    assert state.edit_seconds < 0.25
+
+
+def test_undo_redo_walks_the_history(state):
+    t0 = _bits(state)
+    state.set_role_spec("down", "int8_ch")
+    t1 = _bits(state)
+    state.set_regex_spec(r"model\.layers\.[0-2]\..*", "int4_g32")
+    t2 = _bits(state)
+    assert t0 > t1 > t2
+    assert state.can_undo and not state.can_redo
+    assert state.undo() and _bits(state) == t1
+    assert state.undo() and _bits(state) == t0 and not state.can_undo
+    assert not state.undo()  # nothing left: a warning, no change
+    assert _bits(state) == t0
+    assert state.redo() and _bits(state) == t1
+    state.set_default("int8_ch")  # a new edit clears the redo branch
+    assert not state.can_redo
+
+
+def test_bulk_rule_replaces_overridden_rules(state):
+    state.set_layer_spec("model.layers.0.mlp.down_proj", "int4_g32")
+    state.set_layer_spec("model.layers.1.mlp.down_proj", "int3_g32")
+    assert len(state.plan.rules) == 2
+    state.set_role_spec("down", "int8_ch")
+    assert [(r.match, r.spec) for r in state.plan.rules] == [("role:down", "int8_ch")]
+    downs = state.table[state.table.role == "down"]
+    assert set(downs.spec) == {"int8_ch"} and len(downs) == 5
+
+
+def test_bad_edits_keep_the_plan(state):
+    state.set_layer_spec("model.layers.0.self_attn.q_proj", "int4_g32")
+    before = state.plan_json()
+    assert not state.set_layer_spec("model.layers.0.self_attn.q_proj", "int9_g32")
+    assert state.message_kind == "error" and "int9" in state.message
+    assert not state.set_regex_spec(r".*nonexistent.*", "int4_g32")
+    assert "matches no layer" in state.message
+    assert not state.set_regex_spec(r"(unclosed", "int4_g32")
+    assert state.plan_json() == before
+
+
+def test_plan_for_another_model_is_explained_and_refused(state):
+    state.set_role_spec("down", "int8_ch")
+    before = state.plan_json()
+    foreign = {"format": "workbench.plan", "version": 1, "default": "int4_g128",
+               "rules": [{"match": "model.layers.17.mlp.down_proj", "spec": "int8_ch"},
+                         {"match": "re:.*attn\\.c_attn", "spec": "int4_g32"},
+                         {"match": "role:up", "spec": "int4_g64"}]}
+    assert not state.load_plan_text(json.dumps(foreign), source="smollm2_plan.json")
+    msg = state.message
+    assert state.message_kind == "error"
+    assert "model.layers.17.mlp.down_proj" in msg and "c_attn" in msg and "matches no layer" in msg
+    assert "role:up" not in msg  # that rule is fine: only the two dead rules are named
+    assert "current plan is kept" in msg
+    assert state.plan_json() == before
+
+
+def test_plan_json_round_trip_with_pins(state):
+    state.set_role_spec("gate", "int4_g32")
+    state.set_pinned("model.layers.4.mlp.down_proj", True)
+    text = state.plan_json()
+    bits = _bits(state)
+    fresh = WorkbenchState()
+    fresh.set_model(state.loaded)
+    assert fresh.load_plan_text(text, "saved.json")
+    assert _bits(fresh) == bits
+    assert fresh.pinned == ["model.layers.4.mlp.down_proj"]
+    assert bool(fresh.table.set_index("layer").loc["model.layers.4.mlp.down_proj", "pinned"])
+
+
+def test_export_llama_cpp_names_every_layer(state):
+    state.set_default("int8_ch")
+    out = state.export_llama_cpp()
+    lines = out.text.split()
+    assert len(lines) == len(state.layers)  # one anchored pattern per tensor
+    assert "^blk\\.0\\.attn_q\\.weight$=q8_0" in lines
+    assert "^blk\\.0\\.ffn_down\\.weight$=f16" in lines  # 172 columns: no 32-block type fits
+    assert any("172 columns" in n for n in out.notes)
+
+
+def test_background_load_reports_progress_and_bad_source_is_explained():
+    from tests.conftest import STORIES
+
+    s = WorkbenchState()
+    job = s.load(str(STORIES), wait=True)
+    assert job.state == "done" and s.phase == "ready" and len(s.layers) == 36
+    assert s.description.name == "stories260K"
+    bad = WorkbenchState()
+    job = bad.load("/nonexistent/model.gguf", wait=True)
+    assert job.state == "failed" and bad.phase == "error"
+    assert "not found" in bad.message and bad.message_kind == "error"

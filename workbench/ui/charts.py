@@ -1,0 +1,151 @@
+"""Chart functions of the app: plain numbers in, a plotly Figure out.
+
+Every number drawn here was computed by the core library (histograms, absmax, outlier masks, grid levels,
+sensitivity costs, Pareto points); these functions only choose marks, colours and axes. Log colour scales
+are a display choice (the hover text shows the raw value).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import plotly.graph_objects as go
+
+_LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=40, b=40), height=300)
+ACCENT, MUTED, ALERT, GOOD = "#1f77b4", "#9aa7b5", "#d62728", "#2ca02c"
+
+
+def _fig(title: str, **layout) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), **{**_LAYOUT, **layout})
+    return fig
+
+
+def empty_figure(message: str, height: int = 300) -> go.Figure:
+    """A blank chart that says why there is nothing to draw."""
+    fig = _fig("", height=height)
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=13, color="#555"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def histogram_figure(edges: Sequence[float], counts: Sequence[float], *, title: str, log_y: bool = False,
+                     levels: Sequence[float] | None = None, levels_label: str = "grid levels",
+                     x_title: str = "value") -> go.Figure:
+    """Bars of a precomputed histogram, optionally with vertical lines at quantization grid levels.
+
+    Args:
+        edges: bin edges [B + 1]. counts: bin counts [B].
+        levels: grid levels (in weight units) of the chosen format, drawn as thin vertical lines.
+    """
+    edges, counts = list(map(float, edges)), list(map(float, counts))
+    assert len(edges) == len(counts) + 1, "histogram needs len(edges) == len(counts) + 1"
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    fig = _fig(title)
+    fig.add_bar(x=centers, y=counts, width=widths, marker_color=ACCENT, name="count",
+                hovertemplate="%{x:.4g}: %{y}<extra></extra>")
+    if levels is not None and len(levels):
+        ys: list[float | None] = []
+        xs: list[float | None] = []
+        top = max(counts) if counts else 1.0
+        for v in levels:
+            xs += [float(v), float(v), None]
+            ys += [0.0 if not log_y else 0.5, top, None]
+        fig.add_scatter(x=xs, y=ys, mode="lines", line=dict(color=ALERT, width=1), opacity=0.6,
+                        name=f"{levels_label} ({len(levels)})", hoverinfo="skip")
+    fig.update_layout(bargap=0, showlegend=levels is not None and len(levels) > 0,
+                      legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    fig.update_xaxes(title=x_title)
+    fig.update_yaxes(title="count", type="log" if log_y else "linear")
+    return fig
+
+
+def channel_absmax_figure(values: Sequence[float], outliers: Sequence[bool] | None, *, title: str,
+                          x_title: str = "channel") -> go.Figure:
+    """Per-channel absmax as bars; channels flagged as outliers (by the core) in red."""
+    values = list(map(float, values))
+    flags = list(outliers) if outliers is not None else [False] * len(values)
+    assert len(flags) == len(values), "one outlier flag per channel"
+    colors = [ALERT if f else ACCENT for f in flags]
+    n_out = sum(bool(f) for f in flags)
+    fig = _fig(f"{title}  ({n_out} outlier{'s' if n_out != 1 else ''})")
+    fig.add_bar(x=list(range(len(values))), y=values, marker_color=colors, marker_line_width=0,
+                hovertemplate="channel %{x}: %{y:.4g}<extra></extra>")
+    fig.update_layout(bargap=0)
+    fig.update_xaxes(title=x_title)
+    fig.update_yaxes(title="max |value|")
+    return fig
+
+
+def error_by_spec_figure(specs: Sequence[str], errors: Sequence[float], bits: Sequence[float], *,
+                         title: str, current: str | None = None,
+                         error_label: str = "relative error") -> go.Figure:
+    """One bar per candidate spec (sorted as given), log y; the layer's current spec highlighted."""
+    fig = _fig(title)
+    colors = [ALERT if s == current else ACCENT for s in specs]
+    fig.add_bar(x=[f"{s}<br>{b:.2f} b/w" for s, b in zip(specs, bits)], y=list(map(float, errors)),
+                marker_color=colors, customdata=list(specs),
+                hovertemplate="%{customdata}: %{y:.3g}<extra></extra>")
+    positive = [e for e in errors if e and e > 0 and math.isfinite(e)]
+    fig.update_yaxes(title=error_label, type="log" if positive else "linear")
+    return fig
+
+
+def heatmap_figure(layers: Sequence[str], specs: Sequence[str], costs: Sequence[Sequence[float | None]], *,
+                   title: str = "sensitivity (log10 cost)", current: dict[str, str] | None = None,
+                   height: int | None = None) -> go.Figure:
+    """Layers (rows, in the given order) x specs (columns); colour = log10 of the cost.
+
+    Args:
+        costs: [n_layers][n_specs] cost (None or non-positive: drawn blank / as the smallest colour).
+        current: layer -> spec of the current plan, marked with a dot.
+    """
+    z, text = [], []
+    for row in costs:
+        zr, tr = [], []
+        for c in row:
+            if c is None or not math.isfinite(c):
+                zr.append(None)
+                tr.append("n/a")
+            else:
+                zr.append(math.log10(c) if c > 0 else None)
+                tr.append(f"{c:.3g}")
+            # log10 is a colour mapping only; the hover shows the cost itself
+        z.append(zr)
+        text.append(tr)
+    fig = _fig(title, height=height or max(300, 14 * len(layers) + 120))
+    fig.add_heatmap(z=z, x=list(specs), y=list(layers), text=text, colorscale="Viridis",
+                    colorbar=dict(title="log10"),
+                    hovertemplate="%{y}<br>%{x}: cost %{text}<extra></extra>")
+    if current:
+        xs = [current[name] for name in layers if current.get(name) in specs]
+        ys = [name for name in layers if current.get(name) in specs]
+        marker = dict(color="white", size=7, line=dict(color="black", width=1))
+        fig.add_scatter(x=xs, y=ys, mode="markers", marker=marker, name="current plan", hoverinfo="skip")
+    fig.update_yaxes(autorange="reversed", tickfont=dict(size=9))
+    fig.update_layout(showlegend=False)
+    return fig
+
+
+def pareto_figure(front_mb: Sequence[float], front_cost: Sequence[float], *, current_mb: float | None = None,
+                  current_cost: float | None = None, labels: Sequence[str] | None = None,
+                  title: str = "size vs predicted cost") -> go.Figure:
+    """The Pareto front (size MB vs predicted cost, log y) with the current plan marked."""
+    fig = _fig(title)
+    fig.add_scatter(x=list(front_mb), y=list(front_cost), mode="lines+markers", name="Pareto front",
+                    line=dict(color=ACCENT), marker=dict(size=5), text=list(labels) if labels else None,
+                    hovertemplate="%{x:.3f} MB, cost %{y:.3g}<extra>%{text}</extra>" if labels else
+                    "%{x:.3f} MB, cost %{y:.3g}<extra></extra>")
+    if current_mb is not None and current_cost is not None:
+        fig.add_scatter(x=[current_mb], y=[current_cost], mode="markers", name="current plan",
+                        marker=dict(color=ALERT, size=12, symbol="star"),
+                        hovertemplate="current plan: %{x:.3f} MB, cost %{y:.3g}<extra></extra>")
+    positive = [c for c in front_cost if c and c > 0]
+    fig.update_xaxes(title="size (MB)")
+    fig.update_yaxes(title="predicted cost", type="log" if positive else "linear")
+    fig.update_layout(legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    return fig

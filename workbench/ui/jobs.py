@@ -1,0 +1,140 @@
+"""Background jobs for the app: one thread per long computation, with param-driven progress and cancel.
+
+A `Job` runs `fn(ctx)` in a daemon thread. The function reports progress through `ctx.report(fraction,
+text)` (which also raises `JobCancelled` once the user asked to stop), so the UI thread never blocks: views
+watch `Job.progress` / `Job.status` and Panel schedules the widget updates on the session's event loop.
+Core functions that have no progress hook are still cancellable: `cancel()` also raises `JobCancelled`
+inside the worker thread at its next Python bytecode (CPython's `PyThreadState_SetAsyncExc`), so a
+closed browser tab stops its job within one torch call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import param
+
+from workbench.errors import WorkbenchError
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's thread when the user cancelled it (or closed the tab)."""
+
+
+class JobContext:
+    """What a running job sees: progress reporting and the cancel flag."""
+
+    def __init__(self, job: Job):
+        self._job = job
+
+    @property
+    def cancelled(self) -> bool:
+        return self._job._cancel.is_set()
+
+    def check(self) -> None:
+        """Raise JobCancelled if the user asked to stop."""
+        if self._job._cancel.is_set():
+            raise JobCancelled(self._job.name)
+
+    def report(self, fraction: float | None = None, text: str | None = None) -> None:
+        """Publish progress (fraction in [0, 1]) and a one-line status; raise JobCancelled when cancelled."""
+        self.check()
+        if fraction is not None:
+            self._job.progress = max(0.0, min(1.0, float(fraction)))
+        if text is not None:
+            self._job.status = text
+
+
+class Job(param.Parameterized):
+    """One background computation. `state` is "running" | "done" | "failed" | "cancelled"."""
+
+    name = param.String(default="job")
+    state = param.Selector(default="running", objects=["running", "done", "failed", "cancelled"])
+    progress = param.Number(default=0.0, bounds=(0.0, 1.0))
+    status = param.String(default="")
+    error = param.String(default="")
+    seconds = param.Number(default=0.0)
+
+    def __init__(self, name: str, fn: Callable[[JobContext], Any],
+                 on_done: Callable[[Any], None] | None = None,
+                 on_error: Callable[[str], None] | None = None):
+        super().__init__(name=name, status="starting")
+        self._fn, self._on_done, self._on_error = fn, on_done, on_error
+        self._cancel = threading.Event()
+        self._interruptible = False
+        self.result: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"workbench-job-{name}", daemon=True)
+
+    def start(self) -> Job:
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        ctx = JobContext(self)
+        try:
+            try:
+                self._interruptible = True
+                result = self._fn(ctx)
+            finally:
+                self._interruptible = False
+            ctx.check()
+        except JobCancelled:
+            self._finish("cancelled", "cancelled")
+            return
+        except WorkbenchError as exc:
+            self._fail(str(exc))
+            return
+        except Exception as exc:  # any failure is shown in the app; the plan is never touched
+            traceback.print_exc()
+            self._fail(f"{type(exc).__name__}: {exc}")
+            return
+        self.result = result
+        try:
+            if self._on_done is not None:
+                self._on_done(result)
+        except Exception as exc:
+            traceback.print_exc()
+            self._fail(f"{type(exc).__name__}: {exc}")
+            return
+        self._finish("done", "done", progress=1.0)
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        if self._on_error is not None:
+            try:
+                self._on_error(message)
+            except Exception:
+                traceback.print_exc()
+        self._finish("failed", f"failed: {message}")
+
+    def _finish(self, state: str, status: str, progress: float | None = None) -> None:
+        self.seconds = time.perf_counter() - self._t0
+        with param.parameterized.batch_call_watchers(self):
+            if progress is not None:
+                self.progress = progress
+            self.status = status
+            self.state = state
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def cancel(self, interrupt: bool = True) -> None:
+        """Ask the job to stop; with `interrupt`, also raise JobCancelled inside its thread."""
+        if not self.running:
+            return
+        self._cancel.set()
+        self.status = "cancelling"
+        tid = self._thread.ident
+        if interrupt and tid is not None and self._interruptible and self._thread.is_alive():
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(JobCancelled))
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread (tests and shutdown)."""
+        self._thread.join(timeout)

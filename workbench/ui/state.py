@@ -1,0 +1,325 @@
+"""The app's one state object (Panel's DataStore pattern): model, statistics, plan with undo/redo, results.
+
+`WorkbenchState` owns everything the views show; views take it as a parameter and only lay out widgets.
+Every number comes from the core library (`workbench.plan`, `workbench.planedit`, `workbench.stats`,
+`workbench.sensitivity`, `workbench.allocate`, `workbench.evaluate`, `workbench.runtime`); this class only
+calls it, keeps the results, and publishes derived values through `param` so views update by themselves.
+
+Long computations (loading, statistics, sensitivity, evaluation, chat) run as `Job`s in threads, so the UI
+never freezes; `cancel_jobs()` stops them (the served app calls it when the browser tab closes). The jobs
+themselves live in `workbench/ui/tasks.py`; this file holds the data and the plan editor.
+
+Tests drive this class directly, without a browser (tests/test_ui_state.py).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pandas as pd
+import param
+
+from workbench.errors import WorkbenchError
+from workbench.ui.history import History, Snapshot
+from workbench.ui.jobs import Job
+
+# Specs offered in the editor and scanned by the sensitivity view (any other spec string can be typed).
+CANDIDATE_SPECS = ["bf16", "int8_ch", "fp8_e4m3", "int6_g128", "int5_g128", "int4_g128", "int4_g64",
+                   "int4_g32", "nf4_g64", "mxfp4", "nvfp4", "int3_g64", "int3_g32", "int2_g32"]
+SENSITIVITY_SPECS = ["int8_ch", "int6_g128", "int4_g128", "int4_g32", "nf4_g64", "mxfp4", "int3_g64",
+                     "int3_g32", "int2_g32"]
+TABLE_COLUMNS = ["layer", "block", "role", "shape", "params", "spec", "bits", "KB", "cost", "pinned"]
+
+
+class WorkbenchState(param.Parameterized):
+    """Everything one user session works on. Methods are the verbs of the UI."""
+
+    source = param.String(default="default", doc="model source (default / folder / .gguf / llama2.c .bin)")
+    phase = param.Selector(default="empty", objects=["empty", "loading", "ready", "error"])
+    loaded = param.Parameter(default=None, doc="LoadedModel")
+    description = param.Parameter(default=None, doc="ModelDescription")
+    layers = param.List(default=[], doc="list[LayerInfo] in module order")
+
+    plan = param.Parameter(default=None, doc="the current Plan")
+    pinned = param.List(default=[], doc="layer names the allocator must not change")
+    resolved = param.Dict(default={}, doc="layer -> QuantSpec of the current plan")
+    totals = param.Parameter(default=None, doc="PlanTotals of the current plan")
+    cost = param.Parameter(default=None, doc="PlanCost of the current plan (needs a sensitivity table)")
+    table = param.DataFrame(default=None, doc="the layer table shown by the model view")
+    revision = param.Integer(default=0, doc="bumped on every plan change")
+    can_undo = param.Boolean(default=False)
+    can_redo = param.Boolean(default=False)
+    edit_seconds = param.Number(default=0.0, doc="time of the last plan edit (resolve + totals + table)")
+
+    selected = param.String(default="", doc="the layer whose distributions are shown")
+    inspection = param.Parameter(default=None, doc="activation statistics per layer (stats.cache)")
+    sensitivity = param.Parameter(default=None, doc="SensitivityTable")
+    evaluations = param.List(default=[], doc="evaluation results, one dict per run")
+    chat_log = param.List(default=[], doc="chat results, one dict per prompt")
+    jobs = param.List(default=[], doc="Jobs of this session, newest last")
+
+    message = param.String(default="", doc="last notice for the user (errors included)")
+    message_kind = param.Selector(default="info", objects=["info", "success", "warning", "error"])
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._history: History | None = None
+        self._model_lock = threading.Lock()  # one model-using job at a time in this session
+        self._private_model = None
+
+    # ------------------------------------------------------------------ notices
+    def notify(self, text: str, kind: str = "info") -> None:
+        """Show a one-line notice (views display `message`)."""
+        with param.parameterized.batch_call_watchers(self):
+            self.message_kind = kind
+            self.message = text
+
+    # ------------------------------------------------------------------ loading
+    def set_model(self, loaded) -> None:
+        """Adopt a LoadedModel: inventory, a fresh all-bf16 plan, empty history and caches."""
+        from workbench.inventory import layer_inventory
+        from workbench.plan import Plan
+
+        layers = layer_inventory(loaded.model)
+        plan = Plan(default="bf16")
+        self._history = History(Snapshot(plan.to_json(), (), "start"))
+        self._private_model = None
+        with param.parameterized.batch_call_watchers(self):
+            self.loaded, self.description, self.layers = loaded, loaded.description, layers
+            self.inspection = None
+            self.sensitivity = None
+            self.evaluations, self.chat_log = [], []
+            self.selected = layers[0].name
+            self._install(plan, [])
+            self.phase = "ready"
+        self.notify(f"loaded {loaded.description.name}: {len(layers)} quantizable layers", "success")
+
+    def load(self, source: str | None = None, wait: bool = False) -> Job:
+        """Load a model in the background (progress in the job); `wait` blocks (tests, notebooks)."""
+        from workbench.ui.tasks import load_job
+
+        if source is not None:
+            self.source = source
+        self.phase = "loading"
+        job = load_job(self, self.source)
+        self.add_job(job)
+        if wait:
+            job.join()
+        return job
+
+    # ------------------------------------------------------------------ plan: derived values
+    def _install(self, plan, pinned: list[str]) -> None:
+        """Make `plan` current (already validated) and recompute the derived values."""
+        from workbench.plan import plan_totals
+
+        t0 = time.perf_counter()
+        resolved = plan.resolve(self.layers)
+        totals = plan_totals(resolved, self.layers)
+        cost = self._price(resolved)
+        table = self._layer_table(resolved, pinned, cost)
+        with param.parameterized.batch_call_watchers(self):
+            self.plan, self.pinned, self.resolved = plan, list(pinned), resolved
+            self.totals, self.cost, self.table = totals, cost, table
+            self.can_undo = bool(self._history and self._history.can_undo)
+            self.can_redo = bool(self._history and self._history.can_redo)
+            self.edit_seconds = time.perf_counter() - t0
+            self.revision += 1
+
+    def _price(self, resolved):
+        if self.sensitivity is None:
+            return None
+        from workbench.planedit import predicted_cost
+
+        return predicted_cost(self.sensitivity, resolved)
+
+    def _layer_table(self, resolved, pinned: list[str], cost) -> pd.DataFrame:
+        pins = set(pinned)
+        rows = []
+        for x in self.layers:
+            spec = resolved[x.name]
+            term = cost.per_layer.get(x.name) if cost is not None else None
+            block = -1 if x.block is None else x.block
+            rows.append((x.name, block, x.role, f"{x.out_features}x{x.in_features}", x.n_params,
+                         str(spec), round(spec.bits_per_weight(x.in_features, x.out_features), 3),
+                         round(spec.storage_bytes(x.out_features, x.in_features) / 1e3, 2),
+                         float("nan") if term is None else term, x.name in pins))
+        return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+    def refresh(self) -> None:
+        """Recompute the derived values of the current plan (after new sensitivity data)."""
+        if self.plan is not None:
+            self._install(self.plan, self.pinned)
+
+    # ------------------------------------------------------------------ plan: edits
+    def _commit(self, plan, pinned: list[str] | None = None, label: str = "edit") -> bool:
+        """Validate and make `plan` current with an undo step; on a problem keep the plan and say why."""
+        pinned = list(self.pinned if pinned is None else pinned)
+        try:
+            plan.validate(self.layers)
+        except WorkbenchError as exc:
+            self.notify(f"{exc} - the current plan is kept", "error")
+            return False
+        if not self._history.push(Snapshot(plan.to_json(), tuple(pinned), label)):
+            return True
+        self._install(plan, pinned)
+        return True
+
+    def _require_model(self) -> None:
+        if self.plan is None or not self.layers:
+            raise WorkbenchError("no model loaded yet")
+
+    def _edit(self, fn, label: str) -> bool:
+        """Run a planedit function; user mistakes become a notice and leave the plan unchanged."""
+        self._require_model()
+        try:
+            plan = fn()
+        except WorkbenchError as exc:
+            self.notify(f"{exc} - the current plan is kept", "error")
+            return False
+        ok = self._commit(plan, label=label)
+        if ok:
+            self.notify(label, "info")
+        return ok
+
+    def set_layer_spec(self, name: str, spec: str) -> bool:
+        """Assign `spec` to one layer."""
+        from workbench.planedit import with_layer_spec
+
+        return self._edit(lambda: with_layer_spec(self.plan, self.layers, name, spec), f"{name} -> {spec}")
+
+    def set_rule(self, match: str, spec: str) -> bool:
+        """Bulk edit: every layer selected by `match` (exact name, `re:<regex>`, `role:<role>`) gets `spec`.
+        """
+        from workbench.planedit import with_rule
+
+        return self._edit(lambda: with_rule(self.plan, self.layers, match, spec), f"{match} -> {spec}")
+
+    def set_role_spec(self, role: str, spec: str) -> bool:
+        return self.set_rule(f"role:{role}", spec)
+
+    def set_regex_spec(self, pattern: str, spec: str) -> bool:
+        return self.set_rule(f"re:{pattern}", spec)
+
+    def set_default(self, spec: str) -> bool:
+        from workbench.planedit import with_default
+
+        return self._edit(lambda: with_default(self.plan, spec), f"default -> {spec}")
+
+    def remove_rule(self, index: int) -> bool:
+        from workbench.planedit import without_rule
+
+        return self._edit(lambda: without_rule(self.plan, index), f"removed rule {index + 1}")
+
+    def set_pinned(self, name: str, pinned: bool = True) -> bool:
+        """Pin (or unpin) a layer: the allocator keeps its current spec."""
+        self._require_model()
+        if name not in {x.name for x in self.layers}:
+            self.notify(f"layer '{name}' is not a quantizable layer of this model", "error")
+            return False
+        pins = [p for p in self.pinned if p != name] + ([name] if pinned else [])
+        return self._commit(self.plan, pins, label=f"{'pin' if pinned else 'unpin'} {name}")
+
+    def undo(self) -> bool:
+        snap = self._history.undo() if self._history else None
+        return self._restore(snap, "undo")
+
+    def redo(self) -> bool:
+        snap = self._history.redo() if self._history else None
+        return self._restore(snap, "redo")
+
+    def _restore(self, snap: Snapshot | None, verb: str) -> bool:
+        from workbench.plan import Plan
+
+        if snap is None:
+            self.notify(f"nothing to {verb}", "warning")
+            return False
+        self._install(Plan.from_json(snap.plan), list(snap.pinned))
+        self.notify(f"{verb}: {snap.label}" if verb == "redo" else f"{verb}", "info")
+        return True
+
+    # ------------------------------------------------------------------ plan: files
+    def plan_json(self) -> str:
+        """The current plan as JSON text (with the pins recorded in meta)."""
+        d = self.plan.to_json()
+        if self.pinned:
+            d.setdefault("meta", {})["pinned"] = list(self.pinned)
+        return json.dumps(d, indent=2) + "\n"
+
+    def load_plan_text(self, text: str | bytes, source: str = "plan file") -> bool:
+        """Adopt a plan from JSON text; if it does not fit this model, explain and keep the current plan."""
+        from workbench.plan import Plan
+
+        self._require_model()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            self.notify(f"{source}: invalid JSON at line {exc.lineno} ({exc.msg}) - the current plan is kept",
+                        "error")
+            return False
+        try:
+            plan = Plan.from_json(d, source=source)
+        except WorkbenchError as exc:
+            self.notify(f"{exc} - the current plan is kept", "error")
+            return False
+        pins = [p for p in plan.meta.get("pinned", []) if isinstance(p, str)]
+        unknown = [p for p in pins if p not in {x.name for x in self.layers}]
+        if unknown:
+            self.notify(f"{source}: pinned layer {unknown[0]} is not in this model ({len(unknown)} unknown)"
+                        " - the current plan is kept", "error")
+            return False
+        try:
+            plan.validate(self.layers)
+        except WorkbenchError as exc:
+            self.notify(f"{source} does not fit {self.description.name}: {exc} - the current plan is kept",
+                        "error")
+            return False
+        self._commit(plan, pins, label=f"loaded {source}")
+        self.notify(f"loaded {source}: {len(plan.rules)} rules", "success")
+        return True
+
+    def export_llama_cpp(self):
+        """The llama.cpp tensor-type override file of the current plan (`.text`, `.notes`)."""
+        from workbench.export import llama_cpp_export
+
+        return llama_cpp_export(self.resolved, self.layers)
+
+    # ------------------------------------------------------------------ allocation
+    def allocate(self, budget_bits: float | None = None, budget_mb: float | None = None) -> bool:
+        """Run the exact allocator on the sensitivity table under a budget, keeping pinned layers."""
+        from workbench.allocate import allocate_table
+
+        self._require_model()
+        if self.sensitivity is None:
+            self.notify("compute the sensitivity table first (Sensitivity tab)", "warning")
+            return False
+        pins = {name: str(self.resolved[name]) for name in self.pinned}
+        try:
+            alloc = allocate_table(self.sensitivity, budget_bits=budget_bits, budget_mb=budget_mb,
+                                   pinned=pins)
+        except WorkbenchError as exc:
+            self.notify(f"{exc} - the current plan is kept", "error")
+            return False
+        what = f"{budget_bits} bits/weight" if budget_bits is not None else f"{budget_mb} MB"
+        ok = self._commit(alloc.plan, label=f"allocate {what}")
+        if ok:
+            self.notify(f"allocated for {what}: {alloc.avg_bits:.3f} bits/weight, {alloc.mb:.3f} MB, "
+                        f"predicted cost {alloc.predicted_cost:.4g}", "success")
+        return ok
+
+    # ------------------------------------------------------------------ jobs
+    def add_job(self, job: Job) -> Job:
+        """Start `job` and list it (the last 20 finished jobs are kept for the jobs panel)."""
+        self.jobs = self.jobs[-20:] + [job]
+        return job.start()
+
+    def running_jobs(self) -> list[Job]:
+        return [j for j in self.jobs if j.running]
+
+    def cancel_jobs(self) -> int:
+        """Cancel every running job of this session (tab closed); returns how many."""
+        running = self.running_jobs()
+        for job in running:
+            job.cancel()
+        return len(running)

@@ -1,0 +1,57 @@
+"""The app's long computations as background jobs: load, statistics, sensitivity, evaluation, chat.
+
+Each function builds a `Job` whose thread calls the core library and hands the result to the state. A
+loaded model is shared by every session of one server process (read-only: inventory, weights for the
+distribution charts); jobs that run the model (statistics hooks, fake quantization, generation) use a
+private copy per session, made on first need, so two browser tabs never race on one nn.Module.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+from workbench.ui.jobs import Job, JobContext
+
+_SHARED: dict[str, object] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_model(source: str, ctx: JobContext | None = None):
+    """Load `source` once per process (later sessions reuse it)."""
+    from workbench.loading import load_model
+
+    with _SHARED_LOCK:
+        if source not in _SHARED:
+            if ctx is not None:
+                ctx.report(0.1, f"loading {source} (the default model converts once, ~20 s, then is cached)")
+            _SHARED[source] = load_model(source, progress=False)
+        return _SHARED[source]
+
+
+def private_model(state):
+    """This session's own copy of the model, for jobs that hook or modify modules."""
+    from workbench.loading import LoadedModel
+
+    if state._private_model is None:
+        base = state.loaded
+        state._private_model = LoadedModel(model=copy.deepcopy(base.model), tokenizer=base.tokenizer,
+                                           description=base.description)
+    return state._private_model
+
+
+def load_job(state, source: str) -> Job:
+    """Load a model (shared cache) and install it in `state`."""
+    def work(ctx: JobContext):
+        t0 = time.perf_counter()
+        ctx.report(0.05, f"loading {source}")
+        loaded = shared_model(source, ctx)
+        ctx.report(0.9, f"loaded in {time.perf_counter() - t0:.1f} s; building the layer table")
+        return loaded
+
+    def failed(message: str) -> None:
+        state.phase = "error"
+        state.notify(f"could not load '{source}': {message}", "error")
+
+    return Job(f"load {source}", work, on_done=state.set_model, on_error=failed)
