@@ -1,0 +1,199 @@
+"""apply_plan: turn a resolved plan into a model whose quantized layers are `QuantLinear` modules.
+
+Atomic: every layer is quantized and packed first, beside the untouched model; only when all of them are
+ready are the modules swapped in (a plain attribute assignment per layer). An error or an out-of-memory
+during quantization therefore leaves the original model exactly as it was, and the half-built layers are
+dropped. Layers whose spec is bf16 / fp16 keep their nn.Linear.
+
+Quantization runs through `workbench.quant.api.quantize_weight` (CPU, float32). For round-to-nearest specs
+of a weight that already lives on CUDA, the same round-to-nearest code (`workbench.quant.rtn.rtn_quantize`)
+runs on the GPU instead, which turns minutes into seconds for 8B-sized models; GPTQ / AWQ always run on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.runtime.memory import MemoryReport, model_memory
+from workbench.runtime.qlinear import QuantLinear, kernel_format_reason, kernel_shape_reason
+
+
+@dataclass
+class ApplyReport:
+    """What apply_plan did.
+
+    layers: name -> canonical spec string of every layer turned into a QuantLinear.
+    kept: layers left in high precision (bf16 / fp16 spec).
+    fallback: name -> reason, layers whose format has no GPU kernel (they run the torch reference).
+    memory_before / memory_after: real bytes of the model's tensors (MemoryReport).
+    seconds: wall time of quantization + packing.
+    """
+
+    layers: dict[str, str] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+    fallback: dict[str, str] = field(default_factory=dict)
+    memory_before: MemoryReport | None = None
+    memory_after: MemoryReport | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"layers": self.layers, "kept": self.kept, "fallback": self.fallback,
+                "memory_before": self.memory_before.to_json() if self.memory_before else None,
+                "memory_after": self.memory_after.to_json() if self.memory_after else None,
+                "seconds": self.seconds}
+
+    def summary(self) -> str:
+        lines = [f"quantized {len(self.layers)} layers in {self.seconds:.1f} s, kept {len(self.kept)} in high "
+                 "precision"]
+        if self.memory_before and self.memory_after:
+            lines.append(f"memory {self.memory_before.total_bytes / 1e6:,.1f} MB -> "
+                         f"{self.memory_after.total_bytes / 1e6:,.1f} MB")
+            lines.append(self.memory_after.summary())
+        if self.fallback:
+            lines.append(f"{len(self.fallback)} layers run on the torch reference path (no GPU kernel)")
+        return "\n".join(lines)
+
+
+def resolve_specs(model: torch.nn.Module, plan_or_resolved) -> dict:
+    """A Plan, a {name: spec} dict or a plan JSON path -> {name: QuantSpec} for the model's layers."""
+    from pathlib import Path
+
+    from workbench.inventory import layer_inventory
+    from workbench.plan import Plan
+    from workbench.quant.spec import QuantSpec
+
+    layers = layer_inventory(model)
+    if isinstance(plan_or_resolved, (str, Path)):
+        plan_or_resolved = Plan.load(plan_or_resolved)
+    if isinstance(plan_or_resolved, Plan):
+        return plan_or_resolved.resolve(layers)
+    if not isinstance(plan_or_resolved, dict):
+        raise WorkbenchError(f"apply_plan needs a Plan, a plan file or a {{layer: spec}} dict, got "
+                             f"{type(plan_or_resolved).__name__}")
+    names = {x.name for x in layers}
+    unknown = [n for n in plan_or_resolved if n not in names]
+    if unknown:
+        raise WorkbenchError(f"plan names layers the model does not have: {', '.join(unknown[:5])}"
+                             + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+    return {n: QuantSpec.parse(s) for n, s in plan_or_resolved.items()}
+
+
+def quantize_layer(name: str, W: torch.Tensor, spec, gram: torch.Tensor | None = None):
+    """Quantize one [N, K] weight; RTN on the GPU when W is on CUDA, else quantize_weight on CPU."""
+    from workbench.quant.api import QuantizedWeight, quantize_weight
+
+    if W.is_cuda and spec.algo == "rtn" and gram is None:
+        from workbench.quant.formats import ungrouped
+        from workbench.quant.rtn import rtn_quantize
+
+        N, K = W.shape
+        reason = spec.check_layer(N, K)
+        if reason:
+            raise WorkbenchError(f"spec '{spec}' cannot apply to layer '{name}' [{N}, {K}]: {reason}")
+        Wf = W.detach().to(torch.float32)
+        if not bool(torch.isfinite(Wf).all()):
+            raise WorkbenchError(f"NaN or inf in the weights of layer '{name}'")
+        enc = rtn_quantize(Wf, spec)
+        codes = ungrouped(enc.codes, spec, N, K).contiguous()
+        return QuantizedWeight(spec, codes, enc.scales, enc.zeros, enc.tensor_scale)
+    return quantize_weight(W, spec, gram, layer=name)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def apply_plan(model: torch.nn.Module, plan_or_resolved, grams: dict[str, torch.Tensor] | None = None, *,
+               backend: str = "auto", on_layer: Callable[[str, int, int], None] | None = None,
+               warn: bool = True) -> ApplyReport:
+    """Quantize `model` in place according to a plan; bf16/fp16 layers stay untouched.
+
+    Args:
+        model: a transformers CausalLM (any device / dtype); the QuantLinear layers are built on the device
+            of each weight, with the weight's dtype as activation dtype.
+        plan_or_resolved: Plan, plan JSON path, or {layer name: QuantSpec | spec string}.
+        grams: {layer name: [K, K] X^T X} for GPTQ / AWQ layers.
+        backend: "auto" (kernels where they exist) or "reference" (torch reference everywhere).
+        on_layer: progress callback (name, index, total), called before each layer is quantized.
+        warn: emit one warning naming the layers whose format has no GPU kernel.
+    Returns:
+        ApplyReport.
+    Raises:
+        WorkbenchError: bad plan, a spec that cannot apply, missing Gram for GPTQ/AWQ, out of memory, or
+            (model on CUDA, backend "auto") a layer shape the kernels cannot run. The model is unchanged.
+    """
+    from workbench.inventory import get_linear_weight, get_module
+
+    t0 = time.perf_counter()
+    specs = resolve_specs(model, plan_or_resolved)
+    grams = grams or {}
+    report = ApplyReport(memory_before=model_memory(model))
+    todo = [(n, s) for n, s in specs.items() if s.is_quantized]
+    report.kept = [n for n, s in specs.items() if not s.is_quantized]
+    for name, spec in todo:  # refuse shapes the kernels cannot run before any work
+        mod = get_module(model, name)
+        W = get_linear_weight(mod)
+        if backend == "auto" and W.is_cuda and kernel_format_reason(spec) is None:
+            reason = kernel_shape_reason(spec, W.shape[0], W.shape[1])
+            if reason:
+                raise WorkbenchError(f"layer '{name}' [{W.shape[0]}, {W.shape[1]}] ({spec}): the GPU kernel "
+                                     f"cannot run it: {reason}; use backend='reference' or another spec")
+    built: dict[str, QuantLinear] = {}
+    current = None
+    try:
+        for i, (name, spec) in enumerate(todo):
+            current = name
+            if on_layer is not None:
+                on_layer(name, i, len(todo))
+            mod = get_module(model, name)
+            W = get_linear_weight(mod)
+            with torch.no_grad():
+                qw = quantize_layer(name, W, spec, grams.get(name))
+                bias = mod.bias if mod.bias is not None else None
+                built[name] = QuantLinear.from_quantized(qw, bias, name=name, dtype=W.dtype, device=W.device,
+                                                         backend=backend)
+            del qw
+    except BaseException as exc:
+        built.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if _is_oom(exc):
+            raise WorkbenchError(f"out of memory while quantizing layer '{current}'; the model is unchanged "
+                                 f"({len(todo)} layers planned)") from exc
+        raise
+    mod = W = None  # drop loop references so the swapped-out weights can be freed
+    # swap: plain attribute assignments; keep the originals until every one is in place
+    originals: dict[str, torch.nn.Module] = {}
+    try:
+        for name, qmod in built.items():
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            originals[name] = getattr(parent, leaf)
+            setattr(parent, leaf, qmod)
+    except BaseException:
+        for name, orig in originals.items():
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, orig)
+        raise
+    originals.clear()
+    report.layers = {n: str(s) for n, s in todo}
+    report.fallback = {n: r for n, s in todo if (r := kernel_format_reason(s)) is not None}
+    if backend == "reference":
+        report.fallback = {n: "backend='reference'" for n, _ in todo}
+    if warn and report.fallback and backend == "auto":
+        names = list(report.fallback)
+        shown = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
+        kinds = sorted(set(report.fallback.values()))
+        warnings.warn(f"{len(names)} layers have no GPU kernel ({'; '.join(kinds)}): {shown}; they run the "
+                      "torch reference path (same math, slower)", stacklevel=2)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    report.memory_after = model_memory(model)
+    report.seconds = time.perf_counter() - t0
+    return report
