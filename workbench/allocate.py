@@ -1,0 +1,367 @@
+"""Budget-optimal mixed precision: exact multiple-choice knapsack over a sensitivity table, Pareto front.
+
+Problem (multiple-choice knapsack, MCKP): every layer i takes exactly one spec j, costing c_ij (the
+sensitivity: predicted loss increase, assumed additive over layers) and w_ij storage bits (exact integers,
+`QuantSpec.storage_bits`). Minimise sum c_ij subject to sum w_ij <= budget.
+
+Solvers, both exact (no greedy heuristic):
+- `dp`: dynamic programming over total bits. Bits are integers, so after subtracting each layer's cheapest
+  option and dividing by the gcd g of all option sizes the table is exact; it is used when that grid is
+  small (tests, small models). Memory is layers x grid cells.
+- `ilp`: the same problem as a 0/1 integer program solved by HiGHS branch-and-bound
+  (`scipy.optimize.milp`, relative gap 0). Used for real models, where the exact bit grid has ~10^7 cells
+  (SmolLM2: g = 32 bits, 57M cells). The returned choice is re-checked exactly against the budget in integers.
+Before solving, options dominated within a layer (no smaller and no cheaper) are dropped: this never changes
+the optimum.
+
+The Pareto front (total size vs summed cost, over all plans) is computed exactly by merging per-layer
+option lists and discarding dominated partial sums (Nemhauser-Ullmann style). For plotting it can be
+thinned to at most `max_points` points (`thin`): thinned points are still exact optimal plans' sizes/costs
+of the exact front, just fewer of them.
+
+Reference: Sinha & Zoltners, "The multiple-choice knapsack problem", Operations Research 27 (1979).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+from workbench.inventory import LayerInfo
+from workbench.plan import Plan, match_layers, plan_totals
+from workbench.quant.spec import QuantSpec
+
+DP_MAX_CELLS = 20_000_000  # layers x grid cells for the DP path
+
+
+# ---------------------------------------------------------------------- the knapsack on plain arrays
+def _undominated(costs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Indices of options not dominated by another option of the same item (ties keep the first)."""
+    order = np.lexsort((costs, weights))  # by weight, then cost
+    keep, best = [], math.inf
+    for j in order:
+        if costs[j] < best:
+            keep.append(int(j))
+            best = costs[j]
+    return np.array(sorted(keep), dtype=np.int64)
+
+
+def _solve_dp(costs, weights, capacity: int) -> list[int] | None:
+    n = len(costs)
+    base = [int(w.min()) for w in weights]
+    cap = capacity - sum(base)
+    if cap < 0:
+        return None
+    extra = [w - b for w, b in zip(weights, base)]
+    g = 0
+    for e in extra:
+        for v in e:
+            g = math.gcd(g, int(v))
+    g = g or 1
+    cells = min(cap // g, sum(int(e.max()) // g for e in extra)) + 1
+    best = np.full(cells, np.inf)
+    best[0] = 0.0
+    choice = np.zeros((n, cells), dtype=np.int16)
+    for i in range(n):
+        new = np.full(cells, np.inf)
+        for j, (c, e) in enumerate(zip(costs[i], extra[i])):
+            s = int(e) // g
+            if s >= cells:
+                continue
+            cand = np.full(cells, np.inf)
+            cand[s:] = best[: cells - s] + c
+            better = cand < new
+            new[better] = cand[better]
+            choice[i, better] = j
+        best = new
+    end = int(np.argmin(best))
+    if not np.isfinite(best[end]):
+        return None
+    picks = [0] * n
+    for i in range(n - 1, -1, -1):
+        j = int(choice[i, end])
+        picks[i] = j
+        end -= int(extra[i][j]) // g
+    assert end == 0, "DP backtrack did not return to the empty knapsack"
+    return picks
+
+
+def _solve_ilp(costs, weights, capacity: int) -> list[int] | None:
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    n = len(costs)
+    sizes = [len(c) for c in costs]
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    c = np.concatenate(costs).astype(np.float64)
+    w = np.concatenate(weights).astype(np.int64)
+    g = int(np.gcd.reduce(w)) or 1
+    ws = (w // g).astype(np.float64)
+    # Scale the objective so HiGHS's absolute tolerances are negligible against cost differences.
+    span = float(np.abs(c).max()) or 1.0
+    cs = c / span * 1e6
+    rows = np.repeat(np.arange(n), sizes)
+    a_eq = coo_matrix((np.ones(len(c)), (rows, np.arange(len(c)))), shape=(n, len(c)))
+    cap_units = capacity // g
+    for _ in range(3):
+        res = milp(
+            cs,
+            integrality=np.ones(len(c)),
+            bounds=Bounds(0, 1),
+            constraints=[LinearConstraint(a_eq, 1, 1), LinearConstraint(ws[None, :], -np.inf, cap_units)],
+            options={"mip_rel_gap": 0.0, "presolve": True},
+        )
+        if res.x is None:
+            return None
+        picks = [int(np.argmax(res.x[offs[i] : offs[i + 1]])) for i in range(n)]
+        used = sum(int(weights[i][p]) for i, p in enumerate(picks))
+        if used <= capacity:
+            return picks
+        cap_units -= 1  # solver tolerance let the knapsack row slip by a fraction: tighten and resolve
+    raise AssertionError("ILP solution kept exceeding the budget")
+
+
+def solve_mckp(costs: list, weights: list, capacity: int, method: str = "auto") -> list[int] | None:
+    """Exact multiple-choice knapsack: one option per item, min total cost with total weight <= capacity.
+
+    Args:
+        costs: per item, a float array [n_options_i].
+        weights: per item, an integer array [n_options_i] (bits).
+        capacity: integer budget (bits).
+        method: "dp", "ilp" or "auto" (dp when the exact grid is small, else ilp).
+    Returns:
+        the chosen option index per item, or None when even the smallest options exceed the capacity.
+    """
+    costs = [np.asarray(c, dtype=np.float64) for c in costs]
+    weights = [np.asarray(w, dtype=np.int64) for w in weights]
+    assert all(len(c) == len(w) and len(c) > 0 for c, w in zip(costs, weights)), "costs/weights mismatch"
+    keep = [_undominated(c, w) for c, w in zip(costs, weights)]
+    rc = [c[k] for c, k in zip(costs, keep)]
+    rw = [w[k] for w, k in zip(weights, keep)]
+    if sum(int(w.min()) for w in rw) > capacity:
+        return None
+    if method == "auto":
+        g = int(np.gcd.reduce(np.concatenate([w - w.min() for w in rw]))) or 1
+        grid = min(capacity, sum(int(w.max() - w.min()) for w in rw)) // g + 1
+        method = "dp" if grid * len(rw) <= DP_MAX_CELLS else "ilp"
+    if method == "dp":
+        picks = _solve_dp(rc, rw, capacity)
+    elif method == "ilp":
+        picks = _solve_ilp(rc, rw, capacity)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return None if picks is None else [int(k[p]) for k, p in zip(keep, picks)]
+
+
+def pareto_merge(costs: list, weights: list) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Pareto front of (total weight, total cost) over all choices: arrays sorted by weight,
+    cost strictly decreasing. Partial sums dominated after each item are dropped (exact)."""
+    fw = np.zeros(1, dtype=np.int64)
+    fc = np.zeros(1, dtype=np.float64)
+    for c, w in zip(costs, weights):
+        c = np.asarray(c, dtype=np.float64)
+        w = np.asarray(w, dtype=np.int64)
+        k = _undominated(c, w)
+        cw = (fw[:, None] + w[k][None, :]).ravel()
+        cc = (fc[:, None] + c[k][None, :]).ravel()
+        order = np.lexsort((cc, cw))
+        cw, cc = cw[order], cc[order]
+        run = np.minimum.accumulate(cc)
+        keep = np.ones(len(cc), dtype=bool)
+        keep[1:] = cc[1:] < run[:-1]
+        fw, fc = cw[keep], cc[keep]
+    return fw, fc
+
+
+# ---------------------------------------------------------------------- tables, budgets, plans
+@dataclass
+class Allocation:
+    """The result of `allocate_table`: the plan and what the allocator predicted for it."""
+
+    plan: Plan
+    resolved: dict[str, QuantSpec]
+    predicted_cost: float
+    total_bits: int
+    budget_bits: int
+    avg_bits: float
+    mb: float
+
+
+def _options(table, include_bf16: bool) -> list[str]:
+    specs = [str(QuantSpec.parse(s)) for s in table.specs]
+    if include_bf16 and "bf16" not in specs:
+        specs.append("bf16")
+    return specs
+
+
+def _cost(table, layer: str, spec: str) -> float:
+    if spec in ("bf16", "fp16") and spec not in table.cost.get(layer, {}):
+        return 0.0
+    try:
+        return float(table.cost[layer][spec])
+    except KeyError:
+        raise WorkbenchError(
+            f"sensitivity table has no cost for layer {layer} x {spec} (incomplete scan? "
+            "re-run `workbench sensitivity` to finish it)"
+        ) from None
+
+
+def resolve_pins(pinned: dict[str, str] | None, layers: list[LayerInfo]) -> dict[str, QuantSpec]:
+    """Pins {match: spec} (exact name, `re:` or `role:`, later entries win) -> {layer: QuantSpec}."""
+    out: dict[str, QuantSpec] = {}
+    for match, spec in (pinned or {}).items():
+        names = match_layers(match, layers)
+        if not names:
+            raise WorkbenchError(f"pin '{match}' matches no layer of the sensitivity table")
+        q = QuantSpec.parse(spec)
+        for name in names:
+            out[name] = q
+    return out
+
+
+def budget_to_bits(
+    layers: list[LayerInfo], budget_bits: float | None = None, budget_mb: float | None = None
+) -> int:
+    """Total-bit capacity for a budget in average bits per weight (over `layers`) or in MB (10^6 bytes)."""
+    if (budget_bits is None) == (budget_mb is None):
+        raise WorkbenchError("give exactly one budget: average bits per weight or MB")
+    if budget_bits is not None:
+        if not budget_bits > 0:
+            raise WorkbenchError(f"budget {budget_bits} bits/weight must be positive")
+        return int(math.floor(budget_bits * sum(x.n_params for x in layers) + 1e-6))
+    if not budget_mb > 0:
+        raise WorkbenchError(f"budget {budget_mb} MB must be positive")
+    return int(math.floor(budget_mb * 8e6 + 1e-6))
+
+
+def allocate_table(
+    table,
+    budget_bits: float | None = None,
+    budget_mb: float | None = None,
+    pinned: dict[str, str] | None = None,
+    include_bf16: bool = True,
+    method: str = "auto",
+) -> Allocation:
+    """Choose one spec per layer of `table` minimising the summed cost under the budget (exact MCKP).
+
+    Args:
+        table: a `SensitivityTable` (layers, specs, cost[layer][spec]).
+        budget_bits / budget_mb: the budget, as average bits per weight over the table's layers or in MB.
+        pinned: {match: spec} fixed before allocation (their storage counts against the budget).
+        include_bf16: also allow keeping a layer in bf16 at cost 0.
+    """
+    layers = table.layers
+    capacity = budget_to_bits(layers, budget_bits, budget_mb)
+    pins = resolve_pins(pinned, layers)
+    options = _options(table, include_bf16)
+    parsed = {s: QuantSpec.parse(s) for s in options}
+    free = [x for x in layers if x.name not in pins]
+    fixed_bits = sum(
+        pins[x.name].storage_bits(x.out_features, x.in_features) for x in layers if x.name in pins
+    )
+    costs = [[_cost(table, x.name, s) for s in options] for x in free]
+    weights = [[parsed[s].storage_bits(x.out_features, x.in_features) for s in options] for x in free]
+    picks = solve_mckp(costs, weights, capacity - fixed_bits, method=method) if free else []
+    if picks is None or fixed_bits > capacity:
+        smallest = fixed_bits + sum(min(w) for w in weights)
+        n = sum(x.n_params for x in layers)
+        raise WorkbenchError(
+            f"budget of {capacity / n:.3f} bits/weight ({capacity / 8e6:.2f} MB) is below the "
+            f"smallest plan possible with specs {', '.join(options)} and the pins "
+            f"({smallest / n:.3f} bits/weight, {smallest / 8e6:.2f} MB)"
+        )
+    resolved: dict[str, QuantSpec] = {}
+    cost = 0.0
+    pick_of = {x.name: p for x, p in zip(free, picks)}
+    for x in layers:
+        if x.name in pins:
+            resolved[x.name] = pins[x.name]
+            if str(pins[x.name]) in table.cost.get(x.name, {}):
+                cost += float(table.cost[x.name][str(pins[x.name])])
+        else:
+            s = options[pick_of[x.name]]
+            resolved[x.name] = parsed[s]
+            cost += _cost(table, x.name, s)
+    totals = plan_totals(resolved, layers)
+    assert totals.total_bits <= capacity, "allocation exceeds its budget"
+    meta = {
+        "allocated_by": "workbench.allocate",
+        "method": getattr(table, "method", "?"),
+        "budget_bits_total": capacity,
+        "budget_avg_bits": capacity / totals.n_weights,
+        "avg_bits": totals.avg_bits,
+        "mb": totals.mb,
+        "predicted_cost": cost,
+        "specs": options,
+        "pinned": {k: str(v) for k, v in (pinned or {}).items()},
+    }
+    return Allocation(
+        plan=Plan.from_resolved(resolved, meta=meta),
+        resolved=resolved,
+        predicted_cost=cost,
+        total_bits=totals.total_bits,
+        budget_bits=capacity,
+        avg_bits=totals.avg_bits,
+        mb=totals.mb,
+    )
+
+
+def allocate(
+    table,
+    budget_bits: float | None = None,
+    budget_mb: float | None = None,
+    pinned: dict[str, str] | None = None,
+    include_bf16: bool = True,
+) -> Plan:
+    """`allocate_table(...).plan` (the ARCHITECTURE.md contract)."""
+    return allocate_table(table, budget_bits, budget_mb, pinned, include_bf16).plan
+
+
+@dataclass
+class ParetoPoint:
+    avg_bits: float
+    mb: float
+    cost: float
+
+
+def thin(points: list[ParetoPoint], max_points: int) -> list[ParetoPoint]:
+    """At most `max_points` points of a front, evenly spread in size, both ends kept."""
+    if len(points) <= max_points:
+        return points
+    idx = np.unique(np.linspace(0, len(points) - 1, max_points).round().astype(int))
+    return [points[i] for i in idx]
+
+
+def pareto_front(
+    table, pinned: dict[str, str] | None = None, include_bf16: bool = True, max_points: int | None = 500
+) -> list[ParetoPoint]:
+    """The exact size-vs-predicted-cost Pareto front of all plans over `table` (pins respected).
+
+    Points are sorted by size with strictly decreasing cost; `max_points` thins the list for plotting
+    (None keeps every point). Get the plan at a point with `allocate_table(table, budget_mb=p.mb, ...)`.
+    """
+    layers = table.layers
+    pins = resolve_pins(pinned, layers)
+    options = _options(table, include_bf16)
+    parsed = {s: QuantSpec.parse(s) for s in options}
+    n = sum(x.n_params for x in layers)
+    fixed_bits, fixed_cost = 0, 0.0
+    costs, weights = [], []
+    for x in layers:
+        if x.name in pins:
+            fixed_bits += pins[x.name].storage_bits(x.out_features, x.in_features)
+            fixed_cost += float(table.cost.get(x.name, {}).get(str(pins[x.name]), 0.0))
+        else:
+            costs.append([_cost(table, x.name, s) for s in options])
+            weights.append([parsed[s].storage_bits(x.out_features, x.in_features) for s in options])
+    fw, fc = pareto_merge(costs, weights)
+    pts = [
+        ParetoPoint(
+            avg_bits=(int(b) + fixed_bits) / n, mb=(int(b) + fixed_bits) / 8e6, cost=float(c) + fixed_cost
+        )
+        for b, c in zip(fw, fc)
+    ]
+    return pts if max_points is None else thin(pts, max_points)

@@ -1,0 +1,299 @@
+"""Quantization plans: ordered rules mapping layers to QuantSpecs, their validation, totals and diffs.
+
+A plan is DESIGN.md's versioned JSON:
+
+    {"format": "workbench.plan", "version": 1, "default": "int4_g128",
+     "rules": [{"match": "re:.*down_proj", "spec": "int8_ch"}, {"match": "lm_head", "spec": "bf16"}]}
+
+Every quantizable linear layer (see `workbench.inventory.layer_inventory`) starts at `default`; rules apply in
+order and a later matching rule overrides an earlier one. A rule's `match` is
+
+    an exact layer name          "model.layers.3.mlp.down_proj"
+    "re:<regex>"                 Python regex, full match against the layer name
+    "role:<role>"                one of inventory.ROLES (q k v o gate up down lm_head other)
+
+`bf16` / `fp16` keep a layer in high precision. Validation happens before any work and reports every problem
+at once in one WorkbenchError: a rule matching no layer, a bad regex or role, an unknown spec (the rule is
+named), and a spec that cannot apply to a layer (`QuantSpec.check_layer`, the layer is named).
+
+Totals (`plan_totals`) count every quantizable linear layer, lm_head included, with its exact storage
+(`QuantSpec.storage_bits`: codes + scales + zeros). Input embeddings (and norms, biases) are NOT counted: they
+are not linear layers and no plan quantizes them. A tied lm_head (shared with the input embeddings) counts
+once, as the lm_head linear at its spec; when it is quantized the embedding table keeps its own high-precision
+copy outside these totals. MB means 10^6 bytes; average bits per weight = total bits / total weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from workbench.errors import WorkbenchError
+from workbench.inventory import ROLES, LayerInfo
+from workbench.paths import atomic_write_bytes
+from workbench.quant.spec import QuantSpec
+
+PLAN_FORMAT = "workbench.plan"
+PLAN_VERSION = 1
+_TOP_KEYS = {"format", "version", "default", "rules", "meta"}
+
+
+@dataclass
+class Rule:
+    """One plan rule: layers selected by `match` get `spec`."""
+
+    match: str
+    spec: str
+
+    def to_json(self) -> dict:
+        return {"match": self.match, "spec": self.spec}
+
+
+def _matcher(match: str):
+    """A predicate on layers for a `match` string; raises ValueError with the reason when malformed."""
+    if match.startswith("re:"):
+        try:
+            rx = re.compile(match[3:])
+        except re.error as exc:
+            raise ValueError(f"bad regex ({exc})") from None
+        return lambda layer: rx.fullmatch(layer.name) is not None
+    if match.startswith("role:"):
+        role = match[5:]
+        if role not in ROLES:
+            raise ValueError(f"unknown role '{role}' (roles: {', '.join(ROLES)})")
+        return lambda layer: layer.role == role
+    return lambda layer: layer.name == match
+
+
+def match_layers(match: str, layers: Iterable[LayerInfo]) -> list[str]:
+    """Names of the layers selected by a `match` string (exact name, `re:` or `role:`).
+
+    Raises:
+        WorkbenchError: malformed regex or unknown role.
+    """
+    try:
+        pred = _matcher(match)
+    except ValueError as exc:
+        raise WorkbenchError(f"match '{match}': {exc}") from None
+    return [layer.name for layer in layers if pred(layer)]
+
+
+@dataclass
+class Plan:
+    """Default spec plus ordered rules (later rules win). `meta` is free-form provenance (e.g. allocation)."""
+
+    default: str = "bf16"
+    rules: list[Rule] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ JSON
+    def to_json(self) -> dict:
+        d = {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "default": self.default,
+            "rules": [r.to_json() for r in self.rules],
+        }
+        if self.meta:
+            d["meta"] = self.meta
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = "plan") -> Plan:
+        """Build a plan from its JSON object; refuses other formats, unknown versions and malformed fields.
+
+        Spec strings and matches are checked later by `validate` (so all their errors are reported together).
+        """
+        if not isinstance(d, dict):
+            raise WorkbenchError(f"{source}: a plan is a JSON object, got {type(d).__name__}")
+        if d.get("format") != PLAN_FORMAT:
+            raise WorkbenchError(
+                f"{source}: not a workbench plan (format tag {d.get('format')!r}, expected '{PLAN_FORMAT}')"
+            )
+        version = d.get("version")
+        if version != PLAN_VERSION:
+            raise WorkbenchError(
+                f"{source}: plan version {version!r} is not supported (this workbench reads "
+                f"version {PLAN_VERSION}; upgrade the workbench or rewrite the plan)"
+            )
+        extra = sorted(set(d) - _TOP_KEYS)
+        if extra:
+            raise WorkbenchError(
+                f"{source}: unknown plan key(s) {', '.join(map(repr, extra))} (allowed: "
+                f"{', '.join(sorted(_TOP_KEYS))})"
+            )
+        default = d.get("default", "bf16")
+        if not isinstance(default, str):
+            raise WorkbenchError(f"{source}: 'default' must be a spec string, got {default!r}")
+        rules_in = d.get("rules", [])
+        if not isinstance(rules_in, list):
+            raise WorkbenchError(f"{source}: 'rules' must be a list")
+        rules = []
+        for i, r in enumerate(rules_in, 1):
+            if not (
+                isinstance(r, dict)
+                and set(r) == {"match", "spec"}
+                and isinstance(r["match"], str)
+                and isinstance(r["spec"], str)
+            ):
+                raise WorkbenchError(f'{source}: rule {i} must be {{"match": str, "spec": str}}, got {r!r}')
+            rules.append(Rule(r["match"], r["spec"]))
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise WorkbenchError(f"{source}: 'meta' must be an object")
+        return cls(default=default, rules=rules, meta=meta)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_bytes(Path(path), (json.dumps(self.to_json(), indent=2) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise WorkbenchError(f"plan file {path} not found")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise WorkbenchError(f"plan file {path}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
+        return cls.from_json(d, source=f"plan file {path}")
+
+    # ------------------------------------------------------------------ resolution
+    def _problems_and_resolution(self, layers: list[LayerInfo]) -> tuple[list[str], dict[str, QuantSpec]]:
+        problems: list[str] = []
+        specs: dict[str, QuantSpec | None] = {}
+
+        def parse(s: str, where: str) -> QuantSpec | None:
+            if s not in specs:
+                try:
+                    specs[s] = QuantSpec.parse(s)
+                except WorkbenchError as exc:
+                    problems.append(f"{where}: {exc}")
+                    specs[s] = None
+            return specs[s]
+
+        chosen: dict[str, tuple[QuantSpec | None, str]] = {}
+        default = parse(self.default, f"default spec '{self.default}'")
+        for layer in layers:
+            chosen[layer.name] = (default, "default")
+        for i, rule in enumerate(self.rules, 1):
+            where = f"rule {i} (match '{rule.match}')"
+            spec = parse(rule.spec, where)
+            try:
+                names = match_layers(rule.match, layers)
+            except WorkbenchError as exc:
+                problems.append(f"{where}: {str(exc).split(': ', 1)[-1]}")
+                continue
+            if not names:
+                problems.append(f"{where} matches no layer")
+            for name in names:
+                chosen[name] = (spec, f"rule {i}")
+        resolved: dict[str, QuantSpec] = {}
+        for layer in layers:
+            spec, origin = chosen[layer.name]
+            if spec is None:
+                continue  # its unknown spec is already reported
+            reason = spec.check_layer(layer.out_features, layer.in_features)
+            if reason:
+                problems.append(f"layer {layer.name}: {spec} ({origin}) cannot apply: {reason}")
+            else:
+                resolved[layer.name] = spec
+        return problems, resolved
+
+    def validate(self, layers: list[LayerInfo]) -> None:
+        """Raise one WorkbenchError listing every problem of this plan against `layers` (see module doc)."""
+        problems, _ = self._problems_and_resolution(layers)
+        if problems:
+            n = len(problems)
+            raise WorkbenchError(f"plan has {n} problem{'s' if n > 1 else ''}: " + "; ".join(problems))
+
+    def resolve(self, layers: list[LayerInfo]) -> dict[str, QuantSpec]:
+        """One QuantSpec per layer, in inventory order (validates first)."""
+        self.validate(layers)
+        return self._problems_and_resolution(layers)[1]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_resolved(cls, resolved: dict[str, QuantSpec | str], meta: dict | None = None) -> Plan:
+        """The shortest exact-name plan for a resolution: the most common spec becomes the default."""
+        as_str = {name: str(QuantSpec.parse(s)) for name, s in resolved.items()}
+        if not as_str:
+            return cls(meta=dict(meta or {}))
+        default = Counter(as_str.values()).most_common(1)[0][0]
+        rules = [Rule(name, s) for name, s in as_str.items() if s != default]
+        return cls(default=default, rules=rules, meta=dict(meta or {}))
+
+
+# ---------------------------------------------------------------------- totals and diff
+@dataclass
+class PlanTotals:
+    """Storage of a resolved plan over all quantizable linears (embeddings not counted; see module doc)."""
+
+    n_layers: int
+    n_weights: int
+    total_bits: int
+    mb: float  # total_bits / 8 / 1e6
+    avg_bits: float  # total_bits / n_weights
+    bf16_mb: float  # the same layers all kept in bf16
+    by_spec: dict[str, int]  # spec string -> weights stored with it
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        parts = ", ".join(
+            f"{s}: {100 * n / self.n_weights:.1f}%"
+            for s, n in sorted(self.by_spec.items(), key=lambda kv: -kv[1])
+        )
+        return (
+            f"{self.mb:.2f} MB ({self.avg_bits:.3f} bits/weight over {self.n_layers} linear layers, "
+            f"{self.n_weights / 1e6:.1f}M weights; bf16 {self.bf16_mb:.2f} MB; embeddings not counted) "
+            f"[{parts}]"
+        )
+
+
+def plan_totals(resolved: dict[str, QuantSpec], layers: list[LayerInfo]) -> PlanTotals:
+    """Exact size of `resolved` over `layers`; every layer must be resolved."""
+    missing = [x.name for x in layers if x.name not in resolved]
+    if missing:
+        raise WorkbenchError(f"plan resolves no spec for layer {missing[0]} ({len(missing)} missing)")
+    total = n = 0
+    by_spec: Counter = Counter()
+    for layer in layers:
+        spec = QuantSpec.parse(resolved[layer.name])
+        total += spec.storage_bits(layer.out_features, layer.in_features)
+        n += layer.n_params
+        by_spec[str(spec)] += layer.n_params
+    return PlanTotals(
+        n_layers=len(layers),
+        n_weights=n,
+        total_bits=total,
+        mb=total / 8e6,
+        avg_bits=total / n if n else 0.0,
+        bf16_mb=16 * n / 8e6,
+        by_spec=dict(by_spec),
+    )
+
+
+@dataclass
+class LayerChange:
+    """A layer whose spec differs between two plans."""
+
+    layer: str
+    old: str
+    new: str
+
+
+def plan_diff(old: dict[str, QuantSpec], new: dict[str, QuantSpec]) -> list[LayerChange]:
+    """Per-layer changes old -> new between two resolutions (layers missing on one side show as '-')."""
+    names = list(old) + [n for n in new if n not in old]
+    out = []
+    for name in names:
+        a = str(old[name]) if name in old else "-"
+        b = str(new[name]) if name in new else "-"
+        if a != b:
+            out.append(LayerChange(name, a, b))
+    return out
