@@ -189,11 +189,20 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype):
             raise WorkbenchError(f"{folder}: only pickled weights ({', '.join(sorted(pickles)[:3])}); refusing "
                                  "to load them because pickles execute code: convert to safetensors")
         raise WorkbenchError(f"{folder}: no weights found (*.safetensors)")
+    hf_tok = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    l2c_tok = sorted(folder.glob("tok*.bin"))
+    if not hf_tok and not l2c_tok:
+        raise WorkbenchError(f"{folder}: no tokenizer (tokenizer.json / tokenizer.model, or a llama2.c tok*.bin)")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        if hf_tok:
+            tok = AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:
         raise _wrap_load_error(folder, exc) from None
+    if not hf_tok:
+        from workbench.llama2c import Llama2cTokenizer
+
+        tok = Llama2cTokenizer(l2c_tok[0])
     return model, tok
 
 

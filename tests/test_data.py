@@ -1,0 +1,43 @@
+"""Text sources, calibration sampling and evaluation windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workbench.data import calibration_batches, eval_windows, load_text, resolve_text_source
+from workbench.errors import WorkbenchError
+
+
+def test_named_sources_resolve():
+    for name in ("wikitext2", "wikitext2:valid", "wikitext2-raw", "ptb", "c4", "tinystories", "wiki"):
+        assert resolve_text_source(name).is_file()
+    with pytest.raises(WorkbenchError, match="no split"):
+        resolve_text_source("ptb:train")
+    with pytest.raises(WorkbenchError, match="not found"):
+        resolve_text_source("no-such-text")
+
+
+def test_calibration_is_deterministic(stories):
+    a = calibration_batches(stories.tokenizer, "tinystories", 4, 32, seed=1)
+    b = calibration_batches(stories.tokenizer, "tinystories", 4, 32, seed=1)
+    c = calibration_batches(stories.tokenizer, "tinystories", 4, 32, seed=2)
+    assert a.shape == (4, 32) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_eval_windows_are_non_overlapping(stories):
+    w = eval_windows(stories.tokenizer, "tinystories", 128, max_tokens=1000)
+    assert w.shape == (7, 128)
+    ids = stories.tokenizer.encode(load_text("tinystories"), add_bos=True)
+    assert w.flatten().tolist() == ids[: 7 * 128]
+
+
+def test_bad_text_files(tmp_path, stories):
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(WorkbenchError, match="empty"):
+        load_text(str(tmp_path / "empty.txt"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(WorkbenchError, match="not UTF-8"):
+        load_text(str(tmp_path / "latin1.txt"))
+    with pytest.raises(WorkbenchError, match="larger than the model's context"):
+        eval_windows(stories.tokenizer, "tinystories", 1024, max_context=stories.description.max_context)

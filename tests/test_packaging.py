@@ -1,0 +1,31 @@
+"""Packaging: the kernels folder never shadows the PyPI package `kernels` that transformers probes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = ("import importlib.metadata as md, workbench.kernels as k; "
+         "from transformers.utils import is_kernels_available as a; "
+         "v = None\ntry:\n    v = md.version('kernels')\nexcept md.PackageNotFoundError:\n    pass\n"
+         "print(a(), v, list(k.__path__)[0])")
+
+
+def _probe(cwd: Path) -> list[str]:
+    r = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, capture_output=True, text=True, check=True)
+    return r.stdout.split()
+
+
+def test_kernels_not_importable_as_pypi_kernels(tmp_path):
+    outside = _probe(tmp_path)
+    inside = _probe(REPO)  # the repo root on sys.path: kernels/ is visible as a namespace folder
+    assert outside[:2] == inside[:2] == ["False", "None"]
+    assert Path(outside[2]).resolve() == (REPO / "kernels").resolve()
+    assert not (REPO / "kernels" / "__init__.py").exists()
+
+
+def test_cli_help_lists_commands():
+    r = subprocess.run([sys.executable, "-m", "workbench.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "inspect" in r.stdout
