@@ -217,3 +217,24 @@ def greedy_generate(model, prompt_ids, max_new_tokens: int, *, mode: str = "auto
     n = len(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else int(prompt_ids.numel())
     L = max_cache_len or max(64, n + max_new_tokens)
     return StaticDecoder(model, max_cache_len=L, mode=mode).generate(prompt_ids, max_new_tokens, eos_token_id)
+
+
+NO_CUDA_MESSAGE = ("no CUDA device found: running on the CPU with the torch reference path (same math, much "
+                   "slower; the Triton kernels need an NVIDIA GPU)")
+
+
+def select_device(requested: str = "auto") -> tuple[torch.device, str | None]:
+    """The device to run on and a message for the user (None when nothing needs saying).
+
+    "auto" picks CUDA when available and otherwise the CPU with NO_CUDA_MESSAGE; "cuda" without a device
+    raises WorkbenchError; "cpu" is always honoured.
+    """
+    if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
+        raise WorkbenchError(f"unknown device '{requested}' (choose auto, cpu or cuda)")
+    if requested == "cpu":
+        return torch.device("cpu"), None
+    if torch.cuda.is_available():
+        return torch.device("cuda" if requested == "auto" else requested), None
+    if requested == "auto":
+        return torch.device("cpu"), NO_CUDA_MESSAGE
+    raise WorkbenchError(f"--device {requested}: no CUDA device is available (use --device auto or cpu)")

@@ -1,0 +1,66 @@
+"""`workbench generate`: greedy text from a model (optionally quantized with a plan), with tokens/s."""
+
+from __future__ import annotations
+
+from workbench.commands.common import add_model_arg, emit_json
+
+
+def add_parser(sub):
+    p = sub.add_parser("generate", help="generate text greedily and report tokens/s")
+    add_model_arg(p, required=False)
+    p.add_argument("--plan", default=None, help="plan JSON to apply before generating")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--mode", default="auto", help="decode loop: auto | eager | graph | compile")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def _load(model_arg: str, device, dtype):
+    """(model, tokenizer, description string) from a saved quantized folder or any load_model source."""
+    from workbench.runtime.serialize import is_quantized_folder, load_quantized, load_tokenizer
+
+    if is_quantized_folder(model_arg):
+        model, _ = load_quantized(model_arg, device=device, dtype=dtype)
+        tok = load_tokenizer(model_arg)
+        if tok is None:
+            from workbench.errors import WorkbenchError
+
+            raise WorkbenchError(f"{model_arg}: no tokenizer saved beside the quantized model")
+        return model, tok, f"quantized model {model_arg}"
+    from workbench.loading import load_model
+
+    loaded = load_model(model_arg, dtype=dtype, device=str(device))
+    return loaded.model, loaded.tokenizer, loaded.description.name
+
+
+def run(args) -> int:
+    import torch
+
+    from workbench.runtime.apply import apply_plan
+    from workbench.runtime.decode import StaticDecoder, select_device
+    from workbench.runtime.memory import model_memory
+
+    device, message = select_device(args.device)
+    if message and not args.json:
+        print(message)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tok, what = _load(args.model, device, dtype)
+    report = apply_plan(model, args.plan) if args.plan else None
+    ids = tok.prompt_ids(args.prompt)
+    dec = StaticDecoder(model, max_cache_len=len(ids) + args.max_new_tokens + 1, mode=args.mode)
+    res = dec.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id)
+    text = tok.decode(res.tokens)
+    mem = model_memory(model)
+    if args.json:
+        emit_json({"model": what, "device": str(device), "text": text, "result": res.to_json(),
+                   "memory": mem.to_json(), "apply": report.to_json() if report else None})
+        return 0
+    if report:
+        print(report.summary())
+    print(text)
+    print(f"-- {len(res.tokens)} tokens; decode {res.decode_tokens_per_s:.1f} tokens/s "
+          f"(prefill {res.prefill_s * 1e3:.0f} ms for {res.prompt_tokens} tokens; {res.mode} loop on {device}); "
+          f"{mem.total_bytes / 1e6:,.1f} MB of weights")
+    return 0

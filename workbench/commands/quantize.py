@@ -1,0 +1,62 @@
+"""`workbench quantize`: apply a plan to a model and save the packed result (save_quantized folder)."""
+
+from __future__ import annotations
+
+from workbench.commands.common import add_model_arg, emit_json
+
+
+def add_parser(sub):
+    p = sub.add_parser("quantize", help="quantize a model with a plan and save packed weights to --out")
+    add_model_arg(p)
+    p.add_argument("--plan", required=True, help="plan JSON file (workbench.plan format)")
+    p.add_argument("--out", required=True, help="output folder (model.safetensors + plan.json + manifest)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda: where to quantize (RTN runs on the GPU)")
+    p.add_argument("--text", default="wiki", help="calibration text for GPTQ / AWQ layers")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens for GPTQ / AWQ layers")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def calibration_grams(loaded, specs: dict, text: str, tokens: int, seq_len: int) -> dict:
+    """Gram matrices X^T X for the layers whose algorithm needs them (GPTQ / AWQ); {} when none do."""
+    names = [n for n, s in specs.items() if s.is_quantized and s.algo in ("gptq", "awq")]
+    if not names:
+        return {}
+    from workbench.data import calibration_batches
+    from workbench.stats.activations import collect_activation_stats
+
+    seq_len = min(seq_len, loaded.description.max_context or seq_len)
+    batches = calibration_batches(loaded.tokenizer, text, max(1, tokens // seq_len), seq_len)
+    stats = collect_activation_stats(loaded.model, batches, layers=names, gram=True, progress=True)
+    return {n: stats[n].gram for n in names}
+
+
+def run(args) -> int:
+    import torch
+
+    from workbench.loading import load_model
+    from workbench.plan import Plan
+    from workbench.runtime.apply import apply_plan, resolve_specs
+    from workbench.runtime.decode import select_device
+    from workbench.runtime.serialize import save_quantized
+
+    device, message = select_device(args.device)
+    if message and not args.json:
+        print(message)
+    plan = Plan.load(args.plan)
+    loaded = load_model(args.model, dtype=torch.float32)
+    specs = resolve_specs(loaded.model, plan)
+    grams = calibration_grams(loaded, specs, args.text, args.tokens, args.seq_len)
+    if device.type == "cuda":
+        loaded.model.to(device=device, dtype=torch.bfloat16)
+    report = apply_plan(loaded.model, specs, grams)
+    loaded.model.to("cpu")
+    folder = save_quantized(loaded.model, plan, args.out, tokenizer=loaded.tokenizer,
+                            source=loaded.description.source)
+    if args.json:
+        emit_json({"out": str(folder), "report": report.to_json(), "device": str(device)})
+        return 0
+    print(report.summary())
+    print(f"saved to {folder}")
+    return 0
