@@ -1,0 +1,162 @@
+"""GPTQ: one-shot weight quantization with second-order error compensation.
+
+Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
+https://arxiv.org/abs/2210.17323 (reference code: https://github.com/IST-DASLab/gptq).
+
+Columns are quantized one at a time; the error of each column is spread over the not-yet-quantized columns
+through the upper Cholesky factor of H^-1, with H = 2 X^T X + damp * I. Updates inside a block of columns are
+applied immediately and to the rest of the matrix once per block ("lazy batch updates").
+
+Details of this implementation:
+- dampening: damp = percdamp * mean(diag(H)) is added to the diagonal; columns whose input is always zero
+  (diag(H) = 0, "dead") get diag 1 so H stays invertible. A singular H (fewer samples than K, duplicate
+  inputs) is therefore fine. If the Cholesky factorisation still fails, damp is multiplied by 10 and retried.
+- group parameters: without act-order, the scale/zero of a group is computed from the *updated* weights when
+  the group's first column is reached (block size is rounded to a multiple of the group size so a group
+  never straddles two blocks). With act-order (columns processed by decreasing diag(H)), groups are static:
+  parameters are computed from the original weights for groups of consecutive original columns, so codes
+  stay in original column order and the runtime needs no permutation. Per-channel and per-tensor
+  parameters are always computed from the original weights.
+- `clip=True` searches a range shrink per group on the weight squared error (GPTQ's `mse` option).
+Works for every integer spec (group / channel / tensor, symmetric / asymmetric).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from workbench.quant.formats import int_decode, int_encode, int_params, int_zero, to_groups
+from workbench.quant.spec import QuantSpec
+
+
+def _params(Wg: torch.Tensor, spec: QuantSpec, clip: bool, grid: int, max_shrink: float):
+    """Scales / zeros [R, ng] for grouped weights Wg [R, ng, G], with the optional shrink search."""
+    b, sym = spec.bits, spec.symmetric
+    if not clip:
+        return int_params(Wg, b, sym)
+    best_s, best_z = int_params(Wg, b, sym)
+    best_err = None
+    for i in range(grid):
+        p = 1.0 - max_shrink * i / grid
+        s, z = int_params(Wg, b, sym, p)
+        zz = int_zero(b, sym, z)
+        err = ((Wg - int_decode(int_encode(Wg, s, zz, b), s, zz)) ** 2).sum(-1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        if z is not None:
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp I)^-1 (float32), raising damp until it factorises."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U.float(), damp
+        damp = damp * 10 if damp > 0 else 1e-6
+    raise AssertionError("GPTQ: Hessian not positive definite even with strong dampening")
+
+
+def gptq_quantize(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, percdamp: float = 0.01,
+                  blocksize: int = 128, act_order: bool = False, clip: bool = False, clip_grid: int = 20,
+                  max_shrink: float = 0.5):
+    """Quantize W [N, K] with GPTQ for an integer spec.
+
+    Args:
+        W: [N, K] float weight (finite).
+        spec: an integer QuantSpec (any granularity, sym or asym).
+        gram: [K, K] X^T X of the layer's calibration inputs (finite); H = 2 gram.
+        percdamp: dampening as a fraction of mean(diag(H)).
+        blocksize: columns per lazy-update block.
+        act_order: process columns by decreasing diag(H) (static groups; codes in original order).
+        clip, clip_grid, max_shrink: optional per-group range shrink search (weight squared error).
+    Returns:
+        codes uint8 [N, K] (original column order), scales [N, ng] (or [1, 1] per tensor),
+        zeros like scales or None (symmetric), info dict (damp, act_order, seconds).
+    """
+    assert spec.is_int, f"GPTQ needs an integer spec, got {spec}"
+    t0 = time.perf_counter()
+    N, K = W.shape
+    W = W.float().clone()
+    H = 2 * gram.double()
+    H = (H + H.T) / 2
+    diag = H.diagonal().clone()
+    dead = diag == 0
+    H.diagonal()[dead] = 1.0
+    damp = percdamp * float(H.diagonal().mean())
+
+    bits, sym = spec.bits, spec.symmetric
+    maxq = 2**bits - 1
+    G = spec.group_size
+    dynamic = spec.granularity == "group" and not act_order
+    if spec.granularity == "group":
+        if dynamic:
+            ng = -(-K // G)
+            scales = torch.zeros(N, ng)
+            zeros = None if sym else torch.zeros(N, ng)
+        else:
+            scales, zeros = _params(to_groups(W, G), spec, clip, clip_grid, max_shrink)
+    elif spec.granularity == "channel":
+        scales, zeros = _params(W.unsqueeze(1), spec, clip, clip_grid, max_shrink)
+    else:
+        scales, zeros = _params(W.reshape(1, 1, -1), spec, clip, clip_grid, max_shrink)
+
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(K)
+    col_group = perm // G if spec.granularity == "group" else torch.zeros(K, dtype=torch.long)
+    col_group = col_group.tolist()
+
+    Hinv, damp = _inverse_cholesky(H, damp)
+    B = G * max(1, blocksize // G) if dynamic else blocksize
+    codes = torch.empty(N, K, dtype=torch.uint8)
+    per_tensor = spec.granularity == "tensor"
+    fixed_zero = float(2 ** (bits - 1))
+
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1 = W[:, i1:i2].clone()                                   # [N, B]
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic and j % G == 0:
+                s, z = _params(W1[:, i:i + G].unsqueeze(1), spec, clip, clip_grid, max_shrink)
+                scales[:, j // G] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, j // G] = z[:, 0]
+            g = col_group[j]
+            if per_tensor:
+                s = scales[0, 0]
+                z = fixed_zero if sym else zeros[0, 0]
+            else:
+                s = scales[:, g]
+                z = fixed_zero if sym else zeros[:, g]
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            codes[:, j] = q.to(torch.uint8)
+            err = (w - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        if i2 < K:
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    info = {"damp": damp, "act_order": act_order, "dead_columns": int(dead.sum()),
+            "seconds": time.perf_counter() - t0}
+    return codes, scales, zeros, info
