@@ -26,12 +26,16 @@ def story_batches(stories, tmp_path_factory):
 def _stored_inputs(model, batches, names):
     """Every input of every layer, concatenated [T, K] (the direct reference)."""
     store = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: store[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())) for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: store[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())
+        )
+        for n in names
+    ]
     try:
         with torch.no_grad():
             for i in range(batches.shape[0]):
-                model(input_ids=batches[i: i + 1], use_cache=False)
+                model(input_ids=batches[i : i + 1], use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -45,7 +49,7 @@ def test_streaming_matches_direct(stories, story_batches):
     for name, st in stats.items():
         x = X[name].double()
         assert st.n_tokens == x.shape[0] == story_batches.numel()
-        assert torch.equal(st.absmax, X[name].abs().amax(0)), name          # exact
+        assert torch.equal(st.absmax, X[name].abs().amax(0)), name  # exact
         torch.testing.assert_close(st.gram, x.T @ x, rtol=1e-12, atol=1e-9)  # float64 accumulation
         torch.testing.assert_close(st.mean, x.mean(0), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(st.rms, x.pow(2).mean(0).sqrt(), rtol=1e-12, atol=1e-12)
@@ -81,7 +85,9 @@ def test_shared_inputs_computed_once(stories, story_batches):
 
 def test_layerwise_equals_full(stories, story_batches):
     full = collect_activation_stats(stories.model, story_batches, progress=False)
-    lw = collect_activation_stats(stories.model, story_batches, mode="layerwise", batch_size=4, progress=False)
+    lw = collect_activation_stats(
+        stories.model, story_batches, mode="layerwise", batch_size=4, progress=False
+    )
     assert list(full) == list(lw)
     for name in full:
         a, b = full[name], lw[name]
@@ -96,8 +102,13 @@ def test_layerwise_equals_full(stories, story_batches):
 
 def test_gram_sink_receives_grams_and_stats_drop_them(stories, story_batches):
     got = {}
-    stats = collect_activation_stats(stories.model, story_batches[:2], mode="layerwise", progress=False,
-                                     gram_sink=lambda n, g: got.__setitem__(n, g.clone()))
+    stats = collect_activation_stats(
+        stories.model,
+        story_batches[:2],
+        mode="layerwise",
+        progress=False,
+        gram_sink=lambda n, g: got.__setitem__(n, g.clone()),
+    )
     ref = collect_activation_stats(stories.model, story_batches[:2], progress=False)
     assert all(s.gram is None for s in stats.values())
     leaders = {n for n, s in ref.items() if s.shared_with is None}
@@ -150,6 +161,6 @@ def test_histogram_doubling_is_exact():
         h.add(c)
     edges, counts = h.result()
     amax = float(torch.cat(chunks).abs().max())
-    assert edges[-1] / 2 < amax <= edges[-1] and math.log2(edges[-1]).is_integer()   # the final power of 2
+    assert edges[-1] / 2 < amax <= edges[-1] and math.log2(edges[-1]).is_integer()  # the final power of 2
     direct = torch.histogram(torch.cat(chunks).double(), bins=edges)[0]
     assert torch.equal(counts, direct)

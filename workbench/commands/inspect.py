@@ -1,20 +1,52 @@
-"""`workbench inspect`: describe a model, list its quantizable layers, write them to a folder."""
+"""`workbench inspect`: describe a model, compute its weight and activation statistics, write them to --out.
+
+Statistics (workbench/stats/) are cached: the second run with the same model, text and settings loads them
+from disk. The summary names the ten input groups with the strongest channel outliers and their worst
+channels, the massive activations (which tokens carry them) and the most heavy-tailed weights.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from workbench.commands.common import add_model_arg, emit_json, table
+from workbench.errors import WorkbenchError
 
 
 def add_parser(sub):
     p = sub.add_parser("inspect", help="describe a model and its layers; write statistics to --out")
     add_model_arg(p)
-    p.add_argument("--text", default=None, help="calibration text source (file or name, e.g. wiki, c4)")
-    p.add_argument("--tokens", type=int, default=None, help="calibration tokens (n_seqs x seq_len)")
+    p.add_argument("--text", default="wiki", help="calibration text source (file or name, e.g. wiki, c4)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=64 * 512,
+        help="calibration tokens: n_seqs = tokens // seq-len (default 32768)",
+    )
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument(
+        "--mode",
+        choices=("full", "layerwise"),
+        default="full",
+        help="full forward per batch, or one decoder block at a time (same statistics)",
+    )
+    p.add_argument("--device", default=None, help="layerwise: device the blocks run on (e.g. cuda)")
+    p.add_argument(
+        "--specs",
+        default="int4_g128,int8_ch,nvfp4",
+        help="comma-separated specs whose grid levels are stored per layer",
+    )
+    p.add_argument("--k-sigma", type=float, default=6.0, help="report weights beyond k standard deviations")
+    p.add_argument("--no-gram", action="store_true", help="skip the Gram matrices X^T X")
+    p.add_argument("--no-cache", action="store_true", help="recompute even when cached statistics exist")
+    p.add_argument("--no-stats", action="store_true", help="only describe the model and list its layers")
+    p.add_argument("--top", type=int, default=10, help="layers in the outlier summary (default 10)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     return p
 
 
@@ -22,19 +54,79 @@ def run(args) -> int:
     from workbench.inventory import layer_inventory
     from workbench.loading import load_model
 
-    loaded = load_model(args.model)
+    if args.tokens < args.seq_len:
+        raise WorkbenchError(f"--tokens {args.tokens} is less than one sequence of --seq-len {args.seq_len}")
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, progress=not args.quiet)
     layers = layer_inventory(loaded.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     desc = loaded.description.to_dict()
     (out / "model.json").write_text(json.dumps(desc, indent=2))
     (out / "layers.json").write_text(json.dumps([layer.to_dict() for layer in layers], indent=2))
+    if args.no_stats:
+        return _describe_only(args, loaded, layers, out, desc)
+
+    from workbench.stats.inspection import inspect_model
+
+    n_seqs = args.tokens // args.seq_len
+    specs = [s.strip() for s in args.specs.split(",") if s.strip()]
+    insp = inspect_model(
+        loaded,
+        args.text,
+        n_seqs,
+        args.seq_len,
+        args.seed,
+        mode=args.mode,
+        gram=not args.no_gram,
+        specs=specs,
+        k_sigma=args.k_sigma,
+        cache=not args.no_cache,
+        progress=not args.quiet,
+        device=args.device,
+    )
+    insp.save(out)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        emit_json(
+            {
+                "model": desc,
+                "out": str(out),
+                "from_cache": insp.from_cache,
+                "seconds": round(seconds, 2),
+                "settings": insp.settings,
+                "outliers": insp.outliers(args.top),
+                "massive": insp.massive(),
+                "heavy_tails": insp.heavy_tails(),
+            }
+        )
+        return 0
+    print(loaded.description.summary())
+    print()
+    print(insp.summary(args.top))
+    print(
+        f"\nstatistics of {len(layers)} layers written to {out} "
+        f"({'from cache' if insp.from_cache else 'computed'} in {seconds:.1f} s)"
+    )
+    return 0
+
+
+def _describe_only(args, loaded, layers, out, desc) -> int:
     if args.json:
         emit_json({"model": desc, "layers": [layer.to_dict() for layer in layers], "out": str(out)})
         return 0
     print(loaded.description.summary())
-    rows = [[x.name, "" if x.block is None else x.block, x.role, f"{x.out_features}x{x.in_features}",
-             x.n_params, "tied" if x.tied else ""] for x in layers]
+    rows = [
+        [
+            x.name,
+            "" if x.block is None else x.block,
+            x.role,
+            f"{x.out_features}x{x.in_features}",
+            x.n_params,
+            "tied" if x.tied else "",
+        ]
+        for x in layers
+    ]
     print(table(rows, ["layer", "block", "role", "shape (out x in)", "params", ""]))
     print(f"{len(layers)} quantizable layers; written to {out}")
     return 0

@@ -104,10 +104,10 @@ def _gram_update_cuda(G: torch.Tensor, x: torch.Tensor) -> None:
             return
         except (TypeError, RuntimeError, NotImplementedError):
             pass
-        with _tf32():                       # exact products: bf16/fp16 values are exact in TF32
+        with _tf32():  # exact products: bf16/fp16 values are exact in TF32
             G.addmm_(x.t().float(), x.float())
         return
-    G.addmm_(x.t().float(), x.float())      # fp32 input: plain fp32 (TF32 left as the user set it)
+    G.addmm_(x.t().float(), x.float())  # fp32 input: plain fp32 (TF32 left as the user set it)
 
 
 @dataclass
@@ -136,18 +136,25 @@ class InputAccumulator:
         s["absmax"] = torch.zeros(K, dtype=torch.float32, device=device)
         s["sum"] = torch.zeros(K, dtype=f64, device=device)
         s["sumsq"] = torch.zeros(K, dtype=f64, device=device)
-        s["gram"] = torch.zeros(K, K, dtype=f64 if cpu else torch.float32, device=device) if self.gram else None
+        s["gram"] = (
+            torch.zeros(K, K, dtype=f64 if cpu else torch.float32, device=device) if self.gram else None
+        )
         s["hist"] = StreamingHistogram(self.hist_bins)
         s["tmax_hist"] = LogHistogram(-24, 24, 4, device=device)
         e = torch.empty(0, device=device)
-        s["top"] = (e.float(), e.long(), e.long(), e.long(), e.long())   # value, channel, seq, pos, token id
+        s["top"] = (e.float(), e.long(), e.long(), e.long(), e.long())  # value, channel, seq, pos, token id
         if self.max_step_elems is None:
             self.max_step_elems = 1 << 22 if cpu else 1 << 26
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, seqs: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-            token_ids: torch.Tensor | None = None) -> None:
-        """Fold in one chunk. x [..., K]; seqs/positions/token_ids: long [T] for the flattened rows or None."""
+    def add(
+        self,
+        x: torch.Tensor,
+        seqs: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+    ) -> None:
+        """Fold in one chunk. x [..., K]; seqs/positions/token_ids: long [T] per flattened row, or None."""
         assert x.shape[-1] == self.K, f"expected {self.K} input features, got shape {tuple(x.shape)}"
         x = x.detach().reshape(-1, self.K)
         if not self._state:
@@ -162,7 +169,7 @@ class InputAccumulator:
     def _add_step(self, x, seqs, positions, token_ids) -> None:
         s = self._state
         cpu = s["device"].type == "cpu"
-        xw = x.double() if cpu else x.float()          # working precision: float64 on CPU, float32 on CUDA
+        xw = x.double() if cpu else x.float()  # working precision: float64 on CPU, float32 on CUDA
         a = xw.abs()
         col_max = a.amax(0)
         s["absmax"] = torch.maximum(s["absmax"], col_max.float())
@@ -174,7 +181,7 @@ class InputAccumulator:
             else:
                 _gram_update_cuda(s["gram"], x)
         s["hist"].add(xw, absmax=float(col_max.max()))
-        tmax, tch = a.max(1)                            # [T] per-token max |x| and its channel
+        tmax, tch = a.max(1)  # [T] per-token max |x| and its channel
         s["tmax_hist"].add(tmax)
         self._update_top(tmax.float(), tch, seqs, positions, token_ids)
 
@@ -183,7 +190,11 @@ class InputAccumulator:
         k = min(self.top_tokens, tmax.numel())
         v, i = torch.topk(tmax, k)
         unknown = torch.full((k,), -1, dtype=torch.long, device=tmax.device)
-        new = (v, tch[i], *(unknown if t is None else t.to(tmax.device)[i] for t in (seqs, positions, token_ids)))
+        new = (
+            v,
+            tch[i],
+            *(unknown if t is None else t.to(tmax.device)[i] for t in (seqs, positions, token_ids)),
+        )
         cat = [torch.cat([old, n]) for old, n in zip(s["top"], new)]
         k = min(self.top_tokens, cat[0].numel())
         v, i = torch.topk(cat[0], k)
@@ -201,10 +212,24 @@ class InputAccumulator:
         ledges, lcounts = s["tmax_hist"].result()
         top = [t.cpu() for t in s["top"]]
         return ActivationStats(
-            name=name, n_tokens=self.n_tokens, absmax=s["absmax"].cpu(), mean=mean.cpu(), rms=rms.cpu(),
-            gram=gram, hist_edges=edges, hist_counts=counts,
-            token_max=TokenMax(values=top[0], channels=top[1], seqs=top[2], positions=top[3],
-                               token_ids=top[4], log2_edges=ledges, log2_counts=lcounts))
+            name=name,
+            n_tokens=self.n_tokens,
+            absmax=s["absmax"].cpu(),
+            mean=mean.cpu(),
+            rms=rms.cpu(),
+            gram=gram,
+            hist_edges=edges,
+            hist_counts=counts,
+            token_max=TokenMax(
+                values=top[0],
+                channels=top[1],
+                seqs=top[2],
+                positions=top[3],
+                token_ids=top[4],
+                log2_edges=ledges,
+                log2_counts=lcounts,
+            ),
+        )
 
     def gram_tensor(self) -> torch.Tensor | None:
         """The running Gram on its device (float64 on CPU, float32 on CUDA), or None."""

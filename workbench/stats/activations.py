@@ -33,14 +33,20 @@ class ActivationCollector:
     `set_tokens(ids, seq_offset)` tells the hooks which tokens the next forward carries ([b, L] ids).
     """
 
-    def __init__(self, model: torch.nn.Module, names: list[str], gram: bool = True,
-                 hist_bins: int = 256, top_tokens: int = 32):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        names: list[str],
+        gram: bool = True,
+        hist_bins: int = 256,
+        top_tokens: int = 32,
+    ):
         self.model = model
         self.names = list(names)
         self.gram = gram
         self.hist_bins, self.top_tokens = hist_bins, top_tokens
-        self.acc: dict[str, InputAccumulator] = {}     # leader name -> accumulator
-        self.leader: dict[str, str] = {}               # layer name -> leader name (itself when not shared)
+        self.acc: dict[str, InputAccumulator] = {}  # leader name -> accumulator
+        self.leader: dict[str, str] = {}  # layer name -> leader name (itself when not shared)
         self._last: tuple[torch.Tensor, str] | None = None
         self._handles: list = []
         self._ids: torch.Tensor | None = None
@@ -72,6 +78,7 @@ class ActivationCollector:
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             assert isinstance(x, torch.Tensor), f"layer '{name}' got no tensor input"
             self.observe(name, x)
+
         return hook
 
     # ------------------------------------------------------------------ accumulation
@@ -91,13 +98,14 @@ class ActivationCollector:
         assert prev == name, f"layer '{name}' shared its input with '{prev}' before, not any more"
         self._last = (x, name)
         if name not in self.acc:
-            self.acc[name] = InputAccumulator(int(x.shape[-1]), gram=self.gram, hist_bins=self.hist_bins,
-                                              top_tokens=self.top_tokens)
+            self.acc[name] = InputAccumulator(
+                int(x.shape[-1]), gram=self.gram, hist_bins=self.hist_bins, top_tokens=self.top_tokens
+            )
         seqs = positions = token_ids = None
         ids = self._ids
         if ids is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(ids.shape):
             b, L = ids.shape
-            seqs = (torch.arange(b).repeat_interleave(L) + self._seq_offset)
+            seqs = torch.arange(b).repeat_interleave(L) + self._seq_offset
             positions = torch.arange(L).repeat(b)
             token_ids = ids.reshape(-1).cpu()
         self.acc[name].add(x, seqs, positions, token_ids)
@@ -146,13 +154,16 @@ def default_batch_size(seq_len: int, device: torch.device) -> int:
 
 
 @torch.no_grad()
-def _collect_full(model, batches, names, gram, batch_size, progress, gram_sink,
-                  hist_bins) -> dict[str, ActivationStats]:
+def _collect_full(
+    model, batches, names, gram, batch_size, progress, gram_sink, hist_bins
+) -> dict[str, ActivationStats]:
     device = next(model.parameters()).device
-    with ActivationCollector(model, names, gram=gram, hist_bins=hist_bins) as col, \
-            _progress(batches.shape[0], "activations", progress) as bar:
+    with (
+        ActivationCollector(model, names, gram=gram, hist_bins=hist_bins) as col,
+        _progress(batches.shape[0], "activations", progress) as bar,
+    ):
         for s0 in range(0, batches.shape[0], batch_size):
-            ids = batches[s0: s0 + batch_size]
+            ids = batches[s0 : s0 + batch_size]
             col.set_tokens(ids, s0)
             model(input_ids=ids.to(device), use_cache=False)
             bar.update(ids.shape[0])
@@ -161,11 +172,19 @@ def _collect_full(model, batches, names, gram, batch_size, progress, gram_sink,
     return {n: col.finished[n] for n in names}
 
 
-def collect_activation_stats(model: torch.nn.Module, batches: torch.Tensor, layers: list[str] | None = None,
-                             *, mode: str = "full", gram: bool = True, progress: bool = True,
-                             batch_size: int | None = None, device: str | torch.device | None = None,
-                             gram_sink: GramSink | None = None,
-                             hist_bins: int = 256) -> dict[str, ActivationStats]:
+def collect_activation_stats(
+    model: torch.nn.Module,
+    batches: torch.Tensor,
+    layers: list[str] | None = None,
+    *,
+    mode: str = "full",
+    gram: bool = True,
+    progress: bool = True,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    gram_sink: GramSink | None = None,
+    hist_bins: int = 256,
+) -> dict[str, ActivationStats]:
     """Statistics of the input of every quantizable linear over calibration batches.
 
     Args:
@@ -185,20 +204,33 @@ def collect_activation_stats(model: torch.nn.Module, batches: torch.Tensor, laye
         {layer name: ActivationStats}, in inventory order; shared layers point at their leader.
     """
     if batches.dim() != 2 or batches.dtype != torch.long:
-        raise WorkbenchError(f"calibration batches must be a LongTensor [n_seqs, seq_len], got "
-                             f"{batches.dtype} {tuple(batches.shape)}")
+        raise WorkbenchError(
+            f"calibration batches must be a LongTensor [n_seqs, seq_len], got "
+            f"{batches.dtype} {tuple(batches.shape)}"
+        )
     names = quantizable_names(model, layers)
     model_device = next(model.parameters()).device
     run_device = torch.device(device) if device is not None else model_device
     bs = batch_size or default_batch_size(batches.shape[1], run_device)
     if mode == "full":
         if run_device != model_device:
-            raise WorkbenchError(f"full mode runs where the model is ({model_device}); use "
-                                 f"mode='layerwise' to run blocks on {run_device}")
+            raise WorkbenchError(
+                f"full mode runs where the model is ({model_device}); use "
+                f"mode='layerwise' to run blocks on {run_device}"
+            )
         return _collect_full(model, batches, names, gram, bs, progress, gram_sink, hist_bins)
     if mode == "layerwise":
         from workbench.stats.layerwise import collect_layerwise
 
-        return collect_layerwise(model, batches, names, gram=gram, batch_size=bs, device=run_device,
-                                 progress=progress, gram_sink=gram_sink, hist_bins=hist_bins)
+        return collect_layerwise(
+            model,
+            batches,
+            names,
+            gram=gram,
+            batch_size=bs,
+            device=run_device,
+            progress=progress,
+            gram_sink=gram_sink,
+            hist_bins=hist_bins,
+        )
     raise WorkbenchError(f"unknown statistics mode '{mode}' (choose full or layerwise)")

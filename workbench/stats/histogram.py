@@ -46,9 +46,9 @@ class StreamingHistogram:
         B = self.n_bins
         while absmax > self.radius:
             c = self.counts
-            pairs = c.view(B // 2, 2).sum(1)                 # [B/2] pairs of old bins
+            pairs = c.view(B // 2, 2).sum(1)  # [B/2] pairs of old bins
             new = torch.zeros_like(c)
-            new[B // 4: 3 * B // 4] = pairs                   # old range is the middle half of the new one
+            new[B // 4 : 3 * B // 4] = pairs  # old range is the middle half of the new one
             self.counts = new
             self.radius *= 2.0
 
@@ -97,7 +97,7 @@ class LogHistogram:
         a = x.reshape(-1).abs()
         if a.dtype not in (torch.float32, torch.float64):
             a = a.float()
-        lg = torch.log2(a).clamp(self.lo, self.hi - 1e-6)     # -inf (zeros) clamps into the first bin
+        lg = torch.log2(a).clamp(self.lo, self.hi - 1e-6)  # -inf (zeros) clamps into the first bin
         if self.counts.device != a.device:
             self.counts = self.counts.to(a.device)
         self.counts += torch.histc(lg, bins=self.n_bins, min=self.lo, max=self.hi).to(torch.float64)

@@ -78,7 +78,7 @@ def _capture_block0(model, blocks, batches, batch_size, device) -> list[tuple[to
     try:
         for s0 in range(0, batches.shape[0], batch_size):
             try:
-                model(input_ids=batches[s0: s0 + batch_size].to(device), use_cache=False)
+                model(input_ids=batches[s0 : s0 + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
             else:
@@ -89,9 +89,18 @@ def _capture_block0(model, blocks, batches, batch_size, device) -> list[tuple[to
 
 
 @torch.no_grad()
-def collect_layerwise(model: torch.nn.Module, batches: torch.Tensor, names: list[str], *, gram: bool,
-                      batch_size: int, device: torch.device, progress: bool, gram_sink: GramSink | None,
-                      hist_bins: int = 256) -> dict[str, ActivationStats]:
+def collect_layerwise(
+    model: torch.nn.Module,
+    batches: torch.Tensor,
+    names: list[str],
+    *,
+    gram: bool,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    gram_sink: GramSink | None,
+    hist_bins: int = 256,
+) -> dict[str, ActivationStats]:
     """Layer-by-layer version of `collect_activation_stats` (same arguments, same results)."""
     blocks_name, blocks = decoder_blocks(model)
     block_names = [f"{blocks_name}.{i}." for i in range(len(blocks))]
@@ -101,8 +110,10 @@ def collect_layerwise(model: torch.nn.Module, batches: torch.Tensor, names: list
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name in tail:
         if head is None or model.get_submodule(name) is not head:
-            raise WorkbenchError(f"layer '{name}' is outside the decoder blocks and is not the output head: "
-                                 "layerwise mode cannot feed it; use mode='full'")
+            raise WorkbenchError(
+                f"layer '{name}' is outside the decoder blocks and is not the output head: "
+                "layerwise mode cannot feed it; use mode='full'"
+            )
 
     # everything except the blocks goes to the device for the capture and the tail
     inside = {id(m) for m in blocks.modules()}
@@ -115,14 +126,16 @@ def collect_layerwise(model: torch.nn.Module, batches: torch.Tensor, names: list
     try:
         hidden = _capture_block0(model, blocks, batches, batch_size, device)
         starts = list(range(0, batches.shape[0], batch_size))
-        with ActivationCollector(model, names, gram=gram, hist_bins=hist_bins) as col, \
-                _progress(len(blocks) * len(hidden), "blocks", progress) as bar:
+        with (
+            ActivationCollector(model, names, gram=gram, hist_bins=hist_bins) as col,
+            _progress(len(blocks) * len(hidden), "blocks", progress) as bar,
+        ):
             for i, block in enumerate(blocks):
                 home = _device_of(block)
                 block.to(device)
                 try:
                     for j, (h, kwargs) in enumerate(hidden):
-                        col.set_tokens(batches[starts[j]: starts[j] + h.shape[0]], starts[j])
+                        col.set_tokens(batches[starts[j] : starts[j] + h.shape[0]], starts[j])
                         out = block(h, **kwargs)
                         hidden[j] = (out[0] if isinstance(out, (tuple, list)) else out, kwargs)
                         bar.update(1)
@@ -130,9 +143,9 @@ def collect_layerwise(model: torch.nn.Module, batches: torch.Tensor, names: list
                     block.to(home)
                 col.finish(per_block[i], gram_sink)
             for j, (h, _) in enumerate(hidden):
-                col.set_tokens(batches[starts[j]: starts[j] + h.shape[0]], starts[j])
+                col.set_tokens(batches[starts[j] : starts[j] + h.shape[0]], starts[j])
                 h = norm(h) if norm is not None else h
-                for name in tail:   # the output head reads the normed last hidden state
+                for name in tail:  # the output head reads the normed last hidden state
                     model.get_submodule(name)(h)
             col.remove_hooks()
             col.finish(tail, gram_sink)
