@@ -62,12 +62,24 @@ class WorkbenchState(param.Parameterized):
 
     message = param.String(default="", doc="last notice for the user (errors included)")
     message_kind = param.Selector(default="info", objects=["info", "success", "warning", "error"])
+    dispatcher = param.Callable(default=None, doc="runs a function on the UI thread (served app); None: call it")
 
     def __init__(self, **params):
         super().__init__(**params)
         self._history: History | None = None
         self._model_lock = threading.Lock()  # one model-using job at a time in this session
         self._private_model = None
+
+    # ------------------------------------------------------------------ threads
+    def run_ui(self, fn) -> None:
+        """Run `fn()` where UI state may change: on the session's event loop when served, else right away.
+
+        Jobs hand their results over through this, so views are never re-rendered from a worker thread.
+        """
+        if self.dispatcher is None:
+            fn()
+        else:
+            self.dispatcher(fn)
 
     # ------------------------------------------------------------------ notices
     def notify(self, text: str, kind: str = "info") -> None:

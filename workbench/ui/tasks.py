@@ -51,7 +51,10 @@ def load_job(state, source: str) -> Job:
         return loaded
 
     def failed(message: str) -> None:
-        state.phase = "error"
-        state.notify(f"could not load '{source}': {message}", "error")
+        def show():
+            state.phase = "error"
+            state.notify(f"could not load '{source}': {message}", "error")
+        state.run_ui(show)
 
-    return Job(f"load {source}", work, on_done=state.set_model, on_error=failed)
+    return Job(f"load {source}", work, on_done=lambda loaded: state.run_ui(lambda: state.set_model(loaded)),
+               on_error=failed)

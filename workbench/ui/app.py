@@ -1,0 +1,96 @@
+"""Compose the views into the app; the same object runs in JupyterLab (`show`) and served (`serve`).
+
+`build_app(state)` lays out the header and one tab per view. `serve(...)` gives every browser session its
+own `WorkbenchState` (the loaded model itself is shared read-only, see tasks.py), runs long work in job
+threads, and cancels a session's jobs when its tab closes.
+"""
+
+from __future__ import annotations
+
+import panel as pn
+
+from workbench.ui.state import WorkbenchState
+
+_CSS = """
+.wb-totals p { font-size: 15px; margin: 4px 0; }
+.wb-job { border-bottom: 1px solid #eee; }
+"""
+
+
+def _extension() -> None:
+    pn.extension("tabulator", "plotly", raw_css=[_CSS], notifications=False, sizing_mode="stretch_width")
+
+
+def build_app(state: WorkbenchState) -> pn.viewable.Viewable:
+    """The whole app for one state: header, then tabs Model / Plan / Distributions / Sensitivity / Measure
+    & run / Chat."""
+    from workbench.ui.views.header import HeaderView
+    from workbench.ui.views.model_view import ModelView
+    from workbench.ui.views.plan_view import PlanView
+
+    views = [ModelView(state=state), PlanView(state=state)]
+    for module, cls in (("distributions_view", "DistributionsView"), ("sensitivity_view", "SensitivityView"),
+                        ("measure_view", "MeasureView"), ("chat_view", "ChatView")):
+        try:
+            mod = __import__(f"workbench.ui.views.{module}", fromlist=[cls])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"workbench.ui.views.{module}":
+                raise
+            continue
+        views.append(getattr(mod, cls)(state=state))
+
+    built: list[pn.Tabs] = []
+
+    def body(phase):
+        if phase != "ready" and not built:
+            return pn.pane.HTML("", height=0)
+        if not built:  # built once: the views follow later models through the state's params
+            panels = [v.panel() for v in views]
+            built.append(pn.Tabs(*[(p.name, p) for p in panels], sizing_mode="stretch_width",
+                                 css_classes=["wb-tabs"]))
+        return built[0]
+
+    app = pn.Column(HeaderView(state=state).panel(), pn.bind(body, state.param.phase),
+                    sizing_mode="stretch_width", css_classes=["wb-app"])
+    app.state = state
+    return app
+
+
+def create_app(model=None, source: str = "default", load: bool = True,
+               dispatcher=None) -> pn.viewable.Viewable:
+    """A new state and its app. `model` may be a LoadedModel (used as is) or a source string."""
+    _extension()
+    state = WorkbenchState(source=source if not isinstance(model, str) else model, dispatcher=dispatcher)
+    if model is not None and not isinstance(model, str):
+        state.set_model(model)
+    elif load:
+        state.load()
+    return build_app(state)
+
+
+def show(model=None, source: str = "default") -> pn.viewable.Viewable:
+    """The app in a notebook cell: `workbench.ui.show()` (default model) or `show(model=loaded_or_source)`."""
+    return create_app(model=model, source=source)
+
+
+def serve(source: str = "default", host: str = "127.0.0.1", port: int = 5006, show_browser: bool = False,
+          threaded: bool = False, **kwargs):
+    """Serve the app; one state per browser session, jobs cancelled when the session ends.
+
+    Binds `host` (127.0.0.1 unless the user asks otherwise). Returns Panel's server object.
+    """
+    def session():
+        # Job threads change params directly: Panel schedules the resulting model updates on this session's
+        # event loop itself (scheduling them ourselves with add_next_tick_callback made components rendered
+        # in those callbacks fetch their stylesheets from the CDN, which fails offline).
+        app = create_app(source=source)
+        state = app.state
+        pn.state.on_session_destroyed(lambda _ctx: state.cancel_jobs())
+        return app
+
+    _extension()
+    origins = [f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
+    return pn.serve({"/": session}, address=host, port=port, show=show_browser, threaded=threaded,
+                    websocket_origin=origins, title="Quant Workbench",
+                    check_unused_sessions_milliseconds=2000, unused_session_lifetime_milliseconds=10000,
+                    **kwargs)

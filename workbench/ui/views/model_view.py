@@ -1,0 +1,72 @@
+"""Model view: the layer table (sortable, filterable, spec and pin editable in place) and the totals."""
+
+from __future__ import annotations
+
+import panel as pn
+from bokeh.models.widgets.tables import NumberFormatter
+
+from workbench.ui.state import CANDIDATE_SPECS
+from workbench.ui.views.common import View, totals_line
+
+_FILTERS = {
+    "layer": {"type": "input", "func": "like", "placeholder": "filter name"},
+    "block": {"type": "number", "func": "=", "placeholder": "="},
+    "role": {"type": "list", "valuesLookup": True, "clearable": True},
+    "spec": {"type": "list", "valuesLookup": True, "clearable": True},
+    "pinned": {"type": "tickCross", "tristate": True, "indeterminateValue": None},
+}
+
+
+class ModelView(View):
+    """Every quantizable layer with its current spec; edit `spec` or `pinned` in a cell, click a row to
+    select the layer for the Distributions tab."""
+
+    def panel(self) -> pn.viewable.Viewable:
+        state = self.state
+        editors = {c: None for c in ("layer", "block", "role", "shape", "params", "bits", "KB", "cost")}
+        editors["spec"] = {"type": "list", "values": CANDIDATE_SPECS, "autocomplete": True,
+                           "freetext": True, "listOnEmpty": True}
+        editors["pinned"] = {"type": "tickCross"}
+        table = pn.widgets.Tabulator(
+            state.table, show_index=False, header_filters=_FILTERS, editors=editors, selectable=1,
+            layout="fit_data_table", height=560, sizing_mode="stretch_width", pagination=None,
+            formatters={"cost": NumberFormatter(format="0.000e+0", nan_format="-"),
+                        "pinned": {"type": "tickCross", "crossElement": False}, "params": NumberFormatter(
+                            format="0,0")},
+            titles={"bits": "bits/w", "KB": "KB", "cost": "predicted cost"},
+            frozen_columns=["layer"], css_classes=["wb-layer-table"], name="layers")
+
+        def on_edit(event):
+            name = table.value.iloc[event.row]["layer"]
+            if event.column == "spec":
+                ok = state.set_layer_spec(name, str(event.value).strip())
+            elif event.column == "pinned":
+                ok = state.set_pinned(name, bool(event.value))
+            else:
+                ok = False
+            if not ok:
+                show_table(state.table)  # put the cell back
+
+        def on_select(event):
+            if event.new:
+                state.selected = str(table.value.iloc[event.new[0]]["layer"])
+
+        def show_table(df):
+            # Deferred to the next tick: Tabulator ignores a new value set inside its own edit callback.
+            def push():
+                table.value = df
+            pn.state.execute(push, schedule=True) if pn.state.curdoc else push()
+
+        def on_table(event):
+            if event.new is not None:
+                show_table(event.new)
+
+        table.on_edit(on_edit)
+        table.param.watch(on_select, "selection")
+        state.param.watch(on_table, "table")
+        self.table = table  # tests and the app reach the widget through the view
+        help_text = pn.pane.Markdown(
+            "Click a **spec** cell to change one layer (pick or type any spec, e.g. `int3_g64:gptq`); tick "
+            "**pinned** to keep a layer out of the allocator; select a row, then open *Distributions*. "
+            "Column headers sort; the row under them filters.", margin=(0, 10))
+        return pn.Column(totals_line(state), help_text, table, sizing_mode="stretch_width", name="Model")
