@@ -68,21 +68,24 @@ def check_int_weight(
     return N
 
 
-def check_fp8_weight(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> int:
-    """Validate FP8 E4M3 codes uint8 [N, K] and fp32 scales [N] against x; returns N."""
-    if codes.dtype != torch.uint8 or codes.dim() != 2 or not codes.is_contiguous():
-        raise WorkbenchError(
-            f"{name}: fp8 codes must be contiguous uint8 [N, K], got {codes.dtype} {tuple(codes.shape)}"
-        )
-    N, K = codes.shape
+def check_fp8_weight(name: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, K: int) -> int:
+    """Validate packed FP8 E4M3 patterns int32 [N, packed_words(K, 8)] and fp32 scales [N]; returns N."""
     check_activation(x, K, name)
-    if scales.shape != (N,) or scales.dtype != torch.float32:
+    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != packed_words(K, 8):
         raise WorkbenchError(
-            f"{name}: fp8 scales must be float32 [N={N}], got {scales.dtype} {tuple(scales.shape)}"
+            f"{name}: packed fp8 weight must be int32 [N, {packed_words(K, 8)}] for K={K} "
+            f"(prepare_fp8_params); got {packed.dtype} {tuple(packed.shape)}"
         )
-    if len({x.device, codes.device, scales.device}) != 1:
+    if not packed.is_contiguous():
+        raise WorkbenchError(f"{name}: packed fp8 weight {tuple(packed.shape)} must be contiguous")
+    N = packed.shape[0]
+    if scales.shape != (N,) or scales.dtype != torch.float32 or not scales.is_contiguous():
         raise WorkbenchError(
-            f"{name}: inputs on different devices: {x.device}, {codes.device}, {scales.device}"
+            f"{name}: fp8 scales must be contiguous float32 [N={N}], got {scales.dtype} {tuple(scales.shape)}"
+        )
+    if len({x.device, packed.device, scales.device}) != 1:
+        raise WorkbenchError(
+            f"{name}: inputs on different devices: {x.device}, {packed.device}, {scales.device}"
         )
     return N
 

@@ -12,6 +12,10 @@ so the per-weight work is shift, mask/or, pack; the fp32 sums of ``x * (OFF + q)
 relative.  ``BLOCK_K`` divides the group size, so each K step lies in one group.  bf16 activations with
 8-bit codes use a plain conversion (128 + 255 is not exact in bf16).
 
+FP8 E4M3 (``FP8=True``, packed like 8-bit codes): each byte becomes an fp16 with integer ops (its 7
+exponent+mantissa bits moved up by 7, the sign by 8: the E4M3 value * 2**-8, exact), converted to bf16
+for bf16 activations (exact: 4 significant bits), and the per-channel scale absorbs the 2**8.
+
 Packing layout and scale form: ``workbench.quant.packing``.  Reference: ``reference.gemm_int_ref``.
 """
 
@@ -45,7 +49,7 @@ def _gemm_int_kernel(
     # meta-parameters
     BITS: tl.constexpr, PER: tl.constexpr,  # bits per code; codes per word of the (low) plane
     TILES_PER_GROUP: tl.constexpr,  # K steps per group (ignored per-channel)
-    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, FP8: tl.constexpr,
     MAGIC: tl.constexpr, OFF: tl.constexpr,  # 16-bit pattern OR-ed into the code and its float value
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -75,7 +79,10 @@ def _gemm_int_kernel(
             q = q | (((hi16[:, :, None] >> j) & 1) << 2)
         else:
             q = (words[:, :, None] >> (j * BITS)) & ((1 << BITS) - 1)  # [BN, BKW, PER]
-        if MAGIC != 0:
+        if FP8:
+            h = ((q & 0x7F) << 7) | ((q & 0x80) << 8)  # E4M3 fields -> fp16 fields (value * 2**-8)
+            wq = h.to(tl.int16).to(tl.float16, bitcast=True).to(DT)
+        elif MAGIC != 0:
             wq = (q | MAGIC).to(tl.int16).to(DT, bitcast=True)  # OFF + q, exact
         else:
             wq = q.to(DT)
@@ -96,7 +103,9 @@ def _gemm_int_kernel(
             else:
                 zo = tl.zeros([BLOCK_N], dtype=tl.float32) + ((1 << (BITS - 1)) + OFF)
             acc += part * s[None, :] - sx[:, None] * (zo * s)[None, :]
-    if PER_CHANNEL:
+    if FP8:
+        acc = acc * (tl.load(s_ptr + n, mask=nmask, other=0.0) * 256.0)[None, :]
+    elif PER_CHANNEL:
         s = tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)
         if HAS_ZERO:
             zo = tl.load(z_ptr + n, mask=nmask, other=0.0).to(tl.float32) + OFF
@@ -132,6 +141,54 @@ def default_gemm_config(M: int, N: int, K: int, bits: int) -> GemmConfig:
     return GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
+def launch_gemm(
+    name: str,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    K: int,
+    N: int,
+    fp8: bool,
+    config: GemmConfig | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Shared launch for ``gemm_int`` / ``gemm_fp8`` (inputs already checked)."""
+    M = x.shape[0]
+    per = 16 if bits == 3 else 32 // bits
+    per_channel, G = group_tile(group_size, K, per, name)
+    cfg = config or default_gemm_config(M, N, K, bits)
+    bk = cfg.block_k if per_channel else min(cfg.block_k, G)
+    bk = max(bk, per, 16)
+    if not per_channel and G % bk:
+        raise WorkbenchError(f"{name}: block_k={bk} must divide group_size={G}")
+    k_tiles = triton.cdiv(K, bk)
+    split, tps = split_tiles(k_tiles, cfg.split_k)
+    if fp8:
+        magic, off = 0, 0
+    elif x.dtype == torch.float16:
+        magic, off = 0x6400, 1024
+    elif bits <= 4:
+        magic, off = 0x4300, 128
+    else:
+        magic, off = 0, 0
+    y = alloc_output(name, out, x, N, split)
+    Kp = packed_k(K, bits)
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
+    _gemm_int_kernel[grid](
+        x, packed, scales_t, zeros_t if zeros_t is not None else scales_t, y,
+        M, N, K, Kp // per, Kp // 16, k_tiles, tps,
+        x.stride(0), packed.stride(0), y.stride(0),
+        BITS=bits, PER=per, TILES_PER_GROUP=max(1, G // bk), PER_CHANNEL=per_channel,
+        HAS_ZERO=zeros_t is not None, FP8=fp8, MAGIC=magic, OFF=off,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT_K=split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return finish_output(y, out, x.dtype)
+
+
 def gemm_int(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -155,34 +212,5 @@ def gemm_int(
     Returns:
         y: [M, N] in x.dtype.
     """
-    name = "gemm_int"
-    N = check_int_weight(name, x, packed, scales_t, zeros_t, bits, group_size, K)
-    M = x.shape[0]
-    per = 16 if bits == 3 else 32 // bits
-    per_channel, G = group_tile(group_size, K, per, name)
-    cfg = config or default_gemm_config(M, N, K, bits)
-    bk = cfg.block_k if per_channel else min(cfg.block_k, G)
-    bk = max(bk, per, 16)
-    if not per_channel and G % bk:
-        raise WorkbenchError(f"{name}: block_k={bk} must divide group_size={G}")
-    k_tiles = triton.cdiv(K, bk)
-    split, tps = split_tiles(k_tiles, cfg.split_k)
-    if x.dtype == torch.float16:
-        magic, off = 0x6400, 1024
-    elif bits <= 4:
-        magic, off = 0x4300, 128
-    else:
-        magic, off = 0, 0
-    y = alloc_output(name, out, x, N, split)
-    Kp = packed_k(K, bits)
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
-    _gemm_int_kernel[grid](
-        x, packed, scales_t, zeros_t if zeros_t is not None else scales_t, y,
-        M, N, K, Kp // per, Kp // 16, k_tiles, tps,
-        x.stride(0), packed.stride(0), y.stride(0),
-        BITS=bits, PER=per, TILES_PER_GROUP=max(1, G // bk), PER_CHANNEL=per_channel,
-        HAS_ZERO=zeros_t is not None, MAGIC=magic, OFF=off,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT_K=split,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return finish_output(y, out, x.dtype)
+    N = check_int_weight("gemm_int", x, packed, scales_t, zeros_t, bits, group_size, K)
+    return launch_gemm("gemm_int", x, packed, scales_t, zeros_t, bits, group_size, K, N, False, config, out)

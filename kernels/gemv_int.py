@@ -1,20 +1,28 @@
-"""GEMV for 1-4 rows: y = x @ dequant(W)^T with 2/3/4/8-bit packed integer weights (CUDA cores).
+"""GEMV for 1-4 rows: y = x @ dequant(W)^T with packed 2/3/4/8-bit integer or FP8 E4M3 weights.
 
-Decode is memory bound, so the kernel is built to read the packed bytes once at full bandwidth and to
-spend as few instructions per weight as possible:
+Decode is memory bound: the kernel reads the packed bytes once and spends as few instructions per
+weight as it can (``benchmarks/KERNEL_NOTES.md`` has the instruction counts and timings):
 
-* the packed words are loaded as a ``[BLOCK_N, C, GW]`` tile (C groups of GW words per row), K
-  contiguous, so each thread issues 16-byte loads and a warp reads whole row segments;
-* codes become floats without an int->float conversion (slow on the SM): ``(q | 0x4B000000)`` read as
-  fp32 is ``2**23 + q``, minus ``2**23`` gives q exactly;
-* the group scale and zero are applied once per group, not once per weight:
-  ``y_n = sum_g s_g * (sum_{k in g} q_k x_k - z_g * sum_{k in g} x_k)`` — the inner sum is one FMA per
-  weight, the x sums are shared by every row of the program;
-* up to 4 rows of x reuse each decoded weight (one accumulator per row);
-* optional split-K (``SPLIT_K > 1``) adds the partial sums with fp32 atomics, for narrow N.
+* the packed words are loaded as a ``[BLOCK_N, C, GW]`` tile (C groups of GW words per row, K
+  contiguous): each thread issues 16-byte loads, a warp reads whole row segments;
+* no int->float conversion (a slow instruction on the SM): code j of a word is shifted into the top
+  mantissa bits of 1.0, giving the fp32 ``f = 1 + q / 2**B`` in one shift and one and/or;
+* scales and zeros are applied once per (row, group, word), not per weight:
+  ``sum_k (q_k - z) s x_k = s 2**B sum_k f_k x_k - s (2**B + z) sum_k x_k``, so each weight costs one FMA;
+  keeping the 1.0 inside f keeps the fp32 sums exact to ~1e-7 relative (the constant is of the size
+  of the codes, unlike the usual ``2**23 + q`` trick);
+* up to 4 rows of x reuse each decoded weight (one accumulator set per row); x values are shared by
+  the rows a thread holds;
+* the loads of tile t+1 are issued before tile t is computed (software pipelining by hand);
+* optional split-K (``SPLIT_K > 1``) adds partial sums with fp32 atomics, for narrow N / long K.
 
-Packing layout, scales [n_groups, N] fp16 and zeros (None = symmetric) are those of
-``workbench.quant.packing``.  Reference: ``workbench.kernels.reference.gemv_int_ref``.
+FP8 E4M3 (``FP8=True``): the uint8 bit patterns are packed like 8-bit codes; byte j becomes the fp32
+whose sign / exponent / mantissa fields are the E4M3 ones moved into place (value * 2**-120, exact for
+normals and subnormals), and the per-channel scale absorbs the 2**120.  The E4M3 NaN pattern decodes as
+a finite number; quantized weights never hold it.
+
+Layout, scales ``[n_groups, N]`` fp16, zeros (None = symmetric): ``workbench.quant.packing``.
+Reference: ``workbench.kernels.reference.gemv_int_ref``.
 """
 
 from __future__ import annotations
@@ -35,34 +43,83 @@ from workbench.kernels.checks import (
 )
 from workbench.quant.packing import packed_k
 
+FP8_SCALE = 2.0**120  # E4M3 fields moved into an fp32 read as value * 2**-120
+
 
 @triton.jit
-def _decode_group_tile(w_ptr, row_off, widx, wmask, LO_WORDS, BITS: tl.constexpr, PER: tl.constexpr):
-    """Load one [BLOCK_N, C, GW] word tile and return the codes as exact fp32 [BLOCK_N, C, GW, PER]."""
-    words = tl.load(w_ptr + row_off + widx, mask=wmask, other=0)  # [BN, C, GW] int32
-    j = tl.arange(0, PER)[None, None, None, :]  # code position inside a word
-    if BITS == 3:
-        q = (words[:, :, :, None] >> (j * 2)) & 3  # 2-bit plane, 16 codes per word
-        hw = tl.load(w_ptr + row_off + LO_WORDS + (widx // 2), mask=wmask, other=0)  # 1-bit plane
-        hi16 = hw >> ((widx % 2) * 16)  # the 16 high bits belonging to this low word
-        q = q | (((hi16[:, :, :, None] >> j) & 1) << 2)
+def _move_bits(v, src: tl.constexpr, dst: tl.constexpr):
+    """Shift so that bit ``src`` lands on bit ``dst`` (the caller masks the result)."""
+    if dst >= src:
+        return v << (dst - src)
     else:
-        q = (words[:, :, :, None] >> (j * BITS)) & ((1 << BITS) - 1)
-    # exact int -> fp32 without I2F: bits 0x4B000000 | q is 2**23 + q
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return v >> (src - dst)
 
 
 @triton.jit
-def _group_contrib(qf, x_ptr, xk, xmask, s, zs):
-    """sum over the tile of s_g * (sum q x - z_g sum x) for one row of x -> [BLOCK_N]."""
-    x = tl.load(x_ptr + xk, mask=xmask, other=0.0).to(tl.float32)  # [C, GW, PER]
-    dot = tl.sum(tl.sum(qf * x[None, :, :, :], axis=3), axis=2)  # [BN, C]
-    sx = tl.sum(tl.sum(x, axis=2), axis=1)  # [C]
-    return tl.sum(s * dot - zs * sx[None, :], axis=1)
+def _code_as_float(words, hi16, j: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr):
+    """Code j of each word as fp32 built from bits alone (no int->float instruction).
+
+    Integers: ``1 + q / 2**BITS`` (q moved into the top BITS mantissa bits of 1.0 = 0x3F800000).  For
+    3 bits, ``words`` is the 2-bit plane and ``hi16`` holds the matching 16 bits of the 1-bit plane.
+    FP8: byte j's sign to bit 31, exponent+mantissa to bits 26..20 -> the E4M3 value * 2**-120.
+    """
+    if FP8:
+        bits = (_move_bits(words, 8 * j + 7, 31) & -2147483648) | (_move_bits(words, 8 * j, 20) & 0x07F00000)
+    elif BITS == 3:
+        lo = _move_bits(words, 2 * j, 20) & 0x300000
+        hi = _move_bits(hi16, j, 22) & 0x400000
+        bits = lo | hi | 0x3F800000
+    else:
+        bits = (_move_bits(words, j * BITS, 23 - BITS) & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _gemv_int_kernel(
+def _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t, t_end, N, NG, KWL, LO_WORDS,
+               BITS: tl.constexpr, GW: tl.constexpr, C: tl.constexpr, PER_CHANNEL: tl.constexpr,
+               HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr):
+    """Issue the loads of tile t (words, 1-bit plane halves, scales, zeros); t >= t_end -> zeros."""
+    live = n < N * (t < t_end).to(tl.int32)  # [BN]: rows in range, and the tile exists
+    widx = (t * C + c)[:, None] * GW + w[None, :]  # [C, GW] word index in the (low) plane
+    if EVEN_K:
+        wmask = live[:, None, None]
+    else:
+        wmask = live[:, None, None] & (widx < KWL)[None, :, :]
+    words = tl.load(w_ptr + row_off + widx[None, :, :], mask=wmask, other=0)  # [BN, C, GW]
+    if BITS == 3:  # the 1-bit plane word covers two low words: take its matching half
+        hw = tl.load(w_ptr + row_off + LO_WORDS + (widx // 2)[None, :, :], mask=wmask, other=0)
+        hi16 = hw >> ((widx % 2) * 16)[None, :, :]
+    else:
+        hi16 = words
+    if PER_CHANNEL:
+        g = c * 0
+    else:
+        g = t * C + c
+    gmask = live[:, None] & (g < NG)[None, :]
+    s_off = g[None, :] * N + n[:, None]  # [BN, C] into scales [NG, N]
+    s = tl.load(s_ptr + s_off, mask=gmask, other=0.0)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + s_off, mask=gmask, other=0.0)
+    else:
+        z = s
+    return words, hi16, s, z
+
+
+@triton.jit
+def _row_step(f, x_row, xk, j: tl.constexpr, K, d, sx, EVEN_K: tl.constexpr, FP8: tl.constexpr):
+    """d += f * x[k] and sx += x[k] for code j of every word (one row of x)."""
+    if EVEN_K:
+        x = tl.load(x_row + xk + j).to(tl.float32)
+    else:
+        x = tl.load(x_row + xk + j, mask=(xk + j) < K, other=0.0).to(tl.float32)  # [C, GW]
+    d += f * x[None, :, :]
+    if not FP8:
+        sx += x
+    return d, sx
+
+
+@triton.jit
+def _gemv_kernel(
     # pointers
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
     # sizes: N outputs, K inputs, NG groups, KWL words of the (low) plane per row, LO_WORDS = Kp/16
@@ -70,11 +127,12 @@ def _gemv_int_kernel(
     # strides (elements)
     stride_xm, stride_wn, stride_ym,
     # meta-parameters
-    M_ROWS: tl.constexpr,  # rows of x (1..4), each with its own accumulator
-    BITS: tl.constexpr, PER: tl.constexpr,  # bits per code; codes per word of the low plane
+    M_ROWS: tl.constexpr,  # rows of x (1..4), each with its own accumulators
+    BITS: tl.constexpr, PER: tl.constexpr,  # bits per code; codes per word of the (low) plane
     GW: tl.constexpr,  # words per group (per-channel: words per tile)
     C: tl.constexpr,  # groups per tile
-    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, FP8: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K is a multiple of the tile: no masks along K
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -85,55 +143,83 @@ def _gemv_int_kernel(
     row_off = tl.multiple_of(n * stride_wn, 4)[:, None, None]
     c = tl.arange(0, C)
     w = tl.arange(0, GW)
-    jj = tl.arange(0, PER)
-    acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    ONE: tl.constexpr = 1 << BITS  # integers: f = 1 + q / 2**BITS, so q = 2**BITS * (f - 1)
+    acc0 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
     t_start = pid_k * TILES_PER_SPLIT
     t_end = tl.minimum(t_start + TILES_PER_SPLIT, TILES)
+    words, hi16, s_raw, z_raw = _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t_start,
+                                           t_end, N, NG, KWL, LO_WORDS, BITS, GW, C,
+                                           PER_CHANNEL, HAS_ZERO, EVEN_K)
     for t in range(t_start, t_end):
-        widx = (t * C + c)[:, None] * GW + w[None, :]  # [C, GW] word index in the row
-        widx3 = widx[None, :, :]
-        wmask = nmask[:, None, None] & (widx3 < KWL)
-        qf = _decode_group_tile(w_ptr, row_off, widx3, wmask, LO_WORDS, BITS, PER)
-        xk = widx[:, :, None] * PER + jj[None, None, :]  # [C, GW, PER] column index
-        xmask = xk < K
-        if PER_CHANNEL:
-            g = c * 0
+        nwords, nhi16, ns_raw, nz_raw = _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t + 1,
+                                                   t_end, N, NG, KWL, LO_WORDS, BITS, GW, C,
+                                                   PER_CHANNEL, HAS_ZERO, EVEN_K)
+        # per (row, group): contribution a * sum(f x) - b * sum(x)
+        s = s_raw.to(tl.float32)
+        if FP8:
+            a = (s * 1.329227995784916e36)[:, :, None]  # 2**120
+            b = a
         else:
-            g = t * C + c
-        gmask = nmask[:, None] & (g < NG)[None, :]
-        s_off = g[None, :] * N + n[:, None]  # [BN, C] into scales [NG, N]
-        s = tl.load(s_ptr + s_off, mask=gmask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            zs = s * tl.load(z_ptr + s_off, mask=gmask, other=0.0).to(tl.float32)
-        else:
-            zs = s * (1 << (BITS - 1))
-        acc0 += _group_contrib(qf, x_ptr, xk, xmask, s, zs)
+            if HAS_ZERO:
+                z = z_raw.to(tl.float32)
+            else:
+                z = tl.zeros([BLOCK_N, C], dtype=tl.float32) + (1 << (BITS - 1))
+            a = (s * ONE)[:, :, None]
+            b = (s * (z + ONE))[:, :, None]
+        xk = ((t * C + c)[:, None] * GW + w[None, :]) * PER  # [C, GW] column of code 0 of each word
+        d0 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
+        d1 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
+        d2 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
+        d3 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
+        sx0 = tl.zeros([C, GW], dtype=tl.float32)
+        sx1 = tl.zeros([C, GW], dtype=tl.float32)
+        sx2 = tl.zeros([C, GW], dtype=tl.float32)
+        sx3 = tl.zeros([C, GW], dtype=tl.float32)
+        for j in tl.static_range(PER):
+            f = _code_as_float(words, hi16, j, BITS, FP8)  # [BN, C, GW]
+            d0, sx0 = _row_step(f, x_ptr, xk, j, K, d0, sx0, EVEN_K, FP8)
+            if M_ROWS > 1:
+                d1, sx1 = _row_step(f, x_ptr + stride_xm, xk, j, K, d1, sx1, EVEN_K, FP8)
+            if M_ROWS > 2:
+                d2, sx2 = _row_step(f, x_ptr + 2 * stride_xm, xk, j, K, d2, sx2, EVEN_K, FP8)
+            if M_ROWS > 3:
+                d3, sx3 = _row_step(f, x_ptr + 3 * stride_xm, xk, j, K, d3, sx3, EVEN_K, FP8)
+        acc0 = _combine(acc0, a, d0, b, sx0, FP8)
         if M_ROWS > 1:
-            acc1 += _group_contrib(qf, x_ptr + stride_xm, xk, xmask, s, zs)
+            acc1 = _combine(acc1, a, d1, b, sx1, FP8)
         if M_ROWS > 2:
-            acc2 += _group_contrib(qf, x_ptr + 2 * stride_xm, xk, xmask, s, zs)
+            acc2 = _combine(acc2, a, d2, b, sx2, FP8)
         if M_ROWS > 3:
-            acc3 += _group_contrib(qf, x_ptr + 3 * stride_xm, xk, xmask, s, zs)
+            acc3 = _combine(acc3, a, d3, b, sx3, FP8)
+        words, hi16, s_raw, z_raw = nwords, nhi16, ns_raw, nz_raw
     y_ptrs = y_ptr + n
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc0.to(y_ptr.dtype.element_ty), mask=nmask)
-        if M_ROWS > 1:
-            tl.store(y_ptrs + stride_ym, acc1.to(y_ptr.dtype.element_ty), mask=nmask)
-        if M_ROWS > 2:
-            tl.store(y_ptrs + 2 * stride_ym, acc2.to(y_ptr.dtype.element_ty), mask=nmask)
-        if M_ROWS > 3:
-            tl.store(y_ptrs + 3 * stride_ym, acc3.to(y_ptr.dtype.element_ty), mask=nmask)
+    _store_row(y_ptrs, acc0, nmask, SPLIT_K)
+    if M_ROWS > 1:
+        _store_row(y_ptrs + stride_ym, acc1, nmask, SPLIT_K)
+    if M_ROWS > 2:
+        _store_row(y_ptrs + 2 * stride_ym, acc2, nmask, SPLIT_K)
+    if M_ROWS > 3:
+        _store_row(y_ptrs + 3 * stride_ym, acc3, nmask, SPLIT_K)
+
+
+@triton.jit
+def _combine(acc, a, d, b, sx, FP8: tl.constexpr):
+    if FP8:
+        return acc + a * d
     else:
-        tl.atomic_add(y_ptrs, acc0, mask=nmask, sem="relaxed")
-        if M_ROWS > 1:
-            tl.atomic_add(y_ptrs + stride_ym, acc1, mask=nmask, sem="relaxed")
-        if M_ROWS > 2:
-            tl.atomic_add(y_ptrs + 2 * stride_ym, acc2, mask=nmask, sem="relaxed")
-        if M_ROWS > 3:
-            tl.atomic_add(y_ptrs + 3 * stride_ym, acc3, mask=nmask, sem="relaxed")
+        return acc + a * d - b * sx[None, :, :]
+
+
+@triton.jit
+def _store_row(y_ptrs, acc, nmask, SPLIT_K: tl.constexpr):
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(y_ptrs, y, mask=nmask, sem="relaxed")
 
 
 @dataclass(frozen=True)
@@ -141,17 +227,63 @@ class GemvConfig:
     """Launch shape: rows per program, words per row per tile (a power of two), split-K, warps."""
 
     block_n: int = 16
-    tile_words: int = 64
+    tile_words: int = 128
     split_k: int = 1
     num_warps: int = 4
 
 
 def default_gemv_config(M: int, N: int, K: int, bits: int) -> GemvConfig:
     """Hand-chosen config per shape class (see benchmarks/KERNEL_NOTES.md)."""
-    return GemvConfig(block_n=16, tile_words=64, split_k=1, num_warps=4)
+    return GemvConfig(block_n=16, tile_words=128, split_k=1, num_warps=4)
 
 
 MAX_GEMV_ROWS = 4
+
+
+def launch_gemv(
+    name: str,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    K: int,
+    N: int,
+    fp8: bool,
+    config: GemvConfig | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Shared launch for ``gemv_int`` / ``gemv_fp8`` (inputs already checked)."""
+    M = x.shape[0]
+    if M > MAX_GEMV_ROWS:
+        raise WorkbenchError(
+            f"{name}: x has {M} rows (shape {tuple(x.shape)}); the GEMV takes 1..4, use the GEMM"
+        )
+    per = 16 if bits == 3 else 32 // bits
+    per_channel, G = group_tile(group_size, K, per, name)
+    cfg = config or default_gemv_config(M, N, K, bits)
+    Kp = packed_k(K, bits)
+    kwl = Kp // per  # words of the (low) plane per row
+    if per_channel:  # one tile of gw words per step, no wider than the row
+        gw, c = min(cfg.tile_words, triton.next_power_of_2(kwl)), 1
+        tiles = triton.cdiv(kwl, gw)
+    else:  # c whole groups per step, no more than the row has
+        gw = G // per
+        c = max(1, min(cfg.tile_words // gw, triton.next_power_of_2(triton.cdiv(K, G))))
+        tiles = triton.cdiv(triton.cdiv(K, G), c)
+    split, tps = split_tiles(tiles, cfg.split_k)
+    y = alloc_output(name, out, x, N, split)
+    grid = (triton.cdiv(N, cfg.block_n), split)
+    _gemv_kernel[grid](
+        x, packed, scales_t, zeros_t if zeros_t is not None else scales_t, y,
+        N, K, triton.cdiv(K, G), kwl, Kp // 16, tiles, tps,
+        x.stride(0), packed.stride(0), y.stride(0),
+        M_ROWS=M, BITS=bits, PER=per, GW=gw, C=c,
+        PER_CHANNEL=per_channel, HAS_ZERO=zeros_t is not None, FP8=fp8, EVEN_K=K % (c * gw * per) == 0,
+        BLOCK_N=cfg.block_n, SPLIT_K=split, num_warps=cfg.num_warps,
+    )
+    return finish_output(y, out, x.dtype)
 
 
 def gemv_int(
@@ -165,7 +297,7 @@ def gemv_int(
     config: GemvConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x @ dequant(W)^T for 1..4 rows.
+    """y = x @ dequant(W)^T for 1..4 rows, integer weights.
 
     Args:
         x: fp16/bf16 [M, K], M <= 4, contiguous along K.
@@ -177,34 +309,5 @@ def gemv_int(
     Returns:
         y: [M, N] in x.dtype.
     """
-    name = "gemv_int"
-    N = check_int_weight(name, x, packed, scales_t, zeros_t, bits, group_size, K)
-    M = x.shape[0]
-    if M > MAX_GEMV_ROWS:
-        raise WorkbenchError(
-            f"{name}: x has {M} rows (shape {tuple(x.shape)}); the GEMV takes 1..4, use gemm_int"
-        )
-    per = 16 if bits == 3 else 32 // bits
-    per_channel, G = group_tile(group_size, K, per, name)
-    cfg = config or default_gemv_config(M, N, K, bits)
-    Kp = packed_k(K, bits)
-    kwl = Kp // per  # words of the (low) plane per row
-    if per_channel:
-        gw, c = cfg.tile_words, 1
-        tiles = triton.cdiv(kwl, gw)
-    else:
-        gw = G // per
-        c = max(1, cfg.tile_words // gw)
-        tiles = triton.cdiv(triton.cdiv(K, G), c)
-    split, tps = split_tiles(tiles, cfg.split_k)
-    y = alloc_output(name, out, x, N, split)
-    grid = (triton.cdiv(N, cfg.block_n), split)
-    _gemv_int_kernel[grid](
-        x, packed, scales_t, zeros_t if zeros_t is not None else scales_t, y,
-        N, K, triton.cdiv(K, G), kwl, Kp // 16, tiles, tps,
-        x.stride(0), packed.stride(0), y.stride(0),
-        M_ROWS=M, BITS=bits, PER=per, GW=gw, C=c,
-        PER_CHANNEL=per_channel, HAS_ZERO=zeros_t is not None,
-        BLOCK_N=cfg.block_n, SPLIT_K=split, num_warps=cfg.num_warps,
-    )
-    return finish_output(y, out, x.dtype)
+    N = check_int_weight("gemv_int", x, packed, scales_t, zeros_t, bits, group_size, K)
+    return launch_gemv("gemv_int", x, packed, scales_t, zeros_t, bits, group_size, K, N, False, config, out)

@@ -55,14 +55,17 @@ def dequant_matmul_int_ref(
     return (x.to(torch.float32) @ W.t()).to(x.dtype)
 
 
-def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """FP8 E4M3 bit patterns uint8 [N, K] and fp32 scales [N] -> float32 W_hat [N, K]."""
+def dequantize_fp8(packed: torch.Tensor, scales: torch.Tensor, K: int) -> torch.Tensor:
+    """Packed FP8 E4M3 patterns int32 [N, Kp/4] and fp32 scales [N] -> float32 W_hat [N, K]."""
+    codes = unpack_codes(packed, 8, K)
     return codes.view(torch.float8_e4m3fn).to(torch.float32) * scales.to(torch.float32)[:, None]
 
 
-def dequant_matmul_fp8_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """y = x @ W_hat^T for FP8 E4M3 weights.  x: [M, K]; codes uint8 [N, K]; scales fp32 [N] -> [M, N]."""
-    W = dequantize_fp8(codes, scales)
+def dequant_matmul_fp8_ref(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, K: int
+) -> torch.Tensor:
+    """y = x @ W_hat^T for FP8 E4M3 weights.  x: [M, K]; packed int32 [N, Kp/4]; scales fp32 [N] -> [M, N]."""
+    W = dequantize_fp8(packed, scales, K)
     return (x.to(torch.float32) @ W.t()).to(x.dtype)
 
 

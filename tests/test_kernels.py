@@ -22,11 +22,16 @@ import pytest  # noqa: E402
 
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.kernels import reference as R  # noqa: E402
-from workbench.kernels.gemm_fp8 import Fp8GemmConfig, gemm_fp8  # noqa: E402
+from workbench.kernels.gemm_fp8 import gemm_fp8  # noqa: E402
 from workbench.kernels.gemm_int import GemmConfig, gemm_int  # noqa: E402
-from workbench.kernels.gemv_fp8 import Fp8GemvConfig, gemv_fp8  # noqa: E402
+from workbench.kernels.gemv_fp8 import gemv_fp8  # noqa: E402
 from workbench.kernels.gemv_int import GemvConfig, gemv_int  # noqa: E402
-from workbench.quant.packing import n_groups, pack_codes, prepare_group_params  # noqa: E402
+from workbench.quant.packing import (  # noqa: E402
+    n_groups,
+    pack_codes,
+    prepare_fp8_params,
+    prepare_group_params,
+)
 
 DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -134,36 +139,38 @@ def test_fp8_kernels_match_reference(case):
     (N, K), dt = case
     g = torch.Generator().manual_seed(N + K)
     w = (torch.randn(N, K, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
-    codes = w.view(torch.uint8).to(DEV)
-    scales = (torch.rand(N, generator=g) * 0.01 + 1e-3).to(DEV)
+    packed, scales = prepare_fp8_params(w.view(torch.uint8), torch.rand(N, generator=g) * 0.01 + 1e-3)
+    packed, scales = packed.to(DEV), scales.to(DEV)
     for M in GEMV_ROWS:
         x = _x(M, K, dt, M)
-        y = gemv_fp8(x, codes, scales, out=_poisoned(M, N, dt))
-        assert _rel_err(y, R.gemv_fp8_ref(x, codes, scales)) < TOL[dt], f"gemv M={M}"
-    y = gemv_fp8(x, codes, scales, config=Fp8GemvConfig(block_n=8, block_k=64, split_k=3))
-    assert _rel_err(y, R.gemv_fp8_ref(x, codes, scales)) < TOL[dt], "gemv split-K"
+        y = gemv_fp8(x, packed, scales, K, out=_poisoned(M, N, dt))
+        assert _rel_err(y, R.gemv_fp8_ref(x, packed, scales, K)) < TOL[dt], f"gemv M={M}"
+    y = gemv_fp8(x, packed, scales, K, config=GemvConfig(block_n=8, tile_words=8, split_k=3))
+    assert _rel_err(y, R.gemv_fp8_ref(x, packed, scales, K)) < TOL[dt], "gemv split-K"
     if dt == torch.bfloat16 and not CUDA:
         pytest.skip(INTERP_BF16_DOT + " (GEMV part passed)")
     for M in GEMM_ROWS:
         x = _x(M, K, dt, M)
-        y = gemm_fp8(x, codes, scales, out=_poisoned(M, N, dt))
-        assert _rel_err(y, R.gemm_fp8_ref(x, codes, scales)) < TOL[dt], f"gemm M={M}"
-    y = gemm_fp8(x, codes, scales, config=Fp8GemmConfig(block_m=16, block_n=32, block_k=32, split_k=2))
-    assert _rel_err(y, R.gemm_fp8_ref(x, codes, scales)) < TOL[dt], "gemm split-K"
+        y = gemm_fp8(x, packed, scales, K, out=_poisoned(M, N, dt))
+        assert _rel_err(y, R.gemm_fp8_ref(x, packed, scales, K)) < TOL[dt], f"gemm M={M}"
+    y = gemm_fp8(x, packed, scales, K, config=GemmConfig(block_m=16, block_n=32, block_k=32, split_k=2))
+    assert _rel_err(y, R.gemm_fp8_ref(x, packed, scales, K)) < TOL[dt], "gemm split-K"
 
 
 def test_fp8_decode_all_patterns():
-    """All 254 finite E4M3 patterns (subnormals, +-0, +-448) decode exactly through the GEMV."""
+    """All 254 finite E4M3 patterns (subnormals, +-0, +-448) decode exactly through GEMV and GEMM."""
     pats = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)  # drop NaNs
     P, K = pats.numel(), 16
     shift = (torch.arange(P)[:, None] + torch.arange(K)[None, :]) % P
-    codes = pats[shift].contiguous().to(DEV)  # [254, 16]: every pattern in every column
-    scales = torch.ones(P, device=DEV)
-    want = R.dequantize_fp8(codes, scales)  # [254, 16] float32, each value exact in fp16
+    packed, scales = prepare_fp8_params(pats[shift].contiguous(), torch.ones(P))  # every pattern per column
+    packed, scales = packed.to(DEV), scales.to(DEV)
+    want = R.dequantize_fp8(packed, scales, K)  # [254, 16] float32, each value exact in fp16
     eye = torch.eye(K, dtype=torch.float16, device=DEV)
     for r in range(0, K, 4):  # one-hot rows pick single weights: y[i, n] = w[n, r + i]
-        y = gemv_fp8(eye[r : r + 4].contiguous(), codes, scales, out=_poisoned(4, P, torch.float16))
+        y = gemv_fp8(eye[r : r + 4].contiguous(), packed, scales, K, out=_poisoned(4, P, torch.float16))
         assert torch.equal(y, want[:, r : r + 4].t().half())
+    y = gemm_fp8(eye, packed, scales, K, out=_poisoned(K, P, torch.float16))
+    assert torch.equal(y, want.t().half())
 
 
 def test_reference_matches_contract():

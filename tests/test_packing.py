@@ -98,8 +98,10 @@ def test_group_params_shorter_last_group():
 
 def test_fp8_params():
     w = torch.randn(5, 40).to(torch.float8_e4m3fn)
-    codes, s = prepare_fp8_params(w.view(torch.uint8), torch.rand(5, 1))
-    assert codes.dtype == torch.uint8 and s.shape == (5,) and s.dtype == torch.float32
+    packed, s = prepare_fp8_params(w.view(torch.uint8), torch.rand(5, 1))
+    assert torch.equal(packed, pack_codes(w.view(torch.uint8), 8)) and packed.shape == (5, 16)
+    assert torch.equal(unpack_codes(packed, 8, 40).view(torch.float8_e4m3fn).float(), w.float())
+    assert s.shape == (5,) and s.dtype == torch.float32
     with pytest.raises(WorkbenchError, match="one per output channel"):
         prepare_fp8_params(w.view(torch.uint8), torch.rand(4))
 

@@ -25,13 +25,13 @@ Layout (``LAYOUT_VERSION = 1``)
 
 Scales and zeros for the kernels (``prepare_group_params``): transposed to ``[n_groups, N]`` contiguous
 fp16 (one coalesced row of N per group), not padded (kernels mask groups >= n_groups); zeros ``None`` for
-symmetric.  FP8 E4M3 weights are not bit-packed: the kernels read the uint8 bit patterns ``[N, K]``
-directly with an fp32 per-output-channel scale ``[N]`` (``prepare_fp8_params``).
+symmetric.  FP8 E4M3 weights: the uint8 bit patterns ``[N, K]`` are packed exactly like 8-bit codes,
+with an fp32 per-output-channel scale ``[N]`` (``prepare_fp8_params``).
 
 Storage bytes (what the runtime keeps on the GPU):
 * packed weights: ``N * Kp * bits / 8``
 * scales: ``2 * N * n_groups`` (fp16); zeros: ``2 * N * n_groups`` (fp16, asymmetric only)
-* FP8: ``N * K`` codes + ``4 * N`` scales.
+* FP8: ``N * Kp`` bytes of patterns (the 8-bit layout) + ``4 * N`` scales.
 (``packed_nbytes`` returns the first; e.g. int4 g128 asym on 4096 x 14336: 29,360,128 B of codes plus
 917,504 B of scales and 917,504 B of zeros = 4.25 bits per weight.)
 """
@@ -175,7 +175,10 @@ def prepare_group_params(
 
 
 def prepare_fp8_params(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 E4M3 codes uint8 [N, K] (float8_e4m3fn bit patterns), scales [N] or [N, 1] -> (codes, fp32 [N])."""
+    """FP8 E4M3 patterns uint8 [N, K] and scales [N] or [N, 1] -> (packed int32 [N, Kp/4], fp32 [N]).
+
+    The bit patterns are packed exactly like 8-bit integer codes (``pack_codes(codes, 8)``).
+    """
     if codes.dtype != torch.uint8 or codes.dim() != 2:
         raise WorkbenchError(
             f"packing: fp8 codes must be uint8 [N, K], got {codes.dtype} {tuple(codes.shape)}"
@@ -185,4 +188,4 @@ def prepare_fp8_params(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch
             f"packing: fp8 scales must be one per output channel ({codes.shape[0]}), "
             f"got {tuple(scales.shape)}"
         )
-    return codes.contiguous(), scales.reshape(-1).to(torch.float32).contiguous()
+    return pack_codes(codes, 8), scales.reshape(-1).to(torch.float32).contiguous()
