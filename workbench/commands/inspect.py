@@ -36,7 +36,7 @@ def add_parser(sub):
     p.add_argument("--device", default=None, help="layerwise: device the blocks run on (e.g. cuda)")
     p.add_argument(
         "--specs",
-        default="int4_g128,int8_ch,nvfp4",
+        default="int4_g128,int8_ch",
         help="comma-separated specs whose grid levels are stored per layer",
     )
     p.add_argument("--k-sigma", type=float, default=6.0, help="report weights beyond k standard deviations")

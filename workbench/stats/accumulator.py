@@ -169,21 +169,26 @@ class InputAccumulator:
     def _add_step(self, x, seqs, positions, token_ids) -> None:
         s = self._state
         cpu = s["device"].type == "cpu"
-        xw = x.double() if cpu else x.float()  # working precision: float64 on CPU, float32 on CUDA
-        a = xw.abs()
+        xf = x.float()
+        a = xf.abs()
         col_max = a.amax(0)
-        s["absmax"] = torch.maximum(s["absmax"], col_max.float())
-        s["sum"] += xw.sum(0).double()
-        s["sumsq"] += (xw * xw).sum(0).double()
-        if s["gram"] is not None:
-            if cpu:
-                s["gram"].addmm_(xw.t(), xw)
-            else:
+        s["absmax"] = torch.maximum(s["absmax"], col_max)
+        if cpu:  # sums and Gram in float64: exact products of float32 inputs
+            xd = x.double()
+            s["sum"] += xd.sum(0)
+            s["sumsq"] += (xd * xd).sum(0)
+            if s["gram"] is not None:
+                s["gram"].addmm_(xd.t(), xd)
+            del xd
+        else:  # per-step float32 sums (a few thousand rows), accumulated in float64
+            s["sum"] += xf.sum(0).double()
+            s["sumsq"] += (xf * xf).sum(0).double()
+            if s["gram"] is not None:
                 _gram_update_cuda(s["gram"], x)
-        s["hist"].add(xw, absmax=float(col_max.max()))
+        s["hist"].add(xf, absmax=float(col_max.max()))
         tmax, tch = a.max(1)  # [T] per-token max |x| and its channel
         s["tmax_hist"].add(tmax)
-        self._update_top(tmax.float(), tch, seqs, positions, token_ids)
+        self._update_top(tmax, tch, seqs, positions, token_ids)
 
     def _update_top(self, tmax, tch, seqs, positions, token_ids) -> None:
         s = self._state

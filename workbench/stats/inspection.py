@@ -19,7 +19,7 @@ from workbench.stats.accumulator import ActivationStats, TokenMax
 from workbench.stats.cache import cache_folder, cache_key, read_folder, write_folder
 from workbench.stats.weights import GridLevels, WeightStats
 
-DEFAULT_SPECS = ("int4_g128", "int8_ch", "nvfp4")
+DEFAULT_SPECS = ("int4_g128", "int8_ch")  # more with specs=...; grid_levels() computes any on demand
 _W, _A = "w", "a"
 _TM = ("values", "channels", "seqs", "positions", "token_ids", "log2_edges", "log2_counts")
 _WT = ("absmax_out", "absmax_in", "hist_edges", "hist_counts", "log_edges", "log_counts")

@@ -23,7 +23,6 @@ from workbench.quant.spec import QuantSpec
 
 HIST_BINS = 256
 LOG_OCTAVES, LOG_PER_OCTAVE = 24, 4
-_ROWS = 4096  # rows per chunk for float64 moments (bounds temporary memory)
 
 
 @dataclass
@@ -84,26 +83,17 @@ class WeightStats:
 
 
 def _moments(W: torch.Tensor, k_sigma: float) -> tuple[float, float, float, float]:
-    """(mean, std, excess kurtosis, fraction beyond k_sigma) in float64, chunked over rows."""
+    """(mean, std, excess kurtosis, fraction beyond k_sigma) of float32 W, sums accumulated in float64."""
     n = W.numel()
-    mean = float(sum(W[r : r + _ROWS].double().sum() for r in range(0, W.shape[0], _ROWS))) / n
-    m2 = m4 = 0.0
-    for r in range(0, W.shape[0], _ROWS):
-        d = W[r : r + _ROWS].double() - mean
-        d2 = d * d
-        m2 += float(d2.sum())
-        m4 += float((d2 * d2).sum())
-    var = m2 / n
+    f64 = torch.float64
+    mean = float(W.sum(dtype=f64)) / n
+    d = W - mean
+    d2 = d * d
+    var = float(d2.sum(dtype=f64)) / n
+    m4 = float((d2 * d2).sum(dtype=f64)) / n
     std = var**0.5
-    kurt = (m4 / n) / (var * var) - 3.0 if var > 0 else 0.0
-    beyond = (
-        sum(
-            int(((W[r : r + _ROWS].double() - mean).abs() > k_sigma * std).sum())
-            for r in range(0, W.shape[0], _ROWS)
-        )
-        if std > 0
-        else 0
-    )
+    kurt = m4 / (var * var) - 3.0 if var > 0 else 0.0
+    beyond = int((d2 > (k_sigma * std) ** 2).sum()) if std > 0 else 0
     return mean, std, kurt, beyond / n
 
 
