@@ -17,7 +17,9 @@ from workbench.runtime.apply import apply_plan
 from workbench.runtime.memory import model_memory
 from workbench.runtime.qlinear import QuantLinear, kernel_format_reason, kernel_shape_reason
 
-INT_SPECS = [f"int{b}_{g}{s}" for b, g, s in itertools.product((2, 3, 4, 8), ("g32", "g128", "ch"), ("", "_sym"))]
+INT_SPECS = [
+    f"int{b}_{g}{s}" for b, g, s in itertools.product((2, 3, 4, 8), ("g32", "g128", "ch"), ("", "_sym"))
+]
 FLOAT_SPECS = ["fp8_e4m3", "fp8_e4m3_t", "int4_t", "int8_t_sym"]
 FALLBACK_SPECS = ["fp8_e5m2", "fp4_e2m1_g32", "mxfp4", "nvfp4", "nf4_g64", "int5_g64", "int6_ch"]
 SHAPES = [(40, 172), (96, 576)]
@@ -27,8 +29,11 @@ def _linear_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-@pytest.mark.parametrize("spec,shape", list(itertools.product(INT_SPECS + FLOAT_SPECS, SHAPES)),
-                         ids=lambda v: v if isinstance(v, str) else f"{v[0]}x{v[1]}")
+@pytest.mark.parametrize(
+    "spec,shape",
+    list(itertools.product(INT_SPECS + FLOAT_SPECS, SHAPES)),
+    ids=lambda v: v if isinstance(v, str) else f"{v[0]}x{v[1]}",
+)
 def test_reference_forward_equals_dequantized_matmul(spec, shape):
     torch.manual_seed(hash((spec, shape)) % 2**31)
     N, K = shape
@@ -73,7 +78,9 @@ def test_awq_input_scale_is_applied():
 def test_dtype_moves_keep_storage_types():
     qw = quantize_weight(torch.randn(32, 64), "fp8_e4m3")
     m = QuantLinear.from_quantized(qw, torch.randn(32), name="l").to(torch.bfloat16)
-    assert m.scales.dtype == torch.float32 and m.codes.dtype == torch.uint8 and m.bias.dtype == torch.bfloat16
+    assert (
+        m.scales.dtype == torch.float32 and m.packed.dtype == torch.int32 and m.bias.dtype == torch.bfloat16
+    )
     qi = QuantLinear.from_quantized(quantize_weight(torch.randn(32, 64), "int4_g32"), name="i").half()
     assert qi.packed.dtype == torch.int32 and qi.scales.dtype == torch.float16
 
@@ -135,8 +142,10 @@ def test_real_memory_matches_packed_sizes(stories):
     assert after.linear_bytes == 0 and after.total_bytes < before.total_bytes
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("injected failure"),
-                                 torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")])
+@pytest.mark.parametrize(
+    "exc",
+    [RuntimeError("injected failure"), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")],
+)
 def test_failed_apply_leaves_model_intact(stories, exc):
     model = copy.deepcopy(stories.model)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -39,8 +39,9 @@ def test_round_trip_is_exact(saved, stories):
     a, b = model.state_dict(), loaded.state_dict()
     assert set(a) == set(b)
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-    assert {n: str(m.spec) for n, m in loaded.named_modules() if isinstance(m, QuantLinear)} == \
-        {n: str(m.spec) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert {n: str(m.spec) for n, m in loaded.named_modules() if isinstance(m, QuantLinear)} == {
+        n: str(m.spec) for n, m in model.named_modules() if isinstance(m, QuantLinear)
+    }
     from workbench.inventory import layer_inventory
     from workbench.quant.spec import QuantSpec
 
@@ -90,13 +91,15 @@ def test_static_decoder_matches_hf_generate(stories):
     model = copy.deepcopy(stories.model)
     apply_plan(model, {n: "int4_g32" for n in _linear_names(model)})
     ids = stories.tokenizer.encode("Once upon a time", add_bos=True)
-    ref = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False)[0, len(ids):].tolist()
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False)[0, len(ids) :].tolist()
     dec = StaticDecoder(model, max_cache_len=64)
     first = dec.generate(ids, 30)
     assert first.tokens == ref and first.mode == "eager"
     again = dec.generate(ids[:3], 10)  # the cache is reset between calls
-    assert again.tokens == model.generate(torch.tensor([ids[:3]]), max_new_tokens=10,
-                                          do_sample=False)[0, 3:].tolist()
+    assert (
+        again.tokens
+        == model.generate(torch.tensor([ids[:3]]), max_new_tokens=10, do_sample=False)[0, 3:].tolist()
+    )
     with pytest.raises(WorkbenchError, match="exceed the cache length"):
         dec.generate(ids, 64)
     with pytest.raises(WorkbenchError, match="needs the model on CUDA"):
@@ -107,5 +110,7 @@ def test_eager_attention_mask_path(stories):
     model = copy.deepcopy(stories.model)
     model.config._attn_implementation = "eager"
     ids = stories.tokenizer.encode("The cat", add_bos=True)
-    ref = stories.model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    ref = stories.model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[
+        0, len(ids) :
+    ].tolist()
     assert greedy_generate(model, ids, 20).tokens == ref

@@ -13,7 +13,9 @@ SCRIPTS = {"kernels": "bench_kernels.py", "e2e": "bench_e2e.py"}
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="benchmark the kernels or end-to-end decode (needs CUDA)")
-    p.add_argument("what", choices=sorted(SCRIPTS), help="kernels: dequant-matmul vs cuBLAS; e2e: decode tok/s")
+    p.add_argument(
+        "what", choices=sorted(SCRIPTS), help="kernels: dequant-matmul vs cuBLAS; e2e: decode tok/s"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--quick", action="store_true", help="e2e: a 4-block model of the same widths")
     return p

@@ -54,13 +54,24 @@ def run(args) -> int:
     text = tok.decode(res.tokens)
     mem = model_memory(model)
     if args.json:
-        emit_json({"model": what, "device": str(device), "text": text, "result": res.to_json(),
-                   "memory": mem.to_json(), "apply": report.to_json() if report else None})
+        emit_json(
+            {
+                "model": what,
+                "device": str(device),
+                "text": text,
+                "result": res.to_json(),
+                "memory": mem.to_json(),
+                "apply": report.to_json() if report else None,
+            }
+        )
         return 0
     if report:
         print(report.summary())
     print(text)
-    print(f"-- {len(res.tokens)} tokens; decode {res.decode_tokens_per_s:.1f} tokens/s "
-          f"(prefill {res.prefill_s * 1e3:.0f} ms for {res.prompt_tokens} tokens; {res.mode} loop on {device}); "
-          f"{mem.total_bytes / 1e6:,.1f} MB of weights")
+    print(
+        f"-- {len(res.tokens)} tokens; decode {res.decode_tokens_per_s:.1f} tokens/s "
+        f"(prefill {res.prefill_s * 1e3:.0f} ms for {res.prompt_tokens} tokens; "
+        f"{res.mode} loop on {device}); "
+        f"{mem.total_bytes / 1e6:,.1f} MB of weights"
+    )
     return 0

@@ -10,7 +10,9 @@ def add_parser(sub):
     add_model_arg(p)
     p.add_argument("--plan", required=True, help="plan JSON file (workbench.plan format)")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + plan.json + manifest)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda: where to quantize (RTN runs on the GPU)")
+    p.add_argument(
+        "--device", default="auto", help="auto | cpu | cuda: where to quantize (RTN runs on the GPU)"
+    )
     p.add_argument("--text", default="wiki", help="calibration text for GPTQ / AWQ layers")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens for GPTQ / AWQ layers")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
@@ -52,8 +54,9 @@ def run(args) -> int:
         loaded.model.to(device=device, dtype=torch.bfloat16)
     report = apply_plan(loaded.model, specs, grams)
     loaded.model.to("cpu")
-    folder = save_quantized(loaded.model, plan, args.out, tokenizer=loaded.tokenizer,
-                            source=loaded.description.source)
+    folder = save_quantized(
+        loaded.model, plan, args.out, tokenizer=loaded.tokenizer, source=loaded.description.source
+    )
     if args.json:
         emit_json({"out": str(folder), "report": report.to_json(), "device": str(device)})
         return 0

@@ -43,17 +43,25 @@ class ApplyReport:
     seconds: float = 0.0
 
     def to_json(self) -> dict:
-        return {"layers": self.layers, "kept": self.kept, "fallback": self.fallback,
-                "memory_before": self.memory_before.to_json() if self.memory_before else None,
-                "memory_after": self.memory_after.to_json() if self.memory_after else None,
-                "seconds": self.seconds}
+        return {
+            "layers": self.layers,
+            "kept": self.kept,
+            "fallback": self.fallback,
+            "memory_before": self.memory_before.to_json() if self.memory_before else None,
+            "memory_after": self.memory_after.to_json() if self.memory_after else None,
+            "seconds": self.seconds,
+        }
 
     def summary(self) -> str:
-        lines = [f"quantized {len(self.layers)} layers in {self.seconds:.1f} s, kept {len(self.kept)} in high "
-                 "precision"]
+        lines = [
+            f"quantized {len(self.layers)} layers in {self.seconds:.1f} s, kept {len(self.kept)} in high "
+            "precision"
+        ]
         if self.memory_before and self.memory_after:
-            lines.append(f"memory {self.memory_before.total_bytes / 1e6:,.1f} MB -> "
-                         f"{self.memory_after.total_bytes / 1e6:,.1f} MB")
+            lines.append(
+                f"memory {self.memory_before.total_bytes / 1e6:,.1f} MB -> "
+                f"{self.memory_after.total_bytes / 1e6:,.1f} MB"
+            )
             lines.append(self.memory_after.summary())
         if self.fallback:
             lines.append(f"{len(self.fallback)} layers run on the torch reference path (no GPU kernel)")
@@ -74,13 +82,17 @@ def resolve_specs(model: torch.nn.Module, plan_or_resolved) -> dict:
     if isinstance(plan_or_resolved, Plan):
         return plan_or_resolved.resolve(layers)
     if not isinstance(plan_or_resolved, dict):
-        raise WorkbenchError(f"apply_plan needs a Plan, a plan file or a {{layer: spec}} dict, got "
-                             f"{type(plan_or_resolved).__name__}")
+        raise WorkbenchError(
+            f"apply_plan needs a Plan, a plan file or a {{layer: spec}} dict, got "
+            f"{type(plan_or_resolved).__name__}"
+        )
     names = {x.name for x in layers}
     unknown = [n for n in plan_or_resolved if n not in names]
     if unknown:
-        raise WorkbenchError(f"plan names layers the model does not have: {', '.join(unknown[:5])}"
-                             + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+        raise WorkbenchError(
+            f"plan names layers the model does not have: {', '.join(unknown[:5])}"
+            + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        )
     return {n: QuantSpec.parse(s) for n, s in plan_or_resolved.items()}
 
 
@@ -109,9 +121,15 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def apply_plan(model: torch.nn.Module, plan_or_resolved, grams: dict[str, torch.Tensor] | None = None, *,
-               backend: str = "auto", on_layer: Callable[[str, int, int], None] | None = None,
-               warn: bool = True) -> ApplyReport:
+def apply_plan(
+    model: torch.nn.Module,
+    plan_or_resolved,
+    grams: dict[str, torch.Tensor] | None = None,
+    *,
+    backend: str = "auto",
+    on_layer: Callable[[str, int, int], None] | None = None,
+    warn: bool = True,
+) -> ApplyReport:
     """Quantize `model` in place according to a plan; bf16/fp16 layers stay untouched.
 
     Args:
@@ -142,8 +160,10 @@ def apply_plan(model: torch.nn.Module, plan_or_resolved, grams: dict[str, torch.
         if backend == "auto" and W.is_cuda and kernel_format_reason(spec) is None:
             reason = kernel_shape_reason(spec, W.shape[0], W.shape[1])
             if reason:
-                raise WorkbenchError(f"layer '{name}' [{W.shape[0]}, {W.shape[1]}] ({spec}): the GPU kernel "
-                                     f"cannot run it: {reason}; use backend='reference' or another spec")
+                raise WorkbenchError(
+                    f"layer '{name}' [{W.shape[0]}, {W.shape[1]}] ({spec}): the GPU kernel "
+                    f"cannot run it: {reason}; use backend='reference' or another spec"
+                )
     built: dict[str, QuantLinear] = {}
     current = None
     try:
@@ -156,16 +176,19 @@ def apply_plan(model: torch.nn.Module, plan_or_resolved, grams: dict[str, torch.
             with torch.no_grad():
                 qw = quantize_layer(name, W, spec, grams.get(name))
                 bias = mod.bias if mod.bias is not None else None
-                built[name] = QuantLinear.from_quantized(qw, bias, name=name, dtype=W.dtype, device=W.device,
-                                                         backend=backend)
+                built[name] = QuantLinear.from_quantized(
+                    qw, bias, name=name, dtype=W.dtype, device=W.device, backend=backend
+                )
             del qw
     except BaseException as exc:
         built.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if _is_oom(exc):
-            raise WorkbenchError(f"out of memory while quantizing layer '{current}'; the model is unchanged "
-                                 f"({len(todo)} layers planned)") from exc
+            raise WorkbenchError(
+                f"out of memory while quantizing layer '{current}'; the model is unchanged "
+                f"({len(todo)} layers planned)"
+            ) from exc
         raise
     mod = W = None  # drop loop references so the swapped-out weights can be freed
     # swap: plain attribute assignments; keep the originals until every one is in place
@@ -190,8 +213,11 @@ def apply_plan(model: torch.nn.Module, plan_or_resolved, grams: dict[str, torch.
         names = list(report.fallback)
         shown = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
         kinds = sorted(set(report.fallback.values()))
-        warnings.warn(f"{len(names)} layers have no GPU kernel ({'; '.join(kinds)}): {shown}; they run the "
-                      "torch reference path (same math, slower)", stacklevel=2)
+        warnings.warn(
+            f"{len(names)} layers have no GPU kernel ({'; '.join(kinds)}): {shown}; they run the "
+            "torch reference path (same math, slower)",
+            stacklevel=2,
+        )
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     report.memory_after = model_memory(model)

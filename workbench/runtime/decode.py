@@ -66,8 +66,9 @@ def _make_cache(model, max_cache_len: int, device, dtype):
     try:
         return StaticCache(config=model.config, max_cache_len=max_cache_len)
     except TypeError:  # older signatures want batch size, device and dtype up front
-        return StaticCache(config=model.config, max_batch_size=1, max_cache_len=max_cache_len, device=device,
-                           dtype=dtype)
+        return StaticCache(
+            config=model.config, max_batch_size=1, max_cache_len=max_cache_len, device=device, dtype=dtype
+        )
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -103,10 +104,10 @@ class StaticDecoder:
         self.pass_cache_position = "cache_position" in inspect.signature(model.forward).parameters
         self.cache = _make_cache(model, self.max_cache_len, self.device, self.dtype)
         dev = self.device
-        self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)       # [1, 1] current input token
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)          # [1] its position
-        self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)     # [1] slot in self.out
-        self.arange = torch.arange(self.max_cache_len, device=dev)        # [L]
+        self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)  # [1, 1] current input token
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # [1] its position
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)  # [1] slot in self.out
+        self.arange = torch.arange(self.max_cache_len, device=dev)  # [L]
         self.out = torch.zeros(self.max_cache_len, dtype=torch.long, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
         self._step_fn = self._step
@@ -124,8 +125,13 @@ class StaticDecoder:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """logits [1, q, V] for ids [1, q] at positions [q] (cache updated in place)."""
-        kw = dict(input_ids=ids, position_ids=positions[None, :], attention_mask=self._mask(positions),
-                  past_key_values=self.cache, use_cache=True)
+        kw = dict(
+            input_ids=ids,
+            position_ids=positions[None, :],
+            attention_mask=self._mask(positions),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         if self.pass_cache_position:
             kw["cache_position"] = positions
         return self.model(**kw).logits
@@ -150,8 +156,9 @@ class StaticDecoder:
         """Warm up (Triton compiles, cache allocation) and capture the step in a CUDA graph."""
         t0 = time.perf_counter()
         if self.mode == "compile":
-            self._step_fn = torch.compile(self._step, mode="max-autotune-no-cudagraphs", fullgraph=False,
-                                          dynamic=False)
+            self._step_fn = torch.compile(
+                self._step, mode="max-autotune-no-cudagraphs", fullgraph=False, dynamic=False
+            )
         self._reset()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -178,8 +185,9 @@ class StaticDecoder:
         if max_new_tokens < 1:
             raise WorkbenchError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if T + max_new_tokens > self.max_cache_len:
-            raise WorkbenchError(f"prompt ({T}) + new tokens ({max_new_tokens}) exceed the cache length "
-                                 f"{self.max_cache_len}")
+            raise WorkbenchError(
+                f"prompt ({T}) + new tokens ({max_new_tokens}) exceed the cache length {self.max_cache_len}"
+            )
         if self.mode in ("graph", "compile") and self.graph is None:
             self._capture()
         cuda = self.device.type == "cuda"
@@ -207,20 +215,36 @@ class StaticDecoder:
         tokens = self.out[:max_new_tokens].tolist()
         if eos_token_id is not None and eos_token_id in tokens:
             tokens = tokens[: tokens.index(eos_token_id) + 1]
-        return DecodeResult(tokens=tokens, prompt_tokens=T, new_tokens=max_new_tokens, prefill_s=t1 - t0,
-                            decode_s=t2 - t1, mode=self.mode, setup_s=self.setup_s)
+        return DecodeResult(
+            tokens=tokens,
+            prompt_tokens=T,
+            new_tokens=max_new_tokens,
+            prefill_s=t1 - t0,
+            decode_s=t2 - t1,
+            mode=self.mode,
+            setup_s=self.setup_s,
+        )
 
 
-def greedy_generate(model, prompt_ids, max_new_tokens: int, *, mode: str = "auto",
-                    eos_token_id: int | None = None, max_cache_len: int | None = None) -> DecodeResult:
+def greedy_generate(
+    model,
+    prompt_ids,
+    max_new_tokens: int,
+    *,
+    mode: str = "auto",
+    eos_token_id: int | None = None,
+    max_cache_len: int | None = None,
+) -> DecodeResult:
     """One-shot helper: build a StaticDecoder sized for the request and generate."""
     n = len(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else int(prompt_ids.numel())
     L = max_cache_len or max(64, n + max_new_tokens)
     return StaticDecoder(model, max_cache_len=L, mode=mode).generate(prompt_ids, max_new_tokens, eos_token_id)
 
 
-NO_CUDA_MESSAGE = ("no CUDA device found: running on the CPU with the torch reference path (same math, much "
-                   "slower; the Triton kernels need an NVIDIA GPU)")
+NO_CUDA_MESSAGE = (
+    "no CUDA device found: running on the CPU with the torch reference path (same math, much "
+    "slower; the Triton kernels need an NVIDIA GPU)"
+)
 
 
 def select_device(requested: str = "auto") -> tuple[torch.device, str | None]:

@@ -37,9 +37,11 @@ class MemoryReport:
 
     def summary(self) -> str:
         mb = lambda b: f"{b / 1e6:,.1f} MB"
-        return (f"model memory {mb(self.total_bytes)}: quantized layers {mb(self.quantized_bytes)} "
-                f"({self.n_quantized} layers), high-precision linears {mb(self.linear_bytes)}, "
-                f"other {mb(self.other_bytes)}")
+        return (
+            f"model memory {mb(self.total_bytes)}: quantized layers {mb(self.quantized_bytes)} "
+            f"({self.n_quantized} layers), high-precision linears {mb(self.linear_bytes)}, "
+            f"other {mb(self.other_bytes)}"
+        )
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -59,7 +61,9 @@ def model_memory(model: torch.nn.Module) -> MemoryReport:
     for _, mod in model.named_modules():
         kind = "quantized" if isinstance(mod, QuantLinear) else "linear" if is_quantizable(mod) else "other"
         n_q += kind == "quantized"
-        tensors = list(mod.parameters(recurse=False)) + [b for b in mod.buffers(recurse=False) if b is not None]
+        tensors = list(mod.parameters(recurse=False)) + [
+            b for b in mod.buffers(recurse=False) if b is not None
+        ]
         for t in tensors:
             k = _key(t)
             if k in seen:
@@ -67,5 +71,10 @@ def model_memory(model: torch.nn.Module) -> MemoryReport:
             seen.add(k)
             nbytes = t.untyped_storage().nbytes() if t.device.type != "meta" else t.numel() * t.element_size()
             parts[kind] += nbytes
-    return MemoryReport(total_bytes=sum(parts.values()), quantized_bytes=parts["quantized"],
-                        linear_bytes=parts["linear"], other_bytes=parts["other"], n_quantized=n_q)
+    return MemoryReport(
+        total_bytes=sum(parts.values()),
+        quantized_bytes=parts["quantized"],
+        linear_bytes=parts["linear"],
+        other_bytes=parts["other"],
+        n_quantized=n_q,
+    )

@@ -6,7 +6,7 @@ the packed layout of `workbench.quant.packing` as buffers, never as a float matr
     int (2/3/4/8 bits)   packed   int32 [N, packed_words(K, bits)]   codes, K padded (LAYOUT_VERSION 1)
                          scales   fp16  [n_groups, N]                 per-tensor specs are stored per channel
                          zeros    fp16  [n_groups, N]                 asymmetric only
-    fp8_e4m3 / e5m2      codes    uint8 [N, K]                        bit patterns
+    fp8_e4m3 / e5m2      packed   int32 [N, packed_words(K, 8)]      bit patterns packed like int8 codes
                          scales   fp32  [N]                           per-tensor specs are stored per channel
     fp4_e2m1 / mxfp4 /   packed   int32 [N, packed_words(K, 4)]      4-bit codes, same packing as int4
     nvfp4 / nf4          scales   fp32  [N, n_groups]                 (+ tensor_scale fp32 [] for nvfp4)
@@ -33,7 +33,13 @@ import torch
 from torch import nn
 
 from workbench.errors import WorkbenchError
-from workbench.quant.packing import n_groups, pack_codes, packed_words, prepare_fp8_params, prepare_group_params
+from workbench.quant.packing import (
+    n_groups,
+    pack_codes,
+    packed_words,
+    prepare_fp8_params,
+    prepare_group_params,
+)
 from workbench.quant.spec import QuantSpec
 
 INT_KERNEL_BITS = (2, 3, 4, 8)
@@ -57,7 +63,7 @@ def kernel_format_reason(spec: QuantSpec) -> str | None:
 
 
 def kernel_shape_reason(spec: QuantSpec, out_features: int, in_features: int) -> str | None:
-    """Why the kernel of `spec`'s format cannot run an [out, in] layer, or None (formats with a kernel only)."""
+    """Why the kernel of `spec`'s format cannot run an [out, in] layer, or None (formats with a kernel)."""
     from workbench.kernels.checks import group_tile
 
     if spec.fmt != "int":
@@ -77,8 +83,15 @@ def _group_size(spec: QuantSpec, in_features: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("workbench::int_matmul", mutates_args=())
-def int_matmul(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor | None,
-               bits: int, group_size: int, K: int) -> torch.Tensor:
+def int_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    K: int,
+) -> torch.Tensor:
     """y [M, N] = x [M, K] @ dequant(packed)^T on the Triton kernels (GEMV for M <= 4, else GEMM)."""
     if x.shape[0] <= MAX_GEMV_ROWS:
         from workbench.kernels.gemv_int import gemv_int
@@ -95,20 +108,20 @@ def _int_matmul_fake(x, packed, scales_t, zeros_t, bits, group_size, K):
 
 
 @torch.library.custom_op("workbench::fp8_matmul", mutates_args=())
-def fp8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ (e4m3(codes) * scales)^T on the Triton kernels."""
+def fp8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, K: int) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ (e4m3(codes) * scales)^T on the Triton kernels (codes packed like int8)."""
     if x.shape[0] <= MAX_GEMV_ROWS:
         from workbench.kernels.gemv_fp8 import gemv_fp8
 
-        return gemv_fp8(x, codes, scales)
+        return gemv_fp8(x, packed, scales, K)
     from workbench.kernels.gemm_fp8 import gemm_fp8
 
-    return gemm_fp8(x, codes, scales)
+    return gemm_fp8(x, packed, scales, K)
 
 
 @fp8_matmul.register_fake
-def _fp8_matmul_fake(x, codes, scales):
-    return x.new_empty(x.shape[0], codes.shape[0])
+def _fp8_matmul_fake(x, packed, scales, K):
+    return x.new_empty(x.shape[0], packed.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------- module
@@ -119,18 +132,32 @@ class QuantLinear(nn.Module):
     empty buffers of the right shapes (used when loading a saved model).
     """
 
-    def __init__(self, spec: QuantSpec | str, in_features: int, out_features: int, *, bias: bool = False,
-                 has_input_scale: bool = False, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None, name: str = "", backend: str = "auto"):
+    def __init__(
+        self,
+        spec: QuantSpec | str,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = False,
+        has_input_scale: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        name: str = "",
+        backend: str = "auto",
+    ):
         super().__init__()
         spec = QuantSpec.parse(spec)
         if not spec.is_quantized:
             raise WorkbenchError(f"layer '{name}': spec '{spec}' is not quantized; keep the nn.Linear")
         if backend not in BACKENDS:
-            raise WorkbenchError(f"layer '{name}': unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
+            raise WorkbenchError(
+                f"layer '{name}': unknown backend '{backend}' (choose {', '.join(BACKENDS)})"
+            )
         if spec.fmt == "int" and spec.bits not in INT_KERNEL_BITS:
-            raise WorkbenchError(f"layer '{name}': {spec.bits}-bit integers have no packed layout "
-                                 f"(supported: {INT_KERNEL_BITS})")
+            raise WorkbenchError(
+                f"layer '{name}': {spec.bits}-bit integers have no packed layout "
+                f"(supported: {INT_KERNEL_BITS})"
+            )
         self.spec, self.in_features, self.out_features = spec, int(in_features), int(out_features)
         self.name, self.backend = name, backend
         N, K = self.out_features, self.in_features
@@ -140,27 +167,37 @@ class QuantLinear(nn.Module):
         ng = n_groups(K, G)
         kw = dict(device=device)
         if spec.fmt == "int":
-            self.register_buffer("packed", torch.empty(N, packed_words(K, spec.bits), dtype=torch.int32, **kw))
+            self.register_buffer(
+                "packed", torch.empty(N, packed_words(K, spec.bits), dtype=torch.int32, **kw)
+            )
             self.register_buffer("scales", torch.empty(ng, N, dtype=torch.float16, **kw))
             zeros = None if spec.symmetric else torch.empty(ng, N, dtype=torch.float16, **kw)
             self.register_buffer("zeros", zeros)
         elif spec.fmt.startswith("fp8"):
-            self.register_buffer("codes", torch.empty(N, K, dtype=torch.uint8, **kw))
+            self.register_buffer("packed", torch.empty(N, packed_words(K, 8), dtype=torch.int32, **kw))
             self.register_buffer("scales", torch.empty(N, dtype=torch.float32, **kw))
         else:
             self.register_buffer("packed", torch.empty(N, packed_words(K, 4), dtype=torch.int32, **kw))
             self.register_buffer("scales", torch.empty(N, spec.n_groups(K), dtype=torch.float32, **kw))
             ts = torch.empty((), dtype=torch.float32, **kw) if spec.fmt == "nvfp4" else None
             self.register_buffer("tensor_scale", ts)
-        self.register_buffer("input_scale",
-                             torch.empty(K, dtype=torch.float32, **kw) if has_input_scale else None)
+        self.register_buffer(
+            "input_scale", torch.empty(K, dtype=torch.float32, **kw) if has_input_scale else None
+        )
         self.register_buffer("bias", torch.empty(N, dtype=dtype, **kw) if bias else None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_quantized(cls, qw, bias: torch.Tensor | None = None, *, name: str = "",
-                       dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                       backend: str = "auto") -> QuantLinear:
+    def from_quantized(
+        cls,
+        qw,
+        bias: torch.Tensor | None = None,
+        *,
+        name: str = "",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+    ) -> QuantLinear:
         """Pack a `QuantizedWeight` (workbench.quant.api) into a QuantLinear.
 
         Args:
@@ -174,8 +211,17 @@ class QuantLinear(nn.Module):
         N, K = qw.codes.shape
         device = torch.device(device) if device is not None else qw.codes.device
         dtype = dtype or (bias.dtype if bias is not None else torch.float32)
-        m = cls(spec, K, N, bias=bias is not None, has_input_scale=qw.input_scale is not None, dtype=dtype,
-                device=device, name=name, backend=backend)
+        m = cls(
+            spec,
+            K,
+            N,
+            bias=bias is not None,
+            has_input_scale=qw.input_scale is not None,
+            dtype=dtype,
+            device=device,
+            name=name,
+            backend=backend,
+        )
         codes = qw.codes.to(device)
         with torch.no_grad():
             if spec.fmt == "int":
@@ -183,8 +229,9 @@ class QuantLinear(nn.Module):
                 if spec.granularity == "tensor":  # kernels read per-channel scales: expand the one value
                     scales = scales.reshape(1, 1).expand(N, 1)
                     zeros = zeros.reshape(1, 1).expand(N, 1) if zeros is not None else None
-                s_t, z_t = prepare_group_params(scales.to(device), None if zeros is None else zeros.to(device),
-                                                K, _group_size(spec, K))
+                s_t, z_t = prepare_group_params(
+                    scales.to(device), None if zeros is None else zeros.to(device), K, _group_size(spec, K)
+                )
                 m.packed.copy_(pack_codes(codes, spec.bits))
                 m.scales.copy_(s_t)
                 if z_t is not None:
@@ -194,7 +241,7 @@ class QuantLinear(nn.Module):
                 if scales.numel() == 1:
                     scales = scales.expand(N)
                 c, s = prepare_fp8_params(codes, scales.to(device))
-                m.codes.copy_(c)
+                m.packed.copy_(c)
                 m.scales.copy_(s)
             else:
                 m.packed.copy_(pack_codes(codes, 4))
@@ -210,7 +257,7 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def has_kernel(self) -> bool:
-        """True when this layer's format and shape run on the Triton kernels (given a CUDA fp16/bf16 input)."""
+        """True when this layer's format and shape run on the Triton kernels (for CUDA fp16/bf16 input)."""
         return self.backend == "auto" and self._format_reason is None and self._shape_reason is None
 
     def memory_bytes(self) -> int:
@@ -218,8 +265,10 @@ class QuantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}, "
-                f"bias={self.bias is not None}, backend={self.backend}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}, "
+            f"bias={self.bias is not None}, backend={self.backend}"
+        )
 
     # ------------------------------------------------------------------ dtype / device moves
     def _apply(self, fn, recurse=True):
@@ -247,11 +296,13 @@ class QuantLinear(nn.Module):
         if spec.fmt == "int":
             return dequantize_int(self.packed, self.scales, self.zeros, spec.bits, _group_size(spec, K), K)
         if spec.fmt == "fp8_e4m3":
-            return dequantize_fp8(self.codes, self.scales)
-        if spec.fmt == "fp8_e5m2":
-            return self.codes.view(torch.float8_e5m2).to(torch.float32) * self.scales[:, None]
+            return dequantize_fp8(self.packed, self.scales, K)
         from workbench.quant.api import QuantizedWeight
         from workbench.quant.packing import unpack_codes
+
+        if spec.fmt == "fp8_e5m2":
+            codes = unpack_codes(self.packed, 8, K)
+            return codes.view(torch.float8_e5m2).to(torch.float32) * self.scales[:, None]
 
         codes = unpack_codes(self.packed, 4, K)
         ts = self.tensor_scale if spec.fmt == "nvfp4" else None
@@ -267,13 +318,18 @@ class QuantLinear(nn.Module):
         if self._format_reason is not None:
             if self.name not in _warned_fallback:
                 _warned_fallback.add(self.name)
-                warnings.warn(f"layer '{self.name}' ({self.spec}): {self._format_reason}; running the torch "
-                              "reference path (same math, slower)", stacklevel=3)
+                warnings.warn(
+                    f"layer '{self.name}' ({self.spec}): {self._format_reason}; running the torch "
+                    "reference path (same math, slower)",
+                    stacklevel=3,
+                )
             return False
         if self._shape_reason is not None:
-            raise WorkbenchError(f"layer '{self.name}' [{self.out_features}, {self.in_features}] ({self.spec}): "
-                                 f"the GPU kernel cannot run it: {self._shape_reason} (apply with "
-                                 "backend='reference')")
+            raise WorkbenchError(
+                f"layer '{self.name}' [{self.out_features}, {self.in_features}] ({self.spec}): "
+                f"the GPU kernel cannot run it: {self._shape_reason} (apply with "
+                "backend='reference')"
+            )
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,10 +341,17 @@ class QuantLinear(nn.Module):
         if self._use_kernel(x2):
             x2 = x2.contiguous()
             if self.spec.fmt == "int":
-                y = int_matmul(x2, self.packed, self.scales, self.zeros, self.spec.bits,
-                               _group_size(self.spec, self.in_features), self.in_features)
+                y = int_matmul(
+                    x2,
+                    self.packed,
+                    self.scales,
+                    self.zeros,
+                    self.spec.bits,
+                    _group_size(self.spec, self.in_features),
+                    self.in_features,
+                )
             else:
-                y = fp8_matmul(x2, self.codes, self.scales)
+                y = fp8_matmul(x2, self.packed, self.scales, self.in_features)
         else:
             y = self._reference(x2)
         if self.bias is not None:

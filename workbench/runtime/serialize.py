@@ -43,9 +43,14 @@ def _manifest(model, plan, source: str | None) -> tuple[dict, dict[str, torch.Te
     layers = {}
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
-            layers[name] = {"spec": str(mod.spec), "in_features": mod.in_features,
-                            "out_features": mod.out_features, "bias": mod.bias is not None,
-                            "input_scale": mod.input_scale is not None, "backend": mod.backend}
+            layers[name] = {
+                "spec": str(mod.spec),
+                "in_features": mod.in_features,
+                "out_features": mod.out_features,
+                "bias": mod.bias is not None,
+                "input_scale": mod.input_scale is not None,
+                "backend": mod.backend,
+            }
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first: dict[tuple, str] = {}
@@ -58,11 +63,14 @@ def _manifest(model, plan, source: str | None) -> tuple[dict, dict[str, torch.Te
         tensors[key] = t.detach().contiguous().cpu()
     emb = model.get_input_embeddings()
     manifest = {
-        "format": FORMAT, "layout_version": LAYOUT_VERSION,
+        "format": FORMAT,
+        "layout_version": LAYOUT_VERSION,
         "architecture": (getattr(model.config, "architectures", None) or [type(model).__name__])[0],
         "config": model.config.to_dict(),
         "dtype": str(emb.weight.dtype).replace("torch.", "") if emb is not None else "float32",
-        "source": source, "layers": layers, "aliases": aliases,
+        "source": source,
+        "layers": layers,
+        "aliases": aliases,
         "conv1d": sorted(n for n, m in model.named_modules() if _is_conv1d(m)),
     }
     return manifest, tensors
@@ -130,12 +138,15 @@ def read_manifest(path: str | Path) -> dict:
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise WorkbenchError(f"{f}: not a readable safetensors file ({type(exc).__name__})") from None
     if meta.get("format") != FORMAT:
-        raise WorkbenchError(f"{f}: not a workbench quantized model (format tag {meta.get('format')!r}, "
-                             f"expected '{FORMAT}')")
+        raise WorkbenchError(
+            f"{f}: not a workbench quantized model (format tag {meta.get('format')!r}, expected '{FORMAT}')"
+        )
     version = meta.get("layout_version")
     if version != str(LAYOUT_VERSION):
-        raise WorkbenchError(f"{f}: packed layout version {version!r} is unknown to this workbench (it reads "
-                             f"version {LAYOUT_VERSION}); re-quantize the model or upgrade the workbench")
+        raise WorkbenchError(
+            f"{f}: packed layout version {version!r} is unknown to this workbench (it reads "
+            f"version {LAYOUT_VERSION}); re-quantize the model or upgrade the workbench"
+        )
     try:
         return json.loads(meta["manifest"])
     except (KeyError, json.JSONDecodeError):
@@ -192,10 +203,19 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
             parent = model.get_submodule(parent_name) if parent_name else model
             getattr(parent, leaf)
         except AttributeError:
-            raise WorkbenchError(f"{folder}: layer '{name}' of the manifest is not in the architecture") from None
-        q = QuantLinear(info["spec"], info["in_features"], info["out_features"], bias=info["bias"],
-                        has_input_scale=info["input_scale"], dtype=saved_dtype, name=name,
-                        backend=info.get("backend", "auto"))
+            raise WorkbenchError(
+                f"{folder}: layer '{name}' of the manifest is not in the architecture"
+            ) from None
+        q = QuantLinear(
+            info["spec"],
+            info["in_features"],
+            info["out_features"],
+            bias=info["bias"],
+            has_input_scale=info["input_scale"],
+            dtype=saved_dtype,
+            name=name,
+            backend=info.get("backend", "auto"),
+        )
         setattr(parent, leaf, q)
     state = load_file(str(folder / WEIGHTS))
     expected = set(model.state_dict().keys())
@@ -203,14 +223,18 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     missing = sorted(expected - set(state) - set(aliases))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
-        raise WorkbenchError(f"{folder}: tensors do not match the architecture (missing: {missing[:4]}, "
-                             f"unexpected: {unexpected[:4]})")
+        raise WorkbenchError(
+            f"{folder}: tensors do not match the architecture (missing: {missing[:4]}, "
+            f"unexpected: {unexpected[:4]})"
+        )
     for key, ref in aliases.items():
         state[key] = state[ref]
     for key, t in model.state_dict().items():
         if tuple(state[key].shape) != tuple(t.shape):
-            raise WorkbenchError(f"{folder}: tensor '{key}' has shape {tuple(state[key].shape)}, the "
-                                 f"architecture expects {tuple(t.shape)}")
+            raise WorkbenchError(
+                f"{folder}: tensor '{key}' has shape {tuple(state[key].shape)}, the "
+                f"architecture expects {tuple(t.shape)}"
+            )
     model.load_state_dict(state, strict=True, assign=True)
     for key, ref in aliases.items():  # re-tie: the alias points at the same Parameter as its reference
         mod_name, _, attr = key.rpartition(".")
