@@ -22,8 +22,14 @@ def layers(stories):
 
 
 def test_with_rule_equals_appending_and_prunes_overridden(layers):
-    plan = Plan("int8_ch", [Rule("model.layers.0.mlp.up_proj", "int4_g32"), Rule("role:q", "int3_g32"),
-                            Rule("re:model\\.layers\\.[01]\\..*", "int6_g64")])
+    plan = Plan(
+        "int8_ch",
+        [
+            Rule("model.layers.0.mlp.up_proj", "int4_g32"),
+            Rule("role:q", "int3_g32"),
+            Rule("re:model\\.layers\\.[01]\\..*", "int6_g64"),
+        ],
+    )
     new = with_rule(plan, layers, "re:model\\.layers\\.[0-3]\\..*", "int4_g64")
     appended = Plan(plan.default, plan.rules + [Rule("re:model\\.layers\\.[0-3]\\..*", "int4_g64")])
     assert new.resolve(layers) == appended.resolve(layers)
@@ -55,20 +61,26 @@ def test_default_and_rule_removal(layers):
 
 
 def test_allocator_meta_is_dropped_after_a_hand_edit(layers):
-    plan = Plan("int4_g64", meta={"allocated_by": "workbench.allocate", "predicted_cost": 1.0,
-                                  "budget_avg_bits": 4.5})
+    plan = Plan(
+        "int4_g64", meta={"allocated_by": "workbench.allocate", "predicted_cost": 1.0, "budget_avg_bits": 4.5}
+    )
     edited = with_layer_spec(plan, layers, "lm_head", "int8_ch")
     assert "predicted_cost" not in edited.meta and edited.meta["edited_from"] == "workbench.allocate"
 
 
 def test_predicted_cost_sums_terms_and_refuses_unpriced(layers):
-    table = SensitivityTable(method="proxy", specs=["int4_g32", "int8_ch"], layers=layers,
-                             cost={x.name: {"int4_g32": 0.01 * (i + 1), "int8_ch": 0.001} for i, x in
-                                   enumerate(layers)})
+    table = SensitivityTable(
+        method="proxy",
+        specs=["int4_g32", "int8_ch"],
+        layers=layers,
+        cost={x.name: {"int4_g32": 0.01 * (i + 1), "int8_ch": 0.001} for i, x in enumerate(layers)},
+    )
     resolved = Plan("int4_g32", [Rule("role:down", "int8_ch"), Rule("lm_head", "bf16")]).resolve(layers)
     pc = predicted_cost(table, resolved)
-    expected = sum(0.001 if x.role == "down" else 0.0 if x.name == "lm_head" else 0.01 * (i + 1)
-                   for i, x in enumerate(layers))
+    expected = sum(
+        0.001 if x.role == "down" else 0.0 if x.name == "lm_head" else 0.01 * (i + 1)
+        for i, x in enumerate(layers)
+    )
     assert pc.total == pytest.approx(expected) and pc.unpriced == []
     assert pc.per_layer["lm_head"] == 0.0
     unpriced = predicted_cost(table, Plan("nf4_g64").resolve(layers))
@@ -79,8 +91,9 @@ def test_job_progress_result_and_cancel():
     from workbench.ui.jobs import Job
 
     got = []
-    job = Job("sum", lambda ctx: [ctx.report(i / 4, f"step {i}") or i for i in range(5)][-1],
-              on_done=got.append)
+    job = Job(
+        "sum", lambda ctx: [ctx.report(i / 4, f"step {i}") or i for i in range(5)][-1], on_done=got.append
+    )
     job.start().join(5)
     assert job.state == "done" and got == [4] and job.progress == 1.0
 

@@ -102,10 +102,16 @@ def test_bad_edits_keep_the_plan(state):
 def test_plan_for_another_model_is_explained_and_refused(state):
     state.set_role_spec("down", "int8_ch")
     before = state.plan_json()
-    foreign = {"format": "workbench.plan", "version": 1, "default": "int4_g128",
-               "rules": [{"match": "model.layers.17.mlp.down_proj", "spec": "int8_ch"},
-                         {"match": "re:.*attn\\.c_attn", "spec": "int4_g32"},
-                         {"match": "role:up", "spec": "int4_g64"}]}
+    foreign = {
+        "format": "workbench.plan",
+        "version": 1,
+        "default": "int4_g128",
+        "rules": [
+            {"match": "model.layers.17.mlp.down_proj", "spec": "int8_ch"},
+            {"match": "re:.*attn\\.c_attn", "spec": "int4_g32"},
+            {"match": "role:up", "spec": "int4_g64"},
+        ],
+    }
     assert not state.load_plan_text(json.dumps(foreign), source="smollm2_plan.json")
     msg = state.message
     assert state.message_kind == "error"

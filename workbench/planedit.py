@@ -65,8 +65,9 @@ def with_layer_spec(plan: Plan, layers: list[LayerInfo], name: str, spec: str | 
 
 def with_default(plan: Plan, spec: str | QuantSpec) -> Plan:
     """`plan` with another default spec (rules unchanged)."""
-    return Plan(default=_canonical(spec), rules=[Rule(r.match, r.spec) for r in plan.rules],
-                meta=_edited_meta(plan))
+    return Plan(
+        default=_canonical(spec), rules=[Rule(r.match, r.spec) for r in plan.rules], meta=_edited_meta(plan)
+    )
 
 
 def without_rule(plan: Plan, index: int) -> Plan:

@@ -29,8 +29,12 @@ def build_app(state: WorkbenchState) -> pn.viewable.Viewable:
     from workbench.ui.views.plan_view import PlanView
 
     views = [ModelView(state=state), PlanView(state=state)]
-    for module, cls in (("distributions_view", "DistributionsView"), ("sensitivity_view", "SensitivityView"),
-                        ("measure_view", "MeasureView"), ("chat_view", "ChatView")):
+    for module, cls in (
+        ("distributions_view", "DistributionsView"),
+        ("sensitivity_view", "SensitivityView"),
+        ("measure_view", "MeasureView"),
+        ("chat_view", "ChatView"),
+    ):
         try:
             mod = __import__(f"workbench.ui.views.{module}", fromlist=[cls])
         except ModuleNotFoundError as exc:
@@ -46,18 +50,24 @@ def build_app(state: WorkbenchState) -> pn.viewable.Viewable:
             return pn.pane.HTML("", height=0)
         if not built:  # built once: the views follow later models through the state's params
             panels = [v.panel() for v in views]
-            built.append(pn.Tabs(*[(p.name, p) for p in panels], sizing_mode="stretch_width",
-                                 css_classes=["wb-tabs"]))
+            built.append(
+                pn.Tabs(*[(p.name, p) for p in panels], sizing_mode="stretch_width", css_classes=["wb-tabs"])
+            )
         return built[0]
 
-    app = pn.Column(HeaderView(state=state).panel(), pn.bind(body, state.param.phase),
-                    sizing_mode="stretch_width", css_classes=["wb-app"])
+    app = pn.Column(
+        HeaderView(state=state).panel(),
+        pn.bind(body, state.param.phase),
+        sizing_mode="stretch_width",
+        css_classes=["wb-app"],
+    )
     app.state = state
     return app
 
 
-def create_app(model=None, source: str = "default", load: bool = True,
-               dispatcher=None) -> pn.viewable.Viewable:
+def create_app(
+    model=None, source: str = "default", load: bool = True, dispatcher=None
+) -> pn.viewable.Viewable:
     """A new state and its app. `model` may be a LoadedModel (used as is) or a source string."""
     _extension()
     state = WorkbenchState(source=source if not isinstance(model, str) else model, dispatcher=dispatcher)
@@ -73,12 +83,19 @@ def show(model=None, source: str = "default") -> pn.viewable.Viewable:
     return create_app(model=model, source=source)
 
 
-def serve(source: str = "default", host: str = "127.0.0.1", port: int = 5006, show_browser: bool = False,
-          threaded: bool = False, **kwargs):
+def serve(
+    source: str = "default",
+    host: str = "127.0.0.1",
+    port: int = 5006,
+    show_browser: bool = False,
+    threaded: bool = False,
+    **kwargs,
+):
     """Serve the app; one state per browser session, jobs cancelled when the session ends.
 
     Binds `host` (127.0.0.1 unless the user asks otherwise). Returns Panel's server object.
     """
+
     def session():
         # Job threads change params directly: Panel schedules the resulting model updates on this session's
         # event loop itself (scheduling them ourselves with add_next_tick_callback made components rendered
@@ -90,7 +107,15 @@ def serve(source: str = "default", host: str = "127.0.0.1", port: int = 5006, sh
 
     _extension()
     origins = [f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
-    return pn.serve({"/": session}, address=host, port=port, show=show_browser, threaded=threaded,
-                    websocket_origin=origins, title="Quant Workbench",
-                    check_unused_sessions_milliseconds=2000, unused_session_lifetime_milliseconds=10000,
-                    **kwargs)
+    return pn.serve(
+        {"/": session},
+        address=host,
+        port=port,
+        show=show_browser,
+        threaded=threaded,
+        websocket_origin=origins,
+        title="Quant Workbench",
+        check_unused_sessions_milliseconds=2000,
+        unused_session_lifetime_milliseconds=10000,
+        **kwargs,
+    )

@@ -25,16 +25,30 @@ def _fig(title: str, **layout) -> go.Figure:
 def empty_figure(message: str, height: int = 300) -> go.Figure:
     """A blank chart that says why there is nothing to draw."""
     fig = _fig("", height=height)
-    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
-                       font=dict(size=13, color="#555"))
+    fig.add_annotation(
+        text=message,
+        x=0.5,
+        y=0.5,
+        xref="paper",
+        yref="paper",
+        showarrow=False,
+        font=dict(size=13, color="#555"),
+    )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
 
 
-def histogram_figure(edges: Sequence[float], counts: Sequence[float], *, title: str, log_y: bool = False,
-                     levels: Sequence[float] | None = None, levels_label: str = "grid levels",
-                     x_title: str = "value") -> go.Figure:
+def histogram_figure(
+    edges: Sequence[float],
+    counts: Sequence[float],
+    *,
+    title: str,
+    log_y: bool = False,
+    levels: Sequence[float] | None = None,
+    levels_label: str = "grid levels",
+    x_title: str = "value",
+) -> go.Figure:
     """Bars of a precomputed histogram, optionally with vertical lines at quantization grid levels.
 
     Args:
@@ -46,8 +60,14 @@ def histogram_figure(edges: Sequence[float], counts: Sequence[float], *, title: 
     centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
     widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
     fig = _fig(title)
-    fig.add_bar(x=centers, y=counts, width=widths, marker_color=ACCENT, name="count",
-                hovertemplate="%{x:.4g}: %{y}<extra></extra>")
+    fig.add_bar(
+        x=centers,
+        y=counts,
+        width=widths,
+        marker_color=ACCENT,
+        name="count",
+        hovertemplate="%{x:.4g}: %{y}<extra></extra>",
+    )
     if levels is not None and len(levels):
         ys: list[float | None] = []
         xs: list[float | None] = []
@@ -55,17 +75,28 @@ def histogram_figure(edges: Sequence[float], counts: Sequence[float], *, title: 
         for v in levels:
             xs += [float(v), float(v), None]
             ys += [0.0 if not log_y else 0.5, top, None]
-        fig.add_scatter(x=xs, y=ys, mode="lines", line=dict(color=ALERT, width=1), opacity=0.6,
-                        name=f"{levels_label} ({len(levels)})", hoverinfo="skip")
-    fig.update_layout(bargap=0, showlegend=levels is not None and len(levels) > 0,
-                      legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+        fig.add_scatter(
+            x=xs,
+            y=ys,
+            mode="lines",
+            line=dict(color=ALERT, width=1),
+            opacity=0.6,
+            name=f"{levels_label} ({len(levels)})",
+            hoverinfo="skip",
+        )
+    fig.update_layout(
+        bargap=0,
+        showlegend=levels is not None and len(levels) > 0,
+        legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"),
+    )
     fig.update_xaxes(title=x_title)
     fig.update_yaxes(title="count", type="log" if log_y else "linear")
     return fig
 
 
-def channel_absmax_figure(values: Sequence[float], outliers: Sequence[bool] | None, *, title: str,
-                          x_title: str = "channel") -> go.Figure:
+def channel_absmax_figure(
+    values: Sequence[float], outliers: Sequence[bool] | None, *, title: str, x_title: str = "channel"
+) -> go.Figure:
     """Per-channel absmax as bars; channels flagged as outliers (by the core) in red."""
     values = list(map(float, values))
     flags = list(outliers) if outliers is not None else [False] * len(values)
@@ -73,31 +104,59 @@ def channel_absmax_figure(values: Sequence[float], outliers: Sequence[bool] | No
     colors = [ALERT if f else ACCENT for f in flags]
     n_out = sum(bool(f) for f in flags)
     fig = _fig(f"{title}  ({n_out} outlier{'s' if n_out != 1 else ''})")
-    fig.add_bar(x=list(range(len(values))), y=values, marker_color=colors, marker_line_width=0,
-                hovertemplate="channel %{x}: %{y:.4g}<extra></extra>")
+    fig.add_bar(
+        x=list(range(len(values))),
+        y=values,
+        marker_color=colors,
+        marker_line_width=0,
+        hovertemplate="channel %{x}: %{y:.4g}<extra></extra>",
+    )
     fig.update_layout(bargap=0)
     fig.update_xaxes(title=x_title)
     fig.update_yaxes(title="max |value|")
     return fig
 
 
-def error_by_spec_figure(specs: Sequence[str], errors: Sequence[float], bits: Sequence[float], *,
-                         title: str, current: str | None = None,
-                         error_label: str = "relative error") -> go.Figure:
-    """One bar per candidate spec (sorted as given), log y; the layer's current spec highlighted."""
+def error_by_spec_figure(
+    specs: Sequence[str],
+    values: Sequence[float | None],
+    bits: Sequence[float],
+    *,
+    title: str,
+    current: str | None = None,
+    label: str = "relative output error",
+    log_y: bool = True,
+) -> go.Figure:
+    """One bar per candidate spec (in the given order); the layer's current spec highlighted in red.
+
+    Args:
+        values: the error measure per spec (None: not available, drawn as a gap).
+        bits: exact bits per weight of each spec on this layer (shown under the name).
+    """
     fig = _fig(title)
     colors = [ALERT if s == current else ACCENT for s in specs]
-    fig.add_bar(x=[f"{s}<br>{b:.2f} b/w" for s, b in zip(specs, bits)], y=list(map(float, errors)),
-                marker_color=colors, customdata=list(specs),
-                hovertemplate="%{customdata}: %{y:.3g}<extra></extra>")
-    positive = [e for e in errors if e and e > 0 and math.isfinite(e)]
-    fig.update_yaxes(title=error_label, type="log" if positive else "linear")
+    fig.add_bar(
+        x=[f"{s}<br>{b:.2f} b/w" for s, b in zip(specs, bits)],
+        y=[None if v is None else float(v) for v in values],
+        marker_color=colors,
+        customdata=list(specs),
+        hovertemplate="%{customdata}: %{y:.4g}<extra></extra>",
+    )
+    positive = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    fig.update_yaxes(title=label, type="log" if log_y and positive else "linear")
+    fig.update_xaxes(tickfont=dict(size=10))
     return fig
 
 
-def heatmap_figure(layers: Sequence[str], specs: Sequence[str], costs: Sequence[Sequence[float | None]], *,
-                   title: str = "sensitivity (log10 cost)", current: dict[str, str] | None = None,
-                   height: int | None = None) -> go.Figure:
+def heatmap_figure(
+    layers: Sequence[str],
+    specs: Sequence[str],
+    costs: Sequence[Sequence[float | None]],
+    *,
+    title: str = "sensitivity (log10 cost)",
+    current: dict[str, str] | None = None,
+    height: int | None = None,
+) -> go.Figure:
     """Layers (rows, in the given order) x specs (columns); colour = log10 of the cost.
 
     Args:
@@ -118,9 +177,15 @@ def heatmap_figure(layers: Sequence[str], specs: Sequence[str], costs: Sequence[
         z.append(zr)
         text.append(tr)
     fig = _fig(title, height=height or max(300, 14 * len(layers) + 120))
-    fig.add_heatmap(z=z, x=list(specs), y=list(layers), text=text, colorscale="Viridis",
-                    colorbar=dict(title="log10"),
-                    hovertemplate="%{y}<br>%{x}: cost %{text}<extra></extra>")
+    fig.add_heatmap(
+        z=z,
+        x=list(specs),
+        y=list(layers),
+        text=text,
+        colorscale="Viridis",
+        colorbar=dict(title="log10"),
+        hovertemplate="%{y}<br>%{x}: cost %{text}<extra></extra>",
+    )
     if current:
         xs = [current[name] for name in layers if current.get(name) in specs]
         ys = [name for name in layers if current.get(name) in specs]
@@ -131,19 +196,38 @@ def heatmap_figure(layers: Sequence[str], specs: Sequence[str], costs: Sequence[
     return fig
 
 
-def pareto_figure(front_mb: Sequence[float], front_cost: Sequence[float], *, current_mb: float | None = None,
-                  current_cost: float | None = None, labels: Sequence[str] | None = None,
-                  title: str = "size vs predicted cost") -> go.Figure:
+def pareto_figure(
+    front_mb: Sequence[float],
+    front_cost: Sequence[float],
+    *,
+    current_mb: float | None = None,
+    current_cost: float | None = None,
+    labels: Sequence[str] | None = None,
+    title: str = "size vs predicted cost",
+) -> go.Figure:
     """The Pareto front (size MB vs predicted cost, log y) with the current plan marked."""
     fig = _fig(title)
-    fig.add_scatter(x=list(front_mb), y=list(front_cost), mode="lines+markers", name="Pareto front",
-                    line=dict(color=ACCENT), marker=dict(size=5), text=list(labels) if labels else None,
-                    hovertemplate="%{x:.3f} MB, cost %{y:.3g}<extra>%{text}</extra>" if labels else
-                    "%{x:.3f} MB, cost %{y:.3g}<extra></extra>")
+    fig.add_scatter(
+        x=list(front_mb),
+        y=list(front_cost),
+        mode="lines+markers",
+        name="Pareto front",
+        line=dict(color=ACCENT),
+        marker=dict(size=5),
+        text=list(labels) if labels else None,
+        hovertemplate="%{x:.3f} MB, cost %{y:.3g}<extra>%{text}</extra>"
+        if labels
+        else "%{x:.3f} MB, cost %{y:.3g}<extra></extra>",
+    )
     if current_mb is not None and current_cost is not None:
-        fig.add_scatter(x=[current_mb], y=[current_cost], mode="markers", name="current plan",
-                        marker=dict(color=ALERT, size=12, symbol="star"),
-                        hovertemplate="current plan: %{x:.3f} MB, cost %{y:.3g}<extra></extra>")
+        fig.add_scatter(
+            x=[current_mb],
+            y=[current_cost],
+            mode="markers",
+            name="current plan",
+            marker=dict(color=ALERT, size=12, symbol="star"),
+            hovertemplate="current plan: %{x:.3f} MB, cost %{y:.3g}<extra></extra>",
+        )
     positive = [c for c in front_cost if c and c > 0]
     fig.update_xaxes(title="size (MB)")
     fig.update_yaxes(title="predicted cost", type="log" if positive else "linear")

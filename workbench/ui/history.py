@@ -35,7 +35,7 @@ class History:
         if snap.key() == self.present.key():
             return False
         self._past.append(self.present)
-        del self._past[:-self.limit]
+        del self._past[: -self.limit]
         self.present = snap
         self._future.clear()
         return True

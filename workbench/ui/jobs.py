@@ -60,9 +60,13 @@ class Job(param.Parameterized):
     error = param.String(default="")
     seconds = param.Number(default=0.0)
 
-    def __init__(self, name: str, fn: Callable[[JobContext], Any],
-                 on_done: Callable[[Any], None] | None = None,
-                 on_error: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[JobContext], Any],
+        on_done: Callable[[Any], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
+    ):
         super().__init__(name=name, status="starting")
         self._fn, self._on_done, self._on_error = fn, on_done, on_error
         self._cancel = threading.Event()

@@ -26,10 +26,33 @@ from workbench.ui.history import History, Snapshot
 from workbench.ui.jobs import Job
 
 # Specs offered in the editor and scanned by the sensitivity view (any other spec string can be typed).
-CANDIDATE_SPECS = ["bf16", "int8_ch", "fp8_e4m3", "int6_g128", "int5_g128", "int4_g128", "int4_g64",
-                   "int4_g32", "nf4_g64", "mxfp4", "nvfp4", "int3_g64", "int3_g32", "int2_g32"]
-SENSITIVITY_SPECS = ["int8_ch", "int6_g128", "int4_g128", "int4_g32", "nf4_g64", "mxfp4", "int3_g64",
-                     "int3_g32", "int2_g32"]
+CANDIDATE_SPECS = [
+    "bf16",
+    "int8_ch",
+    "fp8_e4m3",
+    "int6_g128",
+    "int5_g128",
+    "int4_g128",
+    "int4_g64",
+    "int4_g32",
+    "nf4_g64",
+    "mxfp4",
+    "nvfp4",
+    "int3_g64",
+    "int3_g32",
+    "int2_g32",
+]
+SENSITIVITY_SPECS = [
+    "int8_ch",
+    "int6_g128",
+    "int4_g128",
+    "int4_g32",
+    "nf4_g64",
+    "mxfp4",
+    "int3_g64",
+    "int3_g32",
+    "int2_g32",
+]
 TABLE_COLUMNS = ["layer", "block", "role", "shape", "params", "spec", "bits", "KB", "cost", "pinned"]
 
 
@@ -54,6 +77,8 @@ class WorkbenchState(param.Parameterized):
     edit_seconds = param.Number(default=0.0, doc="time of the last plan edit (resolve + totals + table)")
 
     selected = param.String(default="", doc="the layer whose distributions are shown")
+    grid_spec = param.String(default="", doc="the spec whose grid is drawn ('' = the layer's current spec)")
+    details = param.Parameter(default=None, doc="LayerReport of the selected layer (workbench.layer_report)")
     inspection = param.Parameter(default=None, doc="activation statistics per layer (stats.cache)")
     sensitivity = param.Parameter(default=None, doc="SensitivityTable")
     evaluations = param.List(default=[], doc="evaluation results, one dict per run")
@@ -62,7 +87,9 @@ class WorkbenchState(param.Parameterized):
 
     message = param.String(default="", doc="last notice for the user (errors included)")
     message_kind = param.Selector(default="info", objects=["info", "success", "warning", "error"])
-    dispatcher = param.Callable(default=None, doc="runs a function on the UI thread (served app); None: call it")
+    dispatcher = param.Callable(
+        default=None, doc="runs a function on the UI thread (served app); None: call it"
+    )
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -101,6 +128,7 @@ class WorkbenchState(param.Parameterized):
         with param.parameterized.batch_call_watchers(self):
             self.loaded, self.description, self.layers = loaded, loaded.description, layers
             self.inspection = None
+            self.details = None
             self.sensitivity = None
             self.evaluations, self.chat_log = [], []
             self.selected = layers[0].name
@@ -153,10 +181,20 @@ class WorkbenchState(param.Parameterized):
             spec = resolved[x.name]
             term = cost.per_layer.get(x.name) if cost is not None else None
             block = -1 if x.block is None else x.block
-            rows.append((x.name, block, x.role, f"{x.out_features}x{x.in_features}", x.n_params,
-                         str(spec), round(spec.bits_per_weight(x.in_features, x.out_features), 3),
-                         round(spec.storage_bytes(x.out_features, x.in_features) / 1e3, 2),
-                         float("nan") if term is None else term, x.name in pins))
+            rows.append(
+                (
+                    x.name,
+                    block,
+                    x.role,
+                    f"{x.out_features}x{x.in_features}",
+                    x.n_params,
+                    str(spec),
+                    round(spec.bits_per_weight(x.in_features, x.out_features), 3),
+                    round(spec.storage_bytes(x.out_features, x.in_features) / 1e3, 2),
+                    float("nan") if term is None else term,
+                    x.name in pins,
+                )
+            )
         return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
     def refresh(self) -> None:
@@ -202,8 +240,7 @@ class WorkbenchState(param.Parameterized):
         return self._edit(lambda: with_layer_spec(self.plan, self.layers, name, spec), f"{name} -> {spec}")
 
     def set_rule(self, match: str, spec: str) -> bool:
-        """Bulk edit: every layer selected by `match` (exact name, `re:<regex>`, `role:<role>`) gets `spec`.
-        """
+        """Bulk edit: every layer selected by `match` (exact name, `re:`, `role:`) gets `spec`."""
         from workbench.planedit import with_rule
 
         return self._edit(lambda: with_rule(self.plan, self.layers, match, spec), f"{match} -> {spec}")
@@ -267,8 +304,9 @@ class WorkbenchState(param.Parameterized):
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
-            self.notify(f"{source}: invalid JSON at line {exc.lineno} ({exc.msg}) - the current plan is kept",
-                        "error")
+            self.notify(
+                f"{source}: invalid JSON at line {exc.lineno} ({exc.msg}) - the current plan is kept", "error"
+            )
             return False
         try:
             plan = Plan.from_json(d, source=source)
@@ -278,14 +316,18 @@ class WorkbenchState(param.Parameterized):
         pins = [p for p in plan.meta.get("pinned", []) if isinstance(p, str)]
         unknown = [p for p in pins if p not in {x.name for x in self.layers}]
         if unknown:
-            self.notify(f"{source}: pinned layer {unknown[0]} is not in this model ({len(unknown)} unknown)"
-                        " - the current plan is kept", "error")
+            self.notify(
+                f"{source}: pinned layer {unknown[0]} is not in this model ({len(unknown)} unknown)"
+                " - the current plan is kept",
+                "error",
+            )
             return False
         try:
             plan.validate(self.layers)
         except WorkbenchError as exc:
-            self.notify(f"{source} does not fit {self.description.name}: {exc} - the current plan is kept",
-                        "error")
+            self.notify(
+                f"{source} does not fit {self.description.name}: {exc} - the current plan is kept", "error"
+            )
             return False
         self._commit(plan, pins, label=f"loaded {source}")
         self.notify(f"loaded {source}: {len(plan.rules)} rules", "success")
@@ -308,17 +350,60 @@ class WorkbenchState(param.Parameterized):
             return False
         pins = {name: str(self.resolved[name]) for name in self.pinned}
         try:
-            alloc = allocate_table(self.sensitivity, budget_bits=budget_bits, budget_mb=budget_mb,
-                                   pinned=pins)
+            alloc = allocate_table(
+                self.sensitivity, budget_bits=budget_bits, budget_mb=budget_mb, pinned=pins
+            )
         except WorkbenchError as exc:
             self.notify(f"{exc} - the current plan is kept", "error")
             return False
         what = f"{budget_bits} bits/weight" if budget_bits is not None else f"{budget_mb} MB"
         ok = self._commit(alloc.plan, label=f"allocate {what}")
         if ok:
-            self.notify(f"allocated for {what}: {alloc.avg_bits:.3f} bits/weight, {alloc.mb:.3f} MB, "
-                        f"predicted cost {alloc.predicted_cost:.4g}", "success")
+            self.notify(
+                f"allocated for {what}: {alloc.avg_bits:.3f} bits/weight, {alloc.mb:.3f} MB, "
+                f"predicted cost {alloc.predicted_cost:.4g}",
+                "success",
+            )
         return ok
+
+    # ------------------------------------------------------------------ statistics
+    def calibration_settings(self) -> dict:
+        """Calibration text and size for this model: small enough to stay interactive on a CPU."""
+        small = self.description is not None and self.description.n_params < 5_000_000
+        return {"text": "tinystories" if small else "wiki", "n_seqs": 16, "seq_len": 128 if small else 256}
+
+    def compute_stats(self, wait: bool = False, **settings) -> Job:
+        """Activation statistics in the background (cached on disk by the core)."""
+        from workbench.ui.tasks import stats_job
+
+        self._require_model()
+        cfg = {**self.calibration_settings(), **settings}
+        job = self.add_job(stats_job(self, cfg["text"], cfg["n_seqs"], cfg["seq_len"]))
+        if wait:
+            job.join()
+        return job
+
+    def effective_grid_spec(self) -> str | None:
+        """The grid to overlay: the chosen one, else the layer's current spec, else int4_g128."""
+        if self.grid_spec:
+            return self.grid_spec
+        spec = self.resolved.get(self.selected)
+        return str(spec) if spec is not None and spec.is_quantized else "int4_g128"
+
+    def request_details(self, wait: bool = False) -> Job | None:
+        """Compute the selected layer's report (weights, grid, activations, per-spec errors) in a job."""
+        from workbench.ui.tasks import details_job
+
+        if not self.selected or self.loaded is None:
+            return None
+        specs = [s for s in CANDIDATE_SPECS if s != "bf16"]
+        for old in self.running_jobs():
+            if old.name.startswith("layer "):
+                old.cancel()  # only the latest selection matters
+        job = self.add_job(details_job(self, self.selected, self.effective_grid_spec(), specs))
+        if wait:
+            job.join()
+        return job
 
     # ------------------------------------------------------------------ jobs
     def add_job(self, job: Job) -> Job:

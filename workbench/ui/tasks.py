@@ -36,13 +36,15 @@ def private_model(state):
 
     if state._private_model is None:
         base = state.loaded
-        state._private_model = LoadedModel(model=copy.deepcopy(base.model), tokenizer=base.tokenizer,
-                                           description=base.description)
+        state._private_model = LoadedModel(
+            model=copy.deepcopy(base.model), tokenizer=base.tokenizer, description=base.description
+        )
     return state._private_model
 
 
 def load_job(state, source: str) -> Job:
     """Load a model (shared cache) and install it in `state`."""
+
     def work(ctx: JobContext):
         t0 = time.perf_counter()
         ctx.report(0.05, f"loading {source}")
@@ -54,7 +56,70 @@ def load_job(state, source: str) -> Job:
         def show():
             state.phase = "error"
             state.notify(f"could not load '{source}': {message}", "error")
+
         state.run_ui(show)
 
-    return Job(f"load {source}", work, on_done=lambda loaded: state.run_ui(lambda: state.set_model(loaded)),
-               on_error=failed)
+    return Job(
+        f"load {source}",
+        work,
+        on_done=lambda loaded: state.run_ui(lambda: state.set_model(loaded)),
+        on_error=failed,
+    )
+
+
+def stats_job(state, text: str, n_seqs: int, seq_len: int) -> Job:
+    """Activation statistics of every layer (`stats.inspect_model`, cached on disk by the core)."""
+
+    def work(ctx: JobContext):
+        from workbench.stats.inspection import inspect_model
+
+        ctx.report(0.0, f"waiting for the model ({n_seqs} x {seq_len} tokens of '{text}')")
+        with state._model_lock:
+            ctx.report(
+                0.05,
+                f"collecting activation statistics: {n_seqs} x {seq_len} tokens of '{text}' "
+                "(cached after the first run)",
+            )
+            return inspect_model(
+                private_model(state), text=text, n_seqs=n_seqs, seq_len=seq_len, progress=False
+            )
+
+    def done(inspection):
+        def adopt():
+            state.inspection = inspection
+            state.details = None
+            state.notify(
+                f"activation statistics ready ({'from cache' if inspection.from_cache else 'computed'}"
+                f", {n_seqs} x {seq_len} tokens of '{text}')",
+                "success",
+            )
+
+        state.run_ui(adopt)
+
+    return Job(
+        "statistics",
+        work,
+        on_done=done,
+        on_error=lambda m: state.run_ui(lambda: state.notify(f"statistics failed: {m}", "error")),
+    )
+
+
+def details_job(state, name: str, grid_spec: str | None, specs: list[str]) -> Job:
+    """The Distributions tab's report for one layer (`workbench.layer_report`)."""
+    inspection = state.inspection
+
+    def work(ctx: JobContext):
+        from workbench.layer_report import layer_report
+
+        ctx.report(0.1, f"statistics of {name}")
+        return layer_report(state.loaded, name, grid_spec, specs, inspection=inspection)
+
+    def done(report):
+        state.run_ui(lambda: setattr(state, "details", report))
+
+    return Job(
+        f"layer {name.removeprefix('model.')}",
+        work,
+        on_done=done,
+        on_error=lambda m: state.run_ui(lambda: state.notify(f"layer statistics failed: {m}", "error")),
+    )

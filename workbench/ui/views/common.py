@@ -13,15 +13,18 @@ _ALERT = {"info": "primary", "success": "success", "warning": "warning", "error"
 
 def notice(state: WorkbenchState) -> pn.viewable.Viewable:
     """The last message for the user (errors stay until the next message)."""
+
     def show(message, kind):
         if not message:
             return pn.pane.HTML("", height=0, margin=0)
         return pn.pane.Alert(message, alert_type=_ALERT[kind], margin=(2, 5), css_classes=["wb-notice"])
+
     return pn.bind(show, state.param.message, state.param.message_kind)
 
 
 def totals_line(state: WorkbenchState) -> pn.viewable.Viewable:
     """Size, average bits, compression vs bf16 and predicted cost of the current plan, live."""
+
     def show(totals, cost, edit_seconds, _rev):
         if totals is None:
             return pn.pane.Markdown("*no model loaded*")
@@ -32,39 +35,59 @@ def totals_line(state: WorkbenchState) -> pn.viewable.Viewable:
             predicted = f"predicted cost: {len(cost.unpriced)} layer(s) use specs the table lacks"
         else:
             predicted = f"predicted cost: **{cost.total:.4g}**"
-        text = (f"**{totals.mb:.3f} MB** &nbsp; **{totals.avg_bits:.3f}** bits/weight &nbsp; "
-                f"**{ratio:.2f}x** smaller than bf16 ({totals.bf16_mb:.3f} MB) &nbsp; {predicted} &nbsp; "
-                f"<small>({totals.n_layers} linear layers, embeddings not counted; "
-                f"updated in {1000 * edit_seconds:.0f} ms)</small>")
+        text = (
+            f"**{totals.mb:.3f} MB** &nbsp; **{totals.avg_bits:.3f}** bits/weight &nbsp; "
+            f"**{ratio:.2f}x** smaller than bf16 ({totals.bf16_mb:.3f} MB) &nbsp; {predicted} &nbsp; "
+            f"<small>({totals.n_layers} linear layers, embeddings not counted; "
+            f"updated in {1000 * edit_seconds:.0f} ms)</small>"
+        )
         return pn.pane.Markdown(text, css_classes=["wb-totals"], margin=(0, 10))
+
     return pn.bind(show, state.param.totals, state.param.cost, state.param.edit_seconds, state.param.revision)
 
 
 def job_row(job: Job) -> pn.Row:
     """One job: name, progress bar, status, cancel button (disabled once finished)."""
-    bar = pn.indicators.Progress(value=int(job.progress * 100), max=100, width=160, height=18,
-                                 bar_color="primary", margin=(8, 5))
+    bar = pn.indicators.Progress(
+        value=int(job.progress * 100), max=100, width=160, height=18, bar_color="primary", margin=(8, 5)
+    )
     status = pn.pane.Str(job.status, margin=(5, 5), styles={"font-size": "12px"})
-    cancel = pn.widgets.Button(name="cancel", button_type="warning", width=70, height=28,
-                               disabled=not job.running, css_classes=["wb-cancel"])
+    cancel = pn.widgets.Button(
+        name="cancel",
+        button_type="warning",
+        width=70,
+        height=28,
+        disabled=not job.running,
+        css_classes=["wb-cancel"],
+    )
     cancel.on_click(lambda _e: job.cancel())
 
     def sync(*_events):
         bar.value = int(job.progress * 100)
         bar.active = job.running and job.progress == 0
-        bar.bar_color = {"running": "primary", "done": "success", "failed": "danger",
-                         "cancelled": "secondary"}[job.state]
+        bar.bar_color = {
+            "running": "primary",
+            "done": "success",
+            "failed": "danger",
+            "cancelled": "secondary",
+        }[job.state]
         status.object = job.status if job.state == "running" else f"{job.state}: {job.status}"[:300]
         cancel.disabled = not job.running
 
     job.param.watch(sync, ["progress", "status", "state"])
     sync()
-    return pn.Row(pn.pane.Markdown(f"**{job.name}**", margin=(5, 5), width=220), bar, cancel, status,
-                  css_classes=["wb-job"])
+    return pn.Row(
+        pn.pane.Markdown(f"**{job.name}**", margin=(5, 5), width=220),
+        bar,
+        cancel,
+        status,
+        css_classes=["wb-job"],
+    )
 
 
 def jobs_panel(state: WorkbenchState, keep_finished: int = 3) -> pn.viewable.Viewable:
     """Running jobs (and the last few finished ones) of this session."""
+
     def show(jobs):
         running = [j for j in jobs if j.running]
         finished = [j for j in jobs if not j.running][-keep_finished:]
@@ -74,6 +97,7 @@ def jobs_panel(state: WorkbenchState, keep_finished: int = 3) -> pn.viewable.Vie
                 j._panel_row = job_row(j)  # one row (and one watcher) per job
             rows.append(j._panel_row)
         return pn.Column(*rows, margin=0) if rows else pn.pane.HTML("", height=0, margin=0)
+
     return pn.bind(show, state.param.jobs)
 
 

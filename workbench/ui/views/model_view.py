@@ -24,17 +24,34 @@ class ModelView(View):
     def panel(self) -> pn.viewable.Viewable:
         state = self.state
         editors = {c: None for c in ("layer", "block", "role", "shape", "params", "bits", "KB", "cost")}
-        editors["spec"] = {"type": "list", "values": CANDIDATE_SPECS, "autocomplete": True,
-                           "freetext": True, "listOnEmpty": True}
+        editors["spec"] = {
+            "type": "list",
+            "values": CANDIDATE_SPECS,
+            "autocomplete": True,
+            "freetext": True,
+            "listOnEmpty": True,
+        }
         editors["pinned"] = {"type": "tickCross"}
         table = pn.widgets.Tabulator(
-            state.table, show_index=False, header_filters=_FILTERS, editors=editors, selectable=1,
-            layout="fit_data_table", height=560, sizing_mode="stretch_width", pagination=None,
-            formatters={"cost": NumberFormatter(format="0.000e+0", nan_format="-"),
-                        "pinned": {"type": "tickCross", "crossElement": False}, "params": NumberFormatter(
-                            format="0,0")},
+            state.table,
+            show_index=False,
+            header_filters=_FILTERS,
+            editors=editors,
+            selectable=1,
+            layout="fit_data_table",
+            height=560,
+            sizing_mode="stretch_width",
+            pagination=None,
+            formatters={
+                "cost": NumberFormatter(format="0.000e+0", nan_format="-"),
+                "pinned": {"type": "tickCross", "crossElement": False},
+                "params": NumberFormatter(format="0,0"),
+            },
             titles={"bits": "bits/w", "KB": "KB", "cost": "predicted cost"},
-            frozen_columns=["layer"], css_classes=["wb-layer-table"], name="layers")
+            frozen_columns=["layer"],
+            css_classes=["wb-layer-table"],
+            name="layers",
+        )
 
         def on_edit(event):
             name = table.value.iloc[event.row]["layer"]
@@ -55,6 +72,7 @@ class ModelView(View):
             # Deferred to the next tick: Tabulator ignores a new value set inside its own edit callback.
             def push():
                 table.value = df
+
             pn.state.execute(push, schedule=True) if pn.state.curdoc else push()
 
         def on_table(event):
@@ -68,5 +86,7 @@ class ModelView(View):
         help_text = pn.pane.Markdown(
             "Click a **spec** cell to change one layer (pick or type any spec, e.g. `int3_g64:gptq`); tick "
             "**pinned** to keep a layer out of the allocator; select a row, then open *Distributions*. "
-            "Column headers sort; the row under them filters.", margin=(0, 10))
+            "Column headers sort; the row under them filters.",
+            margin=(0, 10),
+        )
         return pn.Column(totals_line(state), help_text, table, sizing_mode="stretch_width", name="Model")

@@ -12,8 +12,15 @@ from workbench.ui.views.common import View, totals_line
 
 
 def _spec_input(name: str, value: str = "int4_g128", width: int = 160) -> pn.widgets.AutocompleteInput:
-    return pn.widgets.AutocompleteInput(name=name, options=CANDIDATE_SPECS, value=value, restrict=False,
-                                        min_characters=0, width=width, case_sensitive=False)
+    return pn.widgets.AutocompleteInput(
+        name=name,
+        options=CANDIDATE_SPECS,
+        value=value,
+        restrict=False,
+        min_characters=0,
+        width=width,
+        case_sensitive=False,
+    )
 
 
 class PlanView(View):
@@ -31,9 +38,17 @@ class PlanView(View):
             for i, r in enumerate(plan.rules, 1):
                 lines.append(f"{i}. `{r.match}` &rarr; `{r.spec}`")
             if state.pinned:
-                lines.append(f"**pinned** ({len(state.pinned)}): " + ", ".join(f"`{p}`" for p in state.pinned))
-            return pn.pane.Markdown("\n".join(lines), css_classes=["wb-rules"], max_height=300,
-                                    styles={"overflow-y": "auto"}, sizing_mode="stretch_width")
+                lines.append(
+                    f"**pinned** ({len(state.pinned)}): " + ", ".join(f"`{p}`" for p in state.pinned)
+                )
+            return pn.pane.Markdown(
+                "\n".join(lines),
+                css_classes=["wb-rules"],
+                max_height=300,
+                styles={"overflow-y": "auto"},
+                sizing_mode="stretch_width",
+            )
+
         return pn.bind(show, state.param.plan, state.param.revision)
 
     def panel(self) -> pn.viewable.Viewable:
@@ -42,13 +57,17 @@ class PlanView(View):
         default_spec = _spec_input("default spec (all layers)", "int4_g128")
         default_btn = pn.widgets.Button(name="set default", button_type="primary", width=110, align="end")
         default_btn.on_click(lambda _e: state.set_default(default_spec.value))
-        role = pn.widgets.Select(name="role", options=[r for r in ROLES if r != "other"], value="down", width=100)
+        role = pn.widgets.Select(
+            name="role", options=[r for r in ROLES if r != "other"], value="down", width=100
+        )
         role_spec = _spec_input("spec", "int8_ch")
-        role_btn = pn.widgets.Button(name="apply to role", button_type="primary", width=110, align="end",
-                                     css_classes=["wb-role-apply"])
+        role_btn = pn.widgets.Button(
+            name="apply to role", button_type="primary", width=110, align="end", css_classes=["wb-role-apply"]
+        )
         role_btn.on_click(lambda _e: state.set_role_spec(role.value, role_spec.value))
-        regex = pn.widgets.TextInput(name="layer regex (full match)", placeholder=r"model\.layers\.(0|1)\..*",
-                                     width=240)
+        regex = pn.widgets.TextInput(
+            name="layer regex (full match)", placeholder=r"model\.layers\.(0|1)\..*", width=240
+        )
         regex_spec = _spec_input("spec", "int8_ch")
         regex_btn = pn.widgets.Button(name="apply to regex", button_type="primary", width=110, align="end")
         regex_btn.on_click(lambda _e: state.set_regex_spec(regex.value, regex_spec.value))
@@ -65,11 +84,13 @@ class PlanView(View):
         state.param.watch(lambda e: setattr(redo, "disabled", not e.new), "can_redo")
 
         # ---- budget
-        unit = pn.widgets.RadioButtonGroup(name="budget in", options=["avg bits", "MB"], value="avg bits",
-                                           width=160)
+        unit = pn.widgets.RadioButtonGroup(
+            name="budget in", options=["avg bits", "MB"], value="avg bits", width=160
+        )
         budget = pn.widgets.FloatInput(name="budget", value=4.5, step=0.25, start=0.0, width=120)
-        alloc_btn = pn.widgets.Button(name="allocate", button_type="success", width=110, align="end",
-                                      css_classes=["wb-allocate"])
+        alloc_btn = pn.widgets.Button(
+            name="allocate", button_type="success", width=110, align="end", css_classes=["wb-allocate"]
+        )
 
         def on_unit(event):
             totals = state.totals
@@ -87,7 +108,9 @@ class PlanView(View):
         alloc_btn.on_click(on_alloc)
         alloc_note = pn.pane.Markdown(
             "Exact multiple-choice knapsack over the sensitivity table (compute it in *Sensitivity*); pinned "
-            "layers keep their spec and count against the budget.", margin=(0, 10))
+            "layers keep their spec and count against the budget.",
+            margin=(0, 10),
+        )
 
         # ---- files
         upload = pn.widgets.FileInput(accept=".json", name="load plan JSON", css_classes=["wb-plan-upload"])
@@ -97,9 +120,13 @@ class PlanView(View):
                 state.load_plan_text(event.new, source=upload.filename or "uploaded plan")
 
         upload.param.watch(on_upload, "value")
-        save = pn.widgets.FileDownload(callback=lambda: io.BytesIO(state.plan_json().encode()),
-                                       filename="plan.json", label="save plan JSON", button_type="default",
-                                       width=170)
+        save = pn.widgets.FileDownload(
+            callback=lambda: io.BytesIO(state.plan_json().encode()),
+            filename="plan.json",
+            label="save plan JSON",
+            button_type="default",
+            width=170,
+        )
 
         def export():
             out = state.export_llama_cpp()
@@ -107,12 +134,19 @@ class PlanView(View):
                 state.notify("llama.cpp export: " + "; ".join(out.notes), "warning")
             return io.BytesIO(out.text.encode())
 
-        export_btn = pn.widgets.FileDownload(callback=export, filename="tensor-types.txt",
-                                             label="export llama.cpp overrides", width=220)
+        export_btn = pn.widgets.FileDownload(
+            callback=export, filename="tensor-types.txt", label="export llama.cpp overrides", width=220
+        )
         return pn.Column(
             totals_line(state),
-            pn.Row(undo, redo, pn.pane.Markdown("*every edit is validated; a rejected edit leaves the plan "
-                                                "unchanged and says why*", margin=(8, 10))),
+            pn.Row(
+                undo,
+                redo,
+                pn.pane.Markdown(
+                    "*every edit is validated; a rejected edit leaves the plan unchanged and says why*",
+                    margin=(8, 10),
+                ),
+            ),
             pn.Row(
                 pn.Column(
                     pn.pane.Markdown("#### Edit", margin=(0, 10)),
@@ -121,11 +155,20 @@ class PlanView(View):
                     pn.Row(regex, regex_spec, regex_btn),
                     pn.Row(remove_idx, remove_btn),
                     pn.pane.Markdown("#### Budget", margin=(0, 10)),
-                    pn.Row(unit, budget, alloc_btn), alloc_note,
+                    pn.Row(unit, budget, alloc_btn),
+                    alloc_note,
                     pn.pane.Markdown("#### Files", margin=(0, 10)),
-                    pn.Row(pn.pane.Markdown("load:", margin=(8, 10)), upload), pn.Row(save, export_btn),
-                    width=620),
-                pn.Column(pn.pane.Markdown("#### Current plan (later rules win)", margin=(0, 10)),
-                          self._rules_table(), sizing_mode="stretch_width"),
-                sizing_mode="stretch_width"),
-            sizing_mode="stretch_width", name="Plan")
+                    pn.Row(pn.pane.Markdown("load:", margin=(8, 10)), upload),
+                    pn.Row(save, export_btn),
+                    width=620,
+                ),
+                pn.Column(
+                    pn.pane.Markdown("#### Current plan (later rules win)", margin=(0, 10)),
+                    self._rules_table(),
+                    sizing_mode="stretch_width",
+                ),
+                sizing_mode="stretch_width",
+            ),
+            sizing_mode="stretch_width",
+            name="Plan",
+        )
