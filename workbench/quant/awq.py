@@ -12,6 +12,9 @@ divides the input by s at run time:
 alpha is chosen on a grid in [0, 1] by the layer output error tr(D G D^T) with the effective weight
 W_eff = Q(W diag(s)) diag(1/s). alpha = 0 (s = 1) is plain RTN, so the search never does worse than RTN on
 this criterion. s is normalised to geometric mean 1 (s / sqrt(max s * min s)) and rounded to fp16.
+The output error is a sum over output rows; for very tall layers (lm_head: 49152 rows) the search uses an
+evenly spaced subset of `search_rows` rows (an estimate of the criterion; the never-worse-than-RTN
+guarantee then holds on those rows) and the chosen s is applied to the whole weight.
 
 Where s lives (documented choice): it is kept *unfolded* as the runtime `input_scale` of QuantizedWeight
 (y = (x / input_scale) @ dequantize_codes()^T). This is exact for every layer; folding 1/s into the
@@ -40,7 +43,7 @@ def activation_scale(gram: torch.Tensor, act_scale: torch.Tensor | None = None) 
 
 def awq_quantize(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, grid: int = 20,
                  act_scale: torch.Tensor | None = None, clip: bool = False, clip_grid: int = 20,
-                 max_shrink: float = 0.5) -> tuple[Encoded, torch.Tensor, dict]:
+                 max_shrink: float = 0.5, search_rows: int = 4096) -> tuple[Encoded, torch.Tensor, dict]:
     """Search the AWQ exponent and quantize W diag(s).
 
     Args:
@@ -51,26 +54,33 @@ def awq_quantize(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, grid: int
         act_scale: optional [K] mean |x| per input channel (else derived from diag(gram)).
         clip: after choosing alpha, run RTN's clipping search on W diag(s) with the scaled Gram
             diag(1/s) G diag(1/s) (output-error criterion).
+        search_rows: rows used by the alpha search when N is larger (evenly spaced subset).
     Returns:
-        (Encoded of W diag(s) in grouped layout, input_scale s [K] float32, info {"alpha", "rel_error"}).
+        (Encoded of W diag(s) in grouped layout, input_scale s [K] float32, info {"alpha", "rel_error"});
+        rel_error is the relative output error of the chosen alpha on the searched rows, before clipping.
     """
     N, K = W.shape
     W = W.float()
     a = activation_scale(gram, act_scale)
     G = gram.float()
-    den = float(((W @ G).double() * W.double()).sum())
+    Ws = W[torch.linspace(0, N - 1, search_rows).round().long().unique()] if N > search_rows else W
+    if spec.granularity == "tensor":
+        Ws = W                                   # one scale over all rows: the subset would change it
+    den = float(((Ws @ G).double() * Ws.double()).sum())
     best = None
     for i in range(grid + 1):
         alpha = i / grid
         s = a.pow(alpha)
         s = round_fp16(s / (s.max() * s.min()).sqrt())
-        enc = rtn_quantize(W * s, spec)
-        W_eff = ungrouped(decode(spec, enc), spec, N, K) / s
-        D = W - W_eff
+        enc = rtn_quantize(Ws * s, spec)
+        W_eff = ungrouped(decode(spec, enc), spec, Ws.shape[0], K) / s
+        D = Ws - W_eff
         err = float(((D @ G).double() * D.double()).sum())
         if best is None or err < best[0]:
             best = (err, alpha, s, enc)
     err, alpha, s, enc = best
+    if Ws is not W:
+        enc = rtn_quantize(W * s, spec)
     if clip:
         Gs = G / s.unsqueeze(0) / s.unsqueeze(1)
         enc = rtn_quantize(W * s, spec, gram=Gs, clip=True, clip_grid=clip_grid, max_shrink=max_shrink)
