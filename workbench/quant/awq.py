@@ -63,7 +63,8 @@ def awq_quantize(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, grid: int
     W = W.float()
     a = activation_scale(gram, act_scale)
     G = gram.float()
-    Ws = W[torch.linspace(0, N - 1, search_rows).round().long().unique()] if N > search_rows else W
+    rows = torch.linspace(0, N - 1, search_rows, device=W.device).round().long().unique()
+    Ws = W[rows] if N > search_rows else W
     if spec.granularity == "tensor":
         Ws = W                                   # one scale over all rows: the subset would change it
     den = float(((Ws @ G).double() * Ws.double()).sum())

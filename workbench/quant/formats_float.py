@@ -110,8 +110,8 @@ def minifloat_table(fmt: Minifloat) -> torch.Tensor:
 
 
 def minifloat_decode(codes: torch.Tensor, fmt: Minifloat) -> torch.Tensor:
-    """Values (float32) of uint8 bit patterns."""
-    return minifloat_table(fmt)[codes.long()]
+    """Values (float32) of uint8 bit patterns (on the codes' device)."""
+    return minifloat_table(fmt).to(codes.device)[codes.long()]
 
 
 def scaled_decode(codes: torch.Tensor, scales: torch.Tensor, fmt: Minifloat) -> torch.Tensor:
@@ -176,7 +176,7 @@ def nf4_encode(Wg: torch.Tensor, shrink=None) -> tuple[torch.Tensor, torch.Tenso
     amax = _absmax(Wg, shrink)
     scales = torch.where(amax > 0, amax, torch.ones_like(amax)).clamp(FP16_MIN_SUBNORMAL, 65504.0)
     scales = scales.half().float()
-    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=Wg.device)
     mids = (levels[1:] + levels[:-1]) / 2
     x = (Wg / scales.unsqueeze(-1)).clamp(-1, 1)
     return torch.bucketize(x.contiguous(), mids).to(torch.uint8), scales
@@ -184,5 +184,5 @@ def nf4_encode(Wg: torch.Tensor, shrink=None) -> tuple[torch.Tensor, torch.Tenso
 
 def nf4_decode(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """NF4_LEVELS[codes] [R, ng, G] * scales [R, ng]."""
-    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=codes.device)
     return levels[codes.long()] * scales.unsqueeze(-1)

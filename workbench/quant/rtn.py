@@ -46,7 +46,7 @@ def clip_search(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = No
     N, K = W.shape
     Wg = grouped(W, spec)
     best_err = None
-    best = torch.ones(Wg.shape[:2])
+    best = torch.ones(Wg.shape[:2], device=W.device)
     for i in range(grid):
         p = 1.0 - max_shrink * i / grid
         Dg = Wg - decode(spec, encode(spec, Wg, p))
