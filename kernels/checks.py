@@ -91,13 +91,13 @@ def check_fp8_weight(name: str, x: torch.Tensor, packed: torch.Tensor, scales: t
 
 
 def group_tile(group_size: int, K: int, per: int, name: str) -> tuple[bool, int]:
-    """(per_channel, G) for the kernels: G must be a power of two >= 16 codes unless per-channel."""
+    """(per_channel, G) for the kernels: G must be a power of two in 32..256 (whole 32-column chunks)."""
     if group_size >= K:
         return True, K
-    if group_size < 16 or group_size & (group_size - 1) or group_size < per:
+    if group_size < 32 or group_size & (group_size - 1):
         raise WorkbenchError(
             f"{name}: group_size={group_size} is not supported by the kernels (needs a power of two in "
-            f"16..256, or per-channel); use the torch reference"
+            f"32..256, or per-channel); use the torch reference"
         )
     return False, group_size
 

@@ -57,7 +57,8 @@ def _gemm_int_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     DT = x_ptr.dtype.element_ty
-    BKW: tl.constexpr = BLOCK_K // PER
+    BKW: tl.constexpr = BLOCK_K // PER  # words per row per K step
+    CW: tl.constexpr = 32 // PER  # words per 32-column chunk
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mmask = m < M
@@ -86,7 +87,9 @@ def _gemm_int_kernel(
             wq = (q | MAGIC).to(tl.int16).to(DT, bitcast=True)  # OFF + q, exact
         else:
             wq = q.to(DT)
-        wq = tl.reshape(wq, [BLOCK_N, BLOCK_K])  # column k = word * PER + position
+        # packing: slot j of word w of a 32-column chunk is column j * CW + w -> reorder to columns
+        wq = tl.reshape(wq, [BLOCK_N, BKW // CW, CW, PER])
+        wq = tl.reshape(tl.permute(wq, (0, 1, 3, 2)), [BLOCK_N, BLOCK_K])
         k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :],
                      other=0.0)  # [BM, BK]
@@ -161,7 +164,7 @@ def launch_gemm(
     per_channel, G = group_tile(group_size, K, per, name)
     cfg = config or default_gemm_config(M, N, K, bits)
     bk = cfg.block_k if per_channel else min(cfg.block_k, G)
-    bk = max(bk, per, 16)
+    bk = max(bk, 32)  # whole 32-column chunks
     if not per_channel and G % bk:
         raise WorkbenchError(f"{name}: block_k={bk} must divide group_size={G}")
     k_tiles = triton.cdiv(K, bk)

@@ -56,27 +56,52 @@ def _move_bits(v, src: tl.constexpr, dst: tl.constexpr):
 
 
 @triton.jit
-def _code_as_float(words, hi16, j: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr):
+def _code_as_float(words, j: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr):
     """Code j of each word as fp32 built from bits alone (no int->float instruction).
 
-    Integers: ``1 + q / 2**BITS`` (q moved into the top BITS mantissa bits of 1.0 = 0x3F800000).  For
-    3 bits, ``words`` is the 2-bit plane and ``hi16`` holds the matching 16 bits of the 1-bit plane.
-    FP8: byte j's sign to bit 31, exponent+mantissa to bits 26..20 -> the E4M3 value * 2**-120.
+    Integers: ``1 + q / 2**BITS`` (q moved into the top BITS mantissa bits of 1.0 = 0x3F800000), one
+    shift and one and/or.  FP8: byte j's sign to bit 31, exponent+mantissa to bits 26..20 -> the E4M3
+    value * 2**-120.
     """
     if FP8:
         bits = (_move_bits(words, 8 * j + 7, 31) & -2147483648) | (_move_bits(words, 8 * j, 20) & 0x07F00000)
-    elif BITS == 3:
-        lo = _move_bits(words, 2 * j, 20) & 0x300000
-        hi = _move_bits(hi16, j, 22) & 0x400000
-        bits = lo | hi | 0x3F800000
     else:
         bits = (_move_bits(words, j * BITS, 23 - BITS) & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000
     return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
+def _spread2(v):
+    """8 two-bit fields in bits 0..15 -> one per nibble (bits 4j, 4j+1)."""
+    v = (v | (v << 8)) & 0x00FF00FF
+    v = (v | (v << 4)) & 0x0F0F0F0F
+    return (v | (v << 2)) & 0x33333333
+
+
+@triton.jit
+def _spread1(v):
+    """8 bits in bits 0..7 -> one per nibble (bit 4j)."""
+    v = (v | (v << 12)) & 0x000F000F
+    v = (v | (v << 6)) & 0x03030303
+    return (v | (v << 3)) & 0x11111111
+
+
+@triton.jit
+def _nibbles_3bit(lo, hi16):
+    """3-bit codes from the two planes -> two words of 4-bit fields (codes 0..7 and 8..15 of ``lo``).
+
+    ``lo`` holds 16 codes' low 2 bits (bits 2j, 2j+1), ``hi16`` their high bit (bit j).  Done once per
+    word (about 2 ops per code), after which each code decodes like a 4-bit one.
+    """
+    n0 = _spread2(lo & 0xFFFF) | (_spread1(hi16 & 0xFF) << 2)
+    n1 = _spread2((lo >> 16) & 0xFFFF) | (_spread1((hi16 >> 8) & 0xFF) << 2)
+    return n0, n1
+
+
+@triton.jit
 def _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t, t_end, N, NG, KWL, LO_WORDS,
-               BITS: tl.constexpr, GW: tl.constexpr, C: tl.constexpr, PER_CHANNEL: tl.constexpr,
+               BITS: tl.constexpr, BLOCK_N: tl.constexpr, GW: tl.constexpr, C: tl.constexpr,
+               PER_CHANNEL: tl.constexpr,
                HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr):
     """Issue the loads of tile t (words, 1-bit plane halves, scales, zeros); t >= t_end -> zeros."""
     live = n < N * (t < t_end).to(tl.int32)  # [BN]: rows in range, and the tile exists
@@ -143,7 +168,10 @@ def _gemv_kernel(
     row_off = tl.multiple_of(n * stride_wn, 4)[:, None, None]
     c = tl.arange(0, C)
     w = tl.arange(0, GW)
-    ONE: tl.constexpr = 1 << BITS  # integers: f = 1 + q / 2**BITS, so q = 2**BITS * (f - 1)
+    CW: tl.constexpr = 32 // PER  # words per 32-column chunk (of the low plane)
+    XV: tl.constexpr = 4 if CW > 4 else CW  # x columns contiguous per thread (vector width hint)
+    DEC: tl.constexpr = 4 if BITS == 3 else BITS  # 3-bit codes are decoded from 4-bit fields
+    ONE: tl.constexpr = 1 << DEC  # integers: f = 1 + q / 2**DEC, so q = 2**DEC * (f - 1)
     acc0 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
@@ -151,11 +179,11 @@ def _gemv_kernel(
     t_start = pid_k * TILES_PER_SPLIT
     t_end = tl.minimum(t_start + TILES_PER_SPLIT, TILES)
     words, hi16, s_raw, z_raw = _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t_start,
-                                           t_end, N, NG, KWL, LO_WORDS, BITS, GW, C,
+                                           t_end, N, NG, KWL, LO_WORDS, BITS, BLOCK_N, GW, C,
                                            PER_CHANNEL, HAS_ZERO, EVEN_K)
     for t in range(t_start, t_end):
         nwords, nhi16, ns_raw, nz_raw = _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t + 1,
-                                                   t_end, N, NG, KWL, LO_WORDS, BITS, GW, C,
+                                                   t_end, N, NG, KWL, LO_WORDS, BITS, BLOCK_N, GW, C,
                                                    PER_CHANNEL, HAS_ZERO, EVEN_K)
         # per (row, group): contribution a * sum(f x) - b * sum(x)
         s = s_raw.to(tl.float32)
@@ -169,7 +197,10 @@ def _gemv_kernel(
                 z = tl.zeros([BLOCK_N, C], dtype=tl.float32) + (1 << (BITS - 1))
             a = (s * ONE)[:, :, None]
             b = (s * (z + ONE))[:, :, None]
-        xk = ((t * C + c)[:, None] * GW + w[None, :]) * PER  # [C, GW] column of code 0 of each word
+        # column of slot 0 of each word: a 32-column chunk is CW = 32 / PER words, slot j of chunk word w
+        # is column j * CW + w (packing layout), so x for fixed j is contiguous across a chunk's words
+        xk = (t * C + c)[:, None] * (GW * PER) + ((w // CW) * 32 + (w % CW))[None, :]  # [C, GW]
+        xk = tl.max_contiguous(tl.multiple_of(xk, [1, XV]), [1, XV])
         d0 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
         d1 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
         d2 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
@@ -178,15 +209,25 @@ def _gemv_kernel(
         sx1 = tl.zeros([C, GW], dtype=tl.float32)
         sx2 = tl.zeros([C, GW], dtype=tl.float32)
         sx3 = tl.zeros([C, GW], dtype=tl.float32)
+        if BITS == 3:
+            n0, n1 = _nibbles_3bit(words, hi16)
+        else:
+            n0, n1 = words, words
         for j in tl.static_range(PER):
-            f = _code_as_float(words, hi16, j, BITS, FP8)  # [BN, C, GW]
-            d0, sx0 = _row_step(f, x_ptr, xk, j, K, d0, sx0, EVEN_K, FP8)
+            if BITS == 3:
+                if j < 8:
+                    f = _code_as_float(n0, j, 4, FP8)
+                else:
+                    f = _code_as_float(n1, j - 8, 4, FP8)
+            else:
+                f = _code_as_float(words, j, BITS, FP8)  # [BN, C, GW]
+            d0, sx0 = _row_step(f, x_ptr, xk, CW * j, K, d0, sx0, EVEN_K, FP8)
             if M_ROWS > 1:
-                d1, sx1 = _row_step(f, x_ptr + stride_xm, xk, j, K, d1, sx1, EVEN_K, FP8)
+                d1, sx1 = _row_step(f, x_ptr + stride_xm, xk, CW * j, K, d1, sx1, EVEN_K, FP8)
             if M_ROWS > 2:
-                d2, sx2 = _row_step(f, x_ptr + 2 * stride_xm, xk, j, K, d2, sx2, EVEN_K, FP8)
+                d2, sx2 = _row_step(f, x_ptr + 2 * stride_xm, xk, CW * j, K, d2, sx2, EVEN_K, FP8)
             if M_ROWS > 3:
-                d3, sx3 = _row_step(f, x_ptr + 3 * stride_xm, xk, j, K, d3, sx3, EVEN_K, FP8)
+                d3, sx3 = _row_step(f, x_ptr + 3 * stride_xm, xk, CW * j, K, d3, sx3, EVEN_K, FP8)
         acc0 = _combine(acc0, a, d0, b, sx0, FP8)
         if M_ROWS > 1:
             acc1 = _combine(acc1, a, d1, b, sx1, FP8)

@@ -17,6 +17,7 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton / the kernels
 
 import itertools  # noqa: E402
+import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -38,10 +39,10 @@ DTYPES = [torch.float16, torch.bfloat16]
 BITS = [2, 3, 4, 8]
 PER_CHANNEL = 1 << 30  # group_size >= K means one group per row
 if CUDA:
-    SHAPES = [(1, 33), (24, 172), (40, 576), (300, 1000), (4096, 576), (256, 4096), (64, 14336)]
-    GROUPS = [16, 32, 64, 128, 256, PER_CHANNEL]
+    SHAPES = [(1, 33), (24, 172), (300, 1000), (256, 4096)]
+    GROUPS = [32, 128, PER_CHANNEL]
     GEMV_ROWS = [1, 2, 3, 4]
-    GEMM_ROWS = [5, 16, 64, 200]
+    GEMM_ROWS = [5, 64]
 else:
     SHAPES = [(1, 33), (24, 172), (40, 576)]
     GROUPS = [32, 128, PER_CHANNEL]
@@ -90,7 +91,7 @@ def _case_id(c):
 @pytest.mark.parametrize("case", INT_CASES, ids=_case_id)
 def test_gemv_int_matches_reference(case):
     (N, K), bits, G, sym, dt = case
-    seed = hash(_case_id(case)) % 2**31
+    seed = zlib.crc32(_case_id(case).encode())
     _, packed, st, zt = _make_int(N, K, bits, G, sym, seed)
     for M in GEMV_ROWS:
         x = _x(M, K, dt, seed + M)
@@ -105,13 +106,27 @@ def test_gemm_int_matches_reference(case):
     (N, K), bits, G, sym, dt = case
     if dt == torch.bfloat16 and not CUDA:
         pytest.skip(INTERP_BF16_DOT)
-    seed = hash(_case_id(case)) % 2**31 + 7
+    seed = zlib.crc32(_case_id(case).encode()) + 7
     _, packed, st, zt = _make_int(N, K, bits, G, sym, seed)
     for M in GEMM_ROWS:
         x = _x(M, K, dt, seed + M)
         y = gemm_int(x, packed, st, zt, bits, G, K, out=_poisoned(M, N, dt))
         ref = R.gemm_int_ref(x, packed, st, zt, bits, G, K)
         assert _rel_err(y, ref) < TOL[dt], f"M={M}"
+
+
+@pytest.mark.parametrize("G", [64, 256])
+def test_other_group_sizes(G):
+    """Group sizes outside the main sweep, every width, shorter last group (K=576 is not a multiple)."""
+    N, K = 40, 576
+    for bits in BITS:
+        _, packed, st, zt = _make_int(N, K, bits, G, False, G + bits)
+        x = _x(3, K, torch.float16, G)
+        y = gemv_int(x, packed, st, zt, bits, G, K, out=_poisoned(3, N, torch.float16))
+        assert _rel_err(y, R.gemv_int_ref(x, packed, st, zt, bits, G, K)) < TOL[torch.float16], f"gemv w{bits}"
+        x = _x(17, K, torch.float16, G)
+        y = gemm_int(x, packed, st, zt, bits, G, K, out=_poisoned(17, N, torch.float16))
+        assert _rel_err(y, R.gemm_int_ref(x, packed, st, zt, bits, G, K)) < TOL[torch.float16], f"gemm w{bits}"
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -195,6 +210,9 @@ def test_bad_inputs_are_named():
         gemm_int(x[:, :170].contiguous(), packed, st, zt, bits, 32, K)
     with pytest.raises(WorkbenchError, match="float16 or bfloat16"):
         gemm_int(x.float(), packed, st, zt, bits, 32, K)
+    with pytest.raises(WorkbenchError, match="group_size=16"):
+        _, p16, s16, z16 = _make_int(N, K, bits, 16, False, 0)
+        gemv_int(x[:2], p16, s16, z16, bits, 16, K)
     with pytest.raises(WorkbenchError, match="group_size=96"):
         _, p96, s96, z96 = _make_int(N, K, bits, 96, False, 0)
         gemm_int(x, p96, s96, z96, bits, 96, K)

@@ -43,20 +43,32 @@ def test_extreme_codes_round_trip():
         assert torch.equal(unpack_codes(pack_codes(codes, bits), bits, 100), codes)
 
 
-def test_layout_4bit_lsb_first():
-    codes = torch.arange(16, dtype=torch.uint8).remainder(16)[None, :]  # 0,1,...,15
+def _slot_of(k: int, bits: int) -> tuple[int, int]:
+    """(word, bit offset) of column k in the documented chunk-interleaved layout (bits in 2, 4, 8)."""
+    c, m = divmod(k, 32)
+    return c * bits + m % bits, (m // bits) * bits
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_layout_matches_docstring(bits):
+    N, K = 3, 200
+    codes = torch.randint(0, 2**bits, (N, K), dtype=torch.uint8)
+    packed = pack_codes(codes, bits).to(torch.int64) & 0xFFFFFFFF
+    for k in range(K):
+        word, off = _slot_of(k, bits)
+        assert torch.equal(((packed[:, word] >> off) & (2**bits - 1)).to(torch.uint8), codes[:, k]), k
+    Kp = packed_k(K, bits)
+    for k in range(K, Kp):  # zero padding
+        word, off = _slot_of(k, bits)
+        assert int(((packed[:, word] >> off) & (2**bits - 1)).abs().sum()) == 0
+
+
+def test_layout_4bit_first_chunk():
+    codes = torch.arange(32, dtype=torch.uint8).remainder(16)[None, :]  # columns 0..31 -> 0..15, 0..15
     packed = pack_codes(codes, 4)
-    # word 0 holds codes 0..7, LSB first: 0x76543210; word 1: 0xFEDCBA98 as int32
-    assert int(packed[0, 0]) == 0x76543210
-    assert int(packed[0, 1]) == 0xFEDCBA98 - 2**32
-    assert int(packed[0, 2:].abs().sum()) == 0  # zero padding up to Kp = 64
-
-
-def test_layout_8bit_is_padded_bytes():
-    codes = torch.randint(0, 256, (3, 100), dtype=torch.uint8)
-    packed = pack_codes(codes, 8)
-    as_bytes = packed.view(torch.uint8)  # little-endian int32 -> 4 consecutive codes
-    assert torch.equal(as_bytes[:, :100], codes) and int(as_bytes[:, 100:].sum()) == 0
+    # word w holds columns w, w+4, w+8, ..., w+28 (slots 0..7): word 0 = 0,4,8,12,0,4,8,12
+    assert int(packed[0, 0]) == 0xC840C840 - 2**32
+    assert int(packed[0, 1]) == 0xD951D951 - 2**32
 
 
 def test_layout_3bit_planes():
@@ -69,9 +81,11 @@ def test_layout_3bit_planes():
     two = pack_codes(codes & 3, 2)  # the 2-bit plane is the 2-bit layout (padded further, with zeros)
     assert torch.equal(lo[:, : two.shape[1]], two) and int(lo[:, two.shape[1] :].abs().sum()) == 0
     hi = packed[:, Kp // 16 :].to(torch.int64) & 0xFFFFFFFF
-    for k in (0, 31, 32, 100, 171):
-        bit = (hi[:, k // 32] >> (k % 32)) & 1
-        assert torch.equal(bit.to(torch.uint8), codes[:, k] >> 2)
+    for k in range(K):
+        c, m = divmod(k, 32)
+        j, w = divmod(m, 2)  # slot j of low word 2c + w
+        bit = (hi[:, c] >> (w * 16 + j)) & 1
+        assert torch.equal(bit.to(torch.uint8), codes[:, k] >> 2), k
 
 
 def test_storage_bytes():

@@ -14,13 +14,18 @@ Layout (``LAYOUT_VERSION = 1``)
 * Orientation: row-major ``[N, words]`` int32 — one output channel per row, K contiguous.  The GEMV
   kernel reduces along K inside a thread (16-byte loads along K, warps over rows), the GEMM kernel
   unpacks a ``[BLOCK_N, BLOCK_K]`` tile and feeds ``tl.dot`` with its transpose.
-* bits in {2, 4, 8}: ``packed`` is int32 ``[N, Kp * bits / 32]``; code k of row n lives in word
-  ``k // (32 // bits)`` at bit offset ``(k % (32 // bits)) * bits`` (LSB first).  For 8 bits this is
-  byte-identical to the padded uint8 codes viewed as little-endian int32.
+* Codes are packed in chunks of 32 consecutive columns (``CHUNK = 32``; a plane of width b stores a
+  chunk in ``b`` words).  Inside a chunk, column ``j * b + w`` (w in [0, b), j in [0, 32/b)) is slot j
+  (bits ``j*b .. j*b+b-1``, LSB first) of the chunk's word w.  So the kernels find the activations of
+  slot j of neighbouring words in neighbouring columns (vector loads of x), and a chunk never straddles
+  a group (group sizes are multiples of 32).
+* bits in {2, 4, 8}: ``packed`` is int32 ``[N, Kp * bits / 32]``; column k of row n is in word
+  ``(k // 32) * bits + (k % 32) % bits``, slot ``(k % 32) // bits``.
 * bits = 3, exactly 3 bits per weight as two planes in one row: ``packed`` is int32 ``[N, 3 * Kp / 32]``;
   words ``[0, Kp/16)`` are the 2-bit plane (``code & 3``, laid out exactly like bits=2), the last
-  ``Kp/32`` words ``[Kp/16, 3*Kp/32)`` are the 1-bit plane (``code >> 2``): bit ``k % 32`` of word
-  ``Kp/16 + k // 32``.
+  ``Kp/32`` words ``[Kp/16, 3*Kp/32)`` are the 1-bit plane (``code >> 2``): the high bit of the code in
+  slot j of low-plane word L is bit ``(L % 2) * 16 + j`` of word ``Kp/16 + L // 2`` (one 1-bit word per
+  chunk; bit ``w * 16 + j`` for column ``chunk * 32 + 2 * j + w``).
 * Word values are the two's-complement int32 view of the unsigned 32-bit pattern.
 
 Scales and zeros for the kernels (``prepare_group_params``): transposed to ``[n_groups, N]`` contiguous
@@ -85,22 +90,34 @@ def _to_int32(u: torch.Tensor) -> torch.Tensor:
     return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32)
 
 
+CHUNK = 32  # columns per chunk; a plane of width b stores a chunk in b words
+
+
 def _pack_plane(vals: torch.Tensor, width: int) -> torch.Tensor:
-    """Pack ``vals`` [N, Kp] (each < 2**width) LSB-first into int32 words [N, Kp*width/32]."""
+    """Pack ``vals`` [N, Kp] (each < 2**width, Kp % 32 == 0) into int32 words [N, Kp*width/32].
+
+    Chunk-interleaved: column ``c*32 + j*width + w`` goes to slot j of word ``c*width + w``.
+    """
     per = 32 // width
     N, Kp = vals.shape
-    v = vals.to(torch.int64).view(N, Kp // per, per)
-    shifts = torch.arange(per, device=vals.device, dtype=torch.int64) * width
-    return _to_int32((v << shifts).sum(dim=-1))
+    v = vals.to(torch.int64).view(N, Kp // CHUNK, per, width)  # [N, chunk, slot j, word w]
+    shifts = (torch.arange(per, device=vals.device, dtype=torch.int64) * width)[:, None]
+    words = (v << shifts).sum(dim=2)  # [N, chunk, w]: slots do not overlap, so sum == or
+    return _to_int32(words.reshape(N, Kp * width // 32))
 
 
 def _unpack_plane(words: torch.Tensor, width: int) -> torch.Tensor:
     """Inverse of ``_pack_plane``: int32 [N, W] -> int64 [N, W * 32/width]."""
     per = 32 // width
     N, W = words.shape
-    u = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per, device=words.device, dtype=torch.int64) * width
-    return ((u[:, :, None] >> shifts) & ((1 << width) - 1)).view(N, W * per)
+    u = (words.to(torch.int64) & 0xFFFFFFFF).view(N, W // width, 1, width)  # [N, chunk, 1, w]
+    shifts = (torch.arange(per, device=words.device, dtype=torch.int64) * width)[:, None]
+    return ((u >> shifts) & ((1 << width) - 1)).reshape(N, W * per)  # [N, chunk, j, w] -> columns
+
+
+def _hi_order(hi: torch.Tensor, N: int, Kp: int) -> torch.Tensor:
+    """3-bit high bits reordered so that column ``c*32 + 2j + w`` lands on bit ``w*16 + j`` of word c."""
+    return hi.view(N, Kp // CHUNK, 16, 2).transpose(2, 3).reshape(N, Kp)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -125,7 +142,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     padded[:, :K] = codes
     if bits == 3:
         lo = _pack_plane(padded & 3, 2)  # [N, Kp/16]
-        hi = _pack_plane(padded >> 2, 1)  # [N, Kp/32]
+        hi = _pack_plane(_hi_order(padded >> 2, N, Kp), 1)  # [N, Kp/32]
         return torch.cat([lo, hi], dim=1).contiguous()
     return _pack_plane(padded, bits).contiguous()
 
@@ -142,6 +159,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     if bits == 3:
         lo = _unpack_plane(packed[:, : Kp // 16], 2)
         hi = _unpack_plane(packed[:, Kp // 16 :], 1)
+        hi = hi.view(packed.shape[0], Kp // CHUNK, 2, 16).transpose(2, 3).reshape(packed.shape[0], Kp)
         vals = lo | (hi << 2)
     else:
         vals = _unpack_plane(packed, bits)
