@@ -22,6 +22,7 @@ import pandas as pd
 import param
 
 from workbench.errors import WorkbenchError
+from workbench.quant.spec import QuantSpec
 from workbench.ui.history import History, Snapshot
 from workbench.ui.jobs import Job
 
@@ -96,6 +97,7 @@ class WorkbenchState(param.Parameterized):
         self._history: History | None = None
         self._model_lock = threading.Lock()  # one model-using job at a time in this session
         self._private_model = None
+        self._chat_model = None  # (plan key, quantized copy, ApplyReport)
 
     # ------------------------------------------------------------------ threads
     def run_ui(self, fn) -> None:
@@ -125,6 +127,7 @@ class WorkbenchState(param.Parameterized):
         plan = Plan(default="bf16")
         self._history = History(Snapshot(plan.to_json(), (), "start"))
         self._private_model = None
+        self._chat_model = None
         with param.parameterized.batch_call_watchers(self):
             self.loaded, self.description, self.layers = loaded, loaded.description, layers
             self.inspection = None
@@ -401,6 +404,73 @@ class WorkbenchState(param.Parameterized):
             if old.name.startswith("layer "):
                 old.cancel()  # only the latest selection matters
         job = self.add_job(details_job(self, self.selected, self.effective_grid_spec(), specs))
+        if wait:
+            job.join()
+        return job
+
+    # ------------------------------------------------------------------ sensitivity, evaluation, chat
+    def compute_sensitivity(self, specs: list[str] | None = None, wait: bool = False, **settings) -> Job:
+        """Proxy sensitivity table of every layer x spec in the background (cached and resumable)."""
+        from workbench.ui.tasks import sensitivity_job
+
+        self._require_model()
+        cal = self.calibration_settings()
+        cfg = {"text": cal["text"], "calib_seqs": cal["n_seqs"], "calib_seq_len": cal["seq_len"], **settings}
+        specs = [str(QuantSpec.parse(s)) for s in (specs or SENSITIVITY_SPECS)]
+        job = self.add_job(sensitivity_job(self, specs, cfg["text"], cfg["calib_seqs"], cfg["calib_seq_len"]))
+        if wait:
+            job.join()
+        return job
+
+    def eval_settings(self) -> dict:
+        """Evaluation text and size for this model (small enough to stay interactive on a CPU)."""
+        small = self.description is not None and self.description.n_params < 5_000_000
+        return {
+            "text": "tinystories" if small else "wikitext2",
+            "seq_len": 256 if small else 512,
+            "max_tokens": 4096,
+        }
+
+    def evaluate(self, reference: bool = False, wait: bool = False, **settings) -> Job:
+        """KL / perplexity / top-1 of the current plan (or the reference) in the background."""
+        from workbench.ui.tasks import evaluate_job
+
+        self._require_model()
+        cfg = {**self.eval_settings(), **settings}
+        resolved = None if reference else dict(self.resolved)
+        label = "reference" if reference else self.plan_label()
+        job = self.add_job(
+            evaluate_job(
+                self, resolved, label, self.plan_json(), cfg["text"], cfg["seq_len"], cfg["max_tokens"]
+            )
+        )
+        if wait:
+            job.join()
+        return job
+
+    def plan_label(self) -> str:
+        """A short name for the current plan in result tables."""
+        t = self.totals
+        rules = len(self.plan.rules)
+        return f"#{self.revision} {t.avg_bits:.2f} b/w ({rules} rules, default {self.plan.default})"
+
+    def chat(self, prompt: str, max_new_tokens: int = 48, wait: bool = False) -> Job:
+        """Generate from `prompt` with the reference and the quantized model side by side."""
+        from workbench.ui.tasks import chat_job
+
+        self._require_model()
+        if not prompt.strip():
+            self.notify("type a prompt first", "warning")
+            return None
+        job = self.add_job(
+            chat_job(
+                self,
+                prompt,
+                max_new_tokens,
+                dict(self.resolved),
+                json.dumps(self.plan.to_json(), sort_keys=True),
+            )
+        )
         if wait:
             job.join()
         return job

@@ -123,3 +123,216 @@ def details_job(state, name: str, grid_spec: str | None, specs: list[str]) -> Jo
         on_done=done,
         on_error=lambda m: state.run_ui(lambda: state.notify(f"layer statistics failed: {m}", "error")),
     )
+
+
+def _heartbeat(ctx: JobContext, text: str, stop: threading.Event) -> threading.Thread:
+    """Publish elapsed time every second while a core call without progress hooks runs."""
+    t0 = time.perf_counter()
+
+    def beat():
+        while not stop.wait(1.0):
+            try:
+                ctx.report(None, f"{text} ({time.perf_counter() - t0:.0f} s)")
+            except Exception:
+                return
+
+    th = threading.Thread(target=beat, daemon=True)
+    th.start()
+    return th
+
+
+def _sensitivity_path(loaded, specs: list[str], settings: dict):
+    import hashlib
+    import json
+
+    from workbench.paths import cache_dir
+
+    key = json.dumps({"specs": specs, **settings}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return cache_dir("sensitivity") / f"{loaded.description.fingerprint}-{digest}.json"
+
+
+def sensitivity_job(state, specs: list[str], text: str, calib_seqs: int, calib_seq_len: int) -> Job:
+    """Proxy sensitivity table (`sensitivity.sensitivity_scan`), saved and resumed from the cache."""
+    n_layers = len(state.layers)
+
+    def work(ctx: JobContext):
+        from workbench.sensitivity import sensitivity_scan
+
+        ctx.report(0.0, "waiting for the model")
+        with state._model_lock:
+            loaded = private_model(state)
+            settings = {
+                "method": "proxy",
+                "text": text,
+                "calib_seqs": calib_seqs,
+                "calib_seq_len": calib_seq_len,
+            }
+            path = _sensitivity_path(loaded, specs, settings)
+            done = [0]
+
+            def on_layer(name: str) -> None:
+                done[0] += 1
+                ctx.report(done[0] / n_layers, f"{done[0]}/{n_layers} layers scored ({name})")
+
+            stop = threading.Event()
+            _heartbeat(
+                ctx, f"calibration Gram matrices: {calib_seqs} x {calib_seq_len} tokens of '{text}'", stop
+            )
+            try:
+                return sensitivity_scan(
+                    loaded,
+                    specs,
+                    "proxy",
+                    out=path,
+                    text=text,
+                    calib_seqs=calib_seqs,
+                    calib_seq_len=calib_seq_len,
+                    progress=False,
+                    on_layer=lambda name: (stop.set(), on_layer(name)),
+                )
+            finally:
+                stop.set()
+
+    def done(table):
+        def adopt():
+            state.sensitivity = table
+            state.refresh()
+            state.notify(
+                f"sensitivity table ready: {len(table.layers)} layers x {len(table.specs)} specs "
+                f"(proxy: relative output error on calibration inputs)",
+                "success",
+            )
+
+        state.run_ui(adopt)
+
+    return Job(
+        "sensitivity",
+        work,
+        on_done=done,
+        on_error=lambda m: state.run_ui(lambda: state.notify(f"sensitivity failed: {m}", "error")),
+    )
+
+
+def evaluate_job(
+    state, resolved, label: str, plan_json: str, text: str, seq_len: int, max_tokens: int
+) -> Job:
+    """Perplexity / KL / top-1 of a plan (`evaluate.evaluate`); the result row is appended to the state."""
+    totals = state.totals if resolved is not None else None
+
+    def work(ctx: JobContext):
+        from workbench.evaluate import evaluate
+        from workbench.simulate import calibration_grams, needs_gram
+
+        ctx.report(0.0, "waiting for the model")
+        with state._model_lock:
+            loaded = private_model(state)
+            grams = None
+            if resolved:
+                need = [n for n, s in resolved.items() if needs_gram(s)]
+                if need:
+                    ctx.report(0.05, f"calibration Gram matrices for {len(need)} gptq/awq layers")
+                    cfg = state.calibration_settings()
+                    grams = calibration_grams(
+                        loaded, need, cfg["text"], cfg["n_seqs"], cfg["seq_len"], progress=False
+                    )
+            stop = threading.Event()
+            _heartbeat(ctx, f"evaluating {label} on {max_tokens} tokens of '{text}'", stop)
+            try:
+                return evaluate(
+                    loaded,
+                    resolved,
+                    text=text,
+                    seq_len=seq_len,
+                    max_tokens=max_tokens,
+                    grams=grams,
+                    progress=False,
+                )
+            finally:
+                stop.set()
+
+    def done(result):
+        row = {
+            "plan": label,
+            "MB": None if totals is None else round(totals.mb, 4),
+            "avg bits": 16.0 if totals is None else round(totals.avg_bits, 3),
+            "ppl": round(result.ppl, 4),
+            "ref ppl": round(result.ref_ppl, 4),
+            "KL (nats)": result.kl,
+            "top-1": round(result.top1, 4),
+            "tokens": result.n_tokens,
+            "text": text,
+            "seconds": round(result.seconds, 1),
+            "plan_json": plan_json,
+        }
+
+        def adopt():
+            state.evaluations = state.evaluations + [row]
+            state.notify(
+                f"evaluated {label}: ppl {result.ppl:.3f} (reference {result.ref_ppl:.3f}), "
+                f"KL {result.kl:.4g} nats, top-1 {100 * result.top1:.2f}%",
+                "success",
+            )
+
+        state.run_ui(adopt)
+
+    return Job(
+        f"evaluate {label}",
+        work,
+        on_done=done,
+        on_error=lambda m: state.run_ui(
+            lambda: state.notify(f"evaluation of {label} failed: {m} (the plan is unchanged)", "error")
+        ),
+    )
+
+
+def chat_job(state, prompt: str, max_new_tokens: int, resolved, plan_key: str) -> Job:
+    """Greedy generation with the reference and the quantized model (real QuantLinear layers) side by side."""
+
+    def work(ctx: JobContext):
+        from workbench.runtime.apply import apply_plan
+        from workbench.runtime.decode import greedy_generate, select_device
+
+        device, note = select_device("auto")
+        tok = state.loaded.tokenizer
+        ids = tok.prompt_ids(prompt)
+        with state._model_lock:
+            ref_model = private_model(state).model
+            cached = state._chat_model
+            if cached is None or cached[0] != plan_key:
+                ctx.report(0.1, "quantizing a copy of the model with the current plan (real low-bit layers)")
+                qmodel = copy.deepcopy(ref_model).to(device)
+                report = apply_plan(qmodel, resolved, warn=False)
+                state._chat_model = cached = (plan_key, qmodel, report)
+            _, qmodel, report = cached
+            ref_model.to(device)
+            try:
+                ctx.report(0.4, f"reference model generating on {device}")
+                ref = greedy_generate(ref_model, ids, max_new_tokens, eos_token_id=tok.eos_token_id)
+                ctx.report(0.7, f"quantized model generating on {device}")
+                qnt = greedy_generate(qmodel, ids, max_new_tokens, eos_token_id=tok.eos_token_id)
+            finally:
+                ref_model.to("cpu")
+        fallback = len(report.fallback)
+        return {
+            "prompt": prompt,
+            "device": str(device),
+            "note": note or "",
+            "reference": tok.decode(ref.tokens),
+            "quantized": tok.decode(qnt.tokens),
+            "ref_tokens_per_s": ref.decode_tokens_per_s,
+            "q_tokens_per_s": qnt.decode_tokens_per_s,
+            "mode": qnt.mode,
+            "quantized_layers": len(report.layers),
+            "fallback_layers": fallback,
+        }
+
+    def done(result):
+        state.run_ui(lambda: setattr(state, "chat_log", state.chat_log + [result]))
+
+    return Job(
+        "chat",
+        work,
+        on_done=done,
+        on_error=lambda m: state.run_ui(lambda: state.notify(f"chat failed: {m}", "error")),
+    )
