@@ -343,7 +343,7 @@ def inspect_model(
         layers, desc="weights", unit="layer", file=sys.stderr, disable=not progress, leave=False
     ):
         W = get_linear_weight(get_module(loaded.model, info.name))
-        weights[info.name] = weight_stats(W, info.name, k_sigma=k_sigma, group_size=group_size, specs=specs)
+        weights[info.name] = weight_stats(W, k_sigma, name=info.name, group_size=group_size, specs=specs)
     acts = collect_activation_stats(
         loaded.model,
         batches,

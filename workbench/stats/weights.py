@@ -113,8 +113,9 @@ def _group_ranges(W: torch.Tensor, G: int) -> torch.Tensor:
 
 def weight_stats(
     W: torch.Tensor,
-    name: str = "",
     k_sigma: float = 6.0,
+    *,
+    name: str = "",
     group_size: int = 128,
     specs: list[str] | tuple[str, ...] = (),
     hist_bins: int = HIST_BINS,
@@ -123,6 +124,7 @@ def weight_stats(
 
     Args:
         k_sigma: report the fraction of weights with |w - mean| > k_sigma * std.
+        name: the layer name (stored, and named in errors).
         group_size: G for the per-group range spread (clipped to K).
         specs: quantization specs whose grid levels to compute (bf16/fp16 have none and are skipped).
     """
