@@ -9,8 +9,8 @@ Methods:
   (exact at the reference spec, proxy-shaped elsewhere).
 - `kl` (measured): mean KL(P_ref || P_q) in nats over the scan tokens of the whole model with only that layer
   quantized. The hidden states entering every decoder block are computed once on the unquantized model and
-  cached (block_runner.py); a layer in block b is then scored by re-running blocks b..L-1, the final norm and
-  the head from that cached input, for all candidate specs of the layer in one batch.
+  cached (`BlockRunner`); a layer in block b is then scored by re-running blocks b..L-1, the final norm and
+  the head from that cached input.
 
 Tables are saved atomically after every layer, so an interrupted scan resumes where it stopped (same model
 fingerprint, method, specs and scan settings; otherwise the old file is refused with a message).
@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from workbench.errors import WorkbenchError
 from workbench.inventory import LayerInfo
@@ -121,3 +125,260 @@ class SensitivityTable:
         return [
             [x.name] + [self.cost.get(x.name, {}).get(s, math.nan) for s in self.specs] for x in self.layers
         ]
+
+
+# ---------------------------------------------------------------------- scans
+def _check_resume(path: Path | None, table: SensitivityTable) -> SensitivityTable:
+    """The table to continue: the one saved at `path` when it has the same identity, else `table`."""
+    if path is None or not Path(path).is_file():
+        return table
+    old = SensitivityTable.load(path)
+    same = (
+        old.method == table.method
+        and old.specs == table.specs
+        and old.settings == table.settings
+        and old.model.get("fingerprint") == table.model.get("fingerprint")
+        and [x.name for x in old.layers] == [x.name for x in table.layers]
+    )
+    if not same:
+        raise WorkbenchError(
+            f"{path} holds a different scan (method, specs, layers, model or settings differ): "
+            "delete it or choose another --out"
+        )
+    table.cost = old.cost
+    table.timing = old.timing
+    return table
+
+
+def _scan(table: SensitivityTable, out: Path | None, score_layer, progress: bool, on_layer=None) -> None:
+    """Score every layer not done yet with score_layer(layer) -> {spec: cost}; save after each layer."""
+    from tqdm.auto import tqdm
+
+    todo = [x for x in table.layers if x.name not in table.done_layers()]
+    t_start = time.perf_counter()
+    base = float(table.timing.get("scan", 0.0))
+    for layer in tqdm(
+        todo,
+        desc=f"sensitivity ({table.method})",
+        unit="layer",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    ):
+        table.cost[layer.name] = {s: float(v) for s, v in score_layer(layer).items()}
+        table.timing["scan"] = base + time.perf_counter() - t_start
+        if out is not None:
+            table.save(out)
+        if on_layer is not None:
+            on_layer(layer.name)
+
+
+def proxy_costs(
+    W: torch.Tensor, gram: torch.Tensor, specs: list[str], name: str = "", grams_for_algo: bool = True
+) -> dict[str, float]:
+    """Relative output error tr(D G D^T) / tr(W G W^T) of W [N, K] for each spec (D = W - fake_quant)."""
+    from workbench.quant.api import fake_quant
+    from workbench.quant.metrics import quadratic_form
+    from workbench.simulate import needs_gram
+
+    W = W.detach().float()
+    G = gram.float()
+    den = float(quadratic_form(W, G).sum())
+    out = {}
+    for s in specs:
+        W_hat = fake_quant(W, s, G if needs_gram(s) else None, layer=name)
+        num = float(quadratic_form(W - W_hat, G).sum())
+        out[s] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+    return out
+
+
+class BlockRunner:
+    """Re-runs the model from a cached decoder-block input to the logits (the `kl` method's engine).
+
+    `capture(windows)` runs the unquantized model once, recording the input hidden states and keyword
+    arguments of every decoder block, the head input, and the reference log-probs [n, L-1, V].
+    `kl_from(block, weights)` then returns mean KL(P_ref || P_q) with `weights` ({layer: W_hat}) swapped in,
+    running only blocks `block`..end, the final norm and the head (block=None: the head only).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        from workbench.stats.layerwise import _final_norm, decoder_blocks
+
+        self.model = model
+        self.blocks_name, self.blocks = decoder_blocks(model)
+        self.norm = _final_norm(model, self.blocks_name)
+        self.head = model.get_output_embeddings()
+        self.inputs: list[tuple[torch.Tensor, dict]] = []
+        self.head_input: torch.Tensor | None = None
+        self.ref_lp: torch.Tensor | None = None
+
+    def block_of(self, layer: LayerInfo) -> int | None:
+        prefix = f"{self.blocks_name}."
+        if layer.name.startswith(prefix):
+            return int(layer.name[len(prefix) :].split(".", 1)[0])
+        if self.head is not None and self.model.get_submodule(layer.name) is self.head:
+            return None
+        raise WorkbenchError(
+            f"layer {layer.name} is neither in a decoder block nor the output head: the kl "
+            "method cannot re-run from it (use --method proxy)"
+        )
+
+    @torch.no_grad()
+    def capture(self, windows: torch.Tensor) -> None:
+        device = next(self.model.parameters()).device
+        inputs: list = [None] * len(self.blocks)
+        handles = []
+
+        def hook_for(i):
+            def hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                inputs[i] = (hidden.detach(), kw)
+
+            return hook
+
+        head_in = []
+        for i, block in enumerate(self.blocks):
+            handles.append(block.register_forward_pre_hook(hook_for(i), with_kwargs=True))
+        handles.append(self.head.register_forward_pre_hook(lambda m, a: head_in.append(a[0].detach())))
+        try:
+            logits = self.model(input_ids=windows.to(device), use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        self.inputs = inputs
+        self.head_input = head_in[0]
+        self.ref_lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+    @torch.no_grad()
+    def kl_from(self, block: int | None, weights: dict[str, torch.Tensor]) -> float:
+        from workbench.simulate import swapped_weights
+
+        assert self.ref_lp is not None, "capture() first"
+        with swapped_weights(self.model, weights):
+            if block is None:
+                h = self.head_input
+            else:
+                h = self.inputs[block][0]
+                for j in range(block, len(self.blocks)):
+                    out = self.blocks[j](h, **self.inputs[j][1])
+                    h = out[0] if isinstance(out, (tuple, list)) else out
+                h = self.norm(h) if self.norm is not None else h
+            lp_q = torch.log_softmax(self.head(h)[:, :-1].float(), dim=-1)
+        kl = (self.ref_lp.exp() * (self.ref_lp - lp_q)).sum(-1)
+        return float(kl.double().mean())
+
+
+def _identity(loaded, layers, method, specs, settings) -> SensitivityTable:
+    d = loaded.description
+    return SensitivityTable(
+        method=method,
+        specs=[str(QuantSpec.parse(s)) for s in specs],
+        layers=layers,
+        model={"fingerprint": d.fingerprint, "source": d.source, "name": d.name},
+        settings=settings,
+    )
+
+
+def sensitivity_scan(
+    loaded,
+    specs: list[str],
+    method: str = "proxy",
+    *,
+    out: str | Path | None = None,
+    text: str = "wiki",
+    n_seqs: int = 2,
+    seq_len: int = 256,
+    seed: int = 1,
+    calib_seqs: int = 32,
+    calib_seq_len: int = 512,
+    importance: str = "none",
+    importance_spec: str | None = None,
+    layers: list[str] | None = None,
+    progress: bool = True,
+    on_layer=None,
+) -> SensitivityTable:
+    """Scan every quantizable layer x spec and return the table (saved to `out` after every layer).
+
+    Args:
+        specs: candidate specs (quantized ones; bf16 costs 0 by definition and is not scanned).
+        method: "proxy" or "kl" (module doc).
+        text, n_seqs, seq_len, seed: the kl scan windows (`calibration_batches`), also used for the
+            proxy's importance measurement.
+        calib_seqs, calib_seq_len: calibration for the Gram matrices (proxy, and gptq/awq specs), on `text`.
+        importance: "none" or "kl" (proxy only): weight each layer by one measured ΔKL at `importance_spec`
+            (default: the first spec).
+        layers: restrict to these layer names (default: all quantizable linears).
+        on_layer: callback(layer name) after each saved layer (progress hooks, tests).
+    """
+    from workbench.data import calibration_batches
+    from workbench.inventory import layer_inventory
+    from workbench.simulate import calibration_grams, needs_gram, quantized_weight
+
+    if method not in METHODS:
+        raise WorkbenchError(f"unknown sensitivity method '{method}' (choose {' or '.join(METHODS)})")
+    if importance not in ("none", "kl"):
+        raise WorkbenchError(f"unknown importance '{importance}' (choose none or kl)")
+    specs = [str(QuantSpec.parse(s)) for s in specs]
+    if not specs:
+        raise WorkbenchError("no specs to scan")
+    inv = layer_inventory(loaded.model)
+    if layers is not None:
+        known = {x.name for x in inv}
+        bad = [n for n in layers if n not in known]
+        if bad:
+            raise WorkbenchError(f"layer {bad[0]} is not a quantizable linear of this model")
+        inv = [x for x in inv if x.name in set(layers)]
+    imp_spec = str(QuantSpec.parse(importance_spec or specs[0]))
+    settings = {"text": text, "calib_seqs": calib_seqs, "calib_seq_len": calib_seq_len}
+    if method == "kl" or importance == "kl":
+        settings.update(n_seqs=n_seqs, seq_len=seq_len, seed=seed)
+    if method == "proxy":
+        settings.update(importance=importance, importance_spec=imp_spec if importance == "kl" else None)
+    table = _check_resume(Path(out) if out else None, _identity(loaded, inv, method, specs, settings))
+    if table.complete:
+        return table
+
+    t0 = time.perf_counter()
+    need_grams = method == "proxy" or any(needs_gram(s) for s in specs)
+    grams = (
+        calibration_grams(loaded, [x.name for x in inv], text, calib_seqs, calib_seq_len, progress=progress)
+        if need_grams
+        else {}
+    )
+    runner = None
+    if method == "kl" or importance == "kl":
+        runner = BlockRunner(loaded.model)
+        windows = calibration_batches(
+            loaded.tokenizer, text, n_seqs, seq_len, seed, max_context=loaded.description.max_context
+        )
+        runner.capture(windows)
+    table.timing["setup"] = float(table.timing.get("setup", 0.0)) + time.perf_counter() - t0
+
+    def score(layer: LayerInfo) -> dict[str, float]:
+        if method == "kl":
+            block = runner.block_of(layer)
+            return {
+                s: runner.kl_from(block, {layer.name: quantized_weight(loaded.model, layer.name, s, grams)})
+                for s in specs
+            }
+        from workbench.inventory import get_linear_weight, get_module
+
+        W = get_linear_weight(get_module(loaded.model, layer.name))
+        costs = proxy_costs(W, grams[layer.name], specs, name=layer.name)
+        if importance == "kl":
+            ref_err = (
+                costs[imp_spec]
+                if imp_spec in costs
+                else proxy_costs(W, grams[layer.name], [imp_spec])[imp_spec]
+            )
+            dkl = runner.kl_from(
+                runner.block_of(layer),
+                {layer.name: quantized_weight(loaded.model, layer.name, imp_spec, grams)},
+            )
+            w = dkl / ref_err if ref_err > 0 else 0.0
+            costs = {s: c * w for s, c in costs.items()}
+        return costs
+
+    _scan(table, Path(out) if out else None, score, progress, on_layer)
+    return table

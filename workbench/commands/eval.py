@@ -1,0 +1,73 @@
+"""`workbench eval`: perplexity, KL(P_ref || P_q) and top-1 agreement of a plan (simulated) vs the model."""
+
+from __future__ import annotations
+
+from workbench.commands.common import add_model_arg, emit_json, table
+
+
+def add_parser(sub):
+    p = sub.add_parser("eval", help="perplexity, KL and top-1 vs the unquantized model (plan simulated)")
+    add_model_arg(p)
+    p.add_argument("--plan", help="plan JSON (default: evaluate the unquantized model)")
+    p.add_argument("--text", default="wikitext2", help="evaluation text source (default: wikitext2 test)")
+    p.add_argument("--tokens", type=int, default=32768, help="token limit (default 32768)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--calib", default="wiki", help="calibration text for gptq/awq layers (default: wiki)")
+    p.add_argument("--calib-seqs", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def run(args) -> int:
+    from workbench.evaluate import evaluate
+    from workbench.inventory import layer_inventory
+    from workbench.loading import load_model
+    from workbench.plan import Plan, plan_totals
+    from workbench.simulate import calibration_grams, needs_gram
+
+    plan = Plan.load(args.plan) if args.plan else None  # a bad plan fails before the model loads
+    loaded = load_model(args.model, progress=not args.quiet)
+    resolved, totals, grams = None, None, None
+    if plan is not None:
+        layers = layer_inventory(loaded.model)
+        resolved = plan.resolve(layers)
+        totals = plan_totals(resolved, layers)
+        gptq = [n for n, s in resolved.items() if needs_gram(s)]
+        if gptq:
+            grams = calibration_grams(
+                loaded, gptq, args.calib, args.calib_seqs, args.calib_seq_len, progress=not args.quiet
+            )
+    res = evaluate(
+        loaded,
+        resolved,
+        text=args.text,
+        seq_len=args.seq_len,
+        max_tokens=args.tokens,
+        grams=grams,
+        progress=not args.quiet,
+    )
+    if args.json:
+        emit_json(
+            {
+                "model": loaded.description.name,
+                "plan": args.plan,
+                **res.to_json(),
+                "totals": totals.to_json() if totals else None,
+            }
+        )
+        return 0
+    rows = [
+        ["perplexity", f"{res.ppl:.4f}", f"{res.ref_ppl:.4f}"],
+        ["KL (nats/token)", f"{res.kl:.5f}", "0"],
+        ["top-1 agreement", f"{100 * res.top1:.2f}%", "100%"],
+    ]
+    print(table(rows, ["metric", args.plan or "reference", "reference"]))
+    if totals:
+        print(f"plan: {totals.summary()}")
+    print(
+        f"{res.n_tokens} predicted tokens of {args.text} in {res.n_windows} windows of {res.seq_len}; "
+        f"{res.seconds:.1f} s"
+    )
+    return 0
