@@ -65,9 +65,12 @@ def main() -> None:
     loaded = load_model(a.model, progress=False)
     base = loaded.model
     seq = 512
-    # llama2.c's BPE is pure Python and slow on long text: tokenize just enough characters
-    text = open(a.text).read()[: 12 * a.tokens]
-    ids = tokenize_text(loaded.tokenizer, text)
+    # llama2.c's BPE is pure Python and slow on long text: tokenize just enough characters, or read
+    # ids tokenized ahead (a JSON list, --text ending in .ids.json)
+    if a.text.endswith(".ids.json"):
+        ids = torch.tensor(json.load(open(a.text)), dtype=torch.long)
+    else:
+        ids = tokenize_text(loaded.tokenizer, open(a.text).read()[: 12 * a.tokens])
     assert ids.numel() >= a.tokens, f"only {ids.numel()} tokens in {a.text}"
     n = a.tokens // seq
     windows = ids[: n * seq].reshape(n, seq)
