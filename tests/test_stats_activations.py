@@ -164,3 +164,42 @@ def test_histogram_doubling_is_exact():
     assert edges[-1] / 2 < amax <= edges[-1] and math.log2(edges[-1]).is_integer()  # the final power of 2
     direct = torch.histogram(torch.cat(chunks).double(), bins=edges)[0]
     assert torch.equal(counts, direct)
+
+
+def _state_bytes(acc):
+    s = acc._state
+    tensors = [v for v in s.values() if isinstance(v, torch.Tensor)] + list(s["top"])
+    tensors += [s["hist"].counts, s["tmax_hist"].counts]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_accumulator_memory_does_not_grow_with_tokens():
+    from workbench.stats.accumulator import InputAccumulator
+
+    sizes = []
+    for n_chunks in (1, 40):
+        acc = InputAccumulator(48)
+        for i in range(n_chunks):
+            acc.add(
+                torch.randn(2, 256, 48) * (i + 1), torch.arange(512), torch.arange(512), torch.arange(512)
+            )
+        sizes.append(_state_bytes(acc))
+        assert acc.n_tokens == n_chunks * 512
+    assert sizes[0] == sizes[1]
+
+
+@pytest.mark.slow
+def test_layerwise_equals_full_on_default(default_model):
+    batches = calibration_batches(default_model.tokenizer, "wiki", n_seqs=2, seq_len=64, seed=0)
+    full = collect_activation_stats(default_model.model, batches, progress=False)
+    lw = collect_activation_stats(
+        default_model.model, batches, mode="layerwise", batch_size=2, progress=False
+    )
+    assert list(full) == list(lw) and len(full) == 211
+    for name in full:
+        a, b = full[name], lw[name]
+        assert a.shared_with == b.shared_with and a.n_tokens == b.n_tokens == 128
+        torch.testing.assert_close(a.absmax, b.absmax, rtol=1e-4, atol=1e-5)
+        scale = float(a.gram.abs().max())
+        torch.testing.assert_close(a.gram, b.gram, rtol=1e-4, atol=1e-5 * scale)
+        assert torch.equal(a.token_max.token_ids[:1], b.token_max.token_ids[:1])
