@@ -18,8 +18,9 @@ Run: `workbench bench e2e [--json]` or `python benchmarks/bench_e2e.py [--quick]
 from __future__ import annotations
 
 import argparse
-import json
+import json as jsonlib
 import statistics
+import sys
 import time
 
 import torch
@@ -217,13 +218,14 @@ def bench_variant(
             res["modes"][mode] = time_decoder(model, prompt, n_tokens, mode)
         except Exception as exc:
             res["modes"][mode] = {"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:800]}
-        print(f"  {name} {mode}: {res['modes'][mode]}", flush=True)
+        print(f"  {name} {mode}: {res['modes'][mode]}", file=sys.stderr, flush=True)
     del model
     torch.cuda.empty_cache()
     return res
 
 
 def run(
+    json: bool = False,
     quick: bool = False,
     modes=("graph", "compile"),
     n_tokens: int = 128,
@@ -269,8 +271,11 @@ def run(
         )
         if out:
             with open(out, "w") as fh:
-                json.dump(results, fh, indent=2)
-    print_table(results)
+                jsonlib.dump(results, fh, indent=2)
+    if json:
+        print(jsonlib.dumps(results))
+    else:
+        print_table(results)
     return results
 
 

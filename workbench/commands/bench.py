@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from workbench.commands.common import emit_json
 from workbench.errors import WorkbenchError
 
 SCRIPTS = {"kernels": "bench_kernels.py", "e2e": "bench_e2e.py"}
@@ -17,7 +16,7 @@ def add_parser(sub):
         "what", choices=sorted(SCRIPTS), help="kernels: dequant-matmul vs cuBLAS; e2e: decode tok/s"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--quick", action="store_true", help="e2e: a 4-block model of the same widths")
+    p.add_argument("--quick", action="store_true", help="kernels: two shapes; e2e: a 4-block model")
     return p
 
 
@@ -38,8 +37,5 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         raise WorkbenchError("benchmarks need a CUDA device (none found)")
     module = load_benchmark(args.what)
-    kwargs = {"quick": True} if args.what == "e2e" and args.quick else {}
-    result = module.run(**kwargs)
-    if args.json:
-        emit_json(result)
+    module.run(json=args.json, quick=args.quick)  # prints a table, or one JSON object with --json
     return 0
