@@ -35,7 +35,7 @@ def row_figure(view: teaching.RowView, title: str | None = None) -> go.Figure:
         name="quantized",
         line=dict(color=ACCENT, width=1.5, shape="hvh"),
     )
-    for b in view.boundaries[1:]:
+    for b in (b for b in view.boundaries if b > view.columns.start):
         fig.add_vline(x=b - 0.5, line=dict(color=ALERT, width=1, dash="dot"))
     fig.update_xaxes(title="input channel (column)")
     fig.update_yaxes(title="weight")

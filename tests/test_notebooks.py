@@ -1,0 +1,111 @@
+"""The notebooks: stored without outputs, no logic of their own, goals first and summary last, and each one
+executes top to bottom (nbclient, WORKBENCH_QUICK=1 so token counts stay small on a CPU)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+EXPECTED = ["01_quantization_basics", "02_inspect_a_model", "03_sensitivity", "04_mixed_precision_plan",
+            "05_run_on_gpu"]
+MAX_DEF_LINES = 5          # a def / class may span at most this many lines (header included)
+CELL_TIMEOUT_S = 300
+
+
+def _paths() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def _read(path: Path):
+    return nbformat.read(path, as_version=4)
+
+
+def _code(cell) -> str:
+    """Cell source with IPython magic / shell lines blanked, so `ast` can parse it (line numbers kept)."""
+    lines = cell.source.splitlines()
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in lines)
+
+
+def _defs_too_long(source: str) -> list[str]:
+    too_long = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > MAX_DEF_LINES:
+                too_long.append(f"{node.name} ({n} lines)")
+    return too_long
+
+
+@pytest.mark.parametrize("path", _paths(), ids=lambda p: p.stem)
+def test_stored_without_outputs(path):
+    raw = json.loads(path.read_text())
+    for i, cell in enumerate(raw["cells"]):
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [] and cell.get("execution_count") is None, \
+                f"{path.name} cell {i} has stored outputs: strip them before committing"
+    assert "widgets" not in raw["metadata"], f"{path.name} stores widget state"
+
+
+@pytest.mark.parametrize("path", _paths(), ids=lambda p: p.stem)
+def test_goals_first_summary_last(path):
+    nb = _read(path)
+    first, last = nb.cells[0], nb.cells[-1]
+    assert first.cell_type == "markdown" and "What you will learn" in first.source, \
+        f"{path.name}: the first cell must state what the reader will learn"
+    assert "## Summary" in last.source, f"{path.name}: the last cell must be the summary"
+    # numbers in the summary come from the cells: the summary is a code cell that formats computed values
+    assert last.cell_type == "code" and re.search(r"\{[^}]+\}", last.source), \
+        f"{path.name}: the summary must be built from computed values (f-string), not typed by hand"
+
+
+@pytest.mark.parametrize("path", _paths(), ids=lambda p: p.stem)
+def test_no_logic_in_notebooks(path):
+    nb = _read(path)
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        src = _code(cell)
+        problems += [f"cell {i}: {d}" for d in _defs_too_long(src)]
+    assert not problems, f"{path.name} defines logic (move it into the package with a test): {problems}"
+    assert any("import workbench" in c.source or "from workbench" in c.source for c in nb.cells)
+
+
+def test_the_logic_check_catches_a_long_function():
+    src = "def f(x):\n    a = x\n    b = a + 1\n    c = b * 2\n    d = c - 3\n    return d\n"
+    assert _defs_too_long(src) == ["f (6 lines)"]
+    assert _defs_too_long("def g(change=None):\n    return 1\n") == []
+    klass = "class A:\n    x = 1\n    y = 2\n    z = 3\n    w = 4\n    v = 5\n"
+    assert _defs_too_long(klass) == ["A (6 lines)"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", _paths(), ids=lambda p: p.stem)
+def test_notebook_executes(path, monkeypatch, tmp_path):
+    """Runs every cell with small token counts; no cell may raise; figures and computed prose must appear."""
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("WORKBENCH_QUICK", "1")
+    nb = _read(path)
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    t0 = time.perf_counter()
+    client.execute()
+    seconds = time.perf_counter() - t0
+    print(f"{path.name}: executed in {seconds:.1f} s")
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    errors = [o for o in outputs if o.output_type == "error"]
+    assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
+    mimes = {m for o in outputs for m in o.get("data", {})}
+    assert "application/vnd.plotly.v1+json" in mimes, f"{path.name} drew no plotly figure"
+    summary = [o for o in nb.cells[-1].outputs if "text/markdown" in o.get("data", {})]
+    assert summary and re.search(r"\d", summary[0]["data"]["text/markdown"]), \
+        f"{path.name}: the summary cell printed no computed numbers"
