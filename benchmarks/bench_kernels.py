@@ -158,6 +158,15 @@ def _gemm_candidates(M: int, sweep: bool):
             GemmConfig(32, 64, 64, 1, 4, 4)]
 
 
+def _default_config(fmt: str, M: int, N: int, K: int):
+    """The launch shape the launchers pick by themselves (recorded with each result)."""
+    from workbench.kernels.gemm_int import default_gemm_config
+    from workbench.kernels.gemv_int import default_gemv_config
+
+    bits = FORMATS[fmt][0]
+    return default_gemv_config(M, N, K, bits) if M <= 4 else default_gemm_config(M, N, K, bits)
+
+
 def _kernel_call(fmt: str, M: int, K: int, x, wt, cfg):
     from workbench.kernels.gemm_fp8 import gemm_fp8
     from workbench.kernels.gemm_int import gemm_int
@@ -202,7 +211,7 @@ def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool,
         cands = _gemv_candidates(sweep) if M <= 4 else _gemm_candidates(M, sweep)
         tried = []
         for cfg in cands:
-            label = "default" if cfg is None else str(asdict(cfg))
+            label = str(asdict(cfg if cfg is not None else _default_config(fmt, M, N, K)))
             try:
                 y = _kernel_call(fmt, M, K, xs[0], wts[0], cfg)()
                 ref = _reference(fmt, K, xs[0], wts[0])

@@ -1,16 +1,13 @@
 """GEMM for larger batches / prefill: y = x @ dequant(W)^T on tensor cores (``tl.dot``), 2/3/4/8-bit.
 
 Per K step the program loads an x tile ``[BLOCK_M, BLOCK_K]`` and a packed word tile
-``[BLOCK_N, BLOCK_K / PER]``, unpacks it into 16-bit codes without any int->float conversion
-(``0x6400 | q`` read as fp16 is ``1024 + q``; ``0x4300 | q`` read as bf16 is ``128 + q`` for q < 128) and
-multiplies on the tensor cores with fp32 accumulation.  The offset and the zero point are removed per
-group with the row sums of x, and the scale is applied per group on the ``[BLOCK_M, BLOCK_N]`` partial:
-
-    y[m, n] = sum_g s_g[n] * (dot_g(x, OFF + q)[m, n] - (z_g[n] + OFF) * sum_{k in g} x[m, k])
-
-so the per-weight work is shift, mask/or, pack; the fp32 sums of ``x * (OFF + q)`` stay exact to ~1e-6
-relative.  ``BLOCK_K`` divides the group size, so each K step lies in one group.  bf16 activations with
-8-bit codes use a plain conversion (128 + 255 is not exact in bf16).
+``[BLOCK_N, BLOCK_K / PER]``, unpacks the codes into 16-bit floats without any int->float conversion
+(``0x6400 | q`` read as fp16 is ``1024 + q``; ``0x4300 | q`` read as bf16 is ``128 + q`` for q < 128;
+subtracting the offset is exact), dequantizes in the activation dtype with the step's group scale
+(``W_hat = q * s - z * s``; ``BLOCK_K`` divides the group size, so a K step lies in one group), reorders
+the chunk-interleaved columns, and accumulates ``x @ W_hat^T`` on the tensor cores in fp32.  bf16
+activations with 8-bit codes use a plain conversion (128 + 255 is not exact in bf16).  W_hat is rounded
+to fp16/bf16 once, as a dense fp16/bf16 weight would be.
 
 FP8 E4M3 (``FP8=True``, packed like 8-bit codes): each byte becomes an fp16 with integer ops (its 7
 exponent+mantissa bits moved up by 7, the sign by 8: the E4M3 value * 2**-8, exact), converted to bf16
@@ -66,7 +63,6 @@ def _gemm_int_kernel(
     row_off = tl.multiple_of(n * stride_wn, 4)[:, None]  # rows are multiples of 16 bytes
     j = tl.arange(0, PER)[None, None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    sx_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     t_start = pid_k * TILES_PER_SPLIT
     t_end = tl.minimum(t_start + TILES_PER_SPLIT, K_TILES)
     for t in range(t_start, t_end):
@@ -83,38 +79,31 @@ def _gemm_int_kernel(
         if FP8:
             h = ((q & 0x7F) << 7) | ((q & 0x80) << 8)  # E4M3 fields -> fp16 fields (value * 2**-8)
             wq = h.to(tl.int16).to(tl.float16, bitcast=True).to(DT)
-        elif MAGIC != 0:
-            wq = (q | MAGIC).to(tl.int16).to(DT, bitcast=True)  # OFF + q, exact
         else:
-            wq = q.to(DT)
+            if MAGIC != 0:
+                qf = (q | MAGIC).to(tl.int16).to(DT, bitcast=True) - OFF  # exact q, no int->float op
+            else:
+                qf = q.to(DT)
+            # this K step lies in one group: W_hat = q * s - z * s, in the activation dtype
+            if PER_CHANNEL:
+                g = 0
+            else:
+                g = t // TILES_PER_GROUP
+            s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zs = s * tl.load(z_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+            else:
+                zs = s * (1 << (BITS - 1))
+            wq = qf * s.to(DT)[:, None, None] - zs.to(DT)[:, None, None]
         # packing: slot j of word w of a 32-column chunk is column j * CW + w -> reorder to columns
         wq = tl.reshape(wq, [BLOCK_N, BKW // CW, CW, PER])
         wq = tl.reshape(tl.permute(wq, (0, 1, 3, 2)), [BLOCK_N, BLOCK_K])
         k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :],
                      other=0.0)  # [BM, BK]
-        sx = tl.sum(xt.to(tl.float32), axis=1)  # [BM]
-        if PER_CHANNEL:
-            acc = tl.dot(xt, tl.trans(wq), acc)
-            sx_acc += sx
-        else:
-            part = tl.dot(xt, tl.trans(wq))  # [BM, BN] fp32
-            g = t // TILES_PER_GROUP
-            s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                zo = tl.load(z_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32) + OFF
-            else:
-                zo = tl.zeros([BLOCK_N], dtype=tl.float32) + ((1 << (BITS - 1)) + OFF)
-            acc += part * s[None, :] - sx[:, None] * (zo * s)[None, :]
+        acc = tl.dot(xt, tl.trans(wq), acc)
     if FP8:
         acc = acc * (tl.load(s_ptr + n, mask=nmask, other=0.0) * 256.0)[None, :]
-    elif PER_CHANNEL:
-        s = tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            zo = tl.load(z_ptr + n, mask=nmask, other=0.0).to(tl.float32) + OFF
-        else:
-            zo = tl.zeros([BLOCK_N], dtype=tl.float32) + ((1 << (BITS - 1)) + OFF)
-        acc = acc * s[None, :] - sx_acc[:, None] * (zo * s)[None, :]
     y_ptrs = y_ptr + m[:, None] * stride_ym + n[None, :]
     ymask = mmask[:, None] & nmask[None, :]
     if SPLIT_K == 1:
@@ -136,9 +125,9 @@ class GemmConfig:
 
 
 def default_gemm_config(M: int, N: int, K: int, bits: int) -> GemmConfig:
-    """Hand-chosen config per shape class (see benchmarks/KERNEL_NOTES.md)."""
+    """Hand-chosen config per batch size, from the H100 sweeps in benchmarks/KERNEL_NOTES.md."""
     if M <= 16:
-        return GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+        return GemmConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3)
     if M <= 64:
         return GemmConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
     return GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)

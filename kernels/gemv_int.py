@@ -274,7 +274,20 @@ class GemvConfig:
 
 
 def default_gemv_config(M: int, N: int, K: int, bits: int) -> GemvConfig:
-    """Hand-chosen config per shape class (see benchmarks/KERNEL_NOTES.md)."""
+    """Hand-chosen launch shape per shape class, from the H100 sweeps in benchmarks/KERNEL_NOTES.md.
+
+    2-4 bits: 4 warps x 16 rows (4 rows per thread share each x value).  8 bits (int8 / FP8): one warp
+    per program, 4 rows; narrow N (few programs) splits K instead.  3-4 rows of x: 8 rows per program
+    so the per-row accumulators fit in registers.
+    """
+    if bits == 8:
+        if N <= 4096:
+            return GemvConfig(block_n=8, tile_words=128, split_k=4, num_warps=1)
+        return GemvConfig(block_n=4, tile_words=128, split_k=1, num_warps=1)
+    if M >= 3:
+        return GemvConfig(block_n=8, tile_words=128, split_k=1, num_warps=4)
+    if bits == 4 and N <= 4096:
+        return GemvConfig(block_n=8, tile_words=128, split_k=2, num_warps=1)
     return GemvConfig(block_n=16, tile_words=128, split_k=1, num_warps=4)
 
 
