@@ -7,6 +7,8 @@ threads, and cancels a session's jobs when its tab closes.
 
 from __future__ import annotations
 
+import logging
+
 import panel as pn
 
 from workbench.ui.state import WorkbenchState
@@ -106,6 +108,12 @@ def serve(
         return app
 
     _extension()
+    logger = logging.getLogger("workbench")
+    if not logger.handlers:  # job starts / ends on the server's stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     origins = [f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
     return pn.serve(
         {"/": session},

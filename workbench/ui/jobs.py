@@ -11,6 +11,7 @@ closed browser tab stops its job within one torch call.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 import time
 import traceback
@@ -20,6 +21,8 @@ from typing import Any
 import param
 
 from workbench.errors import WorkbenchError
+
+log = logging.getLogger("workbench.jobs")
 
 
 class JobCancelled(Exception):
@@ -76,6 +79,7 @@ class Job(param.Parameterized):
 
     def start(self) -> Job:
         self._t0 = time.perf_counter()
+        log.info("job '%s' started", self.name)
         self._thread.start()
         return self
 
@@ -119,6 +123,7 @@ class Job(param.Parameterized):
 
     def _finish(self, state: str, status: str, progress: float | None = None) -> None:
         self.seconds = time.perf_counter() - self._t0
+        log.info("job '%s' %s after %.1f s", self.name, state, self.seconds)
         with param.parameterized.batch_call_watchers(self):
             if progress is not None:
                 self.progress = progress

@@ -9,6 +9,7 @@ private copy per session, made on first need, so two browser tabs never race on 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import threading
 import time
 
@@ -60,7 +61,7 @@ def load_job(state, source: str) -> Job:
         state.run_ui(show)
 
     return Job(
-        f"load {source}",
+        f"load {Path(source).name or source}",
         work,
         on_done=lambda loaded: state.run_ui(lambda: state.set_model(loaded)),
         on_error=failed,

@@ -12,38 +12,44 @@ _ALERT = {"info": "primary", "success": "success", "warning": "warning", "error"
 
 
 def notice(state: WorkbenchState) -> pn.viewable.Viewable:
-    """The last message for the user (errors stay until the next message)."""
+    """The last message for the user (errors stay until the next message). One pane, updated in place."""
+    alert = pn.pane.Alert("", alert_type="primary", margin=(2, 5), css_classes=["wb-notice"], visible=False)
 
-    def show(message, kind):
-        if not message:
-            return pn.pane.HTML("", height=0, margin=0)
-        return pn.pane.Alert(message, alert_type=_ALERT[kind], margin=(2, 5), css_classes=["wb-notice"])
+    def show(*_events):
+        alert.object = state.message
+        alert.alert_type = _ALERT[state.message_kind]
+        alert.visible = bool(state.message)
 
-    return pn.bind(show, state.param.message, state.param.message_kind)
+    state.param.watch(show, ["message", "message_kind"])
+    show()
+    return alert
+
+
+def totals_text(state: WorkbenchState) -> str:
+    """The totals line as Markdown (all numbers from plan_totals / planedit.predicted_cost)."""
+    totals, cost = state.totals, state.cost
+    if totals is None:
+        return "*no model loaded*"
+    ratio = totals.bf16_mb / totals.mb if totals.mb else float("inf")
+    if cost is None:
+        predicted = "predicted cost: compute sensitivity first"
+    elif cost.total is None:
+        predicted = f"predicted cost: {len(cost.unpriced)} layer(s) use specs the table lacks"
+    else:
+        predicted = f"predicted cost: **{cost.total:.4g}**"
+    return (
+        f"**{totals.mb:.3f} MB** &nbsp; **{totals.avg_bits:.3f}** bits/weight &nbsp; "
+        f"**{ratio:.2f}x** smaller than bf16 ({totals.bf16_mb:.3f} MB) &nbsp; {predicted} &nbsp; "
+        f"<small>({totals.n_layers} linear layers, embeddings not counted; "
+        f"updated in {1000 * state.edit_seconds:.0f} ms)</small>"
+    )
 
 
 def totals_line(state: WorkbenchState) -> pn.viewable.Viewable:
-    """Size, average bits, compression vs bf16 and predicted cost of the current plan, live."""
-
-    def show(totals, cost, edit_seconds, _rev):
-        if totals is None:
-            return pn.pane.Markdown("*no model loaded*")
-        ratio = totals.bf16_mb / totals.mb if totals.mb else float("inf")
-        if cost is None:
-            predicted = "predicted cost: compute sensitivity first"
-        elif cost.total is None:
-            predicted = f"predicted cost: {len(cost.unpriced)} layer(s) use specs the table lacks"
-        else:
-            predicted = f"predicted cost: **{cost.total:.4g}**"
-        text = (
-            f"**{totals.mb:.3f} MB** &nbsp; **{totals.avg_bits:.3f}** bits/weight &nbsp; "
-            f"**{ratio:.2f}x** smaller than bf16 ({totals.bf16_mb:.3f} MB) &nbsp; {predicted} &nbsp; "
-            f"<small>({totals.n_layers} linear layers, embeddings not counted; "
-            f"updated in {1000 * edit_seconds:.0f} ms)</small>"
-        )
-        return pn.pane.Markdown(text, css_classes=["wb-totals"], margin=(0, 10))
-
-    return pn.bind(show, state.param.totals, state.param.cost, state.param.edit_seconds, state.param.revision)
+    """Size, average bits, compression vs bf16 and predicted cost of the current plan, live (one pane)."""
+    pane = pn.pane.Markdown(totals_text(state), css_classes=["wb-totals"], margin=(0, 10))
+    state.param.watch(lambda _e: setattr(pane, "object", totals_text(state)), ["revision", "cost"])
+    return pane
 
 
 def job_row(job: Job) -> pn.Row:
@@ -73,6 +79,7 @@ def job_row(job: Job) -> pn.Row:
         }[job.state]
         status.object = job.status if job.state == "running" else f"{job.state}: {job.status}"[:300]
         cancel.disabled = not job.running
+        cancel.visible = job.running
 
     job.param.watch(sync, ["progress", "status", "state"])
     sync()
@@ -85,7 +92,7 @@ def job_row(job: Job) -> pn.Row:
     )
 
 
-def jobs_panel(state: WorkbenchState, keep_finished: int = 3) -> pn.viewable.Viewable:
+def jobs_panel(state: WorkbenchState, keep_finished: int = 1) -> pn.viewable.Viewable:
     """Running jobs (and the last few finished ones) of this session."""
 
     def show(jobs):
