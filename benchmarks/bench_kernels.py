@@ -137,9 +137,14 @@ def _make_weights(fmt: str, N: int, K: int, n_copies: int, gen: torch.Generator)
     return out, nbytes
 
 
+CUSTOM_CONFIGS: list | None = None  # set by --configs: explicit launch shapes to try
+
+
 def _gemv_candidates(sweep: bool):
     from workbench.kernels.gemv_int import GemvConfig
 
+    if CUSTOM_CONFIGS:
+        return [GemvConfig(*c) for c in CUSTOM_CONFIGS]
     if not sweep:
         return [None]
     return [GemvConfig(16, 128, 1, 4), GemvConfig(8, 128, 1, 1), GemvConfig(4, 128, 1, 1),
@@ -149,13 +154,20 @@ def _gemv_candidates(sweep: bool):
 def _gemm_candidates(M: int, sweep: bool):
     from workbench.kernels.gemm_int import GemmConfig
 
+    if CUSTOM_CONFIGS:
+        return [GemmConfig(*c) for c in CUSTOM_CONFIGS]
     if not sweep:
         return [None]
     if M <= 16:
-        return [GemmConfig(16, 64, 128, 1, 4, 3), GemmConfig(16, 32, 128, 1, 4, 3), GemmConfig(16, 64, 64, 1, 4, 4),
-                GemmConfig(16, 128, 128, 1, 8, 3), GemmConfig(16, 64, 128, 4, 4, 3), GemmConfig(16, 32, 64, 2, 2, 4)]
-    return [GemmConfig(64, 64, 128, 1, 4, 3), GemmConfig(64, 64, 64, 1, 4, 4), GemmConfig(64, 32, 128, 1, 4, 3),
-            GemmConfig(32, 64, 64, 1, 4, 4)]
+        return [
+            GemmConfig(16, 64, 128, 1, 4, 3), GemmConfig(16, 32, 128, 1, 4, 3),
+            GemmConfig(16, 64, 64, 1, 4, 4), GemmConfig(16, 128, 128, 1, 8, 3),
+            GemmConfig(16, 64, 128, 4, 4, 3), GemmConfig(16, 32, 64, 2, 2, 4),
+        ]
+    return [
+        GemmConfig(64, 64, 128, 1, 4, 3), GemmConfig(64, 64, 64, 1, 4, 4), GemmConfig(64, 32, 128, 1, 4, 3),
+        GemmConfig(32, 64, 64, 1, 4, 4),
+    ]
 
 
 def _default_config(fmt: str, M: int, N: int, K: int):
@@ -226,7 +238,8 @@ def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool,
                 log(f"  {fmt} {label}: FAILED {repr(e)[:200]}")
                 continue
             tried.append({"config": label, "us": us, "pct_roofline": 100 * roof_us / us})
-            log(f"  {fmt:8s} {label}: {us:8.1f} us  {fp16_us / us:5.2f}x  {100 * roof_us / us:5.1f}% roofline")
+            pct = 100 * roof_us / us
+            log(f"  {fmt:8s} {label}: {us:8.1f} us  {fp16_us / us:5.2f}x  {pct:5.1f}% roofline")
         ok = [t for t in tried if "us" in t]
         if not ok:
             continue
@@ -250,11 +263,13 @@ def format_table(rows: list[Row], bw: float, device: str) -> str:
 
 def run(json: bool = False, sweep: bool = False, quick: bool = False, out: str | None = None,
         formats: list[str] | None = None, shapes: list | None = None) -> dict:
-    """Run the benchmark on CUDA; print a table (or one JSON object with ``json=True``); return the results."""
+    """Run on CUDA; print a table (or one JSON object with ``json=True``); return the results dict."""
     from workbench.errors import WorkbenchError
 
     if not torch.cuda.is_available():
-        raise WorkbenchError("bench kernels: needs a CUDA GPU (none found); the kernels' CPU path is the torch reference")
+        raise WorkbenchError(
+            "bench kernels: needs a CUDA GPU (none found); the kernels' CPU path is the torch reference"
+        )
     log = (lambda *a, **k: None) if json else print
     device = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -286,7 +301,11 @@ def main() -> None:
     ap.add_argument("--formats", default=None, help=f"comma list of {','.join(FORMATS)}")
     ap.add_argument("--shapes", default=None, help="comma list of KxNxM, e.g. 4096x14336x1")
     ap.add_argument("--out", default=None, help="also write the JSON results to this file")
+    ap.add_argument("--configs", default=None, help="';'-separated launch configs (comma ints) to try")
     a = ap.parse_args()
+    if a.configs:
+        global CUSTOM_CONFIGS
+        CUSTOM_CONFIGS = [tuple(int(v) for v in c.split(",")) for c in a.configs.split(";")]
     shapes = [tuple(int(v) for v in t.split("x")) for t in a.shapes.split(",")] if a.shapes else None
     run(json=a.json, sweep=a.sweep, quick=a.quick, out=a.out, shapes=shapes,
         formats=a.formats.split(",") if a.formats else None)
