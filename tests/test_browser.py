@@ -152,3 +152,30 @@ def test_edit_a_spec_and_open_distributions(browser, server):
     page.screenshot(path=str(ARTIFACTS / "browser_distributions.png"), full_page=True)
     print(f"totals updated {seconds:.2f} s after the click")
     page.close()
+
+
+def test_long_job_does_not_block_another_tab_and_stops_when_its_tab_closes(browser, server):
+    url, log = server
+    a = _open(browser, url)
+    a.locator(".bk-tab", has_text="Measure").first.click()
+    a.locator(".wb-eval-text select").first.select_option("wikitext2")
+    tokens = a.locator(".wb-max-tokens input").first
+    tokens.fill("240000")
+    tokens.press("Enter")
+    a.locator(".wb-evaluate button").first.click()
+    _wait_for(lambda: log.read_text(), lambda t: "job 'evaluate" in t and "started" in t, timeout=20)
+
+    b = _open(browser, url)  # a second tab gets its own state and stays interactive meanwhile
+    before = _totals(b)
+    row = b.locator(".wb-layer-table .tabulator-row").filter(has_text="model.layers.1.self_attn.q_proj").first
+    row.locator('[tabulator-field="spec"]').click()
+    b.locator(".tabulator-edit-list-item", has_text="int8_ch").first.click()
+    after, seconds = _wait_change(lambda: _totals(b), before, timeout=10)
+    assert "16.000" not in after and seconds < 10
+    text = log.read_text()
+    assert "job 'evaluate" in text and not re.search(r"job 'evaluate[^']*' (done|failed)", text), text[-1500:]
+    b.screenshot(path=str(ARTIFACTS / "browser_second_tab.png"))
+
+    a.close()  # the session ends: its running evaluation is cancelled
+    _wait_for(lambda: log.read_text(), lambda t: re.search(r"job 'evaluate[^']*' cancelled", t), timeout=60)
+    b.close()

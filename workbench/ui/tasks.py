@@ -9,9 +9,9 @@ private copy per session, made on first need, so two browser tabs never race on 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 import threading
 import time
+from pathlib import Path
 
 from workbench.ui.jobs import Job, JobContext
 

@@ -18,13 +18,19 @@ class MeasureView(View):
         cfg = state.eval_settings()
         text = pn.widgets.Select(
             name="text",
+            css_classes=["wb-eval-text"],
             value=cfg["text"],
             width=160,
             options=["wikitext2", "wikitext2-raw", "ptb", "c4", "tinystories", "wiki"],
         )
         seq_len = pn.widgets.IntInput(name="window", value=cfg["seq_len"], start=16, step=64, width=100)
         tokens = pn.widgets.IntInput(
-            name="max tokens", value=cfg["max_tokens"], start=256, step=1024, width=120
+            name="max tokens",
+            value=cfg["max_tokens"],
+            start=256,
+            step=1024,
+            width=120,
+            css_classes=["wb-max-tokens"],
         )
         run = pn.widgets.Button(
             name="evaluate current plan",
