@@ -6,7 +6,13 @@ Methods:
       e(layer, spec) = tr(D G D^T) / tr(W G W^T),  D = W - fake_quant(W, spec, G).
   Optionally weighted by a per-layer importance measured once (`importance="kl"`): the measured ΔKL of the
   layer at one reference spec divided by its proxy error at that spec, so that cost = e * ΔKL_ref / e_ref
-  (exact at the reference spec, proxy-shaped elsewhere).
+  (exact at the reference spec, proxy-shaped elsewhere). Or by the output Fisher (`importance="fisher"`, one
+  forward + backward pass for all layers): with g_t = d log p(y_t)/d out (labels y sampled from the model
+  itself, so E[g g^T] is the Fisher of its predictive distribution) and F_i = sum_t g_ti^2 per output
+  channel, the second-order estimate of the KL per token is
+      ΔKL ~ 1/(2 n) * sum_i F_i * (d_i G d_i^T) / T       (n predicted tokens, T calibration tokens in G),
+  a diagonal-Fisher output-error estimate in nats, like the measured `kl` (see e.g. Kim et al. 2023,
+  "SqueezeLLM", https://arxiv.org/abs/2306.07629, and HAWQ-V2, https://arxiv.org/abs/1911.03852).
 - `kl` (measured): mean KL(P_ref || P_q) in nats over the scan tokens of the whole model with only that layer
   quantized. The hidden states entering every decoder block are computed once on the unquantized model and
   cached (`BlockRunner`); a layer in block b is then scored by re-running blocks b..L-1, the final norm and
@@ -174,9 +180,14 @@ def _scan(table: SensitivityTable, out: Path | None, score_layer, progress: bool
 
 
 def proxy_costs(
-    W: torch.Tensor, gram: torch.Tensor, specs: list[str], name: str = "", grams_for_algo: bool = True
+    W: torch.Tensor,
+    gram: torch.Tensor,
+    specs: list[str],
+    name: str = "",
+    row_weight: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Relative output error tr(D G D^T) / tr(W G W^T) of W [N, K] for each spec (D = W - fake_quant)."""
+    """Relative output error tr(D G D^T) / tr(W G W^T) of W [N, K] for each spec (D = W - fake_quant);
+    with `row_weight` [N]: the weighted sum sum_i row_weight_i * d_i G d_i^T instead (not relative)."""
     from workbench.quant.api import fake_quant
     from workbench.quant.metrics import quadratic_form
     from workbench.simulate import needs_gram
@@ -187,9 +198,67 @@ def proxy_costs(
     out = {}
     for s in specs:
         W_hat = fake_quant(W, s, G if needs_gram(s) else None, layer=name)
-        num = float(quadratic_form(W - W_hat, G).sum())
+        q = quadratic_form(W - W_hat, G)
+        if row_weight is not None:
+            out[s] = float((q * row_weight.to(q.device, q.dtype)).sum())
+            continue
+        num = float(q.sum())
         out[s] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
     return out
+
+
+def output_fisher(
+    model: torch.nn.Module, windows: torch.Tensor, names: list[str], seed: int = 0
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Diagonal output Fisher F_i = sum_t (d log p(y_t) / d out_ti)^2 of each layer [out_features] (float64),
+    labels y sampled from the model's own distribution; and the number of predicted tokens.
+
+    Windows [n, L] are run one at a time (forward + backward); parameters get no gradients.
+    """
+    from workbench.inventory import get_module
+
+    fisher: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args, out):
+            if out.requires_grad:
+
+                def grad_hook(g):
+                    sq = g.detach().double().pow(2).sum(dim=tuple(range(g.dim() - 1)))
+                    fisher[name] = fisher[name] + sq if name in fisher else sq
+
+                out.register_hook(grad_hook)
+
+        return hook
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    emb = model.get_input_embeddings()
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    n_pred = 0
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        handles.append(emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+        handles += [get_module(model, n).register_forward_hook(hook_for(n)) for n in names]
+        with torch.enable_grad():
+            for i in range(windows.shape[0]):
+                logits = (
+                    model(input_ids=windows[i : i + 1].to(device), use_cache=False).logits[:, :-1].float()
+                )
+                probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1]).cpu()
+                y = torch.multinomial(probs, 1, generator=gen).view(-1).to(device)
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), y, reduction="sum"
+                ).backward()
+                n_pred += y.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return fisher, n_pred
 
 
 class BlockRunner:
@@ -317,8 +386,8 @@ def sensitivity_scan(
 
     if method not in METHODS:
         raise WorkbenchError(f"unknown sensitivity method '{method}' (choose {' or '.join(METHODS)})")
-    if importance not in ("none", "kl"):
-        raise WorkbenchError(f"unknown importance '{importance}' (choose none or kl)")
+    if importance not in ("none", "kl", "fisher"):
+        raise WorkbenchError(f"unknown importance '{importance}' (choose none, kl or fisher)")
     specs = [str(QuantSpec.parse(s)) for s in specs]
     if not specs:
         raise WorkbenchError("no specs to scan")
@@ -331,7 +400,7 @@ def sensitivity_scan(
         inv = [x for x in inv if x.name in set(layers)]
     imp_spec = str(QuantSpec.parse(importance_spec or specs[0]))
     settings = {"text": text, "calib_seqs": calib_seqs, "calib_seq_len": calib_seq_len}
-    if method == "kl" or importance == "kl":
+    if method == "kl" or importance in ("kl", "fisher"):
         settings.update(n_seqs=n_seqs, seq_len=seq_len, seed=seed)
     if method == "proxy":
         settings.update(importance=importance, importance_spec=imp_spec if importance == "kl" else None)
@@ -346,13 +415,16 @@ def sensitivity_scan(
         if need_grams
         else {}
     )
-    runner = None
-    if method == "kl" or importance == "kl":
-        runner = BlockRunner(loaded.model)
+    runner, fisher, n_pred, windows = None, {}, 1, None
+    if method == "kl" or importance in ("kl", "fisher"):
         windows = calibration_batches(
             loaded.tokenizer, text, n_seqs, seq_len, seed, max_context=loaded.description.max_context
         )
+    if method == "kl" or importance == "kl":
+        runner = BlockRunner(loaded.model)
         runner.capture(windows)
+    if method == "proxy" and importance == "fisher":
+        fisher, n_pred = output_fisher(loaded.model, windows, [x.name for x in inv], seed=seed)
     table.timing["setup"] = float(table.timing.get("setup", 0.0)) + time.perf_counter() - t0
 
     def score(layer: LayerInfo) -> dict[str, float]:
@@ -365,6 +437,9 @@ def sensitivity_scan(
         from workbench.inventory import get_linear_weight, get_module
 
         W = get_linear_weight(get_module(loaded.model, layer.name))
+        if importance == "fisher":
+            weight = fisher[layer.name] / (2.0 * n_pred * calib_seqs * calib_seq_len)
+            return proxy_costs(W, grams[layer.name], specs, name=layer.name, row_weight=weight)
         costs = proxy_costs(W, grams[layer.name], specs, name=layer.name)
         if importance == "kl":
             ref_err = (
