@@ -383,3 +383,53 @@ def massive_activation_table(stats: dict, tokenizer=None) -> list[dict]:
                      "channel": int(tm.channels[0]), "position": int(tm.positions[0]), "token": token})
     return rows
 
+
+
+# ------------------------------------------------------------------------------------------ plans
+def sensitivity_rows(table) -> list[dict]:
+    """Long form of a SensitivityTable: one row per (layer, spec) that has a cost.
+
+    Returns rows: layer, role, block (-1 outside blocks), spec, bits_per_weight, cost.
+    """
+    rows = []
+    for x in table.layers:
+        for s in table.specs:
+            c = table.cost.get(x.name, {}).get(s)
+            if c is None:
+                continue
+            rows.append({"layer": x.name, "role": x.role, "block": -1 if x.block is None else x.block,
+                         "spec": s, "bits_per_weight": QuantSpec.parse(s).bits_per_weight(x.in_features,
+                                                                                          x.out_features),
+                         "cost": float(c)})
+    return rows
+
+
+def plan_point(table, resolved: dict, label: str) -> dict:
+    """Size and predicted cost of a plan over the layers of `table` (layers outside the table ignored).
+
+    Args:
+        table: SensitivityTable. resolved: {layer: QuantSpec or spec string} (e.g. Plan.resolve(layers)).
+    Returns:
+        {"plan": label, "mb", "avg_bits", "cost"} with the cost from `planedit.predicted_cost`.
+    """
+    from workbench.plan import plan_totals
+    from workbench.planedit import predicted_cost
+
+    names = [x.name for x in table.layers]
+    missing = [n for n in names if n not in resolved]
+    if missing:
+        raise WorkbenchError(f"the plan has no spec for layer '{missing[0]}' of the sensitivity table")
+    sub = {n: QuantSpec.parse(resolved[n]) for n in names}
+    totals = plan_totals(sub, table.layers)
+    cost = predicted_cost(table, sub)
+    if cost.unpriced:
+        raise WorkbenchError(f"plan '{label}': no cost for layer '{cost.unpriced[0]}' at its spec "
+                             f"'{sub[cost.unpriced[0]]}' in the sensitivity table")
+    return {"plan": label, "mb": totals.mb, "avg_bits": totals.avg_bits, "cost": float(cost.total)}
+
+
+def uniform_points(table, include_bf16: bool = True) -> list[dict]:
+    """`plan_point` of every uniform plan (one spec for all layers of `table`), smallest first."""
+    specs = list(table.specs) + (["bf16"] if include_bf16 else [])
+    pts = [plan_point(table, {x.name: s for x in table.layers}, f"uniform {s}") for s in specs]
+    return sorted(pts, key=lambda p: p["mb"])
