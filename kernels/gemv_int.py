@@ -131,16 +131,32 @@ def _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t, t_end, N, NG, KWL, LO_W
 
 
 @triton.jit
-def _row_step(f, x_row, xk, j: tl.constexpr, K, d, sx, EVEN_K: tl.constexpr, FP8: tl.constexpr):
-    """d += f * x[k] and sx += x[k] for code j of every word (one row of x)."""
+def _row_step(f, x_row, xk, j: tl.constexpr, K, d, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """d += f * x[k] for slot j of every word (one row of x).
+
+    The x pointers are broadcast over the rows first, so the load gets the words' own layout
+    (8-byte vectors, no conversion through shared memory); the rows of a thread share the addresses.
+    """
+    C: tl.constexpr = xk.shape[0]
+    GW: tl.constexpr = xk.shape[1]
+    ptrs = tl.broadcast_to((x_row + xk + j)[None, :, :], [BLOCK_N, C, GW])
     if EVEN_K:
-        x = tl.load(x_row + xk + j).to(tl.float32)
+        x = tl.load(ptrs).to(tl.float32)
     else:
-        x = tl.load(x_row + xk + j, mask=(xk + j) < K, other=0.0).to(tl.float32)  # [C, GW]
-    d += f * x[None, :, :]
-    if not FP8:
-        sx += x
-    return d, sx
+        x = tl.load(ptrs, mask=tl.broadcast_to(((xk + j) < K)[None, :, :], [BLOCK_N, C, GW]),
+                    other=0.0).to(tl.float32)
+    return d + f * x
+
+
+@triton.jit
+def _group_xsum(x_row, t, K, C: tl.constexpr, G: tl.constexpr, EVEN_K: tl.constexpr):
+    """Sum of x over each of the C groups (G columns) of tile t -> [C]."""
+    cols = (t * C + tl.arange(0, C))[:, None] * G + tl.arange(0, G)[None, :]  # [C, G]
+    if EVEN_K:
+        xg = tl.load(x_row + cols).to(tl.float32)
+    else:
+        xg = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+    return tl.sum(xg, axis=1)
 
 
 @triton.jit
@@ -176,6 +192,10 @@ def _gemv_kernel(
     acc1 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
+    accz0 = tl.zeros([BLOCK_N, C], dtype=tl.float32)
+    accz1 = tl.zeros([BLOCK_N, C], dtype=tl.float32)
+    accz2 = tl.zeros([BLOCK_N, C], dtype=tl.float32)
+    accz3 = tl.zeros([BLOCK_N, C], dtype=tl.float32)
     t_start = pid_k * TILES_PER_SPLIT
     t_end = tl.minimum(t_start + TILES_PER_SPLIT, TILES)
     words, hi16, s_raw, z_raw = _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t_start,
@@ -189,14 +209,14 @@ def _gemv_kernel(
         s = s_raw.to(tl.float32)
         if FP8:
             a = (s * 1.329227995784916e36)[:, :, None]  # 2**120
-            b = a
+            b = s
         else:
             if HAS_ZERO:
                 z = z_raw.to(tl.float32)
             else:
                 z = tl.zeros([BLOCK_N, C], dtype=tl.float32) + (1 << (BITS - 1))
             a = (s * ONE)[:, :, None]
-            b = (s * (z + ONE))[:, :, None]
+            b = s * (z + ONE)  # [BN, C]
         # column of slot 0 of each word: a 32-column chunk is CW = 32 / PER words, slot j of chunk word w
         # is column j * CW + w (packing layout), so x for fixed j is contiguous across a chunk's words
         xk = (t * C + c)[:, None] * (GW * PER) + ((w // CW) * 32 + (w % CW))[None, :]  # [C, GW]
@@ -205,10 +225,6 @@ def _gemv_kernel(
         d1 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
         d2 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
         d3 = tl.zeros([BLOCK_N, C, GW], dtype=tl.float32)
-        sx0 = tl.zeros([C, GW], dtype=tl.float32)
-        sx1 = tl.zeros([C, GW], dtype=tl.float32)
-        sx2 = tl.zeros([C, GW], dtype=tl.float32)
-        sx3 = tl.zeros([C, GW], dtype=tl.float32)
         if BITS == 3:
             n0, n1 = _nibbles_3bit(words, hi16)
         else:
@@ -221,42 +237,42 @@ def _gemv_kernel(
                     f = _code_as_float(n1, j - 8, 4, FP8)
             else:
                 f = _code_as_float(words, j, BITS, FP8)  # [BN, C, GW]
-            d0, sx0 = _row_step(f, x_ptr, xk, CW * j, K, d0, sx0, EVEN_K, FP8)
+            d0 = _row_step(f, x_ptr, xk, CW * j, K, d0, BLOCK_N, EVEN_K)
             if M_ROWS > 1:
-                d1, sx1 = _row_step(f, x_ptr + stride_xm, xk, CW * j, K, d1, sx1, EVEN_K, FP8)
+                d1 = _row_step(f, x_ptr + stride_xm, xk, CW * j, K, d1, BLOCK_N, EVEN_K)
             if M_ROWS > 2:
-                d2, sx2 = _row_step(f, x_ptr + 2 * stride_xm, xk, CW * j, K, d2, sx2, EVEN_K, FP8)
+                d2 = _row_step(f, x_ptr + 2 * stride_xm, xk, CW * j, K, d2, BLOCK_N, EVEN_K)
             if M_ROWS > 3:
-                d3, sx3 = _row_step(f, x_ptr + 3 * stride_xm, xk, CW * j, K, d3, sx3, EVEN_K, FP8)
-        acc0 = _combine(acc0, a, d0, b, sx0, FP8)
+                d3 = _row_step(f, x_ptr + 3 * stride_xm, xk, CW * j, K, d3, BLOCK_N, EVEN_K)
+        acc0 += a * d0
         if M_ROWS > 1:
-            acc1 = _combine(acc1, a, d1, b, sx1, FP8)
+            acc1 += a * d1
         if M_ROWS > 2:
-            acc2 = _combine(acc2, a, d2, b, sx2, FP8)
+            acc2 += a * d2
         if M_ROWS > 3:
-            acc3 = _combine(acc3, a, d3, b, sx3, FP8)
+            acc3 += a * d3
+        if not FP8:  # the zero-point / offset term, once per (row, group)
+            accz0 += b * _group_xsum(x_ptr, t, K, C, GW * PER, EVEN_K)[None, :]
+            if M_ROWS > 1:
+                accz1 += b * _group_xsum(x_ptr + stride_xm, t, K, C, GW * PER, EVEN_K)[None, :]
+            if M_ROWS > 2:
+                accz2 += b * _group_xsum(x_ptr + 2 * stride_xm, t, K, C, GW * PER, EVEN_K)[None, :]
+            if M_ROWS > 3:
+                accz3 += b * _group_xsum(x_ptr + 3 * stride_xm, t, K, C, GW * PER, EVEN_K)[None, :]
         words, hi16, s_raw, z_raw = nwords, nhi16, ns_raw, nz_raw
     y_ptrs = y_ptr + n
-    _store_row(y_ptrs, acc0, nmask, SPLIT_K)
+    _store_row(y_ptrs, acc0, accz0, nmask, SPLIT_K)
     if M_ROWS > 1:
-        _store_row(y_ptrs + stride_ym, acc1, nmask, SPLIT_K)
+        _store_row(y_ptrs + stride_ym, acc1, accz1, nmask, SPLIT_K)
     if M_ROWS > 2:
-        _store_row(y_ptrs + 2 * stride_ym, acc2, nmask, SPLIT_K)
+        _store_row(y_ptrs + 2 * stride_ym, acc2, accz2, nmask, SPLIT_K)
     if M_ROWS > 3:
-        _store_row(y_ptrs + 3 * stride_ym, acc3, nmask, SPLIT_K)
+        _store_row(y_ptrs + 3 * stride_ym, acc3, accz3, nmask, SPLIT_K)
 
 
 @triton.jit
-def _combine(acc, a, d, b, sx, FP8: tl.constexpr):
-    if FP8:
-        return acc + a * d
-    else:
-        return acc + a * d - b * sx[None, :, :]
-
-
-@triton.jit
-def _store_row(y_ptrs, acc, nmask, SPLIT_K: tl.constexpr):
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
+def _store_row(y_ptrs, acc, accz, nmask, SPLIT_K: tl.constexpr):
+    y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(accz, axis=1)  # [BN]
     if SPLIT_K == 1:
         tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=nmask)
     else:
