@@ -8,6 +8,7 @@ threads, and cancels a session's jobs when its tab closes.
 from __future__ import annotations
 
 import logging
+import threading
 
 import panel as pn
 
@@ -85,6 +86,13 @@ def show(model=None, source: str = "default") -> pn.viewable.Viewable:
     return create_app(model=model, source=source)
 
 
+def _preload(load, source: str) -> None:
+    try:
+        load(source)
+    except Exception as exc:  # the session's own load job reports the error to the user
+        logging.getLogger("workbench").info("preloading '%s' failed: %s", source, exc)
+
+
 def serve(
     source: str = "default",
     host: str = "127.0.0.1",
@@ -114,6 +122,10 @@ def serve(
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    # Start loading the model now, while the browser is still opening: the first tab then waits less.
+    from workbench.ui.tasks import shared_model
+
+    threading.Thread(target=_preload, args=(shared_model, source), daemon=True).start()
     origins = [f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
     return pn.serve(
         {"/": session},

@@ -16,6 +16,8 @@ _FILTERS = {
     "pinned": {"type": "tickCross", "tristate": True, "indeterminateValue": None},
 }
 
+_LIVE = ("spec", "bits", "KB", "cost", "pinned")  # the columns a plan edit can change
+
 
 class ModelView(View):
     """Every quantizable layer with its current spec; edit `spec` or `pinned` in a cell, click a row to
@@ -70,10 +72,25 @@ class ModelView(View):
 
         def show_table(df):
             # Deferred to the next tick: Tabulator ignores a new value set inside its own edit callback.
-            def push():
-                table.value = df
+            pn.state.execute(lambda: push(df), schedule=True) if pn.state.curdoc else push(df)
 
-            pn.state.execute(push, schedule=True) if pn.state.curdoc else push()
+        def push(df):
+            """Send only the cells that changed (a full 211-row table costs the browser ~0.5 s)."""
+            old = table.value
+            if old is None or len(old) != len(df) or not old["layer"].equals(df["layer"]):
+                table.value = df
+                return
+            patch = {}
+            for col in _LIVE:
+                a, b = old[col], df[col]
+                changed = ~((a == b) | (a.isna() & b.isna()))
+                if changed.any():
+                    patch[col] = [
+                        (int(i), b.iloc[i].item() if hasattr(b.iloc[i], "item") else b.iloc[i])
+                        for i in changed.to_numpy().nonzero()[0]
+                    ]
+            if patch:
+                table.patch(patch, as_index=False)
 
         def on_table(event):
             if event.new is not None:
