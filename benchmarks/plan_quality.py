@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,24 +43,54 @@ UNIFORM = [
 
 
 class State:
-    """A JSON dict saved after every step."""
+    """Step results in a JSON file, re-read before every step, so several processes can share one run.
 
-    def __init__(self, path: Path):
+    A process claims a step before computing it; steps claimed by another live process are skipped
+    (`get` returns None) and picked up by a later run if that process dies.
+    """
+
+    def __init__(self, path: Path, skip: set[str] = frozenset()):
         self.path = path
-        self.d = json.loads(path.read_text()) if path.is_file() else {}
+        self.skip = skip
+
+    def _load(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def _save(self, d: dict) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(d, indent=1))
+        tmp.replace(self.path)
 
     def get(self, key, fn):
-        if key not in self.d:
-            t0 = time.perf_counter()
-            val = fn()
-            self.d[key] = {"value": val, "seconds": time.perf_counter() - t0}
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(self.d, indent=1))
-            tmp.replace(self.path)
+        d = self._load()
+        if key in d:
+            return d[key]["value"]
+        if key in self.skip:
+            return None
+        owner = d.get("_claims", {}).get(key)
+        if owner and owner != os.getpid() and _alive(owner):
             print(
-                f"[{time.strftime('%H:%M:%S')}] {key}: {json.dumps(val)[:200]}", file=sys.stderr, flush=True
+                f"[{time.strftime('%H:%M:%S')}] {key}: computed by process {owner}, skipped", file=sys.stderr
             )
-        return self.d[key]["value"]
+            return None
+        d.setdefault("_claims", {})[key] = os.getpid()
+        self._save(d)
+        t0 = time.perf_counter()
+        val = fn()
+        d = self._load()
+        d[key] = {"value": val, "seconds": time.perf_counter() - t0}
+        d.get("_claims", {}).pop(key, None)
+        self._save(d)
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: {json.dumps(val)[:200]}", file=sys.stderr, flush=True)
+        return val
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
 
 
 def spearman(a, b) -> float:
@@ -81,7 +112,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scan-seqs", type=int, default=2, help="kl scan / Fisher batch: windows")
     ap.add_argument("--scan-seq-len", type=int, default=256, help="kl scan / Fisher batch: window length")
     ap.add_argument("--kl-layers", type=int, default=None, help="limit the kl scan to N layers (extrapolate)")
-    ap.add_argument("--skip", default="", help="comma list of steps to skip: uniform,alloc,scans,kl")
+    ap.add_argument(
+        "--skip", default="", help="comma list of step groups (uniform,alloc,scans,kl) or step keys"
+    )
     ap.add_argument("--state", default=None, help="state file (default: in the workbench cache)")
     ap.add_argument("--write-results", action="store_true", help="replace this script's RESULTS.md sections")
     args = ap.parse_args(argv)
@@ -101,7 +134,7 @@ def main(argv=None) -> int:
     dev = args.device.split(":")[0]
     tag = f"{loaded.description.fingerprint}-{dev}-{Path(args.text).name}-{args.tokens}-{args.seq_len}"
     work = cache_dir("plan_quality", tag)
-    state = State(Path(args.state) if args.state else work / "state.json")
+    state = State(Path(args.state) if args.state else work / "state.json", skip)
     ev = dict(text=args.text, seq_len=args.seq_len, max_tokens=args.tokens, progress=True)
     cal = dict(
         text=args.calib,
@@ -133,7 +166,6 @@ def main(argv=None) -> int:
             "ref_ppl": r.ref_ppl,
         }
 
-    ref = state.get("reference", lambda: evaluate(loaded, None, **ev).to_json())
     uniform = {}
     order = ["int3_g128", "int4_g128"] + [s for s in UNIFORM if s not in ("int3_g128", "int4_g128")]
     if "uniform" not in skip:
@@ -143,14 +175,14 @@ def main(argv=None) -> int:
     allocs = {}
     if "alloc" not in skip:
         path = work / "alloc_fisher.json"
-        state.get(
+        info = state.get(
             "alloc_table",
             lambda: _scan_info(
                 sensitivity_scan(loaded, ALLOC_SPECS, "proxy", out=path, importance="fisher", **cal)
             ),
         )
-        tab = SensitivityTable.load(path)
-        for b in ["int3_g128", "int4_g128", 3.0, 3.5, 4.0]:  # equal-size comparisons first
+        tab = SensitivityTable.load(path) if info is not None else None
+        for b in ["int3_g128", "int4_g128", 3.0, 3.5, 4.0] if tab is not None else []:  # equal sizes first
             key = f"alloc:{b}"
 
             def do(b=b):
@@ -205,7 +237,7 @@ def main(argv=None) -> int:
                 )
             ),
         )
-        if "scans" not in skip:
+        if scans.get("proxy") and scans.get("fisher") and scans.get("kl"):
             kl = SensitivityTable.load(work / f"scan_kl_{args.kl_layers or 'all'}.json")
             names = [x.name for x in kl.layers]
             for other in ("proxy", "fisher"):
@@ -220,6 +252,13 @@ def main(argv=None) -> int:
                 scans[f"spearman_{other}_kl_within_spec"] = dict(zip(SCAN_SPECS, per_spec))
             scans["kl_layers"] = len(names)
 
+    ref = state.get("reference", lambda: evaluate(loaded, None, **ev).to_json())
+    if ref is None:
+        print("reference not measured yet (another process is on it)", file=sys.stderr)
+        return 1
+    uniform = {k: v for k, v in uniform.items() if v is not None}
+    allocs = {k: v for k, v in allocs.items() if v is not None}
+    scans = {k: v for k, v in scans.items() if v is not None}
     md = render(loaded, args, ref, uniform, allocs, scans, len(layers))
     print(md)
     if args.write_results:
