@@ -26,7 +26,7 @@ def _names(model) -> list[str]:
 
 def plans(model) -> dict[str, dict[str, str]]:
     names = _names(model)
-    cycle = ["int4_g32", "int3_g64_sym", "int2_g16", "int8_ch", "fp8_e4m3", "int4_ch", "int8_g128_sym"]
+    cycle = ["int4_g32", "int3_g64_sym", "int2_g32", "int8_ch", "fp8_e4m3", "int4_ch", "int8_g128_sym"]
     return {
         "int8_ch": {n: "int8_ch" for n in names},
         "int4_g32": {n: "int4_g32" for n in names},

@@ -5,9 +5,11 @@ ready are the modules swapped in (a plain attribute assignment per layer). An er
 during quantization therefore leaves the original model exactly as it was, and the half-built layers are
 dropped. Layers whose spec is bf16 / fp16 keep their nn.Linear.
 
-Quantization runs through `workbench.quant.api.quantize_weight` (CPU, float32). For round-to-nearest specs
-of a weight that already lives on CUDA, the same round-to-nearest code (`workbench.quant.rtn.rtn_quantize`)
-runs on the GPU instead, which turns minutes into seconds for 8B-sized models; GPTQ / AWQ always run on CPU.
+Quantization runs through `workbench.quant.api.quantize_weight` (CPU, float32). For integer round-to-nearest
+specs of a weight that already lives on CUDA, the same code (`workbench.quant.rtn.rtn_quantize`)
+runs on the GPU instead (bit-identical codes and scales, checked in tests/test_runtime_cuda.py), which turns
+minutes into seconds for 8B-sized models; float formats, GPTQ and AWQ run on CPU (the GPU's float8 casts
+were seen to differ from the CPU's by a code on an H100, 2026-11-22).
 """
 
 from __future__ import annotations
@@ -97,10 +99,10 @@ def resolve_specs(model: torch.nn.Module, plan_or_resolved) -> dict:
 
 
 def quantize_layer(name: str, W: torch.Tensor, spec, gram: torch.Tensor | None = None):
-    """Quantize one [N, K] weight; RTN on the GPU when W is on CUDA, else quantize_weight on CPU."""
+    """Quantize one [N, K] weight; integer RTN on the GPU when W is on CUDA, else quantize_weight on CPU."""
     from workbench.quant.api import QuantizedWeight, quantize_weight
 
-    if W.is_cuda and spec.algo == "rtn" and gram is None:
+    if W.is_cuda and spec.fmt == "int" and spec.algo == "rtn" and gram is None:
         from workbench.quant.formats import ungrouped
         from workbench.quant.rtn import rtn_quantize
 
