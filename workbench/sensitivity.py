@@ -193,11 +193,11 @@ def proxy_costs(
     from workbench.simulate import needs_gram
 
     W = W.detach().float()
-    G = gram.float()
+    G = gram.float().to(W.device)
     den = float(quadratic_form(W, G).sum())
     out = {}
     for s in specs:
-        W_hat = fake_quant(W, s, G if needs_gram(s) else None, layer=name)
+        W_hat = fake_quant(W, s, G if needs_gram(s) else None, layer=name).to(W.device)
         q = quadratic_form(W - W_hat, G)
         if row_weight is not None:
             out[s] = float((q * row_weight.to(q.device, q.dtype)).sum())

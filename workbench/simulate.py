@@ -144,7 +144,7 @@ def calibration_grams(
             return {n: grams[n] for n in names}
     batches = calibration_batches(loaded.tokenizer, text, n_seqs, seq_len, seed, max_context=d.max_context)
     stats = collect_activation_stats(loaded.model, batches, all_names, gram=True, progress=progress)
-    tensors = {n: st.gram.float().contiguous() for n, st in stats.items() if st.shared_with is None}
+    tensors = {n: st.gram.float().cpu().contiguous() for n, st in stats.items() if st.shared_with is None}
     alias = {n: st.shared_with for n, st in stats.items() if st.shared_with is not None}
     if use_cache:
         tmp = path.with_name(path.name + ".tmp")
