@@ -35,6 +35,19 @@ _API = {
     "load_text": "workbench.data",
     "calibration_batches": "workbench.data",
     "eval_windows": "workbench.data",
+    "Plan": "workbench.plan",
+    "Rule": "workbench.plan",
+    "plan_totals": "workbench.plan",
+    "plan_diff": "workbench.plan",
+    "fake_quantized": "workbench.simulate",
+    "evaluate": "workbench.evaluate",
+    "EvalResult": "workbench.evaluate",
+    "SensitivityTable": "workbench.sensitivity",
+    "sensitivity_scan": "workbench.sensitivity",
+    "allocate": "workbench.allocate",
+    "allocate_table": "workbench.allocate",
+    "pareto_front": "workbench.allocate",
+    "llama_cpp_tensor_types": "workbench.export",
 }
 
 __all__ = sorted(_API)
