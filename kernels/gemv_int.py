@@ -131,21 +131,30 @@ def _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t, t_end, N, NG, KWL, LO_W
 
 
 @triton.jit
-def _row_step(f, x_row, xk, j: tl.constexpr, K, d, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr):
+def _row_step(f, x_row, xk, j: tl.constexpr, K, d, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
+              X_BCAST: tl.constexpr):
     """d += f * x[k] for slot j of every word (one row of x).
 
-    The x pointers are broadcast over the rows first, so the load gets the words' own layout
-    (8-byte vectors, no conversion through shared memory); the rows of a thread share the addresses.
+    ``X_BCAST``: broadcast the x pointers over the rows before loading, so that the load gets the words'
+    own layout (with several warps a [C, GW] load is otherwise laid out differently and converted
+    through shared memory, with barriers); with one warp the [C, GW] load already matches.
     """
     C: tl.constexpr = xk.shape[0]
     GW: tl.constexpr = xk.shape[1]
-    ptrs = tl.broadcast_to((x_row + xk + j)[None, :, :], [BLOCK_N, C, GW])
-    if EVEN_K:
-        x = tl.load(ptrs).to(tl.float32)
+    if X_BCAST:
+        ptrs = tl.broadcast_to((x_row + xk + j)[None, :, :], [BLOCK_N, C, GW])
+        if EVEN_K:
+            x = tl.load(ptrs).to(tl.float32)
+        else:
+            x = tl.load(ptrs, mask=tl.broadcast_to(((xk + j) < K)[None, :, :], [BLOCK_N, C, GW]),
+                        other=0.0).to(tl.float32)
+        return d + f * x
     else:
-        x = tl.load(ptrs, mask=tl.broadcast_to(((xk + j) < K)[None, :, :], [BLOCK_N, C, GW]),
-                    other=0.0).to(tl.float32)
-    return d + f * x
+        if EVEN_K:
+            x = tl.load(x_row + xk + j).to(tl.float32)
+        else:
+            x = tl.load(x_row + xk + j, mask=(xk + j) < K, other=0.0).to(tl.float32)  # [C, GW]
+        return d + f * x[None, :, :]
 
 
 @triton.jit
@@ -174,6 +183,7 @@ def _gemv_kernel(
     C: tl.constexpr,  # groups per tile
     PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, FP8: tl.constexpr,
     EVEN_K: tl.constexpr,  # K is a multiple of the tile: no masks along K
+    X_BCAST: tl.constexpr,  # load x broadcast over rows (see _row_step)
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -237,13 +247,13 @@ def _gemv_kernel(
                     f = _code_as_float(n1, j - 8, 4, FP8)
             else:
                 f = _code_as_float(words, j, BITS, FP8)  # [BN, C, GW]
-            d0 = _row_step(f, x_ptr, xk, CW * j, K, d0, BLOCK_N, EVEN_K)
+            d0 = _row_step(f, x_ptr, xk, CW * j, K, d0, BLOCK_N, EVEN_K, X_BCAST)
             if M_ROWS > 1:
-                d1 = _row_step(f, x_ptr + stride_xm, xk, CW * j, K, d1, BLOCK_N, EVEN_K)
+                d1 = _row_step(f, x_ptr + stride_xm, xk, CW * j, K, d1, BLOCK_N, EVEN_K, X_BCAST)
             if M_ROWS > 2:
-                d2 = _row_step(f, x_ptr + 2 * stride_xm, xk, CW * j, K, d2, BLOCK_N, EVEN_K)
+                d2 = _row_step(f, x_ptr + 2 * stride_xm, xk, CW * j, K, d2, BLOCK_N, EVEN_K, X_BCAST)
             if M_ROWS > 3:
-                d3 = _row_step(f, x_ptr + 3 * stride_xm, xk, CW * j, K, d3, BLOCK_N, EVEN_K)
+                d3 = _row_step(f, x_ptr + 3 * stride_xm, xk, CW * j, K, d3, BLOCK_N, EVEN_K, X_BCAST)
         acc0 += a * d0
         if M_ROWS > 1:
             acc1 += a * d1
@@ -292,14 +302,17 @@ class GemvConfig:
 def default_gemv_config(M: int, N: int, K: int, bits: int) -> GemvConfig:
     """Hand-chosen launch shape per shape class, from the H100 sweeps in benchmarks/KERNEL_NOTES.md.
 
-    2-4 bits: 4 warps x 16 rows (4 rows per thread share each x value).  8 bits (int8 / FP8): one warp
-    per program, 4 rows; narrow N (few programs) splits K instead.  3-4 rows of x: 8 rows per program
-    so the per-row accumulators fit in registers.
+    2 and 4 bits: 4 warps x 16 rows (4 rows per thread share each x value).  3 bits: one warp, 8 rows,
+    64-word tiles (register pressure of the plane merge).  8 bits (int8 / FP8): one warp per program,
+    4 rows; narrow N (few programs) splits K instead.  3-4 rows of x: 8 rows per program so the per-row
+    accumulators fit in registers.
     """
     if bits == 8:
         if N <= 4096:
             return GemvConfig(block_n=8, tile_words=128, split_k=4, num_warps=1)
         return GemvConfig(block_n=4, tile_words=128, split_k=1, num_warps=1)
+    if bits == 3:
+        return GemvConfig(block_n=8 if M <= 2 else 4, tile_words=64, split_k=1, num_warps=1)
     if M >= 3:
         return GemvConfig(block_n=8, tile_words=128, split_k=1, num_warps=4)
     if bits == 4 and N <= 4096:
@@ -351,6 +364,7 @@ def launch_gemv(
         x.stride(0), packed.stride(0), y.stride(0),
         M_ROWS=M, BITS=bits, PER=per, GW=gw, C=c,
         PER_CHANNEL=per_channel, HAS_ZERO=zeros_t is not None, FP8=fp8, EVEN_K=K % (c * gw * per) == 0,
+        X_BCAST=cfg.num_warps > 1 and bits != 3,
         BLOCK_N=cfg.block_n, SPLIT_K=split, num_warps=cfg.num_warps,
     )
     return finish_output(y, out, x.dtype)
