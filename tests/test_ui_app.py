@@ -1,0 +1,57 @@
+"""The app object without a browser: the same build for notebooks and `workbench serve`, safe defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("panel")
+
+
+def test_serve_binds_localhost_by_default():
+    from workbench.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1" and args.port == 5006 and args.model == "default"
+    args = build_parser().parse_args(["serve", "--model", "x.gguf", "--host", "0.0.0.0", "--port", "0"])
+    assert (args.host, args.port, args.model) == ("0.0.0.0", 0, "x.gguf")
+
+
+def test_show_builds_every_view_for_a_loaded_model(stories):
+    import panel as pn
+
+    from workbench.ui import show
+
+    app = show(model=stories)
+    state = app.state
+    assert state.phase == "ready" and len(state.layers) == 36
+    tabs = [o for o in app.select(pn.Tabs)]
+    assert len(tabs) == 1
+    assert list(tabs[0]._names) == ["Model", "Plan", "Distributions", "Sensitivity", "Measure", "Chat"]
+    table = next(t for t in app.select(pn.widgets.Tabulator) if "wb-layer-table" in t.css_classes)
+    assert len(table.value) == 36
+    state.set_role_spec("down", "int8_ch")  # the table widget follows the state
+    assert set(table.value[table.value.role == "down"].spec) == {"int8_ch"}
+    state.undo()
+    assert set(table.value.spec) == {"bf16"}
+
+
+def test_closing_a_session_cancels_its_jobs(stories):
+    import threading
+
+    from workbench.ui.jobs import Job
+    from workbench.ui.state import WorkbenchState
+
+    s = WorkbenchState()
+    s.set_model(stories)
+    started = threading.Event()
+
+    def forever(ctx):
+        started.set()
+        while True:
+            ctx.report(None, "working")
+
+    job = s.add_job(Job("long", forever))
+    assert started.wait(5)
+    assert s.cancel_jobs() == 1  # what on_session_destroyed calls
+    job.join(5)
+    assert job.state == "cancelled" and s.running_jobs() == []
