@@ -65,7 +65,7 @@ class State:
         d = self._load()
         if key in d:
             return d[key]["value"]
-        if key in self.skip:
+        if key in self.skip or "*" in self.skip:
             return None
         owner = d.get("_claims", {}).get(key)
         if owner and owner != os.getpid() and _alive(owner):
@@ -117,8 +117,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--state", default=None, help="state file (default: in the workbench cache)")
     ap.add_argument("--write-results", action="store_true", help="replace this script's RESULTS.md sections")
+    ap.add_argument("--report-only", action="store_true", help="compute nothing: print what the state holds")
     args = ap.parse_args(argv)
-    skip = set(filter(None, args.skip.split(",")))
+    skip = set(filter(None, args.skip.split(","))) | ({"*"} if args.report_only else set())
 
     from workbench.allocate import allocate_table
     from workbench.evaluate import evaluate
