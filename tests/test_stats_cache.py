@@ -50,10 +50,17 @@ def test_round_trip_and_second_run_from_cache(stories, story_text, wb_cache, tmp
     # an explicit folder round trip (what `workbench inspect --out` writes)
     first.save(tmp_path / "out")
     _same(first, Inspection.load(tmp_path / "out"))
+    # the export hard-links the cache files instead of writing 2 copies
+    assert (tmp_path / "out" / ARRAYS).stat().st_ino == (first.folder / ARRAYS).stat().st_ino
     assert (tmp_path / "out" / "summary.txt").read_text().startswith("stories260K")
     # a different seed is a different key
     other = inspect_model(stories, story_text, n_seqs=3, seq_len=48, seed=3, progress=False)
     assert not other.from_cache and other.folder != first.folder
+    # without the cache nothing is stored and save() writes real files
+    nocache = inspect_model(stories, story_text, n_seqs=3, seq_len=48, seed=4, progress=False, cache=False)
+    assert nocache.folder is None
+    nocache.save(tmp_path / "out2")
+    assert Inspection.load(tmp_path / "out2").settings["seed"] == 4
 
 
 def _parts():

@@ -9,6 +9,7 @@ the `workbench inspect` command.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from workbench.stats.accumulator import ActivationStats, TokenMax
-from workbench.stats.cache import cache_folder, cache_key, read_folder, write_folder
+from workbench.stats.cache import ARRAYS, SCALARS, cache_folder, cache_key, read_folder, write_folder
 from workbench.stats.weights import GridLevels, WeightStats
 
 DEFAULT_SPECS = ("int4_g128", "int8_ch")  # more with specs=...; grid_levels() computes any on demand
@@ -251,10 +252,16 @@ class Inspection:
         )
 
     def save(self, folder: str | Path) -> Path:
-        """Write arrays.safetensors + stats.json (atomically) and summary.txt into `folder`."""
+        """Write arrays.safetensors + stats.json (atomically) and summary.txt into `folder`.
+
+        When this inspection already lives in a cache folder on the same file system, its files are
+        hard-linked instead of written again (a cache rewrite replaces the files, never edits them).
+        """
         folder = Path(folder)
-        tensors, scalars = self.to_parts()
-        write_folder(folder, tensors, scalars)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder is not None and _link_folder(self.folder, folder)):
+            tensors, scalars = self.to_parts()
+            write_folder(folder, tensors, scalars)
         (folder / "summary.txt").write_text(self.summary() + "\n")
         return folder
 
@@ -263,6 +270,21 @@ class Inspection:
         """An inspection saved in `folder`, or None when it is missing or incomplete."""
         parts = read_folder(Path(folder))
         return None if parts is None else cls.from_parts(*parts, folder=Path(folder))
+
+
+def _link_folder(src: Path, dst: Path) -> bool:
+    """Hard-link src's arrays, then scalars, into dst (temp name + os.replace); False if impossible."""
+    if src.resolve() == dst.resolve():
+        return read_folder(src) is not None
+    try:
+        for name in (ARRAYS, SCALARS):  # the JSON (the commit record) last
+            tmp = dst / f".{name}.{os.getpid()}.link"
+            tmp.unlink(missing_ok=True)
+            os.link(src / name, tmp)
+            os.replace(tmp, dst / name)
+    except OSError:
+        return False
+    return True
 
 
 def group_label(names: list[str]) -> str:
@@ -363,7 +385,7 @@ def inspect_model(
         weights=weights,
         activations=acts,
         token_text=token_text,
-        folder=folder,
+        folder=folder if cache else None,
     )
     if cache:
         tensors, scalars = insp.to_parts()
