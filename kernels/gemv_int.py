@@ -7,10 +7,12 @@ weight as it can (``benchmarks/KERNEL_NOTES.md`` has the instruction counts and 
   contiguous): each thread issues 16-byte loads, a warp reads whole row segments;
 * no int->float conversion (a slow instruction on the SM): code j of a word is shifted into the top
   mantissa bits of 1.0, giving the fp32 ``f = 1 + q / 2**B`` in one shift and one and/or;
-* scales and zeros are applied once per (row, group, word), not per weight:
-  ``sum_k (q_k - z) s x_k = s 2**B sum_k f_k x_k - s (2**B + z) sum_k x_k``, so each weight costs one FMA;
-  keeping the 1.0 inside f keeps the fp32 sums exact to ~1e-7 relative (the constant is of the size
-  of the codes, unlike the usual ``2**23 + q`` trick);
+* scales and zeros are applied per (row, group), not per weight:
+  ``sum_k (q_k - z) s x_k = s 2**B sum_k f_k x_k - s (2**B + z) sum_k x_k``, so each weight costs one FMA
+  (the x sums per group are shared by all rows); keeping the 1.0 inside f keeps the fp32 sums exact
+  to ~1e-7 relative (the constant is of the size of the codes, unlike the usual ``2**23 + q`` trick);
+* the chunk-interleaved packing puts slot j of neighbouring words in neighbouring columns, so x for a
+  slot is one 8-byte load in the words' own layout (``X_BCAST`` with several warps, see ``_row_step``);
 * up to 4 rows of x reuse each decoded weight (one accumulator set per row); x values are shared by
   the rows a thread holds;
 * the loads of tile t+1 are issued before tile t is computed (software pipelining by hand);
