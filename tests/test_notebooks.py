@@ -44,6 +44,10 @@ def _defs_too_long(source: str) -> list[str]:
     return too_long
 
 
+def test_the_five_notebooks_exist():
+    assert [p.stem for p in _paths()] == EXPECTED
+
+
 @pytest.mark.parametrize("path", _paths(), ids=lambda p: p.stem)
 def test_stored_without_outputs(path):
     raw = json.loads(path.read_text())

@@ -433,3 +433,52 @@ def uniform_points(table, include_bf16: bool = True) -> list[dict]:
     specs = list(table.specs) + (["bf16"] if include_bf16 else [])
     pts = [plan_point(table, {x.name: s for x in table.layers}, f"uniform {s}") for s in specs]
     return sorted(pts, key=lambda p: p["mb"])
+
+
+# ------------------------------------------------------------------------------------------ speed
+@torch.no_grad()
+def time_module(module: torch.nn.Module, x: torch.Tensor, reps: int = 20, warmup: int = 3) -> float:
+    """Median wall time in seconds of module(x) (CUDA synchronised around each call)."""
+    import statistics
+    import time
+
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(warmup):
+        module(x)
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        module(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def linear_timing_rows(reference: dict[str, torch.nn.Module], quantized: dict[str, torch.nn.Module],
+                       tokens: tuple[int, ...] = (1, 16), reps: int = 20, seed: int = 0) -> list[dict]:
+    """Time each layer's original module against its quantized replacement on the same input.
+
+    Args:
+        reference / quantized: {layer name: module} with the same keys (e.g. copies of the nn.Linear layers
+            taken before `apply_plan`, and the QuantLinear modules after it).
+        tokens: batch sizes M of the input x [M, in_features] (1 = decode, larger = prefill-like).
+    Returns:
+        rows: layer, shape "NxK", spec (the quantized module's `spec`, else "-"), tokens, reference_us,
+        quantized_us, speedup (reference / quantized), device.
+    """
+    if set(reference) != set(quantized):
+        raise WorkbenchError("reference and quantized modules must name the same layers")
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for name, ref in reference.items():
+        q = quantized[name]
+        w = next(ref.parameters())
+        for m in tokens:
+            x = torch.randn(m, w.shape[1], generator=gen).to(w.device, w.dtype)
+            t_ref, t_q = time_module(ref, x, reps), time_module(q, x, reps)
+            rows.append({"layer": name, "shape": f"{w.shape[0]}x{w.shape[1]}",
+                         "spec": str(getattr(q, "spec", "-")), "tokens": m, "reference_us": t_ref * 1e6,
+                         "quantized_us": t_q * 1e6,
+                         "speedup": t_ref / t_q if t_q > 0 else math.inf, "device": str(w.device)})
+    return rows
