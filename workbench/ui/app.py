@@ -68,11 +68,38 @@ def build_app(state: WorkbenchState) -> pn.viewable.Viewable:
     return app
 
 
+def session_dispatcher():
+    """In a served session: a function that runs `fn()` on the session's event loop (document lock held).
+
+    Job threads hand their results over through it (`WorkbenchState.run_ui`): Panel panes such as Plotly
+    replace Bokeh models directly when their object changes, which Bokeh only allows under the lock.
+    None outside a server session (notebooks, tests), where results are applied directly.
+    """
+    from panel.io.state import set_curdoc
+
+    doc = pn.state.curdoc
+    if doc is None or doc.session_context is None:
+        return None
+
+    def dispatch(fn):
+        def run():
+            with set_curdoc(doc):
+                fn()
+
+        try:
+            doc.add_next_tick_callback(run)
+        except Exception:  # the session is gone (tab closed): nothing left to update
+            pass
+
+    return dispatch
+
+
 def create_app(
     model=None, source: str = "default", load: bool = True, dispatcher=None
 ) -> pn.viewable.Viewable:
     """A new state and its app. `model` may be a LoadedModel (used as is) or a source string."""
     _extension()
+    dispatcher = dispatcher or session_dispatcher()
     state = WorkbenchState(source=source if not isinstance(model, str) else model, dispatcher=dispatcher)
     if model is not None and not isinstance(model, str):
         state.set_model(model)
@@ -107,9 +134,6 @@ def serve(
     """
 
     def session():
-        # Job threads change params directly: Panel schedules the resulting model updates on this session's
-        # event loop itself (scheduling them ourselves with add_next_tick_callback made components rendered
-        # in those callbacks fetch their stylesheets from the CDN, which fails offline).
         app = create_app(source=source)
         state = app.state
         pn.state.on_session_destroyed(lambda _ctx: state.cancel_jobs())

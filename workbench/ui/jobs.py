@@ -139,10 +139,10 @@ class Job(param.Parameterized):
         if not self.running:
             return
         self._cancel.set()
-        self.status = "cancelling"
         tid = self._thread.ident
         if interrupt and tid is not None and self._interruptible and self._thread.is_alive():
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(JobCancelled))
+        self.status = "cancelling"
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the thread (tests and shutdown)."""

@@ -488,5 +488,8 @@ class WorkbenchState(param.Parameterized):
         """Cancel every running job of this session (tab closed); returns how many."""
         running = self.running_jobs()
         for job in running:
-            job.cancel()
+            try:
+                job.cancel()
+            except Exception:  # a closed session's widgets may fail to update; the job is stopped anyway
+                pass
         return len(running)

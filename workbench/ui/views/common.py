@@ -52,7 +52,7 @@ def totals_line(state: WorkbenchState) -> pn.viewable.Viewable:
     return pane
 
 
-def job_row(job: Job) -> pn.Row:
+def job_row(job: Job, run_ui=lambda fn: fn()) -> pn.Row:
     """One job: name, progress bar, status, cancel button (disabled once finished)."""
     bar = pn.indicators.Progress(
         value=int(job.progress * 100), max=100, width=160, height=18, bar_color="primary", margin=(8, 5)
@@ -81,7 +81,7 @@ def job_row(job: Job) -> pn.Row:
         cancel.disabled = not job.running
         cancel.visible = job.running
 
-    job.param.watch(sync, ["progress", "status", "state"])
+    job.param.watch(lambda *_e: run_ui(sync), ["progress", "status", "state"])  # from the job's thread
     sync()
     return pn.Row(
         pn.pane.Markdown(f"**{job.name}**", margin=(5, 5), width=220),
@@ -101,7 +101,7 @@ def jobs_panel(state: WorkbenchState, keep_finished: int = 1) -> pn.viewable.Vie
         rows = []
         for j in finished + running:
             if getattr(j, "_panel_row", None) is None:
-                j._panel_row = job_row(j)  # one row (and one watcher) per job
+                j._panel_row = job_row(j, state.run_ui)  # one row (and one watcher) per job
             rows.append(j._panel_row)
         return pn.Column(*rows, margin=0) if rows else pn.pane.HTML("", height=0, margin=0)
 

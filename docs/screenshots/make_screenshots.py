@@ -1,0 +1,90 @@
+"""Regenerate the screenshots of every app view on the default model (docs/screenshots/*.png).
+
+    python docs/screenshots/make_screenshots.py [--model default] [--out docs/screenshots]
+
+Serves the app in this process, drives the heavy steps (statistics, sensitivity, allocation, evaluation,
+chat) through the session's state object, and photographs each tab with Chromium.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import time
+from pathlib import Path
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync"]
+
+
+def main() -> None:
+    import panel as pn
+    from playwright.sync_api import sync_playwright
+
+    from workbench.ui.app import _extension, create_app
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--out", default=str(Path(__file__).parent))
+    ap.add_argument("--layer", default="model.layers.3.self_attn.q_proj")
+    args = ap.parse_args()
+    out = Path(args.out)
+    states = []
+
+    def session():
+        app = create_app(source=args.model)
+        states.append(app.state)
+        return app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _extension()
+    server = pn.serve({"/": session}, port=port, address="127.0.0.1", show=False, threaded=True,
+                      websocket_origin=[f"127.0.0.1:{port}"])
+
+    def step(what, job):
+        t0 = time.perf_counter()
+        job.join()
+        print(f"{what}: {job.state} in {time.perf_counter() - t0:.1f} s {job.error}", flush=True)
+
+    try:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+            page = b.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector(".wb-layer-table .tabulator-row", timeout=600_000)
+            st = states[-1]
+
+            def tab(name, settle=3.0, full=True):
+                page.locator(".bk-tab", has_text=name).first.click()
+                time.sleep(settle)
+                page.screenshot(path=str(out / f"{name.lower()}.png"), full_page=full)
+
+            step("statistics", st.compute_stats())
+            specs = ["int8_ch", "int4_g128", "int4_g32", "nf4_g64", "mxfp4", "int3_g64", "int2_g32"]
+            step("sensitivity", st.compute_sensitivity(specs))
+            st.set_pinned("lm_head", True)
+            st.allocate(budget_bits=4.5)
+            st.set_role_spec("down", "int8_ch")
+            time.sleep(2)
+            page.screenshot(path=str(out / "model.png"))
+            tab("Plan")
+            st.selected = args.layer
+            tab("Distributions", settle=1.0)
+            page.wait_for_selector(".wb-chart-act .main-svg", timeout=120_000)
+            time.sleep(8)
+            page.screenshot(path=str(out / "distributions.png"), full_page=True)
+            tab("Sensitivity", settle=6.0)
+            step("evaluate reference", st.evaluate(reference=True))
+            step("evaluate plan", st.evaluate())
+            tab("Measure")
+            step("chat", st.chat("What is the capital of France?", 32))
+            tab("Chat")
+            b.close()
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
