@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--scan-seqs", type=int, default=2, help="kl scan / Fisher batch: windows")
     ap.add_argument("--scan-seq-len", type=int, default=256, help="kl scan / Fisher batch: window length")
+    ap.add_argument(
+        "--alloc-specs", default=",".join(ALLOC_SPECS), help="allocation candidates (bf16 is added)"
+    )
     ap.add_argument("--kl-layers", type=int, default=None, help="limit the kl scan to N layers (extrapolate)")
     ap.add_argument(
         "--skip", default="", help="comma list of step groups (uniform,alloc,scans,kl) or step keys"
@@ -120,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true", help="compute nothing: print what the state holds")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(","))) | ({"*"} if args.report_only else set())
+    alloc_specs = [x for x in args.alloc_specs.split(",") if x]
 
     from workbench.allocate import allocate_table
     from workbench.evaluate import evaluate
@@ -175,16 +179,17 @@ def main(argv=None) -> int:
 
     allocs = {}
     if "alloc" not in skip:
-        path = work / "alloc_fisher.json"
+        label = "gptq" if "gptq" in args.alloc_specs else "rtn"
+        path = work / f"alloc_fisher_{label}.json"
         info = state.get(
-            "alloc_table",
+            f"alloc_table:{label}",
             lambda: _scan_info(
-                sensitivity_scan(loaded, ALLOC_SPECS, "proxy", out=path, importance="fisher", **cal)
+                sensitivity_scan(loaded, alloc_specs, "proxy", out=path, importance="fisher", **cal)
             ),
         )
         tab = SensitivityTable.load(path) if info is not None else None
         for b in ["int3_g128", "int4_g128", 3.0, 3.5, 4.0] if tab is not None else []:  # equal sizes first
-            key = f"alloc:{b}"
+            key = f"alloc:{label}:{b}"
 
             def do(b=b):
                 if isinstance(b, str):
@@ -192,13 +197,13 @@ def main(argv=None) -> int:
                     a = allocate_table(tab, budget_mb=mb)
                 else:
                     a = allocate_table(tab, budget_bits=b)
-                a.plan.save(work / f"plan_{b}.json")
+                a.plan.save(work / f"plan_{label}_{b}.json")
                 out = run_eval(a.resolved)
                 out["predicted_kl"] = a.predicted_cost
                 out["mix"] = plan_totals(a.resolved, layers).by_spec
                 return out
 
-            allocs[b] = state.get(key, do)
+            allocs[(label, b)] = state.get(key, do)
     if "uniform" not in skip:
         for s in order[2:]:
             uniform[s] = state.get(f"uniform:{s}", lambda s=s: run_eval(Plan(default=s).resolve(layers)))
@@ -325,15 +330,16 @@ def render(loaded, args, ref, uniform, allocs, scans, n_layers) -> str:
         "## Sensitivity and allocation (issue 5)",
         "",
         f"Same setup. Allocations: exact knapsack over a Fisher-weighted proxy table of "
-        f"{', '.join(ALLOC_SPECS)}, bf16 (Fisher from {args.scan_seqs} x {args.scan_seq_len} tokens); "
+        f"{args.alloc_specs.replace(',', ', ')}, bf16 (Fisher from {args.scan_seqs} x {args.scan_seq_len} "
+        "tokens); "
         "'= int3_g128' means a budget of exactly that uniform plan's size.",
         "",
         head,
     ]
-    for b, r in allocs.items():
+    for (label, b), r in allocs.items():
         out.append(
             _row(
-                f"allocated {'= ' + b if isinstance(b, str) else f'{b} bits'} "
+                f"allocated ({label}) {'= ' + b if isinstance(b, str) else f'{b} bits'} "
                 f"(predicted KL {r['predicted_kl']:.4f})",
                 r,
                 ref_ppl,
