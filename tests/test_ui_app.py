@@ -55,3 +55,24 @@ def test_closing_a_session_cancels_its_jobs(stories):
     assert s.cancel_jobs() == 1  # what on_session_destroyed calls
     job.join(5)
     assert job.state == "cancelled" and s.running_jobs() == []
+
+
+def test_views_follow_a_sensitivity_table(stories):
+    """Cost and revision change together after a scan: every view's watchers must take both events."""
+    import panel as pn
+
+    from workbench.sensitivity import SensitivityTable
+    from workbench.ui import show
+
+    app = show(model=stories)
+    state = app.state
+    table = SensitivityTable(method="proxy", specs=["int8_ch", "int4_g32"], layers=state.layers,
+                             cost={x.name: {"int8_ch": 1e-4, "int4_g32": 1e-2} for x in state.layers})
+    state.sensitivity = table
+    state.refresh()
+    state.set_default("int4_g32")
+    totals = [p for p in app.select(pn.pane.Markdown) if "wb-totals" in p.css_classes]
+    assert totals and all("predicted cost: **0.36**" in p.object for p in totals)  # 36 layers x 0.01
+    heat = next(p for p in app.select(pn.pane.Plotly) if "wb-heatmap" in p.css_classes)
+    assert list(heat.object.data[0].x) == ["int8_ch", "int4_g32"] and len(heat.object.data[0].y) == 36
+    assert state.allocate(budget_bits=6.0) and state.totals.avg_bits <= 6.0

@@ -43,6 +43,14 @@ def main() -> None:
     server = pn.serve({"/": session}, port=port, address="127.0.0.1", show=False, threaded=True,
                       websocket_origin=[f"127.0.0.1:{port}"])
 
+    def ui(fn):
+        """Run a state edit on the session's event loop (as a browser click would) and wait for it."""
+        import threading
+
+        done = threading.Event()
+        states[-1].run_ui(lambda: (fn(), done.set()))
+        assert done.wait(120), "the UI thread did not run the edit"
+
     def step(what, job):
         t0 = time.perf_counter()
         job.join()
@@ -61,25 +69,31 @@ def main() -> None:
                 time.sleep(settle)
                 page.screenshot(path=str(out / f"{name.lower()}.png"), full_page=full)
 
-            step("statistics", st.compute_stats())
+            jobs = []
+            ui(lambda: jobs.append(st.compute_stats()))
+            step("statistics", jobs[-1])
             specs = ["int8_ch", "int4_g128", "int4_g32", "nf4_g64", "mxfp4", "int3_g64", "int2_g32"]
-            step("sensitivity", st.compute_sensitivity(specs))
-            st.set_pinned("lm_head", True)
-            st.allocate(budget_bits=4.5)
-            st.set_role_spec("down", "int8_ch")
+            ui(lambda: jobs.append(st.compute_sensitivity(specs)))
+            step("sensitivity", jobs[-1])
+            ui(lambda: st.set_pinned("lm_head", True))
+            ui(lambda: st.allocate(budget_bits=4.5))
+            ui(lambda: st.set_role_spec("down", "int8_ch"))
             time.sleep(2)
             page.screenshot(path=str(out / "model.png"))
             tab("Plan")
-            st.selected = args.layer
+            ui(lambda: setattr(st, "selected", args.layer))
             tab("Distributions", settle=1.0)
             page.wait_for_selector(".wb-chart-act .main-svg", timeout=120_000)
             time.sleep(8)
             page.screenshot(path=str(out / "distributions.png"), full_page=True)
             tab("Sensitivity", settle=6.0)
-            step("evaluate reference", st.evaluate(reference=True))
-            step("evaluate plan", st.evaluate())
+            ui(lambda: jobs.append(st.evaluate(reference=True)))
+            step("evaluate reference", jobs[-1])
+            ui(lambda: jobs.append(st.evaluate()))
+            step("evaluate plan", jobs[-1])
             tab("Measure")
-            step("chat", st.chat("What is the capital of France?", 32))
+            ui(lambda: jobs.append(st.chat("What is the capital of France?", 32)))
+            step("chat", jobs[-1])
             tab("Chat")
             b.close()
     finally:

@@ -48,7 +48,7 @@ def totals_text(state: WorkbenchState) -> str:
 def totals_line(state: WorkbenchState) -> pn.viewable.Viewable:
     """Size, average bits, compression vs bf16 and predicted cost of the current plan, live (one pane)."""
     pane = pn.pane.Markdown(totals_text(state), css_classes=["wb-totals"], margin=(0, 10))
-    state.param.watch(lambda _e: setattr(pane, "object", totals_text(state)), ["revision", "cost"])
+    state.param.watch(lambda *_e: setattr(pane, "object", totals_text(state)), ["revision", "cost"])
     return pane
 
 
