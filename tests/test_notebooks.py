@@ -14,9 +14,14 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-EXPECTED = ["01_quantization_basics", "02_inspect_a_model", "03_sensitivity", "04_mixed_precision_plan",
-            "05_run_on_gpu"]
-MAX_DEF_LINES = 5          # a def / class may span at most this many lines (header included)
+EXPECTED = [
+    "01_quantization_basics",
+    "02_inspect_a_model",
+    "03_sensitivity",
+    "04_mixed_precision_plan",
+    "05_run_on_gpu",
+]
+MAX_DEF_LINES = 5  # a def / class may span at most this many lines (header included)
 CELL_TIMEOUT_S = 300
 
 
@@ -53,8 +58,9 @@ def test_stored_without_outputs(path):
     raw = json.loads(path.read_text())
     for i, cell in enumerate(raw["cells"]):
         if cell["cell_type"] == "code":
-            assert cell.get("outputs") == [] and cell.get("execution_count") is None, \
+            assert cell.get("outputs") == [] and cell.get("execution_count") is None, (
                 f"{path.name} cell {i} has stored outputs: strip them before committing"
+            )
     assert "widgets" not in raw["metadata"], f"{path.name} stores widget state"
 
 
@@ -62,12 +68,14 @@ def test_stored_without_outputs(path):
 def test_goals_first_summary_last(path):
     nb = _read(path)
     first, last = nb.cells[0], nb.cells[-1]
-    assert first.cell_type == "markdown" and "What you will learn" in first.source, \
+    assert first.cell_type == "markdown" and "What you will learn" in first.source, (
         f"{path.name}: the first cell must state what the reader will learn"
+    )
     assert "## Summary" in last.source, f"{path.name}: the last cell must be the summary"
     # numbers in the summary come from the cells: the summary is a code cell that formats computed values
-    assert last.cell_type == "code" and re.search(r"\{[^}]+\}", last.source), \
+    assert last.cell_type == "code" and re.search(r"\{[^}]+\}", last.source), (
         f"{path.name}: the summary must be built from computed values (f-string), not typed by hand"
+    )
 
 
 @pytest.mark.parametrize("path", _paths(), ids=lambda p: p.stem)
@@ -99,8 +107,9 @@ def test_notebook_executes(path, monkeypatch, tmp_path):
 
     monkeypatch.setenv("WORKBENCH_QUICK", "1")
     nb = _read(path)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     t0 = time.perf_counter()
     client.execute()
     seconds = time.perf_counter() - t0
@@ -111,5 +120,6 @@ def test_notebook_executes(path, monkeypatch, tmp_path):
     mimes = {m for o in outputs for m in o.get("data", {})}
     assert "application/vnd.plotly.v1+json" in mimes, f"{path.name} drew no plotly figure"
     summary = [o for o in nb.cells[-1].outputs if "text/markdown" in o.get("data", {})]
-    assert summary and re.search(r"\d", summary[0]["data"]["text/markdown"]), \
+    assert summary and re.search(r"\d", summary[0]["data"]["text/markdown"]), (
         f"{path.name}: the summary cell printed no computed numbers"
+    )

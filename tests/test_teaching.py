@@ -14,7 +14,7 @@ from workbench.quant.api import fake_quant
 from workbench.quant.formats_float import NF4_LEVELS
 from workbench.quant.spec import QuantSpec
 
-DOWN = "model.layers.2.mlp.down_proj"   # [64, 172]: K not a multiple of 32 / 64 / 128
+DOWN = "model.layers.2.mlp.down_proj"  # [64, 172]: K not a multiple of 32 / 64 / 128
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +22,19 @@ def W(stories) -> torch.Tensor:
     return get_linear_weight(stories.model.get_submodule(DOWN)).detach().float().clone()
 
 
-@pytest.mark.parametrize("args,expected", [
-    (("int", 3, 64), "int3_g64"), (("int_sym", 8, "ch"), "int8_ch_sym"), (("int", 4, "t"), "int4_t"),
-    (("nf4", 4, 32), "nf4_g32"), (("fp4_e2m1", 2, 16), "fp4_e2m1_g16"), (("mxfp4", 3, 16), "mxfp4"),
-    (("fp8_e4m3", 8, 128), "fp8_e4m3"), (("fp8_e5m2", 8, "t"), "fp8_e5m2_t"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (("int", 3, 64), "int3_g64"),
+        (("int_sym", 8, "ch"), "int8_ch_sym"),
+        (("int", 4, "t"), "int4_t"),
+        (("nf4", 4, 32), "nf4_g32"),
+        (("fp4_e2m1", 2, 16), "fp4_e2m1_g16"),
+        (("mxfp4", 3, 16), "mxfp4"),
+        (("fp8_e4m3", 8, 128), "fp8_e4m3"),
+        (("fp8_e5m2", 8, "t"), "fp8_e5m2_t"),
+    ],
+)
 def test_spec_for_gives_canonical_specs(args, expected):
     assert teaching.spec_for(*args) == expected
 
@@ -43,8 +51,8 @@ def test_walk_through_follows_the_integer_formula(W, spec):
     walk = teaching.walk_through_group(W, spec, row=5, group=1 if q.granularity == "group" else 0)
     expected = (walk.codes.float() - walk.zero) * walk.scale
     assert torch.equal(walk.dequantized, expected)
-    assert torch.equal(walk.values, W[5, walk.columns[0]:walk.columns[1]])
-    if not q.symmetric:   # asymmetric ranges cover the group: no clipping (symmetric codes stop at 2^(b-1)-1)
+    assert torch.equal(walk.values, W[5, walk.columns[0] : walk.columns[1]])
+    if not q.symmetric:  # asymmetric ranges cover the group: no clipping (symmetric codes stop at 2^(b-1)-1)
         assert walk.max_error <= walk.scale / 2 * (1 + 1e-6)
     assert int(walk.codes.max()) <= 2**q.bits - 1
     assert len(walk.rows(3)) == 3 and walk.rows()[0]["column"] == walk.columns[0]
@@ -85,8 +93,10 @@ def test_sqnr_slope_is_the_least_squares_slope():
         teaching.sqnr_slope(rows[:1])
 
 
-@pytest.mark.parametrize("spec,n_levels", [("int4_g32", 16), ("int3_ch_sym", 8), ("nf4_g64", 16),
-                                           ("fp4_e2m1_g32", 15), ("mxfp4", 15)])
+@pytest.mark.parametrize(
+    "spec,n_levels",
+    [("int4_g32", 16), ("int3_ch_sym", 8), ("nf4_g64", 16), ("fp4_e2m1_g32", 15), ("mxfp4", 15)],
+)
 def test_group_levels_contain_every_dequantized_value(W, spec, n_levels):
     levels = teaching.group_levels(W, spec, row=3, group=0)
     assert levels.numel() == n_levels
@@ -153,7 +163,7 @@ def test_activation_tables_agree_with_the_statistics(stories):
         st = stats[name]
         assert a["top_channels"][0] == int(st.absmax.argmax()) and len(a["top_channels"]) == 2
         assert a["ratio_to_median"] == pytest.approx(float(st.absmax.max() / st.absmax.median()))
-        assert m["max_abs"] == pytest.approx(float(st.absmax.max()))   # the top token holds the top value
+        assert m["max_abs"] == pytest.approx(float(st.absmax.max()))  # the top token holds the top value
         assert m["ratio"] == pytest.approx(m["max_abs"] / st.token_max.median())
         assert isinstance(m["token"], str) and 0 <= m["position"] < 64
 
@@ -166,78 +176,12 @@ def test_explorer_figures_and_refusals(W):
     assert len(figs) == 2
     row_fig, hist = figs
     assert list(row_fig.data[0].x) == list(range(68, 132))
-    assert len(row_fig.layout.shapes) == 2   # group starts 96 and 128 inside columns 68..131
+    assert len(row_fig.layout.shapes) == 2  # group starts 96 and 128 inside columns 68..131
     levels = teaching.group_levels(W, "int3_g32", 4, 3)
     assert f"{levels.numel()} levels" in hist.layout.title.text
     bad = tc.explorer_figures(W, "nf4", 4, "ch")
     assert "choose a group size" in bad[0].layout.annotations[0].text
-    sweep = tc.sweep_figure(teaching.spec_sweep(W, ["int2_g32", "int4_g32"]), x="bits_per_weight",
-                            y="sqnr_db", title="t")
+    sweep = tc.sweep_figure(
+        teaching.spec_sweep(W, ["int2_g32", "int4_g32"]), x="bits_per_weight", y="sqnr_db", title="t"
+    )
     assert list(sweep.data[0].text) == ["int2_g32", "int4_g32"] and not math.isnan(sweep.data[0].y[0])
-
-
-# ------------------------------------------------------------------------------------------ plans
-@pytest.fixture(scope="module")
-def proxy_table(stories, tmp_path_factory):
-    from workbench.sensitivity import sensitivity_scan
-
-    from .conftest import DATA
-
-    text = tmp_path_factory.mktemp("teach") / "stories.txt"
-    text.write_text((DATA / "calibration" / "tinystories.txt").read_text()[:4000])
-    with pytest.MonkeyPatch.context() as mp:   # Gram cache in a temporary folder
-        mp.setenv("WORKBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-        return sensitivity_scan(stories, ["int3_g32", "int4_g32", "int8_ch"], "proxy", text=str(text),
-                                calib_seqs=4, calib_seq_len=64, progress=False)
-
-
-def test_sensitivity_rows_are_the_table_in_long_form(proxy_table):
-    rows = teaching.sensitivity_rows(proxy_table)
-    assert len(rows) == len(proxy_table.layers) * 3
-    for r in rows:
-        assert r["cost"] == proxy_table.cost[r["layer"]][r["spec"]]
-    head = next(r for r in rows if r["layer"] == "lm_head" and r["spec"] == "int4_g32")
-    assert head["block"] == -1 and head["role"] == "lm_head"
-    assert head["bits_per_weight"] == QuantSpec.parse("int4_g32").bits_per_weight(64, 512) == 5.0
-
-
-def test_plan_points_add_up_and_the_allocator_beats_uniform(proxy_table):
-    from workbench.allocate import allocate_table
-    from workbench.plan import plan_totals
-
-    layers = proxy_table.layers
-    u8 = teaching.plan_point(proxy_table, {x.name: "int8_ch" for x in layers}, "u8")
-    assert u8["cost"] == pytest.approx(sum(proxy_table.cost[x.name]["int8_ch"] for x in layers), rel=1e-12)
-    assert u8["mb"] == plan_totals({x.name: QuantSpec.parse("int8_ch") for x in layers}, layers).mb
-    pts = teaching.uniform_points(proxy_table)
-    assert [p["plan"] for p in pts][-1] == "uniform bf16" and pts[-1]["cost"] == 0.0
-    assert [p["mb"] for p in pts] == sorted(p["mb"] for p in pts)
-    u4 = next(p for p in pts if p["plan"] == "uniform int4_g32")
-    alloc = allocate_table(proxy_table, budget_mb=u4["mb"])
-    best = teaching.plan_point(proxy_table, alloc.resolved, "alloc")
-    assert best["cost"] == pytest.approx(alloc.predicted_cost, rel=1e-9)
-    assert best["cost"] <= u4["cost"] and best["mb"] <= u4["mb"] + 1e-9
-    with pytest.raises(WorkbenchError, match="no spec for layer"):
-        teaching.plan_point(proxy_table, {}, "empty")
-    with pytest.raises(WorkbenchError, match="no cost"):
-        teaching.plan_point(proxy_table, {x.name: "int2_g32" for x in layers}, "unscanned")
-
-
-def test_linear_timing_rows_compare_the_same_layer(W):
-    from workbench.quant.api import quantize_weight
-    from workbench.runtime.qlinear import QuantLinear
-
-    ref = torch.nn.Linear(172, 64, bias=False)
-    with torch.no_grad():
-        ref.weight.copy_(W)
-    q = QuantLinear.from_quantized(quantize_weight(W, "int4_g32"), None, name=DOWN)
-    x = torch.randn(3, 172)
-    assert torch.allclose(q(x), x @ fake_quant(W, "int4_g32").T, atol=1e-4)   # the same layer, quantized
-    assert teaching.time_module(ref, x, reps=3) > 0
-    rows = teaching.linear_timing_rows({DOWN: ref}, {DOWN: q}, tokens=(1, 4), reps=3)
-    assert [(r["tokens"], r["shape"], r["spec"]) for r in rows] == [(1, "64x172", "int4_g32"),
-                                                                  (4, "64x172", "int4_g32")]
-    for r in rows:
-        assert r["speedup"] == pytest.approx(r["reference_us"] / r["quantized_us"])
-    with pytest.raises(WorkbenchError):
-        teaching.linear_timing_rows({DOWN: ref}, {"other": q})

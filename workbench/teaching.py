@@ -18,6 +18,8 @@ K=in], groups run along K from column 0 (docs/ARCHITECTURE.md).
     activation_outlier_table(stats)    per layer: the input channel with the largest |x| and its ratio
     massive_activation_table(stats)    per layer: the largest |x| of any token vs the median token
 
+Plans and speed (notebooks 03-05) are in `workbench.teaching_plans`.
+
 References: uniform quantization noise Delta^2 / 12 (Widrow & Kollar, "Quantization Noise", 2008);
 outlier features (Dettmers et al. 2022, https://arxiv.org/abs/2208.07339); massive activations (Sun et al.
 2024, https://arxiv.org/abs/2402.17762).
@@ -115,13 +117,21 @@ class GroupWalkthrough:
         """The first `n` weights as table rows: column, weight, code, dequantized, error."""
         k = len(self.values) if n is None else min(n, len(self.values))
         c0 = self.columns[0]
-        return [{"column": c0 + i, "weight": float(self.values[i]), "code": int(self.codes[i]),
-                 "dequantized": float(self.dequantized[i]),
-                 "error": float(self.values[i] - self.dequantized[i])} for i in range(k)]
+        return [
+            {
+                "column": c0 + i,
+                "weight": float(self.values[i]),
+                "code": int(self.codes[i]),
+                "dequantized": float(self.dequantized[i]),
+                "error": float(self.values[i] - self.dequantized[i]),
+            }
+            for i in range(k)
+        ]
 
 
-def walk_through_group(W: torch.Tensor, spec: str | QuantSpec, row: int = 0,
-                       group: int = 0) -> GroupWalkthrough:
+def walk_through_group(
+    W: torch.Tensor, spec: str | QuantSpec, row: int = 0, group: int = 0
+) -> GroupWalkthrough:
     """Quantize W with `spec` and return what happened to one group of one row.
 
     Args:
@@ -136,9 +146,19 @@ def walk_through_group(W: torch.Tensor, spec: str | QuantSpec, row: int = 0,
     if spec.fmt == "int":
         zero = float(2 ** (spec.bits - 1)) if qw.zeros is None else float(qw.zeros[r, g])
     vals = W[row, c0:c1].float()
-    return GroupWalkthrough(str(spec), row, group, (c0, c1), vals, qw.codes[row, c0:c1].clone(),
-                            qw.dequantize()[row, c0:c1], float(qw.scales[r, g]), zero,
-                            float(vals.min()), float(vals.max()))
+    return GroupWalkthrough(
+        str(spec),
+        row,
+        group,
+        (c0, c1),
+        vals,
+        qw.codes[row, c0:c1].clone(),
+        qw.dequantize()[row, c0:c1],
+        float(qw.scales[r, g]),
+        zero,
+        float(vals.min()),
+        float(vals.max()),
+    )
 
 
 def spec_sweep(W: torch.Tensor, specs: list[str], gram: torch.Tensor | None = None) -> list[dict]:
@@ -158,8 +178,12 @@ def spec_sweep(W: torch.Tensor, specs: list[str], gram: torch.Tensor | None = No
     for s in specs:
         spec = QuantSpec.parse(s)
         W_hat = fake_quant(W, spec, gram)
-        row = {"spec": str(spec), "bits_per_weight": spec.bits_per_weight(K, N), "sqnr_db": sqnr_db(W, W_hat),
-               "rel_mse": weight_mse(W, W_hat) / power if power > 0 else math.inf}
+        row = {
+            "spec": str(spec),
+            "bits_per_weight": spec.bits_per_weight(K, N),
+            "sqnr_db": sqnr_db(W, W_hat),
+            "rel_mse": weight_mse(W, W_hat) / power if power > 0 else math.inf,
+        }
         if gram is not None:
             row["output_error"] = output_error(W, W_hat, gram)
         rows.append(row)
@@ -191,8 +215,8 @@ def group_levels(W: torch.Tensor, spec: str | QuantSpec, row: int = 0, group: in
     r = row if spec.granularity != "tensor" else 0
     n = 16 if spec.fmt == "nf4" else 2**spec.bits
     codes = torch.arange(n, dtype=torch.uint8).reshape(1, 1, n)
-    zeros = qw.zeros[r: r + 1, g: g + 1] if qw.zeros is not None else None
-    enc = Encoded(codes, qw.scales[r: r + 1, g: g + 1], zeros, qw.tensor_scale)
+    zeros = qw.zeros[r : r + 1, g : g + 1] if qw.zeros is not None else None
+    enc = Encoded(codes, qw.scales[r : r + 1, g : g + 1], zeros, qw.tensor_scale)
     vals = decode(spec, enc).flatten()
     return torch.unique(vals[torch.isfinite(vals)])
 
@@ -221,12 +245,13 @@ class RowView:
     weights: list[float]
     dequantized: list[float]
     boundaries: list[int]
-    sqnr_db: float            # of the whole layer, not only this row
+    sqnr_db: float  # of the whole layer, not only this row
     bits_per_weight: float
 
 
-def row_view(W: torch.Tensor, spec: str | QuantSpec, row: int = 0, max_columns: int = 256,
-             start: int = 0) -> RowView:
+def row_view(
+    W: torch.Tensor, spec: str | QuantSpec, row: int = 0, max_columns: int = 256, start: int = 0
+) -> RowView:
     """Row `row` of W and of fake_quant(W, spec), columns [start, start + max_columns) clipped to K."""
     spec = QuantSpec.parse(spec)
     N, K = W.shape
@@ -239,8 +264,16 @@ def row_view(W: torch.Tensor, spec: str | QuantSpec, row: int = 0, max_columns: 
     stop = min(K, start + max_columns)
     G = spec.group_size if spec.granularity == "group" else None
     bounds = [c for c in range(start, stop) if c % G == 0] if G else []
-    return RowView(str(spec), row, range(start, stop), W[row, start:stop].tolist(),
-                   W_hat[row, start:stop].tolist(), bounds, sqnr_db(W, W_hat), spec.bits_per_weight(K, N))
+    return RowView(
+        str(spec),
+        row,
+        range(start, stop),
+        W[row, start:stop].tolist(),
+        W_hat[row, start:stop].tolist(),
+        bounds,
+        sqnr_db(W, W_hat),
+        spec.bits_per_weight(K, N),
+    )
 
 
 def distinct_values_per_group(W: torch.Tensor, group_size: int) -> list[int]:
@@ -280,9 +313,9 @@ class OutlierEffect:
     group: int
     outlier_column: int
     outlier_value: float
-    next_largest: float           # largest |w| among the other weights of the group
-    levels_used_with: int         # distinct codes the other weights use with the outlier in the group
-    levels_used_without: int      # ... when the outlier is clipped to the next largest magnitude
+    next_largest: float  # largest |w| among the other weights of the group
+    levels_used_with: int  # distinct codes the other weights use with the outlier in the group
+    levels_used_without: int  # ... when the outlier is clipped to the next largest magnitude
     rms_error_with: float
     rms_error_without: float
 
@@ -311,8 +344,9 @@ def outlier_effect(W: torch.Tensor, spec: str | QuantSpec, row: int, group: int)
 
     used_with, e_with = _one(vals)
     used_without, e_without = _one(clipped)
-    return OutlierEffect(str(spec), row, group, c0 + j, float(vals[j]), nxt, used_with, used_without,
-                         e_with, e_without)
+    return OutlierEffect(
+        str(spec), row, group, c0 + j, float(vals[j]), nxt, used_with, used_without, e_with, e_without
+    )
 
 
 # ------------------------------------------------------------------------------------------ model tables
@@ -345,10 +379,18 @@ def weight_outlier_table(model: torch.nn.Module, layers: list, k_sigma: float = 
         sd = math.sqrt(var)
         m4 = float((d2 * d2).sum(1, dtype=torch.float64).sum()) / n
         absmax = float(W.abs().max())
-        rows.append({"layer": name, "role": info[name].role, "block": info[name].block, "absmax": absmax,
-                     "std": sd, "absmax_over_std": absmax / sd if sd > 0 else math.inf,
-                     "beyond_k_sigma": float((d.abs() > k_sigma * sd).sum()) / n,
-                     "excess_kurtosis": m4 / (var * var) - 3.0 if var > 0 else 0.0})
+        rows.append(
+            {
+                "layer": name,
+                "role": info[name].role,
+                "block": info[name].block,
+                "absmax": absmax,
+                "std": sd,
+                "absmax_over_std": absmax / sd if sd > 0 else math.inf,
+                "beyond_k_sigma": float((d.abs() > k_sigma * sd).sum()) / n,
+                "excess_kurtosis": m4 / (var * var) - 3.0 if var > 0 else 0.0,
+            }
+        )
     return rows
 
 
@@ -361,8 +403,15 @@ def activation_outlier_table(stats: dict, top: int = 3) -> list[dict]:
     rows = []
     for name, st in stats.items():
         ch = st.outlier_channels(top)
-        rows.append({"layer": name, "top_channels": [c for c, _, _ in ch], "absmax": ch[0][1],
-                     "median_channel_absmax": float(st.absmax.median()), "ratio_to_median": ch[0][2]})
+        rows.append(
+            {
+                "layer": name,
+                "top_channels": [c for c, _, _ in ch],
+                "absmax": ch[0][1],
+                "median_channel_absmax": float(st.absmax.median()),
+                "ratio_to_median": ch[0][2],
+            }
+        )
     return rows
 
 
@@ -378,107 +427,15 @@ def massive_activation_table(stats: dict, tokenizer=None) -> list[dict]:
         med = tm.median()
         tok_id = int(tm.token_ids[0])
         token = tokenizer.decode([tok_id]) if tokenizer is not None and tok_id >= 0 else str(tok_id)
-        rows.append({"layer": name, "max_abs": float(tm.values[0]), "median_token_max": med,
-                     "ratio": float(tm.values[0]) / med if med > 0 else math.inf,
-                     "channel": int(tm.channels[0]), "position": int(tm.positions[0]), "token": token})
-    return rows
-
-
-
-# ------------------------------------------------------------------------------------------ plans
-def sensitivity_rows(table) -> list[dict]:
-    """Long form of a SensitivityTable: one row per (layer, spec) that has a cost.
-
-    Returns rows: layer, role, block (-1 outside blocks), spec, bits_per_weight, cost.
-    """
-    rows = []
-    for x in table.layers:
-        for s in table.specs:
-            c = table.cost.get(x.name, {}).get(s)
-            if c is None:
-                continue
-            rows.append({"layer": x.name, "role": x.role, "block": -1 if x.block is None else x.block,
-                         "spec": s, "bits_per_weight": QuantSpec.parse(s).bits_per_weight(x.in_features,
-                                                                                          x.out_features),
-                         "cost": float(c)})
-    return rows
-
-
-def plan_point(table, resolved: dict, label: str) -> dict:
-    """Size and predicted cost of a plan over the layers of `table` (layers outside the table ignored).
-
-    Args:
-        table: SensitivityTable. resolved: {layer: QuantSpec or spec string} (e.g. Plan.resolve(layers)).
-    Returns:
-        {"plan": label, "mb", "avg_bits", "cost"} with the cost from `planedit.predicted_cost`.
-    """
-    from workbench.plan import plan_totals
-    from workbench.planedit import predicted_cost
-
-    names = [x.name for x in table.layers]
-    missing = [n for n in names if n not in resolved]
-    if missing:
-        raise WorkbenchError(f"the plan has no spec for layer '{missing[0]}' of the sensitivity table")
-    sub = {n: QuantSpec.parse(resolved[n]) for n in names}
-    totals = plan_totals(sub, table.layers)
-    cost = predicted_cost(table, sub)
-    if cost.unpriced:
-        raise WorkbenchError(f"plan '{label}': no cost for layer '{cost.unpriced[0]}' at its spec "
-                             f"'{sub[cost.unpriced[0]]}' in the sensitivity table")
-    return {"plan": label, "mb": totals.mb, "avg_bits": totals.avg_bits, "cost": float(cost.total)}
-
-
-def uniform_points(table, include_bf16: bool = True) -> list[dict]:
-    """`plan_point` of every uniform plan (one spec for all layers of `table`), smallest first."""
-    specs = list(table.specs) + (["bf16"] if include_bf16 else [])
-    pts = [plan_point(table, {x.name: s for x in table.layers}, f"uniform {s}") for s in specs]
-    return sorted(pts, key=lambda p: p["mb"])
-
-
-# ------------------------------------------------------------------------------------------ speed
-@torch.no_grad()
-def time_module(module: torch.nn.Module, x: torch.Tensor, reps: int = 20, warmup: int = 3) -> float:
-    """Median wall time in seconds of module(x) (CUDA synchronised around each call)."""
-    import statistics
-    import time
-
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for _ in range(warmup):
-        module(x)
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        module(x)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def linear_timing_rows(reference: dict[str, torch.nn.Module], quantized: dict[str, torch.nn.Module],
-                       tokens: tuple[int, ...] = (1, 16), reps: int = 20, seed: int = 0) -> list[dict]:
-    """Time each layer's original module against its quantized replacement on the same input.
-
-    Args:
-        reference / quantized: {layer name: module} with the same keys (e.g. copies of the nn.Linear layers
-            taken before `apply_plan`, and the QuantLinear modules after it).
-        tokens: batch sizes M of the input x [M, in_features] (1 = decode, larger = prefill-like).
-    Returns:
-        rows: layer, shape "NxK", spec (the quantized module's `spec`, else "-"), tokens, reference_us,
-        quantized_us, speedup (reference / quantized), device.
-    """
-    if set(reference) != set(quantized):
-        raise WorkbenchError("reference and quantized modules must name the same layers")
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for name, ref in reference.items():
-        q = quantized[name]
-        w = next(ref.parameters())
-        for m in tokens:
-            x = torch.randn(m, w.shape[1], generator=gen).to(w.device, w.dtype)
-            t_ref, t_q = time_module(ref, x, reps), time_module(q, x, reps)
-            rows.append({"layer": name, "shape": f"{w.shape[0]}x{w.shape[1]}",
-                         "spec": str(getattr(q, "spec", "-")), "tokens": m, "reference_us": t_ref * 1e6,
-                         "quantized_us": t_q * 1e6,
-                         "speedup": t_ref / t_q if t_q > 0 else math.inf, "device": str(w.device)})
+        rows.append(
+            {
+                "layer": name,
+                "max_abs": float(tm.values[0]),
+                "median_token_max": med,
+                "ratio": float(tm.values[0]) / med if med > 0 else math.inf,
+                "channel": int(tm.channels[0]),
+                "position": int(tm.positions[0]),
+                "token": token,
+            }
+        )
     return rows
