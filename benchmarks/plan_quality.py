@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--state", default=None, help="state file (default: in the workbench cache)")
     ap.add_argument("--write-results", action="store_true", help="replace this script's RESULTS.md sections")
+    ap.add_argument("--note", action="append", default=[], help="extra paragraph for the issue-5 section")
     ap.add_argument("--report-only", action="store_true", help="compute nothing: print what the state holds")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(","))) | ({"*"} if args.report_only else set())
@@ -373,7 +374,8 @@ def render(loaded, args, ref, uniform, allocs, scans, n_layers) -> str:
                     f"\nSpearman({k}, kl) over {scans['kl_layers']} layers x 6 specs: "
                     f"{scans[f'spearman_{k}_kl']:.3f}; within each spec: {w}."
                 )
-    return "\n".join(out) + "\n"
+    out += [""] + [f"{n}\n" for n in args.note]
+    return "\n".join(out).rstrip("\n") + "\n"
 
 
 def write_sections(md: str) -> None:
