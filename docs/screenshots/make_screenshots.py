@@ -75,6 +75,7 @@ def main() -> None:
             specs = ["int8_ch", "int4_g128", "int4_g32", "nf4_g64", "mxfp4", "int3_g64", "int2_g32"]
             ui(lambda: jobs.append(st.compute_sensitivity(specs)))
             step("sensitivity", jobs[-1])
+            ui(lambda: st.set_layer_spec("lm_head", "int8_ch"))
             ui(lambda: st.set_pinned("lm_head", True))
             ui(lambda: st.allocate(budget_bits=4.5))
             ui(lambda: st.set_role_spec("down", "int8_ch"))

@@ -87,7 +87,7 @@ def histogram_figure(
     fig.update_layout(
         bargap=0,
         showlegend=levels is not None and len(levels) > 0,
-        legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"),
+        legend=dict(x=0.01, y=0.99, xanchor="left", yanchor="top", bgcolor="rgba(255,255,255,0.7)"),
     )
     fig.update_xaxes(title=x_title)
     fig.update_yaxes(title="count", type="log" if log_y else "linear")

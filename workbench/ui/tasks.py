@@ -219,7 +219,8 @@ def evaluate_job(
     state, resolved, label: str, plan_json: str, text: str, seq_len: int, max_tokens: int
 ) -> Job:
     """Perplexity / KL / top-1 of a plan (`evaluate.evaluate`); the result row is appended to the state."""
-    totals = state.totals if resolved is not None else None
+    totals = state.totals
+    reference = resolved is None
 
     def work(ctx: JobContext):
         from workbench.evaluate import evaluate
@@ -255,8 +256,8 @@ def evaluate_job(
     def done(result):
         row = {
             "plan": label,
-            "MB": None if totals is None else round(totals.mb, 4),
-            "avg bits": 16.0 if totals is None else round(totals.avg_bits, 3),
+            "MB": round(totals.bf16_mb if reference else totals.mb, 4),
+            "avg bits": 16.0 if reference else round(totals.avg_bits, 3),
             "ppl": round(result.ppl, 4),
             "ref ppl": round(result.ref_ppl, 4),
             "KL (nats)": result.kl,

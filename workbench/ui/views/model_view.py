@@ -45,7 +45,7 @@ class ModelView(View):
             sizing_mode="stretch_width",
             pagination=None,
             formatters={
-                "cost": NumberFormatter(format="0.000e+0", nan_format="-"),
+                "cost": {"type": "plaintext"},
                 "pinned": {"type": "tickCross", "crossElement": False},
                 "params": NumberFormatter(format="0,0"),
             },
