@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import panel as pn
 
 from workbench.ui.views.common import View
@@ -37,7 +39,10 @@ class ChatView(View):
                 def side(title, text, tps):
                     return pn.Column(
                         pn.pane.Markdown(f"**{title}** &middot; {tps:.1f} tokens/s"),
-                        pn.pane.Str(text, styles={"white-space": "pre-wrap"}, sizing_mode="stretch_width"),
+                        pn.pane.HTML(
+                            f"<div style='white-space: pre-wrap; word-break: break-word'>{html.escape(text)}</div>",
+                            sizing_mode="stretch_width",
+                        ),
                         sizing_mode="stretch_width",
                     )
 
