@@ -40,7 +40,7 @@ class ChatView(View):
                     return pn.Column(
                         pn.pane.Markdown(f"**{title}** &middot; {tps:.1f} tokens/s"),
                         pn.pane.HTML(
-                            f"<div style='white-space: pre-wrap; word-break: break-word'>{html.escape(text)}</div>",
+                            f"<div style='white-space: pre-wrap'>{html.escape(text)}</div>",
                             sizing_mode="stretch_width",
                         ),
                         sizing_mode="stretch_width",
