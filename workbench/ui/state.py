@@ -479,6 +479,9 @@ class WorkbenchState(param.Parameterized):
     def add_job(self, job: Job) -> Job:
         """Start `job` and list it (the last 20 finished jobs are kept for the jobs panel)."""
         self.jobs = self.jobs[-20:] + [job]
+        # when it ends, redraw the jobs panel (finished jobs collapse to the last one)
+        redraw = lambda e: e.new != "running" and self.run_ui(lambda: self.param.trigger("jobs"))  # noqa: E731
+        job.param.watch(redraw, "state")
         return job.start()
 
     def running_jobs(self) -> list[Job]:

@@ -83,13 +83,15 @@ def job_row(job: Job, run_ui=lambda fn: fn()) -> pn.Row:
 
     job.param.watch(lambda *_e: run_ui(sync), ["progress", "status", "state"])  # from the job's thread
     sync()
-    return pn.Row(
+    row = pn.Row(
         pn.pane.Markdown(f"**{job.name}**", margin=(5, 5), width=220),
         bar,
         cancel,
         status,
         css_classes=["wb-job"],
     )
+    row.sync = sync
+    return row
 
 
 def jobs_panel(state: WorkbenchState, keep_finished: int = 1) -> pn.viewable.Viewable:
@@ -102,6 +104,8 @@ def jobs_panel(state: WorkbenchState, keep_finished: int = 1) -> pn.viewable.Vie
         for j in finished + running:
             if getattr(j, "_panel_row", None) is None:
                 j._panel_row = job_row(j, state.run_ui)  # one row (and one watcher) per job
+            else:
+                j._panel_row.sync()  # catch up on changes made before the page was connected
             rows.append(j._panel_row)
         return pn.Column(*rows, margin=0) if rows else pn.pane.HTML("", height=0, margin=0)
 
