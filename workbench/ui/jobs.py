@@ -10,11 +10,13 @@ closed browser tab stops its job within one torch call.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +25,18 @@ import param
 from workbench.errors import WorkbenchError
 
 log = logging.getLogger("workbench.jobs")
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # started jobs, for the exit hook
+
+
+@atexit.register
+def _stop_all_jobs(timeout: float = 10.0) -> None:
+    """Cancel and join running jobs when Python exits: a daemon thread still inside torch when the
+    interpreter finalizes aborts the process."""
+    for job in list(_LIVE):
+        if job.running:
+            job.cancel()
+    for job in list(_LIVE):
+        job.join(timeout)
 
 
 class JobCancelled(Exception):
@@ -80,6 +94,7 @@ class Job(param.Parameterized):
     def start(self) -> Job:
         self._t0 = time.perf_counter()
         log.info("job '%s' started", self.name)
+        _LIVE.add(self)
         self._thread.start()
         return self
 
