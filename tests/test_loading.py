@@ -84,6 +84,30 @@ def test_stories_tokenizer_round_trip(stories):
     assert stories.tokenizer.decode(ids) == text
 
 
+def _quadratic_merge(tok, toks: list[int]) -> list[int]:
+    """llama2.c's own merge loop, verbatim in Python: rescan every pair after each merge."""
+    toks = list(toks)
+    while True:
+        best, best_i, best_id = -1e30, -1, -1
+        for i in range(len(toks) - 1):
+            j = tok._lookup.get(tok.pieces[toks[i]] + tok.pieces[toks[i + 1]])
+            if j is not None and tok.scores[j] > best:
+                best, best_i, best_id = tok.scores[j], i, j
+        if best_i < 0:
+            return toks
+        toks[best_i:best_i + 2] = [best_id]
+
+
+def test_stories_tokenizer_merges_match_llama2c_loop(stories):
+    from workbench.data import load_text
+
+    tok = stories.tokenizer.inner
+    story = load_text("tinystories")[:3000]
+    for text in [story, "aaaa aaaa  bbb\n\nThe the THE", "Lily saw a big, red ball. 123 é ü 猫"]:
+        assert tok.encode(text, add_bos=False) == _quadratic_merge(tok, tok._chars(text)), text[:40]
+    assert len(tok.encode(story, add_bos=False)) < 0.5 * len(story)
+
+
 def test_stories_description(stories):
     d = stories.description
     assert (d.n_layers, d.hidden_size, d.vocab_size, d.max_context) == (5, 64, 512, 512)

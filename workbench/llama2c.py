@@ -15,6 +15,7 @@ The tokenizer file is: int32 max_token_length, then per token: float32 score, in
 
 from __future__ import annotations
 
+import heapq
 import struct
 from pathlib import Path
 
@@ -149,6 +150,10 @@ class Llama2cTokenizer:
         ids: list[int] = [self.bos_token_id] if add_bos else []
         if not text:
             return ids
+        return ids + self._merge(self._chars(text))
+
+    def _chars(self, text: str) -> list[int]:
+        """The tokens before any merge: the dummy-prefix space, then one per character (or its bytes)."""
         toks = [self._lookup[b" "]] if b" " in self._lookup else []
         for ch in text:
             b = ch.encode("utf-8")
@@ -156,17 +161,44 @@ class Llama2cTokenizer:
                 toks.append(self._lookup[b])
             else:
                 toks.extend(byte + 3 for byte in b)  # byte fallback: ids 3..258 are <0x00>..<0xFF>
-        while True:
-            best, best_i, best_id = -1e30, -1, -1
-            for i in range(len(toks) - 1):
-                merged = self.pieces[toks[i]] + self.pieces[toks[i + 1]]
-                j = self._lookup.get(merged)
-                if j is not None and self.scores[j] > best:
-                    best, best_i, best_id = self.scores[j], i, j
-            if best_i < 0:
-                break
-            toks[best_i:best_i + 2] = [best_id]
-        return ids + toks
+        return toks
+
+    def _merge(self, toks: list[int]) -> list[int]:
+        """Apply best-score merges until none applies, in O(n log n).
+
+        Same result as llama2.c's quadratic loop (merge the adjacent pair whose merged piece has the
+        highest score, the leftmost on ties, repeat): a heap keyed by (-score, position of the left
+        token) holds every adjacent pair; entries made stale by an earlier merge are skipped on pop.
+        """
+        n = len(toks)
+        if n < 2:
+            return toks
+        tok = list(toks)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+
+        def pair(i: int) -> tuple[float, int, int, int, int] | None:
+            k = nxt[i]
+            j = self._lookup.get(self.pieces[tok[i]] + self.pieces[tok[k]]) if k < n else None
+            return None if j is None else (-self.scores[j], i, k, tok[i], tok[k])
+
+        heap = [e for e in map(pair, range(n - 1)) if e is not None]
+        heapq.heapify(heap)
+        while heap:
+            _, i, k, ti, tk = heapq.heappop(heap)
+            if not (alive[i] and alive[k] and nxt[i] == k and tok[i] == ti and tok[k] == tk):
+                continue  # stale: one of the two tokens was merged since this entry was pushed
+            tok[i] = self._lookup[self.pieces[ti] + self.pieces[tk]]
+            alive[k] = False
+            nxt[i] = nxt[k]
+            if nxt[k] < n:
+                prv[nxt[k]] = i
+            for a in (prv[i], i):
+                e = pair(a) if a >= 0 else None
+                if e is not None:
+                    heapq.heappush(heap, e)
+        return [tok[i] for i in range(n) if alive[i]]
 
     def decode(self, ids) -> str:
         out = bytearray()
