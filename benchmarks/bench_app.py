@@ -22,8 +22,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -59,8 +64,13 @@ def browser_run(model: str, cold: bool, n_edits: int, shots: Path | None) -> dic
         env["WORKBENCH_CACHE"] = tmp.name
     log = open(Path(tempfile.gettempdir()) / f"bench_app_{port}.log", "w")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "serve", "--model", model, "--port", str(port)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "serve", "--model", model, "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     res: dict = {"model": model, "cold": cold}
     try:
         while True:
@@ -125,10 +135,14 @@ def main() -> None:
         print(f"{'cold' if r['cold'] else 'warm':6s} {r['listening_s']:21.2f} {r['interactive_s']:25.2f}")
     lat = runs[-1].get("browser_edit_s", [])
     if lat:
-        print(f"plan edit, browser click -> totals shown: median {1000 * statistics.median(lat):.0f} ms, "
-              f"max {1000 * max(lat):.0f} ms over {len(lat)} edits")
-    print(f"plan edit, state (resolve + totals + table): median {1000 * statistics.median(state):.1f} ms, "
-          f"max {1000 * max(state):.1f} ms over {len(state)} edits")
+        print(
+            f"plan edit, browser click -> totals shown: median {1000 * statistics.median(lat):.0f} ms, "
+            f"max {1000 * max(lat):.0f} ms over {len(lat)} edits"
+        )
+    print(
+        f"plan edit, state (resolve + totals + table): median {1000 * statistics.median(state):.1f} ms, "
+        f"max {1000 * max(state):.1f} ms over {len(state)} edits"
+    )
 
 
 if __name__ == "__main__":

@@ -120,8 +120,10 @@ def _make_weights(fmt: str, N: int, K: int, n_copies: int, gen: torch.Generator)
     for _ in range(n_copies):
         if fmt == "fp8":
             w = (torch.randn(N, K, device="cuda", generator=gen) * 30).clamp(-448, 448)
-            packed, s = prepare_fp8_params(w.to(torch.float8_e4m3fn).view(torch.uint8),
-                                           torch.rand(N, device="cuda", generator=gen) * 1e-3)
+            packed, s = prepare_fp8_params(
+                w.to(torch.float8_e4m3fn).view(torch.uint8),
+                torch.rand(N, device="cuda", generator=gen) * 1e-3,
+            )
             out.append((packed, s, None))
             continue
         codes = torch.randint(0, 2**bits, (N, K), dtype=torch.uint8, device="cuda", generator=gen)
@@ -147,8 +149,14 @@ def _gemv_candidates(sweep: bool):
         return [GemvConfig(*c) for c in CUSTOM_CONFIGS]
     if not sweep:
         return [None]
-    return [GemvConfig(16, 128, 1, 4), GemvConfig(8, 128, 1, 1), GemvConfig(4, 128, 1, 1),
-            GemvConfig(8, 128, 2, 1), GemvConfig(8, 128, 4, 1), GemvConfig(8, 64, 1, 1)]
+    return [
+        GemvConfig(16, 128, 1, 4),
+        GemvConfig(8, 128, 1, 1),
+        GemvConfig(4, 128, 1, 1),
+        GemvConfig(8, 128, 2, 1),
+        GemvConfig(8, 128, 4, 1),
+        GemvConfig(8, 64, 1, 1),
+    ]
 
 
 def _gemm_candidates(M: int, sweep: bool):
@@ -160,12 +168,17 @@ def _gemm_candidates(M: int, sweep: bool):
         return [None]
     if M <= 16:
         return [
-            GemmConfig(16, 64, 128, 1, 4, 3), GemmConfig(16, 32, 128, 1, 4, 3),
-            GemmConfig(16, 64, 64, 1, 4, 4), GemmConfig(16, 128, 128, 1, 8, 3),
-            GemmConfig(16, 64, 128, 4, 4, 3), GemmConfig(16, 32, 64, 2, 2, 4),
+            GemmConfig(16, 64, 128, 1, 4, 3),
+            GemmConfig(16, 32, 128, 1, 4, 3),
+            GemmConfig(16, 64, 64, 1, 4, 4),
+            GemmConfig(16, 128, 128, 1, 8, 3),
+            GemmConfig(16, 64, 128, 4, 4, 3),
+            GemmConfig(16, 32, 64, 2, 2, 4),
         ]
     return [
-        GemmConfig(64, 64, 128, 1, 4, 3), GemmConfig(64, 64, 64, 1, 4, 4), GemmConfig(64, 32, 128, 1, 4, 3),
+        GemmConfig(64, 64, 128, 1, 4, 3),
+        GemmConfig(64, 64, 64, 1, 4, 4),
+        GemmConfig(64, 32, 128, 1, 4, 3),
         GemmConfig(32, 64, 64, 1, 4, 4),
     ]
 
@@ -211,7 +224,7 @@ def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool,
     xs = [torch.randn(M, K, device="cuda", generator=gen).half() for _ in range(4)]
     n_fp16 = _copies(N * K * 2)
     Ws = [torch.randn(N, K, device="cuda", generator=gen).half() for _ in range(n_fp16)]
-    fp16_us = graph_time_us([(lambda i=i: xs[i % 4] @ Ws[i].t()) for i in range(n_fp16)])
+    fp16_us = graph_time_us([(lambda x=xs[i % 4], w=Ws[i]: x @ w.t()) for i in range(n_fp16)])
     del Ws
     log(f"K={K} N={N} M={M}: cuBLAS fp16 {fp16_us:.1f} us")
     rows = []
@@ -244,25 +257,50 @@ def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool,
         if not ok:
             continue
         best = min(ok, key=lambda t: t["us"])
-        rows.append(Row(K, N, M, fmt, "gemv" if M <= 4 else "gemm", best["config"], best["us"], fp16_us,
-                        nbytes + act_bytes, roof_us, 100 * roof_us / best["us"], fp16_us / best["us"], tried))
+        rows.append(
+            Row(
+                K,
+                N,
+                M,
+                fmt,
+                "gemv" if M <= 4 else "gemm",
+                best["config"],
+                best["us"],
+                fp16_us,
+                nbytes + act_bytes,
+                roof_us,
+                100 * roof_us / best["us"],
+                fp16_us / best["us"],
+                tried,
+            )
+        )
         del wts, probe
         torch.cuda.empty_cache()
     return rows
 
 
 def format_table(rows: list[Row], bw: float, device: str) -> str:
-    lines = [f"device: {device}   copy bandwidth: {bw / 1e12:.2f} TB/s   (CUDA graphs, {LAUNCHES} launches)",
-             f"{'K x N':>12} {'M':>3} {'format':>8} {'kernel':>6} {'us':>8} {'fp16 us':>8} {'vs fp16':>8} "
-             f"{'roof us':>8} {'% roof':>7}"]
+    lines = [
+        f"device: {device}   copy bandwidth: {bw / 1e12:.2f} TB/s   (CUDA graphs, {LAUNCHES} launches)",
+        f"{'K x N':>12} {'M':>3} {'format':>8} {'kernel':>6} {'us':>8} {'fp16 us':>8} {'vs fp16':>8} "
+        f"{'roof us':>8} {'% roof':>7}",
+    ]
     for r in rows:
-        lines.append(f"{f'{r.K}x{r.N}':>12} {r.M:>3} {r.fmt:>8} {r.kernel:>6} {r.us:8.1f} {r.fp16_us:8.1f} "
-                     f"{r.ratio_vs_fp16:7.2f}x {r.roofline_us:8.1f} {r.pct_roofline:6.1f}%")
+        lines.append(
+            f"{f'{r.K}x{r.N}':>12} {r.M:>3} {r.fmt:>8} {r.kernel:>6} {r.us:8.1f} {r.fp16_us:8.1f} "
+            f"{r.ratio_vs_fp16:7.2f}x {r.roofline_us:8.1f} {r.pct_roofline:6.1f}%"
+        )
     return "\n".join(lines)
 
 
-def run(json: bool = False, sweep: bool = False, quick: bool = False, out: str | None = None,
-        formats: list[str] | None = None, shapes: list | None = None) -> dict:
+def run(
+    json: bool = False,
+    sweep: bool = False,
+    quick: bool = False,
+    out: str | None = None,
+    formats: list[str] | None = None,
+    shapes: list | None = None,
+) -> dict:
     """Run on CUDA; print a table (or one JSON object with ``json=True``); return the results dict."""
     from workbench.errors import WorkbenchError
 
@@ -278,10 +316,15 @@ def run(json: bool = False, sweep: bool = False, quick: bool = False, out: str |
     for K, N, M in shapes or (QUICK_SHAPES if quick else SHAPES):
         rows += bench_shape(K, N, M, formats or list(FORMATS), bw, sweep, log)
     result = {
-        "format": "workbench.bench_kernels", "version": 1, "device": device,
+        "format": "workbench.bench_kernels",
+        "version": 1,
+        "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": __import__("triton").__version__,
-        "copy_bandwidth_Bps": bw, "launches_per_graph": LAUNCHES, "rows": [asdict(r) for r in rows],
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "copy_bandwidth_Bps": bw,
+        "launches_per_graph": LAUNCHES,
+        "rows": [asdict(r) for r in rows],
     }
     if out:
         with open(out, "w") as f:
@@ -307,8 +350,14 @@ def main() -> None:
         global CUSTOM_CONFIGS
         CUSTOM_CONFIGS = [tuple(int(v) for v in c.split(",")) for c in a.configs.split(";")]
     shapes = [tuple(int(v) for v in t.split("x")) for t in a.shapes.split(",")] if a.shapes else None
-    run(json=a.json, sweep=a.sweep, quick=a.quick, out=a.out, shapes=shapes,
-        formats=a.formats.split(",") if a.formats else None)
+    run(
+        json=a.json,
+        sweep=a.sweep,
+        quick=a.quick,
+        out=a.out,
+        shapes=shapes,
+        formats=a.formats.split(",") if a.formats else None,
+    )
 
 
 if __name__ == "__main__":

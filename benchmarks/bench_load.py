@@ -34,8 +34,9 @@ def run(model: str = "default") -> dict:
         out = {}
         for label in ("first", "second"):
             t = time.perf_counter()
-            r = subprocess.run([sys.executable, "-c", _CHILD, model], env=env, capture_output=True, text=True,
-                               check=True)
+            r = subprocess.run(
+                [sys.executable, "-c", _CHILD, model], env=env, capture_output=True, text=True, check=True
+            )
             res = json.loads(r.stdout.strip().splitlines()[-1])
             res["process_s"] = time.perf_counter() - t
             out[label] = res

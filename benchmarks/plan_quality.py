@@ -21,6 +21,7 @@ Prints markdown tables; `--write-results` also replaces this script's two sectio
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -181,6 +182,9 @@ def main(argv=None) -> int:
     allocs = {}
     if "alloc" not in skip:
         label = "gptq" if "gptq" in args.alloc_specs else "rtn"
+        if alloc_specs not in (ALLOC_SPECS, [s.split(":")[0] for s in ALLOC_SPECS]):
+            # another candidate set: its own state keys and files (a short digest of the spec list)
+            label += "-" + hashlib.sha1(",".join(alloc_specs).encode()).hexdigest()[:6]
         path = work / f"alloc_fisher_{label}.json"
         info = state.get(
             f"alloc_table:{label}",

@@ -16,7 +16,6 @@ import torch
 
 def main() -> None:
     from bench_kernels import FORMATS, _kernel_call, _make_weights
-
     from workbench.kernels.gemm_int import GemmConfig
     from workbench.kernels.gemv_int import GemvConfig
 

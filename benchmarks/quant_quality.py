@@ -40,12 +40,23 @@ def grams(model, tokenizer, source: str, n_seqs: int, seq_len: int, seed: int) -
 
 
 def _summary(ratios: list[float]) -> dict:
-    return {"frac_le_1": sum(r <= 1.0 for r in ratios) / len(ratios), "median": statistics.median(ratios),
-            "min": min(ratios), "max": max(ratios)}
+    return {
+        "frac_le_1": sum(r <= 1.0 for r in ratios) / len(ratios),
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+    }
 
 
-def run(model_source: str, specs: list[str], calib: str, held_out: str, n_seqs: int, seq_len: int,
-        awq: bool = True) -> dict:
+def run(
+    model_source: str,
+    specs: list[str],
+    calib: str,
+    held_out: str,
+    n_seqs: int,
+    seq_len: int,
+    awq: bool = True,
+) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     loaded = wb.load_model(model_source, progress=False)
@@ -56,10 +67,16 @@ def run(model_source: str, specs: list[str], calib: str, held_out: str, n_seqs: 
     t_cal = time.perf_counter() - t0
     G_held = grams(model, loaded.tokenizer, held_out, max(1, n_seqs // 4), seq_len, seed=1)
     inv = layer_inventory(model)
-    result = {"model": loaded.description.name, "n_linears": len(inv), "threads": torch.get_num_threads(),
-              "calibration": f"{n_seqs} x {seq_len} tokens of {calib}",
-              "held_out": f"{max(1, n_seqs // 4)} x {seq_len} tokens of {held_out}",
-              "load_s": t_load, "gram_collection_s": t_cal, "specs": {}}
+    result = {
+        "model": loaded.description.name,
+        "n_linears": len(inv),
+        "threads": torch.get_num_threads(),
+        "calibration": f"{n_seqs} x {seq_len} tokens of {calib}",
+        "held_out": f"{max(1, n_seqs // 4)} x {seq_len} tokens of {held_out}",
+        "load_s": t_load,
+        "gram_collection_s": t_cal,
+        "specs": {},
+    }
     for spec in specs:
         rows = []
         t_gptq = t_awq = cpu_gptq = 0.0
@@ -85,8 +102,11 @@ def run(model_source: str, specs: list[str], calib: str, held_out: str, n_seqs: 
                 for tag, G in (("cal", Gc), ("held", Gh)):
                     row[f"awq_ratio_{tag}"] = output_error(W, W_awq, G) / row[f"rtn_{tag}"]
             rows.append(row)
-        summ = {"gptq_all_linears_s": t_gptq, "gptq_all_linears_cpu_s": cpu_gptq,
-                "awq_all_linears_s": t_awq if awq else None}
+        summ = {
+            "gptq_all_linears_s": t_gptq,
+            "gptq_all_linears_cpu_s": cpu_gptq,
+            "awq_all_linears_s": t_awq if awq else None,
+        }
         for algo in ("gptq", "awq") if awq else ("gptq",):
             for tag in ("cal", "held"):
                 summ[f"{algo}_{tag}"] = _summary([r[f"{algo}_ratio_{tag}"] for r in rows])
@@ -99,9 +119,11 @@ def run(model_source: str, specs: list[str], calib: str, held_out: str, n_seqs: 
 
 
 def print_table(res: dict) -> None:
-    print(f"{res['model']}: {res['n_linears']} linears, {res['threads']} threads; calibration "
-          f"{res['calibration']}, held out {res['held_out']}; "
-          f"Gram collection {res['gram_collection_s']:.1f} s")
+    print(
+        f"{res['model']}: {res['n_linears']} linears, {res['threads']} threads; calibration "
+        f"{res['calibration']}, held out {res['held_out']}; "
+        f"Gram collection {res['gram_collection_s']:.1f} s"
+    )
     print(f"{'spec':12s} {'algo':5s} {'Gram':5s} {'frac<=RTN':>9s} {'median':>7s} {'min':>6s} {'max':>6s}")
     for spec, d in res["specs"].items():
         s = d["summary"]
@@ -110,11 +132,15 @@ def print_table(res: dict) -> None:
                 key = f"{algo}_{tag}"
                 if key in s:
                     v = s[key]
-                    print(f"{spec:12s} {algo:5s} {tag:5s} {v['frac_le_1']:9.3f} {v['median']:7.3f} "
-                          f"{v['min']:6.3f} {v['max']:6.3f}")
-        print(f"{spec:12s} GPTQ all linears: {s['gptq_all_linears_s']:.1f} s wall "
-              f"({s['gptq_all_linears_cpu_s']:.1f} s CPU)"
-              + (f"; AWQ all linears: {s['awq_all_linears_s']:.1f} s" if s.get("awq_all_linears_s") else ""))
+                    print(
+                        f"{spec:12s} {algo:5s} {tag:5s} {v['frac_le_1']:9.3f} {v['median']:7.3f} "
+                        f"{v['min']:6.3f} {v['max']:6.3f}"
+                    )
+        print(
+            f"{spec:12s} GPTQ all linears: {s['gptq_all_linears_s']:.1f} s wall "
+            f"({s['gptq_all_linears_cpu_s']:.1f} s CPU)"
+            + (f"; AWQ all linears: {s['awq_all_linears_s']:.1f} s" if s.get("awq_all_linears_s") else "")
+        )
         for algo in ("gptq", "awq"):
             if f"{algo}_held_median_by_role" in s:
                 roles = ", ".join(f"{k} {v:.3f}" for k, v in s[f"{algo}_held_median_by_role"].items())
@@ -130,14 +156,25 @@ def main() -> None:
     ap.add_argument("--n-seqs", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--no-awq", action="store_true")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (1 avoids OpenMP spin-waits when the CPU is shared)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 avoids OpenMP spin-waits when the CPU is shared)",
+    )
     ap.add_argument("--json", help="write all per-layer numbers to this file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run(args.model, args.specs.split(","), args.calib, args.held_out, args.n_seqs, args.seq_len,
-              awq=not args.no_awq)
+    res = run(
+        args.model,
+        args.specs.split(","),
+        args.calib,
+        args.held_out,
+        args.n_seqs,
+        args.seq_len,
+        awq=not args.no_awq,
+    )
     print_table(res)
     if args.json:
         with open(args.json, "w") as f:

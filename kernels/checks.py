@@ -109,9 +109,7 @@ def split_tiles(tiles: int, split_k: int) -> tuple[int, int]:
     return -(-tiles // per), per
 
 
-def alloc_output(
-    name: str, out: torch.Tensor | None, x: torch.Tensor, N: int, split: int
-) -> torch.Tensor:
+def alloc_output(name: str, out: torch.Tensor | None, x: torch.Tensor, N: int, split: int) -> torch.Tensor:
     """The buffer the kernel writes: ``out`` (checked) or a new [M, N] in x.dtype; fp32 zeros for split-K."""
     M = x.shape[0]
     if out is not None and (out.shape != (M, N) or out.dtype != x.dtype or not out.is_contiguous()):

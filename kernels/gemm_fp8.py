@@ -10,7 +10,6 @@ quantization).  Reference: ``reference.gemm_fp8_ref``.
 from __future__ import annotations
 
 import torch
-
 from workbench.kernels.checks import check_fp8_weight
 from workbench.kernels.gemm_int import GemmConfig, launch_gemm
 

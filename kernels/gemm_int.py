@@ -23,8 +23,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from workbench.errors import WorkbenchError
 from workbench.kernels.checks import (
     alloc_output,
     check_int_weight,
@@ -32,23 +30,44 @@ from workbench.kernels.checks import (
     group_tile,
     split_tiles,
 )
+
+from workbench.errors import WorkbenchError
 from workbench.quant.packing import packed_k
 
 
 @triton.jit
 def _gemm_int_kernel(
     # pointers
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    y_ptr,
     # sizes: KWL words of the (low) plane per row, LO_WORDS = Kp/16 (3-bit high-plane offset)
-    M, N, K, KWL, LO_WORDS, K_TILES, TILES_PER_SPLIT,
+    M,
+    N,
+    K,
+    KWL,
+    LO_WORDS,
+    K_TILES,
+    TILES_PER_SPLIT,
     # strides (elements)
-    stride_xm, stride_wn, stride_ym,
+    stride_xm,
+    stride_wn,
+    stride_ym,
     # meta-parameters
-    BITS: tl.constexpr, PER: tl.constexpr,  # bits per code; codes per word of the (low) plane
+    BITS: tl.constexpr,
+    PER: tl.constexpr,  # bits per code; codes per word of the (low) plane
     TILES_PER_GROUP: tl.constexpr,  # K steps per group (ignored per-channel)
-    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, FP8: tl.constexpr,
-    MAGIC: tl.constexpr, OFF: tl.constexpr,  # 16-bit pattern OR-ed into the code and its float value
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    FP8: tl.constexpr,
+    MAGIC: tl.constexpr,
+    OFF: tl.constexpr,  # 16-bit pattern OR-ed into the code and its float value
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -99,8 +118,9 @@ def _gemm_int_kernel(
         wq = tl.reshape(wq, [BLOCK_N, BKW // CW, CW, PER])
         wq = tl.reshape(tl.permute(wq, (0, 1, 3, 2)), [BLOCK_N, BLOCK_K])
         k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :],
-                     other=0.0)  # [BM, BK]
+        xt = tl.load(
+            x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0
+        )  # [BM, BK]
         acc = tl.dot(xt, tl.trans(wq), acc)
     if FP8:
         acc = acc * (tl.load(s_ptr + n, mask=nmask, other=0.0) * 256.0)[None, :]
@@ -170,13 +190,35 @@ def launch_gemm(
     Kp = packed_k(K, bits)
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
     _gemm_int_kernel[grid](
-        x, packed, scales_t, zeros_t if zeros_t is not None else scales_t, y,
-        M, N, K, Kp // per, Kp // 16, k_tiles, tps,
-        x.stride(0), packed.stride(0), y.stride(0),
-        BITS=bits, PER=per, TILES_PER_GROUP=max(1, G // bk), PER_CHANNEL=per_channel,
-        HAS_ZERO=zeros_t is not None, FP8=fp8, MAGIC=magic, OFF=off,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT_K=split,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        x,
+        packed,
+        scales_t,
+        zeros_t if zeros_t is not None else scales_t,
+        y,
+        M,
+        N,
+        K,
+        Kp // per,
+        Kp // 16,
+        k_tiles,
+        tps,
+        x.stride(0),
+        packed.stride(0),
+        y.stride(0),
+        BITS=bits,
+        PER=per,
+        TILES_PER_GROUP=max(1, G // bk),
+        PER_CHANNEL=per_channel,
+        HAS_ZERO=zeros_t is not None,
+        FP8=fp8,
+        MAGIC=magic,
+        OFF=off,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=bk,
+        SPLIT_K=split,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return finish_output(y, out, x.dtype)
 

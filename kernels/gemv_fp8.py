@@ -9,7 +9,6 @@ the Triton interpreter and on any GPU.  Reference: ``reference.gemv_fp8_ref``.
 from __future__ import annotations
 
 import torch
-
 from workbench.kernels.checks import check_fp8_weight
 from workbench.kernels.gemv_int import GemvConfig, launch_gemv
 

@@ -34,8 +34,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from workbench.errors import WorkbenchError
 from workbench.kernels.checks import (
     alloc_output,
     check_int_weight,
@@ -43,6 +41,8 @@ from workbench.kernels.checks import (
     group_tile,
     split_tiles,
 )
+
+from workbench.errors import WorkbenchError
 from workbench.quant.packing import packed_k
 
 FP8_SCALE = 2.0**120  # E4M3 fields moved into an fp32 read as value * 2**-120
@@ -101,10 +101,28 @@ def _nibbles_3bit(lo, hi16):
 
 
 @triton.jit
-def _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t, t_end, N, NG, KWL, LO_WORDS,
-               BITS: tl.constexpr, BLOCK_N: tl.constexpr, GW: tl.constexpr, C: tl.constexpr,
-               PER_CHANNEL: tl.constexpr,
-               HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_tile(
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    row_off,
+    n,
+    c,
+    w,
+    t,
+    t_end,
+    N,
+    NG,
+    KWL,
+    LO_WORDS,
+    BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GW: tl.constexpr,
+    C: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
     """Issue the loads of tile t (words, 1-bit plane halves, scales, zeros); t >= t_end -> zeros."""
     live = n < N * (t < t_end).to(tl.int32)  # [BN]: rows in range, and the tile exists
     widx = (t * C + c)[:, None] * GW + w[None, :]  # [C, GW] word index in the (low) plane
@@ -133,8 +151,9 @@ def _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t, t_end, N, NG, KWL, LO_W
 
 
 @triton.jit
-def _row_step(f, x_row, xk, j: tl.constexpr, K, d, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
-              X_BCAST: tl.constexpr):
+def _row_step(
+    f, x_row, xk, j: tl.constexpr, K, d, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr, X_BCAST: tl.constexpr
+):
     """d += f * x[k] for slot j of every word (one row of x).
 
     ``X_BCAST``: broadcast the x pointers over the rows before loading, so that the load gets the words'
@@ -148,8 +167,9 @@ def _row_step(f, x_row, xk, j: tl.constexpr, K, d, BLOCK_N: tl.constexpr, EVEN_K
         if EVEN_K:
             x = tl.load(ptrs).to(tl.float32)
         else:
-            x = tl.load(ptrs, mask=tl.broadcast_to(((xk + j) < K)[None, :, :], [BLOCK_N, C, GW]),
-                        other=0.0).to(tl.float32)
+            x = tl.load(
+                ptrs, mask=tl.broadcast_to(((xk + j) < K)[None, :, :], [BLOCK_N, C, GW]), other=0.0
+            ).to(tl.float32)
         return d + f * x
     else:
         if EVEN_K:
@@ -173,20 +193,36 @@ def _group_xsum(x_row, t, K, C: tl.constexpr, G: tl.constexpr, EVEN_K: tl.conste
 @triton.jit
 def _gemv_kernel(
     # pointers
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    y_ptr,
     # sizes: N outputs, K inputs, NG groups, KWL words of the (low) plane per row, LO_WORDS = Kp/16
-    N, K, NG, KWL, LO_WORDS, TILES, TILES_PER_SPLIT,
+    N,
+    K,
+    NG,
+    KWL,
+    LO_WORDS,
+    TILES,
+    TILES_PER_SPLIT,
     # strides (elements)
-    stride_xm, stride_wn, stride_ym,
+    stride_xm,
+    stride_wn,
+    stride_ym,
     # meta-parameters
     M_ROWS: tl.constexpr,  # rows of x (1..4), each with its own accumulators
-    BITS: tl.constexpr, PER: tl.constexpr,  # bits per code; codes per word of the (low) plane
+    BITS: tl.constexpr,
+    PER: tl.constexpr,  # bits per code; codes per word of the (low) plane
     GW: tl.constexpr,  # words per group (per-channel: words per tile)
     C: tl.constexpr,  # groups per tile
-    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, FP8: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    FP8: tl.constexpr,
     EVEN_K: tl.constexpr,  # K is a multiple of the tile: no masks along K
     X_BCAST: tl.constexpr,  # load x broadcast over rows (see _row_step)
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -210,13 +246,51 @@ def _gemv_kernel(
     accz3 = tl.zeros([BLOCK_N, C], dtype=tl.float32)
     t_start = pid_k * TILES_PER_SPLIT
     t_end = tl.minimum(t_start + TILES_PER_SPLIT, TILES)
-    words, hi16, s_raw, z_raw = _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t_start,
-                                           t_end, N, NG, KWL, LO_WORDS, BITS, BLOCK_N, GW, C,
-                                           PER_CHANNEL, HAS_ZERO, EVEN_K)
+    words, hi16, s_raw, z_raw = _load_tile(
+        w_ptr,
+        s_ptr,
+        z_ptr,
+        row_off,
+        n,
+        c,
+        w,
+        t_start,
+        t_end,
+        N,
+        NG,
+        KWL,
+        LO_WORDS,
+        BITS,
+        BLOCK_N,
+        GW,
+        C,
+        PER_CHANNEL,
+        HAS_ZERO,
+        EVEN_K,
+    )
     for t in range(t_start, t_end):
-        nwords, nhi16, ns_raw, nz_raw = _load_tile(w_ptr, s_ptr, z_ptr, row_off, n, c, w, t + 1,
-                                                   t_end, N, NG, KWL, LO_WORDS, BITS, BLOCK_N, GW, C,
-                                                   PER_CHANNEL, HAS_ZERO, EVEN_K)
+        nwords, nhi16, ns_raw, nz_raw = _load_tile(
+            w_ptr,
+            s_ptr,
+            z_ptr,
+            row_off,
+            n,
+            c,
+            w,
+            t + 1,
+            t_end,
+            N,
+            NG,
+            KWL,
+            LO_WORDS,
+            BITS,
+            BLOCK_N,
+            GW,
+            C,
+            PER_CHANNEL,
+            HAS_ZERO,
+            EVEN_K,
+        )
         # per (row, group): contribution a * sum(f x) - b * sum(x)
         s = s_raw.to(tl.float32)
         if FP8:
@@ -361,13 +435,34 @@ def launch_gemv(
     y = alloc_output(name, out, x, N, split)
     grid = (triton.cdiv(N, cfg.block_n), split)
     _gemv_kernel[grid](
-        x, packed, scales_t, zeros_t if zeros_t is not None else scales_t, y,
-        N, K, triton.cdiv(K, G), kwl, Kp // 16, tiles, tps,
-        x.stride(0), packed.stride(0), y.stride(0),
-        M_ROWS=M, BITS=bits, PER=per, GW=gw, C=c,
-        PER_CHANNEL=per_channel, HAS_ZERO=zeros_t is not None, FP8=fp8, EVEN_K=K % (c * gw * per) == 0,
+        x,
+        packed,
+        scales_t,
+        zeros_t if zeros_t is not None else scales_t,
+        y,
+        N,
+        K,
+        triton.cdiv(K, G),
+        kwl,
+        Kp // 16,
+        tiles,
+        tps,
+        x.stride(0),
+        packed.stride(0),
+        y.stride(0),
+        M_ROWS=M,
+        BITS=bits,
+        PER=per,
+        GW=gw,
+        C=c,
+        PER_CHANNEL=per_channel,
+        HAS_ZERO=zeros_t is not None,
+        FP8=fp8,
+        EVEN_K=K % (c * gw * per) == 0,
         X_BCAST=cfg.num_warps > 1 and bits != 3,
-        BLOCK_N=cfg.block_n, SPLIT_K=split, num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n,
+        SPLIT_K=split,
+        num_warps=cfg.num_warps,
     )
     return finish_output(y, out, x.dtype)
 

@@ -20,13 +20,13 @@ import itertools  # noqa: E402
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
-
-from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.kernels import reference as R  # noqa: E402
 from workbench.kernels.gemm_fp8 import gemm_fp8  # noqa: E402
 from workbench.kernels.gemm_int import GemmConfig, gemm_int  # noqa: E402
 from workbench.kernels.gemv_fp8 import gemv_fp8  # noqa: E402
 from workbench.kernels.gemv_int import GemvConfig, gemv_int  # noqa: E402
+
+from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.quant.packing import (  # noqa: E402
     n_groups,
     pack_codes,

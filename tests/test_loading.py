@@ -21,14 +21,15 @@ def _llama2c_reference_logits(path, tokens: list[int]) -> torch.Tensor:
     import numpy as np
 
     cfg = read_llama2c_config(path)
-    D, H, L, nh, nkv, V = (cfg[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
-                                            "vocab_size"))
+    D, H, L, nh, nkv, V = (
+        cfg[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
+    )
     hd, raw, pos = D // nh, np.fromfile(path, dtype="<f4", offset=28), 0
 
     def take(*shape):
         nonlocal pos
         n = math.prod(shape)
-        t = torch.from_numpy(raw[pos:pos + n].copy()).view(*shape).double()
+        t = torch.from_numpy(raw[pos : pos + n].copy()).view(*shape).double()
         pos += n
         return t
 
@@ -79,7 +80,7 @@ def test_stories_greedy_story(stories):
 
 
 def test_stories_tokenizer_round_trip(stories):
-    text = "Lily saw a big, red ball. She said: \"Wow!\" 123 é"
+    text = 'Lily saw a big, red ball. She said: "Wow!" 123 é'
     ids = stories.tokenizer.encode(text)
     assert stories.tokenizer.decode(ids) == text
 
@@ -95,7 +96,7 @@ def _quadratic_merge(tok, toks: list[int]) -> list[int]:
                 best, best_i, best_id = tok.scores[j], i, j
         if best_i < 0:
             return toks
-        toks[best_i:best_i + 2] = [best_id]
+        toks[best_i : best_i + 2] = [best_id]
 
 
 def test_stories_tokenizer_merges_match_llama2c_loop(stories):
@@ -120,12 +121,13 @@ def test_default_answers_capital_of_france(default_model):
     tok = default_model.tokenizer
     ids = tok.prompt_ids("What is the capital of France?")
     out = default_model.model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)
-    answer = tok.decode(out[0, len(ids):].tolist())
+    answer = tok.decode(out[0, len(ids) :].tolist())
     assert "Paris" in answer, answer
     assert any("Q4_1" in c for c in default_model.description.caveats)
 
 
 # ---- bad input: one clear error each ---------------------------------------------------------------
+
 
 def test_missing_path():
     with pytest.raises(WorkbenchError, match="not found"):
@@ -183,7 +185,19 @@ def test_llama2c_without_tokenizer(tmp_path):
 def test_cli_error_is_one_line_not_a_traceback(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "x.pt")
     for model in ("/no/such/model", str(tmp_path / "x.pt")):
-        r = subprocess.run([sys.executable, "-m", "workbench.cli", "inspect", "--model", model, "--out",
-                            str(tmp_path / "o")], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "workbench.cli",
+                "inspect",
+                "--model",
+                model,
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 2
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PROBE = ("import importlib.metadata as md, workbench.kernels as k; "
-         "from transformers.utils import is_kernels_available as a; "
-         "v = None\ntry:\n    v = md.version('kernels')\nexcept md.PackageNotFoundError:\n    pass\n"
-         "print(a(), v, list(k.__path__)[0])")
+PROBE = (
+    "import importlib.metadata as md, workbench.kernels as k; "
+    "from transformers.utils import is_kernels_available as a; "
+    "v = None\ntry:\n    v = md.version('kernels')\nexcept md.PackageNotFoundError:\n    pass\n"
+    "print(a(), v, list(k.__path__)[0])"
+)
 
 
 def _probe(cwd: Path) -> list[str]:

@@ -24,8 +24,10 @@ def _grams(model, names, batch):
     grams = {}
     hooks = []
     for name in names:
+
         def hook(mod, args, name=name):
             grams[name] = grams.get(name, 0) + gram_from_inputs(args[0]).double()
+
         hooks.append(get_module(model, name).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -48,8 +50,11 @@ def stories():
     inv = layer_inventory(loaded.model)
     names = [layer.name for layer in inv]
     weights = {name: get_linear_weight(get_module(loaded.model, name)).detach().float() for name in names}
-    return {"W": weights, "calib": _grams(loaded.model, names, seqs[:12]),
-            "held_out": _grams(loaded.model, names, seqs[12:20])}
+    return {
+        "W": weights,
+        "calib": _grams(loaded.model, names, seqs[:12]),
+        "held_out": _grams(loaded.model, names, seqs[12:20]),
+    }
 
 
 def test_real_layers_have_short_last_groups(stories):
@@ -92,7 +97,7 @@ def test_gptq_act_order_static_groups(stories):
     q = quantize_weight(W, "int3_g32:gptq", stories["calib"][name], act_order=True)
     g = torch.arange(W.shape[1]) // 32
     assert torch.equal(q.dequantize(), (q.codes.float() - q.zeros[:, g]) * q.scales[:, g])
-    assert q.scales.shape == (64, 6)                          # 172 = 5 * 32 + 12
+    assert q.scales.shape == (64, 6)  # 172 = 5 * 32 + 12
 
 
 @pytest.mark.parametrize("spec", ["int3_g32", "int4_g64"])
@@ -102,7 +107,7 @@ def test_awq_beats_rtn(stories, spec):
         G = stories["calib"][name]
         awq = output_error(W, fake_quant(W, spec + ":awq", G), G)
         assert awq <= output_error(W, fake_quant(W, spec), G) * (1 + 1e-6), name
-    ratios = _ratios(stories, spec, "awq")                  # held out
+    ratios = _ratios(stories, spec, "awq")  # held out
     assert sum(r <= 1.0 for r in ratios) >= 0.8 * len(ratios), ratios
     assert statistics.median(ratios) < 0.97, statistics.median(ratios)
 
@@ -114,8 +119,9 @@ def test_awq_input_scale_contract(stories):
     assert q.input_scale.shape == (64,) and torch.equal(q.input_scale, q.input_scale.half().float())
     assert q.info["alpha"] > 0
     x = torch.randn(5, 64)
-    assert torch.allclose(x @ q.dequantize().T, (x / q.input_scale) @ q.dequantize_codes().T, rtol=1e-4,
-                          atol=1e-5)
+    assert torch.allclose(
+        x @ q.dequantize().T, (x / q.input_scale) @ q.dequantize_codes().T, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_clipping_with_gram_lowers_output_error(stories):
@@ -124,24 +130,24 @@ def test_clipping_with_gram_lowers_output_error(stories):
         G = stories["calib"][name]
         base = output_error(W, fake_quant(W, "int3_ch"), G)
         clipped = output_error(W, fake_quant(W, "int3_ch", G, clip=True), G)
-        assert clipped <= base * (1 + 1e-6), name             # per channel the criterion is exact
+        assert clipped <= base * (1 + 1e-6), name  # per channel the criterion is exact
         better += clipped < base * 0.99
         assert weight_mse(W, fake_quant(W, "int3_g32", clip=True)) <= weight_mse(W, fake_quant(W, "int3_g32"))
     assert better >= len(stories["W"]) // 2
 
 
 def test_gptq_singular_hessian_and_dead_columns(stories):
-    name = "model.layers.0.mlp.down_proj"                      # K = 172
+    name = "model.layers.0.mlp.down_proj"  # K = 172
     W = stories["W"][name]
-    X = torch.randn(10, 172)                                   # rank 10 << 172
-    X[:, 5:9] = 0                                              # dead input channels
+    X = torch.randn(10, 172)  # rank 10 << 172
+    X[:, 5:9] = 0  # dead input channels
     G = gram_from_inputs(X)
     assert torch.linalg.matrix_rank(G) <= 10
     q = quantize_weight(W, "int3_g64:gptq", G, layer=name)
     Wh = q.dequantize()
     assert torch.isfinite(Wh).all() and q.info["dead_columns"] == 4
     assert output_error(W, Wh, G) < 0.5 * output_error(W, fake_quant(W, "int3_g64"), G)
-    q0 = quantize_weight(W, "int4_g32:gptq", torch.zeros(172, 172), layer=name)   # no signal at all
+    q0 = quantize_weight(W, "int4_g32:gptq", torch.zeros(172, 172), layer=name)  # no signal at all
     assert torch.isfinite(q0.dequantize()).all()
     assert torch.equal(q0.dequantize(), fake_quant(W, "int4_g32"))  # no error feedback: plain RTN
 

@@ -45,14 +45,14 @@ def test_fp8_rounding_matches_torch_cast_including_ties(fmt, dtype):
     x = x.clamp(-fmt.max_value, fmt.max_value)
     grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
     grid = grid[torch.isfinite(grid)].unique()
-    ties = (grid[1:] + grid[:-1]) / 2                       # exact midpoints: round half to even
+    ties = (grid[1:] + grid[:-1]) / 2  # exact midpoints: round half to even
     for v in (x, ties):
         assert torch.equal(minifloat_encode(v, fmt), v.to(dtype).view(torch.uint8))
         assert torch.equal(minifloat_round(v, fmt), v.to(dtype).float())
 
 
 def test_e2m1_grid_and_ties_to_even():
-    assert minifloat_decode(torch.arange(8, dtype=torch.uint8), E2M1).tolist() == [0, .5, 1, 1.5, 2, 3, 4, 6]
+    assert minifloat_decode(torch.arange(8, dtype=torch.uint8), E2M1).tolist() == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
     x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -5.0, 100.0])
     assert minifloat_round(x, E2M1).tolist() == [0, 1, 1, 2, 2, 4, 4, 6, -4, 6]
     assert minifloat_encode(torch.tensor([-6.0, -0.5]), E2M1).tolist() == [0b1111, 0b1001]
@@ -62,7 +62,7 @@ def test_fp8_layer_quantization_codes_are_torch_fp8():
     W = _weights()
     for spec, dtype in [("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2_t", torch.float8_e5m2)]:
         q = quantize_weight(W, spec)
-        scaled = W / q.scales                                # [N, 1] or [1, 1] broadcast
+        scaled = W / q.scales  # [N, 1] or [1, 1] broadcast
         assert torch.equal(q.codes, scaled.to(dtype).view(torch.uint8))
         assert torch.equal(q.dequantize(), scaled.to(dtype).float() * q.scales)
 
@@ -78,12 +78,12 @@ def test_mxfp4_scales_follow_the_ocp_rule():
 
 
 def test_nvfp4_scales_are_e4m3_with_fp32_tensor_scale():
-    W = _weights(16, 72)                                     # 4.5 blocks of 16: a short last block
+    W = _weights(16, 72)  # 4.5 blocks of 16: a short last block
     q = quantize_weight(W, "nvfp4")
     assert q.scales.shape == (16, 5)
     assert torch.equal(q.tensor_scale, W.abs().max() / (448 * 6))
     assert torch.equal(minifloat_round(q.scales, E4M3), q.scales) and q.scales.max() <= 448
-    assert q.scales.max() == 448                              # the block holding the global absmax
+    assert q.scales.max() == 448  # the block holding the global absmax
     assert sqnr_db(W, q.dequantize()) > 17.0
 
 
@@ -104,19 +104,21 @@ def test_nf4_values_are_levels_times_fp16_absmax():
     assert torch.equal(q.scales[:, 2], W[:, 128:].abs().amax(-1).half().float())
 
 
-@pytest.mark.parametrize("bits,gran,sym", list(itertools.product([2, 3, 4, 8], ["g32", "g64", "ch", "t"],
-                                                                 [False, True])),
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "bits,gran,sym",
+    list(itertools.product([2, 3, 4, 8], ["g32", "g64", "ch", "t"], [False, True])),
+    ids=lambda v: str(v),
+)
 def test_integer_layout_and_error_bound(bits, gran, sym):
     spec = QuantSpec.parse(f"int{bits}_{gran}{'_sym' if sym else ''}")
-    W = _weights(12, 200)                                    # 200 = 3 * 64 + 8: short last group
+    W = _weights(12, 200)  # 200 = 3 * 64 + 8: short last group
     q = quantize_weight(W, spec)
     N, K = W.shape
     assert q.codes.dtype == torch.uint8 and q.codes.shape == (N, K) and int(q.codes.max()) < 2**bits
     ng = spec.n_groups(K)
     assert q.scales.shape == ((1, 1) if gran == "t" else (N, ng))
     assert (q.zeros is None) == sym
-    assert torch.equal(q.scales, q.scales.half().float())     # fp16-exact scales
+    assert torch.equal(q.scales, q.scales.half().float())  # fp16-exact scales
     # the documented dequantization formula, by hand
     col_group = torch.arange(K) // spec.group_size if spec.granularity == "group" else torch.zeros(K).long()
     s = q.scales[:, col_group] if gran != "t" else q.scales
@@ -126,10 +128,22 @@ def test_integer_layout_and_error_bound(bits, gran, sym):
         assert ((W - q.dequantize()).abs() <= s * (0.5 + (2**bits - 1) * 2.0**-11) + 1e-9).all()
 
 
-@pytest.mark.parametrize("spec,min_db", [("int8_ch", 40), ("int4_g32", 19), ("int4_g128", 17.5),
-                                         ("int3_g64", 12.5), ("int2_g32", 6.5), ("fp8_e4m3", 30),
-                                         ("fp8_e5m2", 24), ("fp4_e2m1_g32", 18), ("mxfp4", 16.5),
-                                         ("nvfp4", 18), ("nf4_g64", 19)])
+@pytest.mark.parametrize(
+    "spec,min_db",
+    [
+        ("int8_ch", 40),
+        ("int4_g32", 19),
+        ("int4_g128", 17.5),
+        ("int3_g64", 12.5),
+        ("int2_g32", 6.5),
+        ("fp8_e4m3", 30),
+        ("fp8_e5m2", 24),
+        ("fp4_e2m1_g32", 18),
+        ("mxfp4", 16.5),
+        ("nvfp4", 18),
+        ("nf4_g64", 19),
+    ],
+)
 def test_sqnr_on_gaussian_weights(spec, min_db):
     W = _weights(64, 576, seed=3)
     assert sqnr_db(W, fake_quant(W, spec)) > min_db
@@ -137,7 +151,7 @@ def test_sqnr_on_gaussian_weights(spec, min_db):
 
 def test_clipping_never_increases_weight_error():
     W = _weights(32, 200, seed=4)
-    W[0, 0] = 1.0                                             # an outlier that clipping can trade off
+    W[0, 0] = 1.0  # an outlier that clipping can trade off
     for spec in ["int3_g64", "int4_ch_sym", "int2_t", "nf4_g64", "fp4_e2m1_g32", "nvfp4"]:
         base = sqnr_db(W, fake_quant(W, spec))
         clipped = sqnr_db(W, fake_quant(W, spec, clip=True))

@@ -7,11 +7,29 @@ import pytest
 from workbench.errors import WorkbenchError
 from workbench.quant.spec import QuantSpec
 
-INT_SPECS = [f"int{b}_{g}{s}{a}" for b, g, s, a in itertools.product(
-    range(2, 9), ["g16", "g32", "g64", "g128", "g256", "g96", "ch", "t"], ["", "_sym"],
-    ["", ":gptq", ":awq"])]
-FLOAT_SPECS = ["bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_t", "fp8_e5m2_t", "fp4_e2m1_g32",
-               "fp4_e2m1_g16", "mxfp4", "nvfp4", "nf4_g64", "nf4_g128"]
+INT_SPECS = [
+    f"int{b}_{g}{s}{a}"
+    for b, g, s, a in itertools.product(
+        range(2, 9),
+        ["g16", "g32", "g64", "g128", "g256", "g96", "ch", "t"],
+        ["", "_sym"],
+        ["", ":gptq", ":awq"],
+    )
+]
+FLOAT_SPECS = [
+    "bf16",
+    "fp16",
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "fp8_e4m3_t",
+    "fp8_e5m2_t",
+    "fp4_e2m1_g32",
+    "fp4_e2m1_g16",
+    "mxfp4",
+    "nvfp4",
+    "nf4_g64",
+    "nf4_g128",
+]
 
 
 @pytest.mark.parametrize("s", INT_SPECS + FLOAT_SPECS)
@@ -21,46 +39,62 @@ def test_canonical_round_trip(s):
     assert QuantSpec.parse(str(q)) == q
 
 
-@pytest.mark.parametrize("s,canon", [
-    ("int4_g128_asym", "int4_g128"), ("int4_g128_asym:rtn", "int4_g128"),
-    ("INT4_G128:GPTQ", "int4_g128:gptq"),
-    ("int8_sym_ch", "int8_ch_sym"), ("fp8_e4m3_ch", "fp8_e4m3"), ("fp8_e4m3:rtn", "fp8_e4m3"),
-    ("nf4_g64_sym", "nf4_g64"), (" int3_g64 ", "int3_g64"),
-])
+@pytest.mark.parametrize(
+    "s,canon",
+    [
+        ("int4_g128_asym", "int4_g128"),
+        ("int4_g128_asym:rtn", "int4_g128"),
+        ("INT4_G128:GPTQ", "int4_g128:gptq"),
+        ("int8_sym_ch", "int8_ch_sym"),
+        ("fp8_e4m3_ch", "fp8_e4m3"),
+        ("fp8_e4m3:rtn", "fp8_e4m3"),
+        ("nf4_g64_sym", "nf4_g64"),
+        (" int3_g64 ", "int3_g64"),
+    ],
+)
 def test_non_canonical_inputs_print_canonically(s, canon):
     assert str(QuantSpec.parse(s)) == canon
 
 
 def test_fields():
     q = QuantSpec.parse("int3_g64_sym:gptq")
-    assert (q.fmt, q.bits, q.granularity, q.group_size, q.symmetric, q.algo) == ("int", 3, "group", 64, True,
-                                                                                  "gptq")
+    assert (q.fmt, q.bits, q.granularity, q.group_size, q.symmetric, q.algo) == (
+        "int",
+        3,
+        "group",
+        64,
+        True,
+        "gptq",
+    )
     assert QuantSpec.parse("mxfp4").group_size == 32 and QuantSpec.parse("nvfp4").group_size == 16
     assert QuantSpec.parse("fp8_e5m2").granularity == "channel"
     assert not QuantSpec.parse("bf16").is_quantized
 
 
-@pytest.mark.parametrize("s,msg", [
-    ("int4_g12x", "unknown part 'g12x' in spec 'int4_g12x'"),
-    ("int9_g128", "bits 9 outside 2..8 in 'int9_g128'"),
-    ("int1_ch", "bits 1 outside 2..8"),
-    ("int4_g8", "group size 8 outside 16..256 in 'int4_g8'"),
-    ("int4_g512", "group size 512 outside 16..256"),
-    ("int4", "needs a granularity"),
-    ("int4_g128:foo", "unknown algorithm 'foo'"),
-    ("nvfp4:gptq", "applies to int specs only"),
-    ("fp8_e4m3:awq", "applies to int specs only"),
-    ("fp8_e4m3_asym", "'asym' does not apply"),
-    ("fp8_e3m4", "unknown part 'e3m4'"),
-    ("mxfp4_g64", "fixed block of 32"),
-    ("nf4", "needs a group size"),
-    ("int4_g128_ch", "second granularity 'ch'"),
-    ("int4_g128_sym_asym", "second symmetry part 'asym'"),
-    ("float4", "unknown part 'float4'"),
-    ("bf16_ch", "part 'ch' does not apply to bf16"),
-    ("", "empty"),
-    ("int4__g128", "empty part"),
-])
+@pytest.mark.parametrize(
+    "s,msg",
+    [
+        ("int4_g12x", "unknown part 'g12x' in spec 'int4_g12x'"),
+        ("int9_g128", "bits 9 outside 2..8 in 'int9_g128'"),
+        ("int1_ch", "bits 1 outside 2..8"),
+        ("int4_g8", "group size 8 outside 16..256 in 'int4_g8'"),
+        ("int4_g512", "group size 512 outside 16..256"),
+        ("int4", "needs a granularity"),
+        ("int4_g128:foo", "unknown algorithm 'foo'"),
+        ("nvfp4:gptq", "applies to int specs only"),
+        ("fp8_e4m3:awq", "applies to int specs only"),
+        ("fp8_e4m3_asym", "'asym' does not apply"),
+        ("fp8_e3m4", "unknown part 'e3m4'"),
+        ("mxfp4_g64", "fixed block of 32"),
+        ("nf4", "needs a group size"),
+        ("int4_g128_ch", "second granularity 'ch'"),
+        ("int4_g128_sym_asym", "second symmetry part 'asym'"),
+        ("float4", "unknown part 'float4'"),
+        ("bf16_ch", "part 'ch' does not apply to bf16"),
+        ("", "empty"),
+        ("int4__g128", "empty part"),
+    ],
+)
 def test_bad_specs_name_the_bad_part(s, msg):
     with pytest.raises(WorkbenchError, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         QuantSpec.parse(s)
@@ -73,21 +107,24 @@ def test_direct_construction_is_validated():
         QuantSpec("nf4", 4, "group", 64, True, "gptq")
 
 
-@pytest.mark.parametrize("s,K,N,expected", [
-    ("int4_g128", 4096, 1, 4.25),                       # 4 + (16 + 16) / 128
-    ("int4_g128_sym", 4096, 1, 4.125),                  # 4 + 16 / 128
-    ("int3_g128", 1024, 1, 3.25),                       # 3-bit codes stored at 3 bits
-    ("int8_ch", 576, 1, 8 + 32 / 576),
-    ("int8_ch_sym", 576, 7, 8 + 16 / 576),
-    ("int4_t", 100, 10, 4 + 32 / 1000),
-    ("fp8_e4m3", 64, 1, 8.5),                           # fp32 scale per row
-    ("fp8_e5m2_t", 64, 4, 8 + 32 / 256),
-    ("fp4_e2m1_g32", 64, 1, 4.5),
-    ("mxfp4", 4096, 1, 4.25),                           # 8-bit E8M0 per 32
-    ("nf4_g64", 4096, 1, 4.25),
-    ("bf16", 10, 10, 16.0),
-    ("int4_g128:awq", 128, 64, 4.25 + 16 / 64),         # + fp16 input scale per input channel
-])
+@pytest.mark.parametrize(
+    "s,K,N,expected",
+    [
+        ("int4_g128", 4096, 1, 4.25),  # 4 + (16 + 16) / 128
+        ("int4_g128_sym", 4096, 1, 4.125),  # 4 + 16 / 128
+        ("int3_g128", 1024, 1, 3.25),  # 3-bit codes stored at 3 bits
+        ("int8_ch", 576, 1, 8 + 32 / 576),
+        ("int8_ch_sym", 576, 7, 8 + 16 / 576),
+        ("int4_t", 100, 10, 4 + 32 / 1000),
+        ("fp8_e4m3", 64, 1, 8.5),  # fp32 scale per row
+        ("fp8_e5m2_t", 64, 4, 8 + 32 / 256),
+        ("fp4_e2m1_g32", 64, 1, 4.5),
+        ("mxfp4", 4096, 1, 4.25),  # 8-bit E8M0 per 32
+        ("nf4_g64", 4096, 1, 4.25),
+        ("bf16", 10, 10, 16.0),
+        ("int4_g128:awq", 128, 64, 4.25 + 16 / 64),  # + fp16 input scale per input channel
+    ],
+)
 def test_bits_per_weight_by_hand(s, K, N, expected):
     assert QuantSpec.parse(s).bits_per_weight(K, N) == pytest.approx(expected, abs=1e-12)
 
@@ -111,7 +148,7 @@ def test_shorter_last_group_is_counted():
 
 def test_storage_bytes_rounds_up():
     q = QuantSpec.parse("int3_g16_sym")
-    bits = q.storage_bits(1, 17)   # 51 code bits + 2 scales * 16
+    bits = q.storage_bits(1, 17)  # 51 code bits + 2 scales * 16
     assert bits == 51 + 32
     assert q.storage_bytes(1, 17) == -(-bits // 8)
 

@@ -66,8 +66,12 @@ def test_views_follow_a_sensitivity_table(stories):
 
     app = show(model=stories)
     state = app.state
-    table = SensitivityTable(method="proxy", specs=["int8_ch", "int4_g32"], layers=state.layers,
-                             cost={x.name: {"int8_ch": 1e-4, "int4_g32": 1e-2} for x in state.layers})
+    table = SensitivityTable(
+        method="proxy",
+        specs=["int8_ch", "int4_g32"],
+        layers=state.layers,
+        cost={x.name: {"int8_ch": 1e-4, "int4_g32": 1e-2} for x in state.layers},
+    )
     state.sensitivity = table
     state.refresh()
     state.set_default("int4_g32")

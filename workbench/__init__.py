@@ -17,8 +17,10 @@ __version__ = "0.1.0"
 # package-dir). setuptools' editable finder does not map a namespace folder under a package, so register
 # it here (no code runs; installed wheels already have workbench/kernels and skip this).
 _KERNELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-if "workbench.kernels" not in sys.modules and os.path.isdir(_KERNELS_DIR) and not os.path.isdir(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+if (
+    "workbench.kernels" not in sys.modules
+    and os.path.isdir(_KERNELS_DIR)
+    and not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels"))
 ):
     _spec = importlib.machinery.ModuleSpec("workbench.kernels", None, is_package=True)
     _spec.submodule_search_locations = [_KERNELS_DIR]

@@ -19,7 +19,8 @@ COMMANDS = ("serve", "inspect", "sensitivity", "allocate", "eval", "quantize", "
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="workbench",
-        description="Quant Workbench: inspect a language model, plan mixed-precision quantization, run it.")
+        description="Quant Workbench: inspect a language model, plan mixed-precision quantization, run it.",
+    )
     parser.add_argument("--version", action="version", version="%(prog)s 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:

@@ -52,7 +52,9 @@ def resolve_text_source(source: str) -> Path | str:
             raise WorkbenchError(f"text source '{source}': {path} is missing")
         return path
     known = ", ".join(NAMED_SOURCES)
-    raise WorkbenchError(f"text source '{source}' not found: not a file, not one of {known}, not hf:<dataset>")
+    raise WorkbenchError(
+        f"text source '{source}' not found: not a file, not one of {known}, not hf:<dataset>"
+    )
 
 
 def _load_hf_dataset(spec: str) -> str:
@@ -64,7 +66,9 @@ def _load_hf_dataset(spec: str) -> str:
 
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:
-        raise WorkbenchError(f"dataset '{spec}': could not load it ({type(exc).__name__}); offline?") from None
+        raise WorkbenchError(
+            f"dataset '{spec}': could not load it ({type(exc).__name__}); offline?"
+        ) from None
     column = "text" if "text" in ds.column_names else ds.column_names[0]
     return "\n\n".join(ds[column])
 
@@ -104,8 +108,9 @@ def _check_seq_len(seq_len: int, max_context: int | None) -> None:
         raise WorkbenchError(f"sequence length {seq_len} is larger than the model's context ({max_context})")
 
 
-def eval_windows(tokenizer, source: str, seq_len: int, max_tokens: int | None = None,
-                 max_context: int | None = None) -> torch.Tensor:
+def eval_windows(
+    tokenizer, source: str, seq_len: int, max_tokens: int | None = None, max_context: int | None = None
+) -> torch.Tensor:
     """Non-overlapping evaluation windows [n, seq_len] from the start of the tokenized text.
 
     Args:
@@ -118,13 +123,15 @@ def eval_windows(tokenizer, source: str, seq_len: int, max_tokens: int | None = 
         ids = ids[:max_tokens]
     n = ids.numel() // seq_len
     if n == 0:
-        raise WorkbenchError(f"text source '{source}' has {ids.numel()} tokens, fewer than one window of "
-                             f"{seq_len}")
+        raise WorkbenchError(
+            f"text source '{source}' has {ids.numel()} tokens, fewer than one window of {seq_len}"
+        )
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def calibration_batches(tokenizer, source: str, n_seqs: int, seq_len: int, seed: int = 0,
-                        max_context: int | None = None) -> torch.Tensor:
+def calibration_batches(
+    tokenizer, source: str, n_seqs: int, seq_len: int, seed: int = 0, max_context: int | None = None
+) -> torch.Tensor:
     """`n_seqs` windows of `seq_len` tokens at seeded random offsets: LongTensor [n_seqs, seq_len].
 
     The same (text, n_seqs, seq_len, seed) always gives the same batch. When the text is shorter than
@@ -138,4 +145,4 @@ def calibration_batches(tokenizer, source: str, n_seqs: int, seq_len: int, seed:
         raise WorkbenchError(f"text source '{source}' has {ids.numel()} tokens, fewer than {seq_len + 1}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n_seqs,), generator=gen)
-    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -15,10 +15,29 @@ from workbench.errors import WorkbenchError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "lm_head", "other")
 _ROLE_BY_NAME = {
-    "q_proj": "q", "wq": "q", "query": "q", "k_proj": "k", "wk": "k", "key": "k", "v_proj": "v", "wv": "v",
-    "value": "v", "o_proj": "o", "wo": "o", "out_proj": "o", "gate_proj": "gate", "w1": "gate",
-    "up_proj": "up", "w3": "up", "c_fc": "up", "fc1": "up", "down_proj": "down", "w2": "down", "fc2": "down",
-    "lm_head": "lm_head", "embed_out": "lm_head",
+    "q_proj": "q",
+    "wq": "q",
+    "query": "q",
+    "k_proj": "k",
+    "wk": "k",
+    "key": "k",
+    "v_proj": "v",
+    "wv": "v",
+    "value": "v",
+    "o_proj": "o",
+    "wo": "o",
+    "out_proj": "o",
+    "gate_proj": "gate",
+    "w1": "gate",
+    "up_proj": "up",
+    "w3": "up",
+    "c_fc": "up",
+    "fc1": "up",
+    "down_proj": "down",
+    "w2": "down",
+    "fc2": "down",
+    "lm_head": "lm_head",
+    "embed_out": "lm_head",
 }
 _BLOCK = re.compile(r"\.(\d+)\.")
 
@@ -83,10 +102,18 @@ def layer_inventory(model: torch.nn.Module) -> list[LayerInfo]:
             continue
         w = get_linear_weight(mod)
         m = _BLOCK.search(f".{name}.")
-        layers.append(LayerInfo(
-            name=name, block=int(m.group(1)) if m else None, role=_role(name),
-            out_features=int(w.shape[0]), in_features=int(w.shape[1]), n_params=int(w.numel()),
-            tied=uses.get(mod.weight.data_ptr(), 1) > 1, kind="conv1d" if _is_conv1d(mod) else "linear"))
+        layers.append(
+            LayerInfo(
+                name=name,
+                block=int(m.group(1)) if m else None,
+                role=_role(name),
+                out_features=int(w.shape[0]),
+                in_features=int(w.shape[1]),
+                n_params=int(w.numel()),
+                tied=uses.get(mod.weight.data_ptr(), 1) > 1,
+                kind="conv1d" if _is_conv1d(mod) else "linear",
+            )
+        )
     if not layers:
         raise WorkbenchError(f"{type(model).__name__} has no linear layers to quantize")
     return layers

@@ -44,8 +44,16 @@ def read_llama2c_config(path: Path) -> dict:
     fields = (dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq_len)
     if min(fields) <= 0 or dim % n_heads or n_heads % n_kv or dim > 65536 or n_layers > 1024:
         raise WorkbenchError(f"{path}: header {fields} is not a llama2.c checkpoint")
-    cfg = dict(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
-               vocab_size=abs(vocab), shared_classifier=vocab > 0, seq_len=seq_len)
+    cfg = dict(
+        dim=dim,
+        hidden_dim=hidden,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        vocab_size=abs(vocab),
+        shared_classifier=vocab > 0,
+        seq_len=seq_len,
+    )
     hd = dim // n_heads
     kv_dim = n_kv * hd
     per_layer = 2 * dim + dim * dim * 2 + 2 * kv_dim * dim + 3 * hidden * dim
@@ -56,7 +64,8 @@ def read_llama2c_config(path: Path) -> dict:
     if size != expected:
         raise WorkbenchError(
             f"{path}: size {size} bytes does not match its llama2.c header ({expected} expected): "
-            "truncated or not a llama2.c checkpoint")
+            "truncated or not a llama2.c checkpoint"
+        )
     return cfg
 
 
@@ -75,7 +84,7 @@ def load_llama2c(path: Path, dtype: torch.dtype = torch.float32):
     def take(*shape: int) -> torch.Tensor:
         nonlocal pos
         n = int(np.prod(shape))
-        t = torch.from_numpy(raw[pos:pos + n].copy()).view(*shape)
+        t = torch.from_numpy(raw[pos : pos + n].copy()).view(*shape)
         pos += n
         return t
 
@@ -89,10 +98,23 @@ def load_llama2c(path: Path, dtype: torch.dtype = torch.float32):
     wcls = emb if cfg["shared_classifier"] else take(V, D)
 
     hf_cfg = LlamaConfig(
-        vocab_size=V, hidden_size=D, intermediate_size=H, num_hidden_layers=L, num_attention_heads=nh,
-        num_key_value_heads=nkv, max_position_embeddings=cfg["seq_len"], rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=cfg["shared_classifier"], bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, attention_bias=False, mlp_bias=False, hidden_act="silu")
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=H,
+        num_hidden_layers=L,
+        num_attention_heads=nh,
+        num_key_value_heads=nkv,
+        max_position_embeddings=cfg["seq_len"],
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=cfg["shared_classifier"],
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+    )
     model = LlamaForCausalLM(hf_cfg)
     sd = {"model.embed_tokens.weight": emb, "model.norm.weight": rms_final}
     for i in range(L):
@@ -137,7 +159,7 @@ class Llama2cTokenizer:
                 pos += 8
                 if n < 0 or pos + n > len(data):
                     raise struct.error("bad length")
-                self.pieces.append(data[pos:pos + n])
+                self.pieces.append(data[pos : pos + n])
                 self.scores.append(score)
                 pos += n
         except struct.error:

@@ -31,9 +31,25 @@ _CACHE_FORMAT = 1
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # GGUF file types (llama.cpp `general.file_type`) that mean the weights were already quantized.
-_GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-                    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-                    17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+_GGUF_FILE_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
 
 
 @dataclass
@@ -57,10 +73,12 @@ class ModelDescription:
         return asdict(self)
 
     def summary(self) -> str:
-        lines = [f"{self.name}  ({self.architecture}, {self.n_params / 1e6:.1f}M parameters, {self.dtype})",
-                 f"  from {self.origin}",
-                 f"  {self.n_layers} blocks, hidden {self.hidden_size}, vocab {self.vocab_size}, "
-                 f"context {self.max_context}"]
+        lines = [
+            f"{self.name}  ({self.architecture}, {self.n_params / 1e6:.1f}M parameters, {self.dtype})",
+            f"  from {self.origin}",
+            f"  {self.n_layers} blocks, hidden {self.hidden_size}, vocab {self.vocab_size}, "
+            f"context {self.max_context}",
+        ]
         lines += [f"  caveat: {c}" for c in self.caveats]
         return "\n".join(lines)
 
@@ -84,7 +102,9 @@ def _fingerprint(model: torch.nn.Module) -> str:
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].to(torch.float64)
-        h.update(f"{name}:{tuple(p.shape)}:{float(sample.sum()):.9e}:{float(sample.abs().sum()):.9e}".encode())
+        h.update(
+            f"{name}:{tuple(p.shape)}:{float(sample.sum()):.9e}:{float(sample.abs().sum()):.9e}".encode()
+        )
     return h.hexdigest()[:16]
 
 
@@ -96,12 +116,15 @@ def _describe(model, source: str, origin: str, caveats: list[str]) -> ModelDescr
         architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
         n_params=sum(params.values()),
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-        source=source, origin=origin,
+        source=source,
+        origin=origin,
         n_layers=getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)),
         hidden_size=getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0)),
         vocab_size=getattr(cfg, "vocab_size", 0),
         max_context=getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", 0)),
-        caveats=caveats, fingerprint=_fingerprint(model))
+        caveats=caveats,
+        fingerprint=_fingerprint(model),
+    )
 
 
 def _wrap_load_error(what: Path | str, exc: Exception) -> WorkbenchError:
@@ -132,11 +155,15 @@ def _gguf_caveats(path: Path) -> list[str]:
     ftype = _GGUF_FILE_TYPES.get(int(fld.parts[fld.data[0]][0]), "a quantized type")
     if ftype in ("F32", "F16", "BF16"):
         return []
-    note = f"weights were distributed in llama.cpp {ftype} and dequantized on load: they already sit on a " \
-           f"low-bit grid"
+    note = (
+        f"weights were distributed in llama.cpp {ftype} and dequantized on load: they already sit on a "
+        f"low-bit grid"
+    )
     if ftype == "Q4_1":
-        note += " (4-bit, blocks of 32 with scale and min), so int4_g32 asym is nearly lossless by " \
-                "construction; sensitivity at 2-3 bits, other group sizes and float formats is still real"
+        note += (
+            " (4-bit, blocks of 32 with scale and min), so int4_g32 asym is nearly lossless by "
+            "construction; sensitivity at 2-3 bits, other group sizes and float formats is still real"
+        )
     return [note]
 
 
@@ -153,8 +180,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, progress: bool):
             print(f"converting {path.name} (first load only, cached in {folder})", flush=True)
         try:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                         dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32
+            )
         except Exception as exc:
             raise _wrap_load_error(path, exc) from None
         from safetensors.torch import save_file
@@ -186,13 +214,19 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype):
     if not any(folder.glob("*.safetensors")):
         pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES | {".bin"}]
         if pickles:
-            raise WorkbenchError(f"{folder}: only pickled weights ({', '.join(sorted(pickles)[:3])}); refusing "
-                                 "to load them because pickles execute code: convert to safetensors")
+            raise WorkbenchError(
+                f"{folder}: only pickled weights ({', '.join(sorted(pickles)[:3])}); refusing "
+                "to load them because pickles execute code: convert to safetensors"
+            )
         raise WorkbenchError(f"{folder}: no weights found (*.safetensors)")
-    hf_tok = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    hf_tok = any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
     l2c_tok = sorted(folder.glob("tok*.bin"))
     if not hf_tok and not l2c_tok:
-        raise WorkbenchError(f"{folder}: no tokenizer (tokenizer.json / tokenizer.model, or a llama2.c tok*.bin)")
+        raise WorkbenchError(
+            f"{folder}: no tokenizer (tokenizer.json / tokenizer.model, or a llama2.c tok*.bin)"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
         if hf_tok:
@@ -227,8 +261,9 @@ def _load_llama2c(path: Path, dtype: torch.dtype):
     model, cfg = load_llama2c(path, dtype)
     tok = Llama2cTokenizer(tok_path)
     if tok.vocab_size != cfg["vocab_size"]:
-        raise WorkbenchError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens, checkpoint expects "
-                             f"{cfg['vocab_size']}")
+        raise WorkbenchError(
+            f"{tok_path}: tokenizer has {tok.vocab_size} tokens, checkpoint expects {cfg['vocab_size']}"
+        )
     return model, tok
 
 
@@ -244,29 +279,39 @@ def _load_path(path: Path, dtype: torch.dtype, progress: bool):
         if len(ckpts) == 1 and not _is_pickle(ckpts[0]):
             return _load_path(ckpts[0], dtype, progress)
         if any(p.suffix in _PICKLE_SUFFIXES for p in path.iterdir()):
-            raise WorkbenchError(f"{path}: only pickled weights; refusing to load them because pickles "
-                                 "execute code: convert to safetensors")
-        raise WorkbenchError(f"{path}: no weights found (config.json + *.safetensors, a .gguf, or a llama2.c "
-                             ".bin with its tokenizer)")
+            raise WorkbenchError(
+                f"{path}: only pickled weights; refusing to load them because pickles "
+                "execute code: convert to safetensors"
+            )
+        raise WorkbenchError(
+            f"{path}: no weights found (config.json + *.safetensors, a .gguf, or a llama2.c "
+            ".bin with its tokenizer)"
+        )
     suffix = path.suffix.lower()
     if suffix == ".gguf":
         return (*_load_gguf(path, dtype, progress), path)
     if suffix in _PICKLE_SUFFIXES or (suffix == ".bin" and _is_pickle(path)):
-        raise WorkbenchError(f"{path}: refusing to load a pickle file: pickles execute code when loaded; "
-                             "convert it to safetensors")
+        raise WorkbenchError(
+            f"{path}: refusing to load a pickle file: pickles execute code when loaded; "
+            "convert it to safetensors"
+        )
     if suffix == ".bin":
         return (*_load_llama2c(path, dtype), [], path)
     if suffix == ".safetensors":
         raise WorkbenchError(f"{path}: give the model folder (with config.json), not one safetensors file")
-    raise WorkbenchError(f"{path}: unknown model file type '{suffix}' (expected a folder, .gguf or llama2.c .bin)")
+    raise WorkbenchError(
+        f"{path}: unknown model file type '{suffix}' (expected a folder, .gguf or llama2.c .bin)"
+    )
 
 
-def load_model(source: str = "default", *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               progress: bool = True) -> LoadedModel:
+def load_model(
+    source: str = "default", *, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = True
+) -> LoadedModel:
     """Load a model from `source` and describe it.
 
     Args:
-        source: "default", a model folder, a `.gguf` file, a llama2.c `.bin` (tokenizer beside it) or a hub id.
+        source: "default", a model folder, a `.gguf` file, a llama2.c `.bin` (tokenizer beside it) or a hub
+            id.
         dtype: parameter dtype (float32 on CPU is fastest here; bf16/fp16 on GPU).
         device: where to put the model.
         progress: print a line when a slow first-time conversion starts.
@@ -288,8 +333,10 @@ def load_model(source: str = "default", *, dtype: torch.dtype = torch.float32, d
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
             tok = AutoTokenizer.from_pretrained(source)
         except Exception as exc:
-            raise WorkbenchError(f"hub id '{source}': could not fetch it ({type(exc).__name__}); offline, or "
-                                 "the repository has no safetensors weights") from None
+            raise WorkbenchError(
+                f"hub id '{source}': could not fetch it ({type(exc).__name__}); offline, or "
+                "the repository has no safetensors weights"
+            ) from None
         caveats, origin = [], f"hub:{source}"
     else:
         raise WorkbenchError(f"model source '{source}' not found: no such file or folder (and not a hub id)")

@@ -49,8 +49,9 @@ class Tokenizer:
     def prompt_ids(self, prompt: str) -> list[int]:
         """Ids for a user prompt: the chat template when the model has one, else BOS + text."""
         if self.is_hf and self.has_chat_template:
-            out = self.inner.apply_chat_template([{"role": "user", "content": prompt}],
-                                                 add_generation_prompt=True, tokenize=True)
+            out = self.inner.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
             if isinstance(out, dict) or hasattr(out, "keys"):
                 out = out["input_ids"]
             return list(out)

@@ -7,8 +7,12 @@ import sys
 
 
 def add_model_arg(p, required: bool = True) -> None:
-    p.add_argument("--model", required=required, default="default",
-                   help="default | model folder | file.gguf | llama2.c .bin | hub id")
+    p.add_argument(
+        "--model",
+        required=required,
+        default="default",
+        help="default | model folder | file.gguf | llama2.c .bin | hub id",
+    )
 
 
 def emit_json(obj) -> None:

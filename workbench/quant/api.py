@@ -42,7 +42,7 @@ class QuantizedWeight:
     zeros: torch.Tensor | None
     tensor_scale: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
-    info: dict = field(default_factory=dict)   # algorithm diagnostics (alpha, damp, seconds, ...)
+    info: dict = field(default_factory=dict)  # algorithm diagnostics (alpha, damp, seconds, ...)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -77,8 +77,10 @@ def _where(layer: str | None) -> str:
 def _check_inputs(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None, layer: str | None) -> None:
     where = _where(layer)
     if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
-        raise WorkbenchError(f"{where}: expected a 2-D float weight [out, in], got "
-                             f"{getattr(W, 'shape', type(W))} {getattr(W, 'dtype', '')}")
+        raise WorkbenchError(
+            f"{where}: expected a 2-D float weight [out, in], got "
+            f"{getattr(W, 'shape', type(W))} {getattr(W, 'dtype', '')}"
+        )
     N, K = W.shape
     reason = spec.check_layer(N, K)
     if reason:
@@ -93,11 +95,21 @@ def _check_inputs(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None, l
             raise WorkbenchError(f"NaN or inf in the calibration inputs (Gram matrix) of {where}")
 
 
-def quantize_weight(W: torch.Tensor, spec: str | QuantSpec, gram: torch.Tensor | None = None, *,
-                    layer: str | None = None, clip: bool = False, clip_grid: int = 20,
-                    max_shrink: float = 0.5, act_order: bool = False, percdamp: float = 0.01,
-                    blocksize: int = 128, awq_grid: int = 20,
-                    act_scale: torch.Tensor | None = None) -> QuantizedWeight:
+def quantize_weight(
+    W: torch.Tensor,
+    spec: str | QuantSpec,
+    gram: torch.Tensor | None = None,
+    *,
+    layer: str | None = None,
+    clip: bool = False,
+    clip_grid: int = 20,
+    max_shrink: float = 0.5,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    awq_grid: int = 20,
+    act_scale: torch.Tensor | None = None,
+) -> QuantizedWeight:
     """Quantize one weight with a spec's format, granularity and algorithm.
 
     Args:
@@ -118,8 +130,10 @@ def quantize_weight(W: torch.Tensor, spec: str | QuantSpec, gram: torch.Tensor |
     spec = QuantSpec.parse(spec)
     where = _where(layer)
     if not spec.is_quantized:
-        raise WorkbenchError(f"spec '{spec}' keeps {where} in high precision: nothing to quantize "
-                             f"(skip the layer, or use fake_quant to round it to {spec.fmt})")
+        raise WorkbenchError(
+            f"spec '{spec}' keeps {where} in high precision: nothing to quantize "
+            f"(skip the layer, or use fake_quant to round it to {spec.fmt})"
+        )
     _check_inputs(W, spec, gram, layer)
     if spec.algo in ("gptq", "awq") and gram is None:
         raise WorkbenchError(f"'{spec}' needs calibration statistics (gram = X^T X) for {where}")
@@ -128,24 +142,42 @@ def quantize_weight(W: torch.Tensor, spec: str | QuantSpec, gram: torch.Tensor |
     gram = gram.detach().to("cpu", torch.float32) if gram is not None else None
 
     if spec.algo == "gptq":
-        codes, scales, zeros, info = gptq_quantize(W, spec, gram, percdamp=percdamp, blocksize=blocksize,
-                                                   act_order=act_order, clip=clip, clip_grid=clip_grid,
-                                                   max_shrink=max_shrink)
+        codes, scales, zeros, info = gptq_quantize(
+            W,
+            spec,
+            gram,
+            percdamp=percdamp,
+            blocksize=blocksize,
+            act_order=act_order,
+            clip=clip,
+            clip_grid=clip_grid,
+            max_shrink=max_shrink,
+        )
         return QuantizedWeight(spec, codes, scales, zeros, info=info)
     input_scale = None
     info: dict = {}
     if spec.algo == "awq":
-        enc, input_scale, info = awq_quantize(W, spec, gram, grid=awq_grid, act_scale=act_scale, clip=clip,
-                                              clip_grid=clip_grid, max_shrink=max_shrink)
+        enc, input_scale, info = awq_quantize(
+            W,
+            spec,
+            gram,
+            grid=awq_grid,
+            act_scale=act_scale,
+            clip=clip,
+            clip_grid=clip_grid,
+            max_shrink=max_shrink,
+        )
     else:
         enc = rtn_quantize(W, spec, gram=gram, clip=clip, clip_grid=clip_grid, max_shrink=max_shrink)
     codes = ungrouped(enc.codes, spec, N, K)
-    return QuantizedWeight(spec, codes.contiguous(), enc.scales, enc.zeros, enc.tensor_scale, input_scale,
-                           info)
+    return QuantizedWeight(
+        spec, codes.contiguous(), enc.scales, enc.zeros, enc.tensor_scale, input_scale, info
+    )
 
 
-def fake_quant(W: torch.Tensor, spec: str | QuantSpec, gram: torch.Tensor | None = None,
-               **opts) -> torch.Tensor:
+def fake_quant(
+    W: torch.Tensor, spec: str | QuantSpec, gram: torch.Tensor | None = None, **opts
+) -> torch.Tensor:
     """dequantize(quantize_weight(W, spec, gram, **opts)) as float32 [N, K].
 
     For bf16 / fp16 specs: W rounded to that dtype, returned as float32.

@@ -41,9 +41,17 @@ def activation_scale(gram: torch.Tensor, act_scale: torch.Tensor | None = None) 
     return a.clamp(min=top * 1e-5 if top > 0 else 1.0)
 
 
-def awq_quantize(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, grid: int = 20,
-                 act_scale: torch.Tensor | None = None, clip: bool = False, clip_grid: int = 20,
-                 max_shrink: float = 0.5, search_rows: int = 4096) -> tuple[Encoded, torch.Tensor, dict]:
+def awq_quantize(
+    W: torch.Tensor,
+    spec: QuantSpec,
+    gram: torch.Tensor,
+    grid: int = 20,
+    act_scale: torch.Tensor | None = None,
+    clip: bool = False,
+    clip_grid: int = 20,
+    max_shrink: float = 0.5,
+    search_rows: int = 4096,
+) -> tuple[Encoded, torch.Tensor, dict]:
     """Search the AWQ exponent and quantize W diag(s).
 
     Args:
@@ -66,7 +74,7 @@ def awq_quantize(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, grid: int
     rows = torch.linspace(0, N - 1, search_rows, device=W.device).round().long().unique()
     Ws = W[rows] if N > search_rows else W
     if spec.granularity == "tensor":
-        Ws = W                                   # one scale over all rows: the subset would change it
+        Ws = W  # one scale over all rows: the subset would change it
     den = float(((Ws @ G).double() * Ws.double()).sum())
     best = None
     for i in range(grid + 1):

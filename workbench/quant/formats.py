@@ -87,8 +87,9 @@ def round_fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- integers
-def int_params(Wg: torch.Tensor, bits: int, symmetric: bool,
-               shrink: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def int_params(
+    Wg: torch.Tensor, bits: int, symmetric: bool, shrink: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales and zero points of integer quantization over the last dim.
 
     Args:
@@ -121,8 +122,9 @@ def int_zero(bits: int, symmetric: bool, zeros: torch.Tensor | None) -> torch.Te
     return zeros
 
 
-def int_encode(Wg: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | float,
-               bits: int) -> torch.Tensor:
+def int_encode(
+    Wg: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | float, bits: int
+) -> torch.Tensor:
     """Codes uint8 [..., G] = clamp(round(W / scale) + zero, 0, 2^b - 1); scales/zeros are [...]."""
     z = zeros.unsqueeze(-1) if isinstance(zeros, torch.Tensor) else zeros
     q = torch.round(Wg / scales.unsqueeze(-1)) + z

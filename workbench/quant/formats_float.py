@@ -52,10 +52,22 @@ FP8 = {"fp8_e4m3": E4M3, "fp8_e5m2": E5M2}
 
 # The 16 NormalFloat-4 levels of QLoRA (bitsandbytes' NF4 table), ascending.
 NF4_LEVELS = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 
 
@@ -63,8 +75,8 @@ NF4_LEVELS = (
 def minifloat_round(x: torch.Tensor, fmt: Minifloat) -> torch.Tensor:
     """Round float32 `x` to the nearest value of `fmt` (ties to even), saturating at +-max_value."""
     a = x.abs().clamp(max=fmt.max_value)
-    _, ex = torch.frexp(a)                                   # a = m * 2^ex, m in [0.5, 1)
-    e = (ex - 1).clamp(min=fmt.min_exp)                      # binade exponent; subnormals share min_exp
+    _, ex = torch.frexp(a)  # a = m * 2^ex, m in [0.5, 1)
+    e = (ex - 1).clamp(min=fmt.min_exp)  # binade exponent; subnormals share min_exp
     quantum = torch.ldexp(torch.ones_like(a), e - fmt.man_bits)
     y = (torch.round(a / quantum) * quantum).clamp(max=fmt.max_value)
     return torch.copysign(y, x)

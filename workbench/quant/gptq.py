@@ -68,9 +68,17 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     raise AssertionError("GPTQ: Hessian not positive definite even with strong dampening")
 
 
-def gptq_quantize(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, percdamp: float = 0.01,
-                  blocksize: int = 128, act_order: bool = False, clip: bool = False, clip_grid: int = 20,
-                  max_shrink: float = 0.5):
+def gptq_quantize(
+    W: torch.Tensor,
+    spec: QuantSpec,
+    gram: torch.Tensor,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    act_order: bool = False,
+    clip: bool = False,
+    clip_grid: int = 20,
+    max_shrink: float = 0.5,
+):
     """Quantize W [N, K] with GPTQ for an integer spec.
 
     Args:
@@ -129,13 +137,13 @@ def gptq_quantize(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, percdamp
 
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
-        W1 = W[:, i1:i2].clone()                                   # [N, B]
+        W1 = W[:, i1:i2].clone()  # [N, B]
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
             if dynamic and j % G == 0:
-                s, z = _params(W1[:, i:i + G].unsqueeze(1), spec, clip, clip_grid, max_shrink)
+                s, z = _params(W1[:, i : i + G].unsqueeze(1), spec, clip, clip_grid, max_shrink)
                 scales[:, j // G] = s[:, 0]
                 if zeros is not None:
                     zeros[:, j // G] = z[:, 0]
@@ -157,6 +165,10 @@ def gptq_quantize(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, percdamp
 
     if act_order:
         codes = codes[:, torch.argsort(perm)]
-    info = {"damp": damp, "act_order": act_order, "dead_columns": int(dead.sum()),
-            "seconds": time.perf_counter() - t0}
+    info = {
+        "damp": damp,
+        "act_order": act_order,
+        "dead_columns": int(dead.sum()),
+        "seconds": time.perf_counter() - t0,
+    }
     return codes, scales, zeros, info

@@ -19,8 +19,9 @@ from workbench.quant.formats import Encoded, decode, encode, grouped, ungrouped
 from workbench.quant.spec import QuantSpec
 
 
-def group_errors(Dg: torch.Tensor, spec: QuantSpec, N: int, K: int,
-                 gram: torch.Tensor | None) -> torch.Tensor:
+def group_errors(
+    Dg: torch.Tensor, spec: QuantSpec, N: int, K: int, gram: torch.Tensor | None
+) -> torch.Tensor:
     """Error of each group of a grouped error tensor Dg [R, n_groups, G] -> [R, n_groups] (see module doc)."""
     if gram is None:
         return (Dg.double() ** 2).sum(-1)
@@ -35,13 +36,18 @@ def group_errors(Dg: torch.Tensor, spec: QuantSpec, N: int, K: int,
     ng = Dg.shape[1]
     pad = ng * G - K
     gp = torch.nn.functional.pad(gram, (0, pad, 0, pad)) if pad else gram
-    blocks = torch.stack([gp[i * G:(i + 1) * G, i * G:(i + 1) * G] for i in range(ng)])   # [ng, G, G]
+    blocks = torch.stack([gp[i * G : (i + 1) * G, i * G : (i + 1) * G] for i in range(ng)])  # [ng, G, G]
     DG = torch.einsum("rgi,gij->rgj", Dg, blocks)
     return (DG.double() * Dg.double()).sum(-1)
 
 
-def clip_search(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = None, grid: int = 20,
-                max_shrink: float = 0.5) -> torch.Tensor:
+def clip_search(
+    W: torch.Tensor,
+    spec: QuantSpec,
+    gram: torch.Tensor | None = None,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+) -> torch.Tensor:
     """Best shrink factor per group (float32 [R, n_groups]) for `spec` on W [N, K] (criterion: module doc)."""
     N, K = W.shape
     Wg = grouped(W, spec)
@@ -60,8 +66,14 @@ def clip_search(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = No
     return best
 
 
-def rtn_quantize(W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = None, clip: bool = False,
-                 clip_grid: int = 20, max_shrink: float = 0.5) -> Encoded:
+def rtn_quantize(
+    W: torch.Tensor,
+    spec: QuantSpec,
+    gram: torch.Tensor | None = None,
+    clip: bool = False,
+    clip_grid: int = 20,
+    max_shrink: float = 0.5,
+) -> Encoded:
     """Round-to-nearest quantization of W [N, K] (float32) with `spec`'s format and granularity.
 
     Args:

@@ -68,9 +68,11 @@ class QuantSpec:
     def __post_init__(self) -> None:
         problem = self._problem()
         if problem:
-            raise WorkbenchError(f"invalid QuantSpec({self.fmt!r}, bits={self.bits}, {self.granularity}, "
-                                 f"group_size={self.group_size}, symmetric={self.symmetric}, "
-                                 f"algo={self.algo!r}): {problem}")
+            raise WorkbenchError(
+                f"invalid QuantSpec({self.fmt!r}, bits={self.bits}, {self.granularity}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}, "
+                f"algo={self.algo!r}): {problem}"
+            )
 
     def _problem(self) -> str | None:
         """Why these fields do not describe a valid spec, or None."""
@@ -96,14 +98,21 @@ class QuantSpec:
                 return f"{f} has {expected} bits"
             if not self.symmetric:
                 return f"{f} is symmetric"
-            allowed = {"bf16": ("none",), "fp16": ("none",), "fp8_e4m3": ("channel", "tensor"),
-                       "fp8_e5m2": ("channel", "tensor")}.get(f, ("group",))
+            allowed = {
+                "bf16": ("none",),
+                "fp16": ("none",),
+                "fp8_e4m3": ("channel", "tensor"),
+                "fp8_e5m2": ("channel", "tensor"),
+            }.get(f, ("group",))
             if self.granularity not in allowed:
                 return f"{f} does not support granularity {self.granularity!r}"
         if f in FIXED_BLOCK and self.group_size != FIXED_BLOCK[f]:
             return f"{f} has a fixed block of {FIXED_BLOCK[f]}"
-        if f not in FIXED_BLOCK and self.group_size is not None and not (
-                MIN_GROUP <= self.group_size <= MAX_GROUP):
+        if (
+            f not in FIXED_BLOCK
+            and self.group_size is not None
+            and not (MIN_GROUP <= self.group_size <= MAX_GROUP)
+        ):
             return f"group size {self.group_size} outside {MIN_GROUP}..{MAX_GROUP}"
         return None
 
@@ -128,8 +137,10 @@ class QuantSpec:
             sub = parts.pop(0) if parts else ""
             fmt = f"{first}_{sub}"
             if fmt not in FORMATS:
-                raise WorkbenchError(f"unknown part '{sub or '(missing)'}' in spec '{text}' "
-                                     f"(expected {'e4m3 or e5m2' if first == 'fp8' else 'e2m1'})")
+                raise WorkbenchError(
+                    f"unknown part '{sub or '(missing)'}' in spec '{text}' "
+                    f"(expected {'e4m3 or e5m2' if first == 'fp8' else 'e2m1'})"
+                )
             bits = 8 if first == "fp8" else 4
         elif m := _INT_RE.fullmatch(first):
             fmt, bits = "int", int(m.group(1))
@@ -140,8 +151,10 @@ class QuantSpec:
         elif first in ("mxfp4", "nvfp4", "nf4"):
             fmt, bits = first, 4
         else:
-            raise WorkbenchError(f"unknown part '{first}' in spec '{text}' (formats: bf16, fp16, int2..int8, "
-                                 "fp8_e4m3, fp8_e5m2, fp4_e2m1_g{G}, mxfp4, nvfp4, nf4_g{G})")
+            raise WorkbenchError(
+                f"unknown part '{first}' in spec '{text}' (formats: bf16, fp16, int2..int8, "
+                "fp8_e4m3, fp8_e5m2, fp4_e2m1_g{G}, mxfp4, nvfp4, nf4_g{G})"
+            )
 
         granularity: str | None = None
         gran_part = ""
@@ -166,13 +179,15 @@ class QuantSpec:
 
         if fmt == "int":
             if granularity is None:
-                raise WorkbenchError(f"spec '{text}' needs a granularity: _g{{G}} (G in "
-                                     f"{MIN_GROUP}..{MAX_GROUP}), _ch or _t")
+                raise WorkbenchError(
+                    f"spec '{text}' needs a granularity: _g{{G}} (G in {MIN_GROUP}..{MAX_GROUP}), _ch or _t"
+                )
             symmetric = bool(symmetric)
         else:
             if symmetric is False:
-                raise WorkbenchError(f"part 'asym' does not apply to {fmt} in spec '{text}' "
-                                     "(float formats are symmetric)")
+                raise WorkbenchError(
+                    f"part 'asym' does not apply to {fmt} in spec '{text}' (float formats are symmetric)"
+                )
             symmetric = True
             if fmt in ("bf16", "fp16"):
                 if granularity is not None:
@@ -180,13 +195,16 @@ class QuantSpec:
                 granularity = "none"
             elif fmt.startswith("fp8"):
                 if granularity == "group":
-                    raise WorkbenchError(f"part 'g{group}' does not apply to {fmt} in spec '{text}' "
-                                         "(use _ch or _t)")
+                    raise WorkbenchError(
+                        f"part 'g{group}' does not apply to {fmt} in spec '{text}' (use _ch or _t)"
+                    )
                 granularity = granularity or "channel"
             elif fmt in FIXED_BLOCK:
                 if granularity is not None:
-                    raise WorkbenchError(f"{fmt} has a fixed block of {FIXED_BLOCK[fmt]}; remove "
-                                         f"'{gran_part}' from spec '{text}'")
+                    raise WorkbenchError(
+                        f"{fmt} has a fixed block of {FIXED_BLOCK[fmt]}; remove "
+                        f"'{gran_part}' from spec '{text}'"
+                    )
                 granularity, group = "group", FIXED_BLOCK[fmt]
             elif granularity != "group":
                 raise WorkbenchError(f"spec '{text}' needs a group size, e.g. '{fmt}_g64'")
@@ -232,22 +250,22 @@ class QuantSpec:
             return 16 * n * k
         codes = self.bits * n * k
         if self.fmt == "int":
-            per_scale = 16 + (0 if self.symmetric else 16)          # fp16 scale (+ fp16 zero)
+            per_scale = 16 + (0 if self.symmetric else 16)  # fp16 scale (+ fp16 zero)
         elif self.fmt.startswith("fp8"):
-            per_scale = 32                                          # fp32 scale
+            per_scale = 32  # fp32 scale
         elif self.fmt in FIXED_BLOCK:
-            per_scale = 8                                           # E8M0 / E4M3 block scale
+            per_scale = 8  # E8M0 / E4M3 block scale
         else:
-            per_scale = 16                                          # fp16 group scale / absmax
+            per_scale = 16  # fp16 group scale / absmax
         if self.granularity == "group":
             n_scales = n * self.n_groups(k)
         elif self.granularity == "channel":
             n_scales = n
         else:
             n_scales = 1
-        extra = 32 if self.fmt == "nvfp4" else 0                    # fp32 tensor scale
+        extra = 32 if self.fmt == "nvfp4" else 0  # fp32 tensor scale
         if self.algo == "awq":
-            extra += 16 * k                                         # fp16 runtime input scale
+            extra += 16 * k  # fp16 runtime input scale
         return codes + per_scale * n_scales + extra
 
     def bits_per_weight(self, in_features: int, out_features: int = 1) -> float:
