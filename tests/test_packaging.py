@@ -31,3 +31,12 @@ def test_kernels_not_importable_as_pypi_kernels(tmp_path):
 def test_cli_help_lists_commands():
     r = subprocess.run([sys.executable, "-m", "workbench.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "inspect" in r.stdout
+
+
+def test_tree_passes_ruff():
+    """House style: ruff (pyflakes, pycodestyle, isort rules from pyproject.toml) and ruff-format."""
+    ruff = Path(sys.executable).with_name("ruff")
+    cmd = [str(ruff)] if ruff.is_file() else [sys.executable, "-m", "ruff"]
+    for args in (["check", "--output-format", "concise", "."], ["format", "--check", "."]):
+        r = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 0, f"ruff {args[0]}:\n{r.stdout}{r.stderr}"
