@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--kl-layers", type=int, default=None, help="limit the kl scan to N layers (extrapolate)")
     ap.add_argument(
-        "--skip", default="", help="comma list of step groups (uniform,alloc,scans,kl) or step keys"
+        "--skip", default="", help="comma list of step groups (uniform,alloc,scans,kl,alloc_kl) or step keys"
     )
     ap.add_argument("--state", default=None, help="state file (default: in the workbench cache)")
     ap.add_argument("--write-results", action="store_true", help="replace this script's RESULTS.md sections")
@@ -159,6 +159,8 @@ def main(argv=None) -> int:
             )
         return grams_cache
 
+    allocs = {}
+
     def run_eval(resolved):
         needs = any(s.algo != "rtn" for s in resolved.values())
         r = evaluate(loaded, resolved, grams=grams() if needs else None, **ev)
@@ -173,28 +175,9 @@ def main(argv=None) -> int:
             "ref_ppl": r.ref_ppl,
         }
 
-    uniform = {}
-    order = ["int3_g128", "int4_g128"] + [s for s in UNIFORM if s not in ("int3_g128", "int4_g128")]
-    if "uniform" not in skip:
-        for s in order[:2]:
-            uniform[s] = state.get(f"uniform:{s}", lambda s=s: run_eval(Plan(default=s).resolve(layers)))
-
-    allocs = {}
-    if "alloc" not in skip:
-        label = "gptq" if "gptq" in args.alloc_specs else "rtn"
-        if alloc_specs not in (ALLOC_SPECS, [s.split(":")[0] for s in ALLOC_SPECS]):
-            # another candidate set: its own state keys and files (a short digest of the spec list)
-            label += "-" + hashlib.sha1(",".join(alloc_specs).encode()).hexdigest()[:6]
-        path = work / f"alloc_fisher_{label}.json"
-        info = state.get(
-            f"alloc_table:{label}",
-            lambda: _scan_info(
-                sensitivity_scan(loaded, alloc_specs, "proxy", out=path, importance="fisher", **cal)
-            ),
-        )
-        tab = SensitivityTable.load(path) if info is not None else None
-        for b in ["int3_g128", "int4_g128", 3.0, 3.5, 4.0] if tab is not None else []:  # equal sizes first
-            key = f"alloc:{label}:{b}"
+    def allocate_budgets(label: str, tab) -> None:
+        """Exact knapsack on `tab` at the uniform int3/int4 sizes and at 3.0 / 3.5 / 4.0 bits, evaluated."""
+        for b in ["int3_g128", "int4_g128", 3.0, 3.5, 4.0]:  # equal sizes first
 
             def do(b=b):
                 if isinstance(b, str):
@@ -208,7 +191,29 @@ def main(argv=None) -> int:
                 out["mix"] = plan_totals(a.resolved, layers).by_spec
                 return out
 
-            allocs[(label, b)] = state.get(key, do)
+            allocs[(label, b)] = state.get(f"alloc:{label}:{b}", do)
+
+    uniform = {}
+    order = ["int3_g128", "int4_g128"] + [s for s in UNIFORM if s not in ("int3_g128", "int4_g128")]
+    if "uniform" not in skip:
+        for s in order[:2]:
+            uniform[s] = state.get(f"uniform:{s}", lambda s=s: run_eval(Plan(default=s).resolve(layers)))
+
+    if "alloc" not in skip:
+        label = "gptq" if "gptq" in args.alloc_specs else "rtn"
+        if alloc_specs not in (ALLOC_SPECS, [s.split(":")[0] for s in ALLOC_SPECS]):
+            # another candidate set: its own state keys and files (a short digest of the spec list)
+            label += "-" + hashlib.sha1(",".join(alloc_specs).encode()).hexdigest()[:6]
+        path = work / f"alloc_fisher_{label}.json"
+        info = state.get(
+            f"alloc_table:{label}",
+            lambda: _scan_info(
+                sensitivity_scan(loaded, alloc_specs, "proxy", out=path, importance="fisher", **cal)
+            ),
+        )
+        tab = SensitivityTable.load(path) if info is not None else None
+        if tab is not None:
+            allocate_budgets(label, tab)
     if "uniform" not in skip:
         for s in order[2:]:
             uniform[s] = state.get(f"uniform:{s}", lambda s=s: run_eval(Plan(default=s).resolve(layers)))
@@ -262,6 +267,9 @@ def main(argv=None) -> int:
                 ]
                 scans[f"spearman_{other}_kl_within_spec"] = dict(zip(SCAN_SPECS, per_spec))
             scans["kl_layers"] = len(names)
+        if scans.get("kl") and not args.kl_layers and "alloc_kl" not in skip:
+            # the same budgets on the measured table (RTN candidates: each cost is a real single-layer ΔKL)
+            allocate_budgets("kl", SensitivityTable.load(work / "scan_kl_all.json"))
 
     ref = state.get("reference", lambda: evaluate(loaded, None, **ev).to_json())
     if ref is None:
@@ -337,7 +345,9 @@ def render(loaded, args, ref, uniform, allocs, scans, n_layers) -> str:
         f"Same setup. Allocations: exact knapsack over a Fisher-weighted proxy table of "
         f"{args.alloc_specs.replace(',', ', ')}, bf16 (Fisher from {args.scan_seqs} x {args.scan_seq_len} "
         "tokens); "
-        "'= int3_g128' means a budget of exactly that uniform plan's size.",
+        "rows labelled (kl): the same knapsack over the measured kl table (RTN candidates "
+        + ", ".join(SCAN_SPECS)
+        + ", bf16). '= int3_g128' means a budget of exactly that uniform plan's size.",
         "",
         head,
     ]
