@@ -24,7 +24,10 @@ Reference: Sinha & Zoltners, "The multiple-choice knapsack problem", Operations 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +92,27 @@ def _solve_dp(costs, weights, capacity: int) -> list[int] | None:
     return picks
 
 
+@contextlib.contextmanager
+def _c_stdout_to_stderr():
+    """Send what native code writes to file descriptor 1 to fd 2 while the block runs.
+
+    HiGHS prints stray debug lines ("HighsMipSolverData::transformNewIntegerFeasibleSolution ...",
+    ERGO-Code/HiGHS#2783) straight to fd 1, which would corrupt `workbench allocate --json` output.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no usable fd 1 (some embedded interpreters): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _solve_ilp(costs, weights, capacity: int) -> list[int] | None:
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
@@ -107,13 +131,14 @@ def _solve_ilp(costs, weights, capacity: int) -> list[int] | None:
     a_eq = coo_matrix((np.ones(len(c)), (rows, np.arange(len(c)))), shape=(n, len(c)))
     cap_units = capacity // g
     for _ in range(3):
-        res = milp(
-            cs,
-            integrality=np.ones(len(c)),
-            bounds=Bounds(0, 1),
-            constraints=[LinearConstraint(a_eq, 1, 1), LinearConstraint(ws[None, :], -np.inf, cap_units)],
-            options={"mip_rel_gap": 0.0, "presolve": True},
-        )
+        with _c_stdout_to_stderr():
+            res = milp(
+                cs,
+                integrality=np.ones(len(c)),
+                bounds=Bounds(0, 1),
+                constraints=[LinearConstraint(a_eq, 1, 1), LinearConstraint(ws[None, :], -np.inf, cap_units)],
+                options={"mip_rel_gap": 0.0, "presolve": True},
+            )
         if res.x is None:
             return None
         picks = [int(np.argmax(res.x[offs[i] : offs[i + 1]])) for i in range(n)]
