@@ -98,6 +98,7 @@ def _c_stdout_to_stderr():
 
     HiGHS prints stray debug lines ("HighsMipSolverData::transformNewIntegerFeasibleSolution ...",
     ERGO-Code/HiGHS#2783) straight to fd 1, which would corrupt `workbench allocate --json` output.
+    The redirection is process-wide: whatever other threads write to fd 1 meanwhile lands on stderr too.
     """
     sys.stdout.flush()
     try:
