@@ -7,8 +7,9 @@ One command reproduces the issue-3 and issue-5 tables of benchmarks/RESULTS.md:
 
 Steps (each result is kept in a state file, so an interrupted run continues where it stopped):
   1. reference perplexity (fp32 model) on `--text` (32,768 tokens in windows of 512 by default);
-  2. uniform plans (every linear, lm_head included): int4_g128 / int3_g128 with RTN and GPTQ, nvfp4, mxfp4,
-     nf4_g64, fp8_e4m3; GPTQ uses Gram matrices of `--calib` (32 x 512 tokens of the `wiki` calibration text);
+  2. uniform plans (every linear, lm_head included): fp16 / bf16 weights, int4_g128 / int3_g128 with RTN and
+     GPTQ, nvfp4, mxfp4, nf4_g64, fp8_e4m3; GPTQ uses Gram matrices of `--calib` (32 x 512 tokens of the
+     `wiki` calibration text);
   3. a Fisher-weighted proxy sensitivity table over the allocation candidates (GPTQ int2/3/4, int8_ch,
      nvfp4, fp8_e4m3, bf16) and exact knapsack allocations at 3.0 / 3.5 / 4.0 average bits and at exactly
      the size of uniform int3_g128 and int4_g128; each allocated plan evaluated like the uniform ones;
@@ -32,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCAN_SPECS = ["int2_g64", "int3_g128", "int4_g128", "int8_ch", "nvfp4", "fp8_e4m3"]
 ALLOC_SPECS = ["int2_g64:gptq", "int3_g128:gptq", "int4_g128:gptq", "int8_ch", "nvfp4", "fp8_e4m3"]
 UNIFORM = [
+    "fp16",
+    "bf16",
     "int4_g128",
     "int3_g128",
     "int4_g128:gptq",
@@ -298,9 +301,10 @@ def _scan_info(tab) -> dict:
 
 
 def _row(name, r, ref_ppl):
+    kl = f"{r['kl']:.4f}" if r["kl"] >= 1e-3 else f"{r['kl']:.1e}"
     return (
         f"| {name} | {r['avg_bits']:.3f} | {r['mb']:.2f} | {r['ppl']:.3f} | {r['ppl'] / ref_ppl:.3f} | "
-        f"{r['kl']:.4f} | {100 * r['top1']:.1f}% |"
+        f"{kl} | {100 * r['top1']:.1f}% |"
     )
 
 
