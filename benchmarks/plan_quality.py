@@ -243,6 +243,7 @@ def main(argv=None) -> int:
             step = max(1, len(layers) // args.kl_layers)
             subset = [x.name for x in layers[::step]][: args.kl_layers]
         kname = f"scan:kl:{args.kl_layers or 'all'}"
+        kl_path = work / f"scan_kl_{args.kl_layers or 'all'}.json"
         scans["kl"] = state.get(
             kname,
             lambda: _scan_info(
@@ -250,14 +251,14 @@ def main(argv=None) -> int:
                     loaded,
                     SCAN_SPECS,
                     "kl",
-                    out=work / f"scan_kl_{args.kl_layers or 'all'}.json",
+                    out=kl_path,
                     layers=subset,
                     **cal,
                 )
             ),
         )
-        if scans.get("proxy") and scans.get("fisher") and scans.get("kl"):
-            kl = SensitivityTable.load(work / f"scan_kl_{args.kl_layers or 'all'}.json")
+        kl = SensitivityTable.load(kl_path) if scans.get("kl") else None
+        if kl is not None and scans.get("proxy") and scans.get("fisher"):
             names = [x.name for x in kl.layers]
             for other in ("proxy", "fisher"):
                 t = SensitivityTable.load(work / f"scan_{other}.json")
@@ -270,9 +271,9 @@ def main(argv=None) -> int:
                 ]
                 scans[f"spearman_{other}_kl_within_spec"] = dict(zip(SCAN_SPECS, per_spec))
             scans["kl_layers"] = len(names)
-        if scans.get("kl") and not args.kl_layers and "alloc_kl" not in skip:
+        if kl is not None and not args.kl_layers and "alloc_kl" not in skip:
             # the same budgets on the measured table (RTN candidates: each cost is a real single-layer ΔKL)
-            allocate_budgets("kl", SensitivityTable.load(work / "scan_kl_all.json"))
+            allocate_budgets("kl", kl)
 
     ref = state.get("reference", lambda: evaluate(loaded, None, **ev).to_json())
     if ref is None:  # every evaluation carries the reference perplexity of the same tokens

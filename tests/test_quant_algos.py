@@ -44,7 +44,7 @@ def stories():
         pytest.skip(f"stories260K not found at {STORIES}")
     loaded = wb.load_model(str(STORIES), progress=False)
     text = load_text("tinystories")[:40000]
-    # line by line: every story line starts with BOS, as in llama2.c's training data
+    # line by line: each line is tokenized with its own BOS
     ids = torch.cat([tokenize_text(loaded.tokenizer, line) for line in text.split("\n") if line.strip()])
     n = ids.numel() // SEQ
     seqs = ids[: n * SEQ].view(n, SEQ)
