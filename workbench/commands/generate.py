@@ -13,6 +13,11 @@ def add_parser(sub):
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--mode", default="auto", help="decode loop: auto | eager | graph | compile")
+    p.add_argument(
+        "--path",
+        default="auto",
+        help="decoder: auto (fast for Llama-family models, else hf) | fast | hf (transformers reference)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
@@ -39,7 +44,7 @@ def run(args) -> int:
     import torch
 
     from workbench.runtime.apply import apply_plan
-    from workbench.runtime.decode import StaticDecoder, select_device
+    from workbench.runtime.decode import make_decoder, select_device
     from workbench.runtime.memory import model_memory
 
     device, message = select_device(args.device)
@@ -49,7 +54,8 @@ def run(args) -> int:
     model, tok, what = _load(args.model, device, dtype)
     report = apply_plan(model, args.plan) if args.plan else None
     ids = tok.prompt_ids(args.prompt)
-    dec = StaticDecoder(model, max_cache_len=len(ids) + args.max_new_tokens + 1, mode=args.mode)
+    L = len(ids) + args.max_new_tokens + 1
+    dec = make_decoder(model, max_cache_len=L, mode=args.mode, path=args.path)
     res = dec.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id)
     text = tok.decode(res.tokens)
     mem = model_memory(model)
@@ -71,7 +77,9 @@ def run(args) -> int:
     print(
         f"-- {len(res.tokens)} tokens; decode {res.decode_tokens_per_s:.1f} tokens/s "
         f"(prefill {res.prefill_s * 1e3:.0f} ms for {res.prompt_tokens} tokens; "
-        f"{res.mode} loop on {device}); "
+        f"{res.path} path, {res.mode} loop on {device}); "
         f"{mem.total_bytes / 1e6:,.1f} MB of weights"
     )
+    for note in res.notes:
+        print(f"-- {note}")
     return 0

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.runtime.fuse import unfused_groups
 from workbench.runtime.memory import MemoryReport, model_memory
 from workbench.runtime.qlinear import QuantLinear, kernel_format_reason, kernel_shape_reason
 
@@ -35,6 +36,7 @@ class ApplyReport:
     fallback: name -> reason, layers whose format has no GPU kernel (they run the torch reference).
     memory_before / memory_after: real bytes of the model's tensors (MemoryReport).
     seconds: wall time of quantization + packing.
+    unfused: q/k/v or gate/up groups the decode fast path runs as separate matmuls, with the reason.
     """
 
     layers: dict[str, str] = field(default_factory=dict)
@@ -43,6 +45,7 @@ class ApplyReport:
     memory_before: MemoryReport | None = None
     memory_after: MemoryReport | None = None
     seconds: float = 0.0
+    unfused: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -52,6 +55,7 @@ class ApplyReport:
             "memory_before": self.memory_before.to_json() if self.memory_before else None,
             "memory_after": self.memory_after.to_json() if self.memory_after else None,
             "seconds": self.seconds,
+            "unfused": self.unfused,
         }
 
     def summary(self) -> str:
@@ -67,6 +71,11 @@ class ApplyReport:
             lines.append(self.memory_after.summary())
         if self.fallback:
             lines.append(f"{len(self.fallback)} layers run on the torch reference path (no GPU kernel)")
+        if self.unfused:
+            shown = "; ".join(self.unfused[:3]) + (
+                f" (+{len(self.unfused) - 3} more)" if len(self.unfused) > 3 else ""
+            )
+            lines.append(f"{len(self.unfused)} q/k/v or gate/up groups not fused: {shown}")
         return "\n".join(lines)
 
 
@@ -208,6 +217,7 @@ def apply_plan(
         raise
     originals.clear()
     report.layers = {n: str(s) for n, s in todo}
+    report.unfused = unfused_groups(specs)
     report.fallback = {n: r for n, s in todo if (r := kernel_format_reason(s)) is not None}
     if backend == "reference":
         report.fallback = {n: "backend='reference'" for n, _ in todo}

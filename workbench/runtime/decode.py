@@ -29,6 +29,7 @@ import torch
 from workbench.errors import WorkbenchError
 
 MODES = ("auto", "eager", "graph", "compile")
+PATHS = ("auto", "fast", "hf")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class DecodeResult:
     mode: str
     setup_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    path: str = "hf"
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -76,78 +78,49 @@ def _model_dtype(model) -> torch.dtype:
     return emb.weight.dtype if emb is not None else next(model.parameters()).dtype
 
 
-class StaticDecoder:
-    """Greedy decoding of one sequence with a static cache and (on CUDA) a captured one-token step.
+class GraphDecoder:
+    """Greedy decoding of one sequence with static buffers and (on CUDA) the one-token step in a CUDA graph.
 
-    Args:
-        model: a transformers CausalLM (Llama-style; sdpa or eager attention).
-        max_cache_len: prompt + new tokens must fit.
-        mode: "auto" (graph on CUDA, eager on CPU), "eager", "graph" or "compile".
+    Subclasses own the model state: `_prefill_logits(ids [1, T]) -> [1, V]` (fills the cache from slot 0),
+    `_forward_step() -> [1, V]` (logits of self.tok at self.pos, cache updated in place) and
+    `_reset_cache()`. This class owns the token / position buffers, the capture and the timing.
     """
 
-    def __init__(self, model, max_cache_len: int = 512, mode: str = "auto"):
+    path = "?"
+
+    def _setup(self, device: torch.device, mode: str, max_cache_len: int) -> None:
         if mode not in MODES:
             raise WorkbenchError(f"unknown decode mode '{mode}' (choose {', '.join(MODES)})")
-        self.model = model
-        self.device = next(model.parameters()).device
         if mode == "auto":
-            mode = "graph" if self.device.type == "cuda" else "eager"
-        if mode in ("graph", "compile") and self.device.type != "cuda":
-            raise WorkbenchError(f"decode mode '{mode}' needs the model on CUDA (it is on {self.device})")
-        self.mode = mode
-        self.max_cache_len = int(max_cache_len)
-        self.dtype = _model_dtype(model)
-        impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
-        if impl not in ("sdpa", "eager"):
-            raise WorkbenchError(f"StaticDecoder supports sdpa or eager attention, not '{impl}'")
-        self.bool_mask = impl == "sdpa"
-        self.pass_cache_position = "cache_position" in inspect.signature(model.forward).parameters
-        self.cache = _make_cache(model, self.max_cache_len, self.device, self.dtype)
-        dev = self.device
-        self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)  # [1, 1] current input token
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # [1] its position
-        self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)  # [1] slot in self.out
-        self.arange = torch.arange(self.max_cache_len, device=dev)  # [L]
-        self.out = torch.zeros(self.max_cache_len, dtype=torch.long, device=dev)
+            mode = "graph" if device.type == "cuda" else "eager"
+        if mode in ("graph", "compile") and device.type != "cuda":
+            raise WorkbenchError(f"decode mode '{mode}' needs the model on CUDA (it is on {device})")
+        self.device, self.mode, self.max_cache_len = device, mode, int(max_cache_len)
+        self.tok = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1] current input token
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # [1] its position
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=device)  # [1] slot in self.out
+        self.out = torch.zeros(self.max_cache_len, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self._step_fn = self._step
         self.setup_s = 0.0
+        self.notes: list[str] = []
 
-    # ------------------------------------------------------------------ masks
-    def _mask(self, q_pos: torch.Tensor) -> torch.Tensor:
-        """Attention mask [1, 1, q, L] for queries at positions q_pos [q]: key j visible iff j <= q_pos."""
-        keep = self.arange[None, :] <= q_pos[:, None]  # [q, L]
-        if self.bool_mask:
-            return keep[None, None]
-        neg = torch.finfo(self.dtype).min
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        return torch.where(keep, zero, torch.full((), neg, dtype=self.dtype, device=self.device))[None, None]
-
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """logits [1, q, V] for ids [1, q] at positions [q] (cache updated in place)."""
-        kw = dict(
-            input_ids=ids,
-            position_ids=positions[None, :],
-            attention_mask=self._mask(positions),
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        if self.pass_cache_position:
-            kw["cache_position"] = positions
-        return self.model(**kw).logits
+    def _compile(self) -> None:
+        """mode 'compile': default inductor mode over the step (subclasses may compile smaller parts)."""
+        self._step_fn = torch.compile(self._step, fullgraph=False, dynamic=False)
 
     # ------------------------------------------------------------------ the one-token step
     def _step(self) -> None:
         """Consume self.tok at self.pos, write the argmax into self.out[step_idx], advance (all on device)."""
-        logits = self._forward(self.tok, self.pos)
-        nxt = logits[:, -1, :].argmax(dim=-1)  # [1]
+        logits = self._forward_step()
+        nxt = logits[:, -1, :].argmax(dim=-1) if logits.dim() == 3 else logits.argmax(dim=-1)  # [1]
         self.tok.copy_(nxt.view(1, 1))
         self.out.index_copy_(0, self.step_idx, nxt)
         self.step_idx.add_(1)
         self.pos.add_(1)
 
     def _reset(self) -> None:
-        self.cache.reset()
+        self._reset_cache()
         self.pos.zero_()
         self.step_idx.zero_()
         self.tok.zero_()
@@ -156,8 +129,7 @@ class StaticDecoder:
         """Warm up (Triton compiles, cache allocation) and capture the step in a CUDA graph."""
         t0 = time.perf_counter()
         if self.mode == "compile":
-            # default inductor mode: fuses the element-wise work; no matmul autotuning (minutes on 8B)
-            self._step_fn = torch.compile(self._step, fullgraph=False, dynamic=False)
+            self._compile()
         self._reset()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -173,7 +145,23 @@ class StaticDecoder:
         self._reset()
         self.setup_s = time.perf_counter() - t0
 
+    def prepare(self) -> None:
+        """Capture the step now (graph / compile modes) instead of at the first `generate`."""
+        if self.mode in ("graph", "compile") and self.graph is None:
+            self._capture()
+
     # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> None:
+        """Reset, run the prompt ids [T] through the model and set up the first decode step."""
+        self._reset()
+        T = int(ids.numel())
+        first = self._prefill_logits(ids[None, :]).argmax(dim=-1)  # [1]
+        self.tok.copy_(first.view(1, 1))
+        self.out[0] = first[0]
+        self.step_idx.fill_(1)
+        self.pos.fill_(T)
+
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int, eos_token_id: int | None = None) -> DecodeResult:
         """Greedy-decode `max_new_tokens` after `prompt_ids` (list of ids or LongTensor [T] / [1, T])."""
@@ -187,19 +175,12 @@ class StaticDecoder:
             raise WorkbenchError(
                 f"prompt ({T}) + new tokens ({max_new_tokens}) exceed the cache length {self.max_cache_len}"
             )
-        if self.mode in ("graph", "compile") and self.graph is None:
-            self._capture()
+        self.prepare()
         cuda = self.device.type == "cuda"
-        self._reset()
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        logits = self._forward(ids[None, :], torch.arange(T, device=self.device))
-        first = logits[:, -1, :].argmax(dim=-1)  # [1]
-        self.tok.copy_(first.view(1, 1))
-        self.out[0] = first[0]
-        self.step_idx.fill_(1)
-        self.pos.fill_(T)
+        self.prefill(ids)
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -222,7 +203,83 @@ class StaticDecoder:
             decode_s=t2 - t1,
             mode=self.mode,
             setup_s=self.setup_s,
+            notes=list(self.notes),
+            path=self.path,
         )
+
+
+class StaticDecoder(GraphDecoder):
+    """The Hugging Face model itself behind a transformers StaticCache (the reference path).
+
+    Args:
+        model: a transformers CausalLM (Llama-style; sdpa or eager attention).
+        max_cache_len: prompt + new tokens must fit.
+        mode: "auto" (graph on CUDA, eager on CPU), "eager", "graph" or "compile".
+    """
+
+    path = "hf"
+
+    def __init__(self, model, max_cache_len: int = 512, mode: str = "auto"):
+        self.model = model
+        self._setup(next(model.parameters()).device, mode, max_cache_len)
+        self.dtype = _model_dtype(model)
+        impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+        if impl not in ("sdpa", "eager"):
+            raise WorkbenchError(f"StaticDecoder supports sdpa or eager attention, not '{impl}'")
+        self.bool_mask = impl == "sdpa"
+        self.pass_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+        self.cache = _make_cache(model, self.max_cache_len, self.device, self.dtype)
+        self.arange = torch.arange(self.max_cache_len, device=self.device)  # [L]
+
+    def _mask(self, q_pos: torch.Tensor) -> torch.Tensor:
+        """Attention mask [1, 1, q, L] for queries at positions q_pos [q]: key j visible iff j <= q_pos."""
+        keep = self.arange[None, :] <= q_pos[:, None]  # [q, L]
+        if self.bool_mask:
+            return keep[None, None]
+        neg = torch.finfo(self.dtype).min
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(keep, zero, torch.full((), neg, dtype=self.dtype, device=self.device))[None, None]
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """logits [1, q, V] for ids [1, q] at positions [q] (cache updated in place)."""
+        kw = dict(
+            input_ids=ids,
+            position_ids=positions[None, :],
+            attention_mask=self._mask(positions),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        if self.pass_cache_position:
+            kw["cache_position"] = positions
+        return self.model(**kw).logits
+
+    def _forward_step(self) -> torch.Tensor:
+        return self._forward(self.tok, self.pos)
+
+    def _prefill_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[1]
+        return self._forward(ids, torch.arange(T, device=self.device))[:, -1, :]
+
+    def _reset_cache(self) -> None:
+        self.cache.reset()
+
+
+def make_decoder(model, max_cache_len: int = 512, mode: str = "auto", path: str = "auto") -> GraphDecoder:
+    """The decoder for `model`: "fast" (workbench.runtime.fastpath, Llama-family), "hf" (StaticDecoder),
+    or "auto" (fast where the model is supported, else hf, with the reason in `.notes`)."""
+    if path not in PATHS:
+        raise WorkbenchError(f"unknown decode path '{path}' (choose {', '.join(PATHS)})")
+    from workbench.runtime.fastpath import FastDecoder, fast_path_reason
+
+    reason = fast_path_reason(model) if path != "hf" else None
+    if path == "fast" and reason:
+        raise WorkbenchError(f"the fast decode path cannot run this model: {reason}")
+    if path == "hf" or reason:
+        dec = StaticDecoder(model, max_cache_len=max_cache_len, mode=mode)
+        if reason:
+            dec.notes.append(f"fast path not used: {reason}")
+        return dec
+    return FastDecoder(model, max_cache_len=max_cache_len, mode=mode)
 
 
 def greedy_generate(
@@ -233,11 +290,13 @@ def greedy_generate(
     mode: str = "auto",
     eos_token_id: int | None = None,
     max_cache_len: int | None = None,
+    path: str = "auto",
 ) -> DecodeResult:
-    """One-shot helper: build a StaticDecoder sized for the request and generate."""
+    """One-shot helper: build a decoder (`make_decoder`) sized for the request and generate."""
     n = len(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else int(prompt_ids.numel())
     L = max_cache_len or max(64, n + max_new_tokens)
-    return StaticDecoder(model, max_cache_len=L, mode=mode).generate(prompt_ids, max_new_tokens, eos_token_id)
+    dec = make_decoder(model, max_cache_len=L, mode=mode, path=path)
+    return dec.generate(prompt_ids, max_new_tokens, eos_token_id)
 
 
 NO_CUDA_MESSAGE = (
