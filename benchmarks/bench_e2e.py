@@ -1,18 +1,20 @@
-"""End-to-end batch-1 greedy decode on the GPU: bf16 vs uniform int4_g128 vs a mixed plan.
+"""End-to-end batch-1 greedy decode on the GPU: bf16, uniform int4_g128 and int8_ch, and a mixed plan.
 
 The model is Llama-3-8B-shaped (hidden 4096, FFN 14336, 32 blocks, 32 heads / 8 KV heads, vocab 128256) with
 random bf16 weights built on the device (the real weights cannot travel to the GPU machine); decode speed
 depends only on shapes. Quantization is round-to-nearest on the GPU (GPTQ would not change the timing).
-Every variant runs through the same harness (`workbench.runtime.decode.StaticDecoder`): static KV cache,
-one-token step captured in a CUDA graph ("graph"), optionally after torch.compile ("compile").
 
-For each variant the table reports decode tokens/s (median of repeated runs, prefill excluded), the bytes one
-token must read (every linear's packed weights + scales + zeros, norms, and the KV cache at the mean context)
-and the memory roofline = measured copy bandwidth / those bytes. The eager baselines show where plain
-decoding loses its time: HF `generate` (dynamic cache), the same static-cache step without a graph, and a
-torch.profiler count of kernel launches and GPU-busy time per eager step.
+Every variant runs the same decoders (`workbench.runtime.decode.make_decoder`): path "hf" is the transformers
+model behind a StaticCache (the reference), path "fast" is `workbench.runtime.fastpath` (fused q/k/v and
+gate/up, attention over the filled cache only, compiled per block); mode "graph" captures the one-token step
+in a CUDA graph, "compile" runs torch.compile first. For each run: decode tokens/s (median of 3 generations,
+prefill excluded), % of the memory roofline (copy bandwidth / bytes one token reads: every linear's packed
+weights + scales + zeros, norms, the KV cache at the mean context), x bf16 in the same path and mode, and the
+step breakdown (`workbench.runtime.profile.step_breakdown`: linear / attention / norms+rotary /
+element-wise+copies / idle gaps, ms per step) beside the linears' own roofline (their bytes / bandwidth).
+Prefill: prompt -> first token on the fast path (tensor-core GEMM for more than 4 rows) at 16..2,048 tokens.
 
-Run: `workbench bench e2e [--json]` or `python benchmarks/bench_e2e.py [--quick] [--out results.json]`.
+Run: `workbench bench e2e [--json] [--quick]` or `python benchmarks/bench_e2e.py [--layers 4] [--out F]`.
 """
 
 from __future__ import annotations
@@ -113,131 +115,183 @@ def bytes_per_token(model, context: int) -> int:
     return total
 
 
-def time_decoder(model, prompt: list[int], n_tokens: int, mode: str, reps: int = 3) -> dict:
-    """Median decode tokens/s of the StaticDecoder in `mode` (after one warm-up generation)."""
-    from workbench.runtime.decode import StaticDecoder
+def linear_bytes(model) -> int:
+    """Bytes of every linear layer's weights (packed + scales + zeros, or the bf16 matrix)."""
+    from workbench.inventory import is_quantizable
+    from workbench.runtime.qlinear import QuantLinear
 
-    dec = StaticDecoder(model, max_cache_len=len(prompt) + n_tokens + 8, mode=mode)
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear) or is_quantizable(m)]
+    return sum(b.numel() * b.element_size() for m in mods for b in (*m.parameters(False), *m.buffers(False)))
+
+
+def time_decoder(dec, prompt: list[int], n_tokens: int, reps: int = 3) -> dict:
+    """Median decode tokens/s of a decoder (after one warm-up generation that captures the step)."""
     t0 = time.perf_counter()
     dec.generate(prompt, 8)
     setup = time.perf_counter() - t0
     runs = [dec.generate(prompt, n_tokens) for _ in range(reps)]
     tps = [r.decode_tokens_per_s for r in runs]
-    out = {
-        "mode": mode,
+    return {
         "setup_s": round(setup, 2),
         "tokens_per_s": statistics.median(tps),
         "runs_tokens_per_s": tps,
-        "prefill_ms": 1e3 * statistics.median(r.prefill_s for r in runs),
-        "first_tokens": runs[0].tokens[:8],
+        "first_tokens": runs[0].tokens[:16],
+        "notes": runs[0].notes,
     }
-    del dec
+
+
+def prefill_times(dec, lengths, vocab: int, reps: int = 3) -> dict:
+    """Median prefill ms (prompt -> first token, synchronized) and prompt tokens/s for each length."""
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for T in lengths:
+        ids = torch.randint(0, vocab, (T,), generator=g).cuda()
+        dec.prefill(ids)  # warm-up (kernel compiles for this M)
+        ts = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dec.prefill(ids)
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        ms = 1e3 * statistics.median(ts)
+        out[str(T)] = {"ms": round(ms, 3), "tokens_per_s": round(T / ms * 1e3, 1)}
     return out
 
 
-def eager_breakdown(model, prompt: list[int], n_tokens: int = 24) -> dict:
-    """Where eager decode time goes: HF generate, static-cache eager loop, profiler of eager steps."""
-    from torch.profiler import ProfilerActivity, profile
+def agreement(model, prompt: list[int]) -> dict:
+    """Fast path vs the HF model on the same weights: prompt logits (eager, every position)."""
+    from workbench.runtime.fastpath import FastDecoder
 
-    from workbench.runtime.decode import StaticDecoder
-
-    ids = torch.tensor([prompt], device="cuda")
+    ids = torch.tensor(prompt, device="cuda")
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)  # warm-up
-        times = {}
-        for n in (1, n_tokens + 1):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            torch.cuda.synchronize()
-            times[n] = time.perf_counter() - t0
-    hf_tps = n_tokens / (times[n_tokens + 1] - times[1])
-    dec = StaticDecoder(model, max_cache_len=len(prompt) + n_tokens + 16, mode="eager")
-    dec.generate(prompt, 4)
-    static_tps = dec.generate(prompt, n_tokens).decode_tokens_per_s
-    # profile 8 eager static-cache steps
-    dec.generate(prompt, 2)
-    steps = 8
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for _ in range(steps):
-                dec._step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / steps
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_busy = sum(e.device_time for e in kernels) / 1e6 / steps  # device_time in us
-    by_name: dict[str, float] = {}
-    for e in kernels:
-        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / steps
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+        ref = model(ids[None]).logits[0].float()
+        fast = FastDecoder(model, max_cache_len=len(prompt) + 1, mode="eager").logits(ids).float()
     return {
-        "hf_generate_tokens_per_s": hf_tps,
-        "static_eager_tokens_per_s": static_tps,
-        "profiled_step_wall_ms": wall * 1e3,
-        "profiled_step_gpu_busy_ms": gpu_busy * 1e3,
-        "kernels_per_step": len(kernels) / steps,
-        "top_kernels_ms_per_step": [[k[:60], round(v, 3)] for k, v in top],
-        "note": "profiler adds host overhead; wall is measured under the profiler",
+        "max_abs_logit_diff": float((ref - fast).abs().max()),
+        "max_abs_logit": float(ref.abs().max()),
+        "argmax_agree": float((ref.argmax(-1) == fast.argmax(-1)).float().mean()),
     }
 
 
-def bench_variant(
-    name: str, cfg: dict, plan, modes, n_tokens: int, prompt: list[int], bandwidth: float, breakdown: bool
-) -> dict:
+def run_mode(model, path: str, mode: str, prompt, n_tokens: int, breakdown: bool) -> dict:
+    """Decode timing (and the step breakdown) of one path / mode; errors are recorded, not raised."""
+    from workbench.runtime.decode import make_decoder
+    from workbench.runtime.profile import step_breakdown
+
+    try:
+        dec = make_decoder(model, max_cache_len=len(prompt) + n_tokens + 8, mode=mode, path=path)
+        r = time_decoder(dec, prompt, n_tokens)
+        if breakdown:
+            r["breakdown"] = step_breakdown(dec, prompt)
+        del dec
+    except Exception as exc:  # one failing mode must not lose the others' numbers
+        r = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+    torch.cuda.empty_cache()
+    return r
+
+
+def quantized_model(cfg: dict, plan):
+    """(model, ApplyReport or None): the random-weight model with `plan` applied (RTN on the GPU)."""
     from workbench.plan import Plan
     from workbench.runtime.apply import apply_plan
-    from workbench.runtime.memory import model_memory
 
     model = build_model(cfg)
-    report = None
-    t0 = time.perf_counter()
-    if plan is not None:
-        report = apply_plan(model, Plan.from_json(plan) if isinstance(plan, dict) else plan)
-    quant_s = time.perf_counter() - t0
-    mem = model_memory(model)
-    bpt = bytes_per_token(model, len(prompt) + n_tokens // 2)
+    return model, (apply_plan(model, Plan.from_json(plan)) if plan is not None else None)
+
+
+def _guarded(fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except Exception as exc:  # one failing measurement must not lose the others
+        return {"error": f"{type(exc).__name__}: {exc}"[:800]}
+
+
+def prefill_both(model, name: str, a, vocab: int) -> dict:
+    """Prefill times on the fast path (and on the HF path for the variants in a.hf_prefill)."""
+    from workbench.runtime.decode import StaticDecoder
+    from workbench.runtime.fastpath import FastDecoder
+
+    L = max(a.prefill) + 1
+    out = {"prefill_fast": _guarded(prefill_times, FastDecoder(model, L, "eager"), a.prefill, vocab)}
+    torch.cuda.empty_cache()
+    if name in a.hf_prefill:
+        out["prefill_hf"] = _guarded(prefill_times, StaticDecoder(model, L, "eager"), a.prefill, vocab)
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_variant(name: str, cfg: dict, plan, a, prompt, bandwidth: float, t_start: float) -> dict:
+    """Every run of a.runs but hf:compile (the last phase), agreement and prefill of one variant."""
+    from workbench.runtime.memory import model_memory
+
+    model, report = quantized_model(cfg, plan)
+    bpt = bytes_per_token(model, len(prompt) + a.tokens // 2)
     res = {
         "variant": name,
-        "memory_bytes": mem.total_bytes,
+        "memory_bytes": model_memory(model).total_bytes,
         "bytes_per_token": bpt,
         "roofline_tokens_per_s": bandwidth / bpt,
-        "quantize_s": round(quant_s, 1),
-        "layers": len(report.layers) if report else 0,
-        "fallback": len(report.fallback) if report else 0,
-        "modes": {},
+        "linear_roofline_ms": 1e3 * linear_bytes(model) / bandwidth,
+        "unfused": report.unfused if report else [],
+        "runs": {},
     }
-    if breakdown:
-        try:
-            res["eager"] = eager_breakdown(model, prompt)
-        except Exception as exc:  # report and carry on: the graph numbers matter most
-            res["eager"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    for mode in modes:
-        try:
-            res["modes"][mode] = time_decoder(model, prompt, n_tokens, mode)
-        except Exception as exc:
-            res["modes"][mode] = {"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:800]}
-        print(f"  {name} {mode}: {res['modes'][mode]}", file=sys.stderr, flush=True)
+    res["agreement"] = _guarded(agreement, model, prompt)
+    for key in a.runs:
+        if key == "hf:compile":
+            continue
+        if time.perf_counter() - t_start > a.budget_s:
+            res["runs"][key] = {"error": "skipped: time budget"}
+            continue
+        path, mode = key.split(":")
+        res["runs"][key] = run_mode(model, path, mode, prompt, a.tokens, breakdown=True)
+        print(f"  {name} {key}: {short(res['runs'][key])}", file=sys.stderr, flush=True)
+    if a.prefill:
+        res.update(prefill_both(model, name, a, cfg["vocab_size"]))
+        print(f"  {name} prefill: {res['prefill_fast']}", file=sys.stderr, flush=True)
     del model
     torch.cuda.empty_cache()
     return res
 
 
-def run(
-    json: bool = False,
-    quick: bool = False,
-    modes=("graph", "compile"),
-    n_tokens: int = 128,
-    out: str | None = None,
-    breakdown: bool = True,
-    variants=("bf16", "int4_g128", "mixed"),
-) -> dict:
-    """Benchmark the variants and print a table; returns the results (also written to `out` as JSON)."""
-    cfg = dict(LLAMA3_8B, num_hidden_layers=4) if quick else dict(LLAMA3_8B)
+def hf_compile_phase(results: dict, cfg: dict, plans: dict, a, prompt, t_start: float) -> None:
+    """hf:compile (the slow-to-compile reference) for a.hf_compile variants, while the budget lasts."""
+    for v in results["variants"]:
+        if v["variant"] not in a.hf_compile or "hf:compile" not in a.runs:
+            continue
+        if time.perf_counter() - t_start > a.budget_s:
+            v["runs"]["hf:compile"] = {"error": "skipped: time budget"}
+            continue
+        model, _ = quantized_model(cfg, plans[v["variant"]])
+        v["runs"]["hf:compile"] = run_mode(model, "hf", "compile", prompt, a.tokens, breakdown=True)
+        print(f"  {v['variant']} hf:compile: {short(v['runs']['hf:compile'])}", file=sys.stderr, flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
+def short(r: dict) -> str:
+    if "error" in r:
+        return r["error"][:200]
+    b = r.get("breakdown", {})
+    return f"{r['tokens_per_s']:.1f} tok/s, setup {r['setup_s']} s, breakdown {b.get('ms')}"
+
+
+RUNS = "fast:graph,fast:compile,hf:graph,hf:compile"
+
+
+def run(json: bool = False, quick: bool = False) -> dict:
+    """`workbench bench e2e [--json] [--quick]`: the default benchmark (quick: 4 blocks)."""
+    return run_args(parse_args(["--json"] * json + ["--layers", "4"] * quick))
+
+
+def run_args(a) -> dict:
+    """Benchmark the variants and print the tables; results also written to `a.out` as JSON."""
+    t_start = time.perf_counter()
+    cfg = dict(LLAMA3_8B, num_hidden_layers=a.layers) if a.layers else dict(LLAMA3_8B)
     plans = {
         "bf16": None,
         "int4_g128": {"format": "workbench.plan", "version": 1, "default": "int4_g128"},
+        "int8_ch": {"format": "workbench.plan", "version": 1, "default": "int8_ch"},
         "mixed": mixed_plan(cfg["num_hidden_layers"]),
     }
     g = torch.Generator().manual_seed(0)
@@ -247,91 +301,97 @@ def run(
 
     results = {
         "device": torch.cuda.get_device_name(),
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "copy_bandwidth_TBps": bw / 1e12,
         "config": cfg,
-        "n_tokens": n_tokens,
-        "prompt_tokens": 32,
+        "n_tokens": a.tokens,
+        "prompt_tokens": len(prompt),
         "variants": [],
     }
-    for v in variants:
-        results["variants"].append(
-            bench_variant(
-                v,
-                cfg,
-                plans[v],
-                modes,
-                n_tokens,
-                prompt,
-                bw,
-                breakdown=breakdown and v in ("bf16", "int4_g128"),
-            )
-        )
-        if out:
-            with open(out, "w") as fh:
-                jsonlib.dump(results, fh, indent=2)
-    if json:
+    for v in a.variants:
+        results["variants"].append(bench_variant(v, cfg, plans[v], a, prompt, bw, t_start))
+        save(results, a.out, t_start)
+    hf_compile_phase(results, cfg, plans, a, prompt, t_start)
+    save(results, a.out, t_start)
+    if a.json:
         print(jsonlib.dumps(results))
     else:
-        print_table(results)
+        print_tables(results)
     return results
 
 
-def print_table(results: dict) -> None:
-    base = {}
-    for v in results["variants"]:
-        for m, r in v["modes"].items():
-            if v["variant"] == "bf16" and "tokens_per_s" in r:
-                base[m] = r["tokens_per_s"]
+def save(results: dict, out: str | None, t_start: float) -> None:
+    results["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    if out:
+        with open(out, "w") as fh:
+            jsonlib.dump(results, fh, indent=2)
+
+
+def print_tables(results: dict) -> None:
+    """Speed table (x bf16 in the same path and mode), step breakdown, prefill."""
     print(
         f"\n{results['device']}  {results['date']}  copy bandwidth {results['copy_bandwidth_TBps']:.2f} TB/s"
     )
-    print(
-        f"{'variant':<10} {'mode':<8} {'MB/token':>9} {'tok/s':>8} {'ms/tok':>7} {'roofline':>9} "
-        f"{'%roof':>6} "
-        f"{'x bf16':>7}"
-    )
+    base = {k: r["tokens_per_s"] for v in results["variants"] if v["variant"] == "bf16"
+            for k, r in v["runs"].items() if "tokens_per_s" in r}  # fmt: skip
+    print(f"{'variant':<10} {'run':<13} {'MB/tok':>7} {'tok/s':>8} {'ms/tok':>7} {'%roof':>6} {'x bf16':>7}")
     for v in results["variants"]:
-        for m, r in v["modes"].items():
+        for k, r in v["runs"].items():
             if "tokens_per_s" not in r:
-                print(f"{v['variant']:<10} {m:<8} error: {r.get('error', '')[:80]}")
+                print(f"{v['variant']:<10} {k:<13} {r.get('error', '')[:90]}")
                 continue
             tps = r["tokens_per_s"]
-            ratio = tps / base[m] if m in base else float("nan")
             print(
-                f"{v['variant']:<10} {m:<8} {v['bytes_per_token'] / 1e6:>9.0f} {tps:>8.1f} {1e3 / tps:>7.2f} "
-                f"{v['roofline_tokens_per_s']:>9.0f} {100 * tps / v['roofline_tokens_per_s']:>5.0f}% "
-                f"{ratio:>6.2f}x"
+                f"{v['variant']:<10} {k:<13} {v['bytes_per_token'] / 1e6:>7.0f} {tps:>8.1f} "
+                f"{1e3 / tps:>7.2f} "
+                f"{100 * tps / v['roofline_tokens_per_s']:>5.0f}% {tps / base.get(k, float('nan')):>6.2f}x"
             )
-        if "eager" in v and "hf_generate_tokens_per_s" in v["eager"]:
-            e = v["eager"]
-            print(
-                f"{v['variant']:<10} eager: HF generate "
-                f"{e['hf_generate_tokens_per_s']:.1f} tok/s, static eager "
-                f"{e['static_eager_tokens_per_s']:.1f} tok/s, {e['kernels_per_step']:.0f} kernels/step, "
-                f"GPU busy {e['profiled_step_gpu_busy_ms']:.2f} of {e['profiled_step_wall_ms']:.2f} ms"
-            )
+    cats = ("linear", "attention", "norm_rotary", "elementwise_copy", "idle")
+    print(f"\n{'variant':<10} {'run':<13} {'step ms':>7} " + " ".join(f"{c[:11]:>11}" for c in cats)
+          + f" {'kern/step':>9} {'lin roof':>8}")  # fmt: skip
+    for v in results["variants"]:
+        for k, r in v["runs"].items():
+            b = r.get("breakdown")
+            if b:
+                cells = " ".join(f"{b['ms'][c]:>11.3f}" for c in cats)
+                print(
+                    f"{v['variant']:<10} {k:<13} {b['step_ms']:>7.3f} {cells} "
+                    f"{b['kernels_per_step']:>9.0f} {v['linear_roofline_ms']:>8.3f}"
+                )
+    for v in results["variants"]:
+        for key in ("prefill_fast", "prefill_hf"):
+            if key in v and "error" not in v[key]:
+                cells = ", ".join(
+                    f"{T}: {p['ms']:.1f} ms ({p['tokens_per_s']:.0f} tok/s)" for T, p in v[key].items()
+                )
+                print(f"{v['variant']:<10} {key:<13} {cells}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=0, help="blocks (default: 32, the Llama-3-8B shape)")
+    p.add_argument("--variants", default="bf16,int4_g128,int8_ch,mixed")
+    p.add_argument("--runs", default=RUNS, help="path:mode pairs, path fast|hf, mode eager|graph|compile")
+    p.add_argument("--hf-compile", default="bf16,int4_g128", help="variants that also run hf:compile")
+    p.add_argument("--prefill", default="16,128,512,2048", help="prompt lengths for prefill ('' = none)")
+    p.add_argument("--hf-prefill", default="bf16", help="variants whose HF prefill is timed too")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining decode runs after this")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, help="JSON output path")
+    a = p.parse_args(argv)
+    a.variants = a.variants.split(",")
+    a.runs = a.runs.split(",")
+    a.hf_compile = a.hf_compile.split(",")
+    a.hf_prefill = a.hf_prefill.split(",")
+    a.prefill = [int(t) for t in a.prefill.split(",") if t]
+    return a
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="4 blocks instead of 32")
-    p.add_argument("--modes", default="graph,compile")
-    p.add_argument("--variants", default="bf16,int4_g128,mixed")
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--no-breakdown", action="store_true")
-    p.add_argument("--out", default=None, help="JSON output path")
-    a = p.parse_args()
-    run(
-        quick=a.quick,
-        modes=tuple(a.modes.split(",")),
-        n_tokens=a.tokens,
-        out=a.out,
-        breakdown=not a.no_breakdown,
-        variants=tuple(a.variants.split(",")),
-    )
+    run_args(parse_args())
 
 
 if __name__ == "__main__":

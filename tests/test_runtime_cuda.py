@@ -106,3 +106,26 @@ def test_graph_decode_matches_eager(stories, mode):
     out = fast.generate(ids, 48)
     assert out.tokens == eager.tokens
     assert fast.generate(ids[:2], 20).tokens == StaticDecoder(model, 96, "eager").generate(ids[:2], 20).tokens
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "compile"])
+def test_fast_path_matches_hf_on_cuda(stories, mode):
+    from workbench.runtime.fastpath import FastDecoder
+
+    model = copy.deepcopy(stories.model).cuda().half()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    plan = {n: ("int4_g32" if "self_attn" in n else "int8_ch") for n in names}
+    plan["model.layers.2.self_attn.v_proj"] = "int8_ch"  # one group left unfused
+    apply_plan(model, plan)
+    ids = stories.tokenizer.encode("Once upon a time", add_bos=True)
+    ref = StaticDecoder(model, max_cache_len=96, mode="eager").generate(ids, 48)
+    dec = FastDecoder(model, max_cache_len=96, mode=mode)
+    out = dec.generate(ids, 48)
+    assert len(out.notes) == 1 and "layers.2.self_attn" in out.notes[0]
+    assert out.tokens == ref.tokens
+    assert dec.generate(ids[:2], 20).tokens == StaticDecoder(model, 96, "eager").generate(ids[:2], 20).tokens
+    x = torch.tensor(ids + ref.tokens[:30], device="cuda")
+    with torch.no_grad():
+        want = model(x[None]).logits[0].float()
+    got = FastDecoder(model, 96, "eager").logits(x).float()
+    assert (got - want).abs().max() < 2e-2 * want.abs().max()
