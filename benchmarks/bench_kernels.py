@@ -39,7 +39,7 @@ FORMATS = {
 }
 LAUNCHES = 20
 REPLAYS = 15
-L2_BYTES = 50 * 2**20
+L2_BYTES = 50 * 2**20  # replaced by the device's L2 size in run()
 
 
 @dataclass
@@ -57,6 +57,7 @@ class Row:
     pct_roofline: float
     ratio_vs_fp16: float
     tried: list = field(default_factory=list)
+    peers: dict = field(default_factory=dict)  # W4 g128: {"tinygemm": {"us", "err"}, "gemlite": {...}}
 
 
 def copy_bandwidth(nbytes: int = 2**30) -> float:
@@ -274,21 +275,56 @@ def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool,
                 tried,
             )
         )
+        if fmt == "w4_g128" and PEERS:
+            rows[-1].peers = _time_peers(K, N, M, gen, log)
         del wts, probe
         torch.cuda.empty_cache()
     return rows
+
+
+PEERS = True  # --no-peers turns tinygemm / GemLite off
+
+
+def _time_peers(K: int, N: int, M: int, gen, log) -> dict:
+    """tinygemm and GemLite W4 g128 on the same shape, timed the same way (CUDA graphs, L2 rotation)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import kernel_peers as P
+
+    out = {}
+    for name, make in (("tinygemm", P.tinygemm_calls), ("gemlite", P.gemlite_calls)):
+        got = make(K, N, M, P.n_copies_w4(N, K, L2_BYTES), gen, log)
+        if got is None:
+            continue
+        calls, err = got
+        try:
+            us = graph_time_us(calls)
+        except Exception as e:  # noqa: BLE001 - e.g. a peer that cannot be captured in a graph
+            log(f"  {name}: timing failed ({repr(e)[:160]})")
+            continue
+        out[name] = {"us": us, "rel_err": err}
+        log(f"  {name:8s} w4_g128: {us:8.1f} us  (rel err {err:.1e})")
+        del calls
+        torch.cuda.empty_cache()
+    return out
 
 
 def format_table(rows: list[Row], bw: float, device: str) -> str:
     lines = [
         f"device: {device}   copy bandwidth: {bw / 1e12:.2f} TB/s   (CUDA graphs, {LAUNCHES} launches)",
         f"{'K x N':>12} {'M':>3} {'format':>8} {'kernel':>6} {'us':>8} {'fp16 us':>8} {'vs fp16':>8} "
-        f"{'roof us':>8} {'% roof':>7}",
+        f"{'roof us':>8} {'% roof':>7} {'tinygemm':>9} {'x tiny':>7} {'gemlite':>8} {'x gemlite':>9}",
     ]
     for r in rows:
+        peer = ""
+        for name in ("tinygemm", "gemlite"):
+            p = r.peers.get(name)
+            peer += f" {p['us']:8.1f} {p['us'] / r.us:7.2f}x" if p else f" {'-':>8} {'-':>8}"
         lines.append(
             f"{f'{r.K}x{r.N}':>12} {r.M:>3} {r.fmt:>8} {r.kernel:>6} {r.us:8.1f} {r.fp16_us:8.1f} "
-            f"{r.ratio_vs_fp16:7.2f}x {r.roofline_us:8.1f} {r.pct_roofline:6.1f}%"
+            f"{r.ratio_vs_fp16:7.2f}x {r.roofline_us:8.1f} {r.pct_roofline:6.1f}%" + peer
         )
     return "\n".join(lines)
 
@@ -310,6 +346,8 @@ def run(
         )
     log = (lambda *a, **k: None) if json else print
     device = torch.cuda.get_device_name()
+    global L2_BYTES
+    L2_BYTES = torch.cuda.get_device_properties().L2_cache_size
     bw = copy_bandwidth()
     log(f"{device}: copy bandwidth {bw / 1e12:.3f} TB/s")
     rows = []
@@ -325,6 +363,7 @@ def run(
         "copy_bandwidth_Bps": bw,
         "launches_per_graph": LAUNCHES,
         "rows": [asdict(r) for r in rows],
+        "tuned_launch_shapes": _tuned(),
     }
     if out:
         with open(out, "w") as f:
@@ -336,6 +375,12 @@ def run(
     return result
 
 
+def _tuned() -> dict:
+    from workbench.kernels.tune import tuned_table
+
+    return tuned_table()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -345,7 +390,10 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="comma list of KxNxM, e.g. 4096x14336x1")
     ap.add_argument("--out", default=None, help="also write the JSON results to this file")
     ap.add_argument("--configs", default=None, help="';'-separated launch configs (comma ints) to try")
+    ap.add_argument("--no-peers", action="store_true", help="skip tinygemm / GemLite")
     a = ap.parse_args()
+    global PEERS
+    PEERS = not a.no_peers
     if a.configs:
         global CUSTOM_CONFIGS
         CUSTOM_CONFIGS = [tuple(int(v) for v in c.split(",")) for c in a.configs.split(";")]

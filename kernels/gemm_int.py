@@ -30,6 +30,7 @@ from workbench.kernels.checks import (
     group_tile,
     split_tiles,
 )
+from workbench.kernels.gemv_mma import mma_eligible, w4_mma
 
 from workbench.errors import WorkbenchError
 from workbench.quant.packing import packed_k
@@ -171,6 +172,8 @@ def launch_gemm(
     M = x.shape[0]
     per = 16 if bits == 3 else 32 // bits
     per_channel, G = group_tile(group_size, K, per, name)
+    if config is None and not fp8 and mma_eligible(x, bits, group_size, K):  # <= 16 rows, W4, fp16
+        return w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, out)
     cfg = config or default_gemm_config(M, N, K, bits)
     bk = cfg.block_k if per_channel else min(cfg.block_k, G)
     bk = max(bk, 32)  # whole 32-column chunks

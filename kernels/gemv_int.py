@@ -41,6 +41,7 @@ from workbench.kernels.checks import (
     group_tile,
     split_tiles,
 )
+from workbench.kernels.gemv_mma import mma_eligible, w4_mma
 
 from workbench.errors import WorkbenchError
 from workbench.quant.packing import packed_k
@@ -421,6 +422,8 @@ def launch_gemv(
         )
     per = 16 if bits == 3 else 32 // bits
     per_channel, G = group_tile(group_size, K, per, name)
+    if config is None and not fp8 and mma_eligible(x, bits, group_size, K):
+        return w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, out)
     cfg = config or default_gemv_config(M, N, K, bits)
     Kp = packed_k(K, bits)
     kwl = Kp // per  # words of the (low) plane per row
@@ -485,7 +488,8 @@ def gemv_int(
         packed: int32 [N, packed_words(K, bits)] (``pack_codes``).
         scales_t: fp16 [n_groups, N]; zeros_t: fp16 [n_groups, N] or None (symmetric, zero 2**(bits-1)).
         bits: 2, 3, 4, 8; group_size: power of two 16..256, or >= K for per-channel; K: input features.
-        config: launch shape (default: ``default_gemv_config``).
+        config: launch shape of this kernel.  None: on CUDA, 4-bit weights with fp16 x run the
+            tensor-core kernel (``gemv_mma``, shape tuned per GPU), the rest ``default_gemv_config``.
         out: optional [M, N] output in x.dtype to write into (every element is overwritten).
     Returns:
         y: [M, N] in x.dtype.

@@ -226,3 +226,55 @@ def test_bad_inputs_are_named():
         gemm_int(x, packed, st, zt, bits, 64, K)  # scales are for g32 (6 groups), call says g64
     with pytest.raises(WorkbenchError, match="packed weight"):
         gemm_int(x, packed, st, zt, 2, 32, K)
+
+
+MMA_SHAPES = [(300, 1024), (64, 256), (200, 1000), (4096, 4096), (100, 4224)]
+MMA_GROUPS = [32, 64, 128, 256, PER_CHANNEL]
+
+
+@pytest.mark.skipif(not CUDA, reason="the W4 tensor-core kernel is inline PTX: CUDA only")
+@pytest.mark.parametrize("shape", MMA_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}")
+@pytest.mark.parametrize("G", MMA_GROUPS, ids=lambda g: "ch" if g == PER_CHANNEL else f"g{g}")
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+def test_w4_mma_matches_reference(shape, G, sym, monkeypatch):
+    """The tensor-core W4 path (gemv_int / gemm_int with fp16 x and <= 16 rows); every launch shape on
+    two cases (one K with a partial last step).  No tuning here: the heuristic launch shape."""
+    from workbench.kernels.gemv_mma import BLOCK_CHOICES, SPLIT_CHOICES, w4_mma
+
+    monkeypatch.setenv("WORKBENCH_NO_TUNE", "1")
+    N, K = shape
+    seed = zlib.crc32(f"mma{N}{K}{G}{sym}".encode())
+    _, packed, st, zt = _make_int(N, K, 4, G, sym, seed)
+    for M in [1, 2, 3, 4, 5, 8, 9, 16]:
+        x = _x(M, K, torch.float16, seed + M)
+        fn = gemv_int if M <= 4 else gemm_int
+        y = fn(x, packed, st, zt, 4, G, K, out=_poisoned(M, N, torch.float16))
+        ref = R.gemv_int_ref(x, packed, st, zt, 4, G, K)
+        assert _rel_err(y, ref) < TOL[torch.float16], f"M={M}"
+    if (N, K, G, sym) not in ((300, 1024, 128, False), (200, 1000, PER_CHANNEL, True)):
+        return
+    for M in [1, 16]:
+        x = _x(M, K, torch.float16, seed - M)
+        ref = R.gemv_int_ref(x, packed, st, zt, 4, G, K)
+        for b in BLOCK_CHOICES:
+            for s in SPLIT_CHOICES:
+                y = w4_mma(x, packed, st, zt, G, K, N, out=_poisoned(M, N, torch.float16), shape=(b, s))
+                assert _rel_err(y, ref) < TOL[torch.float16], f"M={M} block_n={b} split_k={s}"
+
+
+def test_w4_mma_decode_identities():
+    """The fp16 bit tricks of the tensor-core decode, checked on every byte pair and random scales.
+
+    Low nibbles OR 0x6400 read as fp16 are 1024 + q, high nibbles (4 bits up) OR 0x5400 are 64 + q;
+    v * s - 1024 s (or - 64 s), formed exactly and rounded once (the fma), is fp16(q * s).
+    """
+    b = torch.arange(256, dtype=torch.int32)
+    lo = ((b & 0x0F) | 0x6400).to(torch.int16).view(torch.float16).float()
+    hi = ((b & 0xF0) | 0x5400).to(torch.int16).view(torch.float16).float()
+    assert torch.equal(lo, 1024 + (b & 15).float()) and torch.equal(hi, 64 + (b >> 4).float())
+    s = (torch.rand(4096, dtype=torch.float64) * 0.05 + 1e-4).half().double()
+    q = torch.randint(0, 16, (4096,)).double()
+    for base in (1024, 64):
+        fused = ((base + q) * s - base * s).half()  # float64 holds the exact value: one rounding
+        assert torch.equal(fused, (q * s).half())
+        assert torch.equal((-base * s).half().double(), -base * s)  # the constant itself is exact

@@ -1,0 +1,425 @@
+"""W4 dequant-matmul for 1..16 rows on the tensor cores, decoded straight into the mma fragments (CUDA).
+
+``y = x @ dequant(W)^T`` for 4-bit codes (group size a power of two >= 32, or per channel), fp16
+activations, M <= 16 rows.  One warp owns 8 output channels (weight rows) and walks K in steps of 128
+columns.  Lane L = 4 g + q loads 16 bytes: the 4 packed words (32 codes) of chunk q (columns
+32 q .. 32 q + 31 of the step) of weight row g.  That is exactly the B fragment of
+``mma.sync.m16n8k16`` for 8 k-steps (row n = g, k pair per lane), so each lane decodes its own words
+into the registers the tensor cores read: no shared-memory round trip, no layout conversion.
+
+Decode (inline PTX, ``tl.inline_asm_elementwise`` with ``pack=4`` = one lane's 16-byte load):
+
+* ``prmt`` puts byte b of words (2u, 2u+1) into the two halves of one register; by the packing layout
+  (``workbench.quant.packing``: slot j of chunk word w is column 4 j + w) the two low nibbles are
+  columns (8 b + 2 u, 8 b + 2 u + 1) and the two high nibbles the same + 4: adjacent columns, so the
+  matching x pair is one 32-bit word of x, loaded as is (A fragment, no shuffles);
+* ``lop3`` ORs the low nibbles into 0x6400 (fp16 1024 + q) and the high nibbles into 0x5400 (fp16
+  64 + q: the nibble sits 4 bits up, where the ulp of 64 is 1/16), two codes per instruction;
+* ``sub.f16x2`` removes 1024 / 64 exactly (q), ``fma.f16x2`` forms ``q s - z s`` (``mul`` by s and a
+  constant 8 for symmetric weights): the weight rounded to fp16 once, as a dense fp16 weight is;
+* one ``mma.m16n8k16`` (fp32 accumulate) per 4 weights of the lane.
+
+Rows of x: lanes with g < M supply row g (row min(g, M - 1) otherwise) in the A fragment's rows 0..7
+and, for M > 8, rows g + 8 in rows 8..15.  The accumulator fragment (c0..c3 = y[g, 2q..2q+1] and
+y[g + 8, 2q..2q+1] of the warp's 8 channels) rides in a ``[BLOCK_N, 16]`` fp32 tensor in the words'
+layout and is stored with computed indices.  Per 32 weights of a lane: 8 prmt, 16 lop3, 16 sub, 16
+fma/mul, 8 mma (``benchmarks/KERNEL_NOTES.md`` has the SASS count).
+
+This relies on Triton giving the ``[BLOCK_N, 16]`` int32 loads the layout sizePerThread [1, 4],
+threadsPerWarp [8, 4], one row block of 8 per warp (``BLOCK_N = 8 * num_warps``): what its coalescing
+pass builds for 16-byte-aligned rows; the CUDA tests check the result on every shape.  The Triton
+interpreter cannot run inline PTX: on the CPU the launchers use ``gemv_int`` / ``gemm_int``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from workbench.kernels.checks import alloc_output, finish_output
+
+from workbench.errors import WorkbenchError
+
+STEP_COLS = 128  # columns per K step: 4 lanes x 32-column chunks
+STEP = tl.constexpr(STEP_COLS)
+MAX_ROWS = 16
+
+
+def _sel(b: int) -> int:
+    """prmt selector: byte b of the first word into bytes 0-1, byte b of the second into bytes 2-3."""
+    return b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
+
+
+def w4_asm(rows16: bool, has_zero: bool) -> tuple[str, str]:
+    """PTX and constraints for one lane (``pack=8``: 16 bytes of two weight rows a, b).
+
+    The weights are the A operand (rows g / g + 8 of the mma = the lane's rows a / b), x the B operand
+    (column m = x row).  Per k-step: A = q s (fp16, one ``fma`` per two codes: v s - base s is exact
+    before its one rounding), and a second mma with the constant A = -z s adds the zero-point term
+    (exact products, fp32 sums).  Operands: $0-$7 acc out, $8-$15 acc in (element i of row a / b:
+    x row 2 q + i % 2 (+ 8 for i >= 2 when ``rows16``; else elements 2, 3 carry the zero-point
+    partial of the same rows, summed at the end)); $16-$19 / $20-$23 the words of rows a / b;
+    $24 + 8 j + e: x pair 4 j + e of the lane's chunk (e < 4), [$56 + ...: x rows 8..15]; then s and
+    z, fp16 packed two per register ({s_a, s_a} x 2, {s_b, s_b} x 2).
+    """
+    so = 88 if rows16 else 56
+    zo = so + 4
+    lines = [
+        "{",
+        ".reg .b32 %p<2>, %la, %lb, %ma, %mb, %ha, %hb, %ia, %ib, %k, %za, %zb, %ska, %skb, %sfa, %sfb;",
+        "mov.b32 %k, 0xE400E400;",  # -1024
+    ]
+    for row, sreg in (("a", so), ("b", so + 2)):
+        lines += [f"mul.rn.f16x2 %sk{row}, ${sreg}, %k;"]
+    lines += ["mov.b32 %k, 0xD400D400;"]  # -64
+    for row, sreg in (("a", so), ("b", so + 2)):
+        lines += [f"mul.rn.f16x2 %sf{row}, ${sreg}, %k;"]
+    lines += ["mov.b32 %k, 0xBC00BC00;" if has_zero else "mov.b32 %k, 0xC800C800;"]  # -1 or -8
+    for row, sreg, zreg in (("a", so, zo), ("b", so + 2, zo + 2)):
+        zsrc = f"${zreg}" if has_zero else "%k"
+        lines += [f"mul.rn.f16x2 %z{row}, {zsrc}, ${sreg};"]
+        if has_zero:
+            lines += [f"mul.rn.f16x2 %z{row}, %z{row}, %k;"]
+    # accumulators: decoded part -> {$0, $1, $4, $5}; zero-point part -> {$2, $3, $6, $7} (rows16: the
+    # second x block, zero-point part folded into the same chain)
+    main_in, side_in = "$8, $9, $12, $13", "$10, $11, $14, $15"
+    main, side = "$0, $1, $4, $5", "$2, $3, $6, $7"
+    first = True
+    for j in range(4):
+        for row, w0, sreg in (("a", 16, so), ("b", 20, so + 2)):
+            for u in range(2):
+                lo, hi = (f"%l{row}", f"%h{row}") if u == 0 else (f"%m{row}", f"%i{row}")
+                lines += [
+                    f"prmt.b32 %p{u}, ${w0 + 2 * u}, ${w0 + 2 * u + 1}, {_sel(j):#x};",
+                    f"lop3.b32 {lo}, %p{u}, 0x000F000F, 0x64006400, 0xEA;",
+                    f"lop3.b32 {hi}, %p{u}, 0x00F000F0, 0x54005400, 0xEA;",
+                    f"fma.rn.f16x2 {lo}, {lo}, ${sreg}, %sk{row};",
+                    f"fma.rn.f16x2 {hi}, {hi}, ${sreg}, %sf{row};",
+                ]
+        for a_regs, e in (("%la, %lb, %ma, %mb", 0), ("%ha, %hb, %ia, %ib", 2)):
+            x = f"${24 + 8 * j + e}, ${24 + 8 * j + e + 1}"
+            y = f"${56 + 8 * j + e}, ${56 + 8 * j + e + 1}"
+            mi, si = (main_in, side_in) if first else (main, side)
+            first = False
+            mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+            if rows16:
+                lines += [
+                    f"{mma} {{{main}}}, {{{a_regs}}}, {{{x}}}, {{{mi}}};",
+                    f"{mma} {{{main}}}, {{%za, %zb, %za, %zb}}, {{{x}}}, {{{main}}};",
+                    f"{mma} {{{side}}}, {{{a_regs}}}, {{{y}}}, {{{si}}};",
+                    f"{mma} {{{side}}}, {{%za, %zb, %za, %zb}}, {{{y}}}, {{{side}}};",
+                ]
+            else:
+                lines += [
+                    f"{mma} {{{main}}}, {{{a_regs}}}, {{{x}}}, {{{mi}}};",
+                    f"{mma} {{{side}}}, {{%za, %zb, %za, %zb}}, {{{x}}}, {{{si}}};",
+                ]
+    lines.append("}")
+    n_r = 8 + 32 + (32 if rows16 else 0) + (8 if has_zero else 4)  # words, x pairs, s [, z]
+    cons = ",".join(["=f"] * 8 + ["f"] * 8 + ["r"] * n_r)
+    return "\n".join(lines), cons
+
+
+@triton.jit
+def _x_pairs(x32, m, t, c, K2, b: tl.constexpr, EVEN_K: tl.constexpr):
+    """int32 x pair 4 b + (c % 4) of chunk c // 4 of step t, row offset m ([1, 16] or [BN, 16])."""
+    p = t * 64 + (c // 4) * 16 + 4 * b + (c % 4)  # [1, 16] pair index along K
+    p = tl.max_contiguous(tl.multiple_of(p, [1, 4]), [1, 4])
+    if EVEN_K:
+        return tl.load(x32 + m + p)
+    else:
+        return tl.load(x32 + m + p, mask=(p < K2) & (m >= 0), other=0)
+
+
+@triton.jit
+def _ld16(ptrs, mask):
+    """fp16 gather as inline PTX: a ``tl.load`` of these row-contiguous pointers would make Triton
+    re-lay the loop out column-major (see ``_store``)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b16 $0, 0; @p ld.global.b16 $0, [$1]; }",
+        "=h,l,r",
+        (ptrs.to(tl.uint64, bitcast=True), mask.to(tl.int32)),
+        dtype=tl.float16,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _load_step(x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K):
+    """Loads of K step t (words masked off when t >= t1; x, scales, zeros clamped to step t1 - 1)."""
+    tc = tl.minimum(t, t1 - 1)
+    widx = t * 16 + c
+    if EVEN_K:
+        words = tl.load(w_row + widx, mask=nmask & (t < t1), other=0)
+    else:
+        words = tl.load(w_row + widx, mask=nmask & (t < t1) & (widx < KWL), other=0)
+    x0 = _x_pairs(x32, mx, tc, c, K2, 0, EVEN_K)
+    x1 = _x_pairs(x32, mx, tc, c, K2, 1, EVEN_K)
+    x2 = _x_pairs(x32, mx, tc, c, K2, 2, EVEN_K)
+    x3 = _x_pairs(x32, mx, tc, c, K2, 3, EVEN_K)
+    if G_SHIFT < 7 and not PER_CHANNEL:  # each lane's 32-column chunk in one group: [BN, 16], opaque
+        gq = (tc * STEP + (c // 4) * 32) >> G_SHIFT  # [1, 16]
+        s = _ld16(s_ptr + gq * N + n, nmask)
+        z = _ld16(z_ptr + gq * N + n, nmask)
+    else:  # one scale per row for the step
+        g = 0 if PER_CHANNEL else (tc * STEP) >> G_SHIFT
+        s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0)
+        z = tl.load(z_ptr + g * N + n, mask=nmask, other=0.0)
+    return words, x0, x1, x2, x3, s, z
+
+
+@triton.jit
+def _w4_mma_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    y_ptr,
+    M,
+    N,
+    K2,  # K / 2: pairs of x per row
+    KWL,  # packed words per row
+    STEPS,
+    STEPS_PER_SPLIT,
+    stride_x2,  # x row stride in pairs
+    stride_wn,
+    stride_ym,
+    G_SHIFT: tl.constexpr,  # log2(group size) (ignored per channel)
+    PER_CHANNEL: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    ROWS16: tl.constexpr,  # M > 8: a second mma per step takes x rows 8..15
+    ONE_ROW: tl.constexpr,  # M == 1
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    ASM: tl.constexpr,
+    CONS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    r = tl.arange(0, BLOCK_N)[:, None]  # [BN, 1]
+    c = tl.arange(0, 16)[None, :]  # [1, 16]
+    n = pid_n * BLOCK_N + r
+    nmask = n < N
+    w_row = w_ptr + tl.multiple_of(n * stride_wn, [4, 4])
+    x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    if ONE_ROW:  # one x row: load it once per lane ([1, 16]) and broadcast over the lane's rows
+        mx = tl.zeros([1, 1], dtype=tl.int32)
+    else:
+        mx = tl.minimum(r % 8, M - 1) * stride_x2  # [BN, 1]: lane g supplies x row g (mma column g)
+    my = tl.minimum(r % 8 + 8, M - 1) * stride_x2  # rows 8..15 (second mma)
+    acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    t0 = pid_k * STEPS_PER_SPLIT
+    t1 = tl.minimum(t0 + STEPS_PER_SPLIT, STEPS)
+    cur = _load_step(
+        x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t0, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K
+    )
+    for t in range(t0, t1):
+        # issue the loads of step t + 1 (words masked off past the end) before the math of step t
+        nxt = _load_step(
+            x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t + 1, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K
+        )
+        words, x0, x1, x2, x3, s, z = cur
+        x0 = tl.broadcast_to(x0, [BLOCK_N, 16])
+        x1 = tl.broadcast_to(x1, [BLOCK_N, 16])
+        x2 = tl.broadcast_to(x2, [BLOCK_N, 16])
+        x3 = tl.broadcast_to(x3, [BLOCK_N, 16])
+        sb = tl.broadcast_to(s, [BLOCK_N, 16])
+        zb = tl.broadcast_to(z, [BLOCK_N, 16])
+        if ROWS16:
+            y0 = _x_pairs(x32, my, t, c, K2, 0, EVEN_K)
+            y1 = _x_pairs(x32, my, t, c, K2, 1, EVEN_K)
+            y2 = _x_pairs(x32, my, t, c, K2, 2, EVEN_K)
+            y3 = _x_pairs(x32, my, t, c, K2, 3, EVEN_K)
+            if HAS_ZERO:
+                ins = (acc, words, x0, x1, x2, x3, y0, y1, y2, y3, sb, zb)
+            else:
+                ins = (acc, words, x0, x1, x2, x3, y0, y1, y2, y3, sb)
+        else:
+            if HAS_ZERO:
+                ins = (acc, words, x0, x1, x2, x3, sb, zb)
+            else:
+                ins = (acc, words, x0, x1, x2, x3, sb)
+        acc = tl.inline_asm_elementwise(ASM, CONS, ins, dtype=tl.float32, is_pure=True, pack=8)
+        cur = nxt
+    if ROWS16:  # acc[r, 4 q + i]: y[x row 2 q + i % 2 + 8 (i // 2), channel n(r)]
+        ym = 2 * (c // 4) + (c % 2) + 8 * ((c % 4) // 2)  # [1, 16]
+        out = acc
+    else:  # elements 2, 3 of each lane's four hold the zero-point partials of elements 0, 1
+        ym = 2 * (c // 4) + (c % 2)
+        out = tl.inline_asm_elementwise(
+            "add.f32 $0, $4, $6; add.f32 $1, $5, $7; mov.b32 $2, $6; mov.b32 $3, $7;",
+            "=f,=f,=f,=f,f,f,f,f",
+            (acc,),
+            dtype=tl.float32,
+            is_pure=True,
+            pack=4,
+        )
+    ymask = (ym < M) & nmask & ((c % 4) < 2)
+    _store(y_ptr + ym * stride_ym + n, out, ymask, SPLIT_K)
+
+
+@triton.jit
+def _store(ptrs, val, mask, SPLIT_K: tl.constexpr):
+    """Predicated store (split-K: fp32 atomic add) as inline PTX rather than ``tl.store``.
+
+    A ``tl.store`` here is contiguous along rows, and Triton 3.6 then re-lays the whole loop out
+    column-major to match it, which breaks the lane <-> mma-fragment map of the loads; an opaque
+    store leaves the loads' row-major layout (the one the fragments need) in charge.
+    """
+    addr = ptrs.to(tl.uint64, bitcast=True)
+    pred = mask.to(tl.int32)
+    if SPLIT_K == 1:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.b16 [$1], $3; mov.b32 $0, 0; }",
+            "=r,l,r,h",
+            (addr, pred, val.to(ptrs.dtype.element_ty)),
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    else:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p red.global.add.f32 [$1], $3; mov.b32 $0, 0; }",
+            "=r,l,r,f",
+            (addr, pred, val),
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
+def launch_w4_mma(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    group_size: int,
+    K: int,
+    N: int,
+    block_n: int,
+    split_k: int,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Launch the W4 tensor-core GEMV (inputs already checked, ``mma_eligible`` true).
+
+    x: fp16 [M <= 16, K]; packed int32 [N, Kp / 8]; scales_t / zeros_t fp16 [n_groups, N] (zeros None:
+    symmetric); block_n = 16 * warps (two rows per lane); split_k >= 1.  Returns y [M, N] fp16.
+    """
+    M = x.shape[0]
+    per_channel = group_size >= K
+    steps = triton.cdiv(K, STEP_COLS)
+    tps = triton.cdiv(steps, max(1, min(split_k, steps)))
+    split = triton.cdiv(steps, tps)
+    y = alloc_output("gemv_w4_mma", out, x, N, split)
+    asm, cons = w4_asm(M > 8, zeros_t is not None)
+    grid = (triton.cdiv(N, block_n), split)
+    ck = _w4_mma_kernel[grid](
+        x,
+        packed,
+        scales_t,
+        zeros_t if zeros_t is not None else scales_t,
+        y,
+        M,
+        N,
+        K // 2,
+        packed.shape[1],
+        steps,
+        tps,
+        x.stride(0) // 2,
+        packed.stride(0),
+        y.stride(0),
+        G_SHIFT=0 if per_channel else group_size.bit_length() - 1,
+        PER_CHANNEL=per_channel,
+        HAS_ZERO=zeros_t is not None,
+        ROWS16=M > 8,
+        EVEN_K=K % STEP_COLS == 0,
+        BLOCK_N=block_n,
+        SPLIT_K=split,
+        ASM=asm,
+        CONS=cons,
+        ONE_ROW=M == 1,
+        num_warps=block_n // 16,
+    )
+    _check_layout(ck)
+    return finish_output(y, out, x.dtype)
+
+
+_LAYOUT_OK: set[int] = set()
+_WANT = "sizePerThread = [1, 4], threadsPerWarp = [8, 4]"
+
+
+def _check_layout(ck) -> None:
+    """Refuse a compiled variant whose loads did not get the lane <-> fragment layout (once per variant)."""
+    if ck is None or id(ck) in _LAYOUT_OK:
+        return
+    ir = ck.asm.get("ttgir", "")
+    if ir and (_WANT not in ir.split("#blocked1")[0] or "convert_layout" in ir):
+        raise WorkbenchError(
+            f"gemv_w4_mma: Triton {triton.__version__} laid the weight tile out differently from the "
+            f"mma fragments ({_WANT} expected); use gemv_int/gemm_int with an explicit config"
+        )
+    _LAYOUT_OK.add(id(ck))
+
+
+def mma_eligible(x: torch.Tensor, bits: int, group_size: int, K: int) -> bool:
+    """The W4 tensor-core path applies: CUDA sm_80+, fp16 x with <= 16 rows, even K and row stride,
+    4-bit codes, group >= 32 (the launch checks already ensured a power of two) or per channel."""
+    if not x.is_cuda or x.dtype != torch.float16 or bits != 4 or x.shape[0] > MAX_ROWS:
+        return False
+    if K % 2 or x.stride(0) % 2 or x.data_ptr() % 4:
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 8:
+        return False
+    return group_size >= K or group_size >= 32
+
+
+BLOCK_CHOICES = (32, 64, 128)  # rows per program = 16 x warps
+SPLIT_CHOICES = (1, 2, 4, 8)
+
+
+def _default_shape(N: int, K: int, sms: int) -> tuple[int, int]:
+    """Heuristic (block_n, split_k) used while a graph is captured before any tuning: >= 2 programs/SM."""
+    block_n, steps = 64, triton.cdiv(K, STEP_COLS)
+    split = 1
+    while triton.cdiv(N, block_n) * split < 2 * sms and split * 2 <= 8 and steps // (split * 2) >= 4:
+        split *= 2
+    return block_n, split
+
+
+def w4_mma(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    group_size: int,
+    K: int,
+    N: int,
+    out: torch.Tensor | None = None,
+    shape: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """W4 tensor-core GEMV with the launch shape tuned for this GPU and problem (``kernels.tune``).
+
+    Same arguments as ``launch_w4_mma``; ``shape`` = (block_n, split_k) forces a launch shape.
+    """
+    from workbench.kernels import tune
+
+    M = x.shape[0]
+    if shape is None:
+        mb = 1 if M == 1 else (8 if M <= 8 else 16)
+        gkey = "ch" if group_size >= K else f"g{group_size}"
+        key = f"M{mb}|N{N}|K{K}|{gkey}|{'asym' if zeros_t is not None else 'sym'}"
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        steps = triton.cdiv(K, STEP_COLS)
+        cands = [(b, s) for b in BLOCK_CHOICES for s in SPLIT_CHOICES if s == 1 or steps // s >= 2]
+        scratch = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        shape = tune.pick(
+            "w4_mma",
+            key,
+            x.device,
+            cands,
+            lambda c: launch_w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, c[0], c[1], scratch),
+            _default_shape(N, K, sms),
+        )
+    return launch_w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, shape[0], shape[1], out)
