@@ -33,6 +33,8 @@ interpreter cannot run inline PTX: on the CPU the launchers use ``gemv_int`` / `
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -366,6 +368,8 @@ def _check_layout(ck) -> None:
 def mma_eligible(x: torch.Tensor, bits: int, group_size: int, K: int) -> bool:
     """The W4 tensor-core path applies: CUDA sm_80+, fp16 x with <= 16 rows, even K and row stride,
     4-bit codes, group >= 32 (the launch checks already ensured a power of two) or per channel."""
+    if os.environ.get("WORKBENCH_W4_MMA", "0") != "1":  # opt-in until verified on the GPU
+        return False
     if not x.is_cuda or x.dtype != torch.float16 or bits != 4 or x.shape[0] > MAX_ROWS:
         return False
     if K % 2 or x.stride(0) % 2 or x.data_ptr() % 4:
