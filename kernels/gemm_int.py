@@ -18,11 +18,12 @@ Packing layout and scale form: ``workbench.quant.packing``.  Reference: ``refere
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import triton
 import triton.language as tl
+from workbench.kernels import tune
 from workbench.kernels.checks import (
     alloc_output,
     check_int_weight,
@@ -175,6 +176,14 @@ def launch_gemm(
     if config is None and not fp8 and mma_eligible(x, bits, group_size, K):  # <= 16 rows, W4, fp16
         return w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, out)
     cfg = config or default_gemm_config(M, N, K, bits)
+    if config is None and tune.tunable(x):  # per-GPU choice among the tune.GEMM_CANDIDATES*, cached
+        cands = tune.GEMM_CANDIDATES_16 if M <= 16 else tune.GEMM_CANDIDATES
+        scratch = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        run = lambda c: launch_gemm(
+            name, x, packed, scales_t, zeros_t, bits, group_size, K, N, fp8, GemmConfig(*c), scratch
+        )  # noqa: E731
+        key = tune.shape_key(x, N, K, bits, group_size, zeros_t is not None, fp8)
+        cfg = GemmConfig(*tune.pick("gemm", key, x.device, cands, run, astuple(cfg)))
     bk = cfg.block_k if per_channel else min(cfg.block_k, G)
     bk = max(bk, 32)  # whole 32-column chunks
     if not per_channel and G % bk:

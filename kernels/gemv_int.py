@@ -29,11 +29,12 @@ Reference: ``workbench.kernels.reference.gemv_int_ref``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import triton
 import triton.language as tl
+from workbench.kernels import tune
 from workbench.kernels.checks import (
     alloc_output,
     check_int_weight,
@@ -377,13 +378,8 @@ class GemvConfig:
 
 
 def default_gemv_config(M: int, N: int, K: int, bits: int) -> GemvConfig:
-    """Hand-chosen launch shape per shape class, from the H100 sweeps in benchmarks/KERNEL_NOTES.md.
-
-    2 and 4 bits: 4 warps x 16 rows (4 rows per thread share each x value).  3 bits: one warp, 8 rows,
-    64-word tiles (register pressure of the plane merge).  8 bits (int8 / FP8): one warp per program,
-    4 rows; narrow N (few programs) splits K instead.  3-4 rows of x: 8 rows per program so the per-row
-    accumulators fit in registers.
-    """
+    """Heuristic launch shape (H100 sweeps, ``benchmarks/KERNEL_NOTES.md``): the CPU/interpreter choice,
+    and on CUDA the fallback while a graph is captured; otherwise ``kernels.tune`` picks per GPU."""
     if bits == 8:
         if N <= 4096:
             return GemvConfig(block_n=8, tile_words=128, split_k=4, num_warps=1)
@@ -425,6 +421,13 @@ def launch_gemv(
     if config is None and not fp8 and mma_eligible(x, bits, group_size, K):
         return w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, out)
     cfg = config or default_gemv_config(M, N, K, bits)
+    if config is None and tune.tunable(x):  # per-GPU choice among tune.GEMV_CANDIDATES, cached
+        scratch = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        run = lambda c: launch_gemv(
+            name, x, packed, scales_t, zeros_t, bits, group_size, K, N, fp8, GemvConfig(*c), scratch
+        )  # noqa: E731
+        key = tune.shape_key(x, N, K, bits, group_size, zeros_t is not None, fp8)
+        cfg = GemvConfig(*tune.pick("gemv", key, x.device, tune.GEMV_CANDIDATES, run, astuple(cfg)))
     Kp = packed_k(K, bits)
     kwl = Kp // per  # words of the (low) plane per row
     if per_channel:  # one tile of gw words per step, no wider than the row

@@ -68,7 +68,8 @@ def w4_asm(rows16: bool, has_zero: bool) -> tuple[str, str]:
     zo = so + 4
     lines = [
         "{",
-        ".reg .b32 %p<2>, %la, %lb, %ma, %mb, %ha, %hb, %ia, %ib, %k, %za, %zb, %ska, %skb, %sfa, %sfb;",
+        ".reg .b32 %p<2>, %la, %lb, %ma, %mb, %ha, %hb, %ia, %ib, %k, %za, %zb, %zc, %zd;",
+        ".reg .b32 %ska, %skb, %sfa, %sfb;",
         "mov.b32 %k, 0xE400E400;",  # -1024
     ]
     for row, sreg in (("a", so), ("b", so + 2)):
@@ -82,6 +83,9 @@ def w4_asm(rows16: bool, has_zero: bool) -> tuple[str, str]:
         lines += [f"mul.rn.f16x2 %z{row}, {zsrc}, ${sreg};"]
         if has_zero:
             lines += [f"mul.rn.f16x2 %z{row}, %z{row}, %k;"]
+    # the constant A of the zero-point mma as four distinct registers: a quad {za, zb, za, zb} would be
+    # rebuilt with two moves before every mma
+    lines += ["mov.b32 %k, 0x3C003C00;", "mul.rn.f16x2 %zc, %za, %k;", "mul.rn.f16x2 %zd, %zb, %k;"]
     # accumulators: decoded part -> {$0, $1, $4, $5}; zero-point part -> {$2, $3, $6, $7} (rows16: the
     # second x block, zero-point part folded into the same chain)
     main_in, side_in = "$8, $9, $12, $13", "$10, $11, $14, $15"
@@ -107,14 +111,14 @@ def w4_asm(rows16: bool, has_zero: bool) -> tuple[str, str]:
             if rows16:
                 lines += [
                     f"{mma} {{{main}}}, {{{a_regs}}}, {{{x}}}, {{{mi}}};",
-                    f"{mma} {{{main}}}, {{%za, %zb, %za, %zb}}, {{{x}}}, {{{main}}};",
+                    f"{mma} {{{main}}}, {{%za, %zb, %zc, %zd}}, {{{x}}}, {{{main}}};",
                     f"{mma} {{{side}}}, {{{a_regs}}}, {{{y}}}, {{{si}}};",
-                    f"{mma} {{{side}}}, {{%za, %zb, %za, %zb}}, {{{y}}}, {{{side}}};",
+                    f"{mma} {{{side}}}, {{%za, %zb, %zc, %zd}}, {{{y}}}, {{{side}}};",
                 ]
             else:
                 lines += [
                     f"{mma} {{{main}}}, {{{a_regs}}}, {{{x}}}, {{{mi}}};",
-                    f"{mma} {{{side}}}, {{%za, %zb, %za, %zb}}, {{{x}}}, {{{si}}};",
+                    f"{mma} {{{side}}}, {{%za, %zb, %zc, %zd}}, {{{x}}}, {{{si}}};",
                 ]
     lines.append("}")
     n_r = 8 + 32 + (32 if rows16 else 0) + (8 if has_zero else 4)  # words, x pairs, s [, z]
@@ -258,7 +262,9 @@ def _w4_mma_kernel(
             is_pure=True,
             pack=4,
         )
-    ymask = (ym < M) & nmask & ((c % 4) < 2)
+    ymask = (ym < M) & nmask
+    if not ROWS16:
+        ymask = ymask & ((c % 4) < 2)  # elements 2, 3 were folded into 0, 1
     _store(y_ptr + ym * stride_ym + n, out, ymask, SPLIT_K)
 
 

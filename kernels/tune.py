@@ -105,3 +105,38 @@ def pick(
 def tuned_table(device: torch.device | None = None) -> dict[str, list]:
     """Every cached choice for this GPU (for benchmarks' records)."""
     return dict(_load(torch.cuda.get_device_name(device)))
+
+
+# candidate launch shapes of the CUDA-core GEMV (GemvConfig fields) and the tensor-core GEMM (GemmConfig)
+GEMV_CANDIDATES = [
+    (16, 128, 1, 4),
+    (8, 128, 1, 1),
+    (4, 128, 1, 1),
+    (8, 128, 2, 1),
+    (8, 128, 4, 1),
+    (8, 64, 1, 1),
+]
+GEMM_CANDIDATES_16 = [
+    (16, 64, 128, 1, 4, 3),
+    (16, 32, 128, 1, 4, 3),
+    (16, 64, 64, 1, 4, 4),
+    (16, 64, 128, 4, 4, 3),
+]
+GEMM_CANDIDATES = [
+    (64, 64, 128, 1, 4, 3),
+    (64, 64, 64, 1, 4, 4),
+    (64, 32, 128, 1, 4, 3),
+    (128, 128, 64, 1, 8, 3),
+]
+
+
+def shape_key(x: torch.Tensor, N: int, K: int, bits: int, group_size: int, has_zero: bool, fp8: bool) -> str:
+    """Cache key of one problem: format, rows, N, K, grouping, zero points, activation dtype."""
+    fmt = "fp8" if fp8 else f"w{bits}"
+    g = "ch" if group_size >= K else f"g{group_size}"
+    return f"{fmt}|M{x.shape[0]}|N{N}|K{K}|{g}|{'asym' if has_zero else 'sym'}|{str(x.dtype)[6:]}"
+
+
+def tunable(x: torch.Tensor) -> bool:
+    """Tuning applies on CUDA only (the interpreter / CPU use the defaults)."""
+    return x.is_cuda

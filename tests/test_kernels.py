@@ -15,6 +15,7 @@ import torch
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton / the kernels
+os.environ.setdefault("WORKBENCH_NO_TUNE", "1")  # the sweep checks the heuristic shapes, no timing passes
 
 import itertools  # noqa: E402
 import zlib  # noqa: E402
@@ -278,3 +279,33 @@ def test_w4_mma_decode_identities():
         fused = ((base + q) * s - base * s).half()  # float64 holds the exact value: one rounding
         assert torch.equal(fused, (q * s).half())
         assert torch.equal((-base * s).half().double(), -base * s)  # the constant itself is exact
+
+
+def test_tune_cache_picks_fastest_and_persists(tmp_path, monkeypatch):
+    """kernels.tune: the fastest candidate is kept, written as JSON per GPU name and read back.
+
+    The GPU timer is replaced by a table of times (this checks the cache logic, not a kernel)."""
+    import json
+
+    from workbench.kernels import tune
+
+    monkeypatch.setenv("WORKBENCH_TUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.delenv("WORKBENCH_NO_TUNE", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(tune, "_MEM", {})
+    times = {(1, 2): 3.0, (4, 1): 1.0, (8, 8): 2.0}
+    ran = []
+    monkeypatch.setattr(tune, "_time_once", lambda fn, dev: (fn(), times[ran[-1]])[1])
+
+    def run(c):
+        if c == (9, 9):
+            raise RuntimeError("out of shared memory")  # a candidate the compiler rejects is skipped
+        ran.append(c)
+
+    got = tune.pick("k", "M1|N8", torch.device("cpu"), [(1, 2), (9, 9), (4, 1), (8, 8)], run, (1, 2))
+    assert got == (4, 1)
+    assert json.loads((tmp_path / "tune.json").read_text()) == {"Fake GPU": {"k|M1|N8": [4, 1]}}
+    monkeypatch.setattr(tune, "_MEM", {})  # a new process reads the file, times nothing
+    ran.clear()
+    assert tune.pick("k", "M1|N8", torch.device("cpu"), [(1, 2)], run, (1, 2)) == (4, 1) and not ran
