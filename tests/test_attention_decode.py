@@ -89,6 +89,9 @@ def test_split_config_fills_the_gpu_and_covers_the_cache():
         ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "norm_rotary"),
         ("triton_poi_fused_add_cat_mul_neg_slice_1", "norm_rotary"),
         ("triton_poi_fused_index_copy_2", "elementwise_copy"),
+        ("triton_red_fused__to_copy_add_int_matmul_mean_mul_pow_rsqrt_0", "norm_rotary"),
+        ("triton_poi_fused_int_matmul_mul_silu_split_with_sizes_6", "elementwise_copy"),
+        ("triton_tem_fused_mm_0", "linear"),
         (
             "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
             "elementwise_copy",
