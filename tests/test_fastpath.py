@@ -132,3 +132,21 @@ def test_unsupported_model_falls_back_to_hf_with_a_note():
     ]
     with pytest.raises(WorkbenchError, match="fast decode path cannot run this model: model type 'gpt2'"):
         make_decoder(model, 32, "eager", path="fast")
+
+
+def test_generate_command_uses_the_fast_path(capsys):
+    import json
+
+    from tests.conftest import STORIES
+    from workbench.cli import main
+
+    if not STORIES.is_file():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    out = {}
+    for path in ("auto", "hf"):
+        argv = ["generate", "--model", str(STORIES), "--prompt", "Once upon a time", "--max-new-tokens", "12"]
+        assert main(argv + ["--path", path, "--json"]) == 0
+        out[path] = json.loads(capsys.readouterr().out)
+    assert out["auto"]["result"]["path"] == "fast" and out["hf"]["result"]["path"] == "hf"
+    assert out["auto"]["text"] == out["hf"]["text"]
+    assert out["auto"]["result"]["decode_tokens_per_s"] > 0

@@ -80,6 +80,10 @@ def run(args) -> int:
         f"{res.path} path, {res.mode} loop on {device}); "
         f"{mem.total_bytes / 1e6:,.1f} MB of weights"
     )
-    for note in res.notes:
+    unfused = [n for n in res.notes if n.startswith("not fused: ")]
+    for note in [n for n in res.notes if n not in unfused]:
         print(f"-- {note}")
+    if unfused:
+        more = f" (+{len(unfused) - 1} more)" if len(unfused) > 1 else ""
+        print(f"-- {len(unfused)} q/k/v or gate/up groups run unfused: {unfused[0][11:]}{more}")
     return 0
