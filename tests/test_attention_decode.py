@@ -92,6 +92,7 @@ def test_split_config_fills_the_gpu_and_covers_the_cache():
         ("triton_red_fused__to_copy_add_int_matmul_mean_mul_pow_rsqrt_0", "norm_rotary"),
         ("triton_poi_fused_int_matmul_mul_silu_split_with_sizes_6", "elementwise_copy"),
         ("triton_tem_fused_mm_0", "linear"),
+        ("triton_poi_fused_add_cat_decode_attention_index_copy_mul_neg_split_1", "norm_rotary"),
         (
             "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
             "elementwise_copy",
