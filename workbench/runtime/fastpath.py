@@ -110,12 +110,12 @@ def _mlp_out(b: BlockOps, x: torch.Tensor, attn: torch.Tensor, s: Shape) -> torc
     return x + linear(b.down, F.silu(g) * u)
 
 
-def block_decode(x, pos, cos, sin, kc, vc, b: BlockOps, s: Shape) -> torch.Tensor:
-    """One block for the token at `pos` [1]: x [1, H]; kc / vc [Hkv, L, D] written at slot pos."""
+def block_decode(x, pos, length, cos, sin, kc, vc, b: BlockOps, s: Shape) -> torch.Tensor:
+    """One block for the token at `pos` [1], length = pos + 1: x [1, H]; writes kc / vc [Hkv, L, D] at pos."""
     q, k, v = _attn_in(b, x, cos, sin, s)
     kc.index_copy_(1, pos, k.transpose(0, 1))
     vc.index_copy_(1, pos, v.transpose(0, 1))
-    a = decode_attention(q.view(s.n_heads, s.head_dim), kc, vc, pos + 1, s.scale)  # [Hq, D]
+    a = decode_attention(q.view(s.n_heads, s.head_dim), kc, vc, length, s.scale)  # [Hq, D]
     return _mlp_out(b, x, a.view(1, s.n_heads * s.head_dim), s)
 
 
@@ -217,8 +217,9 @@ class FastDecoder(GraphDecoder):
         fm = self.fm
         x = F.embedding(self.tok.view(1), fm.embed)  # [1, H]
         cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)  # [1, 1, D]
+        length = self.pos + 1  # once per step, not one tiny kernel per block
         for b, kc, vc in zip(fm.blocks, self.k, self.v):
-            x = self._block(x, self.pos, cos, sin, kc, vc, b, fm.shape)
+            x = self._block(x, self.pos, length, cos, sin, kc, vc, b, fm.shape)
         return fm.head_logits(x)  # [1, V]
 
     def _prefill_logits(self, ids: torch.Tensor) -> torch.Tensor:
