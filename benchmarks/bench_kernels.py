@@ -230,6 +230,7 @@ def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool,
     log(f"K={K} N={N} M={M}: cuBLAS fp16 {fp16_us:.1f} us")
     rows = []
     for fmt in fmts:
+        _set_tuning(fmt)
         probe, nbytes = _make_weights(fmt, N, K, 1, gen)
         wts, _ = _make_weights(fmt, N, K, _copies(nbytes) - 1, gen)
         wts = probe + wts
@@ -251,6 +252,8 @@ def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool,
                 tried.append({"config": label, "error": repr(e)[:200]})
                 log(f"  {fmt} {label}: FAILED {repr(e)[:200]}")
                 continue
+            if cfg is None:  # what the launcher's per-GPU tuning picked (kernels.tune), if it ran
+                label = _chosen(fmt, xs[0], N, K) or label
             tried.append({"config": label, "us": us, "pct_roofline": 100 * roof_us / us})
             pct = 100 * roof_us / us
             log(f"  {fmt:8s} {label}: {us:8.1f} us  {fp16_us / us:5.2f}x  {pct:5.1f}% roofline")
@@ -283,6 +286,16 @@ def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool,
 
 
 PEERS = True  # --no-peers turns tinygemm / GemLite off
+TUNE_FORMATS = ("w4_g128",)  # --tune: formats whose launch shape is tuned on this GPU (others: defaults)
+
+
+def _set_tuning(fmt: str) -> None:
+    import os
+
+    if fmt in TUNE_FORMATS:
+        os.environ.pop("WORKBENCH_NO_TUNE", None)
+    else:
+        os.environ["WORKBENCH_NO_TUNE"] = "1"
 
 
 def _time_peers(K: int, N: int, M: int, gen, log) -> dict:
@@ -309,6 +322,20 @@ def _time_peers(K: int, N: int, M: int, gen, log) -> dict:
         del calls
         torch.cuda.empty_cache()
     return out
+
+
+def _chosen(fmt: str, x, N: int, K: int) -> str | None:
+    """The tuned launch choice for this case: 'w4' (0 = tensor-core kernel (block_n, split_k, two_steps),
+    1 = the other kernel's config), 'gemv' or 'gemm' (the config fields)."""
+    from workbench.kernels.tune import shape_key, tuned_table
+
+    bits, G, sym = FORMATS[fmt]
+    key = shape_key(x, N, K, bits, G or K, not sym, fmt == "fp8")
+    table = tuned_table()
+    for kind in ("w4", "gemv", "gemm"):
+        if f"{kind}|{key}" in table:
+            return f"{kind} {table[f'{kind}|{key}']}"
+    return None
 
 
 def format_table(rows: list[Row], bw: float, device: str) -> str:
@@ -391,9 +418,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the JSON results to this file")
     ap.add_argument("--configs", default=None, help="';'-separated launch configs (comma ints) to try")
     ap.add_argument("--no-peers", action="store_true", help="skip tinygemm / GemLite")
+    ap.add_argument("--tune", default="w4_g128", help="formats tuned per GPU (comma list; 'all')")
     a = ap.parse_args()
-    global PEERS
+    global PEERS, TUNE_FORMATS
     PEERS = not a.no_peers
+    TUNE_FORMATS = tuple(FORMATS) if a.tune == "all" else tuple(a.tune.split(","))
     if a.configs:
         global CUSTOM_CONFIGS
         CUSTOM_CONFIGS = [tuple(int(v) for v in c.split(",")) for c in a.configs.split(";")]

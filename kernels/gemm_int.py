@@ -31,7 +31,7 @@ from workbench.kernels.checks import (
     group_tile,
     split_tiles,
 )
-from workbench.kernels.gemv_mma import mma_eligible, w4_mma
+from workbench.kernels.gemv_mma import choose_w4, mma_eligible, w4_mma
 
 from workbench.errors import WorkbenchError
 from workbench.quant.packing import packed_k
@@ -173,8 +173,17 @@ def launch_gemm(
     M = x.shape[0]
     per = 16 if bits == 3 else 32 // bits
     per_channel, G = group_tile(group_size, K, per, name)
-    if config is None and not fp8 and mma_eligible(x, bits, group_size, K):  # <= 16 rows, W4, fp16
-        return w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, out)
+    if config is None and not fp8 and mma_eligible(x, bits, group_size, K):  # W4, fp16 x, <= 16 rows
+
+        def run_other(c, o):
+            return launch_gemm(
+                name, x, packed, scales_t, zeros_t, bits, group_size, K, N, fp8, GemmConfig(*c), o
+            )
+
+        ch = choose_w4(x, packed, scales_t, zeros_t, group_size, K, N, tune.GEMM_CANDIDATES_16, run_other)
+        if ch[0] == 0:
+            return w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, out, ch[1:])
+        config = GemmConfig(*ch[1:])
     cfg = config or default_gemm_config(M, N, K, bits)
     if config is None and tune.tunable(x):  # per-GPU choice among the tune.GEMM_CANDIDATES*, cached
         cands = tune.GEMM_CANDIDATES_16 if M <= 16 else tune.GEMM_CANDIDATES

@@ -42,7 +42,7 @@ from workbench.kernels.checks import (
     group_tile,
     split_tiles,
 )
-from workbench.kernels.gemv_mma import mma_eligible, w4_mma
+from workbench.kernels.gemv_mma import choose_w4, mma_eligible, w4_mma
 
 from workbench.errors import WorkbenchError
 from workbench.quant.packing import packed_k
@@ -418,8 +418,17 @@ def launch_gemv(
         )
     per = 16 if bits == 3 else 32 // bits
     per_channel, G = group_tile(group_size, K, per, name)
-    if config is None and not fp8 and mma_eligible(x, bits, group_size, K):
-        return w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, out)
+    if config is None and not fp8 and mma_eligible(x, bits, group_size, K):  # W4, fp16 x, <= 16 rows
+
+        def run_other(c, o):
+            return launch_gemv(
+                name, x, packed, scales_t, zeros_t, bits, group_size, K, N, fp8, GemvConfig(*c), o
+            )
+
+        ch = choose_w4(x, packed, scales_t, zeros_t, group_size, K, N, tune.GEMV_CANDIDATES, run_other)
+        if ch[0] == 0:
+            return w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, out, ch[1:])
+        config = GemvConfig(*ch[1:])
     cfg = config or default_gemv_config(M, N, K, bits)
     if config is None and tune.tunable(x):  # per-GPU choice among tune.GEMV_CANDIDATES, cached
         scratch = torch.empty(M, N, dtype=x.dtype, device=x.device)

@@ -34,6 +34,7 @@ interpreter cannot run inline PTX: on the CPU the launchers use ``gemv_int`` / `
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -127,14 +128,15 @@ def w4_asm(rows16: bool, has_zero: bool) -> tuple[str, str]:
 
 
 @triton.jit
-def _x_pairs(x32, m, t, c, K2, b: tl.constexpr, EVEN_K: tl.constexpr):
-    """int32 x pair 4 b + (c % 4) of chunk c // 4 of step t, row offset m ([1, 16] or [BN, 16])."""
+def _x_pairs(x32, m, t, c, K2, b: tl.constexpr, live, EVEN_K: tl.constexpr):
+    """int32 x pair 4 b + (c % 4) of chunk c // 4 of step t, row offset m ([1, 16] or [BN, 16]); 0 when
+    not ``live`` (a step past the program's end) or past K."""
     p = t * 64 + (c // 4) * 16 + 4 * b + (c % 4)  # [1, 16] pair index along K
     p = tl.max_contiguous(tl.multiple_of(p, [1, 4]), [1, 4])
     if EVEN_K:
-        return tl.load(x32 + m + p)
+        return tl.load(x32 + m + p, mask=live & (m >= 0), other=0)
     else:
-        return tl.load(x32 + m + p, mask=(p < K2) & (m >= 0), other=0)
+        return tl.load(x32 + m + p, mask=live & (p < K2) & (m >= 0), other=0)
 
 
 @triton.jit
@@ -153,17 +155,18 @@ def _ld16(ptrs, mask):
 
 @triton.jit
 def _load_step(x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K):
-    """Loads of K step t (words masked off when t >= t1; x, scales, zeros clamped to step t1 - 1)."""
+    """Loads of K step t; past the program's end (t >= t1) words and x are masked to 0 (a zero
+    contribution) and scales / zeros read step t1 - 1 (in bounds)."""
     tc = tl.minimum(t, t1 - 1)
     widx = t * 16 + c
     if EVEN_K:
         words = tl.load(w_row + widx, mask=nmask & (t < t1), other=0)
     else:
         words = tl.load(w_row + widx, mask=nmask & (t < t1) & (widx < KWL), other=0)
-    x0 = _x_pairs(x32, mx, tc, c, K2, 0, EVEN_K)
-    x1 = _x_pairs(x32, mx, tc, c, K2, 1, EVEN_K)
-    x2 = _x_pairs(x32, mx, tc, c, K2, 2, EVEN_K)
-    x3 = _x_pairs(x32, mx, tc, c, K2, 3, EVEN_K)
+    x0 = _x_pairs(x32, mx, t, c, K2, 0, t < t1, EVEN_K)
+    x1 = _x_pairs(x32, mx, t, c, K2, 1, t < t1, EVEN_K)
+    x2 = _x_pairs(x32, mx, t, c, K2, 2, t < t1, EVEN_K)
+    x3 = _x_pairs(x32, mx, t, c, K2, 3, t < t1, EVEN_K)
     if G_SHIFT < 7 and not PER_CHANNEL:  # each lane's 32-column chunk in one group: [BN, 16], opaque
         gq = (tc * STEP + (c // 4) * 32) >> G_SHIFT  # [1, 16]
         s = _ld16(s_ptr + gq * N + n, nmask)
@@ -173,6 +176,33 @@ def _load_step(x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t, t1, N, K2, KWL, G_S
         s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0)
         z = tl.load(z_ptr + g * N + n, mask=nmask, other=0.0)
     return words, x0, x1, x2, x3, s, z
+
+
+@triton.jit
+def _mma_step(acc, cur, t, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N: tl.constexpr, ASM, CONS):
+    """acc += the lane fragments of step t (loads in ``cur``) through the decode + mma asm."""
+    words, x0, x1, x2, x3, s, z = cur
+    x0 = tl.broadcast_to(x0, [BLOCK_N, 16])
+    x1 = tl.broadcast_to(x1, [BLOCK_N, 16])
+    x2 = tl.broadcast_to(x2, [BLOCK_N, 16])
+    x3 = tl.broadcast_to(x3, [BLOCK_N, 16])
+    sb = tl.broadcast_to(s, [BLOCK_N, 16])
+    zb = tl.broadcast_to(z, [BLOCK_N, 16])
+    if ROWS16:
+        y0 = _x_pairs(x32, my, t, c, K2, 0, t < t1, EVEN_K)
+        y1 = _x_pairs(x32, my, t, c, K2, 1, t < t1, EVEN_K)
+        y2 = _x_pairs(x32, my, t, c, K2, 2, t < t1, EVEN_K)
+        y3 = _x_pairs(x32, my, t, c, K2, 3, t < t1, EVEN_K)
+        if HAS_ZERO:
+            ins = (acc, words, x0, x1, x2, x3, y0, y1, y2, y3, sb, zb)
+        else:
+            ins = (acc, words, x0, x1, x2, x3, y0, y1, y2, y3, sb)
+    else:
+        if HAS_ZERO:
+            ins = (acc, words, x0, x1, x2, x3, sb, zb)
+        else:
+            ins = (acc, words, x0, x1, x2, x3, sb)
+    return tl.inline_asm_elementwise(ASM, CONS, ins, dtype=tl.float32, is_pure=True, pack=8)
 
 
 @triton.jit
@@ -201,6 +231,7 @@ def _w4_mma_kernel(
     SPLIT_K: tl.constexpr,
     ASM: tl.constexpr,
     CONS: tl.constexpr,
+    TWO_STEPS: tl.constexpr,  # 0/1: two K steps per loop iteration (more loads in flight per warp)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -221,34 +252,31 @@ def _w4_mma_kernel(
     cur = _load_step(
         x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t0, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K
     )
-    for t in range(t0, t1):
-        # issue the loads of step t + 1 (words masked off past the end) before the math of step t
-        nxt = _load_step(
-            x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t + 1, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K
+    if TWO_STEPS:  # two steps per iteration, both prefetched one iteration ahead
+        cur2 = _load_step(
+            x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t0 + 1, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K
         )
-        words, x0, x1, x2, x3, s, z = cur
-        x0 = tl.broadcast_to(x0, [BLOCK_N, 16])
-        x1 = tl.broadcast_to(x1, [BLOCK_N, 16])
-        x2 = tl.broadcast_to(x2, [BLOCK_N, 16])
-        x3 = tl.broadcast_to(x3, [BLOCK_N, 16])
-        sb = tl.broadcast_to(s, [BLOCK_N, 16])
-        zb = tl.broadcast_to(z, [BLOCK_N, 16])
-        if ROWS16:
-            y0 = _x_pairs(x32, my, t, c, K2, 0, EVEN_K)
-            y1 = _x_pairs(x32, my, t, c, K2, 1, EVEN_K)
-            y2 = _x_pairs(x32, my, t, c, K2, 2, EVEN_K)
-            y3 = _x_pairs(x32, my, t, c, K2, 3, EVEN_K)
-            if HAS_ZERO:
-                ins = (acc, words, x0, x1, x2, x3, y0, y1, y2, y3, sb, zb)
-            else:
-                ins = (acc, words, x0, x1, x2, x3, y0, y1, y2, y3, sb)
+    for t in range(t0, t1, 1 + TWO_STEPS):
+        # issue the loads of the next iteration's steps before the math of this one
+        if TWO_STEPS:
+            nxt = _load_step(
+                x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t + 2, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K
+            )
+            nxt2 = _load_step(
+                x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t + 3, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K
+            )
+            acc = _mma_step(acc, cur, t, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N, ASM, CONS)
+            acc = _mma_step(
+                acc, cur2, t + 1, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N, ASM, CONS
+            )
+            cur = nxt
+            cur2 = nxt2
         else:
-            if HAS_ZERO:
-                ins = (acc, words, x0, x1, x2, x3, sb, zb)
-            else:
-                ins = (acc, words, x0, x1, x2, x3, sb)
-        acc = tl.inline_asm_elementwise(ASM, CONS, ins, dtype=tl.float32, is_pure=True, pack=8)
-        cur = nxt
+            nxt = _load_step(
+                x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t + 1, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K
+            )
+            acc = _mma_step(acc, cur, t, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N, ASM, CONS)
+            cur = nxt
     if ROWS16:  # acc[r, 4 q + i]: y[x row 2 q + i % 2 + 8 (i // 2), channel n(r)]
         ym = 2 * (c // 4) + (c % 2) + 8 * ((c % 4) // 2)  # [1, 16]
         out = acc
@@ -309,6 +337,7 @@ def launch_w4_mma(
     block_n: int,
     split_k: int,
     out: torch.Tensor | None,
+    two_steps: int = 0,
 ) -> torch.Tensor:
     """Launch the W4 tensor-core GEMV (inputs already checked, ``mma_eligible`` true).
 
@@ -348,6 +377,7 @@ def launch_w4_mma(
         ASM=asm,
         CONS=cons,
         ONE_ROW=M == 1,
+        TWO_STEPS=int(two_steps),
         num_warps=block_n // 16,
     )
     _check_layout(ck)
@@ -385,8 +415,21 @@ def mma_eligible(x: torch.Tensor, bits: int, group_size: int, K: int) -> bool:
     return group_size >= K or group_size >= 32
 
 
-BLOCK_CHOICES = (32, 64, 128)  # rows per program = 16 x warps
-SPLIT_CHOICES = (1, 2, 4, 8)
+# (block_n = 16 x warps, split_k, two_steps) tried by the tuner; split-K adds a memset and a cast kernel
+SHAPE_CHOICES = [
+    (64, 1, 0),
+    (64, 1, 1),
+    (128, 1, 0),
+    (128, 1, 1),
+    (64, 2, 0),
+    (64, 2, 1),
+    (128, 2, 1),
+    (32, 4, 0),
+    (64, 4, 0),
+    (128, 4, 0),
+    (64, 8, 0),
+    (128, 8, 0),
+]
 
 
 def _default_shape(N: int, K: int, sms: int) -> tuple[int, int]:
@@ -407,29 +450,40 @@ def w4_mma(
     K: int,
     N: int,
     out: torch.Tensor | None = None,
-    shape: tuple[int, int] | None = None,
+    shape: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """W4 tensor-core GEMV with the launch shape tuned for this GPU and problem (``kernels.tune``).
+    """W4 tensor-core GEMV; ``shape`` = (block_n, split_k, two_steps), default the heuristic one."""
+    if shape is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        shape = (*_default_shape(N, K, sms), 0)
+    return launch_w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, shape[0], shape[1], out, shape[2])
 
-    Same arguments as ``launch_w4_mma``; ``shape`` = (block_n, split_k) forces a launch shape.
-    """
+
+def choose_w4(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    group_size: int,
+    K: int,
+    N: int,
+    other: list[tuple],
+    run_other: Callable[[tuple, torch.Tensor], object],
+) -> tuple:
+    """Per-GPU choice (``kernels.tune``) between this kernel's launch shapes, (0, block_n, split_k,
+    two_steps), and the caller's own kernel's configs ``other``, (1, *config); returns the winner."""
     from workbench.kernels import tune
 
     M = x.shape[0]
-    if shape is None:
-        mb = 1 if M == 1 else (8 if M <= 8 else 16)
-        gkey = "ch" if group_size >= K else f"g{group_size}"
-        key = f"M{mb}|N{N}|K{K}|{gkey}|{'asym' if zeros_t is not None else 'sym'}"
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        steps = triton.cdiv(K, STEP_COLS)
-        cands = [(b, s) for b in BLOCK_CHOICES for s in SPLIT_CHOICES if s == 1 or steps // s >= 2]
-        scratch = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        shape = tune.pick(
-            "w4_mma",
-            key,
-            x.device,
-            cands,
-            lambda c: launch_w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, c[0], c[1], scratch),
-            _default_shape(N, K, sms),
-        )
-    return launch_w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, shape[0], shape[1], out)
+    steps = triton.cdiv(K, STEP_COLS)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    cands = [(0, *c) for c in SHAPE_CHOICES if c[1] == 1 or steps // c[1] >= 2] + [(1, *c) for c in other]
+    scratch = torch.empty(M, N, dtype=x.dtype, device=x.device)
+
+    def run(c: tuple) -> object:
+        if c[0] == 0:
+            return launch_w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, c[1], c[2], scratch, c[3])
+        return run_other(c[1:], scratch)
+
+    key = tune.shape_key(x, N, K, 4, group_size, zeros_t is not None, False)
+    return tune.pick("w4", key, x.device, cands, run, (0, *_default_shape(N, K, sms), 0))

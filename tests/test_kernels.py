@@ -240,7 +240,7 @@ MMA_GROUPS = [32, 64, 128, 256, PER_CHANNEL]
 def test_w4_mma_matches_reference(shape, G, sym, monkeypatch):
     """The tensor-core W4 path (gemv_int / gemm_int with fp16 x and <= 16 rows); every launch shape on
     two cases (one K with a partial last step).  No tuning here: the heuristic launch shape."""
-    from workbench.kernels.gemv_mma import BLOCK_CHOICES, SPLIT_CHOICES, w4_mma
+    from workbench.kernels.gemv_mma import SHAPE_CHOICES, w4_mma
 
     monkeypatch.setenv("WORKBENCH_NO_TUNE", "1")
     N, K = shape
@@ -257,10 +257,9 @@ def test_w4_mma_matches_reference(shape, G, sym, monkeypatch):
     for M in [1, 16]:
         x = _x(M, K, torch.float16, seed - M)
         ref = R.gemv_int_ref(x, packed, st, zt, 4, G, K)
-        for b in BLOCK_CHOICES:
-            for s in SPLIT_CHOICES:
-                y = w4_mma(x, packed, st, zt, G, K, N, out=_poisoned(M, N, torch.float16), shape=(b, s))
-                assert _rel_err(y, ref) < TOL[torch.float16], f"M={M} block_n={b} split_k={s}"
+        for shape in SHAPE_CHOICES:
+            y = w4_mma(x, packed, st, zt, G, K, N, out=_poisoned(M, N, torch.float16), shape=shape)
+            assert _rel_err(y, ref) < TOL[torch.float16], f"M={M} (block_n, split_k, two_steps)={shape}"
 
 
 def test_w4_mma_decode_identities():
