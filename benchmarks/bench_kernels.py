@@ -380,7 +380,19 @@ def run(
     rows = []
     for K, N, M in shapes or (QUICK_SHAPES if quick else SHAPES):
         rows += bench_shape(K, N, M, formats or list(FORMATS), bw, sweep, log)
-    result = {
+        result = _result(device, bw, rows)
+        if out:  # after every shape, so a run cut short keeps what it measured
+            with open(out, "w") as f:
+                jsonlib.dump(result, f, indent=1)
+    if json:
+        print(jsonlib.dumps(result))
+    else:
+        print(format_table(rows, bw, device))
+    return result
+
+
+def _result(device: str, bw: float, rows: list[Row]) -> dict:
+    return {
         "format": "workbench.bench_kernels",
         "version": 1,
         "device": device,
@@ -392,14 +404,6 @@ def run(
         "rows": [asdict(r) for r in rows],
         "tuned_launch_shapes": _tuned(),
     }
-    if out:
-        with open(out, "w") as f:
-            jsonlib.dump(result, f, indent=1)
-    if json:
-        print(jsonlib.dumps(result))
-    else:
-        print(format_table(rows, bw, device))
-    return result
 
 
 def _tuned() -> dict:
