@@ -15,6 +15,9 @@ _API = {
     "load_quantized": "workbench.runtime.serialize",
     "StaticDecoder": "workbench.runtime.decode",
     "greedy_generate": "workbench.runtime.decode",
+    "make_decoder": "workbench.runtime.decode",
+    "FastDecoder": "workbench.runtime.fastpath",
+    "step_breakdown": "workbench.runtime.profile",
     "model_memory": "workbench.runtime.memory",
     "MemoryReport": "workbench.runtime.memory",
 }

@@ -1,4 +1,4 @@
-"""Fast greedy decoding: static KV cache + one CUDA graph per generated token.
+"""Greedy decoding: static KV cache + one CUDA graph per token (the HF path; the fast path: fastpath.py).
 
 Plain `model.generate` runs the one-token step eagerly: for a 32-block Llama that is ~1,000 small kernel
 launches per token, each paying Python and launch overhead, plus a dynamic cache that grows with `torch.cat`.
