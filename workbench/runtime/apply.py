@@ -102,7 +102,7 @@ def quantize_layer(name: str, W: torch.Tensor, spec, gram: torch.Tensor | None =
     """Quantize one [N, K] weight; integer RTN on the GPU when W is on CUDA, else quantize_weight on CPU."""
     from workbench.quant.api import QuantizedWeight, quantize_weight
 
-    if W.is_cuda and spec.fmt == "int" and spec.algo == "rtn" and gram is None:
+    if W.is_cuda and spec.format.device_encode and spec.algo == "rtn" and gram is None:
         from workbench.quant.formats import ungrouped
         from workbench.quant.rtn import rtn_quantize
 

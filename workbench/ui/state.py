@@ -192,7 +192,7 @@ class WorkbenchState(param.Parameterized):
                     f"{x.out_features}x{x.in_features}",
                     x.n_params,
                     str(spec),
-                    round(spec.bits_per_weight(x.in_features, x.out_features), 3),
+                    round(spec.bits_per_weight(out_features=x.out_features, in_features=x.in_features), 3),
                     round(spec.storage_bytes(x.out_features, x.in_features) / 1e3, 2),
                     float("nan") if term is None else float(f"{term:.4g}"),  # 4 digits for display
                     x.name in pins,
