@@ -146,6 +146,8 @@ class QuantLinear(nn.Module):
         self._format_reason = kernel_format_reason(spec)
         self._shape_reason = None if self._format_reason else kernel_shape_reason(spec, N, K)
         self._warned = False  # the no-kernel warning is given once per layer object
+        self._kernel = fmt.kernel
+        self._op = _OPS[fmt.kernel.op] if fmt.kernel is not None else None
         for key, buf in fmt.layout.empty(spec, N, K, device).items():
             self.register_buffer(key, buf)
         self.register_buffer(
@@ -277,9 +279,8 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             x2 = (x2.to(torch.float32) / self.input_scale).to(x.dtype)
         if self._use_kernel(x2):
-            kernel = format_of(self.spec).kernel
-            args = kernel.args(self.spec, self.packed_buffers(), self.in_features)
-            y = _OPS[kernel.op](x2.contiguous(), *args)
+            args = self._kernel.args(self.spec, self.packed_buffers(), self.in_features)
+            y = self._op(x2.contiguous(), *args)
         else:
             y = self._reference(x2)
         if self.bias is not None:
