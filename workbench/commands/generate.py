@@ -35,10 +35,16 @@ def _load(model_arg: str, device, dtype):
     return loaded.model, loaded.tokenizer, loaded.description.name
 
 
+def _plan(path: str):
+    """The plan file (imported here: the CLI keeps heavy imports lazy)."""
+    from workbench.plan import Plan
+
+    return Plan.load(path)
+
+
 def run(args) -> int:
     import torch
 
-    from workbench.plan import Plan
     from workbench.runtime.apply import apply_plan
     from workbench.runtime.decode import StaticDecoder, select_device
     from workbench.runtime.memory import model_memory
@@ -48,7 +54,7 @@ def run(args) -> int:
         print(message)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok, what = _load(args.model, device, dtype)
-    report = apply_plan(model, Plan.load(args.plan).resolve(model)) if args.plan else None
+    report = apply_plan(model, _plan(args.plan).resolve(model)) if args.plan else None
     ids = tok.prompt_ids(args.prompt)
     dec = StaticDecoder(model, max_cache_len=len(ids) + args.max_new_tokens + 1, mode=args.mode)
     res = dec.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id)
