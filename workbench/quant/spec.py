@@ -42,7 +42,6 @@ MIN_BITS, MAX_BITS = 2, 8  # integer code widths
 MIN_GROUP, MAX_GROUP = 16, 256  # group sizes a spec accepts (the GPU kernels tile only 32..256, see qlinear)
 AWQ_INPUT_SCALE_BITS = 16  # AWQ keeps one fp16 runtime scale per input channel (awq.py)
 
-_INT_RE = re.compile(r"int(\d+)")
 _GROUP_RE = re.compile(r"g(\d+)")
 
 
