@@ -18,9 +18,10 @@ named), and a spec that cannot apply to a layer (`QuantSpec.check_layer`, the la
 
 `Plan.resolve(model_or_layers)` is the one conversion from a plan to what the rest of the workbench takes: a
 `ResolvedPlan` (layer name -> QuantSpec in inventory order, plus which layers are quantized, kept and need
-calibration Gram matrices). `apply_plan`, `evaluate` and the app take a ResolvedPlan, never a path or a plan;
-`ResolvedPlan.from_specs(model, {layer: spec})` builds one for an explicit set of layers (tests, one-layer
-experiments) with the same validation.
+calibration Gram matrices). `apply_plan`, `evaluate` and the app take a ResolvedPlan and use it as it is;
+a Plan or an explicit {layer: spec} handed to apply_plan / evaluate is converted once at entry
+(`ResolvedPlan.of`), a plan file path never. `ResolvedPlan.from_specs(model, {layer: spec})` builds one for
+an explicit set of layers (tests, one-layer experiments) with the same validation.
 
 Totals (`plan_totals`) count every quantizable linear layer, lm_head included, with its exact storage
 (`QuantSpec.storage_bits`: codes + scales + zeros). Input embeddings (and norms, biases) are NOT counted: they
