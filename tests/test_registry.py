@@ -103,3 +103,38 @@ def test_public_api_resolves_without_the_ui():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) >= 40
+
+
+def test_a_new_format_is_one_registry_entry(stories, monkeypatch):
+    """FP6 E3M2 with an fp32 scale per channel, added as one entry (its primitives are the generic minifloat
+    ones): parsing, printing, accounting, quantization, packing, the reference forward and the kernel
+    decision all follow without touching another file."""
+    import dataclasses
+
+    from workbench.quant import formats_float as ff
+    from workbench.quant import registry
+    from workbench.quant.formats import Encoded
+
+    e3m2 = ff.Minifloat("e3m2", 3, 2, 3, 28.0)
+    fp6 = dataclasses.replace(
+        FORMATS["fp8_e5m2"],
+        name="fp6_e3m2",
+        code_bits=6,
+        encode=lambda spec, Wg, shrink=None: Encoded(*ff.fp8_encode(Wg, e3m2, shrink), None),
+        decode=lambda spec, enc: ff.scaled_decode(enc.codes, enc.scales, e3m2),
+    )
+    monkeypatch.setitem(registry.FORMATS, "fp6_e3m2", fp6)
+    s = QuantSpec.parse("fp6_e3m2")
+    assert (str(s), s.bits, s.granularity) == ("fp6_e3m2", 6, "channel")
+    assert str(QuantSpec.parse("FP6_E3M2_t")) == "fp6_e3m2_t"
+    W = get_linear_weight(stories.model.get_submodule("model.layers.2.mlp.up_proj")).detach()  # [172, 64]
+    N, K = W.shape
+    assert s.storage_bits(N, K) == 6 * N * K + 32 * N
+    qw = quantize_weight(W, s)
+    assert int(qw.codes.max()) < 64 and float((qw.dequantize() - W).abs().max()) < float(W.abs().max()) / 8
+    m = QuantLinear.from_quantized(qw, name="new")
+    assert (
+        torch.equal(m.dequantize(), qw.dequantize()) and kernel_format_reason(s) == "no kernel for fp6_e3m2"
+    )
+    x = torch.randn(3, K)
+    torch.testing.assert_close(m(x), x @ qw.dequantize().t(), rtol=1e-5, atol=1e-5)
