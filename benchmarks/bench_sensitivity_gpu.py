@@ -48,7 +48,8 @@ def _sync(device):
 
 def fake_quant_on_device(W, spec):
     """RTN fake quantization that stays on W's device (quant.api moves weights to the CPU)."""
-    from workbench.quant.formats import decode, ungrouped
+    from workbench.quant.formats import ungrouped
+    from workbench.quant.registry import decode
     from workbench.quant.rtn import rtn_quantize
 
     N, K = W.shape

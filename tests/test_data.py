@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.data import calibration_batches, eval_windows, load_text, resolve_text_source
+from workbench.data import calibration_batches, eval_windows, load_text, resolve_text_source, tokenize_text
 from workbench.errors import WorkbenchError
 
 
@@ -41,3 +41,24 @@ def test_bad_text_files(tmp_path, stories):
         load_text(str(tmp_path / "latin1.txt"))
     with pytest.raises(WorkbenchError, match="larger than the model's context"):
         eval_windows(stories.tokenizer, "tinystories", 1024, max_context=stories.description.max_context)
+
+
+def test_token_memo_is_per_tokenizer_and_bounded():
+    import gc
+
+    from workbench import data
+    from workbench.llama2c import Llama2cTokenizer
+    from workbench.paths import data_dir
+    from workbench.tokenizer import Tokenizer
+
+    tok = Tokenizer(Llama2cTokenizer(data_dir() / "models" / "stories260K" / "tok512.bin"))
+    texts = [f"Once upon a time there were {i} cats." for i in range(data.TOKEN_CACHE_TEXTS + 3)]
+    first = tokenize_text(tok, texts[0])
+    assert tokenize_text(tok, texts[0]) is first  # memoized
+    for t in texts:
+        assert torch.equal(tokenize_text(tok, t), torch.tensor(tok.encode(t, add_bos=True)))
+    assert len(data._TOKEN_CACHE[tok]) == data.TOKEN_CACHE_TEXTS  # oldest texts dropped
+    n = len(data._TOKEN_CACHE)
+    del tok
+    gc.collect()
+    assert len(data._TOKEN_CACHE) == n - 1  # the memo died with its tokenizer

@@ -128,3 +128,33 @@ def test_diff(layers):
     assert [c.layer for c in d] == [x.name for x in layers if x.role in ("k", "lm_head")]
     assert (d[0].old, d[0].new) == ("int4_g32", "int8_ch") and (d[-1].old, d[-1].new) == ("int4_g32", "bf16")
     assert plan_diff(a, a) == []
+
+
+def test_resolve_gives_the_plan_currency(stories, layers):
+    from workbench.plan import ResolvedPlan
+
+    plan = Plan(default="int4_g32", rules=[Rule("role:down", "int3_g32:gptq"), Rule("lm_head", "bf16")])
+    r = plan.resolve(stories.model)  # a model, a LoadedModel or a list of LayerInfo: the same resolution
+    assert isinstance(r, ResolvedPlan) and r == plan.resolve(layers) == plan.resolve(stories)
+    assert [x.name for x in r.layers] == [x.name for x in layers] == list(r)
+    downs = [x.name for x in layers if x.role == "down"]
+    assert r.gram_layers == downs and r.kept == ["lm_head"] and len(r.quantized) == len(layers) - 1
+    assert ResolvedPlan.of(stories.model, r) is r  # a resolved plan is never resolved again
+    assert ResolvedPlan.of(stories.model, plan) == r
+
+
+def test_explicit_specs_are_validated_all_at_once(stories):
+    from workbench.plan import ResolvedPlan
+
+    r = ResolvedPlan.from_specs(
+        stories.model, {"lm_head": "int8_ch", "model.layers.0.mlp.up_proj": "nf4_g64"}
+    )
+    assert list(r) == ["model.layers.0.mlp.up_proj", "lm_head"]  # inventory order, only the named layers
+    assert [x.name for x in r.layers] == list(r)
+    with pytest.raises(WorkbenchError, match="2 problems") as info:
+        ResolvedPlan.from_specs(
+            stories.model, {"model.layers.9.mlp.up_proj": "int4_g32", "lm_head": "int4_x"}
+        )
+    assert "model.layers.9.mlp.up_proj" in str(info.value) and "unknown part 'x'" in str(info.value)
+    with pytest.raises(WorkbenchError, match="Plan.load first"):
+        ResolvedPlan.of(stories.model, "plan.json")  # a path is not a plan

@@ -126,19 +126,23 @@ def test_direct_construction_is_validated():
     ],
 )
 def test_bits_per_weight_by_hand(s, K, N, expected):
-    assert QuantSpec.parse(s).bits_per_weight(K, N) == pytest.approx(expected, abs=1e-12)
+    assert QuantSpec.parse(s).bits_per_weight(out_features=N, in_features=K) == pytest.approx(
+        expected, abs=1e-12
+    )
 
 
 def test_nvfp4_bits_include_the_tensor_scale():
     N, K = 576, 1536
-    assert QuantSpec.parse("nvfp4").bits_per_weight(K, N) == pytest.approx(4.5 + 32 / (N * K), abs=1e-12)
+    assert QuantSpec.parse("nvfp4").bits_per_weight(out_features=N, in_features=K) == pytest.approx(
+        4.5 + 32 / (N * K), abs=1e-12
+    )
 
 
 def test_shorter_last_group_is_counted():
     # K = 576 = 4 * 128 + 64: five groups per row, the last one of 64 columns still has a full scale+zero.
     q = QuantSpec.parse("int4_g128")
     assert q.n_groups(576) == 5
-    assert q.bits_per_weight(576, 3) == pytest.approx(4 + 5 * 32 / 576, abs=1e-12)
+    assert q.bits_per_weight(out_features=3, in_features=576) == pytest.approx(4 + 5 * 32 / 576, abs=1e-12)
     assert q.storage_bits(3, 576) == 3 * (576 * 4 + 5 * 32)
     # stories260K FFN: K = 172 with g64 -> 3 groups (64, 64, 44)
     assert QuantSpec.parse("nf4_g64").storage_bits(64, 172) == 64 * (172 * 4 + 3 * 16)

@@ -73,7 +73,9 @@ def test_spec_sweep_error_falls_with_bits_at_about_6_db_per_bit(W):
     assert all(b > a for a, b in zip(sqnr, sqnr[1:])), sqnr
     for r in rows:
         assert r["rel_mse"] == pytest.approx(10 ** (-r["sqnr_db"] / 10), rel=1e-9)
-        assert r["bits_per_weight"] == QuantSpec.parse(r["spec"]).bits_per_weight(172, 64)
+        assert r["bits_per_weight"] == QuantSpec.parse(r["spec"]).bits_per_weight(
+            out_features=64, in_features=172
+        )
     assert 5.0 < teaching.sqnr_slope(rows) < 7.5
 
 

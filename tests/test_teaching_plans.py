@@ -49,7 +49,11 @@ def test_sensitivity_rows_are_the_table_in_long_form(proxy_table):
         assert r["cost"] == proxy_table.cost[r["layer"]][r["spec"]]
     head = next(r for r in rows if r["layer"] == "lm_head" and r["spec"] == "int4_g32")
     assert head["block"] == -1 and head["role"] == "lm_head"
-    assert head["bits_per_weight"] == QuantSpec.parse("int4_g32").bits_per_weight(64, 512) == 5.0
+    assert (
+        head["bits_per_weight"]
+        == QuantSpec.parse("int4_g32").bits_per_weight(out_features=512, in_features=64)
+        == 5.0
+    )
 
 
 def test_plan_points_add_up_and_the_allocator_beats_uniform(proxy_table):

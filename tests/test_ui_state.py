@@ -44,7 +44,9 @@ def test_layer_edit_changes_totals_by_the_layer_storage_exactly(state):
     assert _bits(state) == expected
     row = state.table.set_index("layer").loc[layer.name]
     assert row["spec"] == "int4_g32"
-    assert row["bits"] == pytest.approx(spec.bits_per_weight(layer.in_features, layer.out_features), abs=1e-3)
+    assert row["bits"] == pytest.approx(
+        spec.bits_per_weight(out_features=layer.out_features, in_features=layer.in_features), abs=1e-3
+    )
     # the same totals as the core computes from the saved plan
     again = Plan.from_json(json.loads(state.plan_json()))
     assert plan_totals(again.resolve(state.layers), state.layers).total_bits == expected

@@ -26,22 +26,39 @@ if (
     _spec.submodule_search_locations = [_KERNELS_DIR]
     kernels = sys.modules["workbench.kernels"] = importlib.util.module_from_spec(_spec)
 
-# name -> module that defines it
+# name -> module that defines it (what the notebooks and scripts use; nothing here imports the UI)
 _API = {
     "WorkbenchError": "workbench.errors",
+    # models, layers, text
     "load_model": "workbench.loading",
     "LoadedModel": "workbench.loading",
     "ModelDescription": "workbench.loading",
     "layer_inventory": "workbench.inventory",
     "LayerInfo": "workbench.inventory",
+    "get_linear_weight": "workbench.inventory",
     "load_text": "workbench.data",
     "calibration_batches": "workbench.data",
     "eval_windows": "workbench.data",
+    # quantization of one weight, and the format registry
+    "QuantSpec": "workbench.quant.spec",
+    "QuantizedWeight": "workbench.quant.api",
+    "quantize_weight": "workbench.quant.api",
+    "fake_quant": "workbench.quant.api",
+    "FORMATS": "workbench.quant.registry",
+    "format_of": "workbench.quant.registry",
+    # inspection
+    "inspect_model": "workbench.stats.inspection",
+    "Inspection": "workbench.stats.inspection",
+    "collect_activation_stats": "workbench.stats.activations",
+    # plans
     "Plan": "workbench.plan",
     "Rule": "workbench.plan",
+    "ResolvedPlan": "workbench.plan",
     "plan_totals": "workbench.plan",
     "plan_diff": "workbench.plan",
+    # measuring a plan
     "fake_quantized": "workbench.simulate",
+    "calibration_grams": "workbench.simulate",
     "evaluate": "workbench.evaluate",
     "EvalResult": "workbench.evaluate",
     "SensitivityTable": "workbench.sensitivity",
@@ -50,6 +67,16 @@ _API = {
     "allocate_table": "workbench.allocate",
     "pareto_front": "workbench.allocate",
     "llama_cpp_tensor_types": "workbench.export",
+    "llama_cpp_export": "workbench.export",
+    # running a plan on the low-bit kernels
+    "apply_plan": "workbench.runtime.apply",
+    "ApplyReport": "workbench.runtime.apply",
+    "QuantLinear": "workbench.runtime.qlinear",
+    "save_quantized": "workbench.runtime.serialize",
+    "load_quantized": "workbench.runtime.serialize",
+    "model_memory": "workbench.runtime.memory",
+    "greedy_generate": "workbench.runtime.decode",
+    "select_device": "workbench.runtime.decode",
 }
 
 __all__ = sorted(_API)

@@ -34,7 +34,7 @@ import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.inventory import LayerInfo
-from workbench.plan import Plan, match_layers, plan_totals
+from workbench.plan import Plan, ResolvedPlan, match_layers, plan_totals
 from workbench.quant.spec import QuantSpec
 
 DP_MAX_CELLS = 20_000_000  # layers x grid cells for the DP path
@@ -208,7 +208,7 @@ class Allocation:
     """The result of `allocate_table`: the plan and what the allocator predicted for it."""
 
     plan: Plan
-    resolved: dict[str, QuantSpec]
+    resolved: ResolvedPlan  # layer -> spec, the same as plan.resolve(layers)
     predicted_cost: float
     total_bits: int
     budget_bits: int
@@ -326,7 +326,7 @@ def allocate_table(
     }
     return Allocation(
         plan=Plan.from_resolved(resolved, meta=meta),
-        resolved=resolved,
+        resolved=ResolvedPlan(resolved, layers),
         predicted_cost=cost,
         total_bits=totals.total_bits,
         budget_bits=capacity,

@@ -11,6 +11,8 @@ windows of the sequence length. Calibration draws `n` windows of `seq_len` token
 from __future__ import annotations
 
 import hashlib
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -90,15 +92,30 @@ def load_text(source: str) -> str:
     return text
 
 
-_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+# tokenizer -> {sha1 of text: ids}: entries die with their tokenizer (no reused id() can return another
+# tokenizer's tokens) and each tokenizer remembers its TOKEN_CACHE_TEXTS most recently used texts.
+_TOKEN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+TOKEN_CACHE_TEXTS = 8
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
-    """Tokenize once (BOS first when the tokenizer has one). Returns a LongTensor [T]. Memoized per text."""
-    key = (id(tokenizer), hashlib.sha1(text.encode()).hexdigest())
-    if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE[key] = torch.tensor(tokenizer.encode(text, add_bos=True), dtype=torch.long)
-    return _TOKEN_CACHE[key]
+    """Tokenize once (BOS first when the tokenizer has one). Returns a LongTensor [T].
+
+    Memoized per (tokenizer object, text) for the last TOKEN_CACHE_TEXTS texts of each live tokenizer.
+    """
+    digest = hashlib.sha1(text.encode()).hexdigest()
+    try:
+        memo = _TOKEN_CACHE.setdefault(tokenizer, OrderedDict())
+    except TypeError:  # not weak-referenceable or not hashable: no memo
+        memo = OrderedDict()
+    if digest in memo:
+        memo.move_to_end(digest)
+        return memo[digest]
+    ids = torch.tensor(tokenizer.encode(text, add_bos=True), dtype=torch.long)
+    memo[digest] = ids
+    while len(memo) > TOKEN_CACHE_TEXTS:
+        memo.popitem(last=False)
+    return ids
 
 
 def _check_seq_len(seq_len: int, max_context: int | None) -> None:

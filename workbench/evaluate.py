@@ -80,6 +80,11 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="window", file=sys.stderr, disable=not enabled, leave=False)
 
 
+def token_kl(lp_ref: torch.Tensor, lp_q: torch.Tensor) -> torch.Tensor:
+    """KL(P_ref || P_q) in nats at every position, from log-probabilities [..., V] -> [...]."""
+    return F.kl_div(lp_q, lp_ref, reduction="none", log_target=True).sum(-1)
+
+
 def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed NLL per window: logits [b, L, V] predicting ids [b, L] shifted by one -> [b] float64."""
     lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -164,7 +169,7 @@ def compare_to_reference(
             h = ref.hidden[s0 : s0 + bs, :-1].to(device, ref_head_weight.dtype)
             lp_r = torch.log_softmax(F.linear(h, ref_head_weight, ref_head_bias).float(), dim=-1)
             nll += float(-lp_q.gather(-1, ids[:, 1:, None]).double().sum())
-            kl += float((lp_r.exp() * (lp_r - lp_q)).sum(-1).double().sum())
+            kl += float(token_kl(lp_r, lp_q).double().sum())
             top1 += float((lp_r.argmax(-1) == lp_q.argmax(-1)).sum())
             count += lp_q.shape[0] * lp_q.shape[1]
             bar.update(ids.shape[0])
@@ -173,7 +178,7 @@ def compare_to_reference(
 
 def evaluate(
     loaded,
-    resolved: dict | None = None,
+    resolved=None,
     text: str = "wikitext2",
     seq_len: int = 512,
     max_tokens: int | None = 32768,
@@ -184,12 +189,16 @@ def evaluate(
     """Perplexity, KL and top-1 of `loaded` with `resolved` layers fake-quantized (None: the reference).
 
     Args:
-        resolved: {layer: QuantSpec} (e.g. `Plan.resolve(layers)`); None evaluates the unquantized model.
+        resolved: a ResolvedPlan (`plan.resolve(model)`; a Plan or {layer: spec} is resolved once here by
+            `ResolvedPlan.of`); None evaluates the unquantized model.
         text: evaluation text source (`data.eval_windows`); seq_len: window length; max_tokens: token limit.
-        grams: Gram matrices for gptq/awq layers (`simulate.calibration_grams`).
+        grams: Gram matrices of `resolved.gram_layers` (`simulate.calibration_grams`).
     """
     from workbench.data import eval_windows
+    from workbench.plan import ResolvedPlan
     from workbench.simulate import fake_quantized
+
+    resolved = None if resolved is None else ResolvedPlan.of(loaded.model, resolved)
 
     t0 = time.perf_counter()
     windows = eval_windows(

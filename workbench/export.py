@@ -53,7 +53,6 @@ _GGUF_ROLE = {
     "up": "ffn_up",
     "down": "ffn_down",
 }
-_INT_TYPE = {8: "q8_0", 7: "q8_0", 6: "q6_K", 5: "q5_K", 4: "q4_K", 3: "q3_K", 2: "q2_K"}
 _BLOCK = {
     "q2_K": 256,
     "q3_K": 256,
@@ -85,19 +84,7 @@ _FALLBACK = {
 def gguf_type(spec: QuantSpec | str) -> str:
     """The nearest GGUF (ggml) type name for a spec, ignoring the layer shape (see the module table)."""
     spec = QuantSpec.parse(spec)
-    if spec.fmt == "bf16":
-        return "bf16"
-    if spec.fmt == "fp16":
-        return "f16"
-    if spec.fmt == "int":
-        return _INT_TYPE[spec.bits]
-    if spec.fmt.startswith("fp8"):
-        return "q8_0"
-    if spec.fmt == "nf4":
-        return "iq4_nl"
-    if spec.fmt in ("mxfp4", "nvfp4", "fp4_e2m1"):
-        return "mxfp4"
-    raise AssertionError(f"no GGUF mapping for {spec}")
+    return spec.format.gguf(spec)
 
 
 def gguf_tensor_name(layer: LayerInfo) -> str:

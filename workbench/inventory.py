@@ -63,18 +63,18 @@ class LayerInfo:
         return asdict(self)
 
 
-def _is_conv1d(module: torch.nn.Module) -> bool:
+def is_conv1d(module: torch.nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def is_quantizable(module: torch.nn.Module) -> bool:
     """nn.Linear or GPT-2 Conv1D with a 2-D weight."""
-    return isinstance(module, torch.nn.Linear) or _is_conv1d(module)
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
 
 
 def get_linear_weight(module: torch.nn.Module) -> torch.Tensor:
     """The weight as [out_features, in_features] (a transposed view for Conv1D)."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def _role(name: str) -> str:
@@ -111,12 +111,26 @@ def layer_inventory(model: torch.nn.Module) -> list[LayerInfo]:
                 in_features=int(w.shape[1]),
                 n_params=int(w.numel()),
                 tied=uses.get(mod.weight.data_ptr(), 1) > 1,
-                kind="conv1d" if _is_conv1d(mod) else "linear",
+                kind="conv1d" if is_conv1d(mod) else "linear",
             )
         )
     if not layers:
         raise WorkbenchError(f"{type(model).__name__} has no linear layers to quantize")
     return layers
+
+
+def layers_of(model_or_layers) -> list[LayerInfo]:
+    """The layer inventory of a model, of a LoadedModel (`.model`), or a list of LayerInfo as it is."""
+    if isinstance(model_or_layers, (list, tuple)) and all(isinstance(x, LayerInfo) for x in model_or_layers):
+        return list(model_or_layers)
+    model = model_or_layers
+    if not isinstance(model, torch.nn.Module):  # a LoadedModel (a CausalLM has its own `.model`)
+        model = getattr(model, "model", model)
+    if not isinstance(model, torch.nn.Module):
+        raise WorkbenchError(
+            f"expected a model, a loaded model or a list of LayerInfo, got {type(model_or_layers).__name__}"
+        )
+    return layer_inventory(model)
 
 
 def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:

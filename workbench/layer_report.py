@@ -60,7 +60,7 @@ def spec_errors(
         out.append(
             SpecError(
                 spec=str(spec),
-                bits_per_weight=spec.bits_per_weight(K, N),
+                bits_per_weight=spec.bits_per_weight(out_features=N, in_features=K),
                 sqnr_db=sqnr_db(W, W_hat),
                 output_error=None if gram is None else output_error(W, W_hat, gram),
             )

@@ -16,6 +16,13 @@ order and a later matching rule overrides an earlier one. A rule's `match` is
 at once in one WorkbenchError: a rule matching no layer, a bad regex or role, an unknown spec (the rule is
 named), and a spec that cannot apply to a layer (`QuantSpec.check_layer`, the layer is named).
 
+`Plan.resolve(model_or_layers)` is the one conversion from a plan to what the rest of the workbench takes: a
+`ResolvedPlan` (layer name -> QuantSpec in inventory order, plus which layers are quantized, kept and need
+calibration Gram matrices). `apply_plan`, `evaluate` and the app take a ResolvedPlan and use it as it is;
+a Plan or an explicit {layer: spec} handed to apply_plan / evaluate is converted once at entry
+(`ResolvedPlan.of`), a plan file path never. `ResolvedPlan.from_specs(model, {layer: spec})` builds one for
+an explicit set of layers (tests, one-layer experiments) with the same validation.
+
 Totals (`plan_totals`) count every quantizable linear layer, lm_head included, with its exact storage
 (`QuantSpec.storage_bits`: codes + scales + zeros). Input embeddings (and norms, biases) are NOT counted: they
 are not linear layers and no plan quantizes them. A tied lm_head (shared with the input embeddings) counts
@@ -28,12 +35,13 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import ROLES, LayerInfo
+from workbench.inventory import ROLES, LayerInfo, layers_of
 from workbench.paths import atomic_write_bytes
 from workbench.quant.spec import QuantSpec
 
@@ -203,17 +211,19 @@ class Plan:
                 resolved[layer.name] = spec
         return problems, resolved
 
-    def validate(self, layers: list[LayerInfo]) -> None:
-        """Raise one WorkbenchError listing every problem of this plan against `layers` (see module doc)."""
-        problems, _ = self._problems_and_resolution(layers)
-        if problems:
-            n = len(problems)
-            raise WorkbenchError(f"plan has {n} problem{'s' if n > 1 else ''}: " + "; ".join(problems))
+    def validate(self, model_or_layers) -> None:
+        """Raise one WorkbenchError listing every problem of this plan against a model's layers."""
+        _raise_problems(self._problems_and_resolution(layers_of(model_or_layers))[0])
 
-    def resolve(self, layers: list[LayerInfo]) -> dict[str, QuantSpec]:
-        """One QuantSpec per layer, in inventory order (validates first)."""
-        self.validate(layers)
-        return self._problems_and_resolution(layers)[1]
+    def resolve(self, model_or_layers) -> ResolvedPlan:
+        """One QuantSpec per layer of a model (or a list of LayerInfo), in inventory order; validates first.
+
+        The one conversion from a Plan: everything downstream (apply_plan, evaluate, the app) takes it.
+        """
+        layers = layers_of(model_or_layers)
+        problems, resolved = self._problems_and_resolution(layers)
+        _raise_problems(problems)
+        return ResolvedPlan(resolved, layers)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -225,6 +235,81 @@ class Plan:
         default = Counter(as_str.values()).most_common(1)[0][0]
         rules = [Rule(name, s) for name, s in as_str.items() if s != default]
         return cls(default=default, rules=rules, meta=dict(meta or {}))
+
+
+def _raise_problems(problems: list[str]) -> None:
+    if problems:
+        n = len(problems)
+        raise WorkbenchError(f"plan has {n} problem{'s' if n > 1 else ''}: " + "; ".join(problems))
+
+
+class ResolvedPlan(dict):
+    """layer name -> QuantSpec for the layers of one model, in inventory order: a plan after `Plan.resolve`.
+
+    A dict (so `resolved[name]`, `.items()` and `==` with a plain dict work), read as immutable, plus the
+    layers it was resolved against (`layers`: LayerInfo of the named layers, inventory order).
+    """
+
+    def __init__(self, specs: dict[str, QuantSpec], layers: list[LayerInfo]):
+        super().__init__((x.name, specs[x.name]) for x in layers if x.name in specs)
+        self.layers: list[LayerInfo] = [x for x in layers if x.name in specs]
+
+    @classmethod
+    def from_specs(cls, model_or_layers, specs: Mapping[str, QuantSpec | str]) -> ResolvedPlan:
+        """A resolution of exactly the named layers ({layer: spec}); others are left out (not touched).
+
+        Raises one WorkbenchError listing every unknown layer, unknown spec and spec that cannot apply.
+        """
+        layers = {x.name: x for x in layers_of(model_or_layers)}
+        problems, parsed = [], {}
+        for name, s in specs.items():
+            if name not in layers:
+                problems.append(f"layer {name} is not a quantizable linear of the model")
+                continue
+            try:
+                spec = QuantSpec.parse(s)
+            except WorkbenchError as exc:
+                problems.append(f"layer {name}: {exc}")
+                continue
+            reason = spec.check_layer(layers[name].out_features, layers[name].in_features)
+            if reason:
+                problems.append(f"layer {name}: {spec} cannot apply: {reason}")
+            parsed[name] = spec
+        _raise_problems(problems)
+        return cls(parsed, list(layers.values()))
+
+    @classmethod
+    def of(cls, model_or_layers, plan) -> ResolvedPlan:
+        """`plan` as a ResolvedPlan of a model's layers, at the boundary of apply_plan / evaluate.
+
+        A ResolvedPlan is returned as it is (never re-validated), a Plan goes through `Plan.resolve`, an
+        explicit {layer: spec} through `from_specs`. Anything else (a plan file path) is refused.
+        """
+        if isinstance(plan, ResolvedPlan):
+            return plan
+        if isinstance(plan, Plan):
+            return plan.resolve(model_or_layers)
+        if isinstance(plan, Mapping):
+            return cls.from_specs(model_or_layers, plan)
+        raise WorkbenchError(
+            f"expected a ResolvedPlan (plan.resolve(model)), a Plan or a {{layer: spec}} dict, got "
+            f"{type(plan).__name__} (load a plan file with Plan.load first)"
+        )
+
+    @property
+    def quantized(self) -> list[str]:
+        """Layers whose spec stores low-bit codes (they become QuantLinear modules)."""
+        return [n for n, s in self.items() if s.is_quantized]
+
+    @property
+    def kept(self) -> list[str]:
+        """Layers kept in high precision (bf16 / fp16 specs)."""
+        return [n for n, s in self.items() if not s.is_quantized]
+
+    @property
+    def gram_layers(self) -> list[str]:
+        """Layers whose algorithm needs calibration Gram matrices X^T X (gptq, awq)."""
+        return [n for n, s in self.items() if s.needs_gram]
 
 
 # ---------------------------------------------------------------------- totals and diff

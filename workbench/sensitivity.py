@@ -271,11 +271,11 @@ class BlockRunner:
     """
 
     def __init__(self, model: torch.nn.Module):
-        from workbench.stats.layerwise import _final_norm, decoder_blocks
+        from workbench.stats.layerwise import decoder_blocks, final_norm
 
         self.model = model
         self.blocks_name, self.blocks = decoder_blocks(model)
-        self.norm = _final_norm(model, self.blocks_name)
+        self.norm = final_norm(model, self.blocks_name)
         self.head = model.get_output_embeddings()
         self.inputs: list[tuple[torch.Tensor, dict]] = []
         self.head_input: torch.Tensor | None = None
@@ -321,6 +321,7 @@ class BlockRunner:
 
     @torch.no_grad()
     def kl_from(self, block: int | None, weights: dict[str, torch.Tensor]) -> float:
+        from workbench.evaluate import token_kl
         from workbench.simulate import swapped_weights
 
         assert self.ref_lp is not None, "capture() first"
@@ -334,8 +335,7 @@ class BlockRunner:
                     h = out[0] if isinstance(out, (tuple, list)) else out
                 h = self.norm(h) if self.norm is not None else h
             lp_q = torch.log_softmax(self.head(h)[:, :-1].float(), dim=-1)
-        kl = (self.ref_lp.exp() * (self.ref_lp - lp_q)).sum(-1)
-        return float(kl.double().mean())
+        return float(token_kl(self.ref_lp, lp_q).double().mean())
 
 
 def _identity(loaded, layers, method, specs, settings) -> SensitivityTable:

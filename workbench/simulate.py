@@ -7,8 +7,9 @@ Parameter; the old one is put back in a `finally` block, so the model is unchang
 an exception or Ctrl-C. Replacing the Parameter (instead of writing into it) matters for a tied lm_head:
 quantizing the output head must not change the input embeddings that share its storage.
 
-GPTQ and AWQ specs need the layer's calibration Gram matrix X^T X; `calibration_grams` collects them once
-(workbench.stats) and caches them on disk per (model fingerprint, text, n_seqs, seq_len, seed).
+GPTQ and AWQ specs need the layer's calibration Gram matrix X^T X; `calibration_grams` is the one function
+that collects them (workbench.stats) for the layers asked (`ResolvedPlan.gram_layers`, or every layer for the
+proxy sensitivity), cached on disk per (model fingerprint, text, n_seqs, seq_len, seed, layers).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from workbench.quant.spec import QuantSpec
 
 
 def needs_gram(spec: QuantSpec | str) -> bool:
-    """True when the spec's algorithm reads calibration statistics (gptq, awq)."""
-    return QuantSpec.parse(spec).algo in ("gptq", "awq")
+    """True when the spec's algorithm reads calibration statistics (gptq, awq): `QuantSpec.needs_gram`."""
+    return QuantSpec.parse(spec).needs_gram
 
 
 def _set_weight(module: torch.nn.Module, W_hat: torch.Tensor) -> torch.nn.Parameter:
@@ -122,8 +123,11 @@ def calibration_grams(
 ) -> dict[str, torch.Tensor]:
     """Gram matrices X^T X [K, K] (float32) of the inputs of `names` (default: every quantizable linear).
 
-    Calibration windows: `calibration_batches(tokenizer, text, n_seqs, seq_len, seed)`. Cached in
-    `cache_dir("grams")` as safetensors; layers sharing an input (q/k/v, gate/up) share one tensor.
+    The one source of calibration inputs for GPTQ / AWQ and the proxy sensitivity. Calibration windows:
+    `calibration_batches(tokenizer, text, n_seqs, seq_len, seed)`; only the named layers are collected
+    (memory and time grow with the layers asked). Cached in `cache_dir("grams")` as safetensors (key: model
+    fingerprint and source, text, n_seqs, seq_len, seed, the layer names); layers sharing an input (q/k/v,
+    gate/up) share one tensor. `use_cache=False` neither reads nor writes the cache (8B-sized models).
     """
     from safetensors.torch import save_file
 
@@ -131,19 +135,18 @@ def calibration_grams(
     from workbench.inventory import layer_inventory
     from workbench.stats.activations import collect_activation_stats
 
-    all_names = [x.name for x in layer_inventory(loaded.model)]
-    names = all_names if names is None else list(names)
+    names = [x.name for x in layer_inventory(loaded.model)] if names is None else list(names)
+    if not names:
+        return {}
     d = loaded.description
-    key = hashlib.sha1(
-        f"{d.fingerprint}|{d.source}|{text}|{n_seqs}|{seq_len}|{seed}|v1".encode()
-    ).hexdigest()[:16]
-    path = cache_dir("grams") / f"{key}.safetensors"
+    ident = f"{d.fingerprint}|{d.source}|{text}|{n_seqs}|{seq_len}|{seed}|v2|" + ",".join(sorted(set(names)))
+    path = cache_dir("grams") / f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}.safetensors"
     if use_cache and path.is_file():
         grams = _load_grams(path)
         if all(n in grams for n in names):
             return {n: grams[n] for n in names}
     batches = calibration_batches(loaded.tokenizer, text, n_seqs, seq_len, seed, max_context=d.max_context)
-    stats = collect_activation_stats(loaded.model, batches, all_names, gram=True, progress=progress)
+    stats = collect_activation_stats(loaded.model, batches, names, gram=True, progress=progress)
     tensors = {n: st.gram.float().cpu().contiguous() for n, st in stats.items() if st.shared_with is None}
     alias = {n: st.shared_with for n, st in stats.items() if st.shared_with is not None}
     if use_cache:

@@ -35,8 +35,9 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.quant.api import fake_quant, quantize_weight
-from workbench.quant.formats import Encoded, decode
+from workbench.quant.formats import Encoded
 from workbench.quant.metrics import output_error, sqnr_db, weight_mse
+from workbench.quant.registry import decode
 from workbench.quant.spec import QuantSpec
 
 QUICK_ENV = "WORKBENCH_QUICK"
@@ -180,7 +181,7 @@ def spec_sweep(W: torch.Tensor, specs: list[str], gram: torch.Tensor | None = No
         W_hat = fake_quant(W, spec, gram)
         row = {
             "spec": str(spec),
-            "bits_per_weight": spec.bits_per_weight(K, N),
+            "bits_per_weight": spec.bits_per_weight(out_features=N, in_features=K),
             "sqnr_db": sqnr_db(W, W_hat),
             "rel_mse": weight_mse(W, W_hat) / power if power > 0 else math.inf,
         }
@@ -213,7 +214,7 @@ def group_levels(W: torch.Tensor, spec: str | QuantSpec, row: int = 0, group: in
     qw = quantize_weight(W.float(), spec)
     g = group if spec.granularity == "group" else 0
     r = row if spec.granularity != "tensor" else 0
-    n = 16 if spec.fmt == "nf4" else 2**spec.bits
+    n = 2**spec.bits  # every code of the format (16 for nf4 and the 4-bit floats)
     codes = torch.arange(n, dtype=torch.uint8).reshape(1, 1, n)
     zeros = qw.zeros[r : r + 1, g : g + 1] if qw.zeros is not None else None
     enc = Encoded(codes, qw.scales[r : r + 1, g : g + 1], zeros, qw.tensor_scale)
@@ -272,7 +273,7 @@ def row_view(
         W_hat[row, start:stop].tolist(),
         bounds,
         sqnr_db(W, W_hat),
-        spec.bits_per_weight(K, N),
+        spec.bits_per_weight(out_features=N, in_features=K),
     )
 
 

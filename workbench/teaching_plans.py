@@ -37,7 +37,9 @@ def sensitivity_rows(table) -> list[dict]:
                     "role": x.role,
                     "block": -1 if x.block is None else x.block,
                     "spec": s,
-                    "bits_per_weight": QuantSpec.parse(s).bits_per_weight(x.in_features, x.out_features),
+                    "bits_per_weight": QuantSpec.parse(s).bits_per_weight(
+                        out_features=x.out_features, in_features=x.in_features
+                    ),
                     "cost": float(c),
                 }
             )

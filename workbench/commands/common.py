@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from workbench.tables import table as table  # the commands print core tables
+
 
 def add_model_arg(p, required: bool = True) -> None:
     p.add_argument(
@@ -19,12 +21,3 @@ def emit_json(obj) -> None:
     """Print one JSON object on stdout (the --json contract)."""
     json.dump(obj, sys.stdout, default=str)
     sys.stdout.write("\n")
-
-
-def table(rows: list[list], header: list[str]) -> str:
-    """A plain aligned text table."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

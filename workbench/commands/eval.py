@@ -22,23 +22,24 @@ def add_parser(sub):
 
 def run(args) -> int:
     from workbench.evaluate import evaluate
-    from workbench.inventory import layer_inventory
     from workbench.loading import load_model
     from workbench.plan import Plan, plan_totals
-    from workbench.simulate import calibration_grams, needs_gram
+    from workbench.simulate import calibration_grams
 
     plan = Plan.load(args.plan) if args.plan else None  # a bad plan fails before the model loads
     loaded = load_model(args.model, progress=not args.quiet)
     resolved, totals, grams = None, None, None
     if plan is not None:
-        layers = layer_inventory(loaded.model)
-        resolved = plan.resolve(layers)
-        totals = plan_totals(resolved, layers)
-        gptq = [n for n, s in resolved.items() if needs_gram(s)]
-        if gptq:
-            grams = calibration_grams(
-                loaded, gptq, args.calib, args.calib_seqs, args.calib_seq_len, progress=not args.quiet
-            )
+        resolved = plan.resolve(loaded.model)
+        totals = plan_totals(resolved, resolved.layers)
+        grams = calibration_grams(
+            loaded,
+            resolved.gram_layers,
+            args.calib,
+            args.calib_seqs,
+            args.calib_seq_len,
+            progress=not args.quiet,
+        )
     res = evaluate(
         loaded,
         resolved,

@@ -40,6 +40,13 @@ def _load(model_arg: str, device, dtype):
     return loaded.model, loaded.tokenizer, loaded.description.name
 
 
+def _plan(path: str):
+    """The plan file (imported here: the CLI keeps heavy imports lazy)."""
+    from workbench.plan import Plan
+
+    return Plan.load(path)
+
+
 def run(args) -> int:
     import torch
 
@@ -52,7 +59,7 @@ def run(args) -> int:
         print(message)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok, what = _load(args.model, device, dtype)
-    report = apply_plan(model, args.plan) if args.plan else None
+    report = apply_plan(model, _plan(args.plan).resolve(model)) if args.plan else None
     ids = tok.prompt_ids(args.prompt)
     L = len(ids) + args.max_new_tokens + 1
     dec = make_decoder(model, max_cache_len=L, mode=args.mode, path=args.path)

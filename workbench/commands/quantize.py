@@ -20,39 +20,29 @@ def add_parser(sub):
     return p
 
 
-def calibration_grams(loaded, specs: dict, text: str, tokens: int, seq_len: int) -> dict:
-    """Gram matrices X^T X for the layers whose algorithm needs them (GPTQ / AWQ); {} when none do."""
-    names = [n for n, s in specs.items() if s.is_quantized and s.algo in ("gptq", "awq")]
-    if not names:
-        return {}
-    from workbench.data import calibration_batches
-    from workbench.stats.activations import collect_activation_stats
-
-    seq_len = min(seq_len, loaded.description.max_context or seq_len)
-    batches = calibration_batches(loaded.tokenizer, text, max(1, tokens // seq_len), seq_len)
-    stats = collect_activation_stats(loaded.model, batches, layers=names, gram=True, progress=True)
-    return {n: stats[n].gram for n in names}
-
-
 def run(args) -> int:
     import torch
 
     from workbench.loading import load_model
     from workbench.plan import Plan
-    from workbench.runtime.apply import apply_plan, resolve_specs
+    from workbench.runtime.apply import apply_plan
     from workbench.runtime.decode import select_device
     from workbench.runtime.serialize import save_quantized
+    from workbench.simulate import calibration_grams
 
     device, message = select_device(args.device)
     if message and not args.json:
         print(message)
     plan = Plan.load(args.plan)
     loaded = load_model(args.model, dtype=torch.float32)
-    specs = resolve_specs(loaded.model, plan)
-    grams = calibration_grams(loaded, specs, args.text, args.tokens, args.seq_len)
+    resolved = plan.resolve(loaded.model)
+    seq_len = min(args.seq_len, loaded.description.max_context or args.seq_len)
+    grams = calibration_grams(
+        loaded, resolved.gram_layers, args.text, max(1, args.tokens // seq_len), seq_len, use_cache=False
+    )
     if device.type == "cuda":
         loaded.model.to(device=device, dtype=torch.bfloat16)
-    report = apply_plan(loaded.model, specs, grams)
+    report = apply_plan(loaded.model, resolved, grams)
     loaded.model.to("cpu")
     folder = save_quantized(
         loaded.model, plan, args.out, tokenizer=loaded.tokenizer, source=loaded.description.source

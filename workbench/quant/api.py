@@ -26,8 +26,9 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.quant.awq import awq_quantize
-from workbench.quant.formats import Encoded, decode, grouped, to_groups, ungrouped
+from workbench.quant.formats import Encoded, grouped, ungrouped
 from workbench.quant.gptq import gptq_quantize
+from workbench.quant.registry import decode, format_of
 from workbench.quant.rtn import rtn_quantize
 from workbench.quant.spec import QuantSpec
 
@@ -48,16 +49,10 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
-    def _grouped_codes(self) -> torch.Tensor:
-        N, K = self.codes.shape
-        if self.spec.granularity == "group":
-            return to_groups(self.codes, self.spec.group_size)
-        return grouped(self.codes, self.spec)
-
     def dequantize_codes(self) -> torch.Tensor:
         """W_q [N, K] float32 from codes and scales only (what the kernel multiplies by x / input_scale)."""
         N, K = self.codes.shape
-        enc = Encoded(self._grouped_codes(), self.scales, self.zeros, self.tensor_scale)
+        enc = Encoded(grouped(self.codes, self.spec), self.scales, self.zeros, self.tensor_scale)
         return ungrouped(decode(self.spec, enc), self.spec, N, K)
 
     def dequantize(self) -> torch.Tensor:
@@ -185,6 +180,5 @@ def fake_quant(
     spec = QuantSpec.parse(spec)
     if not spec.is_quantized:
         _check_inputs(W, spec, None, opts.get("layer"))
-        dtype = torch.bfloat16 if spec.fmt == "bf16" else torch.float16
-        return W.detach().to(dtype).float()
+        return W.detach().to(format_of(spec).dtype).float()
     return quantize_weight(W, spec, gram, **opts).dequantize()

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from workbench.quant.formats import Encoded, decode, grouped, round_fp16, ungrouped
+from workbench.quant.formats import Encoded, grouped, round_fp16, ungrouped
+from workbench.quant.registry import decode
 from workbench.quant.rtn import rtn_quantize
 from workbench.quant.spec import QuantSpec
 

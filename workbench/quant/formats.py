@@ -14,18 +14,19 @@ as an fp16 integer value; symmetric: scale = 2 * absmax / (2^b - 1), fixed zero 
 Scales are rounded to fp16 before the codes are computed, so `W_hat` is exactly what a kernel reading fp16
 scales reproduces. Stored scales are float32 tensors whose values are exact in the storage type.
 
-The float formats (fp8, fp4_e2m1, mxfp4, nvfp4, nf4) live in formats_float.py; `encode` / `decode`
-dispatch on the spec.
+The float formats (fp8, fp4_e2m1, mxfp4, nvfp4, nf4) live in formats_float.py; `encode` / `decode` of any
+spec dispatch through the format registry (registry.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from workbench.quant import formats_float as ff
-from workbench.quant.spec import QuantSpec
+if TYPE_CHECKING:
+    from workbench.quant.spec import QuantSpec
 
 FP16_MIN_SUBNORMAL = 2.0**-24
 FP16_MAX = 65504.0
@@ -137,42 +138,13 @@ def int_decode(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     return (codes.float() - z) * scales.unsqueeze(-1)
 
 
-# ---------------------------------------------------------------------------------------------- dispatch
-def encode(spec: QuantSpec, Wg: torch.Tensor, shrink: torch.Tensor | float | None = None) -> Encoded:
-    """Quantize a grouped float32 weight [R, n_groups, G] with `spec`'s format (round to nearest).
-
-    `shrink` ([R, n_groups] or scalar, in (0, 1]) scales each group's range / absmax down (clipping search).
-    """
-    f = spec.fmt
-    if f == "int":
-        scales, zeros = int_params(Wg, spec.bits, spec.symmetric, shrink)
-        codes = int_encode(Wg, scales, int_zero(spec.bits, spec.symmetric, zeros), spec.bits)
-        return Encoded(codes, scales, zeros)
-    if f in ("fp8_e4m3", "fp8_e5m2"):
-        return Encoded(*ff.fp8_encode(Wg, ff.FP8[f], shrink), None)
-    if f == "fp4_e2m1":
-        return Encoded(*ff.fp4_encode(Wg, shrink), None)
-    if f == "mxfp4":
-        return Encoded(*ff.mxfp4_encode(Wg, shrink), None)
-    if f == "nvfp4":
-        codes, scales, ts = ff.nvfp4_encode(Wg, shrink)
-        return Encoded(codes, scales, None, ts)
-    if f == "nf4":
-        return Encoded(*ff.nf4_encode(Wg, shrink), None)
-    raise AssertionError(f"encode called for non-quantized spec {spec}")
+def encode_int(spec: QuantSpec, Wg: torch.Tensor, shrink: torch.Tensor | float | None = None) -> Encoded:
+    """Integer codes of a grouped weight [R, n_groups, G] (the `int` entry of the format registry)."""
+    scales, zeros = int_params(Wg, spec.bits, spec.symmetric, shrink)
+    codes = int_encode(Wg, scales, int_zero(spec.bits, spec.symmetric, zeros), spec.bits)
+    return Encoded(codes, scales, zeros)
 
 
-def decode(spec: QuantSpec, enc: Encoded) -> torch.Tensor:
-    """Dequantize codes [R, n_groups, G] back to float32 values of the same shape."""
-    f = spec.fmt
-    if f == "int":
-        return int_decode(enc.codes, enc.scales, int_zero(spec.bits, spec.symmetric, enc.zeros))
-    if f in ("fp8_e4m3", "fp8_e5m2"):
-        return ff.scaled_decode(enc.codes, enc.scales, ff.FP8[f])
-    if f in ("fp4_e2m1", "mxfp4"):
-        return ff.scaled_decode(enc.codes, enc.scales, ff.E2M1)
-    if f == "nvfp4":
-        return ff.scaled_decode(enc.codes, enc.scales, ff.E2M1) * enc.tensor_scale
-    if f == "nf4":
-        return ff.nf4_decode(enc.codes, enc.scales)
-    raise AssertionError(f"decode called for non-quantized spec {spec}")
+def decode_int(spec: QuantSpec, enc: Encoded) -> torch.Tensor:
+    """W_hat [R, n_groups, G] of integer codes (the `int` entry of the format registry)."""
+    return int_decode(enc.codes, enc.scales, int_zero(spec.bits, spec.symmetric, enc.zeros))

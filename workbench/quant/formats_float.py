@@ -17,10 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
-FP16_MIN_SUBNORMAL = 2.0**-24
+from workbench.quant.formats import FP16_MAX, FP16_MIN_SUBNORMAL, Encoded
+
+if TYPE_CHECKING:
+    from workbench.quant.spec import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ def fp4_encode(Wg: torch.Tensor, shrink=None) -> tuple[torch.Tensor, torch.Tenso
     """FP4 E2M1 with an fp16 scale per group: scale = absmax / 6."""
     amax = _absmax(Wg, shrink)
     scales = torch.where(amax > 0, amax / E2M1.max_value, torch.ones_like(amax))
-    scales = scales.clamp(FP16_MIN_SUBNORMAL, 65504.0).half().float()
+    scales = scales.clamp(FP16_MIN_SUBNORMAL, FP16_MAX).half().float()
     return minifloat_encode(Wg / scales.unsqueeze(-1), E2M1), scales
 
 
@@ -186,7 +190,7 @@ def nvfp4_encode(Wg: torch.Tensor, shrink=None) -> tuple[torch.Tensor, torch.Ten
 def nf4_encode(Wg: torch.Tensor, shrink=None) -> tuple[torch.Tensor, torch.Tensor]:
     """NF4: fp16 absmax per group, each weight / absmax -> index of the nearest of the 16 NF4 levels."""
     amax = _absmax(Wg, shrink)
-    scales = torch.where(amax > 0, amax, torch.ones_like(amax)).clamp(FP16_MIN_SUBNORMAL, 65504.0)
+    scales = torch.where(amax > 0, amax, torch.ones_like(amax)).clamp(FP16_MIN_SUBNORMAL, FP16_MAX)
     scales = scales.half().float()
     levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=Wg.device)
     mids = (levels[1:] + levels[:-1]) / 2
@@ -198,3 +202,44 @@ def nf4_decode(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """NF4_LEVELS[codes] [R, ng, G] * scales [R, ng]."""
     levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=codes.device)
     return levels[codes.long()] * scales.unsqueeze(-1)
+
+
+# ------------------------------------------------------------------------------------------ registry entries
+# Uniform signatures for the format registry (registry.py): encode(spec, Wg, shrink) -> Encoded and
+# decode(spec, Encoded) -> float32 values [R, n_groups, G].
+def encode_fp8(spec: QuantSpec, Wg: torch.Tensor, shrink=None) -> Encoded:
+    return Encoded(*fp8_encode(Wg, FP8[spec.fmt], shrink), None)
+
+
+def decode_fp8(spec: QuantSpec, enc: Encoded) -> torch.Tensor:
+    return scaled_decode(enc.codes, enc.scales, FP8[spec.fmt])
+
+
+def encode_fp4(spec: QuantSpec, Wg: torch.Tensor, shrink=None) -> Encoded:
+    return Encoded(*fp4_encode(Wg, shrink), None)
+
+
+def encode_mxfp4(spec: QuantSpec, Wg: torch.Tensor, shrink=None) -> Encoded:
+    return Encoded(*mxfp4_encode(Wg, shrink), None)
+
+
+def decode_e2m1(spec: QuantSpec, enc: Encoded) -> torch.Tensor:
+    """fp4_e2m1 and mxfp4: E2M1 value * block scale."""
+    return scaled_decode(enc.codes, enc.scales, E2M1)
+
+
+def encode_nvfp4(spec: QuantSpec, Wg: torch.Tensor, shrink=None) -> Encoded:
+    codes, scales, ts = nvfp4_encode(Wg, shrink)
+    return Encoded(codes, scales, None, ts)
+
+
+def decode_nvfp4(spec: QuantSpec, enc: Encoded) -> torch.Tensor:
+    return scaled_decode(enc.codes, enc.scales, E2M1) * enc.tensor_scale
+
+
+def encode_nf4(spec: QuantSpec, Wg: torch.Tensor, shrink=None) -> Encoded:
+    return Encoded(*nf4_encode(Wg, shrink), None)
+
+
+def decode_nf4(spec: QuantSpec, enc: Encoded) -> torch.Tensor:
+    return nf4_decode(enc.codes, enc.scales)

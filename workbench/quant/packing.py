@@ -80,6 +80,13 @@ def n_groups(K: int, group_size: int) -> int:
     return max(1, math.ceil(K / group_size))
 
 
+def codes_per_word(bits: int) -> int:
+    """Columns of K that one int32 word of the packed row covers: 32 // bits, and 16 for 3 bits (the 2-bit
+    low plane, which sets the word grid; its 1-bit plane adds a word per two low words)."""
+    _check_bits(bits)
+    return 16 if bits == 3 else 32 // bits
+
+
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise WorkbenchError(f"packing: bits={bits} has no packed layout; supported: {SUPPORTED_BITS}")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from workbench.quant.formats import Encoded, decode, encode, grouped, ungrouped
+from workbench.quant.formats import Encoded, grouped, ungrouped
+from workbench.quant.registry import decode, encode
 from workbench.quant.spec import QuantSpec
 
 

@@ -11,6 +11,8 @@ Grammar (see ../shared/docs/DESIGN.md), parts joined by `_`, then an optional `:
     nf4_g{G}                                       16 NormalFloat levels (QLoRA), fp16 absmax per block
     ...:rtn | :gptq | :awq                         algorithm, default rtn; gptq/awq only for int specs
 
+Everything format-specific (bits, granularities, fixed blocks, metadata sizes) is read from the format
+registry (registry.py); this module holds the grammar and the arithmetic.
 `str(QuantSpec.parse(s))` is the canonical string (defaults dropped: `int4_g128_asym:rtn` -> `int4_g128`)
 and `QuantSpec.parse(str(q)) == q`.
 
@@ -24,6 +26,7 @@ last group is shorter when G does not divide K; it still carries a full set of m
     nvfp4     4 bits per code, 8-bit E4M3 scale per block of 16, one fp32 tensor scale
     nf4       4 bits per code, fp16 absmax per group
     awq       + one fp16 runtime input scale per input channel (kept unfolded, see awq.py)
+(the registry's `scale_bits`, `zero_bits`, `tensor_scale_bits` of each format).
 """
 
 from __future__ import annotations
@@ -33,16 +36,33 @@ import re
 from dataclasses import dataclass
 
 from workbench.errors import WorkbenchError
+from workbench.quant.registry import ALGOS, FORMATS, GRANULARITIES, GRANULARITY_PART, Format, format_of
 
-FORMATS = ("bf16", "fp16", "int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "mxfp4", "nvfp4", "nf4")
-ALGOS = ("rtn", "gptq", "awq")
-GRANULARITIES = ("group", "channel", "tensor", "none")
-MIN_BITS, MAX_BITS = 2, 8
-MIN_GROUP, MAX_GROUP = 16, 256
-FIXED_BLOCK = {"mxfp4": 32, "nvfp4": 16}
+MIN_BITS, MAX_BITS = 2, 8  # integer code widths
+MIN_GROUP, MAX_GROUP = 16, 256  # group sizes a spec accepts (the GPU kernels tile only 32..256, see qlinear)
+AWQ_INPUT_SCALE_BITS = 16  # AWQ keeps one fp16 runtime scale per input channel (awq.py)
 
-_INT_RE = re.compile(r"int(\d+)")
 _GROUP_RE = re.compile(r"g(\d+)")
+
+
+def _format_list() -> str:
+    """The formats as a user types them, for error messages."""
+    out = []
+    for f in FORMATS.values():
+        if f.code_bits is None:
+            out.append(f"{f.name}{MIN_BITS}..{f.name}{MAX_BITS}")
+        else:
+            out.append(f.name if f.default_granularity else f"{f.name}_g{{G}}")
+    return ", ".join(out)
+
+
+def _granularity_options(f: Format) -> str:
+    """'_g{G} (G in 16..256), _ch or _t' for the granularities of `f`."""
+    parts = [
+        GRANULARITY_PART[g] + (f" (G in {MIN_GROUP}..{MAX_GROUP})" if g == "group" else "")
+        for g in f.granularities
+    ]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
 
 
 @dataclass(frozen=True)
@@ -50,7 +70,7 @@ class QuantSpec:
     """A validated quantization spec. Build it with `QuantSpec.parse("int4_g128")`.
 
     Attributes:
-        fmt: one of FORMATS.
+        fmt: a format name of the registry (`workbench.quant.registry.FORMATS`).
         bits: bits per stored code (16 for bf16/fp16).
         granularity: "group" | "channel" | "tensor" | "none" (bf16/fp16).
         group_size: input channels per group for "group", else None.
@@ -76,40 +96,29 @@ class QuantSpec:
 
     def _problem(self) -> str | None:
         """Why these fields do not describe a valid spec, or None."""
-        f = self.fmt
-        if f not in FORMATS:
-            return f"unknown format {f!r}"
+        f = FORMATS.get(self.fmt)
+        if f is None:
+            return f"unknown format {self.fmt!r}"
         if self.algo not in ALGOS:
             return f"unknown algorithm {self.algo!r}"
         if self.granularity not in GRANULARITIES:
             return f"unknown granularity {self.granularity!r}"
-        if self.algo != "rtn" and f != "int":
-            return f"algorithm {self.algo!r} applies to int specs only"
+        if self.algo not in f.algos:
+            return f"algorithm {self.algo!r} applies to {_algo_formats(self.algo)} specs only"
         if (self.granularity == "group") != (self.group_size is not None):
             return "group_size is set exactly when granularity is 'group'"
-        expected = {"bf16": 16, "fp16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8}.get(f, 4)
-        if f == "int":
-            if not MIN_BITS <= self.bits <= MAX_BITS:
-                return f"bits {self.bits} outside {MIN_BITS}..{MAX_BITS}"
-            if self.granularity == "none":
-                return "int needs a granularity"
-        else:
-            if self.bits != expected:
-                return f"{f} has {expected} bits"
-            if not self.symmetric:
-                return f"{f} is symmetric"
-            allowed = {
-                "bf16": ("none",),
-                "fp16": ("none",),
-                "fp8_e4m3": ("channel", "tensor"),
-                "fp8_e5m2": ("channel", "tensor"),
-            }.get(f, ("group",))
-            if self.granularity not in allowed:
-                return f"{f} does not support granularity {self.granularity!r}"
-        if f in FIXED_BLOCK and self.group_size != FIXED_BLOCK[f]:
-            return f"{f} has a fixed block of {FIXED_BLOCK[f]}"
+        if f.code_bits is None and not MIN_BITS <= self.bits <= MAX_BITS:
+            return f"bits {self.bits} outside {MIN_BITS}..{MAX_BITS}"
+        if f.code_bits is not None and self.bits != f.code_bits:
+            return f"{f.name} has {f.code_bits} bits"
+        if f.symmetric_only and not self.symmetric:
+            return f"{f.name} is symmetric"
+        if self.granularity not in f.granularities:
+            return f"{f.name} does not support granularity {self.granularity!r}"
+        if f.fixed_block is not None and self.group_size != f.fixed_block:
+            return f"{f.name} has a fixed block of {f.fixed_block}"
         if (
-            f not in FIXED_BLOCK
+            f.fixed_block is None
             and self.group_size is not None
             and not (MIN_GROUP <= self.group_size <= MAX_GROUP)
         ):
@@ -129,112 +138,54 @@ class QuantSpec:
         algo = algo.strip().lower() if sep else "rtn"
         if sep and algo not in ALGOS:
             raise WorkbenchError(f"unknown algorithm '{algo}' in spec '{text}' (choose rtn, gptq or awq)")
-        parts = [p for p in head.strip().lower().split("_")]
+        parts = head.strip().lower().split("_")
         if any(p == "" for p in parts):
             raise WorkbenchError(f"empty part in spec '{text}'")
-        first = parts.pop(0)
-        if first in ("fp8", "fp4"):
-            sub = parts.pop(0) if parts else ""
-            fmt = f"{first}_{sub}"
-            if fmt not in FORMATS:
-                raise WorkbenchError(
-                    f"unknown part '{sub or '(missing)'}' in spec '{text}' "
-                    f"(expected {'e4m3 or e5m2' if first == 'fp8' else 'e2m1'})"
-                )
-            bits = 8 if first == "fp8" else 4
-        elif m := _INT_RE.fullmatch(first):
-            fmt, bits = "int", int(m.group(1))
-            if not MIN_BITS <= bits <= MAX_BITS:
-                raise WorkbenchError(f"bits {bits} outside {MIN_BITS}..{MAX_BITS} in '{text}'")
-        elif first in ("bf16", "fp16"):
-            fmt, bits = first, 16
-        elif first in ("mxfp4", "nvfp4", "nf4"):
-            fmt, bits = first, 4
-        else:
-            raise WorkbenchError(
-                f"unknown part '{first}' in spec '{text}' (formats: bf16, fp16, int2..int8, "
-                "fp8_e4m3, fp8_e5m2, fp4_e2m1_g{G}, mxfp4, nvfp4, nf4_g{G})"
-            )
-
-        granularity: str | None = None
-        gran_part = ""
-        group: int | None = None
-        symmetric: bool | None = None
-        for p in parts:
-            gm = _GROUP_RE.fullmatch(p)
-            if gm or p in ("ch", "t"):
-                if granularity is not None:
-                    raise WorkbenchError(f"second granularity '{p}' in spec '{text}'")
-                gran_part = p
-                if gm:
-                    granularity, group = "group", int(gm.group(1))
-                else:
-                    granularity = "channel" if p == "ch" else "tensor"
-            elif p in ("sym", "asym"):
-                if symmetric is not None:
-                    raise WorkbenchError(f"second symmetry part '{p}' in spec '{text}'")
-                symmetric = p == "sym"
-            else:
-                raise WorkbenchError(f"unknown part '{p}' in spec '{text}'")
-
-        if fmt == "int":
-            if granularity is None:
-                raise WorkbenchError(
-                    f"spec '{text}' needs a granularity: _g{{G}} (G in {MIN_GROUP}..{MAX_GROUP}), _ch or _t"
-                )
-            symmetric = bool(symmetric)
-        else:
+        f, bits = _parse_format(parts, text)
+        granularity, group, symmetric, gran_part = _parse_options(parts, text)
+        granularity, group = _settle_granularity(f, granularity, group, gran_part, text)
+        if f.symmetric_only:
             if symmetric is False:
                 raise WorkbenchError(
-                    f"part 'asym' does not apply to {fmt} in spec '{text}' (float formats are symmetric)"
+                    f"part 'asym' does not apply to {f.name} in spec '{text}' (float formats are symmetric)"
                 )
             symmetric = True
-            if fmt in ("bf16", "fp16"):
-                if granularity is not None:
-                    raise WorkbenchError(f"part '{gran_part}' does not apply to {fmt} in spec '{text}'")
-                granularity = "none"
-            elif fmt.startswith("fp8"):
-                if granularity == "group":
-                    raise WorkbenchError(
-                        f"part 'g{group}' does not apply to {fmt} in spec '{text}' (use _ch or _t)"
-                    )
-                granularity = granularity or "channel"
-            elif fmt in FIXED_BLOCK:
-                if granularity is not None:
-                    raise WorkbenchError(
-                        f"{fmt} has a fixed block of {FIXED_BLOCK[fmt]}; remove "
-                        f"'{gran_part}' from spec '{text}'"
-                    )
-                granularity, group = "group", FIXED_BLOCK[fmt]
-            elif granularity != "group":
-                raise WorkbenchError(f"spec '{text}' needs a group size, e.g. '{fmt}_g64'")
-        if granularity == "group" and fmt not in FIXED_BLOCK and not MIN_GROUP <= group <= MAX_GROUP:
+        if granularity == "group" and f.fixed_block is None and not MIN_GROUP <= group <= MAX_GROUP:
             raise WorkbenchError(f"group size {group} outside {MIN_GROUP}..{MAX_GROUP} in '{text}'")
-        if algo != "rtn" and fmt != "int":
-            raise WorkbenchError(f"algorithm '{algo}' applies to int specs only, not {fmt} in '{text}'")
-        return QuantSpec(fmt, bits, granularity, group, symmetric, algo)
+        if algo not in f.algos:
+            raise WorkbenchError(
+                f"algorithm '{algo}' applies to {_algo_formats(algo)} specs only, not {f.name} in '{text}'"
+            )
+        return QuantSpec(f.name, bits, granularity, group, bool(symmetric), algo)
 
     def __str__(self) -> str:
-        if self.fmt in ("bf16", "fp16", "mxfp4", "nvfp4"):
-            s = self.fmt
-        elif self.fmt == "int":
-            gran = {"group": f"g{self.group_size}", "channel": "ch", "tensor": "t"}[self.granularity]
-            s = f"int{self.bits}_{gran}" + ("_sym" if self.symmetric else "")
-        elif self.fmt.startswith("fp8"):
-            s = self.fmt + ("_t" if self.granularity == "tensor" else "")
-        else:
-            s = f"{self.fmt}_g{self.group_size}"
+        f = format_of(self)
+        s = f"{f.name}{self.bits}" if f.code_bits is None else f.name
+        if f.fixed_block is None and self.granularity != f.default_granularity:
+            s += GRANULARITY_PART[self.granularity].replace("{G}", str(self.group_size))
+        if not f.symmetric_only and self.symmetric:
+            s += "_sym"
         return s if self.algo == "rtn" else f"{s}:{self.algo}"
 
     # ------------------------------------------------------------------ properties
     @property
+    def format(self) -> Format:
+        """The registry entry of this spec's format (encode, decode, layout, kernel, accounting)."""
+        return format_of(self)
+
+    @property
     def is_quantized(self) -> bool:
         """False for bf16/fp16 (the layer stays in high precision)."""
-        return self.fmt not in ("bf16", "fp16")
+        return format_of(self).is_quantized
 
     @property
     def is_int(self) -> bool:
         return self.fmt == "int"
+
+    @property
+    def needs_gram(self) -> bool:
+        """True when the algorithm reads calibration statistics (the Gram matrix X^T X): gptq, awq."""
+        return self.algo in ("gptq", "awq")
 
     def n_groups(self, in_features: int) -> int:
         """Scale groups per output row ([N, n_groups] scales); 1 for channel, 1 for tensor."""
@@ -243,33 +194,21 @@ class QuantSpec:
         return 1
 
     # ------------------------------------------------------------------ storage accounting
+    # Every shape argument below is (out_features, in_features), the order of the weight [N, K].
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Exact storage of an [out, in] weight in bits: codes + scales + zeros + tensor/input scales."""
+        f = format_of(self)
         n, k = int(out_features), int(in_features)
-        if self.fmt in ("bf16", "fp16"):
-            return 16 * n * k
-        codes = self.bits * n * k
-        if self.fmt == "int":
-            per_scale = 16 + (0 if self.symmetric else 16)  # fp16 scale (+ fp16 zero)
-        elif self.fmt.startswith("fp8"):
-            per_scale = 32  # fp32 scale
-        elif self.fmt in FIXED_BLOCK:
-            per_scale = 8  # E8M0 / E4M3 block scale
-        else:
-            per_scale = 16  # fp16 group scale / absmax
-        if self.granularity == "group":
-            n_scales = n * self.n_groups(k)
-        elif self.granularity == "channel":
-            n_scales = n
-        else:
-            n_scales = 1
-        extra = 32 if self.fmt == "nvfp4" else 0  # fp32 tensor scale
-        if self.algo == "awq":
-            extra += 16 * k  # fp16 runtime input scale
-        return codes + per_scale * n_scales + extra
+        per_scale = f.scale_bits + (0 if self.symmetric else f.zero_bits)
+        n_scales = {"group": n * self.n_groups(k), "channel": n, "tensor": 1, "none": 0}[self.granularity]
+        extra = f.tensor_scale_bits + (AWQ_INPUT_SCALE_BITS * k if self.algo == "awq" else 0)
+        return self.bits * n * k + per_scale * n_scales + extra
 
-    def bits_per_weight(self, in_features: int, out_features: int = 1) -> float:
-        """Exact average storage bits per weight of an [out, in] layer, metadata included."""
+    def bits_per_weight(self, *, out_features: int, in_features: int) -> float:
+        """Exact average storage bits per weight of an [out, in] layer, metadata included.
+
+        Keyword-only: an older signature took (in, out) positionally, the reverse of `storage_bits`.
+        """
         return self.storage_bits(out_features, in_features) / (int(out_features) * int(in_features))
 
     def storage_bytes(self, out_features: int, in_features: int) -> int:
@@ -290,3 +229,86 @@ class QuantSpec:
         if n * k >= 2**62:
             return f"weight shape [{n}, {k}] is too large"
         return None
+
+
+# ------------------------------------------------------------------------------------------- parsing helpers
+def _algo_formats(algo: str) -> str:
+    """The formats an algorithm applies to ('int')."""
+    return ", ".join(f.name for f in FORMATS.values() if algo in f.algos)
+
+
+def _parse_format(parts: list[str], text: str) -> tuple[Format, int]:
+    """Pop the format words from `parts` ('int4', 'nf4', 'fp8' 'e4m3'): (format, code bits)."""
+    first = parts.pop(0)
+    two_word = {f.family for f in FORMATS.values() if f.family != f.name}  # fp8_e4m3, fp4_e2m1, ...
+    if first in two_word:
+        sub = parts.pop(0) if parts else ""
+        if f"{first}_{sub}" not in FORMATS:
+            subs = [
+                f.name.split("_", 1)[1] for f in FORMATS.values() if f.family == first and f.name != first
+            ]
+            raise WorkbenchError(
+                f"unknown part '{sub or '(missing)'}' in spec '{text}' (expected {' or '.join(subs)})"
+            )
+        f = FORMATS[f"{first}_{sub}"]
+        return f, f.code_bits
+    for f in FORMATS.values():
+        m = re.fullmatch(rf"{f.name}(\d+)", first) if f.code_bits is None else None
+        if m:
+            bits = int(m.group(1))
+            if not MIN_BITS <= bits <= MAX_BITS:
+                raise WorkbenchError(f"bits {bits} outside {MIN_BITS}..{MAX_BITS} in '{text}'")
+            return f, bits
+    if first in FORMATS and FORMATS[first].code_bits is not None:
+        return FORMATS[first], FORMATS[first].code_bits
+    raise WorkbenchError(f"unknown part '{first}' in spec '{text}' (formats: {_format_list()})")
+
+
+def _parse_options(parts: list[str], text: str) -> tuple[str | None, int | None, bool | None, str]:
+    """Granularity and symmetry words: (granularity, group size, symmetric, the granularity word)."""
+    granularity: str | None = None
+    gran_part = ""
+    group: int | None = None
+    symmetric: bool | None = None
+    for p in parts:
+        gm = _GROUP_RE.fullmatch(p)
+        if gm or p in ("ch", "t"):
+            if granularity is not None:
+                raise WorkbenchError(f"second granularity '{p}' in spec '{text}'")
+            gran_part = p
+            if gm:
+                granularity, group = "group", int(gm.group(1))
+            else:
+                granularity = "channel" if p == "ch" else "tensor"
+        elif p in ("sym", "asym"):
+            if symmetric is not None:
+                raise WorkbenchError(f"second symmetry part '{p}' in spec '{text}'")
+            symmetric = p == "sym"
+        else:
+            raise WorkbenchError(f"unknown part '{p}' in spec '{text}'")
+    return granularity, group, symmetric, gran_part
+
+
+def _settle_granularity(
+    f: Format, granularity: str | None, group: int | None, gran_part: str, text: str
+) -> tuple[str, int | None]:
+    """The granularity and group of a spec of format `f`: the one written, the default or the fixed block."""
+    if f.fixed_block is not None:
+        if granularity is not None:
+            raise WorkbenchError(
+                f"{f.name} has a fixed block of {f.fixed_block}; remove '{gran_part}' from spec '{text}'"
+            )
+        return "group", f.fixed_block
+    if granularity is None and f.default_granularity is not None:
+        return f.default_granularity, None
+    if granularity is None and len(f.granularities) > 1:
+        raise WorkbenchError(f"spec '{text}' needs a granularity: {_granularity_options(f)}")
+    if granularity is None or (granularity not in f.granularities and f.granularities == ("group",)):
+        raise WorkbenchError(f"spec '{text}' needs a group size, e.g. '{f.name}_g64'")
+    if granularity not in f.granularities:
+        if f.granularities == ("none",):
+            raise WorkbenchError(f"part '{gran_part}' does not apply to {f.name} in spec '{text}'")
+        raise WorkbenchError(
+            f"part '{gran_part}' does not apply to {f.name} in spec '{text}' (use {_granularity_options(f)})"
+        )
+    return granularity, group

@@ -79,39 +79,26 @@ class ApplyReport:
         return "\n".join(lines)
 
 
-def resolve_specs(model: torch.nn.Module, plan_or_resolved) -> dict:
-    """A Plan, a {name: spec} dict or a plan JSON path -> {name: QuantSpec} for the model's layers."""
-    from pathlib import Path
+def _resolved_for(model: torch.nn.Module, plan):
+    """The ResolvedPlan to apply (`ResolvedPlan.of`), refusing layers the model does not have."""
+    from workbench.plan import ResolvedPlan
 
-    from workbench.inventory import layer_inventory
-    from workbench.plan import Plan
-    from workbench.quant.spec import QuantSpec
-
-    layers = layer_inventory(model)
-    if isinstance(plan_or_resolved, (str, Path)):
-        plan_or_resolved = Plan.load(plan_or_resolved)
-    if isinstance(plan_or_resolved, Plan):
-        return plan_or_resolved.resolve(layers)
-    if not isinstance(plan_or_resolved, dict):
-        raise WorkbenchError(
-            f"apply_plan needs a Plan, a plan file or a {{layer: spec}} dict, got "
-            f"{type(plan_or_resolved).__name__}"
-        )
-    names = {x.name for x in layers}
-    unknown = [n for n in plan_or_resolved if n not in names]
+    resolved = ResolvedPlan.of(model, plan)
+    names = {n for n, _ in model.named_modules()}
+    unknown = [n for n in resolved if n not in names]
     if unknown:
         raise WorkbenchError(
             f"plan names layers the model does not have: {', '.join(unknown[:5])}"
             + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         )
-    return {n: QuantSpec.parse(s) for n, s in plan_or_resolved.items()}
+    return resolved
 
 
 def quantize_layer(name: str, W: torch.Tensor, spec, gram: torch.Tensor | None = None):
     """Quantize one [N, K] weight; integer RTN on the GPU when W is on CUDA, else quantize_weight on CPU."""
     from workbench.quant.api import QuantizedWeight, quantize_weight
 
-    if W.is_cuda and spec.fmt == "int" and spec.algo == "rtn" and gram is None:
+    if W.is_cuda and spec.format.device_encode and spec.algo == "rtn" and gram is None:
         from workbench.quant.formats import ungrouped
         from workbench.quant.rtn import rtn_quantize
 
@@ -134,7 +121,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def apply_plan(
     model: torch.nn.Module,
-    plan_or_resolved,
+    resolved,
     grams: dict[str, torch.Tensor] | None = None,
     *,
     backend: str = "auto",
@@ -146,7 +133,8 @@ def apply_plan(
     Args:
         model: a transformers CausalLM (any device / dtype); the QuantLinear layers are built on the device
             of each weight, with the weight's dtype as activation dtype.
-        plan_or_resolved: Plan, plan JSON path, or {layer name: QuantSpec | spec string}.
+        resolved: a ResolvedPlan (`plan.resolve(model)`), used as it is; a Plan or an explicit
+            {layer: spec} is resolved once here (`ResolvedPlan.of`). Plan file paths are refused.
         grams: {layer name: [K, K] X^T X} for GPTQ / AWQ layers.
         backend: "auto" (kernels where they exist) or "reference" (torch reference everywhere).
         on_layer: progress callback (name, index, total), called before each layer is quantized.
@@ -154,27 +142,50 @@ def apply_plan(
     Returns:
         ApplyReport.
     Raises:
-        WorkbenchError: bad plan, a spec that cannot apply, missing Gram for GPTQ/AWQ, out of memory, or
-            (model on CUDA, backend "auto") a layer shape the kernels cannot run. The model is unchanged.
+        WorkbenchError: a path or other non-plan, a layer the model lacks, a bad spec, missing Gram for
+            GPTQ/AWQ, out of memory, or (model on CUDA, backend "auto") a layer shape the kernels cannot
+            run. The model is unchanged.
     """
+    t0 = time.perf_counter()
+    resolved = _resolved_for(model, resolved)
+    report = ApplyReport(memory_before=model_memory(model), kept=resolved.kept)
+    todo = [(n, resolved[n]) for n in resolved.quantized]
+    if backend == "auto":
+        _refuse_untileable(model, todo)
+    _swap_in(model, _build_layers(model, todo, grams or {}, backend, on_layer))
+    report.layers = {n: str(s) for n, s in todo}
+    report.unfused = unfused_groups(resolved)
+    report.fallback = {n: r for n, s in todo if (r := kernel_format_reason(s)) is not None}
+    if backend == "reference":
+        report.fallback = {n: "backend='reference'" for n, _ in todo}
+    if warn and report.fallback and backend == "auto":
+        _warn_fallback(report.fallback)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    report.memory_after = model_memory(model)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _refuse_untileable(model: torch.nn.Module, todo: list) -> None:
+    """Before any work: a CUDA layer whose format has a kernel but whose shape it cannot tile is an error."""
     from workbench.inventory import get_linear_weight, get_module
 
-    t0 = time.perf_counter()
-    specs = resolve_specs(model, plan_or_resolved)
-    grams = grams or {}
-    report = ApplyReport(memory_before=model_memory(model))
-    todo = [(n, s) for n, s in specs.items() if s.is_quantized]
-    report.kept = [n for n, s in specs.items() if not s.is_quantized]
-    for name, spec in todo:  # refuse shapes the kernels cannot run before any work
-        mod = get_module(model, name)
-        W = get_linear_weight(mod)
-        if backend == "auto" and W.is_cuda and kernel_format_reason(spec) is None:
+    for name, spec in todo:
+        W = get_linear_weight(get_module(model, name))
+        if W.is_cuda and kernel_format_reason(spec) is None:
             reason = kernel_shape_reason(spec, W.shape[0], W.shape[1])
             if reason:
                 raise WorkbenchError(
                     f"layer '{name}' [{W.shape[0]}, {W.shape[1]}] ({spec}): the GPU kernel "
                     f"cannot run it: {reason}; use backend='reference' or another spec"
                 )
+
+
+def _build_layers(model, todo: list, grams: dict, backend: str, on_layer) -> dict[str, QuantLinear]:
+    """Quantize and pack every planned layer beside the untouched model (dropped on any error)."""
+    from workbench.inventory import get_linear_weight, get_module
+
     built: dict[str, QuantLinear] = {}
     current = None
     try:
@@ -186,9 +197,8 @@ def apply_plan(
             W = get_linear_weight(mod)
             with torch.no_grad():
                 qw = quantize_layer(name, W, spec, grams.get(name))
-                bias = mod.bias if mod.bias is not None else None
                 built[name] = QuantLinear.from_quantized(
-                    qw, bias, name=name, dtype=W.dtype, device=W.device, backend=backend
+                    qw, mod.bias, name=name, dtype=W.dtype, device=W.device, backend=backend
                 )
             del qw
     except BaseException as exc:
@@ -201,8 +211,11 @@ def apply_plan(
                 f"({len(todo)} layers planned)"
             ) from exc
         raise
-    mod = W = None  # drop loop references so the swapped-out weights can be freed
-    # swap: plain attribute assignments; keep the originals until every one is in place
+    return built
+
+
+def _swap_in(model: torch.nn.Module, built: dict[str, QuantLinear]) -> None:
+    """Plain attribute assignments; the originals come back if any assignment fails."""
     originals: dict[str, torch.nn.Module] = {}
     try:
         for name, qmod in built.items():
@@ -215,23 +228,15 @@ def apply_plan(
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, orig)
         raise
-    originals.clear()
-    report.layers = {n: str(s) for n, s in todo}
-    report.unfused = unfused_groups(specs)
-    report.fallback = {n: r for n, s in todo if (r := kernel_format_reason(s)) is not None}
-    if backend == "reference":
-        report.fallback = {n: "backend='reference'" for n, _ in todo}
-    if warn and report.fallback and backend == "auto":
-        names = list(report.fallback)
-        shown = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
-        kinds = sorted(set(report.fallback.values()))
-        warnings.warn(
-            f"{len(names)} layers have no GPU kernel ({'; '.join(kinds)}): {shown}; they run the "
-            "torch reference path (same math, slower)",
-            stacklevel=2,
-        )
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    report.memory_after = model_memory(model)
-    report.seconds = time.perf_counter() - t0
-    return report
+
+
+def _warn_fallback(fallback: dict[str, str]) -> None:
+    """One warning naming the layers that run the torch reference path (stacklevel: apply_plan's caller)."""
+    names = list(fallback)
+    shown = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
+    kinds = sorted(set(fallback.values()))
+    warnings.warn(
+        f"{len(names)} layers have no GPU kernel ({'; '.join(kinds)}): {shown}; they run the "
+        "torch reference path (same math, slower)",
+        stacklevel=3,
+    )

@@ -13,16 +13,21 @@ the packed layout of `workbench.quant.packing` as buffers, never as a float matr
     any (AWQ)            input_scale fp32 [K]                          y = (x / input_scale) @ W_q^T
     any                  bias     [N] in the activation dtype, or absent
 
-`forward` runs the Triton kernel (`workbench.kernels`: GEMV for 1..4 rows, tensor-core GEMM above) when the
-input is fp16/bf16 on CUDA and the format has a kernel (int 2/3/4/8 with a power-of-two group or per channel,
-fp8_e4m3). Everything else runs the plain-torch reference (`workbench.kernels.reference`, same math, float32
-accumulation): the CPU path, fp32 activations, and formats without a kernel (fp8_e5m2, fp4_e2m1, mxfp4,
-nvfp4, nf4), which `apply_plan` announces with a warning that names the layers. A CUDA input for a layer
-whose group size the kernels cannot tile raises a WorkbenchError naming the layer unless the layer was
-built with backend="reference".
+Every format-specific decision is asked of the format registry (`workbench.quant.registry`): the layout
+(`format.layout`: buffers, packing, reference dequantization) and the kernel (`format.kernel`, or None).
 
-The kernels are called through torch custom ops (`workbench::int_matmul`, `workbench::fp8_matmul`) so that
-`torch.compile` treats them as opaque calls and fuses the rest of the model around them.
+`forward` runs the Triton kernel (`workbench.kernels`: GEMV for up to `MAX_GEMV_ROWS` rows, defined in
+kernels/gemv_int.py, tensor-core GEMM above) when the input is fp16/bf16 on CUDA and the format has a
+kernel (today int 2/3/4/8 with a power-of-two group of 32..256 or per channel, and fp8_e4m3). Everything
+else runs the plain-torch reference (same math, float32 accumulation): the CPU path, fp32 activations, and
+formats without a kernel (fp8_e5m2, fp4_e2m1, mxfp4, nvfp4, nf4), which `apply_plan` announces with a
+warning that names the layers (and each layer warns once on its first CUDA call). A CUDA input for a
+layer whose group size the kernels cannot tile raises a WorkbenchError naming the layer unless the layer
+was built with backend="reference".
+
+The kernels are called through torch custom ops (`workbench::int_matmul`, `workbench::fp8_matmul`, named by
+`Kernel.op` in the registry) so that `torch.compile` treats them as opaque calls and fuses the rest of the
+model around them.
 """
 
 from __future__ import annotations
@@ -33,52 +38,40 @@ import torch
 from torch import nn
 
 from workbench.errors import WorkbenchError
-from workbench.quant.packing import (
-    n_groups,
-    pack_codes,
-    packed_words,
-    prepare_fp8_params,
-    prepare_group_params,
-)
+from workbench.quant.layouts import stored_group_size
+from workbench.quant.packing import codes_per_word
+from workbench.quant.registry import FORMATS, Kernel, format_of
 from workbench.quant.spec import QuantSpec
 
-INT_KERNEL_BITS = (2, 3, 4, 8)
-KERNEL_FORMATS = ("int", "fp8_e4m3")
-FOUR_BIT_FLOATS = ("fp4_e2m1", "mxfp4", "nvfp4", "nf4")
-MAX_GEMV_ROWS = 4
 BACKENDS = ("auto", "reference")
-_warned_fallback: set[str] = set()
+_group_size = stored_group_size  # old private name, still imported by runtime/fuse.py on main: merge debt
 
 
 # ---------------------------------------------------------------------------------------------- support
 def kernel_format_reason(spec: QuantSpec) -> str | None:
     """Why `spec`'s format has no GPU kernel (the layer falls back to the reference), or None."""
-    if spec.fmt == "int" and spec.bits in INT_KERNEL_BITS:
-        return None
-    if spec.fmt == "fp8_e4m3":
-        return None
-    if spec.fmt == "int":
-        return f"no kernel for {spec.bits}-bit integers (kernels: {INT_KERNEL_BITS})"
-    return f"no kernel for {spec.fmt}"
+    return format_of(spec).kernel_reason(spec)
 
 
 def kernel_shape_reason(spec: QuantSpec, out_features: int, in_features: int) -> str | None:
     """Why the kernel of `spec`'s format cannot run an [out, in] layer, or None (formats with a kernel)."""
     from workbench.kernels.checks import group_tile
 
-    if spec.fmt != "int":
+    kernel = format_of(spec).kernel
+    if kernel is None or not kernel.tiled_groups or kernel_format_reason(spec) is not None:
         return None
-    per = 16 if spec.bits == 3 else 32 // spec.bits
     try:
-        group_tile(_group_size(spec, in_features), in_features, per, "kernel")
+        group_tile(stored_group_size(spec, in_features), in_features, codes_per_word(spec.bits), "kernel")
     except WorkbenchError as exc:
         return str(exc).removeprefix("kernel: ")
     return None
 
 
-def _group_size(spec: QuantSpec, in_features: int) -> int:
-    """Group size as stored: the spec's group, or K for per-channel and per-tensor (stored per channel)."""
-    return spec.group_size if spec.granularity == "group" else in_features
+def _launch(kernel: Kernel, x: torch.Tensor, *args) -> torch.Tensor:
+    """Run `kernel`'s GEMV or GEMM launcher on x [M, K] (GEMV up to MAX_GEMV_ROWS rows)."""
+    from workbench.kernels.gemv_int import MAX_GEMV_ROWS
+
+    return kernel.launcher(x.shape[0], MAX_GEMV_ROWS)(x, *args)
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
@@ -92,14 +85,8 @@ def int_matmul(
     group_size: int,
     K: int,
 ) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ dequant(packed)^T on the Triton kernels (GEMV for M <= 4, else GEMM)."""
-    if x.shape[0] <= MAX_GEMV_ROWS:
-        from workbench.kernels.gemv_int import gemv_int
-
-        return gemv_int(x, packed, scales_t, zeros_t, bits, group_size, K)
-    from workbench.kernels.gemm_int import gemm_int
-
-    return gemm_int(x, packed, scales_t, zeros_t, bits, group_size, K)
+    """y [M, N] = x [M, K] @ dequant(packed)^T on the integer Triton kernels (GEMV few rows, GEMM above)."""
+    return _launch(FORMATS["int"].kernel, x, packed, scales_t, zeros_t, bits, group_size, K)
 
 
 @int_matmul.register_fake
@@ -110,13 +97,7 @@ def _int_matmul_fake(x, packed, scales_t, zeros_t, bits, group_size, K):
 @torch.library.custom_op("workbench::fp8_matmul", mutates_args=())
 def fp8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, K: int) -> torch.Tensor:
     """y [M, N] = x [M, K] @ (e4m3(codes) * scales)^T on the Triton kernels (codes packed like int8)."""
-    if x.shape[0] <= MAX_GEMV_ROWS:
-        from workbench.kernels.gemv_fp8 import gemv_fp8
-
-        return gemv_fp8(x, packed, scales, K)
-    from workbench.kernels.gemm_fp8 import gemm_fp8
-
-    return gemm_fp8(x, packed, scales, K)
+    return _launch(FORMATS["fp8_e4m3"].kernel, x, packed, scales, K)
 
 
 @fp8_matmul.register_fake
@@ -125,6 +106,9 @@ def _fp8_matmul_fake(x, packed, scales, K):
 
 
 # ---------------------------------------------------------------------------------------------- module
+_OPS = {"int_matmul": int_matmul, "fp8_matmul": fp8_matmul}  # Kernel.op -> custom op
+
+
 class QuantLinear(nn.Module):
     """y = x @ W_hat^T + b with W_hat kept packed (buffers: module docstring).
 
@@ -147,44 +131,30 @@ class QuantLinear(nn.Module):
     ):
         super().__init__()
         spec = QuantSpec.parse(spec)
-        if not spec.is_quantized:
+        fmt = format_of(spec)
+        if fmt.layout is None:
             raise WorkbenchError(f"layer '{name}': spec '{spec}' is not quantized; keep the nn.Linear")
         if backend not in BACKENDS:
             raise WorkbenchError(
                 f"layer '{name}': unknown backend '{backend}' (choose {', '.join(BACKENDS)})"
             )
-        if spec.fmt == "int" and spec.bits not in INT_KERNEL_BITS:
-            raise WorkbenchError(
-                f"layer '{name}': {spec.bits}-bit integers have no packed layout "
-                f"(supported: {INT_KERNEL_BITS})"
-            )
+        reason = fmt.layout.check(spec)
+        if reason:
+            raise WorkbenchError(f"layer '{name}': {reason}")
         self.spec, self.in_features, self.out_features = spec, int(in_features), int(out_features)
-        self.name, self.backend = name, backend
+        self.name, self.backend, self.layout = name, backend, fmt.layout
         N, K = self.out_features, self.in_features
         self._format_reason = kernel_format_reason(spec)
         self._shape_reason = None if self._format_reason else kernel_shape_reason(spec, N, K)
-        G = _group_size(spec, K)
-        ng = n_groups(K, G)
-        kw = dict(device=device)
-        if spec.fmt == "int":
-            self.register_buffer(
-                "packed", torch.empty(N, packed_words(K, spec.bits), dtype=torch.int32, **kw)
-            )
-            self.register_buffer("scales", torch.empty(ng, N, dtype=torch.float16, **kw))
-            zeros = None if spec.symmetric else torch.empty(ng, N, dtype=torch.float16, **kw)
-            self.register_buffer("zeros", zeros)
-        elif spec.fmt.startswith("fp8"):
-            self.register_buffer("packed", torch.empty(N, packed_words(K, 8), dtype=torch.int32, **kw))
-            self.register_buffer("scales", torch.empty(N, dtype=torch.float32, **kw))
-        else:
-            self.register_buffer("packed", torch.empty(N, packed_words(K, 4), dtype=torch.int32, **kw))
-            self.register_buffer("scales", torch.empty(N, spec.n_groups(K), dtype=torch.float32, **kw))
-            ts = torch.empty((), dtype=torch.float32, **kw) if spec.fmt == "nvfp4" else None
-            self.register_buffer("tensor_scale", ts)
+        self._warned = False  # the no-kernel warning is given once per layer object
+        self._kernel = fmt.kernel
+        self._op = _OPS[fmt.kernel.op] if fmt.kernel is not None else None
+        for key, buf in fmt.layout.empty(spec, N, K, device).items():
+            self.register_buffer(key, buf)
         self.register_buffer(
-            "input_scale", torch.empty(K, dtype=torch.float32, **kw) if has_input_scale else None
+            "input_scale", torch.empty(K, dtype=torch.float32, device=device) if has_input_scale else None
         )
-        self.register_buffer("bias", torch.empty(N, dtype=dtype, **kw) if bias else None)
+        self.register_buffer("bias", torch.empty(N, dtype=dtype, device=device) if bias else None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -207,12 +177,11 @@ class QuantLinear(nn.Module):
             dtype: activation dtype of the model (bias dtype); default bias dtype or float32.
             device: where the buffers live; default the device of qw.codes.
         """
-        spec = qw.spec
         N, K = qw.codes.shape
         device = torch.device(device) if device is not None else qw.codes.device
         dtype = dtype or (bias.dtype if bias is not None else torch.float32)
         m = cls(
-            spec,
+            qw.spec,
             K,
             N,
             bias=bias is not None,
@@ -222,32 +191,10 @@ class QuantLinear(nn.Module):
             name=name,
             backend=backend,
         )
-        codes = qw.codes.to(device)
         with torch.no_grad():
-            if spec.fmt == "int":
-                scales, zeros = qw.scales, qw.zeros
-                if spec.granularity == "tensor":  # kernels read per-channel scales: expand the one value
-                    scales = scales.reshape(1, 1).expand(N, 1)
-                    zeros = zeros.reshape(1, 1).expand(N, 1) if zeros is not None else None
-                s_t, z_t = prepare_group_params(
-                    scales.to(device), None if zeros is None else zeros.to(device), K, _group_size(spec, K)
-                )
-                m.packed.copy_(pack_codes(codes, spec.bits))
-                m.scales.copy_(s_t)
-                if z_t is not None:
-                    m.zeros.copy_(z_t)
-            elif spec.fmt.startswith("fp8"):
-                scales = qw.scales.reshape(-1)
-                if scales.numel() == 1:
-                    scales = scales.expand(N)
-                c, s = prepare_fp8_params(codes, scales.to(device))
-                m.packed.copy_(c)
-                m.scales.copy_(s)
-            else:
-                m.packed.copy_(pack_codes(codes, 4))
-                m.scales.copy_(qw.scales.to(device, torch.float32))
-                if spec.fmt == "nvfp4":
-                    m.tensor_scale.copy_(qw.tensor_scale.to(device, torch.float32).reshape(()))
+            for key, t in m.layout.pack(qw, device).items():
+                if t is not None:
+                    getattr(m, key).copy_(t)
             if qw.input_scale is not None:
                 m.input_scale.copy_(qw.input_scale.to(device, torch.float32))
             if bias is not None:
@@ -270,9 +217,18 @@ class QuantLinear(nn.Module):
             f"bias={self.bias is not None}, backend={self.backend}"
         )
 
+    def packed_buffers(self) -> dict[str, torch.Tensor | None]:
+        """The layout's buffers by name (packed, scales, zeros, tensor_scale as the layout has them)."""
+        return {key: getattr(self, key) for key in self.layout.buffers}
+
     # ------------------------------------------------------------------ dtype / device moves
     def _apply(self, fn, recurse=True):
-        """Move buffers with the module but keep their storage dtypes; only the bias follows `.to(dtype)`."""
+        """Move buffers with the module but keep their storage dtypes; only the bias follows `.to(dtype)`.
+
+        This overrides a private torch method on purpose: torch offers no public hook that keeps a buffer's
+        dtype under `model.to(dtype)`, and casting fp16 scales to bf16 would change the weights. It touches
+        only this module's own buffers (a QuantLinear has no parameters and no children).
+        """
         for key, buf in self._buffers.items():
             if buf is None:
                 continue
@@ -290,23 +246,8 @@ class QuantLinear(nn.Module):
 
     def _dequantize_codes(self) -> torch.Tensor:
         """W_q [N, K] float32 from codes and scales only."""
-        from workbench.kernels.reference import dequantize_fp8, dequantize_int
-
-        spec, K = self.spec, self.in_features
-        if spec.fmt == "int":
-            return dequantize_int(self.packed, self.scales, self.zeros, spec.bits, _group_size(spec, K), K)
-        if spec.fmt == "fp8_e4m3":
-            return dequantize_fp8(self.packed, self.scales, K)
-        from workbench.quant.api import QuantizedWeight
-        from workbench.quant.packing import unpack_codes
-
-        if spec.fmt == "fp8_e5m2":
-            codes = unpack_codes(self.packed, 8, K)
-            return codes.view(torch.float8_e5m2).to(torch.float32) * self.scales[:, None]
-
-        codes = unpack_codes(self.packed, 4, K)
-        ts = self.tensor_scale if spec.fmt == "nvfp4" else None
-        return QuantizedWeight(spec, codes, self.scales, None, ts).dequantize_codes()
+        fmt = format_of(self.spec)
+        return self.layout.dequantize(self.spec, self.packed_buffers(), self.in_features, fmt.decode)
 
     def _reference(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [M, K] (already divided by input_scale) -> [M, N] in float32 accumulation, x2.dtype out."""
@@ -316,8 +257,8 @@ class QuantLinear(nn.Module):
         if not x.is_cuda or self.backend == "reference" or x.dtype not in (torch.float16, torch.bfloat16):
             return False
         if self._format_reason is not None:
-            if self.name not in _warned_fallback:
-                _warned_fallback.add(self.name)
+            if not self._warned:
+                self._warned = True
                 warnings.warn(
                     f"layer '{self.name}' ({self.spec}): {self._format_reason}; running the torch "
                     "reference path (same math, slower)",
@@ -339,19 +280,8 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             x2 = (x2.to(torch.float32) / self.input_scale).to(x.dtype)
         if self._use_kernel(x2):
-            x2 = x2.contiguous()
-            if self.spec.fmt == "int":
-                y = int_matmul(
-                    x2,
-                    self.packed,
-                    self.scales,
-                    self.zeros,
-                    self.spec.bits,
-                    _group_size(self.spec, self.in_features),
-                    self.in_features,
-                )
-            else:
-                y = fp8_matmul(x2, self.packed, self.scales, self.in_features)
+            args = self._kernel.args(self.spec, self.packed_buffers(), self.in_features)
+            y = self._op(x2.contiguous(), *args)
         else:
             y = self._reference(x2)
         if self.bias is not None:

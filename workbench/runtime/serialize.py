@@ -36,9 +36,9 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
 
 
-def _manifest(model, plan, source: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+def _manifest(model, source: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(manifest, tensors to write) with tied tensors deduplicated."""
-    from workbench.inventory import _is_conv1d
+    from workbench.inventory import is_conv1d
 
     layers = {}
     for name, mod in model.named_modules():
@@ -71,7 +71,7 @@ def _manifest(model, plan, source: str | None) -> tuple[dict, dict[str, torch.Te
         "source": source,
         "layers": layers,
         "aliases": aliases,
-        "conv1d": sorted(n for n, m in model.named_modules() if _is_conv1d(m)),
+        "conv1d": sorted(n for n, m in model.named_modules() if is_conv1d(m)),
     }
     return manifest, tensors
 
@@ -115,7 +115,7 @@ def save_quantized(model, plan, path: str | Path, *, tokenizer=None, source: str
     folder.mkdir(parents=True, exist_ok=True)
     if not isinstance(plan, Plan):
         plan = Plan.from_resolved(dict(plan))
-    manifest, tensors = _manifest(model, plan, source)
+    manifest, tensors = _manifest(model, source)
     manifest["tokenizer"] = _save_tokenizer(tokenizer, folder)
     meta = {"format": FORMAT, "layout_version": str(LAYOUT_VERSION), "manifest": json.dumps(manifest)}
     save_file(tensors, str(folder / WEIGHTS), metadata=meta)

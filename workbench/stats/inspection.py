@@ -117,7 +117,7 @@ class Inspection:
 
     def summary(self, top_layers: int = 10, top_channels: int = 5) -> str:
         """The readable report printed by `workbench inspect`."""
-        from workbench.commands.common import table
+        from workbench.tables import table
 
         s = self.settings
         lines = [

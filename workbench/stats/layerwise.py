@@ -17,7 +17,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.stats.accumulator import ActivationStats
-from workbench.stats.activations import ActivationCollector, GramSink, _progress
+from workbench.stats.collector import ActivationCollector, GramSink, progress_bar
 
 
 class _StopForward(Exception):
@@ -37,7 +37,7 @@ def decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     return best
 
 
-def _final_norm(model: torch.nn.Module, blocks_name: str) -> torch.nn.Module | None:
+def final_norm(model: torch.nn.Module, blocks_name: str) -> torch.nn.Module | None:
     """The norm applied after the last block (Llama `model.norm`, GPT-2 `transformer.ln_f`, ...)."""
     base = model.get_submodule(blocks_name.rsplit(".", 1)[0]) if "." in blocks_name else model
     for attr in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
@@ -106,7 +106,7 @@ def collect_layerwise(
     block_names = [f"{blocks_name}.{i}." for i in range(len(blocks))]
     per_block = [[n for n in names if n.startswith(p)] for p in block_names]
     tail = [n for n in names if not any(n.startswith(p) for p in block_names)]
-    norm = _final_norm(model, blocks_name)
+    norm = final_norm(model, blocks_name)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name in tail:
         if head is None or model.get_submodule(name) is not head:
@@ -128,7 +128,7 @@ def collect_layerwise(
         starts = list(range(0, batches.shape[0], batch_size))
         with (
             ActivationCollector(model, names, gram=gram, hist_bins=hist_bins) as col,
-            _progress(len(blocks) * len(hidden), "blocks", progress) as bar,
+            progress_bar(len(blocks) * len(hidden), "blocks", progress) as bar,
         ):
             for i, block in enumerate(blocks):
                 home = _device_of(block)

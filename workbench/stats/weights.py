@@ -6,9 +6,9 @@ channel, how the value range of groups of G input channels spreads, and two fixe
 on [-absmax, absmax] and log2 |w| over the 24 octaves below absmax (zeros and smaller magnitudes land in
 the first log bin).
 
-`grid_levels(W, spec)` quantizes W with the quant core (`workbench.quant.formats.encode`), picks a
+`grid_levels(W, spec)` quantizes W with the quant core (`workbench.quant.registry.encode`), picks a
 representative group (the one with the median scale, or the largest / smallest) and decodes every code of
-that group's grid with `formats.decode`: the values a chart overlays on the weight histogram.
+that group's grid with `registry.decode`: the values a chart overlays on the weight histogram.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.quant.formats import Encoded, decode, encode, grouped
+from workbench.quant.formats import Encoded, grouped
+from workbench.quant.registry import decode, encode
 from workbench.quant.spec import QuantSpec
 
 HIST_BINS = 256
@@ -172,7 +173,7 @@ def weight_stats(
     )
     for s in specs:
         spec = QuantSpec.parse(s)
-        if spec.fmt in ("bf16", "fp16") or spec.check_layer(N, K) is not None:
+        if not spec.is_quantized or spec.check_layer(N, K) is not None:
             continue
         stats.grids[str(spec)] = grid_levels(Wf, spec)
     return stats
@@ -187,7 +188,7 @@ def grid_levels(W: torch.Tensor, spec: str | QuantSpec, which: str = "median") -
         GridLevels with sorted, de-duplicated finite levels in weight units.
     """
     spec = QuantSpec.parse(spec)
-    if spec.fmt in ("bf16", "fp16"):
+    if not spec.is_quantized:
         raise WorkbenchError(f"spec '{spec}' keeps weights in high precision: it has no grid")
     if which not in ("median", "max", "min"):
         raise WorkbenchError(f"unknown group choice '{which}' (choose median, max or min)")

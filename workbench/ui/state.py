@@ -68,7 +68,7 @@ class WorkbenchState(param.Parameterized):
 
     plan = param.Parameter(default=None, doc="the current Plan")
     pinned = param.List(default=[], doc="layer names the allocator must not change")
-    resolved = param.Dict(default={}, doc="layer -> QuantSpec of the current plan")
+    resolved = param.Dict(default={}, doc="layer -> QuantSpec of the current plan (a plan.ResolvedPlan)")
     totals = param.Parameter(default=None, doc="PlanTotals of the current plan")
     cost = param.Parameter(default=None, doc="PlanCost of the current plan (needs a sensitivity table)")
     table = param.DataFrame(default=None, doc="the layer table shown by the model view")
@@ -192,7 +192,7 @@ class WorkbenchState(param.Parameterized):
                     f"{x.out_features}x{x.in_features}",
                     x.n_params,
                     str(spec),
-                    round(spec.bits_per_weight(x.in_features, x.out_features), 3),
+                    round(spec.bits_per_weight(out_features=x.out_features, in_features=x.in_features), 3),
                     round(spec.storage_bytes(x.out_features, x.in_features) / 1e3, 2),
                     float("nan") if term is None else float(f"{term:.4g}"),  # 4 digits for display
                     x.name in pins,
@@ -437,7 +437,7 @@ class WorkbenchState(param.Parameterized):
 
         self._require_model()
         cfg = {**self.eval_settings(), **settings}
-        resolved = None if reference else dict(self.resolved)
+        resolved = None if reference else self.resolved  # a ResolvedPlan, replaced (never mutated) on edits
         label = "reference" if reference else self.plan_label()
         job = self.add_job(
             evaluate_job(
@@ -467,7 +467,7 @@ class WorkbenchState(param.Parameterized):
                 self,
                 prompt,
                 max_new_tokens,
-                dict(self.resolved),
+                self.resolved,
                 json.dumps(self.plan.to_json(), sort_keys=True),
             )
         )

@@ -224,14 +224,14 @@ def evaluate_job(
 
     def work(ctx: JobContext):
         from workbench.evaluate import evaluate
-        from workbench.simulate import calibration_grams, needs_gram
+        from workbench.simulate import calibration_grams
 
         ctx.report(0.0, "waiting for the model")
         with state._model_lock:
             loaded = private_model(state)
             grams = None
             if resolved:
-                need = [n for n, s in resolved.items() if needs_gram(s)]
+                need = resolved.gram_layers
                 if need:
                     ctx.report(0.05, f"calibration Gram matrices for {len(need)} gptq/awq layers")
                     cfg = state.calibration_settings()
