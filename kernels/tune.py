@@ -5,6 +5,12 @@ on the real inputs (L2 flushed before every timed launch, median of a few) and k
 choice is written to ``$WORKBENCH_TUNE_CACHE`` (default ``~/.cache/workbench/kernel_tune.json``), one
 object ``{"<gpu name>": {"<key>": [params...]}}``, and read back by later processes.  While a CUDA graph
 is being captured nothing can be timed: the caller's heuristic shape is used and nothing is cached.
+
+Opt-in: timing passes run only with ``WORKBENCH_TUNE=1`` (a cached choice is used either way).  The
+timing here is one launch between events after an L2 flush; on the H200 (2026-12-02,
+``benchmarks/RESULTS.md``) that ranked 10-25 us kernels wrongly against the CUDA-graph timings of
+``bench_kernels.py`` (launch overhead and split-K's extra memset / cast launches dominate the
+differences), so it stays off by default until it times CUDA graphs over rotated weight copies.
 """
 
 from __future__ import annotations
@@ -86,7 +92,9 @@ def pick(
     table = _load(gpu)
     if full in table:
         return tuple(table[full])
-    if torch.cuda.is_current_stream_capturing() or os.environ.get("WORKBENCH_NO_TUNE"):
+    if os.environ.get("WORKBENCH_TUNE") != "1" or os.environ.get("WORKBENCH_NO_TUNE"):
+        return default  # opt-in (see the module docstring)
+    if torch.cuda.is_current_stream_capturing():
         return default
     best, best_ms = default, float("inf")
     for cand in candidates:
