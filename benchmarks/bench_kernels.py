@@ -290,10 +290,9 @@ TUNE_FORMATS: tuple = ()  # --tune: formats whose launch shape is tuned on this 
 
 
 def _set_tuning(fmt: str) -> None:
-    import os
+    from workbench.kernels import tune
 
-    os.environ.pop("WORKBENCH_NO_TUNE", None)
-    os.environ["WORKBENCH_TUNE"] = "1" if fmt in TUNE_FORMATS else "0"
+    tune.enable(fmt in TUNE_FORMATS)
 
 
 def _time_peers(K: int, N: int, M: int, gen, log) -> dict:
