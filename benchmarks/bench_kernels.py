@@ -286,16 +286,13 @@ def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool,
 
 
 PEERS = True  # --no-peers turns tinygemm / GemLite off
-TUNE_FORMATS = ("w4_g128",)  # --tune: formats whose launch shape is tuned on this GPU (others: defaults)
+TUNE_FORMATS: tuple = ()  # --tune: formats whose launch shape is tuned on this GPU first (kernels.tune)
 
 
 def _set_tuning(fmt: str) -> None:
-    import os
+    from workbench.kernels import tune
 
-    if fmt in TUNE_FORMATS:
-        os.environ.pop("WORKBENCH_NO_TUNE", None)
-    else:
-        os.environ["WORKBENCH_NO_TUNE"] = "1"
+    tune.enable(fmt in TUNE_FORMATS)
 
 
 def _time_peers(K: int, N: int, M: int, gen, log) -> dict:
@@ -422,7 +419,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the JSON results to this file")
     ap.add_argument("--configs", default=None, help="';'-separated launch configs (comma ints) to try")
     ap.add_argument("--no-peers", action="store_true", help="skip tinygemm / GemLite")
-    ap.add_argument("--tune", default="w4_g128", help="formats tuned per GPU (comma list; 'all')")
+    ap.add_argument("--tune", default="", help="formats to tune per GPU first (comma list or all)")
     a = ap.parse_args()
     global PEERS, TUNE_FORMATS
     PEERS = not a.no_peers

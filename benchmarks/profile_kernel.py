@@ -4,7 +4,12 @@
         python benchmarks/profile_kernel.py --fmt w4_g128 --shape 4096x14336x1
 
 No timing here (``bench_kernels.py`` times); this only builds the inputs the benchmark builds and calls
-the launcher with its default (or a given) config.
+the launcher with its default (or a given) config (``WORKBENCH_W4_MMA=1`` for the tensor-core W4 path).
+
+    python benchmarks/profile_kernel.py --sass [--rows16] [--sym] [--two-steps]
+
+compiles the tensor-core W4 kernel for sm_90 without a GPU (Triton's own ptxas / cuobjdump) and prints
+its registers and the SASS opcode histogram of the K loop (instructions per 64 weights of a lane).
 """
 
 from __future__ import annotations
@@ -12,6 +17,64 @@ from __future__ import annotations
 import argparse
 
 import torch
+
+
+def sass_histogram(rows16: bool, has_zero: bool, two_steps: bool, block_n: int = 64) -> str:
+    """Compile ``_w4_mma_kernel`` for sm_90 here (no GPU) and count the SASS of its K loop."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from workbench.kernels import gemv_mma as G
+
+    asm, cons = G.w4_asm(rows16, has_zero)
+    ints = ["M", "N", "K2", "KWL", "STEPS", "STEPS_PER_SPLIT", "stride_x2", "stride_wn", "stride_ym"]
+    sig = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16"}
+    sig.update({k: "i32" for k in ints})
+    const = dict(
+        G_SHIFT=7,
+        PER_CHANNEL=False,
+        HAS_ZERO=has_zero,
+        ROWS16=rows16,
+        ONE_ROW=not rows16,
+        EVEN_K=True,
+        BLOCK_N=block_n,
+        SPLIT_K=1,
+        ASM=asm,
+        CONS=cons,
+        TWO_STEPS=int(two_steps),
+    )
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    aligned = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "K2", "KWL", "stride_x2", "stride_wn"]
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=G._w4_mma_kernel, signature=sig, constexprs=const, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": block_n // 16})
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+        regs = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    body: list[str] = []
+    for addr, txt in ins:  # the longest backward branch is the K loop
+        m = re.search(r"BRA\s+.*?0x([0-9a-f]+)", txt)
+        if m and int(m.group(1), 16) < addr:
+            cand = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            body = cand if len(cand) > len(body) else body
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
+    per = 64 * (2 if two_steps else 1)
+    reg = re.search(r"REG:(\d+)", regs)
+    return (
+        f"triton {triton.__version__}, registers {reg.group(1) if reg else '?'}: {len(body)} SASS instr. "
+        f"per {per} weights of a lane = {len(body) / per:.2f} per weight\n{ops.most_common()}"
+    )
 
 
 def main() -> None:
@@ -24,7 +87,14 @@ def main() -> None:
     ap.add_argument("--shape", default="4096x14336x1", help="KxNxM")
     ap.add_argument("--config", default=None, help="comma ints: GemvConfig (M<=4) or GemmConfig fields")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sass", action="store_true", help="compile the W4 tensor-core kernel here, count SASS")
+    ap.add_argument("--rows16", action="store_true")
+    ap.add_argument("--sym", action="store_true")
+    ap.add_argument("--two-steps", action="store_true")
     a = ap.parse_args()
+    if a.sass:
+        print(sass_histogram(a.rows16, not a.sym, a.two_steps))
+        return
     K, N, M = (int(v) for v in a.shape.split("x"))
     cfg = None
     if a.config:

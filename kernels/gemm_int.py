@@ -175,10 +175,8 @@ def launch_gemm(
     per_channel, G = group_tile(group_size, K, per, name)
     if config is None and not fp8 and mma_eligible(x, bits, group_size, K):  # W4, fp16 x, <= 16 rows
 
-        def run_other(c, o):
-            return launch_gemm(
-                name, x, packed, scales_t, zeros_t, bits, group_size, K, N, fp8, GemmConfig(*c), o
-            )
+        def run_other(c, o, p, s, z):
+            return launch_gemm(name, x, p, s, z, bits, group_size, K, N, fp8, GemmConfig(*c), o)
 
         ch = choose_w4(x, packed, scales_t, zeros_t, group_size, K, N, tune.GEMM_CANDIDATES_16, run_other)
         if ch[0] == 0:
@@ -187,12 +185,18 @@ def launch_gemm(
     cfg = config or default_gemm_config(M, N, K, bits)
     if config is None and tune.tunable(x):  # per-GPU choice among the tune.GEMM_CANDIDATES*, cached
         cands = tune.GEMM_CANDIDATES_16 if M <= 16 else tune.GEMM_CANDIDATES
-        scratch = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        run = lambda c: launch_gemm(
-            name, x, packed, scales_t, zeros_t, bits, group_size, K, N, fp8, GemmConfig(*c), scratch
-        )  # noqa: E731
+
+        def make_run():  # only when a timing pass runs: scratch output, rotated weight copies
+            o = torch.empty(M, N, dtype=x.dtype, device=x.device)
+            return tune.rotating_runner(
+                lambda c, p, s, z: launch_gemm(
+                    name, x, p, s, z, bits, group_size, K, N, fp8, GemmConfig(*c), o
+                ),
+                [packed, scales_t, zeros_t],
+            )
+
         key = tune.shape_key(x, N, K, bits, group_size, zeros_t is not None, fp8)
-        cfg = GemmConfig(*tune.pick("gemm", key, x.device, cands, run, astuple(cfg)))
+        cfg = GemmConfig(*tune.pick("gemm", key, x.device, cands, make_run, astuple(cfg)))
     bk = cfg.block_k if per_channel else min(cfg.block_k, G)
     bk = max(bk, 32)  # whole 32-column chunks
     if not per_channel and G % bk:

@@ -420,10 +420,8 @@ def launch_gemv(
     per_channel, G = group_tile(group_size, K, per, name)
     if config is None and not fp8 and mma_eligible(x, bits, group_size, K):  # W4, fp16 x, <= 16 rows
 
-        def run_other(c, o):
-            return launch_gemv(
-                name, x, packed, scales_t, zeros_t, bits, group_size, K, N, fp8, GemvConfig(*c), o
-            )
+        def run_other(c, o, p, s, z):
+            return launch_gemv(name, x, p, s, z, bits, group_size, K, N, fp8, GemvConfig(*c), o)
 
         ch = choose_w4(x, packed, scales_t, zeros_t, group_size, K, N, tune.GEMV_CANDIDATES, run_other)
         if ch[0] == 0:
@@ -431,12 +429,18 @@ def launch_gemv(
         config = GemvConfig(*ch[1:])
     cfg = config or default_gemv_config(M, N, K, bits)
     if config is None and tune.tunable(x):  # per-GPU choice among tune.GEMV_CANDIDATES, cached
-        scratch = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        run = lambda c: launch_gemv(
-            name, x, packed, scales_t, zeros_t, bits, group_size, K, N, fp8, GemvConfig(*c), scratch
-        )  # noqa: E731
+
+        def make_run():  # only when a timing pass runs: scratch output, rotated weight copies
+            o = torch.empty(M, N, dtype=x.dtype, device=x.device)
+            return tune.rotating_runner(
+                lambda c, p, s, z: launch_gemv(
+                    name, x, p, s, z, bits, group_size, K, N, fp8, GemvConfig(*c), o
+                ),
+                [packed, scales_t, zeros_t],
+            )
+
         key = tune.shape_key(x, N, K, bits, group_size, zeros_t is not None, fp8)
-        cfg = GemvConfig(*tune.pick("gemv", key, x.device, tune.GEMV_CANDIDATES, run, astuple(cfg)))
+        cfg = GemvConfig(*tune.pick("gemv", key, x.device, tune.GEMV_CANDIDATES, make_run, astuple(cfg)))
     Kp = packed_k(K, bits)
     kwl = Kp // per  # words of the (low) plane per row
     if per_channel:  # one tile of gw words per step, no wider than the row

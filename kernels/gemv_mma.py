@@ -33,6 +33,7 @@ interpreter cannot run inline PTX: on the CPU the launchers use ``gemv_int`` / `
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 
@@ -410,9 +411,23 @@ def mma_eligible(x: torch.Tensor, bits: int, group_size: int, K: int) -> bool:
         return False
     if K % 2 or x.stride(0) % 2 or x.data_ptr() % 4:
         return False
-    if torch.cuda.get_device_capability(x.device)[0] < 8:
+    dev = x.device.index
+    if dev not in _CC:
+        _CC[dev] = torch.cuda.get_device_capability(x.device)[0]
+    if _CC[dev] < 8:
         return False
     return group_size >= K or group_size >= 32
+
+
+_CC: dict[object, int] = {}
+_SMS: dict[object, int] = {}
+
+
+def _sms(device: torch.device) -> int:
+    """Multiprocessor count of the device (cached)."""
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
 
 
 # (block_n = 16 x warps, split_k, two_steps) tried by the tuner; split-K adds a memset and a cast kernel
@@ -454,8 +469,7 @@ def w4_mma(
 ) -> torch.Tensor:
     """W4 tensor-core GEMV; ``shape`` = (block_n, split_k, two_steps), default the heuristic one."""
     if shape is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        shape = (*_default_shape(N, K, sms), 0)
+        shape = (*_default_shape(N, K, _sms(x.device)), 0)
     return launch_w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, shape[0], shape[1], out, shape[2])
 
 
@@ -468,22 +482,32 @@ def choose_w4(
     K: int,
     N: int,
     other: list[tuple],
-    run_other: Callable[[tuple, torch.Tensor], object],
+    run_other: Callable[..., object],
 ) -> tuple:
     """Per-GPU choice (``kernels.tune``) between this kernel's launch shapes, (0, block_n, split_k,
-    two_steps), and the caller's own kernel's configs ``other``, (1, *config); returns the winner."""
+    two_steps), and the caller's own kernel's configs ``other``, (1, *config); returns the winner.
+    ``run_other(config, out, packed, scales_t, zeros_t)`` launches the caller's kernel."""
     from workbench.kernels import tune
 
     M = x.shape[0]
+    default = (0, *_default_shape(N, K, _sms(x.device)), 0)
+    if not tune.tunable(x):
+        return default
     steps = triton.cdiv(K, STEP_COLS)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     cands = [(0, *c) for c in SHAPE_CHOICES if c[1] == 1 or steps // c[1] >= 2] + [(1, *c) for c in other]
-    scratch = torch.empty(M, N, dtype=x.dtype, device=x.device)
 
-    def run(c: tuple) -> object:
-        if c[0] == 0:
-            return launch_w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, c[1], c[2], scratch, c[3])
-        return run_other(c[1:], scratch)
+    def make_run() -> Callable[[tuple], object]:
+        scratch = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        copies = tune.rotated_copies([packed, scales_t, zeros_t])
+        turn = itertools.count()
+
+        def run(c: tuple) -> object:  # each call takes the next weight copy (L2 cannot hold them all)
+            p, s, z = copies[next(turn) % len(copies)]
+            if c[0] == 0:
+                return launch_w4_mma(x, p, s, z, group_size, K, N, c[1], c[2], scratch, c[3])
+            return run_other(c[1:], scratch, p, s, z)
+
+        return run
 
     key = tune.shape_key(x, N, K, 4, group_size, zeros_t is not None, False)
-    return tune.pick("w4", key, x.device, cands, run, (0, *_default_shape(N, K, sms), 0))
+    return tune.pick("w4", key, x.device, cands, make_run, default)

@@ -5,10 +5,17 @@ on the real inputs (L2 flushed before every timed launch, median of a few) and k
 choice is written to ``$WORKBENCH_TUNE_CACHE`` (default ``~/.cache/workbench/kernel_tune.json``), one
 object ``{"<gpu name>": {"<key>": [params...]}}``, and read back by later processes.  While a CUDA graph
 is being captured nothing can be timed: the caller's heuristic shape is used and nothing is cached.
+
+Opt-in: timing passes run only with ``WORKBENCH_TUNE=1`` (a cached choice is used either way).  Each
+candidate is timed like ``benchmarks/bench_kernels.py`` does (CUDA graph of 20 launches over weight
+copies >= 3x L2).  The first version timed one launch after an L2 flush; on the H200 (2026-12-02,
+``benchmarks/RESULTS.md``) that ranked 10-25 us kernels by launch overhead and split-K's extra memset /
+cast launches and picked worse shapes than the defaults.  The graph timing has not yet run on a GPU.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -18,7 +25,6 @@ from pathlib import Path
 import torch
 
 _MEM: dict[str, dict[str, list]] = {}
-_FLUSH: dict[str, torch.Tensor] = {}
 
 
 def cache_path() -> Path:
@@ -53,18 +59,48 @@ def _save(gpu: str) -> None:
         pass  # a read-only home: keep the choice in memory only
 
 
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
-    """One launch in ms with L2 flushed first (a 256 MB write)."""
-    key = str(device)
-    if key not in _FLUSH:
-        _FLUSH[key] = torch.empty(64 * 2**20, dtype=torch.int32, device=device)
-    _FLUSH[key].zero_()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
+GRAPH_LAUNCHES = 20
+
+
+def time_graph(fn: Callable[[], object], reps: int = 5) -> float:
+    """Median ms of one ``fn()`` replayed inside a CUDA graph of ``GRAPH_LAUNCHES`` calls.
+
+    As in ``benchmarks/bench_kernels.py``: ``fn`` should rotate through enough weight copies
+    (``rotated_copies``) that L2 cannot hold them; warm-up (compilation) happens before the capture.
+    """
     fn()
-    e1.record()
-    e1.synchronize()
-    return e0.elapsed_time(e1)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_LAUNCHES):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        graph.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / GRAPH_LAUNCHES)
+    del graph
+    return statistics.median(times)
+
+
+def rotated_copies(tensors: Sequence[torch.Tensor | None]) -> list[tuple]:
+    """The tensors (first) plus clones, so that one cycle through them moves >= 3x the GPU's L2."""
+    live = [t for t in tensors if t is not None]
+    nbytes = sum(t.numel() * t.element_size() for t in live)
+    l2 = torch.cuda.get_device_properties(live[0].device).L2_cache_size
+    n = max(2, -(-3 * l2 // max(nbytes, 1)))
+    clone = lambda t: None if t is None else t.clone()  # noqa: E731
+    return [tuple(tensors)] + [tuple(clone(t) for t in tensors) for _ in range(n - 1)]
 
 
 def pick(
@@ -72,27 +108,34 @@ def pick(
     key: str,
     device: torch.device,
     candidates: Sequence[tuple],
-    run: Callable[[tuple], object],
+    make_run: Callable[[], Callable[[tuple], object]],
     default: tuple,
     reps: int = 5,
 ) -> tuple:
     """The fastest of ``candidates`` for ``kernel``/``key`` on this GPU (cached), or ``default``.
 
-    ``run(params)`` launches the kernel once with a candidate's parameters (it may write into a
-    scratch output).  Candidates that fail to compile or launch are skipped.
+    ``make_run()`` (called only when a timing pass runs) returns ``run(params)``, which launches the
+    kernel once with a candidate's parameters (into a scratch output, rotating its weights through
+    ``rotated_copies``); each candidate is timed by ``time_graph``.  Candidates that fail to compile,
+    launch or capture are skipped.
     """
-    gpu = torch.cuda.get_device_name(device)
+    gpu = _gpu_name(device)
     full = f"{kernel}|{key}"
     table = _load(gpu)
     if full in table:
         return tuple(table[full])
-    if torch.cuda.is_current_stream_capturing() or os.environ.get("WORKBENCH_NO_TUNE"):
+    enabled = _STATE["enabled"]
+    if enabled is None:
+        enabled = os.environ.get("WORKBENCH_TUNE") == "1" and not os.environ.get("WORKBENCH_NO_TUNE")
+    if not enabled:
+        return default  # opt-in (see the module docstring)
+    if torch.cuda.is_current_stream_capturing():
         return default
     best, best_ms = default, float("inf")
+    run = make_run()
     for cand in candidates:
         try:
-            run(cand)  # compile + warm up
-            ms = statistics.median(_time_once(lambda c=cand: run(c), device) for _ in range(reps))
+            ms = time_graph(lambda c=cand: run(c), reps)
         except Exception:  # noqa: BLE001 - a shape the compiler or the device rejects is not a choice
             continue
         if ms < best_ms:
@@ -104,7 +147,7 @@ def pick(
 
 def tuned_table(device: torch.device | None = None) -> dict[str, list]:
     """Every cached choice for this GPU (for benchmarks' records)."""
-    return dict(_load(torch.cuda.get_device_name(device)))
+    return dict(_load(_gpu_name(device)))
 
 
 # candidate launch shapes of the CUDA-core GEMV (GemvConfig fields) and the tensor-core GEMM (GemmConfig)
@@ -138,5 +181,37 @@ def shape_key(x: torch.Tensor, N: int, K: int, bits: int, group_size: int, has_z
 
 
 def tunable(x: torch.Tensor) -> bool:
-    """Tuning applies on CUDA only (the interpreter / CPU use the defaults)."""
-    return x.is_cuda
+    """Look up / tune a launch shape: CUDA only, and only with timing enabled or a cache file present
+    (otherwise the launchers take their heuristic shape at the cost of this check alone)."""
+    if not x.is_cuda:
+        return False
+    if _STATE["enabled"] is None:  # read the environment once per process (``enable`` overrides)
+        _STATE["enabled"] = os.environ.get("WORKBENCH_TUNE") == "1" and not os.environ.get(
+            "WORKBENCH_NO_TUNE"
+        )
+        _STATE["cache"] = cache_path().exists()
+    return bool(_STATE["enabled"] or _STATE["cache"])
+
+
+def enable(flag: bool) -> None:
+    """Turn timing passes on or off for this process (instead of ``WORKBENCH_TUNE``)."""
+    _STATE["enabled"] = flag
+    _STATE["cache"] = cache_path().exists()
+
+
+_STATE: dict[str, bool | None] = {"enabled": None, "cache": None}
+_GPU: dict[object, str] = {}
+
+
+def _gpu_name(device: torch.device | None) -> str:
+    key = None if device is None else torch.device(device).index
+    if key not in _GPU:
+        _GPU[key] = torch.cuda.get_device_name(device)
+    return _GPU[key]
+
+
+def rotating_runner(launch: Callable, weights: Sequence[torch.Tensor | None]) -> Callable[[tuple], object]:
+    """``run(params)`` for ``pick``: ``launch(params, *weights_copy)`` cycling through ``rotated_copies``."""
+    copies = rotated_copies(weights)
+    turn = itertools.count()
+    return lambda c: launch(c, *copies[next(turn) % len(copies)])

@@ -15,7 +15,7 @@ import torch
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton / the kernels
-os.environ.setdefault("WORKBENCH_NO_TUNE", "1")  # the sweep checks the heuristic shapes, no timing passes
+os.environ.setdefault("WORKBENCH_NO_TUNE", "1")  # the sweep checks the heuristic shapes (tuning is opt-in)
 
 import itertools  # noqa: E402
 import zlib  # noqa: E402
@@ -242,7 +242,6 @@ def test_w4_mma_matches_reference(shape, G, sym, monkeypatch):
     two cases (one K with a partial last step).  No tuning here: the heuristic launch shape."""
     from workbench.kernels.gemv_mma import SHAPE_CHOICES, w4_mma
 
-    monkeypatch.setenv("WORKBENCH_NO_TUNE", "1")
     N, K = shape
     seed = zlib.crc32(f"mma{N}{K}{G}{sym}".encode())
     _, packed, st, zt = _make_int(N, K, 4, G, sym, seed)
@@ -290,21 +289,24 @@ def test_tune_cache_picks_fastest_and_persists(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WORKBENCH_TUNE_CACHE", str(tmp_path / "tune.json"))
     monkeypatch.delenv("WORKBENCH_NO_TUNE", raising=False)
+    monkeypatch.setenv("WORKBENCH_TUNE", "1")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(tune, "_MEM", {})
+    monkeypatch.setattr(tune, "_GPU", {})
+    monkeypatch.setattr(tune, "_STATE", {"enabled": None, "cache": None})
     times = {(1, 2): 3.0, (4, 1): 1.0, (8, 8): 2.0}
     ran = []
-    monkeypatch.setattr(tune, "_time_once", lambda fn, dev: (fn(), times[ran[-1]])[1])
+    monkeypatch.setattr(tune, "time_graph", lambda fn, reps: (fn(), times[ran[-1]])[1])
 
     def run(c):
         if c == (9, 9):
             raise RuntimeError("out of shared memory")  # a candidate the compiler rejects is skipped
         ran.append(c)
 
-    got = tune.pick("k", "M1|N8", torch.device("cpu"), [(1, 2), (9, 9), (4, 1), (8, 8)], run, (1, 2))
+    got = tune.pick("k", "M1|N8", torch.device("cpu"), [(1, 2), (9, 9), (4, 1), (8, 8)], lambda: run, (1, 2))
     assert got == (4, 1)
     assert json.loads((tmp_path / "tune.json").read_text()) == {"Fake GPU": {"k|M1|N8": [4, 1]}}
     monkeypatch.setattr(tune, "_MEM", {})  # a new process reads the file, times nothing
     ran.clear()
-    assert tune.pick("k", "M1|N8", torch.device("cpu"), [(1, 2)], run, (1, 2)) == (4, 1) and not ran
+    assert tune.pick("k", "M1|N8", torch.device("cpu"), [(1, 2)], lambda: run, (1, 2)) == (4, 1) and not ran
