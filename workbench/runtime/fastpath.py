@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from workbench.errors import WorkbenchError
 from workbench.runtime.attention import decode_attention
-from workbench.runtime.decode import GraphDecoder, _model_dtype
 from workbench.runtime.fuse import FUSE_GROUPS, LinearOp, group_ops, linear
+from workbench.runtime.graph import GraphDecoder, model_dtype
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "llama3", "linear")
@@ -165,7 +165,7 @@ class FastModel:
             down = group_ops(layer.mlp, ("down_proj",), "")[0][0]
             w1, w2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             self.blocks.append(BlockOps(w1, w2, qkv, o, gu, down))
-        self.dtype = _model_dtype(model)
+        self.dtype = model_dtype(model)
         self.device = self.embed.device
 
     def rotary_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:

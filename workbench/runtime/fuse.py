@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workbench.runtime.qlinear import QuantLinear, _group_size, fp8_matmul, int_matmul
+from workbench.quant.layouts import stored_group_size
+from workbench.runtime.qlinear import QuantLinear, fp8_matmul, int_matmul
 
 FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -140,7 +141,7 @@ def _single(m: torch.nn.Module) -> LinearOp:
     if not m.has_kernel or m.input_scale is not None:
         return LinearOp("module", m.in_features, (m.out_features,), module=m)
     if m.spec.fmt == "int":
-        g = _group_size(m.spec, m.in_features)
+        g = stored_group_size(m.spec, m.in_features)
         return LinearOp(
             "int", m.in_features, (m.out_features,), packed=m.packed, scales=m.scales, zeros=m.zeros,
             bits=m.spec.bits, group_size=g, bias=m.bias,

@@ -44,7 +44,6 @@ from workbench.quant.registry import FORMATS, Kernel, format_of
 from workbench.quant.spec import QuantSpec
 
 BACKENDS = ("auto", "reference")
-_group_size = stored_group_size  # old private name, still imported by runtime/fuse.py on main: merge debt
 
 
 # ---------------------------------------------------------------------------------------------- support
