@@ -1,34 +1,37 @@
 """W4 dequant-matmul for 1..16 rows on the tensor cores, decoded straight into the mma fragments (CUDA).
 
 ``y = x @ dequant(W)^T`` for 4-bit codes (group size a power of two >= 32, or per channel), fp16
-activations, M <= 16 rows.  One warp owns 8 output channels (weight rows) and walks K in steps of 128
-columns.  Lane L = 4 g + q loads 16 bytes: the 4 packed words (32 codes) of chunk q (columns
-32 q .. 32 q + 31 of the step) of weight row g.  That is exactly the B fragment of
-``mma.sync.m16n8k16`` for 8 k-steps (row n = g, k pair per lane), so each lane decodes its own words
-into the registers the tensor cores read: no shared-memory round trip, no layout conversion.
+activations, M <= 16 rows.  The weights are the A operand of ``mma.sync.m16n8k16`` (16 output
+channels x 16 k), x the B operand (k x 8 rows of x).  A warp owns 16 channels and walks K in steps of
+128 columns.  Lane L = 4 g + q loads 16 bytes from each of its two rows (channels g and g + 8 of the
+warp's 16): the 4 packed words (32 codes) of chunk q, columns 32 q .. 32 q + 31 of the step.  Those
+are exactly the lane's A fragments for 8 k-steps, so each lane decodes its own words into the
+registers the tensor cores read: no shared-memory round trip, no layout conversion.
 
-Decode (inline PTX, ``tl.inline_asm_elementwise`` with ``pack=4`` = one lane's 16-byte load):
+Decode (inline PTX, ``tl.inline_asm_elementwise`` with ``pack=8`` = the lane's two 16-byte loads):
 
-* ``prmt`` puts byte b of words (2u, 2u+1) into the two halves of one register; by the packing layout
-  (``workbench.quant.packing``: slot j of chunk word w is column 4 j + w) the two low nibbles are
-  columns (8 b + 2 u, 8 b + 2 u + 1) and the two high nibbles the same + 4: adjacent columns, so the
-  matching x pair is one 32-bit word of x, loaded as is (A fragment, no shuffles);
+* ``prmt`` puts byte j of words (2u, 2u+1) into the two halves of one register; by the packing layout
+  (``workbench.quant.packing``: slot s of chunk word w is column 4 s + w) the two low nibbles are
+  columns (8 j + 2 u, 8 j + 2 u + 1) and the two high nibbles the same + 4: adjacent columns, so the
+  matching x pair is one 32-bit word of x, loaded as is (the B fragment, no shuffles);
 * ``lop3`` ORs the low nibbles into 0x6400 (fp16 1024 + q) and the high nibbles into 0x5400 (fp16
   64 + q: the nibble sits 4 bits up, where the ulp of 64 is 1/16), two codes per instruction;
-* ``sub.f16x2`` removes 1024 / 64 exactly (q), ``fma.f16x2`` forms ``q s - z s`` (``mul`` by s and a
-  constant 8 for symmetric weights): the weight rounded to fp16 once, as a dense fp16 weight is;
-* one ``mma.m16n8k16`` (fp32 accumulate) per 4 weights of the lane.
+* one ``fma.f16x2`` per two codes: v s - 1024 s (or - 64 s) = q s, exact before its one rounding;
+* one mma per 8 weights of the lane (fp32 accumulate) plus one with the constant A = -z s (the zero
+  point: exact products, fp32 sums; symmetric weights use z = 8).
 
-Rows of x: lanes with g < M supply row g (row min(g, M - 1) otherwise) in the A fragment's rows 0..7
-and, for M > 8, rows g + 8 in rows 8..15.  The accumulator fragment (c0..c3 = y[g, 2q..2q+1] and
-y[g + 8, 2q..2q+1] of the warp's 8 channels) rides in a ``[BLOCK_N, 16]`` fp32 tensor in the words'
-layout and is stored with computed indices.  Per 32 weights of a lane: 8 prmt, 16 lop3, 16 sub, 16
-fma/mul, 8 mma (``benchmarks/KERNEL_NOTES.md`` has the SASS count).
+Rows of x: lane g supplies x row min(g, M - 1) as mma column g (one-row GEMV: loaded once per lane
+and broadcast); for M > 8 a second mma per step takes rows 8..15.  The accumulators (c0, c1 = y rows
+2q, 2q+1 of channel g; c2, c3 the same for channel g + 8) ride in a ``[BLOCK_N, 16]`` fp32 tensor in
+the words' layout and are stored by predicated PTX stores (``_store``).  SASS: ~2.7 instructions per
+weight in the K loop (``python benchmarks/profile_kernel.py --sass``; ``benchmarks/KERNEL_NOTES.md``).
 
 This relies on Triton giving the ``[BLOCK_N, 16]`` int32 loads the layout sizePerThread [1, 4],
-threadsPerWarp [8, 4], one row block of 8 per warp (``BLOCK_N = 8 * num_warps``): what its coalescing
-pass builds for 16-byte-aligned rows; the CUDA tests check the result on every shape.  The Triton
-interpreter cannot run inline PTX: on the CPU the launchers use ``gemv_int`` / ``gemm_int``.
+threadsPerWarp [8, 4], warps stacked along rows (``BLOCK_N = 16 * num_warps``); ``_check_layout``
+refuses a compiled variant that differs, and the CUDA tests check the results.  The Triton
+interpreter cannot run inline PTX: on the CPU the launchers use the ``gemv_int`` / ``gemm_int`` kernels.
+Opt-in (``WORKBENCH_W4_MMA=1``) until the per-GPU tuner has chosen it where it wins
+(``benchmarks/RESULTS.md``, "Kernels on the H200").
 """
 
 from __future__ import annotations

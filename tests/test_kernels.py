@@ -310,3 +310,27 @@ def test_tune_cache_picks_fastest_and_persists(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "_MEM", {})  # a new process reads the file, times nothing
     ran.clear()
     assert tune.pick("k", "M1|N8", torch.device("cpu"), [(1, 2)], lambda: run, (1, 2)) == (4, 1) and not ran
+
+
+@pytest.mark.parametrize("rows16", [False, True])
+@pytest.mark.parametrize("has_zero", [False, True])
+def test_w4_mma_asm_operands(rows16, has_zero):
+    """The generated PTX of the tensor-core kernel uses exactly the operands its constraints declare:
+    every input register is read (acc, words, x pairs [rows 8..15], s [, z]), outputs are $0-$7."""
+    import re
+
+    from workbench.kernels.gemv_mma import w4_asm
+
+    asm, cons = w4_asm(rows16, has_zero)
+    kinds = cons.split(",")
+    used = {int(i) for i in re.findall(r"\$(\d+)", asm)}
+    assert kinds[:8] == ["=f"] * 8 and kinds[8:16] == ["f"] * 8 and max(used) < len(kinds)
+    so = 88 if rows16 else 56
+    # x args carry 8 elements per lane (rows a, b), the same pairs twice: elements 4..7 go unread;
+    # fp16 s / z arrive as {s_a, s_a} x 2, {s_b, s_b} x 2: every second register goes unread
+    dup_x = {24 + 8 * j + e for j in range(4 * (2 if rows16 else 1)) for e in range(4, 8)}
+    dup_sz = {so + 1, so + 3} | ({so + 5, so + 7} if has_zero else set())
+    unread = {i for i in range(8, len(kinds)) if i not in used}
+    assert unread == dup_x | dup_sz, sorted(unread ^ (dup_x | dup_sz))
+    assert asm.count("mma.sync.aligned.m16n8k16") == (32 if rows16 else 16)
+    assert asm.count("{") == asm.count("}")
