@@ -115,25 +115,27 @@ def calibration_grams(
     names: list[str] | None = None,
     text: str = "wiki",
     n_seqs: int = 32,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     seed: int = 0,
     progress: bool = True,
     use_cache: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Gram matrices X^T X [K, K] (float32) of the inputs of `names` (default: every quantizable linear).
 
-    Calibration windows: `calibration_batches(tokenizer, text, n_seqs, seq_len, seed)`. Cached in
+    Calibration windows: `calibration_batches(tokenizer, text, n_seqs, seq_len, seed)`; seq_len None is
+    min(512, the model's context). Cached in
     `cache_dir("grams")` as safetensors; layers sharing an input (q/k/v, gate/up) share one tensor.
     """
     from safetensors.torch import save_file
 
-    from workbench.data import calibration_batches
+    from workbench.data import calibration_batches, default_seq_len
     from workbench.inventory import layer_inventory
     from workbench.stats.activations import collect_activation_stats
 
     all_names = [x.name for x in layer_inventory(loaded.model)]
     names = all_names if names is None else list(names)
     d = loaded.description
+    seq_len = seq_len or default_seq_len(d.max_context)
     key = hashlib.sha1(
         f"{d.fingerprint}|{d.source}|{text}|{n_seqs}|{seq_len}|{seed}|v1".encode()
     ).hexdigest()[:16]
