@@ -13,7 +13,7 @@ import sys
 
 from workbench.errors import WorkbenchError
 
-COMMANDS = ("serve", "inspect", "sensitivity", "allocate", "eval", "quantize", "generate", "bench")
+COMMANDS = ("serve", "inspect", "sensitivity", "allocate", "eval", "quantize", "export", "generate", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
