@@ -16,8 +16,8 @@ What goes where:
 - layers the format cannot hold this way are listed in `notes`, named in `ignore` and kept in bf16: float
   formats (fp8, fp4, mxfp4, nvfp4, nf4), AWQ layers (their per-input-channel scale has no place in a
   per-layer scheme), an lm_head tied to the embeddings (one tensor serves both), and group specs whose
-  group size does not divide the layer's columns (compressed-tensors' group strategy refuses those). Everything else
-  (embeddings, norms, high-precision layers) is stored in bf16.
+  group size does not divide the layer's columns (compressed-tensors' group strategy refuses those).
+  Everything else (embeddings, norms, high-precision layers) is stored in bf16.
 
 The quantization convention of compressed-tensors: q = clamp(round(x / scale) + zp, -2^(b-1), 2^(b-1) - 1),
 x_hat = (q - zp) * scale; strategy `group` groups `group_size` input columns (the last one shorter),
