@@ -26,12 +26,12 @@ from tests.test_browser import ARGS, ARTIFACTS, CHROMIUM, _free_port, _totals, _
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-RUN_TIMEOUT_S = 900
+RUN_TIMEOUT_S = 600
 
-_STATE_JS = """() => {
+_STATE_JS = """(name) => {
   if (!window.jupyterapp) return null;
   const nb = window.jupyterapp.shell.currentWidget;
-  if (!nb || !nb.content || !nb.content.model) return null;
+  if (!nb || !nb.content || !nb.content.model || nb.context.path !== name) return null;
   const cells = nb.content.model.cells, out = {pending: 0, errors: [], plotly: 0, n: cells.length};
   for (let i = 0; i < cells.length; i++) {
     const c = cells.get(i);
@@ -100,16 +100,18 @@ def _run_notebook(browser, lab, name: str):
     """Open `name`, run all cells, wait until every code cell ran; returns (page, final state)."""
     url, token, log = lab
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
-    page.goto(f"{url}/lab/tree/{name}?token={token}")
-    state = _wait_for(lambda: page.evaluate(_STATE_JS), lambda s: s and s["status"] == "idle", timeout=120)
-    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.goto(f"{url}/lab/tree/{name}?reset&token={token}")  # reset: no tabs restored from a workspace
+    get = lambda: page.evaluate(_STATE_JS, name)  # noqa: E731
+    state = _wait_for(get, lambda s: s and s["status"] == "idle", timeout=120)
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
     t0 = time.time()
     while time.time() - t0 < RUN_TIMEOUT_S:
-        state = page.evaluate(_STATE_JS)
+        time.sleep(1)
+        state = get()
         if state["errors"] or (state["pending"] == 0 and state["status"] == "idle"):
             break
-        time.sleep(1)
     else:
+        page.screenshot(path=str(ARTIFACTS / f"jupyterlab_{Path(name).stem}_timeout.png"))
         pytest.fail(f"{name}: still running after {RUN_TIMEOUT_S} s: {state}")
     print(f"{name}: ran in {time.time() - t0:.0f} s, {state['plotly']} plotly figures")
     assert not state["errors"], f"{name}: cell errors {state['errors']}\n{log.read_text()[-2000:]}"
