@@ -173,4 +173,6 @@ def _check_embedded_app(page) -> None:
     _wait_for(lambda: row.locator('[tabulator-field="spec"]').inner_text(), lambda t: t == "int8_ch")
     layer0 = page.locator(".wb-layer-table .tabulator-row").filter(has_text="model.layers.0.self_attn.q_proj")
     assert layer0.first.locator('[tabulator-field="spec"]').inner_text() == "int4_g128"  # set by the notebook
+    cost = layer0.first.locator('[tabulator-field="cost"]').inner_text()
+    assert float(cost) > 0, cost  # priced by the notebook's table, not NaN
     print(f"04: totals {before!r} -> {after!r} in {seconds:.2f} s")
