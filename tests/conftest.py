@@ -10,6 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("WORKBENCH_DATA") or REPO.parent / "shared" / "data")
 STORIES = DATA / "models" / "stories260K" / "stories260K.bin"
+if not STORIES.is_file():  # a clone without the data folder: the copy shipped inside the package
+    STORIES = REPO / "workbench" / "models" / "stories260K" / "stories260K.bin"
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.data import calibration_batches, eval_windows, load_text, resolve_text_source, tokenize_text
+from workbench.data import (
+    PACKAGE_DATA,
+    calibration_batches,
+    eval_windows,
+    load_text,
+    resolve_text_source,
+    tokenize_text,
+)
 from workbench.errors import WorkbenchError
+
+SHIPPED = ("wikitext2", "wikitext2-raw", "wiki", "tinystories", "c4")
 
 
 def test_named_sources_resolve():
-    for name in ("wikitext2", "wikitext2:valid", "wikitext2-raw", "ptb", "c4", "tinystories", "wiki"):
-        assert resolve_text_source(name).is_file()
+    for name in SHIPPED:
+        assert resolve_text_source(name).is_relative_to(PACKAGE_DATA)
     with pytest.raises(WorkbenchError, match="no split"):
         resolve_text_source("ptb:train")
     with pytest.raises(WorkbenchError, match="not found"):
@@ -62,3 +71,36 @@ def test_token_memo_is_per_tokenizer_and_bounded():
     del tok
     gc.collect()
     assert len(data._TOKEN_CACHE) == n - 1  # the memo died with its tokenizer
+
+
+def test_shipped_text_is_the_data_folder_text(monkeypatch, tmp_path):
+    """The package copies decompress to exactly the files they were made from (md5 in their README)."""
+    import hashlib
+    import lzma
+
+    readme = (PACKAGE_DATA / "README.md").read_text()
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path))  # an empty data folder: only the package is left
+    for name in SHIPPED:
+        path = resolve_text_source(name)
+        assert path.is_relative_to(PACKAGE_DATA) and path.suffix == ".xz"
+        assert hashlib.md5(lzma.decompress(path.read_bytes())).hexdigest() in readme
+    assert load_text("wikitext2").startswith(" \n = Robert <unk> = \n")  # v1: tokenized, <unk>
+    assert load_text("wikitext2-raw").startswith(" = Robert Boulter = ")  # raw: no <unk>
+
+
+def test_resolution_order_and_offline_message(monkeypatch, tmp_path):
+    """Package, then WORKBENCH_DATA, then the hf: dataset; offline that fails with one clear line."""
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path))
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "test.txt").write_text(" the cat sat \n")
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "wiki.txt").write_text("a data-folder copy loses to the package\n")
+    assert resolve_text_source("ptb") == tmp_path / "ptb" / "test.txt"
+    assert load_text("ptb") == " the cat sat \n"
+    assert resolve_text_source("wiki").is_relative_to(PACKAGE_DATA)
+    assert resolve_text_source("ptb:valid") == "hf:ptb_text_only:penn_treebank:validation"
+    assert resolve_text_source("wikitext2:valid") == "hf:wikitext:wikitext-2-v1:validation"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WorkbenchError, match="'ptb:valid' is neither in the package nor in the data folder"):
+        load_text("ptb:valid")

@@ -1,4 +1,4 @@
-"""The `workbench` command line: one subcommand per arrow of the data flow (see DESIGN.md).
+"""The `workbench` command line: one subcommand per arrow of the data flow (see docs/DESIGN.md).
 
 Each subcommand lives in `workbench/commands/<name>.py` with `add_parser(subparsers)` and `run(args) -> int`;
 those modules import nothing heavy at import time, so `workbench --help` is instant. A user mistake
@@ -13,7 +13,7 @@ import sys
 
 from workbench.errors import WorkbenchError
 
-COMMANDS = ("serve", "inspect", "sensitivity", "allocate", "eval", "quantize", "generate", "bench")
+COMMANDS = ("serve", "inspect", "sensitivity", "allocate", "eval", "quantize", "export", "generate", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

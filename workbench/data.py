@@ -1,16 +1,22 @@
 """Text sources and token batches for calibration and evaluation.
 
-A text source is a file path, a short name resolved inside the data folder (`WORKBENCH_DATA`, default
-`../shared/data`), optionally with a split (`wikitext2:valid`), or `hf:<dataset>[:<config>[:<split>]]` for a
-Hugging Face dataset (online only).
+A text source is a file path, a short name (`wikitext2`, `wikitext2-raw`, `wiki`, `c4`, `tinystories`,
+`ptb`), optionally with a split (`wikitext2:valid`), or `hf:<dataset>[:<config>[:<split>[:<max_docs>]]]` for
+a Hugging Face dataset (online only). A name resolves, in order, to:
+1. the copy shipped inside the package (`workbench/textdata/`, xz-compressed; see its README for sources
+   and licences): what the defaults of the CLI and the app use;
+2. the data folder (`WORKBENCH_DATA`, default `../shared/data`);
+3. the standard Hugging Face dataset it comes from (`HF_SOURCES`), loaded with the `datasets` library when
+   online; offline this fails with a one-line message naming the three places looked at.
 
-Evaluation follows DESIGN.md: documents joined with "\\n\\n", tokenized once, cut into non-overlapping
+Evaluation follows docs/DESIGN.md: documents joined with "\\n\\n", tokenized once, cut into non-overlapping
 windows of the sequence length. Calibration draws `n` windows of `seq_len` tokens at seeded random offsets.
 """
 
 from __future__ import annotations
 
 import hashlib
+import lzma
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -30,9 +36,44 @@ NAMED_SOURCES: dict[str, dict[str, str]] = {
     "wiki": {"train": "calibration/wiki.txt"},
 }
 
+# name -> {split: hf: source} used when neither the package nor the data folder has the file. The
+# calibration samples are the first documents of very large corpora (streamed, never downloaded whole).
+HF_SOURCES: dict[str, dict[str, str]] = {
+    "wikitext2": {"test": "hf:wikitext:wikitext-2-v1:test", "valid": "hf:wikitext:wikitext-2-v1:validation"},
+    "wikitext2-raw": {"test": "hf:wikitext:wikitext-2-raw-v1:test"},
+    "ptb": {
+        "test": "hf:ptb_text_only:penn_treebank:test",
+        "valid": "hf:ptb_text_only:penn_treebank:validation",
+    },
+    "c4": {"train": "hf:allenai/c4:en:validation:3000"},
+    "tinystories": {"train": "hf:roneneldan/TinyStories::train:300"},
+    "wiki": {"train": "hf:wikimedia/wikipedia:20231101.en:train:500"},
+}
+
+PACKAGE_DATA = Path(__file__).resolve().parent / "textdata"
+
+
+def _named_source(name: str, split: str, source: str) -> Path | str:
+    """The package copy, else the data-folder file, else the `hf:` form of a named source."""
+    rel = NAMED_SOURCES[name][split]
+    packaged = PACKAGE_DATA / f"{rel}.xz"
+    if packaged.is_file():
+        return packaged
+    root = data_dir()
+    if root is not None and (root / rel).is_file():
+        return root / rel
+    hf = HF_SOURCES.get(name, {}).get(split)
+    if hf is None:
+        where = f"{root / rel} is missing" if root is not None else "no data folder (set WORKBENCH_DATA)"
+        raise WorkbenchError(f"text source '{source}': not in the package and {where}")
+    return hf
+
 
 def resolve_text_source(source: str) -> Path | str:
-    """Turn a source string into a file path (or keep an `hf:` id). Raises WorkbenchError when unknown."""
+    """Turn a source string into a file path (`.xz` for the package copies) or an `hf:` id.
+
+    Raises WorkbenchError when the source is unknown; never touches the network.
+    """
     if source.startswith("hf:"):
         return source
     path = Path(source).expanduser()
@@ -46,46 +87,57 @@ def resolve_text_source(source: str) -> Path | str:
         split = split or next(iter(splits))
         if split not in splits:
             raise WorkbenchError(f"text source '{name}' has no split '{split}' (have: {', '.join(splits)})")
-        root = data_dir()
-        if root is None:
-            raise WorkbenchError(f"text source '{source}' needs the data folder: set WORKBENCH_DATA")
-        path = root / splits[split]
-        if not path.is_file():
-            raise WorkbenchError(f"text source '{source}': {path} is missing")
-        return path
+        return _named_source(name, split, source)
     known = ", ".join(NAMED_SOURCES)
     raise WorkbenchError(
         f"text source '{source}' not found: not a file, not one of {known}, not hf:<dataset>"
     )
 
 
-def _load_hf_dataset(spec: str) -> str:
+def _load_hf_dataset(spec: str, source: str) -> str:
+    """Documents of `hf:<dataset>[:<config>[:<split>[:<max_docs>]]]` joined with blank lines (online only)."""
     parts = spec[3:].split(":")
     name, config = parts[0], parts[1] if len(parts) > 1 and parts[1] else None
-    split = parts[2] if len(parts) > 2 else "test"
+    split = parts[2] if len(parts) > 2 and parts[2] else "test"
+    max_docs = int(parts[3]) if len(parts) > 3 and parts[3] else None
+    named = source != spec
+    where = f"text source '{source}' is neither in the package nor in the data folder (WORKBENCH_DATA); "
     try:
         import datasets
-
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as exc:
+    except ImportError:
+        lead = where if named else f"dataset '{spec}': "
         raise WorkbenchError(
-            f"dataset '{spec}': could not load it ({type(exc).__name__}); offline?"
+            f"{lead}loading {spec} needs the `datasets` package (pip install datasets)"
         ) from None
-    column = "text" if "text" in ds.column_names else ds.column_names[0]
-    return "\n\n".join(ds[column])
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=max_docs is not None)
+        rows = list(ds.take(max_docs)) if max_docs is not None else ds
+        column = "text" if "text" in (rows[0] if max_docs else ds.column_names) else "sentence"
+        docs = [row[column] for row in rows] if max_docs is not None else ds[column]
+    except Exception as exc:
+        lead = where if named else f"dataset '{spec}': "
+        raise WorkbenchError(f"{lead}could not load {spec} ({type(exc).__name__}); offline?") from None
+    return "\n\n".join(d for d in docs if d.strip())
+
+
+def _read_text_file(path: Path) -> str:
+    """UTF-8 text of a file, decompressed when it ends in `.xz`."""
+    raw = path.read_bytes()
+    if path.suffix == ".xz":
+        raw = lzma.decompress(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WorkbenchError(f"text file {path} is not UTF-8 (bad byte at offset {exc.start})") from None
 
 
 def load_text(source: str) -> str:
     """The text of a source. `.hf-rows` files hold one document per line, joined with blank lines."""
     path = resolve_text_source(source)
     if isinstance(path, str):
-        return _load_hf_dataset(path)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise WorkbenchError(f"text file {path} is not UTF-8 (bad byte at offset {exc.start})") from None
-    if path.name.endswith(".hf-rows"):
+        return _load_hf_dataset(path, source)
+    text = _read_text_file(path)
+    if path.name.removesuffix(".xz").endswith(".hf-rows"):
         text = "\n\n".join(line for line in text.split("\n") if line.strip())
     if not text.strip():
         raise WorkbenchError(f"text file {path} is empty")
@@ -116,6 +168,14 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     while len(memo) > TOKEN_CACHE_TEXTS:
         memo.popitem(last=False)
     return ids
+
+
+DEFAULT_SEQ_LEN = 512
+
+
+def default_seq_len(max_context: int | None, longest: int = DEFAULT_SEQ_LEN) -> int:
+    """The window length used where none is given: min(`longest`, the model's context)."""
+    return min(longest, max_context) if max_context else longest
 
 
 def _check_seq_len(seq_len: int, max_context: int | None) -> None:

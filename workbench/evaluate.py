@@ -180,7 +180,7 @@ def evaluate(
     loaded,
     resolved=None,
     text: str = "wikitext2",
-    seq_len: int = 512,
+    seq_len: int | None = None,
     max_tokens: int | None = 32768,
     grams: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
@@ -191,16 +191,18 @@ def evaluate(
     Args:
         resolved: a ResolvedPlan (`plan.resolve(model)`; a Plan or {layer: spec} is resolved once here by
             `ResolvedPlan.of`); None evaluates the unquantized model.
-        text: evaluation text source (`data.eval_windows`); seq_len: window length; max_tokens: token limit.
+        text: evaluation text source (`data.eval_windows`); max_tokens: token limit.
+        seq_len: window length (None: min(512, the model's context)).
         grams: Gram matrices of `resolved.gram_layers` (`simulate.calibration_grams`).
     """
-    from workbench.data import eval_windows
+    from workbench.data import default_seq_len, eval_windows
     from workbench.plan import ResolvedPlan
     from workbench.simulate import fake_quantized
 
     resolved = None if resolved is None else ResolvedPlan.of(loaded.model, resolved)
 
     t0 = time.perf_counter()
+    seq_len = seq_len or default_seq_len(loaded.description.max_context)
     windows = eval_windows(
         loaded.tokenizer, text, seq_len, max_tokens, max_context=loaded.description.max_context
     )

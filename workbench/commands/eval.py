@@ -11,10 +11,10 @@ def add_parser(sub):
     p.add_argument("--plan", help="plan JSON (default: evaluate the unquantized model)")
     p.add_argument("--text", default="wikitext2", help="evaluation text source (default: wikitext2 test)")
     p.add_argument("--tokens", type=int, default=32768, help="token limit (default 32768)")
-    p.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--seq-len", type=int, help="window length (default: min(512, the model's context))")
     p.add_argument("--calib", default="wiki", help="calibration text for gptq/awq layers (default: wiki)")
     p.add_argument("--calib-seqs", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
+    p.add_argument("--calib-seq-len", type=int, help="calibration window length (default: like --seq-len)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p

@@ -25,7 +25,9 @@ def add_parser(sub):
         default=64 * 512,
         help="calibration tokens: n_seqs = tokens // seq-len (default 32768)",
     )
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument(
+        "--seq-len", type=int, help="tokens per calibration sequence (default: min(512, the model's context))"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     p.add_argument(
         "--mode",
@@ -51,13 +53,17 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from workbench.data import default_seq_len
     from workbench.inventory import layer_inventory
     from workbench.loading import load_model
 
-    if args.tokens < args.seq_len:
+    if args.seq_len is not None and args.tokens < args.seq_len:
         raise WorkbenchError(f"--tokens {args.tokens} is less than one sequence of --seq-len {args.seq_len}")
     t0 = time.perf_counter()
     loaded = load_model(args.model, progress=not args.quiet)
+    seq_len = args.seq_len or default_seq_len(loaded.description.max_context)
+    if args.tokens < seq_len:
+        raise WorkbenchError(f"--tokens {args.tokens} is less than one sequence of {seq_len} tokens")
     layers = layer_inventory(loaded.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,13 +75,13 @@ def run(args) -> int:
 
     from workbench.stats.inspection import inspect_model
 
-    n_seqs = args.tokens // args.seq_len
+    n_seqs = args.tokens // seq_len
     specs = [s.strip() for s in args.specs.split(",") if s.strip()]
     insp = inspect_model(
         loaded,
         args.text,
         n_seqs,
-        args.seq_len,
+        seq_len,
         args.seed,
         mode=args.mode,
         gram=not args.no_gram,

@@ -18,11 +18,11 @@ def add_parser(sub):
     p.add_argument("--text", default="wiki", help="calibration / scan text source (default: wiki)")
     p.add_argument("--scan-seqs", type=int, default=2, help="kl: windows of the scan batch (default 2)")
     p.add_argument(
-        "--seq-len", type=int, default=256, help="kl: window length of the scan batch (default 256)"
+        "--seq-len", type=int, help="kl: window length of the scan batch (default: min(256, context))"
     )
     p.add_argument("--calib-seqs", type=int, default=32, help="Gram calibration windows (default 32)")
     p.add_argument(
-        "--calib-seq-len", type=int, default=512, help="Gram calibration window length (default 512)"
+        "--calib-seq-len", type=int, help="Gram calibration window length (default: min(512, context))"
     )
     p.add_argument(
         "--importance",

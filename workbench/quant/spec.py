@@ -1,6 +1,6 @@
 """QuantSpec: the one-line description of how a layer is stored (format, granularity, algorithm).
 
-Grammar (see ../shared/docs/DESIGN.md), parts joined by `_`, then an optional `:algo`:
+Grammar (see docs/DESIGN.md), parts joined by `_`, then an optional `:algo`:
 
     bf16 | fp16                                   leave the layer in high precision
     int{b}_(g{G} | ch | t)[_sym | _asym]          b in 2..8, G in 16..256, default asym

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import uuid
 from pathlib import Path
@@ -35,7 +36,10 @@ def text_identity(source: str) -> str:
     path = resolve_text_source(source)
     if isinstance(path, str):
         return path
-    h = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+    raw = Path(path).read_bytes()
+    if Path(path).suffix == ".xz":  # the package copies: hash the text, as for the same file uncompressed
+        raw = lzma.decompress(raw)
+    h = hashlib.sha1(raw).hexdigest()[:16]
     return f"{source}@{h}"
 
 

@@ -302,7 +302,7 @@ def inspect_model(
     loaded,
     text: str = "wiki",
     n_seqs: int = 64,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     seed: int = 0,
     *,
     mode: str = "full",
@@ -318,7 +318,8 @@ def inspect_model(
     """Weight and activation statistics of every quantizable layer of `loaded` (a LoadedModel).
 
     Args:
-        text: calibration text source (see workbench.data); n_seqs x seq_len tokens drawn with `seed`.
+        text: calibration text source (see workbench.data); n_seqs x seq_len tokens drawn with `seed`
+            (seq_len None: min(512, the model's context)).
         mode: "full" or "layerwise" (same statistics; layerwise keeps one block on `device` at a time).
         gram: collect the Gram matrix X^T X of every input.
         specs: quantization specs whose grid levels are stored per layer.
@@ -327,12 +328,13 @@ def inspect_model(
     """
     from tqdm.auto import tqdm
 
-    from workbench.data import calibration_batches
+    from workbench.data import calibration_batches, default_seq_len
     from workbench.inventory import get_linear_weight, get_module, layer_inventory
     from workbench.stats.activations import collect_activation_stats
     from workbench.stats.weights import weight_stats
 
     desc = loaded.description
+    seq_len = seq_len or default_seq_len(desc.max_context)
     specs = [str(s) for s in specs]
     settings = {
         "text": text,

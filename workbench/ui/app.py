@@ -20,8 +20,11 @@ _CSS = """
 """
 
 
-def _extension() -> None:
-    pn.extension("tabulator", "plotly", raw_css=[_CSS], notifications=False, sizing_mode="stretch_width")
+def _extension(inline: bool = False) -> None:
+    """Load Panel's extensions; `inline` embeds their JavaScript (offline, a notebook has no CDN)."""
+    pn.extension(
+        "tabulator", "plotly", raw_css=[_CSS], notifications=False, sizing_mode="stretch_width", inline=inline
+    )
 
 
 def build_app(state: WorkbenchState) -> pn.viewable.Viewable:
@@ -95,10 +98,10 @@ def session_dispatcher():
 
 
 def create_app(
-    model=None, source: str = "default", load: bool = True, dispatcher=None
+    model=None, source: str = "default", load: bool = True, dispatcher=None, inline: bool = False
 ) -> pn.viewable.Viewable:
     """A new state and its app. `model` may be a LoadedModel (used as is) or a source string."""
-    _extension()
+    _extension(inline)
     dispatcher = dispatcher or session_dispatcher()
     state = WorkbenchState(source=source if not isinstance(model, str) else model, dispatcher=dispatcher)
     if model is not None and not isinstance(model, str):
@@ -109,8 +112,12 @@ def create_app(
 
 
 def show(model=None, source: str = "default") -> pn.viewable.Viewable:
-    """The app in a notebook cell: `workbench.ui.show()` (default model) or `show(model=loaded_or_source)`."""
-    return create_app(model=model, source=source)
+    """The app in a notebook cell: `workbench.ui.show()` (default model) or `show(model=loaded_or_source)`.
+
+    Panel's browser code is embedded in the notebook (inline resources): by default Panel loads it from a
+    CDN, and offline the app would stay an empty, zero-height area.
+    """
+    return create_app(model=model, source=source, inline=True)
 
 
 def _preload(load, source: str) -> None:

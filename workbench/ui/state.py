@@ -427,7 +427,7 @@ class WorkbenchState(param.Parameterized):
         small = self.description is not None and self.description.n_params < 5_000_000
         return {
             "text": "tinystories" if small else "wikitext2",
-            "seq_len": 256 if small else 512,
+            "seq_len": 256 if small else min(512, (self.description and self.description.max_context) or 512),
             "max_tokens": 4096,
         }
 

@@ -6,9 +6,13 @@ import io
 
 import panel as pn
 
+from workbench.errors import WorkbenchError
+from workbench.export_files import DOWNLOADS, export_download
 from workbench.inventory import ROLES
 from workbench.ui.state import CANDIDATE_SPECS
 from workbench.ui.views.common import View, totals_line
+
+DEPLOY_FORMATS = (("gguf", "export GGUF"), ("compressed-tensors", "export compressed-tensors"))
 
 
 def _spec_input(name: str, value: str = "int4_g128", width: int = 160) -> pn.widgets.AutocompleteInput:
@@ -50,6 +54,24 @@ class PlanView(View):
             )
 
         return pn.bind(show, state.param.plan, state.param.revision)
+
+    def _deploy_button(self, fmt: str, label: str) -> pn.widgets.FileDownload:
+        """A download of the plan applied to the model in a deployable format (export_files.py)."""
+        state = self.state
+
+        def make():
+            try:
+                data, notes = export_download(state.loaded, dict(state.resolved), fmt)
+            except WorkbenchError as exc:
+                state.notify(f"{fmt} export: {exc}", "error")
+                return None
+            if notes:
+                state.notify(
+                    f"{fmt} export: " + "; ".join(notes[:5]) + (" ..." if len(notes) > 5 else ""), "warning"
+                )
+            return io.BytesIO(data)
+
+        return pn.widgets.FileDownload(callback=make, filename=DOWNLOADS[fmt], label=label, width=220)
 
     def panel(self) -> pn.viewable.Viewable:
         state = self.state
@@ -137,6 +159,7 @@ class PlanView(View):
         export_btn = pn.widgets.FileDownload(
             callback=export, filename="tensor-types.txt", label="export llama.cpp overrides", width=220
         )
+        deploy = [self._deploy_button(fmt, label) for fmt, label in DEPLOY_FORMATS]
         return pn.Column(
             totals_line(state),
             pn.Row(
@@ -160,6 +183,7 @@ class PlanView(View):
                     pn.pane.Markdown("#### Files", margin=(0, 10)),
                     pn.Row(pn.pane.Markdown("load:", margin=(8, 10)), upload),
                     pn.Row(save, export_btn),
+                    pn.Row(*deploy),
                     width=620,
                 ),
                 pn.Column(
