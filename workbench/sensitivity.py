@@ -1,6 +1,8 @@
 """Sensitivity tables: for every quantizable layer x candidate spec, the cost of quantizing that layer alone.
 
-Methods:
+Methods (`fisher` is the default of the app and the CLI: its costs are nats of KL, so their sum over layers
+estimates a whole plan's KL, which is what the allocator minimises; see benchmarks/RESULTS.md):
+- `fisher`: the proxy below weighted by the output Fisher (`importance="fisher"`), one name for it.
 - `proxy` (no forward passes): the layer-local relative output error of the fake-quantized weight on the
   calibration inputs, from the layer's Gram matrix G = X^T X (`quant.metrics.output_error`):
       e(layer, spec) = tr(D G D^T) / tr(W G W^T),  D = W - fake_quant(W, spec, G).
@@ -40,7 +42,7 @@ from workbench.quant.spec import QuantSpec
 
 TABLE_FORMAT = "workbench.sensitivity"
 TABLE_VERSION = 1
-METHODS = ("proxy", "kl")
+METHODS = ("fisher", "proxy", "kl")
 
 
 @dataclass
@@ -352,7 +354,7 @@ def _identity(loaded, layers, method, specs, settings) -> SensitivityTable:
 def sensitivity_scan(
     loaded,
     specs: list[str],
-    method: str = "proxy",
+    method: str = "fisher",
     *,
     out: str | Path | None = None,
     text: str = "wiki",
@@ -364,30 +366,39 @@ def sensitivity_scan(
     importance: str = "none",
     importance_spec: str | None = None,
     layers: list[str] | None = None,
+    grams: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     on_layer=None,
+    on_setup=None,
 ) -> SensitivityTable:
     """Scan every quantizable layer x spec and return the table (saved to `out` after every layer).
 
     Args:
         specs: candidate specs (quantized ones; bf16 costs 0 by definition and is not scanned).
-        method: "proxy" or "kl" (module doc).
+        method: "fisher" (= "proxy" with importance="fisher"), "proxy" or "kl" (module doc).
         text, n_seqs, seq_len, seed: the kl scan windows (`calibration_batches`), also used for the
-            proxy's importance measurement.
+            proxy's importance measurement (the Fisher pass).
         calib_seqs, calib_seq_len: calibration for the Gram matrices (proxy, and gptq/awq specs), on `text`.
-        importance: "none" or "kl" (proxy only): weight each layer by one measured ΔKL at `importance_spec`
-            (default: the first spec).
+        importance: "none", "kl" or "fisher" (proxy only): weight each layer by one measured ΔKL at
+            `importance_spec` (default: the first spec), or by its output Fisher.
         layers: restrict to these layer names (default: all quantizable linears).
+        grams: {layer: [K, K] X^T X} of `calib_seqs` x `calib_seq_len` tokens of `text` (seed 0) already
+            at hand (e.g. an inspection's statistics); missing layers are collected by `calibration_grams`.
         on_layer: callback(layer name) after each saved layer (progress hooks, tests).
+        on_setup: callback(str) before each setup step (Grams, Fisher pass), for progress messages.
     """
     from workbench.data import calibration_batches
     from workbench.inventory import layer_inventory
     from workbench.simulate import calibration_grams, needs_gram, quantized_weight
 
     if method not in METHODS:
-        raise WorkbenchError(f"unknown sensitivity method '{method}' (choose {' or '.join(METHODS)})")
+        raise WorkbenchError(f"unknown sensitivity method '{method}' (choose {', '.join(METHODS)})")
     if importance not in ("none", "kl", "fisher"):
         raise WorkbenchError(f"unknown importance '{importance}' (choose none, kl or fisher)")
+    if method == "fisher":
+        if importance not in ("none", "fisher"):
+            raise WorkbenchError(f"method 'fisher' already sets the importance (got '{importance}')")
+        importance = "fisher"
     specs = [str(QuantSpec.parse(s)) for s in specs]
     if not specs:
         raise WorkbenchError("no specs to scan")
@@ -402,19 +413,20 @@ def sensitivity_scan(
     settings = {"text": text, "calib_seqs": calib_seqs, "calib_seq_len": calib_seq_len}
     if method == "kl" or importance in ("kl", "fisher"):
         settings.update(n_seqs=n_seqs, seq_len=seq_len, seed=seed)
-    if method == "proxy":
+    if method in ("proxy", "fisher"):
         settings.update(importance=importance, importance_spec=imp_spec if importance == "kl" else None)
     table = _check_resume(Path(out) if out else None, _identity(loaded, inv, method, specs, settings))
     if table.complete:
         return table
 
+    say = on_setup or (lambda _msg: None)
     t0 = time.perf_counter()
-    need_grams = method == "proxy" or any(needs_gram(s) for s in specs)
-    grams = (
-        calibration_grams(loaded, [x.name for x in inv], text, calib_seqs, calib_seq_len, progress=progress)
-        if need_grams
-        else {}
-    )
+    need_grams = method != "kl" or any(needs_gram(s) for s in specs)
+    grams = dict(grams or {})
+    missing = [x.name for x in inv if x.name not in grams] if need_grams else []
+    if missing:
+        say(f"calibration Gram matrices: {calib_seqs} x {calib_seq_len} tokens of '{text}'")
+        grams.update(calibration_grams(loaded, missing, text, calib_seqs, calib_seq_len, progress=progress))
     runner, fisher, n_pred, windows = None, {}, 1, None
     if method == "kl" or importance in ("kl", "fisher"):
         windows = calibration_batches(
@@ -423,7 +435,8 @@ def sensitivity_scan(
     if method == "kl" or importance == "kl":
         runner = BlockRunner(loaded.model)
         runner.capture(windows)
-    if method == "proxy" and importance == "fisher":
+    if importance == "fisher":
+        say(f"output Fisher: forward + backward over {n_seqs} x {seq_len} tokens of '{text}'")
         fisher, n_pred = output_fisher(loaded.model, windows, [x.name for x in inv], seed=seed)
     table.timing["setup"] = float(table.timing.get("setup", 0.0)) + time.perf_counter() - t0
 

@@ -21,39 +21,14 @@ import time
 import pandas as pd
 import param
 
+from workbench import defaults
 from workbench.errors import WorkbenchError
 from workbench.quant.spec import QuantSpec
 from workbench.ui.history import History, Snapshot
 from workbench.ui.jobs import Job
 
-# Specs offered in the editor and scanned by the sensitivity view (any other spec string can be typed).
-CANDIDATE_SPECS = [
-    "bf16",
-    "int8_ch",
-    "fp8_e4m3",
-    "int6_g128",
-    "int5_g128",
-    "int4_g128",
-    "int4_g64",
-    "int4_g32",
-    "nf4_g64",
-    "mxfp4",
-    "nvfp4",
-    "int3_g64",
-    "int3_g32",
-    "int2_g32",
-]
-SENSITIVITY_SPECS = [
-    "int8_ch",
-    "int6_g128",
-    "int4_g128",
-    "int4_g32",
-    "nf4_g64",
-    "mxfp4",
-    "int3_g64",
-    "int3_g32",
-    "int2_g32",
-]
+# Specs offered in the editor / scanned by the sensitivity view: named presets in workbench.defaults.
+CANDIDATE_SPECS, SENSITIVITY_SPECS = defaults.CANDIDATE_SPECS, defaults.SENSITIVITY_SPECS
 TABLE_COLUMNS = ["layer", "block", "role", "shape", "params", "spec", "bits", "KB", "cost", "pinned"]
 
 
@@ -82,6 +57,7 @@ class WorkbenchState(param.Parameterized):
     details = param.Parameter(default=None, doc="LayerReport of the selected layer (workbench.layer_report)")
     inspection = param.Parameter(default=None, doc="activation statistics per layer (stats.cache)")
     sensitivity = param.Parameter(default=None, doc="SensitivityTable")
+    verification = param.Parameter(default=None, doc="Verification of the plan last verified (verify.py)")
     evaluations = param.List(default=[], doc="evaluation results, one dict per run")
     chat_log = param.List(default=[], doc="chat results, one dict per prompt")
     jobs = param.List(default=[], doc="Jobs of this session, newest last")
@@ -372,8 +348,7 @@ class WorkbenchState(param.Parameterized):
     # ------------------------------------------------------------------ statistics
     def calibration_settings(self) -> dict:
         """Calibration text and size for this model: small enough to stay interactive on a CPU."""
-        small = self.description is not None and self.description.n_params < 5_000_000
-        return {"text": "tinystories" if small else "wiki", "n_seqs": 16, "seq_len": 128 if small else 256}
+        return defaults.calibration_settings(self.description)
 
     def compute_stats(self, wait: bool = False, **settings) -> Job:
         """Activation statistics in the background (cached on disk by the core)."""
@@ -409,27 +384,42 @@ class WorkbenchState(param.Parameterized):
         return job
 
     # ------------------------------------------------------------------ sensitivity, evaluation, chat
-    def compute_sensitivity(self, specs: list[str] | None = None, wait: bool = False, **settings) -> Job:
-        """Proxy sensitivity table of every layer x spec in the background (cached and resumable)."""
+    def compute_sensitivity(
+        self, specs: list[str] | None = None, wait: bool = False, method: str = defaults.DEFAULT_METHOD, **kw
+    ) -> Job:
+        """Sensitivity table of every layer x spec in the background (cached and resumable).
+
+        The default method and settings are `workbench.defaults`' (Fisher-weighted proxy); the statistics'
+        Gram matrices are reused when they were collected on the same calibration tokens.
+        """
         from workbench.ui.tasks import sensitivity_job
 
         self._require_model()
-        cal = self.calibration_settings()
-        cfg = {"text": cal["text"], "calib_seqs": cal["n_seqs"], "calib_seq_len": cal["seq_len"], **settings}
+        cfg = {**defaults.scan_settings(self.description), **kw}
         specs = [str(QuantSpec.parse(s)) for s in (specs or SENSITIVITY_SPECS)]
-        job = self.add_job(sensitivity_job(self, specs, cfg["text"], cfg["calib_seqs"], cfg["calib_seq_len"]))
+        job = self.add_job(sensitivity_job(self, specs, method, cfg, self._inspection_grams(cfg)))
         if wait:
             job.join()
         return job
 
+    def _inspection_grams(self, cfg: dict) -> dict | None:
+        """The statistics' Gram matrices when they cover the scan's calibration tokens exactly, else None."""
+        ins = self.inspection
+        if ins is None:
+            return None
+        st = ins.settings
+        same = (st.get("text"), st.get("n_seqs"), st.get("seq_len"), st.get("seed")) == (
+            cfg["text"],
+            cfg["calib_seqs"],
+            cfg["calib_seq_len"],
+            0,
+        )
+        grams = {n: a.gram for n, a in ins.activations.items() if a.gram is not None}
+        return grams if same and grams else None
+
     def eval_settings(self) -> dict:
         """Evaluation text and size for this model (small enough to stay interactive on a CPU)."""
-        small = self.description is not None and self.description.n_params < 5_000_000
-        return {
-            "text": "tinystories" if small else "wikitext2",
-            "seq_len": 256 if small else 512,
-            "max_tokens": 4096,
-        }
+        return defaults.eval_settings(self.description)
 
     def evaluate(self, reference: bool = False, wait: bool = False, **settings) -> Job:
         """KL / perplexity / top-1 of the current plan (or the reference) in the background."""
@@ -444,6 +434,21 @@ class WorkbenchState(param.Parameterized):
                 self, resolved, label, self.plan_json(), cfg["text"], cfg["seq_len"], cfg["max_tokens"]
             )
         )
+        if wait:
+            job.join()
+        return job
+
+    def verify(self, wait: bool = False, **settings) -> Job | None:
+        """Measure the current plan and the uniform plans next to it in size (quick evaluation, cached);
+        `settings` override the evaluation's text / seq_len / max_tokens."""
+        from workbench.ui.tasks import verify_job
+
+        self._require_model()
+        if self.sensitivity is None:
+            self.notify("compute the sensitivity table first: verify compares its prediction", "warning")
+            return None
+        ev = {**self.eval_settings(), **settings}
+        job = self.add_job(verify_job(self, dict(self.resolved), self.plan_label(), ev))
         if wait:
             job.join()
         return job

@@ -153,9 +153,15 @@ def _sensitivity_path(loaded, specs: list[str], settings: dict):
     return cache_dir("sensitivity") / f"{loaded.description.fingerprint}-{digest}.json"
 
 
-def sensitivity_job(state, specs: list[str], text: str, calib_seqs: int, calib_seq_len: int) -> Job:
-    """Proxy sensitivity table (`sensitivity.sensitivity_scan`), saved and resumed from the cache."""
+def sensitivity_job(state, specs: list[str], method: str, cfg: dict, grams: dict | None = None) -> Job:
+    """Sensitivity table (`sensitivity.sensitivity_scan`), saved and resumed from the cache.
+
+    `cfg`: the scan settings (`defaults.scan_settings`); `grams`: the statistics' Gram matrices of the same
+    calibration tokens, or None (then collected, or read from the Gram cache). The bar fills over the setup
+    (Grams, Fisher pass: the first 30%) and then layer by layer.
+    """
     n_layers = len(state.layers)
+    what = {"fisher": "Fisher-weighted output error, nats of KL", "proxy": "relative output error"}
 
     def work(ctx: JobContext):
         from workbench.sensitivity import sensitivity_scan
@@ -163,45 +169,40 @@ def sensitivity_job(state, specs: list[str], text: str, calib_seqs: int, calib_s
         ctx.report(0.0, "waiting for the model")
         with state._model_lock:
             loaded = private_model(state)
-            settings = {
-                "method": "proxy",
-                "text": text,
-                "calib_seqs": calib_seqs,
-                "calib_seq_len": calib_seq_len,
-            }
-            path = _sensitivity_path(loaded, specs, settings)
-            done = [0]
+            path = _sensitivity_path(loaded, specs, {"method": method, **cfg})
+            done, beats = [0], []
+            steps = iter([0.02, 0.2])
+
+            def quiet() -> None:
+                for beat in beats:
+                    beat.set()
+
+            def on_setup(msg: str) -> None:
+                quiet()
+                note = " (reusing the statistics' Gram matrices)" if grams and "Fisher" in msg else ""
+                ctx.report(next(steps, 0.25), msg + note)
+                beats.append(threading.Event())
+                _heartbeat(ctx, msg + note, beats[-1])
 
             def on_layer(name: str) -> None:
+                quiet()
                 done[0] += 1
-                ctx.report(done[0] / n_layers, f"{done[0]}/{n_layers} layers scored ({name})")
+                ctx.report(0.3 + 0.7 * done[0] / n_layers, f"{done[0]}/{n_layers} layers scored ({name})")
 
-            stop = threading.Event()
-            _heartbeat(
-                ctx, f"calibration Gram matrices: {calib_seqs} x {calib_seq_len} tokens of '{text}'", stop
-            )
+            kw = dict(out=path, grams=grams, progress=False, on_layer=on_layer, on_setup=on_setup)
             try:
-                return sensitivity_scan(
-                    loaded,
-                    specs,
-                    "proxy",
-                    out=path,
-                    text=text,
-                    calib_seqs=calib_seqs,
-                    calib_seq_len=calib_seq_len,
-                    progress=False,
-                    on_layer=lambda name: (stop.set(), on_layer(name)),
-                )
+                return sensitivity_scan(loaded, specs, method, **kw, **cfg)
             finally:
-                stop.set()
+                quiet()
 
     def done(table):
         def adopt():
             state.sensitivity = table
+            state.verification = None
             state.refresh()
             state.notify(
                 f"sensitivity table ready: {len(table.layers)} layers x {len(table.specs)} specs "
-                f"(proxy: relative output error on calibration inputs)",
+                f"({table.method}: {what.get(table.method, 'measured KL')})",
                 "success",
             )
 
@@ -212,6 +213,40 @@ def sensitivity_job(state, specs: list[str], text: str, calib_seqs: int, calib_s
         work,
         on_done=done,
         on_error=lambda m: state.run_ui(lambda: state.notify(f"sensitivity failed: {m}", "error")),
+    )
+
+
+def verify_job(state, resolved, label: str, ev: dict) -> Job:
+    """Measure the plan and its uniform neighbours in size (`verify.verify_plan`, cached evaluations);
+    `ev`: text, seq_len, max_tokens of the evaluation."""
+    table = state.sensitivity
+
+    def work(ctx: JobContext):
+        from workbench.verify import verify_plan
+
+        ctx.report(0.0, "waiting for the model")
+        with state._model_lock:
+            loaded = private_model(state)
+
+            def step(i: int, n: int, what: str) -> None:
+                tokens = f"{ev['max_tokens']} tokens of '{ev['text']}'"
+                ctx.report(i / n, f"measuring {what} ({i + 1}/{n}) on {tokens}")
+
+            return verify_plan(loaded, table, resolved, on_step=step, **ev)
+
+    def done(v):
+        def adopt():
+            state.verification = v
+            kind = "warning" if v.beaten_by() else "success"
+            state.notify(f"verified {label}: measured KL {v.plan.kl:.4g} - {v.verdict()}", kind)
+
+        state.run_ui(adopt)
+
+    return Job(
+        f"verify {label}",
+        work,
+        on_done=done,
+        on_error=lambda m: state.run_ui(lambda: state.notify(f"verification failed: {m}", "error")),
     )
 
 
