@@ -5,6 +5,12 @@ ready are the modules swapped in (a plain attribute assignment per layer). An er
 during quantization therefore leaves the original model exactly as it was, and the half-built layers are
 dropped. Layers whose spec is bf16 / fp16 keep their nn.Linear.
 
+Layers whose spec has no packed layout (5-, 6- and 7-bit integers: the allocator may choose them) keep a
+plain module holding the dequantized weight (the reference math, no memory saving), with one warning naming
+them. `backend="dequantized"` does this for every layer: the weights are dequantized once and the model
+then runs at the original's speed (chat on a CPU, where the packed reference path would re-dequantize
+every weight at every token).
+
 Quantization runs through `workbench.quant.api.quantize_weight` (CPU, float32). For integer round-to-nearest
 specs of a weight that already lives on CUDA, the same code (`workbench.quant.rtn.rtn_quantize`)
 runs on the GPU instead (bit-identical codes and scales, checked in tests/test_runtime_cuda.py), which turns
@@ -23,7 +29,14 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.runtime.memory import MemoryReport, model_memory
-from workbench.runtime.qlinear import QuantLinear, kernel_format_reason, kernel_shape_reason
+from workbench.runtime.qlinear import (
+    INT_KERNEL_BITS,
+    QuantLinear,
+    kernel_format_reason,
+    kernel_shape_reason,
+)
+
+BACKENDS = ("auto", "reference", "dequantized")
 
 
 @dataclass
@@ -119,6 +132,26 @@ def quantize_layer(name: str, W: torch.Tensor, spec, gram: torch.Tensor | None =
     return quantize_weight(W, spec, gram, layer=name)
 
 
+def layout_reason(spec) -> str | None:
+    """Why `spec` has no packed layout (the layer keeps a dequantized dense weight), or None."""
+    if spec.fmt == "int" and spec.bits not in INT_KERNEL_BITS:
+        return f"{spec.bits}-bit integers have no packed layout (packed: {INT_KERNEL_BITS})"
+    return None
+
+
+def dense_copy(module: torch.nn.Module, W_hat: torch.Tensor) -> torch.nn.Module:
+    """A copy of a linear `module` (nn.Linear or GPT-2 Conv1D) whose weight is W_hat [out, in]; the
+    original module and its parameters are untouched (the bias is shared)."""
+    import copy
+
+    from workbench.simulate import _set_weight
+
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)  # own parameter dict: setting the weight must not leak
+    _set_weight(new, W_hat.detach())
+    return new
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -139,7 +172,8 @@ def apply_plan(
             of each weight, with the weight's dtype as activation dtype.
         plan_or_resolved: Plan, plan JSON path, or {layer name: QuantSpec | spec string}.
         grams: {layer name: [K, K] X^T X} for GPTQ / AWQ layers.
-        backend: "auto" (kernels where they exist) or "reference" (torch reference everywhere).
+        backend: "auto" (kernels where they exist), "reference" (torch reference everywhere) or
+            "dequantized" (every layer a dense module holding its dequantized weight: module doc).
         on_layer: progress callback (name, index, total), called before each layer is quantized.
         warn: emit one warning naming the layers whose format has no GPU kernel.
     Returns:
@@ -151,6 +185,8 @@ def apply_plan(
     from workbench.inventory import get_linear_weight, get_module
 
     t0 = time.perf_counter()
+    if backend not in BACKENDS:
+        raise WorkbenchError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
     specs = resolve_specs(model, plan_or_resolved)
     grams = grams or {}
     report = ApplyReport(memory_before=model_memory(model))
@@ -159,7 +195,7 @@ def apply_plan(
     for name, spec in todo:  # refuse shapes the kernels cannot run before any work
         mod = get_module(model, name)
         W = get_linear_weight(mod)
-        if backend == "auto" and W.is_cuda and kernel_format_reason(spec) is None:
+        if backend == "auto" and W.is_cuda and kernel_format_reason(spec) is None and not layout_reason(spec):
             reason = kernel_shape_reason(spec, W.shape[0], W.shape[1])
             if reason:
                 raise WorkbenchError(
@@ -177,10 +213,12 @@ def apply_plan(
             W = get_linear_weight(mod)
             with torch.no_grad():
                 qw = quantize_layer(name, W, spec, grams.get(name))
-                bias = mod.bias if mod.bias is not None else None
-                built[name] = QuantLinear.from_quantized(
-                    qw, bias, name=name, dtype=W.dtype, device=W.device, backend=backend
-                )
+                if backend == "dequantized" or layout_reason(spec):
+                    built[name] = dense_copy(mod, qw.dequantize().to(W.device, W.dtype))
+                else:
+                    built[name] = QuantLinear.from_quantized(
+                        qw, mod.bias, name=name, dtype=W.dtype, device=W.device, backend=backend
+                    )
             del qw
     except BaseException as exc:
         built.clear()
@@ -208,16 +246,18 @@ def apply_plan(
         raise
     originals.clear()
     report.layers = {n: str(s) for n, s in todo}
-    report.fallback = {n: r for n, s in todo if (r := kernel_format_reason(s)) is not None}
-    if backend == "reference":
-        report.fallback = {n: "backend='reference'" for n, _ in todo}
+    report.fallback = {
+        n: r for n, s in todo if (r := layout_reason(s) or kernel_format_reason(s)) is not None
+    }
+    if backend != "auto":
+        report.fallback = {n: f"backend='{backend}'" for n, _ in todo}
     if warn and report.fallback and backend == "auto":
         names = list(report.fallback)
         shown = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
         kinds = sorted(set(report.fallback.values()))
         warnings.warn(
             f"{len(names)} layers have no GPU kernel ({'; '.join(kinds)}): {shown}; they run the "
-            "torch reference path (same math, slower)",
+            "torch reference path (same math, slower; no packed layout: the dequantized weight)",
             stacklevel=2,
         )
     if torch.cuda.is_available():

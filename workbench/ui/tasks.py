@@ -337,9 +337,12 @@ def chat_job(state, prompt: str, max_new_tokens: int, resolved, plan_key: str) -
             ref_model = private_model(state).model
             cached = state._chat_model
             if cached is None or cached[0] != plan_key:
-                ctx.report(0.1, "quantizing a copy of the model with the current plan (real low-bit layers)")
+                # on a CPU the packed layers would re-dequantize every weight at every token: dequantize once
+                backend = "auto" if device.type == "cuda" else "dequantized"
+                what = "real low-bit layers" if backend == "auto" else "weights dequantized once"
+                ctx.report(0.1, f"quantizing a copy of the model with the current plan ({what})")
                 qmodel = copy.deepcopy(ref_model).to(device)
-                report = apply_plan(qmodel, resolved, warn=False)
+                report = apply_plan(qmodel, resolved, warn=False, backend=backend)
                 state._chat_model = cached = (plan_key, qmodel, report)
             _, qmodel, report = cached
             ref_model.to(device)
@@ -362,6 +365,7 @@ def chat_job(state, prompt: str, max_new_tokens: int, resolved, plan_key: str) -
             "mode": qnt.mode,
             "quantized_layers": len(report.layers),
             "fallback_layers": fallback,
+            "fallback_reasons": sorted(set(report.fallback.values())),
         }
 
     def done(result):
