@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("panel")
 pytest.importorskip("param")
 
+from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.plan import Plan, plan_totals  # noqa: E402
 from workbench.quant.spec import QuantSpec  # noqa: E402
 from workbench.ui.state import WorkbenchState  # noqa: E402
@@ -157,3 +158,14 @@ def test_background_load_reports_progress_and_bad_source_is_explained():
     job = bad.load("/nonexistent/model.gguf", wait=True)
     assert job.state == "failed" and bad.phase == "error"
     assert "not found" in bad.message and bad.message_kind == "error"
+    # a failed load after a good one: the model stays, the model box shows its source again
+    job = s.load("/nonexistent/model.gguf", wait=True)
+    assert job.state == "failed" and s.phase == "ready" and s.source == str(STORIES)
+    assert bad.source == "default" and "not found" in s.message
+    from workbench.ui.views.common import job_status_text
+
+    assert job_status_text(job).startswith("failed: ") and "failed: failed" not in job_status_text(job)
+    from workbench.allocate import budget_to_bits
+
+    with pytest.raises(WorkbenchError, match="above 16"):  # a budget above bf16 everywhere is refused
+        budget_to_bits(s.layers, budget_bits=20)

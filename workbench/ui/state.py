@@ -119,10 +119,11 @@ class WorkbenchState(param.Parameterized):
         """Load a model in the background (progress in the job); `wait` blocks (tests, notebooks)."""
         from workbench.ui.tasks import load_job
 
+        restore = self.source if self.loaded is not None else "default"
         if source is not None:
             self.source = source
         self.phase = "loading"
-        job = load_job(self, self.source)
+        job = load_job(self, self.source, restore)
         self.add_job(job)
         if wait:
             job.join()

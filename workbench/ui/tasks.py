@@ -43,8 +43,8 @@ def private_model(state):
     return state._private_model
 
 
-def load_job(state, source: str) -> Job:
-    """Load a model (shared cache) and install it in `state`."""
+def load_job(state, source: str, restore: str = "default") -> Job:
+    """Load a model (shared cache) and install it in `state`; on failure the model box shows `restore`."""
 
     def work(ctx: JobContext):
         t0 = time.perf_counter()
@@ -55,7 +55,9 @@ def load_job(state, source: str) -> Job:
 
     def failed(message: str) -> None:
         def show():
-            state.phase = "error"
+            # the model box goes back to the model still loaded (or the default), not the bad path
+            state.source = restore
+            state.phase = "ready" if state.loaded is not None else "error"
             state.notify(f"could not load '{source}': {message}", "error")
 
         state.run_ui(show)
@@ -295,7 +297,7 @@ def evaluate_job(
             "avg bits": 16.0 if reference else round(totals.avg_bits, 3),
             "ppl": round(result.ppl, 4),
             "ref ppl": round(result.ref_ppl, 4),
-            "KL (nats)": result.kl,
+            "KL (nats)": float(f"{result.kl:.4g}"),  # 4 significant digits
             "top-1": round(result.top1, 4),
             "tokens": result.n_tokens,
             "text": text,

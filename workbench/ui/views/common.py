@@ -52,6 +52,15 @@ def totals_line(state: WorkbenchState) -> pn.viewable.Viewable:
     return pane
 
 
+def job_status_text(job: Job) -> str:
+    """The status column: the live status while running, else the outcome once ("failed: <why>")."""
+    if job.state == "running":
+        return job.status
+    if job.state == "failed":
+        return f"failed: {job.error}"[:300]
+    return f"{job.state} in {job.seconds:.1f} s"
+
+
 def job_row(job: Job, run_ui=lambda fn: fn()) -> pn.Row:
     """One job: name, progress bar, status, cancel button (disabled once finished)."""
     bar = pn.indicators.Progress(
@@ -77,7 +86,7 @@ def job_row(job: Job, run_ui=lambda fn: fn()) -> pn.Row:
             "failed": "danger",
             "cancelled": "secondary",
         }[job.state]
-        status.object = job.status if job.state == "running" else f"{job.state}: {job.status}"[:300]
+        status.object = job_status_text(job)
         cancel.disabled = not job.running
         cancel.visible = job.running
 
