@@ -169,3 +169,27 @@ def test_background_load_reports_progress_and_bad_source_is_explained():
 
     with pytest.raises(WorkbenchError, match="above 16"):  # a budget above bf16 everywhere is refused
         budget_to_bits(s.layers, budget_bits=20)
+
+
+def test_notices_keep_a_short_history_and_a_cancel_is_announced():
+    import threading
+
+    from workbench.ui.jobs import Job
+
+    s = WorkbenchState()
+    for i in range(10):
+        s.notify(f"message {i}", "info")
+    assert [t for _, _, t in s.notifications] == [f"message {i}" for i in range(2, 10)]
+    started = threading.Event()
+
+    def wait(ctx):
+        started.set()
+        while True:
+            ctx.report(None, "waiting")
+
+    job = s.add_job(Job("long job", wait))
+    assert started.wait(5)
+    job.cancel()
+    job.join(5)
+    assert job.state == "cancelled" and s.message == "long job: cancelled" and s.message_kind == "warning"
+    assert s.notifications[-2][2] == "message 9"  # the previous notice is still listed

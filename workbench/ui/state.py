@@ -64,6 +64,7 @@ class WorkbenchState(param.Parameterized):
 
     message = param.String(default="", doc="last notice for the user (errors included)")
     message_kind = param.Selector(default="info", objects=["info", "success", "warning", "error"])
+    notifications = param.List(default=[], doc="recent notices, newest last: (HH:MM:SS, kind, text)")
     dispatcher = param.Callable(
         default=None, doc="runs a function on the UI thread (served app); None: call it"
     )
@@ -88,8 +89,9 @@ class WorkbenchState(param.Parameterized):
 
     # ------------------------------------------------------------------ notices
     def notify(self, text: str, kind: str = "info") -> None:
-        """Show a one-line notice (views display `message`)."""
+        """Show a one-line notice (views display `message` and the last few `notifications`)."""
         with param.parameterized.batch_call_watchers(self):
+            self.notifications = self.notifications[-7:] + [(time.strftime("%H:%M:%S"), kind, text)]
             self.message_kind = kind
             self.message = text
 
@@ -485,10 +487,20 @@ class WorkbenchState(param.Parameterized):
     def add_job(self, job: Job) -> Job:
         """Start `job` and list it (the last 20 finished jobs are kept for the jobs panel)."""
         self.jobs = self.jobs[-20:] + [job]
-        # when it ends, redraw the jobs panel (finished jobs collapse to the last one)
-        redraw = lambda e: e.new != "running" and self.run_ui(lambda: self.param.trigger("jobs"))  # noqa: E731
-        job.param.watch(redraw, "state")
+        job.param.watch(lambda e: self._job_ended(job, e.new), "state")
         return job.start()
+
+    def _job_ended(self, job: Job, outcome: str) -> None:
+        """Redraw the jobs panel (finished jobs collapse to the last one); a cancel gets its own notice."""
+        if outcome == "running":
+            return
+
+        def ui():
+            self.param.trigger("jobs")
+            if outcome == "cancelled":
+                self.notify(f"{job.name}: cancelled", "warning")
+
+        self.run_ui(ui)
 
     def running_jobs(self) -> list[Job]:
         return [j for j in self.jobs if j.running]
