@@ -193,3 +193,12 @@ def test_notices_keep_a_short_history_and_a_cancel_is_announced():
     job.join(5)
     assert job.state == "cancelled" and s.message == "long job: cancelled" and s.message_kind == "warning"
     assert s.notifications[-2][2] == "message 9"  # the previous notice is still listed
+
+
+def test_default_spec_says_how_many_layers_it_reaches(state):
+    assert state.set_role_spec("down", "int8_ch")
+    assert state.set_default("int4_g32") and state.message_kind == "warning"
+    assert "reaches 31 of 36 layers" in state.message  # 5 down_proj layers are ruled
+    assert state.set_rule("re:.*", "int8_ch")  # every layer: the default reaches none
+    assert state.set_default("int3_g32") and "reaches 0 of 36" in state.message
+    assert set(state.table["spec"]) == {"int8_ch"}

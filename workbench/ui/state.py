@@ -234,9 +234,18 @@ class WorkbenchState(param.Parameterized):
         return self.set_rule(f"re:{pattern}", spec)
 
     def set_default(self, spec: str) -> bool:
-        from workbench.planedit import with_default
+        from workbench.planedit import default_reach, with_default
 
-        return self._edit(lambda: with_default(self.plan, spec), f"default -> {spec}")
+        ok = self._edit(lambda: with_default(self.plan, spec), f"default -> {spec}")
+        if ok and default_reach(self.plan, self.layers) < len(self.layers):
+            n = default_reach(self.plan, self.layers)
+            self.notify(
+                f"default -> {spec}: reaches {n} of {len(self.layers)} layers; the plan's "
+                f"{len(self.plan.rules)} rules (e.g. an allocation's) override the rest - remove them, or "
+                f"use a regex rule '.*' to set every layer",
+                "warning",
+            )
+        return ok
 
     def remove_rule(self, index: int) -> bool:
         from workbench.planedit import without_rule
