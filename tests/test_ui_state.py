@@ -202,3 +202,13 @@ def test_default_spec_says_how_many_layers_it_reaches(state):
     assert state.set_rule("re:.*", "int8_ch")  # every layer: the default reaches none
     assert state.set_default("int3_g32") and "reaches 0 of 36" in state.message
     assert set(state.table["spec"]) == {"int8_ch"}
+
+
+def test_layer_table_has_sortable_outlier_columns(state):
+    t = state.table
+    assert {"w max/med", "w kurtosis", "act outlier"} <= set(t.columns)
+    W = state.loaded.model.get_submodule("model.layers.0.mlp.down_proj").weight.detach().abs()
+    row = t[t["layer"] == "model.layers.0.mlp.down_proj"].iloc[0]
+    assert row["w max/med"] == pytest.approx(float(W.max() / W.median()), rel=1e-2)
+    assert (t["w max/med"] > 1).all() and t["w kurtosis"].notna().all()
+    assert t["act outlier"].isna().all()  # no statistics yet: shown as '-'

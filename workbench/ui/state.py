@@ -29,7 +29,18 @@ from workbench.ui.jobs import Job
 
 # Specs offered in the editor / scanned by the sensitivity view: named presets in workbench.defaults.
 CANDIDATE_SPECS, SENSITIVITY_SPECS = defaults.CANDIDATE_SPECS, defaults.SENSITIVITY_SPECS
-TABLE_COLUMNS = ["layer", "block", "role", "shape", "params", "spec", "bits", "KB", "cost", "pinned"]
+TABLE_COLUMNS = [
+    "layer", "block", "role", "shape", "params", "spec", "bits", "KB", "cost", "pinned",
+    "w max/med", "w kurtosis", "act outlier",
+]  # fmt: skip
+
+
+def weight_outliers(model, layers) -> dict[str, tuple[float, float]]:
+    """{layer: (max/median |w|, excess kurtosis)} of every layer (`stats.weights.outlier_summary`)."""
+    from workbench.inventory import get_linear_weight, get_module
+    from workbench.stats.weights import outlier_summary
+
+    return {x.name: outlier_summary(get_linear_weight(get_module(model, x.name))) for x in layers}
 
 
 class WorkbenchState(param.Parameterized):
@@ -75,6 +86,7 @@ class WorkbenchState(param.Parameterized):
         self._model_lock = threading.Lock()  # one model-using job at a time in this session
         self._private_model = None
         self._chat_model = None  # (plan key, quantized copy, ApplyReport)
+        self._outliers: dict[str, tuple[float, float]] = {}  # layer -> (max/median |w|, kurtosis)
 
     # ------------------------------------------------------------------ threads
     def run_ui(self, fn) -> None:
@@ -96,12 +108,16 @@ class WorkbenchState(param.Parameterized):
             self.message = text
 
     # ------------------------------------------------------------------ loading
-    def set_model(self, loaded) -> None:
-        """Adopt a LoadedModel: inventory, a fresh all-bf16 plan, empty history and caches."""
+    def set_model(self, loaded, outliers: dict | None = None) -> None:
+        """Adopt a LoadedModel: inventory, a fresh all-bf16 plan, empty history and caches.
+
+        `outliers`: {layer: (max/median |w|, kurtosis)} when the load job computed them (else computed here).
+        """
         from workbench.inventory import layer_inventory
         from workbench.plan import Plan
 
         layers = layer_inventory(loaded.model)
+        self._outliers = outliers if outliers is not None else weight_outliers(loaded.model, layers)
         plan = Plan(default="bf16")
         self._history = History(Snapshot(plan.to_json(), (), "start"))
         self._private_model = None
@@ -175,9 +191,17 @@ class WorkbenchState(param.Parameterized):
                     round(spec.storage_bytes(x.out_features, x.in_features) / 1e3, 2),
                     float("nan") if term is None else float(f"{term:.4g}"),  # 4 digits for display
                     x.name in pins,
+                    *self._outlier_cells(x.name),
                 )
             )
         return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+    def _outlier_cells(self, name: str) -> tuple[float, float, float]:
+        """max/median |w|, kurtosis, and the input's largest channel absmax / median (nan: no statistics)."""
+        ratio, kurt = self._outliers.get(name, (float("nan"), float("nan")))
+        act = self.inspection.activations.get(name) if self.inspection is not None else None
+        a = act.outlier_channels(1)[0][2] if act is not None else float("nan")
+        return round(ratio, 1), round(kurt, 2), round(a, 1)
 
     def refresh(self) -> None:
         """Recompute the derived values of the current plan (after new sensitivity data)."""

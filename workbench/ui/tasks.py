@@ -47,11 +47,14 @@ def load_job(state, source: str, restore: str = "default") -> Job:
     """Load a model (shared cache) and install it in `state`; on failure the model box shows `restore`."""
 
     def work(ctx: JobContext):
+        from workbench.inventory import layer_inventory
+        from workbench.ui.state import weight_outliers
+
         t0 = time.perf_counter()
         ctx.report(0.05, f"loading {source}")
         loaded = shared_model(source, ctx)
-        ctx.report(0.9, f"loaded in {time.perf_counter() - t0:.1f} s; building the layer table")
-        return loaded
+        ctx.report(0.9, f"loaded in {time.perf_counter() - t0:.1f} s; weight outliers for the layer table")
+        return loaded, weight_outliers(loaded.model, layer_inventory(loaded.model))
 
     def failed(message: str) -> None:
         def show():
@@ -65,7 +68,7 @@ def load_job(state, source: str, restore: str = "default") -> Job:
     return Job(
         f"load {Path(source).name or source}",
         work,
-        on_done=lambda loaded: state.run_ui(lambda: state.set_model(loaded)),
+        on_done=lambda result: state.run_ui(lambda: state.set_model(*result)),
         on_error=failed,
     )
 
@@ -91,6 +94,7 @@ def stats_job(state, text: str, n_seqs: int, seq_len: int) -> Job:
         def adopt():
             state.inspection = inspection
             state.details = None
+            state.refresh()  # the layer table's activation-outlier column
             state.notify(
                 f"activation statistics ready ({'from cache' if inspection.from_cache else 'computed'}"
                 f", {n_seqs} x {seq_len} tokens of '{text}')",
