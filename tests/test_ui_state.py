@@ -212,3 +212,16 @@ def test_layer_table_has_sortable_outlier_columns(state):
     assert row["w max/med"] == pytest.approx(float(W.max() / W.median()), rel=1e-2)
     assert (t["w max/med"] > 1).all() and t["w kurtosis"].notna().all()
     assert t["act outlier"].isna().all()  # no statistics yet: shown as '-'
+
+
+def test_heatmap_pages_cover_every_layer_once_with_labels_on_top(state):
+    from workbench.ui import charts
+    from workbench.ui.views.sensitivity_view import block_pages
+
+    pages = block_pages(state.layers, per_page=2)
+    assert list(pages) == ["blocks 0-1", "blocks 2-3", "blocks 4-4 + head"]
+    for x in state.layers:
+        assert sum(p(x) for p in pages.values()) == 1, x.name
+    assert list(block_pages(state.layers)) == ["all"]  # 5 blocks: one page
+    fig = charts.heatmap_figure(["a", "b"], ["int4_g32"], [[0.1], [0.2]])
+    assert fig.layout.xaxis.side == "top"

@@ -192,7 +192,8 @@ def heatmap_figure(
         marker = dict(color="white", size=7, line=dict(color="black", width=1))
         fig.add_scatter(x=xs, y=ys, mode="markers", marker=marker, name="current plan", hoverinfo="skip")
     fig.update_yaxes(autorange="reversed", tickfont=dict(size=9))
-    fig.update_layout(showlegend=False)
+    fig.update_xaxes(side="top")  # spec labels above the first rows, where the eye starts
+    fig.update_layout(showlegend=False, margin=dict(t=90))
     return fig
 
 

@@ -48,6 +48,7 @@ class SensitivityView(View):
             css_classes=["wb-verify"],
         )
         verify.on_click(lambda _e: state.verify())
+        page = pn.widgets.Select(name="blocks shown", options=["all"], value="all", width=150)
         heat = pn.pane.Plotly(
             charts.empty_figure("no sensitivity table yet: press 'compute sensitivity'", 400),
             sizing_mode="stretch_width",
@@ -83,6 +84,11 @@ class SensitivityView(View):
             if table is None:
                 return
             layers = ordered_layers(table)
+            pages = block_pages(layers)
+            page.options = list(pages)
+            if page.value not in pages:
+                page.value = next(iter(pages))
+            layers = [x for x in layers if pages[page.value](x)]
             names = [x.name for x in layers]
             costs = [[table.cost.get(n, {}).get(s) for s in table.specs] for n in names]
             current = {n: str(state.resolved[n]) for n in names if n in state.resolved}
@@ -115,6 +121,7 @@ class SensitivityView(View):
 
         heat.param.watch(on_click, "click_data")
         state.param.watch(draw, ["sensitivity", "revision", "verification"])
+        page.param.watch(draw, "value")
         draw()
         return pn.Column(
             totals_line(state),
@@ -122,6 +129,7 @@ class SensitivityView(View):
             note,
             pareto,
             verdict,
+            page,
             heat,
             sizing_mode="stretch_width",
             name="Sensitivity",
@@ -145,3 +153,20 @@ def verification_text(v) -> str:
             f"| {100 * r.top1:.1f}% |"
         )
     return "\n".join(lines)
+
+
+def block_pages(layers, per_page: int = 8) -> dict:
+    """{label: predicate} pages of `per_page` decoder blocks (layers outside blocks on the last page), so
+    the heatmap stays a screen or two tall; a model of at most `per_page` blocks has one page, "all"."""
+    blocks = sorted({x.block for x in layers if x.block is not None})
+    if len(blocks) <= per_page:
+        return {"all": lambda x: True}
+    pages = {}
+    for i in range(0, len(blocks), per_page):
+        lo, hi = blocks[i], blocks[min(i + per_page, len(blocks)) - 1]
+        last = i + per_page >= len(blocks)
+        label = f"blocks {lo}-{hi}" + (" + head" if last else "")
+        pages[label] = lambda x, lo=lo, hi=hi, last=last: (
+            (last and x.block is None) or (x.block is not None and lo <= x.block <= hi)
+        )
+    return pages
