@@ -17,6 +17,7 @@ so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -134,7 +135,8 @@ def render(loaded, table, rows, ev, args, seconds) -> str:
             f"{r['predicted_proxy']:.3g} | {_kl(r['kl'])} | {r['ppl']:.3f} | {100 * r['top1']:.1f}% |"
         )
     out += never_worse(rows)
-    return "\n".join(out) + "\n"
+    out += [""] + [f"{n}\n" for n in args.note]
+    return "\n".join(out).rstrip("\n") + "\n"
 
 
 def never_worse(rows) -> list[str]:
@@ -184,12 +186,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the app's, 4096)")
     ap.add_argument("--seq-len", type=int, default=None, help="evaluation window (default: the app's)")
     ap.add_argument("--write-results", action="store_true", help="replace this script's RESULTS.md section")
+    ap.add_argument("--note", action="append", default=[], help="extra paragraph for the section")
     args = ap.parse_args(argv)
-    args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write-results"]
+    raw = argv if argv is not None else sys.argv[1:]
+    args.argv = [
+        a for i, a in enumerate(raw) if a != "--write-results" and "--note" not in raw[max(0, i - 1) : i + 1]
+    ]
 
     from plan_quality import write_sections
 
-    from workbench.defaults import default_scan, eval_settings
+    from workbench.defaults import DEFAULT_METHOD, default_scan, eval_settings, scan_settings
     from workbench.loading import load_model
     from workbench.paths import cache_dir
 
@@ -198,10 +204,12 @@ def main(argv=None) -> int:
     given = {"text": args.text, "seq_len": args.seq_len, "max_tokens": args.tokens}
     ev.update({k: v for k, v in given.items() if v})
     work = cache_dir("plan_trust", loaded.description.fingerprint)
-    table = default_scan(loaded, out=work / "table_default.json")
+    settings = json.dumps(scan_settings(loaded.description), sort_keys=True)
+    tag = hashlib.sha1(f"{DEFAULT_METHOD}|{settings}|calibrate".encode()).hexdigest()[:10]
+    table = default_scan(loaded, out=work / f"table_{DEFAULT_METHOD}_{tag}.json")
     proxy = default_scan(loaded, out=work / "table_proxy.json", method="proxy")
     plans = build_plans(loaded, table, proxy)
-    state = work / f"rows-{ev['text']}-{ev['seq_len']}-{ev['max_tokens']}.json"
+    state = work / f"rows-{tag}-{ev['text']}-{ev['seq_len']}-{ev['max_tokens']}.json"
     t0 = time.perf_counter()
     rows = measure_all(loaded, table, proxy, plans, ev, state)
     md = render(loaded, table, rows, ev, args, time.perf_counter() - t0)

@@ -53,10 +53,16 @@ def _same(a, b) -> bool:
     return {k: str(v) for k, v in a.items()} == {k: str(v) for k, v in b.items()}
 
 
-def test_default_is_fisher_over_the_offered_specs(table):
+def test_default_is_calibrated_fisher_over_the_offered_specs(table):
     assert DEFAULT_METHOD == "fisher" and table.method == "fisher"
     assert table.specs == SENSITIVITY_SPECS and table.complete
-    assert table.settings["importance"] == "fisher"
+    assert table.settings["importance"] == "fisher" and table.settings["calibrate"] == "uniform"
+    for spec, c in table.calibration.items():  # each uniform plan's summed cost = its measured KL
+        total = sum(table.cost[x.name][spec] for x in table.layers)
+        assert total == pytest.approx(c["measured"], rel=1e-9) and c["measured"] > 0
+    assert set(table.calibration) == set(SENSITIVITY_SPECS)
+    low, high = table.calibration["int2_g32"]["measured"], table.calibration["int8_ch"]["measured"]
+    assert low > 100 * high  # the measurement sees what 2 bits do
 
 
 def test_allocation_at_each_uniform_size_beats_that_uniform_plan(stories, table):
@@ -90,12 +96,12 @@ def test_fisher_method_is_the_weighted_proxy_and_reuses_grams(stories, table, tm
 
     kw = dict(text="tinystories", n_seqs=2, seq_len=64, calib_seqs=4, calib_seq_len=64, progress=False)
     specs = ["int3_g32", "int8_ch"]
-    a = sensitivity_scan(stories, specs, "fisher", **kw)
+    a = sensitivity_scan(stories, specs, "fisher", calibrate=False, **kw)
     b = sensitivity_scan(stories, specs, "proxy", importance="fisher", **kw)
-    assert a.cost == b.cost
+    assert a.cost == b.cost and not a.calibration
     grams = calibration_grams(stories, None, "tinystories", 4, 64, progress=False)
     grams = {n: g * 0 for n, g in grams.items()}  # zero Grams given: every cost must become 0
-    c = sensitivity_scan(stories, specs, "fisher", grams=grams, **kw)
+    c = sensitivity_scan(stories, specs, "fisher", grams=grams, calibrate=False, **kw)
     assert all(v == 0 for row in c.cost.values() for v in row.values())
     with pytest.raises(WorkbenchError, match="already sets the importance"):
         sensitivity_scan(stories, specs, "fisher", importance="kl", **kw)

@@ -56,6 +56,7 @@ class SensitivityTable:
     model: dict = field(default_factory=dict)  # fingerprint, source, name
     settings: dict = field(default_factory=dict)  # text, n_seqs, seq_len, importance, ...
     timing: dict = field(default_factory=dict)  # seconds: setup, scan (accumulated over resumes)
+    calibration: dict = field(default_factory=dict)  # spec -> measured / predicted / scale (calibrate.py)
 
     @property
     def complete(self) -> bool:
@@ -77,6 +78,7 @@ class SensitivityTable:
             "model": self.model,
             "settings": self.settings,
             "timing": self.timing,
+            "calibration": self.calibration,
             "layers": [x.to_dict() for x in self.layers],
             "cost": {x.name: self.cost[x.name] for x in self.layers if x.name in self.cost},
         }
@@ -105,6 +107,7 @@ class SensitivityTable:
                 model=d.get("model", {}),
                 settings=d.get("settings", {}),
                 timing=d.get("timing", {}),
+                calibration=d.get("calibration", {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WorkbenchError(
@@ -155,6 +158,7 @@ def _check_resume(path: Path | None, table: SensitivityTable) -> SensitivityTabl
         )
     table.cost = old.cost
     table.timing = old.timing
+    table.calibration = old.calibration
     return table
 
 
@@ -367,6 +371,7 @@ def sensitivity_scan(
     importance_spec: str | None = None,
     layers: list[str] | None = None,
     grams: dict[str, torch.Tensor] | None = None,
+    calibrate: bool | None = None,
     progress: bool = True,
     on_layer=None,
     on_setup=None,
@@ -384,6 +389,8 @@ def sensitivity_scan(
         layers: restrict to these layer names (default: all quantizable linears).
         grams: {layer: [K, K] X^T X} of `calib_seqs` x `calib_seq_len` tokens of `text` (seed 0) already
             at hand (e.g. an inspection's statistics); missing layers are collected by `calibration_grams`.
+        calibrate: scale each spec's costs so that its uniform plan's sum equals the KL measured on the
+            scan windows (`calibrate.py`); default: True for "fisher", False otherwise.
         on_layer: callback(layer name) after each saved layer (progress hooks, tests).
         on_setup: callback(str) before each setup step (Grams, Fisher pass), for progress messages.
     """
@@ -415,8 +422,11 @@ def sensitivity_scan(
         settings.update(n_seqs=n_seqs, seq_len=seq_len, seed=seed)
     if method in ("proxy", "fisher"):
         settings.update(importance=importance, importance_spec=imp_spec if importance == "kl" else None)
+    calibrate = method == "fisher" if calibrate is None else calibrate
+    if calibrate:
+        settings.update(calibrate="uniform", n_seqs=n_seqs, seq_len=seq_len, seed=seed)
     table = _check_resume(Path(out) if out else None, _identity(loaded, inv, method, specs, settings))
-    if table.complete:
+    if table.complete and (table.calibration or not calibrate):
         return table
 
     say = on_setup or (lambda _msg: None)
@@ -428,14 +438,14 @@ def sensitivity_scan(
         say(f"calibration Gram matrices: {calib_seqs} x {calib_seq_len} tokens of '{text}'")
         grams.update(calibration_grams(loaded, missing, text, calib_seqs, calib_seq_len, progress=progress))
     runner, fisher, n_pred, windows = None, {}, 1, None
-    if method == "kl" or importance in ("kl", "fisher"):
+    if method == "kl" or importance in ("kl", "fisher") or calibrate:
         windows = calibration_batches(
             loaded.tokenizer, text, n_seqs, seq_len, seed, max_context=loaded.description.max_context
         )
     if method == "kl" or importance == "kl":
         runner = BlockRunner(loaded.model)
         runner.capture(windows)
-    if importance == "fisher":
+    if importance == "fisher" and not table.complete:
         say(f"output Fisher: forward + backward over {n_seqs} x {seq_len} tokens of '{text}'")
         fisher, n_pred = output_fisher(loaded.model, windows, [x.name for x in inv], seed=seed)
     table.timing["setup"] = float(table.timing.get("setup", 0.0)) + time.perf_counter() - t0
@@ -469,4 +479,16 @@ def sensitivity_scan(
         return costs
 
     _scan(table, Path(out) if out else None, score, progress, on_layer)
+    if calibrate and not table.calibration:
+        from workbench.calibrate import calibrate_table
+
+        t0 = time.perf_counter()
+
+        def step(i: int, n: int, spec: str) -> None:
+            say(f"calibrating: uniform {spec} measured on the scan windows ({i + 1}/{n})")
+
+        table.calibration = calibrate_table(loaded, table, windows, grams, on_spec=step)
+        table.timing["calibrate"] = time.perf_counter() - t0
+        if out is not None:
+            table.save(out)
     return table

@@ -164,7 +164,8 @@ def sensitivity_job(state, specs: list[str], method: str, cfg: dict, grams: dict
 
     `cfg`: the scan settings (`defaults.scan_settings`); `grams`: the statistics' Gram matrices of the same
     calibration tokens, or None (then collected, or read from the Gram cache). The bar fills over the setup
-    (Grams, Fisher pass: the first 30%) and then layer by layer.
+    (Grams, Fisher pass: the first 25%), layer by layer, then over the calibration of the costs on
+    measured uniform plans (the last 15%).
     """
     n_layers = len(state.layers)
     what = {"fisher": "Fisher-weighted output error, nats of KL", "proxy": "relative output error"}
@@ -186,14 +187,14 @@ def sensitivity_job(state, specs: list[str], method: str, cfg: dict, grams: dict
             def on_setup(msg: str) -> None:
                 quiet()
                 note = " (reusing the statistics' Gram matrices)" if grams and "Fisher" in msg else ""
-                ctx.report(next(steps, 0.25), msg + note)
+                ctx.report(0.85 if msg.startswith("calibrating") else next(steps, 0.25), msg + note)
                 beats.append(threading.Event())
                 _heartbeat(ctx, msg + note, beats[-1])
 
             def on_layer(name: str) -> None:
                 quiet()
                 done[0] += 1
-                ctx.report(0.3 + 0.7 * done[0] / n_layers, f"{done[0]}/{n_layers} layers scored ({name})")
+                ctx.report(0.25 + 0.6 * done[0] / n_layers, f"{done[0]}/{n_layers} layers scored ({name})")
 
             kw = dict(out=path, grams=grams, progress=False, on_layer=on_layer, on_setup=on_setup)
             try:
