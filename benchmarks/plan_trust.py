@@ -162,8 +162,11 @@ def never_worse(rows) -> list[str]:
     for label, a, spec, budget in todo:
         if a is None:
             continue
+        cap = uni[spec]["total_bits"] if spec else None  # equal size: the uniform plan's own size
         fit = [
-            (s, u) for s, u in uni.items() if u["total_bits"] <= a["total_bits"] or u["avg_bits"] <= budget
+            (s, u)
+            for s, u in uni.items()
+            if (u["total_bits"] <= cap if spec else u["avg_bits"] <= budget + 1e-9)
         ]
         best = min(fit, key=lambda su: su[1]["kl"]) if fit else None
         same = spec is not None and a["mix"] == {spec: 1.0}
