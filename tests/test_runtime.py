@@ -176,3 +176,34 @@ def test_bad_plans_are_refused_before_any_work(stories):
     with pytest.raises(WorkbenchError, match="unknown part"):
         apply_plan(model, {_linear_names(model)[0]: "int4_q32"})
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_plans_without_a_packed_layout_fall_back_to_the_dequantized_weight(stories):
+    """The allocator's own candidates (int6, int5) run: a dense dequantized weight, one warning naming them;
+    backend='dequantized' does that for every layer and equals fake quantization."""
+    names = _linear_names(stories.model)
+    plan = {
+        n: ("int6_g128" if i % 3 == 0 else "int5_g128" if i % 3 == 1 else "int4_g32")
+        for i, n in enumerate(names)
+    }
+    fake = copy.deepcopy(stories.model)
+    with torch.no_grad():
+        for n, s in plan.items():
+            mod = fake.get_submodule(n)
+            mod.weight = torch.nn.Parameter(quantize_weight(mod.weight, s).dequantize())
+    ids = torch.tensor([stories.tokenizer.encode("The little dog ran to the park and", add_bos=True)])
+    model = copy.deepcopy(stories.model)
+    with pytest.warns(UserWarning, match=r"no packed layout.*model\.layers\.0\.self_attn\.q_proj"):
+        report = apply_plan(model, plan)
+    assert set(report.fallback) == {n for n, s in plan.items() if s != "int4_g32"}
+    assert isinstance(model.get_submodule(names[2]), QuantLinear)
+    assert not isinstance(model.get_submodule(names[0]), QuantLinear)
+    dense = copy.deepcopy(stories.model)
+    report = apply_plan(dense, plan, backend="dequantized")
+    assert set(report.fallback) == set(names) and not any(isinstance(m, QuantLinear) for m in dense.modules())
+    emb = stories.model.get_input_embeddings().weight  # tied to lm_head: must not change
+    assert torch.equal(dense.get_input_embeddings().weight, emb) and "lm_head" in names
+    with torch.no_grad():
+        want = fake(ids).logits
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dense(ids).logits, want, rtol=1e-5, atol=1e-5)

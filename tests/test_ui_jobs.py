@@ -99,3 +99,21 @@ def test_chat_runs_reference_and_quantized(scanned):
     r = s.chat_log[-1]
     assert r["reference"] and r["quantized"] and r["quantized_layers"] == 36
     assert r["device"] == "cpu" and "no CUDA" in r["note"]
+
+
+def test_verify_puts_measured_points_beside_the_prediction(scanned, excerpt):
+    from workbench.ui import charts
+
+    s = scanned
+    assert s.sensitivity.method == "fisher"  # the app's default method
+    s.set_default("bf16")
+    assert s.allocate(budget_bits=4.5)
+    job = s.verify(wait=True, text=excerpt, seq_len=64, max_tokens=512)
+    assert job.state == "done", job.error
+    v = s.verification
+    assert v.rows[0].label == "this plan" and v.rows[0].avg_bits == pytest.approx(s.totals.avg_bits)
+    assert v.plan.predicted == pytest.approx(s.cost.total)
+    assert any(r.kind == "uniform" and r.fits for r in v.rows) and "verified" in s.message
+    fig = charts.pareto_figure([1.0, 2.0], [0.2, 0.1], checks=[r.__dict__ for r in v.rows])
+    measured = next(t for t in fig.data if t.name == "measured KL")
+    assert list(measured.y) == [r.kl for r in v.rows]

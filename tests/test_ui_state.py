@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("panel")
 pytest.importorskip("param")
 
+from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.plan import Plan, plan_totals  # noqa: E402
 from workbench.quant.spec import QuantSpec  # noqa: E402
 from workbench.ui.state import WorkbenchState  # noqa: E402
@@ -159,3 +160,70 @@ def test_background_load_reports_progress_and_bad_source_is_explained():
     job = bad.load("/nonexistent/model.gguf", wait=True)
     assert job.state == "failed" and bad.phase == "error"
     assert "not found" in bad.message and bad.message_kind == "error"
+    # a failed load after a good one: the model stays, the model box shows its source again
+    job = s.load("/nonexistent/model.gguf", wait=True)
+    assert job.state == "failed" and s.phase == "ready" and s.source == str(STORIES)
+    assert bad.source == "default" and "not found" in s.message
+    from workbench.ui.views.common import job_status_text
+
+    assert job_status_text(job).startswith("failed: ") and "failed: failed" not in job_status_text(job)
+    from workbench.allocate import budget_to_bits
+
+    with pytest.raises(WorkbenchError, match="above 16"):  # a budget above bf16 everywhere is refused
+        budget_to_bits(s.layers, budget_bits=20)
+
+
+def test_notices_keep_a_short_history_and_a_cancel_is_announced():
+    import threading
+
+    from workbench.ui.jobs import Job
+
+    s = WorkbenchState()
+    for i in range(10):
+        s.notify(f"message {i}", "info")
+    assert [t for _, _, t in s.notifications] == [f"message {i}" for i in range(2, 10)]
+    started = threading.Event()
+
+    def wait(ctx):
+        started.set()
+        while True:
+            ctx.report(None, "waiting")
+
+    job = s.add_job(Job("long job", wait))
+    assert started.wait(5)
+    job.cancel()
+    job.join(5)
+    assert job.state == "cancelled" and s.message == "long job: cancelled" and s.message_kind == "warning"
+    assert s.notifications[-2][2] == "message 9"  # the previous notice is still listed
+
+
+def test_default_spec_says_how_many_layers_it_reaches(state):
+    assert state.set_role_spec("down", "int8_ch")
+    assert state.set_default("int4_g32") and state.message_kind == "warning"
+    assert "reaches 31 of 36 layers" in state.message  # 5 down_proj layers are ruled
+    assert state.set_rule("re:.*", "int8_ch")  # every layer: the default reaches none
+    assert state.set_default("int3_g32") and "reaches 0 of 36" in state.message
+    assert set(state.table["spec"]) == {"int8_ch"}
+
+
+def test_layer_table_has_sortable_outlier_columns(state):
+    t = state.table
+    assert {"w max/med", "w kurtosis", "act outlier"} <= set(t.columns)
+    W = state.loaded.model.get_submodule("model.layers.0.mlp.down_proj").weight.detach().abs()
+    row = t[t["layer"] == "model.layers.0.mlp.down_proj"].iloc[0]
+    assert row["w max/med"] == pytest.approx(float(W.max() / W.median()), rel=1e-2)
+    assert (t["w max/med"] > 1).all() and t["w kurtosis"].notna().all()
+    assert t["act outlier"].isna().all()  # no statistics yet: shown as '-'
+
+
+def test_heatmap_pages_cover_every_layer_once_with_labels_on_top(state):
+    from workbench.ui import charts
+    from workbench.ui.views.sensitivity_view import block_pages
+
+    pages = block_pages(state.layers, per_page=2)
+    assert list(pages) == ["blocks 0-1", "blocks 2-3", "blocks 4-4 + head"]
+    for x in state.layers:
+        assert sum(p(x) for p in pages.values()) == 1, x.name
+    assert list(block_pages(state.layers)) == ["all"]  # 5 blocks: one page
+    fig = charts.heatmap_figure(["a", "b"], ["int4_g32"], [[0.1], [0.2]])
+    assert fig.layout.xaxis.side == "top"

@@ -257,6 +257,11 @@ def budget_to_bits(
     if budget_bits is not None:
         if not budget_bits > 0:
             raise WorkbenchError(f"budget {budget_bits} bits/weight must be positive")
+        if budget_bits > 16:
+            raise WorkbenchError(
+                f"budget {budget_bits} bits/weight is above 16 (bf16 for every layer): nothing to "
+                "allocate (a budget in MB? choose MB)"
+            )
         return int(math.floor(budget_bits * sum(x.n_params for x in layers) + 1e-6))
     if not budget_mb > 0:
         raise WorkbenchError(f"budget {budget_mb} MB must be positive")

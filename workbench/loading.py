@@ -142,7 +142,8 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _gguf_caveats(path: Path) -> list[str]:
+def _gguf_file_type(path: Path) -> str | None:
+    """The llama.cpp file type of a GGUF file (e.g. "Q4_1"), None when the header does not say."""
     try:
         from gguf import GGUFReader
 
@@ -151,9 +152,13 @@ def _gguf_caveats(path: Path) -> list[str]:
         raise _wrap_load_error(path, exc) from None
     fld = reader.fields.get("general.file_type")
     if fld is None:
-        return []
-    ftype = _GGUF_FILE_TYPES.get(int(fld.parts[fld.data[0]][0]), "a quantized type")
-    if ftype in ("F32", "F16", "BF16"):
+        return None
+    return _GGUF_FILE_TYPES.get(int(fld.parts[fld.data[0]][0]), "a quantized type")
+
+
+def _gguf_caveats(ftype: str | None) -> list[str]:
+    """The notes a model distributed in llama.cpp `ftype` carries (shown in the app's model card)."""
+    if ftype is None or ftype in ("F32", "F16", "BF16"):
         return []
     note = (
         f"weights were distributed in llama.cpp {ftype} and dequantized on load: they already sit on a "
@@ -161,8 +166,12 @@ def _gguf_caveats(path: Path) -> list[str]:
     )
     if ftype == "Q4_1":
         note += (
-            " (4-bit, blocks of 32 with scale and min), so int4_g32 asym is nearly lossless by "
-            "construction; sensitivity at 2-3 bits, other group sizes and float formats is still real"
+            " (4-bit, blocks of 32 with a float scale and a float minimum). int4_g32 asym is NOT "
+            "lossless on it: its zero point is an integer, which cannot hit Q4_1's float block minimum, "
+            "so re-quantizing moves almost every weight (99.7% on a sample of layers; uniform "
+            "int4_g32 measures a KL like other 4-bit specs: benchmarks/RESULTS.md, 'Plans you can "
+            "trust'). Every spec's sensitivity is real, "
+            "measured against these already-4-bit weights"
         )
     return [note]
 
@@ -175,7 +184,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, progress: bool):
     if not (folder / "workbench.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        caveats = _gguf_caveats(path)
+        ftype = _gguf_file_type(path)
         if progress:
             print(f"converting {path.name} (first load only, cached in {folder})", flush=True)
         try:
@@ -198,10 +207,15 @@ def _load_gguf(path: Path, dtype: torch.dtype, progress: bool):
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "workbench.json").write_text(json.dumps({"gguf": str(path), "caveats": caveats}))
+        meta = {"gguf": str(path), "ftype": ftype, "caveats": _gguf_caveats(ftype)}
+        (tmp / "workbench.json").write_text(json.dumps(meta))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
-    caveats = json.loads((folder / "workbench.json").read_text())["caveats"]
+    meta = json.loads((folder / "workbench.json").read_text())
+    if "ftype" not in meta:  # a cache from before "ftype" was kept: its note names the type
+        found = re.search(r"llama\.cpp (\S+) and", " ".join(meta.get("caveats", [])))
+        meta["ftype"] = found.group(1) if found else None
+    caveats = _gguf_caveats(meta["ftype"])  # rebuilt each load: a corrected note reaches old caches
     model, tok = _load_hf_folder(folder, dtype)
     return model, tok, caveats
 

@@ -70,6 +70,12 @@ def with_default(plan: Plan, spec: str | QuantSpec) -> Plan:
     )
 
 
+def default_reach(plan: Plan, layers: list[LayerInfo]) -> int:
+    """How many layers take the plan's default spec (no rule selects them)."""
+    ruled = {n for r in plan.rules for n in match_layers(r.match, layers)}
+    return sum(1 for x in layers if x.name not in ruled)
+
+
 def without_rule(plan: Plan, index: int) -> Plan:
     """`plan` without its rule number `index` (0-based)."""
     if not 0 <= index < len(plan.rules):

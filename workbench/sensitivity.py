@@ -1,6 +1,8 @@
 """Sensitivity tables: for every quantizable layer x candidate spec, the cost of quantizing that layer alone.
 
-Methods:
+Methods (`fisher` is the default of the app and the CLI: its costs are nats of KL, so their sum over layers
+estimates a whole plan's KL, which is what the allocator minimises; see benchmarks/RESULTS.md):
+- `fisher`: the proxy below weighted by the output Fisher (`importance="fisher"`), one name for it.
 - `proxy` (no forward passes): the layer-local relative output error of the fake-quantized weight on the
   calibration inputs, from the layer's Gram matrix G = X^T X (`quant.metrics.output_error`):
       e(layer, spec) = tr(D G D^T) / tr(W G W^T),  D = W - fake_quant(W, spec, G).
@@ -40,7 +42,7 @@ from workbench.quant.spec import QuantSpec
 
 TABLE_FORMAT = "workbench.sensitivity"
 TABLE_VERSION = 1
-METHODS = ("proxy", "kl")
+METHODS = ("fisher", "proxy", "kl")
 
 
 @dataclass
@@ -54,6 +56,7 @@ class SensitivityTable:
     model: dict = field(default_factory=dict)  # fingerprint, source, name
     settings: dict = field(default_factory=dict)  # text, n_seqs, seq_len, importance, ...
     timing: dict = field(default_factory=dict)  # seconds: setup, scan (accumulated over resumes)
+    calibration: dict = field(default_factory=dict)  # spec -> measured / predicted / scale (calibrate.py)
 
     @property
     def complete(self) -> bool:
@@ -75,6 +78,7 @@ class SensitivityTable:
             "model": self.model,
             "settings": self.settings,
             "timing": self.timing,
+            "calibration": self.calibration,
             "layers": [x.to_dict() for x in self.layers],
             "cost": {x.name: self.cost[x.name] for x in self.layers if x.name in self.cost},
         }
@@ -103,6 +107,7 @@ class SensitivityTable:
                 model=d.get("model", {}),
                 settings=d.get("settings", {}),
                 timing=d.get("timing", {}),
+                calibration=d.get("calibration", {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WorkbenchError(
@@ -153,6 +158,7 @@ def _check_resume(path: Path | None, table: SensitivityTable) -> SensitivityTabl
         )
     table.cost = old.cost
     table.timing = old.timing
+    table.calibration = old.calibration
     return table
 
 
@@ -352,7 +358,7 @@ def _identity(loaded, layers, method, specs, settings) -> SensitivityTable:
 def sensitivity_scan(
     loaded,
     specs: list[str],
-    method: str = "proxy",
+    method: str = "fisher",
     *,
     out: str | Path | None = None,
     text: str = "wiki",
@@ -364,31 +370,43 @@ def sensitivity_scan(
     importance: str = "none",
     importance_spec: str | None = None,
     layers: list[str] | None = None,
+    grams: dict[str, torch.Tensor] | None = None,
+    calibrate: bool | None = None,
     progress: bool = True,
     on_layer=None,
+    on_setup=None,
 ) -> SensitivityTable:
     """Scan every quantizable layer x spec and return the table (saved to `out` after every layer).
 
     Args:
         specs: candidate specs (quantized ones; bf16 costs 0 by definition and is not scanned).
-        method: "proxy" or "kl" (module doc).
+        method: "fisher" (= "proxy" with importance="fisher"), "proxy" or "kl" (module doc).
         text, n_seqs, seq_len, seed: the kl scan windows (`calibration_batches`), also used for the
-            proxy's importance measurement; seq_len None is min(256, the model's context).
+            proxy's importance measurement (the Fisher pass); seq_len None is min(256, the model's context).
         calib_seqs, calib_seq_len: calibration for the Gram matrices (proxy, and gptq/awq specs), on `text`;
             calib_seq_len None is min(512, the model's context).
-        importance: "none" or "kl" (proxy only): weight each layer by one measured ΔKL at `importance_spec`
-            (default: the first spec).
+        importance: "none", "kl" or "fisher" (proxy only): weight each layer by one measured ΔKL at
+            `importance_spec` (default: the first spec), or by its output Fisher.
         layers: restrict to these layer names (default: all quantizable linears).
+        grams: {layer: [K, K] X^T X} of `calib_seqs` x `calib_seq_len` tokens of `text` (seed 0) already
+            at hand (e.g. an inspection's statistics); missing layers are collected by `calibration_grams`.
+        calibrate: scale each spec's costs so that its uniform plan's sum equals the KL measured on the
+            scan windows (`calibrate.py`); default: True for "fisher", False otherwise.
         on_layer: callback(layer name) after each saved layer (progress hooks, tests).
+        on_setup: callback(str) before each setup step (Grams, Fisher pass), for progress messages.
     """
     from workbench.data import calibration_batches, default_seq_len
     from workbench.inventory import layer_inventory
     from workbench.simulate import calibration_grams, needs_gram, quantized_weight
 
     if method not in METHODS:
-        raise WorkbenchError(f"unknown sensitivity method '{method}' (choose {' or '.join(METHODS)})")
+        raise WorkbenchError(f"unknown sensitivity method '{method}' (choose {', '.join(METHODS)})")
     if importance not in ("none", "kl", "fisher"):
         raise WorkbenchError(f"unknown importance '{importance}' (choose none, kl or fisher)")
+    if method == "fisher":
+        if importance not in ("none", "fisher"):
+            raise WorkbenchError(f"method 'fisher' already sets the importance (got '{importance}')")
+        importance = "fisher"
     specs = [str(QuantSpec.parse(s)) for s in specs]
     if not specs:
         raise WorkbenchError("no specs to scan")
@@ -405,28 +423,33 @@ def sensitivity_scan(
     settings = {"text": text, "calib_seqs": calib_seqs, "calib_seq_len": calib_seq_len}
     if method == "kl" or importance in ("kl", "fisher"):
         settings.update(n_seqs=n_seqs, seq_len=seq_len, seed=seed)
-    if method == "proxy":
+    if method in ("proxy", "fisher"):
         settings.update(importance=importance, importance_spec=imp_spec if importance == "kl" else None)
+    calibrate = method == "fisher" if calibrate is None else calibrate
+    if calibrate:
+        settings.update(calibrate="uniform", n_seqs=n_seqs, seq_len=seq_len, seed=seed)
     table = _check_resume(Path(out) if out else None, _identity(loaded, inv, method, specs, settings))
-    if table.complete:
+    if table.complete and (table.calibration or not calibrate):
         return table
 
+    say = on_setup or (lambda _msg: None)
     t0 = time.perf_counter()
-    need_grams = method == "proxy" or any(needs_gram(s) for s in specs)
-    grams = (
-        calibration_grams(loaded, [x.name for x in inv], text, calib_seqs, calib_seq_len, progress=progress)
-        if need_grams
-        else {}
-    )
+    need_grams = method != "kl" or any(needs_gram(s) for s in specs)
+    grams = dict(grams or {})
+    missing = [x.name for x in inv if x.name not in grams] if need_grams else []
+    if missing:
+        say(f"calibration Gram matrices: {calib_seqs} x {calib_seq_len} tokens of '{text}'")
+        grams.update(calibration_grams(loaded, missing, text, calib_seqs, calib_seq_len, progress=progress))
     runner, fisher, n_pred, windows = None, {}, 1, None
-    if method == "kl" or importance in ("kl", "fisher"):
+    if method == "kl" or importance in ("kl", "fisher") or calibrate:
         windows = calibration_batches(
             loaded.tokenizer, text, n_seqs, seq_len, seed, max_context=loaded.description.max_context
         )
     if method == "kl" or importance == "kl":
         runner = BlockRunner(loaded.model)
         runner.capture(windows)
-    if method == "proxy" and importance == "fisher":
+    if importance == "fisher" and not table.complete:
+        say(f"output Fisher: forward + backward over {n_seqs} x {seq_len} tokens of '{text}'")
         fisher, n_pred = output_fisher(loaded.model, windows, [x.name for x in inv], seed=seed)
     table.timing["setup"] = float(table.timing.get("setup", 0.0)) + time.perf_counter() - t0
 
@@ -459,4 +482,16 @@ def sensitivity_scan(
         return costs
 
     _scan(table, Path(out) if out else None, score, progress, on_layer)
+    if calibrate and not table.calibration:
+        from workbench.calibrate import calibrate_table
+
+        t0 = time.perf_counter()
+
+        def step(i: int, n: int, spec: str) -> None:
+            say(f"calibrating: uniform {spec} measured on the scan windows ({i + 1}/{n})")
+
+        table.calibration = calibrate_table(loaded, table, windows, grams, on_spec=step)
+        table.timing["calibrate"] = time.perf_counter() - t0
+        if out is not None:
+            table.save(out)
     return table

@@ -32,7 +32,7 @@ def needs_gram(spec: QuantSpec | str) -> bool:
     return QuantSpec.parse(spec).needs_gram
 
 
-def _set_weight(module: torch.nn.Module, W_hat: torch.Tensor) -> torch.nn.Parameter:
+def set_weight(module: torch.nn.Module, W_hat: torch.Tensor) -> torch.nn.Parameter:
     """Give `module` a new weight Parameter from W_hat [out, in]; return the old Parameter."""
     old = module.weight
     data = W_hat.t() if get_linear_weight(module) is not module.weight else W_hat  # Conv1D stores [in, out]
@@ -67,7 +67,7 @@ def swapped_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) ->
     try:
         for name, W_hat in weights.items():
             mod = get_module(model, name)
-            saved.append((mod, _set_weight(mod, W_hat)))
+            saved.append((mod, set_weight(mod, W_hat)))
         yield
     finally:
         for mod, old in reversed(saved):

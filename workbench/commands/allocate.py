@@ -25,6 +25,14 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.add_argument("--front", help="also write the Pareto front (size vs predicted cost) as JSON")
     p.add_argument("--llama-cpp", help="also write a llama-quantize --tensor-type-file")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="measure the plan and the uniform plans next to it in size (quick evaluation, cached)",
+    )
+    p.add_argument("--model", default=None, help="--verify: the model (default: the table's source)")
+    p.add_argument("--verify-text", default=None, help="--verify: evaluation text (default: the app's)")
+    p.add_argument("--verify-tokens", type=int, default=None, help="--verify: tokens (default: the app's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     return p
 
@@ -75,6 +83,9 @@ def run(args) -> int:
         ex.save(args.llama_cpp)
         out["llama_cpp"] = str(args.llama_cpp)
         out["llama_cpp_notes"] = ex.notes
+    verification = _verify(args, tab, res.resolved) if args.verify else None
+    if verification is not None:
+        out["verify"] = verification.to_json()
     if args.json:
         emit_json(out)
         return 0
@@ -90,4 +101,51 @@ def run(args) -> int:
             print(f"{key.replace('_', '.')}: {out[key]}")
     for note in out.get("llama_cpp_notes", []):
         print(f"note: {note}")
+    if verification is not None:
+        print_verification(verification)
     return 0
+
+
+def _verify(args, tab, resolved):
+    """Load the model and run `workbench.verify.verify_plan` with the app's quick evaluation settings."""
+    import sys
+
+    from workbench.defaults import eval_settings
+    from workbench.errors import WorkbenchError
+    from workbench.loading import load_model
+    from workbench.verify import verify_plan
+
+    source = args.model or tab.model.get("source")
+    if not source:
+        raise WorkbenchError(f"{args.sensitivity} does not name its model: give --model with --verify")
+    loaded = load_model(source, progress=False)
+    if loaded.description.fingerprint != tab.model.get("fingerprint", loaded.description.fingerprint):
+        raise WorkbenchError(f"--model {source} is not the model {args.sensitivity} was scanned on")
+    ev = eval_settings(loaded.description)
+    ev.update({k: v for k, v in (("text", args.verify_text), ("max_tokens", args.verify_tokens)) if v})
+
+    def step(i, n, label):
+        print(f"verify {i + 1}/{n}: measuring {label} on {ev['max_tokens']} tokens", file=sys.stderr)
+
+    return verify_plan(loaded, tab, resolved, on_step=step, **ev)
+
+
+def print_verification(v) -> None:
+    """Predicted vs measured, one row per plan, and the verdict."""
+    rows = [
+        [
+            r.label,
+            f"{r.avg_bits:.3f}",
+            f"{r.mb:.3f}",
+            f"{r.predicted:.4g}",
+            f"{r.kl:.4g}",
+            f"{r.ppl:.3f}",
+            f"{100 * r.top1:.1f}%",
+            "yes" if r.kind == "plan" or r.fits else "no",
+        ]
+        for r in v.rows
+    ]
+    head = ["plan", "avg bits", "MB", f"predicted ({v.method})", "measured KL", "PPL", "top-1", "fits"]
+    print(f"\nverification on {v.n_tokens} tokens of '{v.text}' (reference PPL {v.ref_ppl:.3f}):")
+    print(table(rows, head))
+    print(v.verdict())

@@ -1,4 +1,4 @@
-"""`workbench sensitivity`: the layer x spec sensitivity table (proxy or measured KL), resumable."""
+"""`workbench sensitivity`: the layer x spec sensitivity table (Fisher-weighted, proxy or measured KL)."""
 
 from __future__ import annotations
 
@@ -6,23 +6,33 @@ from workbench.commands.common import add_model_arg, emit_json, table
 
 
 def add_parser(sub):
+    from workbench.defaults import DEFAULT_METHOD, SENSITIVITY_SPECS
+
     p = sub.add_parser("sensitivity", help="cost of quantizing each layer alone, for each candidate spec")
     add_model_arg(p)
-    p.add_argument("--specs", required=True, help="comma-separated candidate specs, e.g. int3_g128,int4_g128")
+    p.add_argument(
+        "--specs",
+        default=",".join(SENSITIVITY_SPECS),
+        help="comma-separated candidate specs (default: the app's offered specs)",
+    )
     p.add_argument(
         "--method",
-        choices=("proxy", "kl"),
-        default="proxy",
-        help="proxy: Gram-based output error (fast); kl: measured ΔKL of the whole model",
+        choices=("fisher", "proxy", "kl"),
+        default=DEFAULT_METHOD,
+        help="fisher (default): Fisher-weighted output error, nats of KL that add up over layers to "
+        "predict a plan; proxy: relative output error of the layer alone (does not rank whole plans); "
+        "kl: measured ΔKL of the whole model per layer (slow)",
     )
-    p.add_argument("--text", default="wiki", help="calibration / scan text source (default: wiki)")
-    p.add_argument("--scan-seqs", type=int, default=2, help="kl: windows of the scan batch (default 2)")
+    p.add_argument("--text", default=None, help="calibration / scan text source (default: the app's)")
     p.add_argument(
-        "--seq-len", type=int, help="kl: window length of the scan batch (default: min(256, context))"
+        "--scan-seqs", type=int, default=None, help="kl / fisher: windows of the scan batch (default 2 / 8)"
     )
-    p.add_argument("--calib-seqs", type=int, default=32, help="Gram calibration windows (default 32)")
     p.add_argument(
-        "--calib-seq-len", type=int, help="Gram calibration window length (default: min(512, context))"
+        "--seq-len", type=int, default=None, help="kl / fisher: scan window length (default: the app's)"
+    )
+    p.add_argument("--calib-seqs", type=int, default=None, help="Gram calibration windows (default: app's)")
+    p.add_argument(
+        "--calib-seq-len", type=int, default=None, help="Gram calibration window length (default: app's)"
     )
     p.add_argument(
         "--importance",
@@ -41,6 +51,24 @@ def add_parser(sub):
     return p
 
 
+def _settings(args, description) -> dict:
+    """The app's scan settings (`workbench.defaults.scan_settings`), overridden by the options given."""
+    from workbench.defaults import scan_settings
+
+    cfg = scan_settings(description)
+    if args.method == "kl":
+        cfg["n_seqs"] = 2  # one re-run of the model tail per layer x spec: keep the kl batch small
+    given = {
+        "text": args.text,
+        "n_seqs": args.scan_seqs,
+        "seq_len": args.seq_len,
+        "calib_seqs": args.calib_seqs,
+        "calib_seq_len": args.calib_seq_len,
+    }
+    cfg.update({k: v for k, v in given.items() if v is not None})
+    return cfg
+
+
 def run(args) -> int:
     from workbench.loading import load_model
     from workbench.sensitivity import sensitivity_scan
@@ -52,11 +80,7 @@ def run(args) -> int:
         specs,
         args.method,
         out=args.out,
-        text=args.text,
-        n_seqs=args.scan_seqs,
-        seq_len=args.seq_len,
-        calib_seqs=args.calib_seqs,
-        calib_seq_len=args.calib_seq_len,
+        **_settings(args, loaded.description),
         importance=args.importance,
         importance_spec=args.importance_spec,
         progress=not args.quiet,

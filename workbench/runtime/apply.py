@@ -5,6 +5,12 @@ ready are the modules swapped in (a plain attribute assignment per layer). An er
 during quantization therefore leaves the original model exactly as it was, and the half-built layers are
 dropped. Layers whose spec is bf16 / fp16 keep their nn.Linear.
 
+Layers whose spec has no packed layout (5-, 6- and 7-bit integers: the allocator may choose them) keep a
+plain module holding the dequantized weight (the reference math, no memory saving), with one warning naming
+them. `backend="dequantized"` does this for every layer: the weights are dequantized once and the model
+then runs at the original's speed (chat on a CPU, where the packed reference path would re-dequantize
+every weight at every token).
+
 Quantization runs through `workbench.quant.api.quantize_weight` (CPU, float32). For integer round-to-nearest
 specs of a weight that already lives on CUDA, the same code (`workbench.quant.rtn.rtn_quantize`)
 runs on the GPU instead (bit-identical codes and scales, checked in tests/test_runtime_cuda.py), which turns
@@ -22,9 +28,12 @@ from typing import Callable
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.quant.registry import format_of
 from workbench.runtime.fuse import unfused_groups
 from workbench.runtime.memory import MemoryReport, model_memory
 from workbench.runtime.qlinear import QuantLinear, kernel_format_reason, kernel_shape_reason
+
+BACKENDS = ("auto", "reference", "dequantized")
 
 
 @dataclass
@@ -115,6 +124,27 @@ def quantize_layer(name: str, W: torch.Tensor, spec, gram: torch.Tensor | None =
     return quantize_weight(W, spec, gram, layer=name)
 
 
+def layout_reason(spec) -> str | None:
+    """Why `spec` has no packed layout (the layer keeps a dequantized dense weight), or None."""
+    layout = format_of(spec).layout
+    if layout is None:
+        return f"{spec.fmt} has no packed layout"
+    return layout.check(spec)
+
+
+def dense_copy(module: torch.nn.Module, W_hat: torch.Tensor) -> torch.nn.Module:
+    """A copy of a linear `module` (nn.Linear or GPT-2 Conv1D) whose weight is W_hat [out, in]; the
+    original module and its parameters are untouched (the bias is shared)."""
+    import copy
+
+    from workbench.simulate import set_weight
+
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)  # own parameter dict: setting the weight must not leak
+    set_weight(new, W_hat.detach())
+    return new
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -136,7 +166,8 @@ def apply_plan(
         resolved: a ResolvedPlan (`plan.resolve(model)`), used as it is; a Plan or an explicit
             {layer: spec} is resolved once here (`ResolvedPlan.of`). Plan file paths are refused.
         grams: {layer name: [K, K] X^T X} for GPTQ / AWQ layers.
-        backend: "auto" (kernels where they exist) or "reference" (torch reference everywhere).
+        backend: "auto" (kernels where they exist), "reference" (torch reference everywhere) or
+            "dequantized" (every layer a dense module holding its dequantized weight: module doc).
         on_layer: progress callback (name, index, total), called before each layer is quantized.
         warn: emit one warning naming the layers whose format has no GPU kernel.
     Returns:
@@ -147,6 +178,8 @@ def apply_plan(
             run. The model is unchanged.
     """
     t0 = time.perf_counter()
+    if backend not in BACKENDS:
+        raise WorkbenchError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
     resolved = _resolved_for(model, resolved)
     report = ApplyReport(memory_before=model_memory(model), kept=resolved.kept)
     todo = [(n, resolved[n]) for n in resolved.quantized]
@@ -155,9 +188,11 @@ def apply_plan(
     _swap_in(model, _build_layers(model, todo, grams or {}, backend, on_layer))
     report.layers = {n: str(s) for n, s in todo}
     report.unfused = unfused_groups(resolved)
-    report.fallback = {n: r for n, s in todo if (r := kernel_format_reason(s)) is not None}
-    if backend == "reference":
-        report.fallback = {n: "backend='reference'" for n, _ in todo}
+    report.fallback = {
+        n: r for n, s in todo if (r := layout_reason(s) or kernel_format_reason(s)) is not None
+    }
+    if backend != "auto":
+        report.fallback = {n: f"backend='{backend}'" for n, _ in todo}
     if warn and report.fallback and backend == "auto":
         _warn_fallback(report.fallback)
     if torch.cuda.is_available():
@@ -173,7 +208,7 @@ def _refuse_untileable(model: torch.nn.Module, todo: list) -> None:
 
     for name, spec in todo:
         W = get_linear_weight(get_module(model, name))
-        if W.is_cuda and kernel_format_reason(spec) is None:
+        if W.is_cuda and kernel_format_reason(spec) is None and not layout_reason(spec):
             reason = kernel_shape_reason(spec, W.shape[0], W.shape[1])
             if reason:
                 raise WorkbenchError(
@@ -182,7 +217,7 @@ def _refuse_untileable(model: torch.nn.Module, todo: list) -> None:
                 )
 
 
-def _build_layers(model, todo: list, grams: dict, backend: str, on_layer) -> dict[str, QuantLinear]:
+def _build_layers(model, todo: list, grams: dict, backend: str, on_layer) -> dict[str, torch.nn.Module]:
     """Quantize and pack every planned layer beside the untouched model (dropped on any error)."""
     from workbench.inventory import get_linear_weight, get_module
 
@@ -197,9 +232,12 @@ def _build_layers(model, todo: list, grams: dict, backend: str, on_layer) -> dic
             W = get_linear_weight(mod)
             with torch.no_grad():
                 qw = quantize_layer(name, W, spec, grams.get(name))
-                built[name] = QuantLinear.from_quantized(
-                    qw, mod.bias, name=name, dtype=W.dtype, device=W.device, backend=backend
-                )
+                if backend == "dequantized" or layout_reason(spec):
+                    built[name] = dense_copy(mod, qw.dequantize().to(W.device, W.dtype))
+                else:
+                    built[name] = QuantLinear.from_quantized(
+                        qw, mod.bias, name=name, dtype=W.dtype, device=W.device, backend=backend
+                    )
             del qw
     except BaseException as exc:
         built.clear()
@@ -237,6 +275,6 @@ def _warn_fallback(fallback: dict[str, str]) -> None:
     kinds = sorted(set(fallback.values()))
     warnings.warn(
         f"{len(names)} layers have no GPU kernel ({'; '.join(kinds)}): {shown}; they run the "
-        "torch reference path (same math, slower)",
+        "torch reference path (same math, slower; no packed layout: the dequantized weight)",
         stacklevel=3,
     )

@@ -209,3 +209,18 @@ def grid_levels(W: torch.Tensor, spec: str | QuantSpec, which: str = "median") -
     vals = decode(spec, one).reshape(-1)
     vals = torch.unique(vals[torch.isfinite(vals)])  # sorted
     return GridLevels(spec=str(spec), levels=vals, row=r, group=g, scale=float(enc.scales[r, g]), which=which)
+
+
+def outlier_summary(W: torch.Tensor) -> tuple[float, float]:
+    """(max |w| / median |w|, excess kurtosis) of W [N, K]: the two numbers that rank layers by outliers
+    (the model table's columns). Moments in float64; the median of |w| on at most 2^22 evenly strided
+    weights (exact for smaller layers)."""
+    w = W.detach().reshape(-1).float()
+    a = w.abs()
+    step = max(1, a.numel() >> 22)
+    med = float(a[::step].median())
+    x = w.double()
+    c = x - x.mean()
+    var = float((c * c).mean())
+    kurt = float((c**4).mean()) / var**2 - 3.0 if var > 0 else 0.0
+    return (float(a.max()) / med if med > 0 else float("inf")), kurt

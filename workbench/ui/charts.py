@@ -192,7 +192,8 @@ def heatmap_figure(
         marker = dict(color="white", size=7, line=dict(color="black", width=1))
         fig.add_scatter(x=xs, y=ys, mode="markers", marker=marker, name="current plan", hoverinfo="skip")
     fig.update_yaxes(autorange="reversed", tickfont=dict(size=9))
-    fig.update_layout(showlegend=False)
+    fig.update_xaxes(side="top")  # spec labels above the first rows, where the eye starts
+    fig.update_layout(showlegend=False, margin=dict(t=90))
     return fig
 
 
@@ -204,8 +205,13 @@ def pareto_figure(
     current_cost: float | None = None,
     labels: Sequence[str] | None = None,
     title: str = "size vs predicted cost",
+    checks: Sequence[dict] = (),
 ) -> go.Figure:
-    """The Pareto front (size MB vs predicted cost, log y) with the current plan marked."""
+    """The Pareto front (size MB vs predicted cost, log y) with the current plan marked.
+
+    `checks`: measured plans (`verify.PlanCheck` dicts: label, mb, predicted, kl), drawn as their predicted
+    cost (hollow) and measured KL (filled) joined by a thin line, so prediction and truth sit side by side.
+    """
     fig = _fig(title)
     fig.add_scatter(
         x=list(front_mb),
@@ -228,8 +234,45 @@ def pareto_figure(
             marker=dict(color=ALERT, size=12, symbol="star"),
             hovertemplate="current plan: %{x:.3f} MB, cost %{y:.3g}<extra></extra>",
         )
+    _add_checks(fig, list(checks))
     positive = [c for c in front_cost if c and c > 0]
     fig.update_xaxes(title="size (MB)")
-    fig.update_yaxes(title="predicted cost", type="log" if positive else "linear")
+    fig.update_yaxes(
+        title="predicted cost / measured KL (nats)" if checks else "predicted cost",
+        type="log" if positive else "linear",
+    )
     fig.update_layout(legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
     return fig
+
+
+def _add_checks(fig: go.Figure, checks: list[dict]) -> None:
+    """Measured plans beside their predictions (see `pareto_figure`)."""
+    if not checks:
+        return
+    for c in checks:
+        fig.add_scatter(
+            x=[c["mb"], c["mb"]],
+            y=[c["predicted"], c["kl"]],
+            mode="lines",
+            line=dict(color="#999999", width=1, dash="dot"),
+            showlegend=False,
+            hoverinfo="skip",
+        )
+    for key, name, symbol in (("predicted", "predicted", "circle-open"), ("kl", "measured KL", "circle")):
+        fig.add_scatter(
+            x=[c["mb"] for c in checks],
+            y=[c[key] for c in checks],
+            mode="markers+text" if key == "kl" else "markers",
+            name=name,
+            text=[c["label"].removeprefix("uniform ") for c in checks] if key == "kl" else None,
+            textposition="top center",
+            marker=dict(
+                size=11,
+                symbol=symbol,
+                color=[ALERT if c["kind"] == "plan" else "#444444" for c in checks],
+            ),
+            hovertemplate=[
+                f"{c['label']}: {c['mb']:.3f} MB, {c['avg_bits']:.3f} b/w, {name} %{{y:.4g}}<extra></extra>"
+                for c in checks
+            ],
+        )

@@ -134,7 +134,7 @@ class Job(param.Parameterized):
                 self._on_error(message)
             except Exception:
                 traceback.print_exc()
-        self._finish("failed", f"failed: {message}")
+        self._finish("failed", message)
 
     def _finish(self, state: str, status: str, progress: float | None = None) -> None:
         self.seconds = time.perf_counter() - self._t0

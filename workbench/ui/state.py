@@ -21,40 +21,26 @@ import time
 import pandas as pd
 import param
 
+from workbench import defaults
 from workbench.errors import WorkbenchError
 from workbench.quant.spec import QuantSpec
 from workbench.ui.history import History, Snapshot
 from workbench.ui.jobs import Job
 
-# Specs offered in the editor and scanned by the sensitivity view (any other spec string can be typed).
-CANDIDATE_SPECS = [
-    "bf16",
-    "int8_ch",
-    "fp8_e4m3",
-    "int6_g128",
-    "int5_g128",
-    "int4_g128",
-    "int4_g64",
-    "int4_g32",
-    "nf4_g64",
-    "mxfp4",
-    "nvfp4",
-    "int3_g64",
-    "int3_g32",
-    "int2_g32",
-]
-SENSITIVITY_SPECS = [
-    "int8_ch",
-    "int6_g128",
-    "int4_g128",
-    "int4_g32",
-    "nf4_g64",
-    "mxfp4",
-    "int3_g64",
-    "int3_g32",
-    "int2_g32",
-]
-TABLE_COLUMNS = ["layer", "block", "role", "shape", "params", "spec", "bits", "KB", "cost", "pinned"]
+# Specs offered in the editor / scanned by the sensitivity view: named presets in workbench.defaults.
+CANDIDATE_SPECS, SENSITIVITY_SPECS = defaults.CANDIDATE_SPECS, defaults.SENSITIVITY_SPECS
+TABLE_COLUMNS = [
+    "layer", "block", "role", "shape", "params", "spec", "bits", "KB", "cost", "pinned",
+    "w max/med", "w kurtosis", "act outlier",
+]  # fmt: skip
+
+
+def weight_outliers(model, layers) -> dict[str, tuple[float, float]]:
+    """{layer: (max/median |w|, excess kurtosis)} of every layer (`stats.weights.outlier_summary`)."""
+    from workbench.inventory import get_linear_weight, get_module
+    from workbench.stats.weights import outlier_summary
+
+    return {x.name: outlier_summary(get_linear_weight(get_module(model, x.name))) for x in layers}
 
 
 class WorkbenchState(param.Parameterized):
@@ -82,12 +68,14 @@ class WorkbenchState(param.Parameterized):
     details = param.Parameter(default=None, doc="LayerReport of the selected layer (workbench.layer_report)")
     inspection = param.Parameter(default=None, doc="activation statistics per layer (stats.cache)")
     sensitivity = param.Parameter(default=None, doc="SensitivityTable")
+    verification = param.Parameter(default=None, doc="Verification of the plan last verified (verify.py)")
     evaluations = param.List(default=[], doc="evaluation results, one dict per run")
     chat_log = param.List(default=[], doc="chat results, one dict per prompt")
     jobs = param.List(default=[], doc="Jobs of this session, newest last")
 
     message = param.String(default="", doc="last notice for the user (errors included)")
     message_kind = param.Selector(default="info", objects=["info", "success", "warning", "error"])
+    notifications = param.List(default=[], doc="recent notices, newest last: (HH:MM:SS, kind, text)")
     dispatcher = param.Callable(
         default=None, doc="runs a function on the UI thread (served app); None: call it"
     )
@@ -98,6 +86,7 @@ class WorkbenchState(param.Parameterized):
         self._model_lock = threading.Lock()  # one model-using job at a time in this session
         self._private_model = None
         self._chat_model = None  # (plan key, quantized copy, ApplyReport)
+        self._outliers: dict[str, tuple[float, float]] = {}  # layer -> (max/median |w|, kurtosis)
 
     # ------------------------------------------------------------------ threads
     def run_ui(self, fn) -> None:
@@ -112,18 +101,23 @@ class WorkbenchState(param.Parameterized):
 
     # ------------------------------------------------------------------ notices
     def notify(self, text: str, kind: str = "info") -> None:
-        """Show a one-line notice (views display `message`)."""
+        """Show a one-line notice (views display `message` and the last few `notifications`)."""
         with param.parameterized.batch_call_watchers(self):
+            self.notifications = self.notifications[-7:] + [(time.strftime("%H:%M:%S"), kind, text)]
             self.message_kind = kind
             self.message = text
 
     # ------------------------------------------------------------------ loading
-    def set_model(self, loaded) -> None:
-        """Adopt a LoadedModel: inventory, a fresh all-bf16 plan, empty history and caches."""
+    def set_model(self, loaded, outliers: dict | None = None) -> None:
+        """Adopt a LoadedModel: inventory, a fresh all-bf16 plan, empty history and caches.
+
+        `outliers`: {layer: (max/median |w|, kurtosis)} when the load job computed them (else computed here).
+        """
         from workbench.inventory import layer_inventory
         from workbench.plan import Plan
 
         layers = layer_inventory(loaded.model)
+        self._outliers = outliers if outliers is not None else weight_outliers(loaded.model, layers)
         plan = Plan(default="bf16")
         self._history = History(Snapshot(plan.to_json(), (), "start"))
         self._private_model = None
@@ -143,10 +137,11 @@ class WorkbenchState(param.Parameterized):
         """Load a model in the background (progress in the job); `wait` blocks (tests, notebooks)."""
         from workbench.ui.tasks import load_job
 
+        restore = self.source if self.loaded is not None else "default"
         if source is not None:
             self.source = source
         self.phase = "loading"
-        job = load_job(self, self.source)
+        job = load_job(self, self.source, restore)
         self.add_job(job)
         if wait:
             job.join()
@@ -196,9 +191,17 @@ class WorkbenchState(param.Parameterized):
                     round(spec.storage_bytes(x.out_features, x.in_features) / 1e3, 2),
                     float("nan") if term is None else float(f"{term:.4g}"),  # 4 digits for display
                     x.name in pins,
+                    *self._outlier_cells(x.name),
                 )
             )
         return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+    def _outlier_cells(self, name: str) -> tuple[float, float, float]:
+        """max/median |w|, kurtosis, and the input's largest channel absmax / median (nan: no statistics)."""
+        ratio, kurt = self._outliers.get(name, (float("nan"), float("nan")))
+        act = self.inspection.activations.get(name) if self.inspection is not None else None
+        a = act.outlier_channels(1)[0][2] if act is not None else float("nan")
+        return round(ratio, 1), round(kurt, 2), round(a, 1)
 
     def refresh(self) -> None:
         """Recompute the derived values of the current plan (after new sensitivity data)."""
@@ -255,9 +258,18 @@ class WorkbenchState(param.Parameterized):
         return self.set_rule(f"re:{pattern}", spec)
 
     def set_default(self, spec: str) -> bool:
-        from workbench.planedit import with_default
+        from workbench.planedit import default_reach, with_default
 
-        return self._edit(lambda: with_default(self.plan, spec), f"default -> {spec}")
+        ok = self._edit(lambda: with_default(self.plan, spec), f"default -> {spec}")
+        if ok and default_reach(self.plan, self.layers) < len(self.layers):
+            n = default_reach(self.plan, self.layers)
+            self.notify(
+                f"default -> {spec}: reaches {n} of {len(self.layers)} layers; the plan's "
+                f"{len(self.plan.rules)} rules (e.g. an allocation's) override the rest - remove them, or "
+                f"use a regex rule '.*' to set every layer",
+                "warning",
+            )
+        return ok
 
     def remove_rule(self, index: int) -> bool:
         from workbench.planedit import without_rule
@@ -372,8 +384,7 @@ class WorkbenchState(param.Parameterized):
     # ------------------------------------------------------------------ statistics
     def calibration_settings(self) -> dict:
         """Calibration text and size for this model: small enough to stay interactive on a CPU."""
-        small = self.description is not None and self.description.n_params < 5_000_000
-        return {"text": "tinystories" if small else "wiki", "n_seqs": 16, "seq_len": 128 if small else 256}
+        return defaults.calibration_settings(self.description)
 
     def compute_stats(self, wait: bool = False, **settings) -> Job:
         """Activation statistics in the background (cached on disk by the core)."""
@@ -409,27 +420,42 @@ class WorkbenchState(param.Parameterized):
         return job
 
     # ------------------------------------------------------------------ sensitivity, evaluation, chat
-    def compute_sensitivity(self, specs: list[str] | None = None, wait: bool = False, **settings) -> Job:
-        """Proxy sensitivity table of every layer x spec in the background (cached and resumable)."""
+    def compute_sensitivity(
+        self, specs: list[str] | None = None, wait: bool = False, method: str = defaults.DEFAULT_METHOD, **kw
+    ) -> Job:
+        """Sensitivity table of every layer x spec in the background (cached and resumable).
+
+        The default method and settings are `workbench.defaults`' (Fisher-weighted proxy); the statistics'
+        Gram matrices are reused when they were collected on the same calibration tokens.
+        """
         from workbench.ui.tasks import sensitivity_job
 
         self._require_model()
-        cal = self.calibration_settings()
-        cfg = {"text": cal["text"], "calib_seqs": cal["n_seqs"], "calib_seq_len": cal["seq_len"], **settings}
+        cfg = {**defaults.scan_settings(self.description), **kw}
         specs = [str(QuantSpec.parse(s)) for s in (specs or SENSITIVITY_SPECS)]
-        job = self.add_job(sensitivity_job(self, specs, cfg["text"], cfg["calib_seqs"], cfg["calib_seq_len"]))
+        job = self.add_job(sensitivity_job(self, specs, method, cfg, self._inspection_grams(cfg)))
         if wait:
             job.join()
         return job
 
+    def _inspection_grams(self, cfg: dict) -> dict | None:
+        """The statistics' Gram matrices when they cover the scan's calibration tokens exactly, else None."""
+        ins = self.inspection
+        if ins is None:
+            return None
+        st = ins.settings
+        same = (st.get("text"), st.get("n_seqs"), st.get("seq_len"), st.get("seed")) == (
+            cfg["text"],
+            cfg["calib_seqs"],
+            cfg["calib_seq_len"],
+            0,
+        )
+        grams = {n: a.gram for n, a in ins.activations.items() if a.gram is not None}
+        return grams if same and grams else None
+
     def eval_settings(self) -> dict:
         """Evaluation text and size for this model (small enough to stay interactive on a CPU)."""
-        small = self.description is not None and self.description.n_params < 5_000_000
-        return {
-            "text": "tinystories" if small else "wikitext2",
-            "seq_len": 256 if small else min(512, (self.description and self.description.max_context) or 512),
-            "max_tokens": 4096,
-        }
+        return defaults.eval_settings(self.description)
 
     def evaluate(self, reference: bool = False, wait: bool = False, **settings) -> Job:
         """KL / perplexity / top-1 of the current plan (or the reference) in the background."""
@@ -444,6 +470,21 @@ class WorkbenchState(param.Parameterized):
                 self, resolved, label, self.plan_json(), cfg["text"], cfg["seq_len"], cfg["max_tokens"]
             )
         )
+        if wait:
+            job.join()
+        return job
+
+    def verify(self, wait: bool = False, **settings) -> Job | None:
+        """Measure the current plan and the uniform plans next to it in size (quick evaluation, cached);
+        `settings` override the evaluation's text / seq_len / max_tokens."""
+        from workbench.ui.tasks import verify_job
+
+        self._require_model()
+        if self.sensitivity is None:
+            self.notify("compute the sensitivity table first: verify compares its prediction", "warning")
+            return None
+        ev = {**self.eval_settings(), **settings}
+        job = self.add_job(verify_job(self, dict(self.resolved), self.plan_label(), ev))
         if wait:
             job.join()
         return job
@@ -479,10 +520,20 @@ class WorkbenchState(param.Parameterized):
     def add_job(self, job: Job) -> Job:
         """Start `job` and list it (the last 20 finished jobs are kept for the jobs panel)."""
         self.jobs = self.jobs[-20:] + [job]
-        # when it ends, redraw the jobs panel (finished jobs collapse to the last one)
-        redraw = lambda e: e.new != "running" and self.run_ui(lambda: self.param.trigger("jobs"))  # noqa: E731
-        job.param.watch(redraw, "state")
+        job.param.watch(lambda e: self._job_ended(job, e.new), "state")
         return job.start()
+
+    def _job_ended(self, job: Job, outcome: str) -> None:
+        """Redraw the jobs panel (finished jobs collapse to the last one); a cancel gets its own notice."""
+        if outcome == "running":
+            return
+
+        def ui():
+            self.param.trigger("jobs")
+            if outcome == "cancelled":
+                self.notify(f"{job.name}: cancelled", "warning")
+
+        self.run_ui(ui)
 
     def running_jobs(self) -> list[Job]:
         return [j for j in self.jobs if j.running]

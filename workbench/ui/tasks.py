@@ -43,19 +43,24 @@ def private_model(state):
     return state._private_model
 
 
-def load_job(state, source: str) -> Job:
-    """Load a model (shared cache) and install it in `state`."""
+def load_job(state, source: str, restore: str = "default") -> Job:
+    """Load a model (shared cache) and install it in `state`; on failure the model box shows `restore`."""
 
     def work(ctx: JobContext):
+        from workbench.inventory import layer_inventory
+        from workbench.ui.state import weight_outliers
+
         t0 = time.perf_counter()
         ctx.report(0.05, f"loading {source}")
         loaded = shared_model(source, ctx)
-        ctx.report(0.9, f"loaded in {time.perf_counter() - t0:.1f} s; building the layer table")
-        return loaded
+        ctx.report(0.9, f"loaded in {time.perf_counter() - t0:.1f} s; weight outliers for the layer table")
+        return loaded, weight_outliers(loaded.model, layer_inventory(loaded.model))
 
     def failed(message: str) -> None:
         def show():
-            state.phase = "error"
+            # the model box goes back to the model still loaded (or the default), not the bad path
+            state.source = restore
+            state.phase = "ready" if state.loaded is not None else "error"
             state.notify(f"could not load '{source}': {message}", "error")
 
         state.run_ui(show)
@@ -63,7 +68,7 @@ def load_job(state, source: str) -> Job:
     return Job(
         f"load {Path(source).name or source}",
         work,
-        on_done=lambda loaded: state.run_ui(lambda: state.set_model(loaded)),
+        on_done=lambda result: state.run_ui(lambda: state.set_model(*result)),
         on_error=failed,
     )
 
@@ -89,6 +94,7 @@ def stats_job(state, text: str, n_seqs: int, seq_len: int) -> Job:
         def adopt():
             state.inspection = inspection
             state.details = None
+            state.refresh()  # the layer table's activation-outlier column
             state.notify(
                 f"activation statistics ready ({'from cache' if inspection.from_cache else 'computed'}"
                 f", {n_seqs} x {seq_len} tokens of '{text}')",
@@ -153,9 +159,16 @@ def _sensitivity_path(loaded, specs: list[str], settings: dict):
     return cache_dir("sensitivity") / f"{loaded.description.fingerprint}-{digest}.json"
 
 
-def sensitivity_job(state, specs: list[str], text: str, calib_seqs: int, calib_seq_len: int) -> Job:
-    """Proxy sensitivity table (`sensitivity.sensitivity_scan`), saved and resumed from the cache."""
+def sensitivity_job(state, specs: list[str], method: str, cfg: dict, grams: dict | None = None) -> Job:
+    """Sensitivity table (`sensitivity.sensitivity_scan`), saved and resumed from the cache.
+
+    `cfg`: the scan settings (`defaults.scan_settings`); `grams`: the statistics' Gram matrices of the same
+    calibration tokens, or None (then collected, or read from the Gram cache). The bar fills over the setup
+    (Grams, Fisher pass: the first 25%), layer by layer, then over the calibration of the costs on
+    measured uniform plans (the last 15%).
+    """
     n_layers = len(state.layers)
+    what = {"fisher": "Fisher-weighted output error, nats of KL", "proxy": "relative output error"}
 
     def work(ctx: JobContext):
         from workbench.sensitivity import sensitivity_scan
@@ -163,45 +176,40 @@ def sensitivity_job(state, specs: list[str], text: str, calib_seqs: int, calib_s
         ctx.report(0.0, "waiting for the model")
         with state._model_lock:
             loaded = private_model(state)
-            settings = {
-                "method": "proxy",
-                "text": text,
-                "calib_seqs": calib_seqs,
-                "calib_seq_len": calib_seq_len,
-            }
-            path = _sensitivity_path(loaded, specs, settings)
-            done = [0]
+            path = _sensitivity_path(loaded, specs, {"method": method, **cfg})
+            done, beats = [0], []
+            steps = iter([0.02, 0.2])
+
+            def quiet() -> None:
+                for beat in beats:
+                    beat.set()
+
+            def on_setup(msg: str) -> None:
+                quiet()
+                note = " (reusing the statistics' Gram matrices)" if grams and "Fisher" in msg else ""
+                ctx.report(0.85 if msg.startswith("calibrating") else next(steps, 0.25), msg + note)
+                beats.append(threading.Event())
+                _heartbeat(ctx, msg + note, beats[-1])
 
             def on_layer(name: str) -> None:
+                quiet()
                 done[0] += 1
-                ctx.report(done[0] / n_layers, f"{done[0]}/{n_layers} layers scored ({name})")
+                ctx.report(0.25 + 0.6 * done[0] / n_layers, f"{done[0]}/{n_layers} layers scored ({name})")
 
-            stop = threading.Event()
-            _heartbeat(
-                ctx, f"calibration Gram matrices: {calib_seqs} x {calib_seq_len} tokens of '{text}'", stop
-            )
+            kw = dict(out=path, grams=grams, progress=False, on_layer=on_layer, on_setup=on_setup)
             try:
-                return sensitivity_scan(
-                    loaded,
-                    specs,
-                    "proxy",
-                    out=path,
-                    text=text,
-                    calib_seqs=calib_seqs,
-                    calib_seq_len=calib_seq_len,
-                    progress=False,
-                    on_layer=lambda name: (stop.set(), on_layer(name)),
-                )
+                return sensitivity_scan(loaded, specs, method, **kw, **cfg)
             finally:
-                stop.set()
+                quiet()
 
     def done(table):
         def adopt():
             state.sensitivity = table
+            state.verification = None
             state.refresh()
             state.notify(
                 f"sensitivity table ready: {len(table.layers)} layers x {len(table.specs)} specs "
-                f"(proxy: relative output error on calibration inputs)",
+                f"({table.method}: {what.get(table.method, 'measured KL')})",
                 "success",
             )
 
@@ -212,6 +220,40 @@ def sensitivity_job(state, specs: list[str], text: str, calib_seqs: int, calib_s
         work,
         on_done=done,
         on_error=lambda m: state.run_ui(lambda: state.notify(f"sensitivity failed: {m}", "error")),
+    )
+
+
+def verify_job(state, resolved, label: str, ev: dict) -> Job:
+    """Measure the plan and its uniform neighbours in size (`verify.verify_plan`, cached evaluations);
+    `ev`: text, seq_len, max_tokens of the evaluation."""
+    table = state.sensitivity
+
+    def work(ctx: JobContext):
+        from workbench.verify import verify_plan
+
+        ctx.report(0.0, "waiting for the model")
+        with state._model_lock:
+            loaded = private_model(state)
+
+            def step(i: int, n: int, what: str) -> None:
+                tokens = f"{ev['max_tokens']} tokens of '{ev['text']}'"
+                ctx.report(i / n, f"measuring {what} ({i + 1}/{n}) on {tokens}")
+
+            return verify_plan(loaded, table, resolved, on_step=step, **ev)
+
+    def done(v):
+        def adopt():
+            state.verification = v
+            kind = "warning" if v.beaten_by() else "success"
+            state.notify(f"verified {label}: measured KL {v.plan.kl:.4g} - {v.verdict()}", kind)
+
+        state.run_ui(adopt)
+
+    return Job(
+        f"verify {label}",
+        work,
+        on_done=done,
+        on_error=lambda m: state.run_ui(lambda: state.notify(f"verification failed: {m}", "error")),
     )
 
 
@@ -260,7 +302,7 @@ def evaluate_job(
             "avg bits": 16.0 if reference else round(totals.avg_bits, 3),
             "ppl": round(result.ppl, 4),
             "ref ppl": round(result.ref_ppl, 4),
-            "KL (nats)": result.kl,
+            "KL (nats)": float(f"{result.kl:.4g}"),  # 4 significant digits
             "top-1": round(result.top1, 4),
             "tokens": result.n_tokens,
             "text": text,
@@ -302,9 +344,12 @@ def chat_job(state, prompt: str, max_new_tokens: int, resolved, plan_key: str) -
             ref_model = private_model(state).model
             cached = state._chat_model
             if cached is None or cached[0] != plan_key:
-                ctx.report(0.1, "quantizing a copy of the model with the current plan (real low-bit layers)")
+                # on a CPU the packed layers would re-dequantize every weight at every token: dequantize once
+                backend = "auto" if device.type == "cuda" else "dequantized"
+                what = "real low-bit layers" if backend == "auto" else "weights dequantized once"
+                ctx.report(0.1, f"quantizing a copy of the model with the current plan ({what})")
                 qmodel = copy.deepcopy(ref_model).to(device)
-                report = apply_plan(qmodel, resolved, warn=False)
+                report = apply_plan(qmodel, resolved, warn=False, backend=backend)
                 state._chat_model = cached = (plan_key, qmodel, report)
             _, qmodel, report = cached
             ref_model.to(device)
@@ -327,6 +372,7 @@ def chat_job(state, prompt: str, max_new_tokens: int, resolved, plan_key: str) -
             "mode": qnt.mode,
             "quantized_layers": len(report.layers),
             "fallback_layers": fallback,
+            "fallback_reasons": sorted(set(report.fallback.values())),
         }
 
     def done(result):

@@ -50,7 +50,8 @@ class ChatView(View):
                     f"prompt: *{r['prompt']}* &middot; {r['device']}, decode mode {r['mode']} &middot; "
                     f"{r['quantized_layers']} quantized layers"
                     + (
-                        f", {r['fallback_layers']} on the torch reference (no kernel)"
+                        f", {r['fallback_layers']} on the torch reference "
+                        f"({'; '.join(r.get('fallback_reasons', [])) or 'no kernel'})"
                         if r["fallback_layers"]
                         else ""
                     )

@@ -12,17 +12,24 @@ _ALERT = {"info": "primary", "success": "success", "warning": "warning", "error"
 
 
 def notice(state: WorkbenchState) -> pn.viewable.Viewable:
-    """The last message for the user (errors stay until the next message). One pane, updated in place."""
+    """The last message for the user (errors stay until the next message) and, below it, the few before
+    it with their times, so one notice never hides another. Panes updated in place."""
     alert = pn.pane.Alert("", alert_type="primary", margin=(2, 5), css_classes=["wb-notice"], visible=False)
+    history = pn.pane.Markdown(
+        "", margin=(0, 10), css_classes=["wb-notice-history"], styles={"font-size": "12px", "color": "#666"}
+    )
 
     def show(*_events):
         alert.object = state.message
         alert.alert_type = _ALERT[state.message_kind]
         alert.visible = bool(state.message)
+        older = state.notifications[-6:-1]
+        history.object = "  \n".join(f"{t} &middot; {kind}: {text}" for t, kind, text in reversed(older))
+        history.visible = bool(older)
 
-    state.param.watch(show, ["message", "message_kind"])
+    state.param.watch(show, ["message", "message_kind", "notifications"])
     show()
-    return alert
+    return pn.Column(alert, history, margin=0, sizing_mode="stretch_width")
 
 
 def totals_text(state: WorkbenchState) -> str:
@@ -52,6 +59,15 @@ def totals_line(state: WorkbenchState) -> pn.viewable.Viewable:
     return pane
 
 
+def job_status_text(job: Job) -> str:
+    """The status column: the live status while running, else the outcome once ("failed: <why>")."""
+    if job.state == "running":
+        return job.status
+    if job.state == "failed":
+        return f"failed: {job.error}"[:300]
+    return f"{job.state} in {job.seconds:.1f} s"
+
+
 def job_row(job: Job, run_ui=lambda fn: fn()) -> pn.Row:
     """One job: name, progress bar, status, cancel button (disabled once finished)."""
     bar = pn.indicators.Progress(
@@ -77,7 +93,7 @@ def job_row(job: Job, run_ui=lambda fn: fn()) -> pn.Row:
             "failed": "danger",
             "cancelled": "secondary",
         }[job.state]
-        status.object = job.status if job.state == "running" else f"{job.state}: {job.status}"[:300]
+        status.object = job_status_text(job)
         cancel.disabled = not job.running
         cancel.visible = job.running
 

@@ -40,6 +40,7 @@ class HeaderView(View):
             state.load(source.value.strip() or "default")
 
         load.on_click(on_load)
+        state.param.watch(lambda e: setattr(source, "value", e.new), "source")  # restored after a failure
 
         def about(description, phase):
             if phase == "loading":

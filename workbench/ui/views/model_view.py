@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import panel as pn
-from bokeh.models.widgets.tables import NumberFormatter
+from bokeh.models.widgets.tables import NumberFormatter, ScientificFormatter
 
-from workbench.ui.state import CANDIDATE_SPECS
+from workbench.ui.state import CANDIDATE_SPECS, TABLE_COLUMNS
 from workbench.ui.views.common import View, totals_line
 
 _FILTERS = {
@@ -25,7 +25,7 @@ class ModelView(View):
 
     def panel(self) -> pn.viewable.Viewable:
         state = self.state
-        editors = {c: None for c in ("layer", "block", "role", "shape", "params", "bits", "KB", "cost")}
+        editors = {c: None for c in TABLE_COLUMNS if c not in ("spec", "pinned")}
         editors["spec"] = {
             "type": "list",
             "values": CANDIDATE_SPECS,
@@ -45,11 +45,19 @@ class ModelView(View):
             sizing_mode="stretch_width",
             pagination=None,
             formatters={
-                "cost": {"type": "plaintext"},
+                "cost": ScientificFormatter(precision=3, nan_format="-", null_format="-"),
+                "act outlier": NumberFormatter(format="0.0", nan_format="-", null_format="-"),
                 "pinned": {"type": "tickCross", "crossElement": False},
                 "params": NumberFormatter(format="0,0"),
             },
-            titles={"bits": "bits/w", "KB": "KB", "cost": "predicted cost"},
+            titles={
+                "bits": "bits/w",
+                "KB": "KB",
+                "cost": "predicted cost",
+                "w max/med": "max/median |w|",
+                "w kurtosis": "kurtosis (w)",
+                "act outlier": "act. outlier (max/median channel)",
+            },
             frozen_columns=["layer"],
             css_classes=["wb-layer-table"],
             name="layers",
@@ -103,7 +111,9 @@ class ModelView(View):
         help_text = pn.pane.Markdown(
             "Click a **spec** cell to change one layer (pick or type any spec, e.g. `int3_g64:gptq`); tick "
             "**pinned** to keep a layer out of the allocator; select a row, then open *Distributions*. "
-            "Column headers sort; the row under them filters.",
+            "Column headers sort; the row under them filters. Outlier columns: max |w| / median |w| and "
+            "excess kurtosis of the weights; the input's largest channel absmax / median channel absmax "
+            "(after *statistics*, Distributions tab). Sort by them to find the worst layer.",
             margin=(0, 10),
         )
         return pn.Column(totals_line(state), help_text, table, sizing_mode="stretch_width", name="Model")

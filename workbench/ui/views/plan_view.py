@@ -36,7 +36,15 @@ class PlanView(View):
         def show(plan, _rev):
             if plan is None:
                 return pn.pane.Markdown("*no model*")
-            lines = [f"**default**: `{plan.default}`"]
+            from workbench.planedit import default_reach
+
+            reach = default_reach(plan, state.layers)
+            lines = [f"**default**: `{plan.default}` (reaches {reach} of {len(state.layers)} layers)"]
+            if reach < len(state.layers) and plan.rules:
+                lines.append(
+                    "*the rules below override the default for the other layers: 'set default' only "
+                    "changes the layers it reaches*"
+                )
             if not plan.rules:
                 lines.append("*no rules: every layer uses the default*")
             for i, r in enumerate(plan.rules, 1):

@@ -1,0 +1,224 @@
+"""Plans you can trust (issue 11): does the default sensitivity predict whole plans, and do its allocations
+never lose to a uniform plan? Measured with the app's default specs and settings (`workbench.defaults`).
+
+    python benchmarks/plan_trust.py                       # default model, the app's 4096-token evaluation
+    python benchmarks/plan_trust.py --write-results       # also replace its section of RESULTS.md
+
+Plans (each evaluated on the same tokens; KL(P_ref || P_q) in nats per token):
+  - the uniform plan of every offered spec (every linear, lm_head included);
+  - allocations (exact knapsack over the default table, bf16 allowed) at 3.0 / 3.5 / 4.0 / 4.5 / 5.0 bits
+    and at exactly the size of each uniform plan;
+  - a few hand plans, and the plain-proxy allocation at 4.0 bits (the issue's failing plan).
+Tables: predicted cost (default table; the plain proxy's sum beside it) vs measured KL with Spearman rank
+correlations, and the never-worse-than-uniform table. Every evaluation is cached (`workbench.verify.measure`),
+so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+BUDGETS = [3.0, 3.5, 4.0, 4.5, 5.0]
+HAND = {
+    "int4_g128, down int8_ch": ("int4_g128", [("role:down", "int8_ch")]),
+    "int3_g64, attention int4_g32": ("int3_g64", [(f"role:{r}", "int4_g32") for r in "qkvo"]),
+    "int3_g32, blocks 0-1 int8_ch": ("int3_g32", [(r"re:model\.layers\.[01]\..*", "int8_ch")]),
+}
+
+
+def build_plans(loaded, table, proxy) -> dict[str, tuple[str, dict]]:
+    """{label: (group, resolved)} of every plan to measure, in evaluation order."""
+    from workbench.allocate import allocate_table
+    from workbench.plan import Plan, Rule, plan_totals
+    from workbench.verify import uniform_plans
+
+    layers = table.layers
+    plans: dict[str, tuple[str, dict]] = {}
+    for spec, res in uniform_plans(table, layers).items():
+        plans[f"uniform {spec}"] = ("uniform", res)
+        mb = plan_totals(res, layers).mb
+        plans[f"allocated = {spec}"] = ("equal", allocate_table(table, budget_mb=mb).resolved)
+    for b in BUDGETS:
+        plans[f"allocated {b} bits"] = ("budget", allocate_table(table, budget_bits=b).resolved)
+    for label, (default, rules) in HAND.items():
+        plan = Plan(default=default, rules=[Rule(m, s) for m, s in rules])
+        plans[label] = ("hand", plan.resolve(layers))
+    plans["plain-proxy allocation 4.0 bits"] = ("hand", allocate_table(proxy, budget_bits=4.0).resolved)
+    return plans
+
+
+def measure_all(loaded, table, proxy, plans, ev, state_path: Path) -> dict[str, dict]:
+    from workbench.plan import plan_totals
+    from workbench.verify import measure, predicted_cost
+
+    rows = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    for i, (label, (group, res)) in enumerate(plans.items()):
+        if label in rows:
+            continue
+        t0 = time.perf_counter()
+        r, cached = measure(loaded, res, ev["text"], ev["seq_len"], ev["max_tokens"])
+        t = plan_totals(res, table.layers)
+        rows[label] = {
+            "group": group,
+            "avg_bits": t.avg_bits,
+            "mb": t.mb,
+            "total_bits": t.total_bits,
+            "predicted": predicted_cost(table, res),
+            "predicted_proxy": predicted_cost(proxy, res),
+            "mix": {s: round(n / t.n_weights, 4) for s, n in t.by_spec.items()},
+            **{k: r[k] for k in ("kl", "ppl", "top1", "n_tokens", "ref_ppl")},
+        }
+        state_path.write_text(json.dumps(rows, indent=1))
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {i + 1}/{len(plans)} {label}: {t.avg_bits:.3f} b/w, "
+            f"KL {r['kl']:.4g}, ppl {r['ppl']:.3f} ({time.perf_counter() - t0:.0f} s"
+            f"{', cached' if cached else ''})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def _kl(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def render(loaded, table, rows, ev, args, seconds) -> str:
+    import torch
+
+    from workbench.defaults import scan_settings
+
+    ref_ppl = next(iter(rows.values()))["ref_ppl"]
+    n_tok = next(iter(rows.values()))["n_tokens"]
+    s = scan_settings(loaded.description)
+    labels = list({(rows[k]["total_bits"], rows[k]["kl"]): k for k in rows}.values())  # distinct plans
+    pred = [rows[k]["predicted"] for k in labels]
+    prox = [rows[k]["predicted_proxy"] for k in labels]
+    kl = [rows[k]["kl"] for k in labels]
+    out = [
+        "## Plans you can trust (issue 11)",
+        "",
+        f"Measured by `python benchmarks/plan_trust.py{' ' + ' '.join(args.argv) if args.argv else ''}` on "
+        f"{time.strftime('%Y-%m-%d')}: {loaded.description.name}, {ev['text']} ({n_tok} predicted tokens, "
+        f"windows of {ev['seq_len']}), device cpu ({platform.machine()}, {torch.get_num_threads()} threads, "
+        f"2-core VM shared with other jobs; evaluations cached in the workbench cache, this render "
+        f"{seconds / 60:.0f} min). Sensitivity: the app's "
+        f"default, method `{table.method}` over the offered specs {', '.join(table.specs)} (+ bf16); Gram "
+        f"matrices of {s['calib_seqs']} x {s['calib_seq_len']} tokens of '{s['text']}', Fisher from "
+        f"{s['n_seqs']} x {s['seq_len']} tokens (setup {table.timing.get('setup', 0):.0f} s, scan "
+        f"{table.timing.get('scan', 0):.0f} s). Reference PPL {ref_ppl:.3f}.",
+        "",
+        f"**Prediction over {len(labels)} distinct plans** (an allocation equal to another listed plan "
+        f"counts once): Spearman(predicted {table.method} cost, measured KL) = "
+        f"**{spearman(pred, kl):.3f}**; the plain proxy's summed cost on the same plans: "
+        f"{spearman(prox, kl):.3f}.",
+        "",
+        "| plan | avg bits | MB | predicted (fisher) | predicted (plain proxy) | measured KL | PPL | top-1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k in sorted(rows, key=lambda k: rows[k]["avg_bits"]):
+        r = rows[k]
+        out.append(
+            f"| {k} | {r['avg_bits']:.3f} | {r['mb']:.2f} | {_kl(r['predicted'])} | "
+            f"{r['predicted_proxy']:.3g} | {_kl(r['kl'])} | {r['ppl']:.3f} | {100 * r['top1']:.1f}% |"
+        )
+    out += never_worse(rows)
+    out += [""] + [f"{n}\n" for n in args.note]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def never_worse(rows) -> list[str]:
+    """The never-worse-than-uniform table: each allocation against the uniform plan of its size (equal-size
+    rows: it must measure lower KL) and against the best uniform plan that fits (no higher KL)."""
+    uni = {k.removeprefix("uniform "): r for k, r in rows.items() if r["group"] == "uniform"}
+    out = [
+        "",
+        "**Never worse than uniform.** '= spec': the allocation at exactly that uniform plan's size, which "
+        "it must beat; every allocation must also measure no higher KL than the best uniform plan that "
+        "fits in its size.",
+        "",
+        "| allocation | avg bits | measured KL | uniform of that size (KL) | best uniform that fits (KL) | "
+        "allocation wins |",
+        "|---|---|---|---|---|---|",
+    ]
+    todo = [
+        (f"= {s}", rows.get(f"allocated = {s}"), s, 0.0)
+        for s, _ in sorted(uni.items(), key=lambda kv: kv[1]["avg_bits"])
+    ]
+    todo += [(f"{b} bits", rows.get(f"allocated {b} bits"), None, b) for b in BUDGETS]
+    for label, a, spec, budget in todo:
+        if a is None:
+            continue
+        cap = uni[spec]["total_bits"] if spec else None  # equal size: the uniform plan's own size
+        fit = [
+            (s, u)
+            for s, u in uni.items()
+            if (u["total_bits"] <= cap if spec else u["avg_bits"] <= budget + 1e-9)
+        ]
+        best = min(fit, key=lambda su: su[1]["kl"]) if fit else None
+        same = spec is not None and a["mix"] == {spec: 1.0}
+        ok = (best is None or a["kl"] <= best[1]["kl"]) and (
+            spec is None or same or a["kl"] < uni[spec]["kl"]
+        )
+        verdict = "same plan (the only plan of that size)" if same else ("yes" if ok else "**NO**")
+        own = f"{spec} ({_kl(uni[spec]['kl'])})" if spec else "-"
+        fits = f"{best[0]} ({_kl(best[1]['kl'])})" if best else "-"
+        out.append(f"| {label} | {a['avg_bits']:.3f} | {_kl(a['kl'])} | {own} | {fits} | {verdict} |")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--text", default=None, help="evaluation text (default: the app's)")
+    ap.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the app's, 4096)")
+    ap.add_argument("--seq-len", type=int, default=None, help="evaluation window (default: the app's)")
+    ap.add_argument("--write-results", action="store_true", help="replace this script's RESULTS.md section")
+    ap.add_argument("--note", action="append", default=[], help="extra paragraph for the section")
+    args = ap.parse_args(argv)
+    raw = argv if argv is not None else sys.argv[1:]
+    args.argv = [
+        a for i, a in enumerate(raw) if a != "--write-results" and "--note" not in raw[max(0, i - 1) : i + 1]
+    ]
+
+    from plan_quality import write_sections
+
+    from workbench.defaults import DEFAULT_METHOD, default_scan, eval_settings, scan_settings
+    from workbench.loading import load_model
+    from workbench.paths import cache_dir
+
+    loaded = load_model(args.model, progress=False)
+    ev = eval_settings(loaded.description)
+    given = {"text": args.text, "seq_len": args.seq_len, "max_tokens": args.tokens}
+    ev.update({k: v for k, v in given.items() if v})
+    work = cache_dir("plan_trust", loaded.description.fingerprint)
+    settings = json.dumps(scan_settings(loaded.description), sort_keys=True)
+    tag = hashlib.sha1(f"{DEFAULT_METHOD}|{settings}|calibrate".encode()).hexdigest()[:10]
+    table = default_scan(loaded, out=work / f"table_{DEFAULT_METHOD}_{tag}.json")
+    proxy = default_scan(loaded, out=work / "table_proxy.json", method="proxy")
+    plans = build_plans(loaded, table, proxy)
+    state = work / f"rows-{tag}-{ev['text']}-{ev['seq_len']}-{ev['max_tokens']}.json"
+    t0 = time.perf_counter()
+    rows = measure_all(loaded, table, proxy, plans, ev, state)
+    md = render(loaded, table, rows, ev, args, time.perf_counter() - t0)
+    print(md)
+    if args.write_results:
+        write_sections(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Plans you can trust, on stories260K with the app's default method, specs and settings
+(`workbench.defaults`): allocations never measure worse than the uniform plans they compete with, the
+`fisher` method is the Fisher-weighted proxy, Grams at hand are reused, and `verify_plan` /
+`allocate --verify` report the truth."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workbench.allocate import allocate_table
+from workbench.cli import main
+from workbench.defaults import DEFAULT_METHOD, SENSITIVITY_SPECS, default_scan, eval_settings
+from workbench.errors import WorkbenchError
+from workbench.plan import plan_totals
+from workbench.sensitivity import sensitivity_scan
+from workbench.verify import measure, uniform_plans, verify_plan
+
+from .conftest import STORIES
+
+BUDGETS = [3.5, 4.0, 4.5, 5.0]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("trust_cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache(cache, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(cache))
+
+
+@pytest.fixture(scope="module")
+def table(stories, cache, tmp_path_factory):
+    import os
+
+    old = os.environ.get("WORKBENCH_CACHE")
+    os.environ["WORKBENCH_CACHE"] = str(cache)
+    try:
+        return default_scan(stories, out=tmp_path_factory.mktemp("tab") / "t.json", progress=False)
+    finally:
+        os.environ.pop("WORKBENCH_CACHE") if old is None else os.environ.update(WORKBENCH_CACHE=old)
+
+
+def _kl(loaded, resolved) -> float:
+    ev = eval_settings(loaded.description)
+    return measure(loaded, resolved, ev["text"], ev["seq_len"], ev["max_tokens"])[0]["kl"]
+
+
+def _same(a, b) -> bool:
+    return {k: str(v) for k, v in a.items()} == {k: str(v) for k, v in b.items()}
+
+
+def test_default_is_calibrated_fisher_over_the_offered_specs(table):
+    assert DEFAULT_METHOD == "fisher" and table.method == "fisher"
+    assert table.specs == SENSITIVITY_SPECS and table.complete
+    assert table.settings["importance"] == "fisher" and table.settings["calibrate"] == "uniform"
+    for spec, c in table.calibration.items():  # each uniform plan's summed cost = its measured KL
+        total = sum(table.cost[x.name][spec] for x in table.layers)
+        assert total == pytest.approx(c["measured"], rel=1e-9) and c["measured"] > 0
+    assert set(table.calibration) == set(SENSITIVITY_SPECS)
+    low, high = table.calibration["int2_g32"]["measured"], table.calibration["int8_ch"]["measured"]
+    assert low > 100 * high  # the measurement sees what 2 bits do
+
+
+def test_allocation_at_each_uniform_size_beats_that_uniform_plan(stories, table):
+    wins = 0
+    for spec, uni in uniform_plans(table, table.layers).items():
+        mb = plan_totals(uni, table.layers).mb
+        alloc = allocate_table(table, budget_mb=mb).resolved
+        if _same(alloc, uni):  # e.g. int2_g32: the only plan of that size
+            continue
+        kl_u, kl_a = _kl(stories, uni), _kl(stories, alloc)
+        assert kl_a < kl_u, f"allocation at the size of uniform {spec}: KL {kl_a:.4g} >= {kl_u:.4g}"
+        wins += 1
+    assert wins >= 6
+
+
+def test_allocation_at_a_budget_beats_every_uniform_plan_that_fits(stories, table):
+    uniform = {
+        s: (plan_totals(r, table.layers).total_bits, _kl(stories, r))
+        for s, r in uniform_plans(table, table.layers).items()
+    }
+    for b in BUDGETS:
+        a = allocate_table(table, budget_bits=b)
+        kl_a = _kl(stories, a.resolved)
+        fit = {s: kl for s, (bits, kl) in uniform.items() if bits <= a.budget_bits}
+        assert fit, f"no uniform plan fits {b} bits"
+        assert kl_a <= min(fit.values()), f"{b} bits: allocation KL {kl_a:.4g} vs uniform {fit}"
+
+
+def test_fisher_method_is_the_weighted_proxy_and_reuses_grams(stories, table, tmp_path):
+    from workbench.simulate import calibration_grams
+
+    kw = dict(text="tinystories", n_seqs=2, seq_len=64, calib_seqs=4, calib_seq_len=64, progress=False)
+    specs = ["int3_g32", "int8_ch"]
+    a = sensitivity_scan(stories, specs, "fisher", calibrate=False, **kw)
+    b = sensitivity_scan(stories, specs, "proxy", importance="fisher", **kw)
+    assert a.cost == b.cost and not a.calibration
+    grams = calibration_grams(stories, None, "tinystories", 4, 64, progress=False)
+    grams = {n: g * 0 for n, g in grams.items()}  # zero Grams given: every cost must become 0
+    c = sensitivity_scan(stories, specs, "fisher", grams=grams, calibrate=False, **kw)
+    assert all(v == 0 for row in c.cost.values() for v in row.values())
+    with pytest.raises(WorkbenchError, match="already sets the importance"):
+        sensitivity_scan(stories, specs, "fisher", importance="kl", **kw)
+
+
+def test_verify_plan_measures_the_plan_and_its_uniform_neighbours(stories, table):
+    ev = eval_settings(stories.description)
+    alloc = allocate_table(table, budget_bits=4.0)
+    v = verify_plan(stories, table, alloc.resolved, **ev)
+    labels = [r.label for r in v.rows]
+    assert labels[0] == "this plan" and len(labels) == 3
+    below, above = v.rows[1], v.rows[2]
+    assert below.fits and not above.fits and below.avg_bits <= v.plan.avg_bits < above.avg_bits
+    assert v.plan.kl == pytest.approx(_kl(stories, alloc.resolved))
+    assert v.plan.predicted == pytest.approx(alloc.predicted_cost)
+    assert not v.beaten_by() and "no higher than every uniform plan" in v.verdict()
+    again = verify_plan(stories, table, alloc.resolved, **ev)
+    assert all(r.cached for r in again.rows) and [r.kl for r in again.rows] == [r.kl for r in v.rows]
+
+
+def test_allocate_cli_verify(stories, table, tmp_path, capsys):
+    path = tmp_path / "t.json"
+    table.save(path)
+    argv = ["allocate", "--sensitivity", str(path), "--budget-bits", "4.5", "--out", str(tmp_path / "p.json")]
+    assert main(argv + ["--verify", "--model", str(STORIES)]) == 0
+    out = capsys.readouterr().out
+    assert "predicted (fisher)" in out and "measured KL" in out and "uniform int4_g128" in out
+    assert main(argv + ["--verify", "--json"]) == 0  # the model comes from the table
+    res = json.loads(capsys.readouterr().out)
+    rows = res["verify"]["rows"]
+    assert rows[0]["label"] == "this plan" and all(r["cached"] for r in rows)
+    assert "no higher than every uniform plan" in res["verify"]["verdict"]
