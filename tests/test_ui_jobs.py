@@ -114,6 +114,11 @@ def test_verify_puts_measured_points_beside_the_prediction(scanned, excerpt):
     assert v.rows[0].label == "this plan" and v.rows[0].avg_bits == pytest.approx(s.totals.avg_bits)
     assert v.plan.predicted == pytest.approx(s.cost.total)
     assert any(r.kind == "uniform" and r.fits for r in v.rows) and "verified" in s.message
+    from workbench.ui.views.sensitivity_view import SensitivityView
+
+    panel = SensitivityView(state=s).panel()
+    verdict = [x for x in panel.objects if "wb-verdict" in (x.css_classes or [])][0]
+    assert verdict.object.startswith("**Verified on") and "| this plan |" in verdict.object
     fig = charts.pareto_figure([1.0, 2.0], [0.2, 0.1], checks=[r.__dict__ for r in v.rows])
     measured = next(t for t in fig.data if t.name == "measured KL")
     assert list(measured.y) == [r.kl for r in v.rows]

@@ -18,7 +18,6 @@ import json
 import threading
 import time
 
-import pandas as pd
 import param
 
 from workbench import defaults
@@ -26,21 +25,10 @@ from workbench.errors import WorkbenchError
 from workbench.quant.spec import QuantSpec
 from workbench.ui.history import History, Snapshot
 from workbench.ui.jobs import Job
+from workbench.ui.layer_table import TABLE_COLUMNS, layer_table, weight_outliers  # noqa: F401
 
 # Specs offered in the editor / scanned by the sensitivity view: named presets in workbench.defaults.
 CANDIDATE_SPECS, SENSITIVITY_SPECS = defaults.CANDIDATE_SPECS, defaults.SENSITIVITY_SPECS
-TABLE_COLUMNS = [
-    "layer", "block", "role", "shape", "params", "spec", "bits", "KB", "cost", "pinned",
-    "w max/med", "w kurtosis", "act outlier",
-]  # fmt: skip
-
-
-def weight_outliers(model, layers) -> dict[str, tuple[float, float]]:
-    """{layer: (max/median |w|, excess kurtosis)} of every layer (`stats.weights.outlier_summary`)."""
-    from workbench.inventory import get_linear_weight, get_module
-    from workbench.stats.weights import outlier_summary
-
-    return {x.name: outlier_summary(get_linear_weight(get_module(model, x.name))) for x in layers}
 
 
 class WorkbenchState(param.Parameterized):
@@ -172,36 +160,8 @@ class WorkbenchState(param.Parameterized):
 
         return predicted_cost(self.sensitivity, resolved)
 
-    def _layer_table(self, resolved, pinned: list[str], cost) -> pd.DataFrame:
-        pins = set(pinned)
-        rows = []
-        for x in self.layers:
-            spec = resolved[x.name]
-            term = cost.per_layer.get(x.name) if cost is not None else None
-            block = -1 if x.block is None else x.block
-            rows.append(
-                (
-                    x.name,
-                    block,
-                    x.role,
-                    f"{x.out_features}x{x.in_features}",
-                    x.n_params,
-                    str(spec),
-                    round(spec.bits_per_weight(out_features=x.out_features, in_features=x.in_features), 3),
-                    round(spec.storage_bytes(x.out_features, x.in_features) / 1e3, 2),
-                    float("nan") if term is None else float(f"{term:.4g}"),  # 4 digits for display
-                    x.name in pins,
-                    *self._outlier_cells(x.name),
-                )
-            )
-        return pd.DataFrame(rows, columns=TABLE_COLUMNS)
-
-    def _outlier_cells(self, name: str) -> tuple[float, float, float]:
-        """max/median |w|, kurtosis, and the input's largest channel absmax / median (nan: no statistics)."""
-        ratio, kurt = self._outliers.get(name, (float("nan"), float("nan")))
-        act = self.inspection.activations.get(name) if self.inspection is not None else None
-        a = act.outlier_channels(1)[0][2] if act is not None else float("nan")
-        return round(ratio, 1), round(kurt, 2), round(a, 1)
+    def _layer_table(self, resolved, pinned: list[str], cost):
+        return layer_table(self.layers, resolved, pinned, cost, self._outliers, self.inspection)
 
     def refresh(self) -> None:
         """Recompute the derived values of the current plan (after new sensitivity data)."""

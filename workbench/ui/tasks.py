@@ -48,7 +48,7 @@ def load_job(state, source: str, restore: str = "default") -> Job:
 
     def work(ctx: JobContext):
         from workbench.inventory import layer_inventory
-        from workbench.ui.state import weight_outliers
+        from workbench.ui.layer_table import weight_outliers
 
         t0 = time.perf_counter()
         ctx.report(0.05, f"loading {source}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import panel as pn
 from bokeh.models.widgets.tables import NumberFormatter, ScientificFormatter
 
-from workbench.ui.state import CANDIDATE_SPECS, TABLE_COLUMNS
+from workbench.ui.layer_table import TABLE_COLUMNS
+from workbench.ui.state import CANDIDATE_SPECS
 from workbench.ui.views.common import View, totals_line
 
 _FILTERS = {
