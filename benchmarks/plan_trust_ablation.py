@@ -19,7 +19,8 @@ def main() -> int:
     from workbench.loading import load_model
     from workbench.paths import cache_dir
     from workbench.plan import Plan, plan_totals
-    from workbench.sensitivity import BlockRunner, SensitivityTable
+    from workbench.replay import BlockRunner
+    from workbench.sensitivity import SensitivityTable
     from workbench.simulate import quantized_weight
 
     loaded = load_model("default", progress=False)

@@ -18,7 +18,8 @@ from workbench.errors import WorkbenchError
 from workbench.inventory import get_linear_weight, get_module
 from workbench.quant.api import fake_quant
 from workbench.quant.metrics import output_error
-from workbench.sensitivity import BlockRunner, SensitivityTable, sensitivity_scan
+from workbench.replay import BlockRunner
+from workbench.sensitivity import SensitivityTable, sensitivity_scan
 from workbench.simulate import calibration_grams, fake_quantized
 
 from .conftest import DATA, STORIES

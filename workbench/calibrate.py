@@ -8,7 +8,7 @@ can then measure worse than the uniform plan of the same size (see benchmarks/RE
 trust").
 
 `calibrate_table` measures the KL of the uniform plan of every spec on the scan windows (one forward pass
-each, all layers fake-quantized, from the cached reference of `sensitivity.BlockRunner`) and multiplies that
+each, all layers fake-quantized, from the cached reference of `replay.BlockRunner`) and multiplies that
 spec's costs by measured / predicted. The table then predicts every uniform plan exactly (on those windows),
 and mixed plans are priced in the same currency.
 """
@@ -25,7 +25,7 @@ def uniform_kls(loaded, table, windows: torch.Tensor, grams: dict, on_spec=None)
     """
     from workbench.errors import WorkbenchError
     from workbench.plan import Plan
-    from workbench.sensitivity import BlockRunner
+    from workbench.replay import BlockRunner
     from workbench.simulate import quantized_weight
 
     runner = BlockRunner(loaded.model)
