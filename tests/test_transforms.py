@@ -176,3 +176,23 @@ def test_evaluate_runs_transforms_and_act_specs(stories):
     a8 = evaluate(stories, Plan(act="int8_tok_sym").resolve(stories.model), **kw)
     a4 = evaluate(stories, Plan(act="int4_tok_sym").resolve(stories.model), **kw)
     assert plain.kl < a8.kl < a4.kl  # the act specs really run, and 4 bits hurt more than 8
+
+
+def test_outlier_stats_match_a_direct_computation_and_drop_after_rotation(stories):
+    from workbench.stats.outliers import input_outliers
+
+    name = "model.layers.1.mlp.down_proj"
+    batches = IDS[:, :32]
+    seen = []
+    h = stories.model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    st = input_outliers(stories.model, [name], batches)[name]
+    h.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
+    k = float(((x - x.mean()) ** 4).mean() / x.var(unbiased=False) ** 2)
+    ch = x.abs().amax(0)
+    assert st.kurtosis == pytest.approx(k, rel=1e-6)
+    assert st.max_median == pytest.approx(float(ch.max() / ch.median()), rel=1e-9)
+    assert st.n_values == x.numel()
+    rotated = apply_transforms(stories, [Hadamard("residual", 0), Hadamard("down", 0)])
+    after = input_outliers(rotated.model, [name], batches)[name]
+    assert after.kurtosis < st.kurtosis and after.max_median < st.max_median

@@ -13,7 +13,17 @@ import sys
 
 from workbench.errors import WorkbenchError
 
-COMMANDS = ("serve", "inspect", "sensitivity", "allocate", "eval", "quantize", "generate", "bench")
+COMMANDS = (
+    "serve",
+    "inspect",
+    "outliers",
+    "sensitivity",
+    "allocate",
+    "eval",
+    "quantize",
+    "generate",
+    "bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,148 @@
+"""Rotations, smoothing and activation quantization on a real model (issue 16), simulated on the CPU.
+
+    python benchmarks/bench_rotations.py [--model default] [--tokens 32768] [--out rotations.json]
+
+Steps (each result is written to --out as soon as it exists; a rerun skips what is there, so it resumes):
+1. equivalence: max |Δlogit| between the fp32 model and each transformed copy on 2 x 128 tokens of wikitext2;
+2. outliers: kurtosis and max/median channel of layers.11 down_proj's (and q_proj's) input before and after
+   the rotation (16 x 512 tokens of `wiki`);
+3. quality: perplexity and KL(P_ref || P_q) on wikitext2 of W16A16, W8A8, W4A16 (RTN, GPTQ), W4A8 and W4A4,
+   each without and with the Hadamard rotation (residual + online before down_proj), and W8A8 with SmoothQuant
+   α = 0.5 on every linear. lm_head stays bf16 with unquantized input in every configuration (as in QuaRot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from workbench.data import calibration_batches, eval_windows
+from workbench.evaluate import evaluate
+from workbench.loading import load_model
+from workbench.plan import Plan, Rule
+from workbench.rotate import max_logit_change
+from workbench.simulate import calibration_grams
+from workbench.stats.outliers import input_outliers
+from workbench.transformed import apply_transforms
+from workbench.transforms import Hadamard, Smooth
+
+ROT = (Hadamard("residual", 0), Hadamard("down", 0))
+# name -> (weight spec of every linear but lm_head, input spec or None)
+CONFIGS = {
+    "W16A16": ("bf16", None),
+    "W8A8": ("int8_ch_sym", "int8_tok_sym"),
+    "W4A16 RTN": ("int4_g128", None),
+    "W4A16 GPTQ": ("int4_g128:gptq", None),
+    "W4A8": ("int4_g128:gptq", "int8_tok_sym"),
+    "W4A4": ("int4_g128:gptq", "int4_tok_sym"),
+}
+
+
+def plan_for(weights: str, act: str | None, transforms) -> Plan:
+    head = Rule("lm_head", "bf16", "none" if act else None)
+    return Plan(default=weights, act=act, rules=[head], transforms=list(transforms))
+
+
+def save(out: Path, results: dict) -> None:
+    out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def equivalence(loaded, results: dict, out: Path, smooth_calib: int) -> None:
+    ids = eval_windows(loaded.tokenizer, "wikitext2", 128)[:2]
+    cases = {
+        "hadamard residual": [ROT[0]],
+        "hadamard down": [ROT[1]],
+        "hadamard residual+down": list(ROT),
+        "smooth all a=0.5": [Smooth("re:.*", 0.5, smooth_calib)],
+    }
+    for name, ts in cases.items():
+        key = f"equivalence {name}"
+        if key not in results:
+            t0 = time.perf_counter()
+            tl = apply_transforms(loaded, ts)
+            with torch.no_grad():
+                scale = float(loaded.model(input_ids=ids).logits.abs().max())
+            results[key] = {
+                "max_abs_dlogit": max_logit_change(loaded.model, tl.model, ids),
+                "max_abs_logit": scale,
+                "seconds": time.perf_counter() - t0,
+            }
+            save(out, results)
+        print(key, results[key], flush=True)
+
+
+def outliers(loaded, rotated, results: dict, out: Path, block: int) -> None:
+    if "outliers" in results:
+        print("outliers", results["outliers"])
+        return
+    batches = calibration_batches(loaded.tokenizer, "wiki", 16, 512, 0, loaded.description.max_context)
+    names = [f"model.layers.{block}.mlp.down_proj", f"model.layers.{block}.self_attn.q_proj"]
+    before = input_outliers(loaded.model, names, batches)
+    after = input_outliers(rotated.model, names, batches)
+    results["outliers"] = {n: {"before": before[n].to_json(), "after": after[n].to_json()} for n in names}
+    save(out, results)
+    print("outliers", results["outliers"], flush=True)
+
+
+def quality(loaded, rotated, args, results: dict, out: Path) -> None:
+    runs = [(name, w, a, rot) for name, (w, a) in CONFIGS.items() for rot in (False, True)]
+    runs.insert(4, ("W8A8 SmoothQuant a=0.5", "int8_ch_sym", "int8_tok_sym", "smooth"))
+    smoothed = None
+    for name, w, a, rot in runs:
+        key = f"{name}{' +hadamard' if rot is True else ''}"
+        if key in results:
+            print(key, results[key])
+            continue
+        if rot == "smooth" and smoothed is None:
+            smoothed = apply_transforms(loaded, [Smooth("re:.*", 0.5, args.smooth_calib)])
+        model_l = {False: loaded, True: rotated, "smooth": smoothed}[rot]
+        ts = {False: [], True: list(ROT), "smooth": [Smooth("re:.*", 0.5, args.smooth_calib)]}[rot]
+        resolved = plan_for(w, a, ts).resolve(loaded.model)
+        t0 = time.perf_counter()
+        grams = calibration_grams(model_l, resolved.gram_layers, "wiki", args.calib_seqs, 512, progress=False)
+        res = evaluate(
+            loaded,
+            resolved,
+            text="wikitext2",
+            seq_len=512,
+            max_tokens=args.tokens,
+            grams=grams,
+            progress=False,
+            transformed=model_l if ts else None,
+        )
+        results[key] = {**res.to_json(), "weights": w, "act": a, "wall_s": time.perf_counter() - t0}
+        save(out, results)
+        took = time.perf_counter() - t0
+        print(key, f"ppl {res.ppl:.3f} kl {res.kl:.4f} top1 {res.top1:.4f} ({took:.0f} s)", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--calib-seqs", type=int, default=32)
+    p.add_argument("--smooth-calib", type=int, default=16)
+    p.add_argument("--out", default="rotations.json")
+    p.add_argument("--block", type=int, default=11, help="block whose inputs the outlier step measures")
+    p.add_argument("--skip", default="", help="comma list of steps to skip: equivalence,outliers,quality")
+    args = p.parse_args()
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results.setdefault("meta", {"model": args.model, "tokens": args.tokens, "torch": torch.__version__})
+    loaded = load_model(args.model, progress=False)
+    skip = set(args.skip.split(","))
+    if "equivalence" not in skip:
+        equivalence(loaded, results, out, args.smooth_calib)
+    rotated = apply_transforms(loaded, list(ROT))
+    if "outliers" not in skip:
+        outliers(loaded, rotated, results, out, args.block)
+    if "quality" not in skip:
+        quality(loaded, rotated, args, results, out)
+
+
+if __name__ == "__main__":
+    main()
