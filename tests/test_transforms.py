@@ -196,3 +196,28 @@ def test_outlier_stats_match_a_direct_computation_and_drop_after_rotation(storie
     rotated = apply_transforms(stories, [Hadamard("residual", 0), Hadamard("down", 0)])
     after = input_outliers(rotated.model, [name], batches)[name]
     assert after.kurtosis < st.kurtosis and after.max_median < st.max_median
+
+
+def test_apply_plan_refuses_untransformed_models_and_simulates_act_specs(stories):
+    from workbench.runtime.apply import apply_plan
+
+    plan = Plan(default="int8_ch_sym", act="int8_tok_sym", rules=[Rule("lm_head", "bf16", "none")])
+    rot = Plan(default="int8_ch_sym", transforms=[Hadamard("residual", 0)])
+    with pytest.raises(
+        WorkbenchError, match="transforms \\(hadamard:residual\\) were not applied to this model"
+    ):
+        apply_plan(copy.deepcopy(stories.model), rot.resolve(stories.model), backend="reference")
+    t = apply_transforms(stories, rot.transforms)
+    report = apply_plan(t.model, rot.resolve(t.model), backend="reference")
+    assert len(report.layers) == 36 and not report.act_simulated
+    weights_only = copy.deepcopy(stories.model)
+    apply_plan(weights_only, Plan(default="int8_ch_sym").resolve(stories.model), backend="reference")
+    model = copy.deepcopy(stories.model)
+    with pytest.warns(UserWarning, match="activation specs have no GPU kernel yet: 35 layers"):
+        report = apply_plan(model, plan.resolve(stories.model), backend="reference")
+    assert report.act_simulated["model.layers.0.mlp.down_proj"] == "int8_tok_sym"
+    with torch.no_grad():
+        d_act = (model(input_ids=IDS).logits - weights_only(input_ids=IDS).logits).abs().max()
+        d_rot = (t.model(input_ids=IDS).logits - stories.model(input_ids=IDS).logits).abs().max()
+    assert float(d_act) > 1e-3  # the hooks quantize the inputs of the packed layers
+    assert float(d_rot) < 1.0  # the rotated int8 model still computes the same function, roughly

@@ -122,20 +122,24 @@ def act_quantized(model: torch.nn.Module, acts: dict[str, ActSpec | str]) -> Ite
     A hook registered here runs after those already on the module (an online Hadamard before down_proj
     rotates first, then the rotated input is quantized, as a kernel would see it).
     """
-    from workbench.quant.act import fake_quant_act
-
     handles = []
-
-    def hook_for(spec: ActSpec):
-        return lambda module, args: (fake_quant_act(args[0], spec), *args[1:])
-
     try:
-        for name, spec in acts.items():
-            handles.append(get_module(model, name).register_forward_pre_hook(hook_for(ActSpec.parse(spec))))
+        handles = add_act_hooks(model, acts)
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def add_act_hooks(model: torch.nn.Module, acts: dict[str, ActSpec | str]) -> list:
+    """Register the fake-quantizing input hooks of `acts` layers; returns their handles (`.remove()`)."""
+    from workbench.quant.act import fake_quant_act
+
+    def hook_for(spec: ActSpec):
+        return lambda module, args: (fake_quant_act(args[0], spec), *args[1:])
+
+    parsed = {name: ActSpec.parse(spec) for name, spec in acts.items()}
+    return [get_module(model, n).register_forward_pre_hook(hook_for(s)) for n, s in parsed.items()]
 
 
 def calibration_grams(

@@ -43,5 +43,6 @@ def apply_transforms(loaded, transforms: list[Transform] | tuple, progress: bool
     fp = hashlib.sha1(f"{loaded.description.fingerprint}|{key}".encode()).hexdigest()[:16]
     if progress:
         print(f"transforms applied: {key}", file=sys.stderr)
+    model.workbench_transforms = tuple(transforms)  # what runtime.apply_plan checks
     desc = dataclasses.replace(loaded.description, fingerprint=fp)
     return dataclasses.replace(loaded, model=model, description=desc)
