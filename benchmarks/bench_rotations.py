@@ -32,13 +32,14 @@ from workbench.transforms import Hadamard, Smooth
 
 ROT = (Hadamard("residual", 0), Hadamard("down", 0))
 # name -> (weight spec of every linear but lm_head, input spec or None)
+# (run in this order: the cheap RTN rows first, GPTQ last, as it needs calibration Grams of both models)
 CONFIGS = {
     "W16A16": ("bf16", None),
     "W8A8": ("int8_ch_sym", "int8_tok_sym"),
+    "W4A4 RTN": ("int4_g128", "int4_tok_sym"),
+    "W4A8 RTN": ("int4_g128", "int8_tok_sym"),
     "W4A16 RTN": ("int4_g128", None),
     "W4A16 GPTQ": ("int4_g128:gptq", None),
-    "W4A8": ("int4_g128:gptq", "int8_tok_sym"),
-    "W4A4": ("int4_g128:gptq", "int4_tok_sym"),
 }
 
 
@@ -120,6 +121,37 @@ def quality(loaded, rotated, args, results: dict, out: Path) -> None:
         print(key, f"ppl {res.ppl:.3f} kl {res.kl:.4f} top1 {res.top1:.4f} ({took:.0f} s)", flush=True)
 
 
+def report(results: dict) -> str:
+    """Markdown tables of a results file (the quality rows, then the outlier statistics)."""
+    lines = [
+        "| configuration | weights | input | PPL | KL (nats/token) | top-1 | without → with Hadamard (KL) |"
+    ]
+    lines.append("|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        if "ppl" not in r or key.endswith("+hadamard"):
+            continue
+        rot = results.get(f"{key} +hadamard")
+        rows = [(key, r)] + ([(f"{key} +hadamard", rot)] if rot else [])
+        for k, x in rows:
+            change = f"{r['kl']:.4f} → {rot['kl']:.4f}" if rot and k == key else ""
+            lines.append(
+                f"| {k} | {x['weights']} | {x['act'] or 'bf16'} | {x['ppl']:.3f} | {x['kl']:.4f} | "
+                f"{100 * x['top1']:.2f}% | {change} |"
+            )
+    lines += [
+        "",
+        "| layer input | kurtosis before | after | max/median before | after | absmax before | after |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|")
+    for name, ba in results.get("outliers", {}).items():
+        b, a = ba["before"], ba["after"]
+        lines.append(
+            f"| {name} | {b['kurtosis']:,.1f} | {a['kurtosis']:,.1f} | {b['max_median']:,.1f} | "
+            f"{a['max_median']:,.2f} | {b['absmax']:,.1f} | {a['absmax']:,.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default")
@@ -129,9 +161,13 @@ def main() -> None:
     p.add_argument("--out", default="rotations.json")
     p.add_argument("--block", type=int, default=11, help="block whose inputs the outlier step measures")
     p.add_argument("--skip", default="", help="comma list of steps to skip: equivalence,outliers,quality")
+    p.add_argument("--report", action="store_true", help="only print the markdown tables of --out")
     args = p.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
+    if args.report:
+        print(report(results))
+        return
     results.setdefault("meta", {"model": args.model, "tokens": args.tokens, "torch": torch.__version__})
     loaded = load_model(args.model, progress=False)
     skip = set(args.skip.split(","))
