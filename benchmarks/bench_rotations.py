@@ -8,7 +8,9 @@ Steps (each result is written to --out as soon as it exists; a rerun skips what 
    the rotation (16 x 512 tokens of `wiki`);
 3. quality: perplexity and KL(P_ref || P_q) on wikitext2 of W16A16, W8A8, W4A16 (RTN, GPTQ), W4A8 and W4A4,
    each without and with the Hadamard rotation (residual + online before down_proj), and W8A8 with SmoothQuant
-   α = 0.5 on every linear. lm_head stays bf16 with unquantized input in every configuration (as in QuaRot).
+   α = 0.5 on every linear. lm_head stays bf16 with unquantized input in every configuration (as in QuaRot);
+4. fusion: W4A16 RTN with the RMSNorm scales fused into the linears and no rotation (Q = I), to separate the
+   effect of the fusion from that of the rotation.
 """
 
 from __future__ import annotations
@@ -121,6 +123,30 @@ def quality(loaded, rotated, args, results: dict, out: Path) -> None:
         print(key, f"ppl {res.ppl:.3f} kl {res.kl:.4f} top1 {res.top1:.4f} ({took:.0f} s)", flush=True)
 
 
+def fusion_only(loaded, args, results: dict, out: Path) -> None:
+    """W4A16 RTN on the model with its RMSNorm scales fused into the linears and no rotation (Q = I)."""
+    import copy
+    import dataclasses
+
+    from workbench.rotate import rotate_residual
+
+    key = "W4A16 RTN, RMSNorm fused only (Q = I)"
+    if key in results:
+        print(key, results[key])
+        return
+    model = copy.deepcopy(loaded.model)
+    rotate_residual(model, torch.eye(loaded.description.hidden_size, dtype=torch.float64))
+    model.workbench_transforms = (ROT[0],)
+    fused = dataclasses.replace(loaded, model=model)
+    resolved = plan_for("int4_g128", None, [ROT[0]]).resolve(loaded.model)
+    res = evaluate(
+        loaded, resolved, text="wikitext2", max_tokens=args.tokens, progress=False, transformed=fused
+    )
+    results[key] = {**res.to_json(), "weights": "int4_g128", "act": None}
+    save(out, results)
+    print(key, f"ppl {res.ppl:.3f} kl {res.kl:.4f} top1 {res.top1:.4f}", flush=True)
+
+
 def report(results: dict) -> str:
     """Markdown tables of a results file (the quality rows, then the outlier statistics)."""
     lines = [
@@ -160,7 +186,7 @@ def main() -> None:
     p.add_argument("--smooth-calib", type=int, default=16)
     p.add_argument("--out", default="rotations.json")
     p.add_argument("--block", type=int, default=11, help="block whose inputs the outlier step measures")
-    p.add_argument("--skip", default="", help="comma list of steps to skip: equivalence,outliers,quality")
+    p.add_argument("--skip", default="", help="steps to skip: equivalence,outliers,quality,fusion")
     p.add_argument("--report", action="store_true", help="only print the markdown tables of --out")
     args = p.parse_args()
     out = Path(args.out)
@@ -178,6 +204,8 @@ def main() -> None:
         outliers(loaded, rotated, results, out, args.block)
     if "quality" not in skip:
         quality(loaded, rotated, args, results, out)
+    if "fusion" not in skip:
+        fusion_only(loaded, args, results, out)
 
 
 if __name__ == "__main__":
