@@ -84,8 +84,8 @@ def test_json_round_trip_and_refusals(layers, tmp_path):
     assert again == plan and again.to_json() == plan.to_json()
     assert json.loads(path.read_text())["format"] == "workbench.plan"
     d = plan.to_json()
-    with pytest.raises(WorkbenchError, match="plan version 2 is not supported"):
-        Plan.from_json({**d, "version": 2})
+    with pytest.raises(WorkbenchError, match="plan version 3 is not supported"):
+        Plan.from_json({**d, "version": 3})
     with pytest.raises(WorkbenchError, match="not a workbench plan"):
         Plan.from_json({**d, "format": "other"})
     with pytest.raises(WorkbenchError, match="unknown plan key\\(s\\) 'rule'"):

@@ -56,8 +56,16 @@ _API = {
     "ResolvedPlan": "workbench.plan",
     "plan_totals": "workbench.plan",
     "plan_diff": "workbench.plan",
+    # plan version 2: activation specs and transforms
+    "ActSpec": "workbench.quant.act",
+    "fake_quant_act": "workbench.quant.act",
+    "Hadamard": "workbench.transforms",
+    "Smooth": "workbench.transforms",
+    "apply_transforms": "workbench.transformed",
+    "input_outliers": "workbench.stats.outliers",
     # measuring a plan
     "fake_quantized": "workbench.simulate",
+    "act_quantized": "workbench.simulate",
     "calibration_grams": "workbench.simulate",
     "evaluate": "workbench.evaluate",
     "EvalResult": "workbench.evaluate",

@@ -13,7 +13,18 @@ import sys
 
 from workbench.errors import WorkbenchError
 
-COMMANDS = ("serve", "inspect", "sensitivity", "allocate", "eval", "quantize", "export", "generate", "bench")
+COMMANDS = (
+    "serve",
+    "inspect",
+    "outliers",
+    "sensitivity",
+    "allocate",
+    "eval",
+    "quantize",
+    "export",
+    "generate",
+    "bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -185,6 +185,7 @@ def evaluate(
     grams: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     use_cache: bool = True,
+    transformed=None,
 ) -> EvalResult:
     """Perplexity, KL and top-1 of `loaded` with `resolved` layers fake-quantized (None: the reference).
 
@@ -193,11 +194,15 @@ def evaluate(
             `ResolvedPlan.of`); None evaluates the unquantized model.
         text: evaluation text source (`data.eval_windows`); max_tokens: token limit.
         seq_len: window length (None: min(512, the model's context)).
-        grams: Gram matrices of `resolved.gram_layers` (`simulate.calibration_grams`).
+        grams: Gram matrices of `resolved.gram_layers` (`simulate.calibration_grams`), of the transformed
+            model when the plan has transforms.
+        transformed: `transformed.apply_transforms(loaded, resolved.transforms)` when the caller already
+            made it (None: made here when the plan has transforms). The reference is always `loaded.model`;
+            the plan's weights are quantized, and its activation specs simulated, on the transformed copy.
     """
     from workbench.data import default_seq_len, eval_windows
     from workbench.plan import ResolvedPlan
-    from workbench.simulate import fake_quantized
+    from workbench.simulate import act_quantized, fake_quantized
 
     resolved = None if resolved is None else ResolvedPlan.of(loaded.model, resolved)
 
@@ -218,11 +223,19 @@ def evaluate(
         )
     head = _head(loaded.model)
     w_ref, b_ref = head.weight, getattr(head, "bias", None)  # kept aside: the plan may swap the head
-    with fake_quantized(loaded.model, resolved, grams, progress=progress) as qtimes:
+    model = loaded.model
+    if resolved.transforms:
+        if transformed is None:
+            from workbench.transformed import apply_transforms
+
+            transformed = apply_transforms(loaded, resolved.transforms, progress=progress)
+        model = transformed.model
+    with (
+        fake_quantized(model, resolved, grams, progress=progress) as qtimes,
+        act_quantized(model, resolved.acts),
+    ):
         tq = sum(qtimes.values())
-        nll, kl, top1, count = compare_to_reference(
-            loaded.model, windows, ref, w_ref, b_ref, progress=progress
-        )
+        nll, kl, top1, count = compare_to_reference(model, windows, ref, w_ref, b_ref, progress=progress)
     assert count == n_pred, "evaluated a different number of tokens than the reference"
     return EvalResult(
         ppl=math.exp(nll / count),

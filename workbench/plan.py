@@ -12,7 +12,21 @@ order and a later matching rule overrides an earlier one. A rule's `match` is
     "re:<regex>"                 Python regex, full match against the layer name
     "role:<role>"                one of inventory.ROLES (q k v o gate up down lm_head other)
 
-`bf16` / `fp16` keep a layer in high precision. Validation happens before any work and reports every problem
+`bf16` / `fp16` keep a layer in high precision.
+
+Version 2 (written only when a plan uses it; version 1 files keep loading) adds activation quantization and
+transforms:
+
+    {"format": "workbench.plan", "version": 2, "default": "int4_g128", "act": "int8_tok",
+     "rules": [{"match": "lm_head", "spec": "bf16", "act": "none"},
+               {"match": "role:down", "act": "int8_tok"}],
+     "transforms": [{"kind": "hadamard", "where": "residual", "seed": 0}]}
+
+`act` (top level: every layer's default; in a rule: that rule's layers) is the layer's input spec
+(`workbench.quant.act`, "none" keeps the input in high precision); a v2 rule carries `spec`, `act` or both.
+`transforms` (`workbench.transforms`) are applied in order to a copy of the model before its layers are
+quantized; a kind this workbench cannot run is refused naming it. The key `kv` is reserved for KV-cache specs
+(issue 17) and refused for now. Validation happens before any work and reports every problem
 at once in one WorkbenchError: a rule matching no layer, a bad regex or role, an unknown spec (the rule is
 named), and a spec that cannot apply to a layer (`QuantSpec.check_layer`, the layer is named).
 
@@ -43,22 +57,38 @@ from typing import Iterable
 from workbench.errors import WorkbenchError
 from workbench.inventory import ROLES, LayerInfo, layers_of
 from workbench.paths import atomic_write_bytes
+from workbench.quant.act import ActSpec, parse_act
 from workbench.quant.spec import QuantSpec
+from workbench.transforms import Transform, parse_transforms, transform_to_json
 
 PLAN_FORMAT = "workbench.plan"
-PLAN_VERSION = 1
-_TOP_KEYS = {"format", "version", "default", "rules", "meta"}
+PLAN_VERSION = 2  # the newest version this workbench reads and writes
+PLAN_VERSIONS = (1, 2)
+_TOP_KEYS = {1: {"format", "version", "default", "rules", "meta"}}
+_TOP_KEYS[2] = _TOP_KEYS[1] | {"act", "transforms"}
+_RULE_KEYS = {1: ({"match", "spec"},), 2: ({"match", "spec"}, {"match", "act"}, {"match", "spec", "act"})}
 
 
 @dataclass
 class Rule:
-    """One plan rule: layers selected by `match` get `spec`."""
+    """One plan rule: `match`'s layers get weight `spec` and/or input spec `act` (None: unchanged)."""
 
     match: str
-    spec: str
+    spec: str | None = None
+    act: str | None = None
 
     def to_json(self) -> dict:
-        return {"match": self.match, "spec": self.spec}
+        d = {"match": self.match}
+        d.update({k: v for k, v in (("spec", self.spec), ("act", self.act)) if v is not None})
+        return d
+
+
+def _rule_from_json(r, i: int, version: int, source: str) -> Rule:
+    ok = isinstance(r, dict) and set(r) in _RULE_KEYS[version] and all(isinstance(v, str) for v in r.values())
+    if not ok:
+        shape = '{"match": str, "spec": str}' if version == 1 else '{"match": str, "spec": str, "act": str}'
+        raise WorkbenchError(f"{source}: rule {i} must be {shape}, got {r!r}")
+    return Rule(r["match"], r.get("spec"), r.get("act"))
 
 
 def _matcher(match: str):
@@ -97,15 +127,23 @@ class Plan:
     default: str = "bf16"
     rules: list[Rule] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    act: str | None = None  # every layer's default input spec (version 2); None: high precision
+    transforms: list[Transform] = field(default_factory=list)  # version 2
 
     # ------------------------------------------------------------------ JSON
+    @property
+    def version(self) -> int:
+        """The lowest plan version that holds this plan (2 when it has act specs or transforms)."""
+        v2 = self.act is not None or self.transforms or any(r.act is not None for r in self.rules)
+        return 2 if v2 else 1
+
     def to_json(self) -> dict:
-        d = {
-            "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
-            "default": self.default,
-            "rules": [r.to_json() for r in self.rules],
-        }
+        d = {"format": PLAN_FORMAT, "version": self.version, "default": self.default}
+        if self.act is not None:
+            d["act"] = self.act
+        d["rules"] = [r.to_json() for r in self.rules]
+        if self.transforms:
+            d["transforms"] = [transform_to_json(t) for t in self.transforms]
         if self.meta:
             d["meta"] = self.meta
         return d
@@ -123,16 +161,18 @@ class Plan:
                 f"{source}: not a workbench plan (format tag {d.get('format')!r}, expected '{PLAN_FORMAT}')"
             )
         version = d.get("version")
-        if version != PLAN_VERSION:
+        if version not in PLAN_VERSIONS or isinstance(version, bool):
             raise WorkbenchError(
                 f"{source}: plan version {version!r} is not supported (this workbench reads "
-                f"version {PLAN_VERSION}; upgrade the workbench or rewrite the plan)"
+                f"versions {', '.join(map(str, PLAN_VERSIONS))}; upgrade the workbench or rewrite the plan)"
             )
-        extra = sorted(set(d) - _TOP_KEYS)
+        if "kv" in d:
+            raise WorkbenchError(f"{source}: 'kv' (KV-cache specs) is reserved and not supported yet")
+        extra = sorted(set(d) - _TOP_KEYS[version])
         if extra:
             raise WorkbenchError(
-                f"{source}: unknown plan key(s) {', '.join(map(repr, extra))} (allowed: "
-                f"{', '.join(sorted(_TOP_KEYS))})"
+                f"{source}: unknown plan key(s) {', '.join(map(repr, extra))} (allowed in version "
+                f"{version}: {', '.join(sorted(_TOP_KEYS[version]))})"
             )
         default = d.get("default", "bf16")
         if not isinstance(default, str):
@@ -140,20 +180,15 @@ class Plan:
         rules_in = d.get("rules", [])
         if not isinstance(rules_in, list):
             raise WorkbenchError(f"{source}: 'rules' must be a list")
-        rules = []
-        for i, r in enumerate(rules_in, 1):
-            if not (
-                isinstance(r, dict)
-                and set(r) == {"match", "spec"}
-                and isinstance(r["match"], str)
-                and isinstance(r["spec"], str)
-            ):
-                raise WorkbenchError(f'{source}: rule {i} must be {{"match": str, "spec": str}}, got {r!r}')
-            rules.append(Rule(r["match"], r["spec"]))
+        rules = [_rule_from_json(r, i, version, source) for i, r in enumerate(rules_in, 1)]
         meta = d.get("meta", {})
         if not isinstance(meta, dict):
             raise WorkbenchError(f"{source}: 'meta' must be an object")
-        return cls(default=default, rules=rules, meta=meta)
+        act = d.get("act")
+        if act is not None and not isinstance(act, str):
+            raise WorkbenchError(f"{source}: 'act' must be an activation spec string, got {act!r}")
+        transforms = parse_transforms(d.get("transforms", []), source)
+        return cls(default=default, rules=rules, meta=meta, act=act, transforms=transforms)
 
     def save(self, path: str | Path) -> None:
         atomic_write_bytes(Path(path), (json.dumps(self.to_json(), indent=2) + "\n").encode())
@@ -170,7 +205,9 @@ class Plan:
         return cls.from_json(d, source=f"plan file {path}")
 
     # ------------------------------------------------------------------ resolution
-    def _problems_and_resolution(self, layers: list[LayerInfo]) -> tuple[list[str], dict[str, QuantSpec]]:
+    def _problems_and_resolution(
+        self, layers: list[LayerInfo]
+    ) -> tuple[list[str], dict[str, QuantSpec], dict[str, ActSpec]]:
         problems: list[str] = []
         specs: dict[str, QuantSpec | None] = {}
 
@@ -185,11 +222,14 @@ class Plan:
 
         chosen: dict[str, tuple[QuantSpec | None, str]] = {}
         default = parse(self.default, f"default spec '{self.default}'")
+        act_default = _parse_act(self.act, "default act", problems)
+        acts = {layer.name: (act_default, "default act") for layer in layers}
         for layer in layers:
             chosen[layer.name] = (default, "default")
         for i, rule in enumerate(self.rules, 1):
             where = f"rule {i} (match '{rule.match}')"
-            spec = parse(rule.spec, where)
+            spec = parse(rule.spec, where) if rule.spec is not None else None
+            act = _parse_act(rule.act, where, problems)
             try:
                 names = match_layers(rule.match, layers)
             except WorkbenchError as exc:
@@ -198,7 +238,11 @@ class Plan:
             if not names:
                 problems.append(f"{where} matches no layer")
             for name in names:
-                chosen[name] = (spec, f"rule {i}")
+                if rule.spec is not None:
+                    chosen[name] = (spec, f"rule {i}")
+                if rule.act is not None:
+                    acts[name] = (act, f"rule {i}")
+        problems += self._transform_problems(layers)
         resolved: dict[str, QuantSpec] = {}
         for layer in layers:
             spec, origin = chosen[layer.name]
@@ -209,7 +253,26 @@ class Plan:
                 problems.append(f"layer {layer.name}: {spec} ({origin}) cannot apply: {reason}")
             else:
                 resolved[layer.name] = spec
-        return problems, resolved
+        resolved_acts = {}
+        for layer in layers:
+            act, origin = acts[layer.name]
+            reason = act.check_layer(layer.in_features) if act is not None else None
+            if reason:
+                problems.append(f"layer {layer.name}: act {act} ({origin}) cannot apply: {reason}")
+            elif act is not None:
+                resolved_acts[layer.name] = act
+        return problems, resolved, resolved_acts
+
+    def _transform_problems(self, layers: list[LayerInfo]) -> list[str]:
+        out = []
+        for i, t in enumerate(self.transforms, 1):
+            if t.kind == "smooth":
+                try:
+                    if not match_layers(t.match, layers):
+                        out.append(f"transform {i} (smooth, match '{t.match}') matches no layer")
+                except WorkbenchError as exc:
+                    out.append(f"transform {i} (smooth): {exc}")
+        return out
 
     def validate(self, model_or_layers) -> None:
         """Raise one WorkbenchError listing every problem of this plan against a model's layers."""
@@ -221,9 +284,9 @@ class Plan:
         The one conversion from a Plan: everything downstream (apply_plan, evaluate, the app) takes it.
         """
         layers = layers_of(model_or_layers)
-        problems, resolved = self._problems_and_resolution(layers)
+        problems, resolved, acts = self._problems_and_resolution(layers)
         _raise_problems(problems)
-        return ResolvedPlan(resolved, layers)
+        return ResolvedPlan(resolved, layers, acts=acts, transforms=self.transforms)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -237,6 +300,14 @@ class Plan:
         return cls(default=default, rules=rules, meta=dict(meta or {}))
 
 
+def _parse_act(s: str | None, where: str, problems: list[str]) -> ActSpec | None:
+    try:
+        return parse_act(s)
+    except WorkbenchError as exc:
+        problems.append(f"{where}: {exc}")
+        return None
+
+
 def _raise_problems(problems: list[str]) -> None:
     if problems:
         n = len(problems)
@@ -247,12 +318,21 @@ class ResolvedPlan(dict):
     """layer name -> QuantSpec for the layers of one model, in inventory order: a plan after `Plan.resolve`.
 
     A dict (so `resolved[name]`, `.items()` and `==` with a plain dict work), read as immutable, plus the
-    layers it was resolved against (`layers`: LayerInfo of the named layers, inventory order).
+    layers it was resolved against (`layers`: LayerInfo of the named layers, inventory order), the input
+    specs of the layers whose input is quantized (`acts`: layer -> ActSpec) and the plan's `transforms`.
     """
 
-    def __init__(self, specs: dict[str, QuantSpec], layers: list[LayerInfo]):
+    def __init__(
+        self,
+        specs: dict[str, QuantSpec],
+        layers: list[LayerInfo],
+        acts: dict[str, ActSpec] | None = None,
+        transforms: list[Transform] | tuple = (),
+    ):
         super().__init__((x.name, specs[x.name]) for x in layers if x.name in specs)
         self.layers: list[LayerInfo] = [x for x in layers if x.name in specs]
+        self.acts: dict[str, ActSpec] = {x.name: acts[x.name] for x in layers if x.name in (acts or {})}
+        self.transforms: tuple[Transform, ...] = tuple(transforms)
 
     @classmethod
     def from_specs(cls, model_or_layers, specs: Mapping[str, QuantSpec | str]) -> ResolvedPlan:

@@ -44,11 +44,11 @@ def with_rule(plan: Plan, layers: list[LayerInfo], match: str, spec: str | Quant
             theirs = set(match_layers(rule.match, layers))
         except WorkbenchError:
             theirs = set()
-        if theirs and theirs <= selected:
-            continue  # every layer it selects is overridden by the new rule
-        kept.append(Rule(rule.match, rule.spec))
+        if theirs and theirs <= selected and rule.act is None:
+            continue  # every layer it selects is overridden by the new rule (a rule with an act stays)
+        kept.append(Rule(rule.match, rule.spec, rule.act))
     kept.append(Rule(match, spec))
-    return Plan(default=plan.default, rules=kept, meta=_edited_meta(plan))
+    return Plan(default=plan.default, rules=kept, meta=_edited_meta(plan), **_v2(plan))
 
 
 def with_layer_spec(plan: Plan, layers: list[LayerInfo], name: str, spec: str | QuantSpec) -> Plan:
@@ -56,17 +56,20 @@ def with_layer_spec(plan: Plan, layers: list[LayerInfo], name: str, spec: str | 
     spec = _canonical(spec)
     if name not in {x.name for x in layers}:
         raise WorkbenchError(f"layer '{name}' is not a quantizable layer of this model")
-    rules = [Rule(r.match, r.spec) for r in plan.rules if r.match != name]
+    rules = [Rule(r.match, r.spec, r.act) for r in plan.rules if r.match != name or r.spec is None]
     base = Plan(default=plan.default, rules=rules)
     if str(base.resolve(layers)[name]) != spec:
         rules.append(Rule(name, spec))
-    return Plan(default=plan.default, rules=rules, meta=_edited_meta(plan))
+    return Plan(default=plan.default, rules=rules, meta=_edited_meta(plan), **_v2(plan))
 
 
 def with_default(plan: Plan, spec: str | QuantSpec) -> Plan:
     """`plan` with another default spec (rules unchanged)."""
     return Plan(
-        default=_canonical(spec), rules=[Rule(r.match, r.spec) for r in plan.rules], meta=_edited_meta(plan)
+        default=_canonical(spec),
+        rules=[Rule(r.match, r.spec, r.act) for r in plan.rules],
+        meta=_edited_meta(plan),
+        **_v2(plan),
     )
 
 
@@ -80,8 +83,13 @@ def without_rule(plan: Plan, index: int) -> Plan:
     """`plan` without its rule number `index` (0-based)."""
     if not 0 <= index < len(plan.rules):
         raise WorkbenchError(f"the plan has no rule {index + 1} (it has {len(plan.rules)})")
-    rules = [Rule(r.match, r.spec) for i, r in enumerate(plan.rules) if i != index]
-    return Plan(default=plan.default, rules=rules, meta=_edited_meta(plan))
+    rules = [Rule(r.match, r.spec, r.act) for i, r in enumerate(plan.rules) if i != index]
+    return Plan(default=plan.default, rules=rules, meta=_edited_meta(plan), **_v2(plan))
+
+
+def _v2(plan: Plan) -> dict:
+    """The version-2 parts of a plan (activation default, transforms) that an edit of weight specs keeps."""
+    return {"act": plan.act, "transforms": list(plan.transforms)}
 
 
 def _edited_meta(plan: Plan) -> dict:

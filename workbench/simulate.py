@@ -7,6 +7,9 @@ Parameter; the old one is put back in a `finally` block, so the model is unchang
 an exception or Ctrl-C. Replacing the Parameter (instead of writing into it) matters for a tied lm_head:
 quantizing the output head must not change the input embeddings that share its storage.
 
+`act_quantized(model, acts)` adds activation quantization (plan version 2): a forward pre-hook on each named
+layer fake-quantizes its input by its ActSpec (`workbench.quant.act.fake_quant_act`), removed on exit.
+
 GPTQ and AWQ specs need the layer's calibration Gram matrix X^T X; `calibration_grams` is the one function
 that collects them (workbench.stats) for the layers asked (`ResolvedPlan.gram_layers`, or every layer for the
 proxy sensitivity), cached on disk per (model fingerprint, text, n_seqs, seq_len, seed, layers).
@@ -24,6 +27,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.inventory import get_linear_weight, get_module
 from workbench.paths import cache_dir
+from workbench.quant.act import ActSpec
 from workbench.quant.spec import QuantSpec
 
 
@@ -109,6 +113,33 @@ def fake_quantized(
         times[name] = time.perf_counter() - t0
     with swapped_weights(model, weights):
         yield times
+
+
+@contextlib.contextmanager
+def act_quantized(model: torch.nn.Module, acts: dict[str, ActSpec | str]) -> Iterator[None]:
+    """Run the model with the inputs of `acts` layers fake-quantized per token / group (hooks always removed).
+
+    A hook registered here runs after those already on the module (an online Hadamard before down_proj
+    rotates first, then the rotated input is quantized, as a kernel would see it).
+    """
+    handles = []
+    try:
+        handles = add_act_hooks(model, acts)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def add_act_hooks(model: torch.nn.Module, acts: dict[str, ActSpec | str]) -> list:
+    """Register the fake-quantizing input hooks of `acts` layers; returns their handles (`.remove()`)."""
+    from workbench.quant.act import fake_quant_act
+
+    def hook_for(spec: ActSpec):
+        return lambda module, args: (fake_quant_act(args[0], spec), *args[1:])
+
+    parsed = {name: ActSpec.parse(spec) for name, spec in acts.items()}
+    return [get_module(model, n).register_forward_pre_hook(hook_for(s)) for n, s in parsed.items()]
 
 
 def calibration_grams(

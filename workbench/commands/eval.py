@@ -25,15 +25,19 @@ def run(args) -> int:
     from workbench.loading import load_model
     from workbench.plan import Plan, plan_totals
     from workbench.simulate import calibration_grams
+    from workbench.transformed import apply_transforms
+    from workbench.transforms import transform_to_json
 
     plan = Plan.load(args.plan) if args.plan else None  # a bad plan fails before the model loads
     loaded = load_model(args.model, progress=not args.quiet)
-    resolved, totals, grams = None, None, None
+    resolved, totals, grams, transformed = None, None, None, None
     if plan is not None:
         resolved = plan.resolve(loaded.model)
         totals = plan_totals(resolved, resolved.layers)
+        if resolved.transforms:  # calibrate GPTQ / AWQ on the transformed model's inputs
+            transformed = apply_transforms(loaded, resolved.transforms, progress=not args.quiet)
         grams = calibration_grams(
-            loaded,
+            transformed or loaded,
             resolved.gram_layers,
             args.calib,
             args.calib_seqs,
@@ -48,6 +52,7 @@ def run(args) -> int:
         max_tokens=args.tokens,
         grams=grams,
         progress=not args.quiet,
+        transformed=transformed,
     )
     if args.json:
         emit_json(
@@ -56,6 +61,8 @@ def run(args) -> int:
                 "plan": args.plan,
                 **res.to_json(),
                 "totals": totals.to_json() if totals else None,
+                "acts": {n: str(a) for n, a in resolved.acts.items()} if resolved else {},
+                "transforms": [transform_to_json(t) for t in resolved.transforms] if resolved else [],
             }
         )
         return 0
@@ -67,6 +74,13 @@ def run(args) -> int:
     print(table(rows, ["metric", args.plan or "reference", "reference"]))
     if totals:
         print(f"plan: {totals.summary()}")
+    if resolved is not None and (resolved.acts or resolved.transforms):
+        acts = sorted({str(a) for a in resolved.acts.values()})
+        kinds = [f"{t.kind}:{getattr(t, 'where', getattr(t, 'match', ''))}" for t in resolved.transforms]
+        print(
+            f"activations quantized (simulated) on {len(resolved.acts)} layers ({', '.join(acts) or '-'}); "
+            f"transforms: {', '.join(kinds) or '-'}"
+        )
     print(
         f"{res.n_tokens} predicted tokens of {args.text} in {res.n_windows} windows of {res.seq_len}; "
         f"{res.seconds:.1f} s"

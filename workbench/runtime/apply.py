@@ -43,6 +43,8 @@ class ApplyReport:
     layers: name -> canonical spec string of every layer turned into a QuantLinear.
     kept: layers left in high precision (bf16 / fp16 spec).
     fallback: name -> reason, layers whose format has no GPU kernel (they run the torch reference).
+    act_simulated: name -> activation spec of layers whose input is fake-quantized by a forward pre-hook (no
+        W8A8 / FP8 kernel runs activation specs yet; plan version 2).
     memory_before / memory_after: real bytes of the model's tensors (MemoryReport).
     seconds: wall time of quantization + packing.
     unfused: q/k/v or gate/up groups the decode fast path runs as separate matmuls, with the reason.
@@ -51,6 +53,7 @@ class ApplyReport:
     layers: dict[str, str] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
     fallback: dict[str, str] = field(default_factory=dict)
+    act_simulated: dict[str, str] = field(default_factory=dict)
     memory_before: MemoryReport | None = None
     memory_after: MemoryReport | None = None
     seconds: float = 0.0
@@ -61,6 +64,7 @@ class ApplyReport:
             "layers": self.layers,
             "kept": self.kept,
             "fallback": self.fallback,
+            "act_simulated": self.act_simulated,
             "memory_before": self.memory_before.to_json() if self.memory_before else None,
             "memory_after": self.memory_after.to_json() if self.memory_after else None,
             "seconds": self.seconds,
@@ -181,6 +185,7 @@ def apply_plan(
     if backend not in BACKENDS:
         raise WorkbenchError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
     resolved = _resolved_for(model, resolved)
+    _check_transformed(model, resolved)
     report = ApplyReport(memory_before=model_memory(model), kept=resolved.kept)
     todo = [(n, resolved[n]) for n in resolved.quantized]
     if backend == "auto":
@@ -195,11 +200,42 @@ def apply_plan(
         report.fallback = {n: f"backend='{backend}'" for n, _ in todo}
     if warn and report.fallback and backend == "auto":
         _warn_fallback(report.fallback)
+    report.act_simulated = _simulate_acts(model, resolved.acts, warn)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     report.memory_after = model_memory(model)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_transformed(model: torch.nn.Module, resolved) -> None:
+    """A plan with transforms applies only to a model those transforms were applied to (on a copy)."""
+    if resolved.transforms and getattr(model, "workbench_transforms", ()) != resolved.transforms:
+        kinds = ", ".join(
+            f"{t.kind}:{getattr(t, 'where', getattr(t, 'match', ''))}" for t in resolved.transforms
+        )
+        raise WorkbenchError(
+            f"the plan's transforms ({kinds}) were not applied to this model: quantize "
+            "workbench.transformed.apply_transforms(loaded, plan.transforms).model instead"
+        )
+
+
+def _simulate_acts(model: torch.nn.Module, acts: dict, warn: bool) -> dict[str, str]:
+    """Fake-quantize the inputs of `acts` layers by forward pre-hooks (no activation kernel yet)."""
+    from workbench.simulate import add_act_hooks
+
+    if not acts:
+        return {}
+    add_act_hooks(model, acts)
+    if warn:
+        names = list(acts)
+        more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+        warnings.warn(
+            f"activation specs have no GPU kernel yet: {len(names)} layers ({', '.join(names[:3])}{more}) "
+            "run with simulated (fake-quantized) inputs",
+            stacklevel=3,
+        )
+    return {n: str(a) for n, a in acts.items()}
 
 
 def _refuse_untileable(model: torch.nn.Module, todo: list) -> None:
