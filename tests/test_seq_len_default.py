@@ -77,4 +77,20 @@ def test_inspect_and_sensitivity_defaults_on_a_256_context_model(short_context, 
     sens = tmp_path / "sens.json"
     _cli("sensitivity", *base, "--specs", "int4_g32", "--calib-seqs", "2", "--out", str(sens))
     settings = json.loads(sens.read_text())["settings"]
-    assert settings["calib_seq_len"] == 256
+    # the CLI's defaults are the app's (workbench.defaults), fitted to the 256-token context
+    assert settings["calib_seq_len"] <= 256 and settings["seq_len"] <= 256
+
+
+def test_app_defaults_fit_a_short_context():
+    """The app's calibration / Fisher / evaluation windows never exceed the model's context."""
+    from types import SimpleNamespace
+
+    from workbench import defaults
+
+    big_short = SimpleNamespace(n_params=100_000_000, max_context=200)
+    assert defaults.calibration_settings(big_short)["seq_len"] == 200
+    assert defaults.fisher_settings(big_short)["seq_len"] == 200
+    assert defaults.eval_settings(big_short)["seq_len"] == 200
+    big_long = SimpleNamespace(n_params=100_000_000, max_context=8192)
+    assert defaults.scan_settings(big_long)["calib_seq_len"] == 256
+    assert defaults.eval_settings(big_long)["seq_len"] == 512

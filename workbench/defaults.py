@@ -45,15 +45,25 @@ def _small(description) -> bool:
     return description is not None and description.n_params < SMALL_MODEL_PARAMS
 
 
+def _fit(seq_len: int, description) -> int:
+    """`seq_len`, shortened to the model's context where that is shorter."""
+    context = getattr(description, "max_context", None)
+    return min(seq_len, context) if context else seq_len
+
+
 def calibration_settings(description) -> dict:
     """Calibration text and size (Gram matrices, statistics): small enough to stay interactive on a CPU."""
     small = _small(description)
-    return {"text": "tinystories" if small else "wiki", "n_seqs": 16, "seq_len": 128 if small else 256}
+    return {
+        "text": "tinystories" if small else "wiki",
+        "n_seqs": 16,
+        "seq_len": _fit(128 if small else 256, description),
+    }
 
 
 def fisher_settings(description) -> dict:
     """Windows of the Fisher pass (forward + backward, labels sampled from the model): n_seqs x seq_len."""
-    return {"n_seqs": 8, "seq_len": 128 if _small(description) else 256}
+    return {"n_seqs": 8, "seq_len": _fit(128 if _small(description) else 256, description)}
 
 
 def scan_settings(description) -> dict:
@@ -73,7 +83,7 @@ def eval_settings(description) -> dict:
     small = _small(description)
     return {
         "text": "tinystories" if small else "wikitext2",
-        "seq_len": 256 if small else min(512, getattr(description, "max_context", None) or 512),
+        "seq_len": _fit(256 if small else 512, description),
         "max_tokens": 4096,
     }
 
