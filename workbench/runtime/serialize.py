@@ -76,7 +76,7 @@ def _manifest(model, source: str | None) -> tuple[dict, dict[str, torch.Tensor]]
     return manifest, tensors
 
 
-def _save_tokenizer(tokenizer, folder: Path) -> str | None:
+def save_tokenizer(tokenizer, folder: Path) -> str | None:
     """Write the tokenizer beside the weights; returns its kind ("hf" / "llama2c") or None."""
     if tokenizer is None:
         return None
@@ -116,7 +116,7 @@ def save_quantized(model, plan, path: str | Path, *, tokenizer=None, source: str
     if not isinstance(plan, Plan):
         plan = Plan.from_resolved(dict(plan))
     manifest, tensors = _manifest(model, source)
-    manifest["tokenizer"] = _save_tokenizer(tokenizer, folder)
+    manifest["tokenizer"] = save_tokenizer(tokenizer, folder)
     meta = {"format": FORMAT, "layout_version": str(LAYOUT_VERSION), "manifest": json.dumps(manifest)}
     save_file(tensors, str(folder / WEIGHTS), metadata=meta)
     plan.save(folder / "plan.json")
@@ -218,6 +218,10 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
         )
         setattr(parent, leaf, q)
     state = load_file(str(folder / WEIGHTS))
+    for shard in manifest.get("shards", []):  # written block by block (workbench.streaming.quantize)
+        if not (folder / shard).is_file():
+            raise WorkbenchError(f"{folder}: shard {shard} named in the manifest is missing")
+        state.update(load_file(str(folder / shard)))
     expected = set(model.state_dict().keys())
     aliases = manifest.get("aliases", {})
     missing = sorted(expected - set(state) - set(aliases))

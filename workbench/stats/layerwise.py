@@ -13,6 +13,9 @@ in every GPTQ implementation; the full mode has no such term).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
+
 import torch
 
 from workbench.errors import WorkbenchError
@@ -63,6 +66,24 @@ def _device_of(mod: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+BlockVisit = Callable[[int, torch.nn.Module], AbstractContextManager]
+
+
+def move_visit(device: torch.device) -> BlockVisit:
+    """The default block visit: move block i to `device` for its pass, back to where it was after."""
+
+    @contextmanager
+    def visit(i: int, block: torch.nn.Module):
+        home = _device_of(block)
+        block.to(device)
+        try:
+            yield
+        finally:
+            block.to(home)
+
+    return visit
+
+
 @torch.no_grad()
 def _capture_block0(model, blocks, batches, batch_size, device) -> list[tuple[torch.Tensor, dict]]:
     """Run the model up to block 0 for every batch; return [(hidden [b, L, H], kwargs)] per batch."""
@@ -100,8 +121,15 @@ def collect_layerwise(
     progress: bool,
     gram_sink: GramSink | None,
     hist_bins: int = 256,
+    visit: BlockVisit | None = None,
 ) -> dict[str, ActivationStats]:
-    """Layer-by-layer version of `collect_activation_stats` (same arguments, same results)."""
+    """Layer-by-layer version of `collect_activation_stats` (same arguments, same results).
+
+    `visit(i, block)` is the context manager around block i's pass (default `move_visit(device)`); the
+    statistics of block i's layers are finished (and handed to `gram_sink`) inside it, so a visit may still
+    read them and the block's weights on exit (workbench.streaming materializes blocks from disk this way).
+    """
+    visit = visit or move_visit(device)
     blocks_name, blocks = decoder_blocks(model)
     block_names = [f"{blocks_name}.{i}." for i in range(len(blocks))]
     per_block = [[n for n in names if n.startswith(p)] for p in block_names]
@@ -131,17 +159,13 @@ def collect_layerwise(
             progress_bar(len(blocks) * len(hidden), "blocks", progress) as bar,
         ):
             for i, block in enumerate(blocks):
-                home = _device_of(block)
-                block.to(device)
-                try:
+                with visit(i, block):
                     for j, (h, kwargs) in enumerate(hidden):
                         col.set_tokens(batches[starts[j] : starts[j] + h.shape[0]], starts[j])
                         out = block(h, **kwargs)
                         hidden[j] = (out[0] if isinstance(out, (tuple, list)) else out, kwargs)
                         bar.update(1)
-                finally:
-                    block.to(home)
-                col.finish(per_block[i], gram_sink)
+                    col.finish(per_block[i], gram_sink)
             for j, (h, _) in enumerate(hidden):
                 col.set_tokens(batches[starts[j] : starts[j] + h.shape[0]], starts[j])
                 h = norm(h) if norm is not None else h

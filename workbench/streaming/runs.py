@@ -1,0 +1,300 @@
+"""Streaming runs: inspection statistics, the proxy sensitivity scan and quantization of a StreamedModel.
+
+Each run is one pass of `stats.layerwise.collect_layerwise` over the model (calibration hidden states carried
+block to block, one block materialized at a time) whose per-block `after` step does the block's work while
+its weights are on the device: weight statistics (inspect), proxy costs from the block's Grams (scan,
+`sensitivity.proxy_costs`), or GPTQ / AWQ / RTN and one packed shard written (quantize,
+`runtime.apply.quantize_layer`). No statistic or quantization math lives here: the same functions as the
+in-memory paths run, on the same inputs, so the results are the same.
+
+`shard=(rank, world)` restricts the per-layer work to the decoder blocks i with i % world == rank (the
+forward of every block still runs on every rank: each needs the hidden states); distributed.py runs one
+rank per process and merges.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.streaming.skeleton import StreamedModel, describe, host_rss_bytes
+
+SHARED_INPUT = {"k": "q", "v": "q", "up": "gate"}  # Llama: these roles read their leader's input tensor
+
+
+@dataclass
+class StreamReport:
+    """What one streaming run measured."""
+
+    phase: str
+    seconds: float = 0.0
+    n_blocks: int = 0
+    n_layers: int = 0
+    peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated over the run
+    peak_host_rss_bytes: int = 0  # ru_maxrss of the process (peak since it started)
+    block_bytes: int = 0  # the largest block materialized
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def start_report(sm: StreamedModel) -> float:
+    if sm.device.type == "cuda":
+        torch.cuda.synchronize(sm.device)
+        torch.cuda.reset_peak_memory_stats(sm.device)
+    return time.perf_counter()
+
+
+def finish_report(sm: StreamedModel, phase: str, t0: float, n_layers: int, **extra) -> StreamReport:
+    peak = None
+    if sm.device.type == "cuda":
+        torch.cuda.synchronize(sm.device)
+        peak = int(torch.cuda.max_memory_allocated(sm.device))
+    return StreamReport(
+        phase=phase,
+        seconds=time.perf_counter() - t0,
+        n_blocks=sm.n_blocks,
+        n_layers=n_layers,
+        peak_gpu_bytes=peak,
+        peak_host_rss_bytes=host_rss_bytes(),
+        block_bytes=sm.peak_block_bytes,
+        extra=extra,
+    )
+
+
+def shard_blocks(n_blocks: int, shard: tuple[int, int] | None) -> set[int]:
+    """The decoder blocks rank `shard[0]` of `shard[1]` works on (all blocks without a shard)."""
+    if shard is None:
+        return set(range(n_blocks))
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise WorkbenchError(f"shard rank {rank} is not in 0..{world - 1}")
+    return {i for i in range(n_blocks) if i % world == rank}
+
+
+def shard_layers(sm: StreamedModel, shard: tuple[int, int] | None, layers: list[str] | None = None):
+    """LayerInfo of the quantizable layers rank `shard` owns (block i % world == rank; the output head and
+    any other layer outside the blocks belongs to the last rank)."""
+    from workbench.inventory import layer_inventory
+
+    inv = layer_inventory(sm.model)
+    if layers is not None:
+        known = {x.name for x in inv}
+        bad = [n for n in layers if n not in known]
+        if bad:
+            raise WorkbenchError(f"layer {bad[0]} is not a quantizable linear of {sm.source.name}")
+        inv = [x for x in inv if x.name in set(layers)]
+    mine = shard_blocks(sm.n_blocks, shard)
+    last = shard is None or shard[0] == shard[1] - 1
+    return [x for x in inv if (x.block in mine if x.block is not None else last)]
+
+
+def gram_of(layer, grams: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The Gram of `layer` among the leaders handed to a gram sink (k/v read q's input, up reads gate's)."""
+    if layer.name in grams:
+        return grams[layer.name]
+    lead_role = SHARED_INPUT.get(layer.role)
+    lead = layer.name.replace(f"{layer.role}_proj", f"{lead_role}_proj") if lead_role else None
+    assert lead in grams, f"no Gram for {layer.name} (nor its input leader {lead})"
+    return grams[lead]
+
+
+def collect_stream(
+    sm: StreamedModel, batches, names, *, gram, batch_size, progress, sink, after, hist_bins=256
+):
+    """One layerwise pass of `names` over the model; `after(i, block)` runs before block i is freed."""
+    from workbench.stats.activations import default_batch_size
+    from workbench.stats.layerwise import collect_layerwise
+
+    if batches.dim() != 2 or batches.dtype != torch.long:
+        raise WorkbenchError(f"calibration batches must be a LongTensor [n, L], got {tuple(batches.shape)}")
+    bs = batch_size or default_batch_size(batches.shape[1], sm.device)
+    return collect_layerwise(
+        sm.model,
+        batches,
+        names,
+        gram=gram,
+        batch_size=bs,
+        device=sm.device,
+        progress=progress,
+        gram_sink=sink,
+        hist_bins=hist_bins,
+        visit=sm.visit_factory(after),
+    )
+
+
+# ---------------------------------------------------------------------- inspect
+def stream_inspect(
+    sm: StreamedModel,
+    batches: torch.Tensor,
+    *,
+    settings: dict | None = None,
+    specs: tuple[str, ...] | list[str] = ("int4_g128", "int8_ch"),
+    k_sigma: float = 6.0,
+    group_size: int = 128,
+    hist_bins: int = 256,
+    gram: bool = False,
+    shard: tuple[int, int] | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    tokenizer=None,
+):
+    """Weight and activation statistics of every quantizable layer (of this shard), streaming.
+
+    Args:
+        batches: LongTensor [n, L] calibration ids.
+        settings: recorded in the Inspection (text, n_seqs, seq_len, seed ... as `inspect_model` does).
+        gram: keep every Gram X^T X in the statistics (host memory grows with hidden^2 per layer: off for
+            70B shapes, where the Grams are still computed and handed to a sink that drops them).
+    Returns:
+        (Inspection, StreamReport).
+    """
+    from workbench.inventory import get_linear_weight, get_module
+    from workbench.stats.inspection import Inspection
+    from workbench.stats.weights import weight_stats
+
+    mine = shard_layers(sm, shard)
+    names = [x.name for x in mine]
+    specs = [str(s) for s in specs]
+    weights = {}
+
+    def do_weights(layer_names):
+        for n in layer_names:
+            W = get_linear_weight(get_module(sm.model, n))
+            weights[n] = weight_stats(W, k_sigma, name=n, group_size=group_size, specs=specs)
+
+    per_block = sm.block_layers(names)
+    t0 = start_report(sm)
+    sink = None if gram else (lambda name, g: None)
+    acts = collect_stream(
+        sm,
+        batches,
+        names,
+        gram=True,
+        batch_size=batch_size,
+        progress=progress,
+        sink=sink,
+        after=lambda i, block: do_weights(per_block[i]),
+        hist_bins=hist_bins,
+    )
+    do_weights([x.name for x in mine if x.block is None])
+    token_text = {}
+    if tokenizer is not None:
+        ids = sorted({int(i) for st in acts.values() for i in st.token_max.token_ids.tolist() if i >= 0})
+        token_text = {i: tokenizer.decode([i]) for i in ids}
+    settings = dict(settings or {})
+    settings.update(specs=specs, k_sigma=k_sigma, group_size=group_size, hist_bins=hist_bins, gram=gram)
+    insp = Inspection(
+        model=describe(sm).to_dict(),
+        layers=[x.to_dict() for x in mine],
+        settings=settings,
+        weights={n: weights[n] for n in names},
+        activations=acts,
+        token_text=token_text,
+    )
+    return insp, finish_report(sm, "inspect", t0, len(names), tokens=int(batches.numel()))
+
+
+# ---------------------------------------------------------------------- proxy scan
+def stream_proxy_scan(
+    sm: StreamedModel,
+    batches: torch.Tensor,
+    specs: list[str],
+    *,
+    settings: dict | None = None,
+    out: str | Path | None = None,
+    shard: tuple[int, int] | None = None,
+    layers: list[str] | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+):
+    """The proxy sensitivity table (`sensitivity.py`, method "proxy", no importance), streaming.
+
+    The Grams of each block are collected in its pass and scored with `sensitivity.proxy_costs` while the
+    block's weights are materialized, then dropped. The table is saved to `out` after every block; a table
+    already at `out` with the same identity resumes (its blocks' layers are not scored again).
+
+    Returns:
+        (SensitivityTable, StreamReport).
+    """
+    from workbench.inventory import get_linear_weight, get_module
+    from workbench.quant.spec import QuantSpec
+    from workbench.sensitivity import SensitivityTable, proxy_costs
+
+    specs = [str(QuantSpec.parse(s)) for s in specs]
+    if not specs:
+        raise WorkbenchError("no specs to scan")
+    mine = shard_layers(sm, shard, layers)
+    d = describe(sm)
+    table = SensitivityTable(
+        method="proxy",
+        specs=specs,
+        layers=mine,
+        model={"fingerprint": d.fingerprint, "source": d.source, "name": d.name},
+        settings={**(settings or {}), "importance": "none", "importance_spec": None},
+    )
+    table = resume_table(Path(out) if out else None, table)
+    todo = [x for x in mine if x.name not in table.done_layers()]
+    report_t0 = start_report(sm)
+    if not todo:
+        return table, finish_report(sm, "scan", report_t0, 0, resumed=True)
+    grams: dict[str, torch.Tensor] = {}
+    by_block: dict[int | None, list] = {}
+    for x in todo:
+        by_block.setdefault(x.block, []).append(x)
+
+    def score(block_layers) -> None:
+        t = time.perf_counter()
+        for x in block_layers:
+            W = get_linear_weight(get_module(sm.model, x.name))
+            table.cost[x.name] = proxy_costs(W, gram_of(x, grams).float(), specs, name=x.name)
+        table.timing["scan"] = float(table.timing.get("scan", 0.0)) + time.perf_counter() - t
+        grams.clear()
+        if out is not None:
+            table.save(out)
+
+    collect_stream(
+        sm,
+        batches,
+        [x.name for x in todo],
+        gram=True,
+        batch_size=batch_size,
+        progress=progress,
+        sink=lambda name, g: grams.__setitem__(name, g),
+        after=lambda i, block: score(by_block.get(i, [])),
+    )
+    score(by_block.get(None, []))
+    return table, finish_report(sm, "scan", report_t0, len(todo), specs=specs)
+
+
+def resume_table(path: Path | None, table):
+    """`table` with the costs of the table saved at `path` when it has the same identity; a different
+    scan there is refused with a message naming the file."""
+    from workbench.sensitivity import SensitivityTable
+
+    if path is None or not path.is_file():
+        return table
+    old = SensitivityTable.load(path)
+    same = (
+        old.method == table.method
+        and old.specs == table.specs
+        and old.settings == table.settings
+        and old.model.get("fingerprint") == table.model.get("fingerprint")
+        and [x.name for x in old.layers] == [x.name for x in table.layers]
+    )
+    if not same:
+        raise WorkbenchError(f"{path} holds a different scan (specs, layers, model or settings differ)")
+    table.cost, table.timing = old.cost, old.timing
+    return table
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    from workbench.paths import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), json.dumps(obj, indent=1).encode())
