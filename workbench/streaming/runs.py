@@ -188,7 +188,8 @@ def stream_inspect(
     if tokenizer is not None:
         ids = sorted({int(i) for st in acts.values() for i in st.token_max.token_ids.tolist() if i >= 0})
         token_text = {i: tokenizer.decode([i]) for i in ids}
-    settings = dict(settings or {})
+    settings = {"text": "token ids", "seed": None, **(settings or {})}
+    settings.update(n_seqs=int(batches.shape[0]), seq_len=int(batches.shape[1]))
     settings.update(specs=specs, k_sigma=k_sigma, group_size=group_size, hist_bins=hist_bins, gram=gram)
     insp = Inspection(
         model=describe(sm).to_dict(),
