@@ -176,3 +176,50 @@ def test_block_that_does_not_fit_names_itself(sharded):
 def test_bad_checkpoint_folders_are_named(tmp_path):
     with pytest.raises(WorkbenchError, match="no config.json"):
         SafetensorsSource(tmp_path)
+
+
+def test_cli_stream_inspect_scan_quantize(stories, sharded, tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.plan import Plan
+    from workbench.runtime.serialize import load_quantized, save_tokenizer
+    from workbench.sensitivity import SensitivityTable
+
+    save_tokenizer(stories.tokenizer, sharded)  # tokenizer.bin beside the checkpoint
+    base = ["--model", str(sharded), "--stream", "--quiet"]
+    scan = tmp_path / "scan.json"
+    args = ["sensitivity", *base, "--method", "proxy", "--specs", "int4_g32,int8_ch"]
+    assert main([*args, "--calib-seqs", "2", "--calib-seq-len", "64", "--out", str(scan)]) == 0
+    tab = SensitivityTable.load(scan)
+    assert tab.complete and len(tab.layers) == 36
+    assert (
+        tab.cost["model.layers.1.mlp.down_proj"]["int4_g32"]
+        > tab.cost["model.layers.1.mlp.down_proj"]["int8_ch"]
+    )
+    assert main(["sensitivity", *base, "--method", "fisher", "--out", str(tmp_path / "f.json")]) == 2
+    assert "--stream scans with --method proxy" in capsys.readouterr().err
+
+    insp = tmp_path / "insp"
+    assert main(["inspect", *base, "--tokens", "128", "--seq-len", "64", "--out", str(insp), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["settings"]["n_seqs"] == 2 and (insp / "stats.json").is_file()
+
+    plan = tmp_path / "plan.json"
+    Plan.from_resolved({x.name: "int4_g32:gptq" for x in tab.layers if x.block is not None}).save(plan)
+    q = tmp_path / "q"
+    args = [
+        "quantize",
+        *base[:-1],
+        "--plan",
+        str(plan),
+        "--out",
+        str(q),
+        "--tokens",
+        "128",
+        "--seq-len",
+        "64",
+    ]
+    assert main([*args, "--device", "cpu", "--json"]) == 0
+    model, _ = load_quantized(q)
+    assert type(model.model.layers[4].mlp.down_proj).__name__ == "QuantLinear"
+    assert main(["quantize", "--model", str(tmp_path), "--stream", "--plan", str(plan), "--out", str(q)]) == 2
+    assert "no config.json" in capsys.readouterr().err

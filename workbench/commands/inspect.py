@@ -49,6 +49,12 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="--model is a safetensors checkpoint folder (or synthetic): one decoder block resident at a "
+        "time, read from disk; under torchrun the layers are sharded over the ranks",
+    )
     return p
 
 
@@ -59,6 +65,8 @@ def run(args) -> int:
 
     if args.seq_len is not None and args.tokens < args.seq_len:
         raise WorkbenchError(f"--tokens {args.tokens} is less than one sequence of --seq-len {args.seq_len}")
+    if args.stream:
+        return _run_stream(args)
     t0 = time.perf_counter()
     loaded = load_model(args.model, progress=not args.quiet)
     seq_len = args.seq_len or default_seq_len(loaded.description.max_context)
@@ -135,4 +143,35 @@ def _describe_only(args, loaded, layers, out, desc) -> int:
     ]
     print(table(rows, ["layer", "block", "role", "shape (out x in)", "params", ""]))
     print(f"{len(layers)} quantizable layers; written to {out}")
+    return 0
+
+
+def _run_stream(args) -> int:
+    from workbench.streaming.distributed import distributed_inspect, init_distributed, rank_device
+    from workbench.streaming.open import open_streamed, stream_batches
+
+    rank, _ = init_distributed()
+    sm, tok = open_streamed(args.model, rank_device(args.device or "cpu"))
+    seq_len = args.seq_len or 512
+    ids, settings = stream_batches(sm, tok, args.text, max(1, args.tokens // seq_len), seq_len, args.seed)
+    specs = [s.strip() for s in args.specs.split(",") if s.strip()]
+    insp, report = distributed_inspect(
+        sm,
+        ids,
+        args.out,
+        settings=settings,
+        specs=specs,
+        k_sigma=args.k_sigma,
+        gram=False,
+        progress=not args.quiet,
+        tokenizer=tok,
+    )
+    if rank != 0:
+        return 0
+    if args.json:
+        emit_json({"out": args.out, "settings": insp.settings, "report": report and report.to_json()})
+        return 0
+    print(insp.summary(args.top))
+    if report is not None:
+        print(f"\nstreamed {report.n_blocks} blocks in {report.seconds:.1f} s; written to {args.out}")
     return 0

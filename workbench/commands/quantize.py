@@ -17,6 +17,12 @@ def add_parser(sub):
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens for GPTQ / AWQ layers")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="--model is a safetensors checkpoint folder (or synthetic): quantize one block at a time and "
+        "write the packed model shard by shard",
+    )
     return p
 
 
@@ -34,6 +40,8 @@ def run(args) -> int:
     if message and not args.json:
         print(message)
     plan = Plan.load(args.plan)
+    if args.stream:
+        return _run_stream(args, plan, device)
     loaded = load_model(args.model, dtype=torch.float32)
     resolved = plan.resolve(loaded.model)
     seq_len = min(args.seq_len, loaded.description.max_context or args.seq_len)
@@ -52,4 +60,18 @@ def run(args) -> int:
         return 0
     print(report.summary())
     print(f"saved to {folder}")
+    return 0
+
+
+def _run_stream(args, plan, device) -> int:
+    from workbench.streaming.open import open_streamed, stream_batches
+    from workbench.streaming.quantize import stream_quantize
+
+    sm, tok = open_streamed(args.model, device)
+    ids, _ = stream_batches(sm, tok, args.text, max(1, args.tokens // args.seq_len), args.seq_len)
+    folder, report = stream_quantize(sm, plan, args.out, ids, tokenizer=tok, progress=not args.json)
+    if args.json:
+        emit_json({"out": str(folder), "report": report.to_json(), "device": str(device)})
+        return 0
+    print(f"{report.n_layers} layers quantized block by block in {report.seconds:.1f} s; saved to {folder}")
     return 0

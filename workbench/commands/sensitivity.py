@@ -47,6 +47,13 @@ def add_parser(sub):
         "--out", required=True, help="table JSON; an unfinished table with the same settings resumes"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="proxy only: --model is a safetensors checkpoint folder (or synthetic) read one block at a "
+        "time; under torchrun the blocks are sharded over the ranks and rank 0 merges --out",
+    )
+    p.add_argument("--device", default="cpu", help="--stream: where the blocks run (cpu | cuda)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
@@ -73,6 +80,8 @@ def run(args) -> int:
     from workbench.loading import load_model
     from workbench.sensitivity import sensitivity_scan
 
+    if args.stream:
+        return _run_stream(args)
     loaded = load_model(args.model, progress=not args.quiet)
     specs = [s.strip() for s in args.specs.split(",") if s.strip()]
     tab = sensitivity_scan(
@@ -95,4 +104,29 @@ def run(args) -> int:
         f"written to {args.out} "
         f"(setup {tab.timing.get('setup', 0):.1f} s, scan {tab.timing.get('scan', 0):.1f} s)"
     )
+    return 0
+
+
+def _run_stream(args) -> int:
+    from workbench.errors import WorkbenchError
+    from workbench.streaming.distributed import distributed_scan, init_distributed, rank_device
+    from workbench.streaming.open import open_streamed, stream_batches
+
+    if args.method != "proxy" or args.importance != "none":
+        raise WorkbenchError("--stream scans with --method proxy (no importance); got " + args.method)
+    rank, _ = init_distributed()
+    sm, tok = open_streamed(args.model, rank_device(args.device))
+    ids, settings = stream_batches(
+        sm, tok, args.text or "wiki", args.calib_seqs or 32, args.calib_seq_len or 512, seed=0
+    )
+    specs = [s.strip() for s in args.specs.split(",") if s.strip()]
+    tab, report = distributed_scan(sm, ids, specs, args.out, settings=settings, progress=not args.quiet)
+    if rank != 0:
+        return 0
+    if args.json:
+        emit_json({"out": args.out, "report": report.to_json(), **tab.to_json()})
+        return 0
+    rows = [[r[0]] + [f"{v:.3g}" for v in r[1:]] for r in tab.rows()]
+    print(table(rows, ["layer"] + tab.specs))
+    print(f"proxy sensitivity of {len(tab.layers)} layers streamed in {report.seconds:.1f} s: {args.out}")
     return 0
