@@ -184,8 +184,12 @@ def test_cli_stream_inspect_scan_quantize(stories, sharded, tmp_path, capsys):
     from workbench.runtime.serialize import load_quantized, save_tokenizer
     from workbench.sensitivity import SensitivityTable
 
+    from workbench.data import load_text
+
     save_tokenizer(stories.tokenizer, sharded)  # tokenizer.bin beside the checkpoint
-    base = ["--model", str(sharded), "--stream", "--quiet"]
+    text = tmp_path / "text.txt"
+    text.write_text(load_text("wiki")[:20000])
+    base = ["--model", str(sharded), "--stream", "--quiet", "--text", str(text)]
     scan = tmp_path / "scan.json"
     args = ["sensitivity", *base, "--method", "proxy", "--specs", "int4_g32,int8_ch"]
     assert main([*args, "--calib-seqs", "2", "--calib-seq-len", "64", "--out", str(scan)]) == 0
@@ -195,7 +199,7 @@ def test_cli_stream_inspect_scan_quantize(stories, sharded, tmp_path, capsys):
         tab.cost["model.layers.1.mlp.down_proj"]["int4_g32"]
         > tab.cost["model.layers.1.mlp.down_proj"]["int8_ch"]
     )
-    assert main(["sensitivity", *base, "--method", "fisher", "--out", str(tmp_path / "f.json")]) == 2
+    assert main(["sensitivity", *base[:3], "--method", "fisher", "--out", str(tmp_path / "f.json")]) == 2
     assert "--stream scans with --method proxy" in capsys.readouterr().err
 
     insp = tmp_path / "insp"
@@ -208,7 +212,9 @@ def test_cli_stream_inspect_scan_quantize(stories, sharded, tmp_path, capsys):
     q = tmp_path / "q"
     args = [
         "quantize",
-        *base[:-1],
+        *base[:3],
+        "--text",
+        str(text),
         "--plan",
         str(plan),
         "--out",
