@@ -180,11 +180,10 @@ def test_bad_checkpoint_folders_are_named(tmp_path):
 
 def test_cli_stream_inspect_scan_quantize(stories, sharded, tmp_path, capsys):
     from workbench.cli import main
+    from workbench.data import load_text
     from workbench.plan import Plan
     from workbench.runtime.serialize import load_quantized, save_tokenizer
     from workbench.sensitivity import SensitivityTable
-
-    from workbench.data import load_text
 
     save_tokenizer(stories.tokenizer, sharded)  # tokenizer.bin beside the checkpoint
     text = tmp_path / "text.txt"
@@ -229,3 +228,20 @@ def test_cli_stream_inspect_scan_quantize(stories, sharded, tmp_path, capsys):
     assert type(model.model.layers[4].mlp.down_proj).__name__ == "QuantLinear"
     assert main(["quantize", "--model", str(tmp_path), "--stream", "--plan", str(plan), "--out", str(q)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_device_gptq_path_equals_quantize_weight(stories):
+    """The path the GPU takes (gptq_quantize where W lives) gives quantize_weight's codes, run on the CPU."""
+    from workbench.quant.api import quantize_weight
+    from workbench.quant.spec import QuantSpec
+    from workbench.simulate import calibration_grams
+    from workbench.streaming.devicequant import quantize_here
+
+    name = "model.layers.1.mlp.down_proj"
+    gram = calibration_grams(stories, [name], "wiki", 2, 64, use_cache=False, progress=False)[name]
+    W = stories.model.get_submodule(name).weight
+    spec = QuantSpec.parse("int4_g32:gptq")
+    a, b = quantize_weight(W, spec, gram), quantize_here(name, W, spec, gram, device_gptq=True)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+    with pytest.raises(WorkbenchError, match="needs the"):
+        quantize_here(name, W, spec, gram[:8, :8], device_gptq=True)

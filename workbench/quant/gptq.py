@@ -56,12 +56,16 @@ def _params(Wg: torch.Tensor, spec: QuantSpec, clip: bool, grid: int, max_shrink
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp I)^-1 (float32), raising damp until it factorises."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
     for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        Hd = H.clone()
+        Hd.diagonal().add_(damp)  # = H + damp * I, without a K x K identity
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # at most three K x K float64 matrices alive (a 28672-wide down_proj: 6.6 GB each)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0:
                 return U.float(), damp
         damp = damp * 10 if damp > 0 else 1e-6
@@ -97,7 +101,8 @@ def gptq_quantize(
     t0 = time.perf_counter()
     N, K = W.shape
     W = W.float().clone()
-    H = 2 * gram.double()
+    dev = W.device  # runs where W is (the CPU for quantize_weight; the GPU for workbench.streaming)
+    H = 2 * gram.to(dev).double()
     H = (H + H.T) / 2
     diag = H.diagonal().clone()
     dead = diag == 0
@@ -111,8 +116,8 @@ def gptq_quantize(
     if spec.granularity == "group":
         if dynamic:
             ng = -(-K // G)
-            scales = torch.zeros(N, ng)
-            zeros = None if sym else torch.zeros(N, ng)
+            scales = torch.zeros(N, ng, device=dev)
+            zeros = None if sym else torch.zeros(N, ng, device=dev)
         else:
             scales, zeros = _params(to_groups(W, G), spec, clip, clip_grid, max_shrink)
     elif spec.granularity == "channel":
@@ -125,13 +130,13 @@ def gptq_quantize(
         W = W[:, perm]
         H = H[perm][:, perm]
     else:
-        perm = torch.arange(K)
-    col_group = perm // G if spec.granularity == "group" else torch.zeros(K, dtype=torch.long)
+        perm = torch.arange(K, device=dev)
+    col_group = perm // G if spec.granularity == "group" else torch.zeros(K, dtype=torch.long, device=dev)
     col_group = col_group.tolist()
 
     Hinv, damp = _inverse_cholesky(H, damp)
     B = G * max(1, blocksize // G) if dynamic else blocksize
-    codes = torch.empty(N, K, dtype=torch.uint8)
+    codes = torch.empty(N, K, dtype=torch.uint8, device=dev)
     per_tensor = spec.granularity == "tensor"
     fixed_zero = float(2 ** (bits - 1))
 

@@ -24,8 +24,9 @@ from workbench.streaming.skeleton import StreamedModel
 def _quantize_modules(sm: StreamedModel, names: list[str], resolved, grams: dict) -> dict:
     """Quantize the named layers in place (swapped into the model); returns {name: (manifest entry, orig)}."""
     from workbench.inventory import get_linear_weight, get_module
-    from workbench.runtime.apply import dense_copy, layout_reason, quantize_layer
+    from workbench.runtime.apply import dense_copy, layout_reason
     from workbench.runtime.qlinear import QuantLinear
+    from workbench.streaming.devicequant import quantize_here
     from workbench.streaming.runs import gram_of
 
     info = {x.name: x for x in resolved.layers}
@@ -36,7 +37,7 @@ def _quantize_modules(sm: StreamedModel, names: list[str], resolved, grams: dict
         spec = resolved[name]
         with torch.no_grad():
             gram = gram_of(info[name], grams).to(W.device) if spec.needs_gram else None
-            qw = quantize_layer(name, W, spec, gram)
+            qw = quantize_here(name, W, spec, gram)
             if layout_reason(spec):
                 new = dense_copy(mod, qw.dequantize().to(W.device, W.dtype))
                 entry = None

@@ -3,9 +3,9 @@
 Each run is one pass of `stats.layerwise.collect_layerwise` over the model (calibration hidden states carried
 block to block, one block materialized at a time) whose per-block `after` step does the block's work while
 its weights are on the device: weight statistics (inspect), proxy costs from the block's Grams (scan,
-`sensitivity.proxy_costs`), or GPTQ / AWQ / RTN and one packed shard written (quantize,
-`runtime.apply.quantize_layer`). No statistic or quantization math lives here: the same functions as the
-in-memory paths run, on the same inputs, so the results are the same.
+`sensitivity.proxy_costs`; on a GPU devicequant.py), or GPTQ / AWQ / RTN and one packed shard written
+(quantize.py, `runtime.apply.quantize_layer`). No statistic or quantization math lives here: the same
+functions as the in-memory paths run, on the same inputs, so the results are the same.
 
 `shard=(rank, world)` restricts the per-layer work to the decoder blocks i with i % world == rank (the
 forward of every block still runs on every rank: each needs the hidden states); distributed.py runs one
@@ -226,7 +226,8 @@ def stream_proxy_scan(
     """
     from workbench.inventory import get_linear_weight, get_module
     from workbench.quant.spec import QuantSpec
-    from workbench.sensitivity import SensitivityTable, proxy_costs
+    from workbench.sensitivity import SensitivityTable
+    from workbench.streaming.devicequant import proxy_costs_here
 
     specs = [str(QuantSpec.parse(s)) for s in specs]
     if not specs:
@@ -254,7 +255,7 @@ def stream_proxy_scan(
         t = time.perf_counter()
         for x in block_layers:
             W = get_linear_weight(get_module(sm.model, x.name))
-            table.cost[x.name] = proxy_costs(W, gram_of(x, grams).float(), specs, name=x.name)
+            table.cost[x.name] = proxy_costs_here(W, gram_of(x, grams).float(), specs, name=x.name)
         table.timing["scan"] = float(table.timing.get("scan", 0.0)) + time.perf_counter() - t
         grams.clear()
         if out is not None:

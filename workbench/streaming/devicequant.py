@@ -1,0 +1,78 @@
+"""Quantization where the streamed block lives: the GPU for a 70B-shaped run, the CPU otherwise.
+
+`quant.api.quantize_weight` computes on the CPU (exact, the reference). A streamed model on a GPU cannot
+afford to copy 560 weights of up to 28672 x 8192 to the host and back, so on CUDA these helpers call the
+same primitives on the device: `quant.gptq.gptq_quantize` (with quantize_weight's defaults: percdamp 0.01,
+block 128, no act-order, no clipping), `runtime.apply.quantize_layer` (GPU RTN for the formats that encode
+on the device) and `quant.metrics.quadratic_form` for the proxy cost tr(D G D^T) / tr(W G W^T)
+(`sensitivity.proxy_costs`). On the CPU they are exactly the in-memory functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.quant.spec import QuantSpec
+
+
+def quantize_here(
+    name: str, W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None, *, device_gptq=None
+):
+    """QuantizedWeight of W [N, K]: GPTQ on W's device when it is CUDA (or `device_gptq=True`), else
+    `runtime.apply.quantize_layer`."""
+    from workbench.quant.api import QuantizedWeight
+    from workbench.quant.gptq import gptq_quantize
+    from workbench.runtime.apply import quantize_layer
+
+    on_device = W.is_cuda if device_gptq is None else device_gptq
+    if not (on_device and spec.algo == "gptq" and spec.is_int):
+        return quantize_layer(name, W, spec, gram)
+    N, K = W.shape
+    reason = spec.check_layer(N, K)
+    if reason:
+        raise WorkbenchError(f"spec '{spec}' cannot apply to layer '{name}' [{N}, {K}]: {reason}")
+    if gram is None or tuple(gram.shape) != (K, K):
+        raise WorkbenchError(f"'{spec}' needs the [{K}, {K}] Gram of layer '{name}'")
+    codes, scales, zeros, info = gptq_quantize(W.detach().float(), spec, gram.float())
+    return QuantizedWeight(spec, codes, scales, zeros, info=info)
+
+
+def fake_quant_here(name: str, W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None) -> torch.Tensor:
+    """W_hat [N, K] float32 on W's device (quant.api.fake_quant on the CPU)."""
+    from workbench.quant.api import fake_quant
+    from workbench.simulate import needs_gram
+
+    g = gram if needs_gram(spec) else None
+    if not W.is_cuda:
+        return fake_quant(W, spec, g, layer=name)
+    if spec.is_quantized and (spec.algo == "gptq" or spec.format.device_encode) and spec.algo != "awq":
+        return quantize_here(name, W, spec, g).dequantize().to(W.device, torch.float32)
+    return fake_quant(W, spec, g, layer=name).to(W.device)
+
+
+def proxy_costs_here(
+    W: torch.Tensor, gram: torch.Tensor, specs: list[str], name: str = ""
+) -> dict[str, float]:
+    """Relative output error tr(D G D^T) / tr(W G W^T) per spec: `sensitivity.proxy_costs` on the CPU, the
+    same formula on W's device on CUDA."""
+    from workbench.quant.metrics import quadratic_form
+    from workbench.sensitivity import proxy_costs
+
+    if not W.is_cuda:
+        return proxy_costs(W, gram, specs, name=name)
+    W = W.detach().float()
+    G = gram.float().to(W.device)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # D G D^T in TF32: ~1e-3 relative, 8x the fp32 rate
+    try:
+        den = float(quadratic_form(W, G).sum())
+        out = {}
+        for s in specs:
+            num = float(quadratic_form(W - fake_quant_here(name, W, QuantSpec.parse(s), G), G).sum())
+            out[s] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return out
