@@ -56,13 +56,51 @@ def _same(a, b) -> bool:
 def test_default_is_calibrated_fisher_over_the_offered_specs(table):
     assert DEFAULT_METHOD == "fisher" and table.method == "fisher"
     assert table.specs == SENSITIVITY_SPECS and table.complete
-    assert table.settings["importance"] == "fisher" and table.settings["calibrate"] == "uniform"
-    for spec, c in table.calibration.items():  # each uniform plan's summed cost = its measured KL
-        total = sum(table.cost[x.name][spec] for x in table.layers)
-        assert total == pytest.approx(c["measured"], rel=1e-9) and c["measured"] > 0
-    assert set(table.calibration) == set(SENSITIVITY_SPECS)
-    low, high = table.calibration["int2_g32"]["measured"], table.calibration["int8_ch"]["measured"]
+    assert table.settings["importance"] == "fisher" and table.settings["calibrate"] == "mixed"
+    uniform = table.calibration["uniform"]
+    assert set(uniform) == set(SENSITIVITY_SPECS)
+    low, high = uniform["int2_g32"]["measured"], uniform["int8_ch"]["measured"]
     assert low > 100 * high  # the measurement sees what 2 bits do
+
+
+def test_mixed_stage_refits_on_the_allocators_measured_plans(stories, table):
+    """The allocator's own plans are measured and kept; the refit scales predict them better than the
+    uniform-only scales did, and the costs are the raw costs times the final scales."""
+    from workbench.calibrate import MIXED_BUDGETS, MIXED_ROUNDS, fit_scales
+
+    c = table.calibration
+    mixed = [p for p in c["plans"] if p["round"] > 0]
+    assert len(mixed) >= len(MIXED_BUDGETS) and all(p["kl"] > 0 for p in c["plans"])
+    assert len({tuple(p["specs"]) for p in c["plans"]}) == len(c["plans"])  # each plan measured once
+    first, last = c["rounds"][0], c["rounds"][-1]
+    assert last["max_rel_error"] < first["max_rel_error"]
+    assert last["spearman"] > 0.95
+    scales, uniform = c["scales"], c["uniform"]
+    for s in table.specs:  # costs = raw cost x the refit scale (uniform "predicted" is the raw sum)
+        total = sum(table.cost[x.name][s] for x in table.layers)
+        assert total == pytest.approx(scales[s] * uniform[s]["predicted"], rel=1e-9)
+    raw = {x.name: {s: v / scales[s] for s, v in table.cost[x.name].items()} for x in table.layers}
+    fitted_on = [p for p in c["plans"] if p["round"] <= MIXED_ROUNDS]  # the last round only checks
+    assert fit_scales(raw, fitted_on, table.layers, table.specs) == pytest.approx(scales, rel=1e-6)
+    assert scales != pytest.approx({s: u["scale"] for s, u in uniform.items()}, rel=1e-3)
+
+
+def test_guard_never_returns_a_measured_loser(table):
+    """At every budget from 3.5 to 8.5 bits the allocation measured (or is predicted) no worse than every
+    measured plan that fits, within the guard's margin; where the guard steps in, it says so."""
+    from workbench.allocate import GUARD_MARGIN
+
+    plans = table.calibration["plans"]
+    for b in [3.5 + 0.25 * i for i in range(21)]:
+        a = allocate_table(table, budget_bits=b)
+        own = a.measured if a.measured is not None else a.predicted_cost
+        fit = [p["kl"] for p in plans if p["total_bits"] <= a.budget_bits]
+        assert own <= min(fit) * (1 + GUARD_MARGIN) + 1e-12, f"{b} bits: {own} vs {min(fit)}"
+        raw = allocate_table(table, budget_bits=b, guard=False)
+        if a.note:
+            assert a.total_bits <= a.budget_bits and "returning" in a.note and a.resolved != raw.resolved
+        else:
+            assert _same(a.resolved, raw.resolved)
 
 
 def test_allocation_at_each_uniform_size_beats_that_uniform_plan(stories, table):

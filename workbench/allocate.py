@@ -38,6 +38,9 @@ from workbench.plan import Plan, ResolvedPlan, match_layers, plan_totals
 from workbench.quant.spec import QuantSpec
 
 DP_MAX_CELLS = 20_000_000  # layers x grid cells for the DP path
+# The guard replaces the allocator's plan only when it is worse by more than this fraction (a smaller
+# difference on the few calibration windows is within their noise).
+GUARD_MARGIN = 0.02
 
 
 # ---------------------------------------------------------------------- the knapsack on plain arrays
@@ -214,6 +217,8 @@ class Allocation:
     budget_bits: int
     avg_bits: float
     mb: float
+    measured: float | None = None  # KL measured on the calibration windows, when the table holds this plan
+    note: str = ""  # set when the guard replaced the allocator's plan by a measured better one
 
 
 def _options(table, include_bf16: bool) -> list[str]:
@@ -275,6 +280,7 @@ def allocate_table(
     pinned: dict[str, str] | None = None,
     include_bf16: bool = True,
     method: str = "auto",
+    guard: bool = True,
 ) -> Allocation:
     """Choose one spec per layer of `table` minimising the summed cost under the budget (exact MCKP).
 
@@ -283,6 +289,9 @@ def allocate_table(
         budget_bits / budget_mb: the budget, as average bits per weight over the table's layers or in MB.
         pinned: {match: spec} fixed before allocation (their storage counts against the budget).
         include_bf16: also allow keeping a layer in bf16 at cost 0.
+        guard: when the table holds measured plans (`calibrate.refine_table`) and no layer is pinned,
+            never return a plan that measured (or, unmeasured, is predicted) higher KL than a measured plan
+            that fits in the budget: that plan is returned instead, and `note` says so.
     """
     layers = table.layers
     capacity = budget_to_bits(layers, budget_bits, budget_mb)
@@ -316,6 +325,9 @@ def allocate_table(
             s = options[pick_of[x.name]]
             resolved[x.name] = parsed[s]
             cost += _cost(table, x.name, s)
+    measured, note = None, ""
+    if guard and not pins:
+        resolved, cost, measured, note = _guard(table, resolved, cost, capacity, include_bf16)
     totals = plan_totals(resolved, layers)
     assert totals.total_bits <= capacity, "allocation exceeds its budget"
     meta = {
@@ -329,6 +341,8 @@ def allocate_table(
         "specs": options,
         "pinned": {k: str(v) for k, v in (pinned or {}).items()},
     }
+    if note:
+        meta["guard"] = note
     return Allocation(
         plan=Plan.from_resolved(resolved, meta=meta),
         resolved=ResolvedPlan(resolved, layers),
@@ -337,7 +351,38 @@ def allocate_table(
         budget_bits=capacity,
         avg_bits=totals.avg_bits,
         mb=totals.mb,
+        measured=measured,
+        note=note,
     )
+
+
+def _guard(table, resolved: dict, cost: float, capacity: int, include_bf16: bool):
+    """(resolved, cost, measured KL or None, note): the allocator's plan, or the best measured plan of the
+    table (`calibration["plans"]`, KL on the calibration windows) that fits in `capacity` when the
+    allocator's plan measured (or, unmeasured, is predicted) higher KL than it."""
+    plans = table.calibration.get("plans") if isinstance(table.calibration, dict) else None
+    if not plans:
+        return resolved, cost, None, ""
+    layers = table.layers
+    key = [str(resolved[x.name]) for x in layers]
+    mine = next((p for p in plans if p["specs"] == key), None)
+    own = mine["kl"] if mine else cost
+    fit = [
+        p
+        for p in plans
+        if p["total_bits"] <= capacity and (include_bf16 or "bf16" not in p["specs"]) and p is not mine
+    ]
+    best = min(fit, key=lambda p: p["kl"], default=None)
+    if best is None or best["kl"] * (1 + GUARD_MARGIN) >= own:
+        return resolved, cost, None if mine is None else mine["kl"], ""
+    how = "measured" if mine else "is predicted at"
+    note = (
+        f"the allocator's plan {how} KL {own:.4g} on the calibration windows, above {best['label']} "
+        f"(measured {best['kl']:.4g}, fits the budget): returning {best['label']}"
+    )
+    new = {x.name: QuantSpec.parse(s) for x, s in zip(layers, best["specs"])}
+    price = sum(_cost(table, x.name, s) for x, s in zip(layers, best["specs"]))
+    return new, price, best["kl"], note
 
 
 def allocate(

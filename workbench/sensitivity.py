@@ -295,7 +295,7 @@ def sensitivity_scan(
     importance_spec: str | None = None,
     layers: list[str] | None = None,
     grams: dict[str, torch.Tensor] | None = None,
-    calibrate: bool | None = None,
+    calibrate: bool | str | None = None,
     progress: bool = True,
     on_layer=None,
     on_setup=None,
@@ -314,8 +314,10 @@ def sensitivity_scan(
         layers: restrict to these layer names (default: all quantizable linears).
         grams: {layer: [K, K] X^T X} of `calib_seqs` x `calib_seq_len` tokens of `text` (seed 0) already
             at hand (e.g. an inspection's statistics); missing layers are collected by `calibration_grams`.
-        calibrate: scale each spec's costs so that its uniform plan's sum equals the KL measured on the
-            scan windows (`calibrate.py`); default: True for "fisher", False otherwise.
+        calibrate: "uniform": scale each spec's costs so that its uniform plan's sum equals the KL
+            measured on the scan windows; "mixed" (or True): then also measure the allocator's own plans
+            and refit the scales on all of them (`calibrate.py`); False: neither. Default: "mixed" for
+            "fisher", False otherwise.
         on_layer: callback(layer name) after each saved layer (progress hooks, tests).
         on_setup: callback(str) before each setup step (Grams, Fisher pass), for progress messages.
     """
@@ -349,11 +351,11 @@ def sensitivity_scan(
         settings.update(n_seqs=n_seqs, seq_len=seq_len, seed=seed)
     if method in ("proxy", "fisher"):
         settings.update(importance=importance, importance_spec=imp_spec if importance == "kl" else None)
-    calibrate = method == "fisher" if calibrate is None else calibrate
+    calibrate = _calibration_stage(method, calibrate)
     if calibrate:
-        settings.update(calibrate="uniform", n_seqs=n_seqs, seq_len=seq_len, seed=seed)
+        settings.update(calibrate=calibrate, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
     table = _check_resume(Path(out) if out else None, _identity(loaded, inv, method, specs, settings))
-    if table.complete and (table.calibration or not calibrate):
+    if table.complete and _calibrated(table, calibrate):
         return table
 
     say = on_setup or (lambda _msg: None)
@@ -406,16 +408,50 @@ def sensitivity_scan(
         return costs
 
     _scan(table, Path(out) if out else None, score, progress, on_layer)
-    if calibrate and not table.calibration:
-        from workbench.calibrate import calibrate_table
+    if calibrate:
+        _calibrate(loaded, table, calibrate, windows, grams, say, Path(out) if out else None)
+    return table
 
+
+def _calibration_stage(method: str, calibrate) -> str | None:
+    """The calibration stage a scan runs to: None, "uniform" or "mixed" (`calibrate.py`)."""
+    if calibrate is None:
+        return "mixed" if method == "fisher" else None
+    if calibrate is True:
+        return "mixed"
+    if calibrate is False:
+        return None
+    if calibrate not in ("uniform", "mixed"):
+        raise WorkbenchError(f"unknown calibration '{calibrate}' (choose uniform or mixed)")
+    return calibrate
+
+
+def _calibrated(table: SensitivityTable, stage: str | None) -> bool:
+    c = table.calibration
+    return stage is None or ("uniform" in c and (stage == "uniform" or "plans" in c))
+
+
+def _calibrate(loaded, table, stage: str, windows, grams, say, out: Path | None) -> None:
+    """Run the calibration stages `table` lacks (uniform plans, then the allocator's mixed plans)."""
+    from workbench.calibrate import calibrate_table, refine_table
+
+    if "uniform" not in table.calibration:
         t0 = time.perf_counter()
 
         def step(i: int, n: int, spec: str) -> None:
             say(f"calibrating: uniform {spec} measured on the scan windows ({i + 1}/{n})")
 
-        table.calibration = calibrate_table(loaded, table, windows, grams, on_spec=step)
+        table.calibration = {"uniform": calibrate_table(loaded, table, windows, grams, on_spec=step)}
         table.timing["calibrate"] = time.perf_counter() - t0
         if out is not None:
             table.save(out)
-    return table
+    if stage == "mixed" and "plans" not in table.calibration:
+        t0 = time.perf_counter()
+
+        def mixed(i: int, n: int, label: str) -> None:
+            say(f"calibrating: {label} measured on the scan windows ({i + 1}/<={n})")
+
+        refine_table(loaded, table, windows, grams, on_step=mixed)
+        table.timing["refine"] = time.perf_counter() - t0
+        if out is not None:
+            table.save(out)

@@ -71,6 +71,8 @@ def run(args) -> int:
         "method": tab.method,
         "totals": totals.to_json(),
         "budget_bits_total": res.budget_bits,
+        "measured_calibration_kl": res.measured,
+        "guard": res.note or None,
     }
     if args.front:
         front = pareto_front(tab, pinned=pins, include_bf16=not args.no_bf16)
@@ -96,6 +98,10 @@ def run(args) -> int:
     print(table(rows, ["spec", "share of weights"]))
     print(f"plan: {totals.summary()}")
     print(f"predicted cost ({tab.method}): {res.predicted_cost:.6g}; written to {args.out}")
+    if res.measured is not None:
+        print(f"measured KL on the calibration windows: {res.measured:.4g}")
+    if res.note:
+        print(f"guard: {res.note}")
     for key in ("front", "llama_cpp"):
         if key in out:
             print(f"{key.replace('_', '.')}: {out[key]}")

@@ -336,8 +336,8 @@ class WorkbenchState(param.Parameterized):
         if ok:
             self.notify(
                 f"allocated for {what}: {alloc.avg_bits:.3f} bits/weight, {alloc.mb:.3f} MB, "
-                f"predicted cost {alloc.predicted_cost:.4g}",
-                "success",
+                f"predicted cost {alloc.predicted_cost:.4g}" + (f" - {alloc.note}" if alloc.note else ""),
+                "warning" if alloc.note else "success",
             )
         return ok
 
