@@ -6,7 +6,7 @@ Steps (each result is written to --out as soon as it exists; a rerun skips what 
 1. equivalence: max |Δlogit| between the fp32 model and each transformed copy on 2 x 128 tokens of wikitext2;
 2. outliers: kurtosis and max/median channel of layers.11 down_proj's (and q_proj's) input before and after
    the rotation (16 x 512 tokens of `wiki`);
-3. quality: perplexity and KL(P_ref || P_q) on wikitext2 of W16A16, W8A8, W4A16 (RTN, GPTQ), W4A8 and W4A4,
+3. quality: perplexity and KL(P_ref || P_q) on wikitext2 of W16A16, W8A8, W4A16, W4A8 and W4A4 (RTN, GPTQ),
    each without and with the Hadamard rotation (residual + online before down_proj), and W8A8 with SmoothQuant
    α = 0.5 on every linear. lm_head stays bf16 with unquantized input in every configuration (as in QuaRot);
 4. fusion: W4A16 RTN with the RMSNorm scales fused into the linears and no rotation (Q = I), to separate the
@@ -42,6 +42,8 @@ CONFIGS = {
     "W4A8 RTN": ("int4_g128", "int8_tok_sym"),
     "W4A16 RTN": ("int4_g128", None),
     "W4A16 GPTQ": ("int4_g128:gptq", None),
+    "W4A8 GPTQ": ("int4_g128:gptq", "int8_tok_sym"),
+    "W4A4 GPTQ": ("int4_g128:gptq", "int4_tok_sym"),
 }
 
 

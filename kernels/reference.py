@@ -74,3 +74,27 @@ gemv_int_ref = dequant_matmul_int_ref
 gemm_int_ref = dequant_matmul_int_ref
 gemv_fp8_ref = dequant_matmul_fp8_ref
 gemm_fp8_ref = dequant_matmul_fp8_ref
+
+
+def _act_spec(fmt: str, clip: float) -> str:
+    return f"{fmt}_tok{'_sym' if fmt == 'int8' else ''}{f'_clip{clip:g}' if clip != 1.0 else ''}"
+
+
+def w8a8_int8_ref(
+    x: torch.Tensor, w_q: torch.Tensor, s_w: torch.Tensor, clip: float = 1.0, use_int_mm: bool | None = None
+) -> torch.Tensor:
+    """Twin of ``gemm_w8a8.w8a8_int8``: the plan's simulated ``int8_tok_sym`` input (quant/act.py) times the
+    dequantized weight, in float32.  x [M, K]; w_q int8 [N, K]; s_w fp32 [N] -> y [M, N] in x.dtype."""
+    from workbench.quant.act import fake_quant_act
+
+    x_hat = fake_quant_act(x.float(), _act_spec("int8", clip))
+    return (x_hat @ (w_q.float() * s_w.float()[:, None]).t()).to(x.dtype)
+
+
+def w8a8_fp8_ref(x: torch.Tensor, w_q: torch.Tensor, s_w: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
+    """Twin of ``gemm_w8a8.w8a8_fp8``: the simulated ``fp8_e4m3_tok`` input times the dequantized E4M3
+    weight, in float32.  x [M, K]; w_q float8_e4m3fn [N, K]; s_w fp32 [N] -> y [M, N] in x.dtype."""
+    from workbench.quant.act import fake_quant_act
+
+    x_hat = fake_quant_act(x.float(), _act_spec("fp8_e4m3", clip))
+    return (x_hat @ (w_q.float() * s_w.float()[:, None]).t()).to(x.dtype)

@@ -213,7 +213,7 @@ def test_apply_plan_refuses_untransformed_models_and_simulates_act_specs(stories
     weights_only = copy.deepcopy(stories.model)
     apply_plan(weights_only, Plan(default="int8_ch_sym").resolve(stories.model), backend="reference")
     model = copy.deepcopy(stories.model)
-    with pytest.warns(UserWarning, match="activation specs have no GPU kernel yet: 35 layers"):
+    with pytest.warns(UserWarning, match="activation specs without a W8A8 kernel: 35 layers"):
         report = apply_plan(model, plan.resolve(stories.model), backend="reference")
     assert report.act_simulated["model.layers.0.mlp.down_proj"] == "int8_tok_sym"
     with torch.no_grad():

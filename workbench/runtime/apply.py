@@ -29,6 +29,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.quant.registry import format_of
+from workbench.runtime.act_linear import ActQuantLinear, act_kernel_reason
 from workbench.runtime.fuse import unfused_groups
 from workbench.runtime.memory import MemoryReport, model_memory
 from workbench.runtime.qlinear import QuantLinear, kernel_format_reason, kernel_shape_reason
@@ -43,8 +44,9 @@ class ApplyReport:
     layers: name -> canonical spec string of every layer turned into a QuantLinear.
     kept: layers left in high precision (bf16 / fp16 spec).
     fallback: name -> reason, layers whose format has no GPU kernel (they run the torch reference).
-    act_simulated: name -> activation spec of layers whose input is fake-quantized by a forward pre-hook (no
-        W8A8 / FP8 kernel runs activation specs yet; plan version 2).
+    act_simulated: name -> activation spec of layers whose input is fake-quantized by a forward pre-hook (plan
+        version 2; every layer on the CPU, and on the GPU the layers no W8A8 kernel runs).
+    act_kernels: name -> activation spec of layers that run int8 x int8 or FP8 x FP8 (runtime/act_linear.py).
     memory_before / memory_after: real bytes of the model's tensors (MemoryReport).
     seconds: wall time of quantization + packing.
     unfused: q/k/v or gate/up groups the decode fast path runs as separate matmuls, with the reason.
@@ -54,6 +56,7 @@ class ApplyReport:
     kept: list[str] = field(default_factory=list)
     fallback: dict[str, str] = field(default_factory=dict)
     act_simulated: dict[str, str] = field(default_factory=dict)
+    act_kernels: dict[str, str] = field(default_factory=dict)
     memory_before: MemoryReport | None = None
     memory_after: MemoryReport | None = None
     seconds: float = 0.0
@@ -65,6 +68,7 @@ class ApplyReport:
             "kept": self.kept,
             "fallback": self.fallback,
             "act_simulated": self.act_simulated,
+            "act_kernels": self.act_kernels,
             "memory_before": self.memory_before.to_json() if self.memory_before else None,
             "memory_after": self.memory_after.to_json() if self.memory_after else None,
             "seconds": self.seconds,
@@ -190,7 +194,9 @@ def apply_plan(
     todo = [(n, resolved[n]) for n in resolved.quantized]
     if backend == "auto":
         _refuse_untileable(model, todo)
-    _swap_in(model, _build_layers(model, todo, grams or {}, backend, on_layer))
+    built = _build_layers(model, todo, grams or {}, backend, on_layer, resolved.acts)
+    _swap_in(model, built)
+    report.act_kernels = {n: str(resolved.acts[n]) for n, m in built.items() if isinstance(m, ActQuantLinear)}
     report.layers = {n: str(s) for n, s in todo}
     report.unfused = unfused_groups(resolved)
     report.fallback = {
@@ -200,7 +206,8 @@ def apply_plan(
         report.fallback = {n: f"backend='{backend}'" for n, _ in todo}
     if warn and report.fallback and backend == "auto":
         _warn_fallback(report.fallback)
-    report.act_simulated = _simulate_acts(model, resolved.acts, warn)
+    simulated = {n: a for n, a in resolved.acts.items() if n not in report.act_kernels}
+    report.act_simulated = _simulate_acts(model, simulated, warn)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     report.memory_after = model_memory(model)
@@ -221,7 +228,7 @@ def _check_transformed(model: torch.nn.Module, resolved) -> None:
 
 
 def _simulate_acts(model: torch.nn.Module, acts: dict, warn: bool) -> dict[str, str]:
-    """Fake-quantize the inputs of `acts` layers by forward pre-hooks (no activation kernel yet)."""
+    """Fake-quantize the inputs of `acts` layers by forward pre-hooks (the layers no W8A8 kernel runs)."""
     from workbench.simulate import add_act_hooks
 
     if not acts:
@@ -231,8 +238,9 @@ def _simulate_acts(model: torch.nn.Module, acts: dict, warn: bool) -> dict[str, 
         names = list(acts)
         more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
         warnings.warn(
-            f"activation specs have no GPU kernel yet: {len(names)} layers ({', '.join(names[:3])}{more}) "
-            "run with simulated (fake-quantized) inputs",
+            f"activation specs without a W8A8 kernel: {len(names)} layers ({', '.join(names[:3])}{more}) "
+            "run with simulated (fake-quantized) inputs (kernels: act int8_tok_sym with int8_ch_sym weights, "
+            "act fp8_e4m3_tok with fp8_e4m3 weights, on CUDA fp16/bf16)",
             stacklevel=3,
         )
     return {n: str(a) for n, a in acts.items()}
@@ -253,8 +261,12 @@ def _refuse_untileable(model: torch.nn.Module, todo: list) -> None:
                 )
 
 
-def _build_layers(model, todo: list, grams: dict, backend: str, on_layer) -> dict[str, torch.nn.Module]:
-    """Quantize and pack every planned layer beside the untouched model (dropped on any error)."""
+def _build_layers(
+    model, todo: list, grams: dict, backend: str, on_layer, acts: dict | None = None
+) -> dict[str, torch.nn.Module]:
+    """Quantize and pack every planned layer beside the untouched model (dropped on any error).
+
+    A layer whose activation spec (`acts`) and weight spec have a W8A8 kernel becomes an ActQuantLinear."""
     from workbench.inventory import get_linear_weight, get_module
 
     built: dict[str, QuantLinear] = {}
@@ -268,7 +280,10 @@ def _build_layers(model, todo: list, grams: dict, backend: str, on_layer) -> dic
             W = get_linear_weight(mod)
             with torch.no_grad():
                 qw = quantize_layer(name, W, spec, grams.get(name))
-                if backend == "dequantized" or layout_reason(spec):
+                act = (acts or {}).get(name)
+                if backend == "auto" and act and act_kernel_reason(spec, act, W, qw.input_scale) is None:
+                    built[name] = ActQuantLinear.from_quantized(qw, act, mod.bias, name, W.device, W.dtype)
+                elif backend == "dequantized" or layout_reason(spec):
                     built[name] = dense_copy(mod, qw.dequantize().to(W.device, W.dtype))
                 else:
                     built[name] = QuantLinear.from_quantized(
