@@ -242,3 +242,23 @@ def test_unpatchable_attention_is_refused():
     ):
         with kv_quantized(gpt2, {"transformer.h.0.attn": KVLayerSpec(KVSpec.parse("int8_ch"))}):
             pass
+
+
+def test_kv_statistics_on_stories(stories, tmp_path, monkeypatch):
+    from workbench.stats.kv import KVStats, kv_statistics
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    s = kv_statistics(stories, "wiki", n_seqs=2, seq_len=64)
+    blocks = list(s.blocks)
+    assert len(blocks) == 5 and set(s.blocks[blocks[0]]) == {"k_pre", "k_post", "v"}
+    a = s.blocks[blocks[0]]["k_pre"]["absmax"]
+    assert a.shape == (4, 8) and float(a.min()) > 0
+    assert int(s.blocks[blocks[0]]["v"]["hist"].sum()) > 0
+    # RoPE rotates channel pairs: the per-pair energy (rms^2 summed over the pair d, d + D/2) is kept
+    pre, post = (s.blocks[blocks[2]][k]["rms"].pow(2) for k in ("k_pre", "k_post"))
+    torch.testing.assert_close(pre[:, :4] + pre[:, 4:], post[:, :4] + post[:, 4:], rtol=1e-4, atol=1e-6)
+    top = s.outliers("k_post", 5)
+    assert len(top) == 5 and top[0]["ratio"] >= top[-1]["ratio"] >= 1.0
+    s.save(tmp_path)
+    back = KVStats.load(tmp_path)
+    assert torch.equal(back.blocks[blocks[1]]["v"]["absmax"], s.blocks[blocks[1]]["v"]["absmax"])
