@@ -142,3 +142,36 @@ class QuantKVSide:
     def nbytes(self) -> int:
         """Bytes held for the n written tokens (codes, scales, minima, the window at 2 bytes per element)."""
         return self.spec.cache_bytes(self.n, self.D, self.B * self.H)
+
+
+def kernel_args(side: QuantKVSide) -> dict:
+    """One side as `attn_kvq` / `attn_kvq_ref` read it (workbench/kernels/attn_kvq.py)."""
+    if side.spec.fmt == "fp8_e4m3":
+        raise WorkbenchError(f"KV-cache spec {side.spec}: the decode kernel reads int2/int4/int8 codes only")
+    return {
+        "codes": side.codes,
+        "scale": side.scale,
+        "lo": side.lo,
+        "window": None if side.window is None else side.window.contiguous(),
+        "q": side.n_quantized,
+        "bits": side.spec.bits,
+        "per_channel": side.spec.axis == "ch",
+        "group": side.G,
+    }
+
+
+def decode_attention(
+    q: torch.Tensor, k: QuantKVSide, v: QuantKVSide, sm_scale: float, triton: bool | None = None
+):
+    """Attention of one query token per sequence q [B, Hq, D] over the quantized cache; float32 [B, Hq, D].
+
+    triton None: the Triton kernel on CUDA, the torch twin (kernels/reference.py) elsewhere.
+    """
+    if k.n != v.n:
+        raise WorkbenchError(f"KV cache: {k.n} keys but {v.n} values written")
+    use = q.is_cuda if triton is None else triton
+    if use:
+        from workbench.kernels.attn_kvq import attn_kvq as fn
+    else:
+        from workbench.kernels.reference import attn_kvq_ref as fn
+    return fn(q, kernel_args(k), kernel_args(v), k.n, sm_scale)
