@@ -33,7 +33,7 @@ from workbench.quant.kvcache import KVSpec, fake_quant_kv, hadamard_matrix
 PATCHABLE = ("LlamaAttention",)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """HF Llama rotary embedding of x [B, H, T, D] by cos / sin [B, T, D] (rotate_half convention)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
@@ -50,13 +50,13 @@ def read_mask(spec: KVSpec | None, T: int, head_dim: int, device=None) -> torch.
 
 def quantize_keys(k: torch.Tensor, spec: KVSpec, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Dequantized post-RoPE keys [B, H, T, D] from pre-RoPE keys k, as the runtime stores them."""
-    x = k if spec.pre_rope else _rope(k, cos, sin)
+    x = k if spec.pre_rope else apply_rope(k, cos, sin)
     if spec.hadamard:
         H = hadamard_matrix(k.shape[-1]).to(k.device)
         x_hat = fake_quant_kv(x.float() @ H, spec) @ H.T
     else:
         x_hat = fake_quant_kv(x, spec)
-    return _rope(x_hat, cos, sin) if spec.pre_rope else x_hat
+    return apply_rope(x_hat, cos, sin) if spec.pre_rope else x_hat
 
 
 def _mix(fp: torch.Tensor, q: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def kv_attention(attn, spec: KVLayerSpec, hidden_states, position_embeddings=Non
     cos, sin = (t.float() for t in position_embeddings)
     k_hat = quantize_keys(k, spec.k, cos, sin) if spec.k is not None else None
     v_hat = fake_quant_kv(v, spec.v) if spec.v is not None else None
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     rep = attn.num_key_value_groups
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     mk, mv = read_mask(spec.k, T, D, q.device), read_mask(spec.v, T, D, q.device)

@@ -21,6 +21,8 @@ store only sees rows. Formats: int2, int4, int8 and fp8_e4m3 (int3/5/6/7 are sim
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from workbench.errors import WorkbenchError
@@ -175,3 +177,69 @@ def decode_attention(
     else:
         from workbench.kernels.reference import attn_kvq_ref as fn
     return fn(q, kernel_args(k), kernel_args(v), k.n, sm_scale)
+
+
+def _full_precision(capacity: int) -> KVSpec:
+    """A side kept whole in high precision (its window never empties): for a bf16 side of a block."""
+    return KVSpec("int8", "tok", None, capacity + 1)
+
+
+def _step_attention(attn, sides, triton, hidden_states, position_embeddings=None, attention_mask=None, **kw):
+    """One decode step of a Llama attention (hidden_states [B, 1, dim]) through the quantized store."""
+    from workbench.kvsim import apply_rope
+
+    B, T, _ = hidden_states.shape
+    D = attn.head_dim
+    q = attn.q_proj(hidden_states).view(B, T, -1, D).transpose(1, 2)
+    k = attn.k_proj(hidden_states).view(B, T, -1, D).transpose(1, 2)
+    v = attn.v_proj(hidden_states).view(B, T, -1, D).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = apply_rope(q.float(), cos.float(), sin.float()), apply_rope(k.float(), cos.float(), sin.float())
+    sides[0].append(k.to(hidden_states.dtype))
+    sides[1].append(v)
+    out = decode_attention(q[:, :, 0], sides[0], sides[1], attn.scaling, triton)
+    return attn.o_proj(out.to(hidden_states.dtype).reshape(B, 1, -1)), None
+
+
+@torch.no_grad()
+def kv_decode_logits(model: torch.nn.Module, ids: torch.Tensor, kv: dict, triton: bool | None = None):
+    """Logits [B, T, V] of a model fed ids [B, T] one token at a time through the quantized KV store.
+
+    kv: {attention module: KVLayerSpec} (`ResolvedPlan.kv`); blocks or sides without a spec keep their
+    cache in the model's dtype. Every Llama attention of the model is patched for the run (restored after);
+    another attention class, and `_had` / `_pre` keys (simulation only for now), are refused naming the
+    layer. Attention runs `decode_attention` (the Triton kernel on CUDA, its twin elsewhere).
+    """
+    from workbench.kvplan import KVLayerSpec
+
+    B, T = ids.shape
+    attns = {n: m for n, m in model.named_modules() if n.endswith("self_attn")}
+    cap = -(-T // 64) * 64
+    patched = []
+    try:
+        for name, attn in attns.items():
+            if type(attn).__name__ != "LlamaAttention":
+                raise WorkbenchError(
+                    f"layer {name}: {type(attn).__name__} attention cannot take the quantized cache"
+                )
+            spec = kv.get(name, KVLayerSpec())
+            if spec.k is not None and (spec.k.hadamard or spec.k.pre_rope):
+                raise WorkbenchError(
+                    f"layer {name}: the runtime cache stores post-RoPE keys without _had ({spec.k})"
+                )
+            Hkv = attn.k_proj.out_features // attn.head_dim
+            dev = ids.device
+            sides = [
+                QuantKVSide(s or _full_precision(cap), B, Hkv, attn.head_dim, cap, dev)
+                for s in (spec.k, spec.v)
+            ]
+            attn.forward = functools.partial(_step_attention, attn, sides, triton)
+            patched.append(attn)
+        out = []
+        for t in range(T):
+            pos = torch.full((B, 1), t, device=ids.device)
+            out.append(model(input_ids=ids[:, t : t + 1], position_ids=pos, use_cache=False).logits)
+        return torch.cat(out, 1)
+    finally:
+        for attn in patched:
+            del attn.forward

@@ -26,16 +26,11 @@ from pathlib import Path
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.kvsim import apply_rope
 from workbench.paths import cache_dir
 
 SIDES = ("k_pre", "k_post", "v")
 N_BINS = 64
-
-
-def _rope(x, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
 
 
 @dataclass
@@ -127,7 +122,7 @@ def _collect(model: torch.nn.Module, windows: torch.Tensor) -> dict:
             k = out.float().view(out.shape[0], out.shape[1], -1, D).transpose(1, 2)
             add(name, "k_pre", k)
             cos, sin = state[name]
-            add(name, "k_post", _rope(k, cos.float(), sin.float()))
+            add(name, "k_post", apply_rope(k, cos.float(), sin.float()))
 
         def on_v(mod, args, out, name=name, D=D):
             add(name, "v", out.float().view(out.shape[0], out.shape[1], -1, D).transpose(1, 2))
