@@ -98,3 +98,35 @@ def w8a8_fp8_ref(x: torch.Tensor, w_q: torch.Tensor, s_w: torch.Tensor, clip: fl
 
     x_hat = fake_quant_act(x.float(), _act_spec("fp8_e4m3", clip))
     return (x_hat @ (w_q.float() * s_w.float()[:, None]).t()).to(x.dtype)
+
+
+def _kvq_side_values(side: dict, n: int, D: int) -> torch.Tensor:
+    """float32 [B, Hkv, n, D] of one side of a quantized KV cache (``attn_kvq`` layout)."""
+    bits, G, q = side["bits"], side["group"], side["q"]
+    packed = side["codes"][:, :, :q]
+    per = 8 // bits
+    parts = [(packed >> (j * bits)) & ((1 << bits) - 1) for j in range(per)]
+    codes = torch.stack(parts, -1).reshape(*packed.shape[:-1], D).float()
+    if side["per_channel"]:
+        idx = torch.arange(q, device=packed.device) // G
+        scale = side["scale"].float()[:, :, idx]  # [B, H, q, D]
+        lo = None if side["lo"] is None else side["lo"].float()[:, :, idx]
+    else:
+        idx = torch.arange(D, device=packed.device) // G
+        scale = side["scale"].float()[:, :, :q][..., idx]
+        lo = None if side["lo"] is None else side["lo"].float()[:, :, :q][..., idx]
+    deq = (codes - 2 ** (bits - 1)) * scale if lo is None else codes * scale + lo
+    w = side["window"]
+    return deq if w is None else torch.cat([deq, w.float()], 2)[:, :, :n]
+
+
+def attn_kvq_ref(
+    q: torch.Tensor, k: dict, v: dict, n: int, sm_scale: float, block_n: int = 64
+) -> torch.Tensor:
+    """Twin of ``attn_kvq.attn_kvq``: softmax(q K^T * sm_scale) V over the dequantized cache, float32."""
+    B, Hq, D = q.shape
+    K, V = _kvq_side_values(k, n, D), _kvq_side_values(v, n, D)
+    rep = Hq // K.shape[1]
+    K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
+    p = torch.softmax((q.float()[:, :, None, :] @ K.transpose(-1, -2)) * sm_scale, -1)
+    return (p @ V)[:, :, 0]

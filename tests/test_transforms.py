@@ -147,7 +147,7 @@ def test_plan_v2_refusals(stories):
         Plan.from_json({**base, "transforms": [{"kind": "smooth", "match": "role:down", "alpha": 1.5}]})
     with pytest.raises(WorkbenchError, match="'where' must be one of residual, down"):
         Plan.from_json({**base, "transforms": [{"kind": "hadamard", "where": "everywhere"}]})
-    with pytest.raises(WorkbenchError, match="'kv' .* reserved"):
+    with pytest.raises(WorkbenchError, match="unknown plan key.*'kv'"):
         Plan.from_json({**base, "kv": "int8"})
     with pytest.raises(WorkbenchError, match="rule 1 must be"):  # v1 rules carry no act
         Plan.from_json(

@@ -132,7 +132,8 @@ def reference_for(loaded, windows: torch.Tensor, progress: bool = True, use_cach
 
     d = loaded.description
     dtype = str(next(loaded.model.parameters()).dtype)
-    h = hashlib.sha1(f"{d.fingerprint}|{d.source}|{dtype}|v1|".encode())
+    # the window shape is part of the key: 8 x 512 and 2 x 2048 windows of the same text have the same bytes
+    h = hashlib.sha1(f"{d.fingerprint}|{d.source}|{dtype}|v1|{tuple(windows.shape)}|".encode())
     h.update(windows.numpy().tobytes())
     path = cache_dir("reference") / f"{h.hexdigest()[:20]}.safetensors"
     if use_cache and path.is_file():
@@ -198,9 +199,12 @@ def evaluate(
             model when the plan has transforms.
         transformed: `transformed.apply_transforms(loaded, resolved.transforms)` when the caller already
             made it (None: made here when the plan has transforms). The reference is always `loaded.model`;
-            the plan's weights are quantized, and its activation specs simulated, on the transformed copy.
+            the plan's weights are quantized, and its activation and KV-cache specs simulated (kvsim.py), on
+            the transformed copy. A ResolvedPlan with no layers but a `kv` measures the cache alone.
     """
     from workbench.data import default_seq_len, eval_windows
+    from workbench.kvplan import check_context
+    from workbench.kvsim import kv_quantized
     from workbench.plan import ResolvedPlan
     from workbench.simulate import act_quantized, fake_quantized
 
@@ -211,13 +215,15 @@ def evaluate(
     windows = eval_windows(
         loaded.tokenizer, text, seq_len, max_tokens, max_context=loaded.description.max_context
     )
+    if resolved is not None:
+        check_context(resolved.kv, seq_len)
     ref = reference_for(loaded, windows, progress=progress, use_cache=use_cache)
     n_pred = windows.shape[0] * (seq_len - 1)
     ref_nll = float(ref.nll_sum.sum()) / n_pred
     common = dict(
         ref_ppl=math.exp(ref_nll), n_tokens=n_pred, n_windows=windows.shape[0], seq_len=seq_len, text=text
     )
-    if not resolved:
+    if resolved is None or not (resolved or resolved.kv):
         return EvalResult(
             ppl=math.exp(ref_nll), nll=ref_nll, kl=0.0, top1=1.0, seconds=time.perf_counter() - t0, **common
         )
@@ -233,6 +239,7 @@ def evaluate(
     with (
         fake_quantized(model, resolved, grams, progress=progress) as qtimes,
         act_quantized(model, resolved.acts),
+        kv_quantized(model, resolved.kv),
     ):
         tq = sum(qtimes.values())
         nll, kl, top1, count = compare_to_reference(model, windows, ref, w_ref, b_ref, progress=progress)

@@ -25,10 +25,11 @@ transforms:
 `act` (top level: every layer's default; in a rule: that rule's layers) is the layer's input spec
 (`workbench.quant.act`, "none" keeps the input in high precision); a v2 rule carries `spec`, `act` or both.
 `transforms` (`workbench.transforms`) are applied in order to a copy of the model before its layers are
-quantized; a kind this workbench cannot run is refused naming it. The key `kv` is reserved for KV-cache specs
-(issue 17) and refused for now. Validation happens before any work and reports every problem
-at once in one WorkbenchError: a rule matching no layer, a bad regex or role, an unknown spec (the rule is
-named), and a spec that cannot apply to a layer (`QuantSpec.check_layer`, the layer is named).
+quantized; a kind this workbench cannot run is refused naming it. Version 2 also carries KV-cache specs:
+top-level `k` / `v` and rule keys `k` / `v` (`workbench.kvplan`, grammar in `workbench.quant.kvcache`),
+resolved into `ResolvedPlan.kv`. Validation happens before any work and reports every problem at once in
+one WorkbenchError: a rule matching no layer, a bad regex or role, an unknown spec (the rule is named),
+and a spec that cannot apply to a layer (`QuantSpec.check_layer`, the layer is named).
 
 `Plan.resolve(model_or_layers)` is the one conversion from a plan to what the rest of the workbench takes: a
 `ResolvedPlan` (layer name -> QuantSpec in inventory order, plus which layers are quantized, kept and need
@@ -56,6 +57,7 @@ from typing import Iterable
 
 from workbench.errors import WorkbenchError
 from workbench.inventory import ROLES, LayerInfo, layers_of
+from workbench.kvplan import KVLayerSpec, head_dim_of, resolve_kv
 from workbench.paths import atomic_write_bytes
 from workbench.quant.act import ActSpec, parse_act
 from workbench.quant.spec import QuantSpec
@@ -65,30 +67,34 @@ PLAN_FORMAT = "workbench.plan"
 PLAN_VERSION = 2  # the newest version this workbench reads and writes
 PLAN_VERSIONS = (1, 2)
 _TOP_KEYS = {1: {"format", "version", "default", "rules", "meta"}}
-_TOP_KEYS[2] = _TOP_KEYS[1] | {"act", "transforms"}
-_RULE_KEYS = {1: ({"match", "spec"},), 2: ({"match", "spec"}, {"match", "act"}, {"match", "spec", "act"})}
+_TOP_KEYS[2] = _TOP_KEYS[1] | {"act", "transforms", "k", "v"}
+_RULE_FIELDS = {1: {"spec"}, 2: {"spec", "act", "k", "v"}}  # besides "match"; a rule sets at least one
 
 
 @dataclass
 class Rule:
-    """One plan rule: `match`'s layers get weight `spec` and/or input spec `act` (None: unchanged)."""
+    """One plan rule: `match`'s layers get weight `spec`, input spec `act`, and their attention blocks the
+    key / value cache specs `k` / `v` (workbench.kvplan); None: unchanged."""
 
     match: str
     spec: str | None = None
     act: str | None = None
+    k: str | None = None
+    v: str | None = None
 
     def to_json(self) -> dict:
         d = {"match": self.match}
-        d.update({k: v for k, v in (("spec", self.spec), ("act", self.act)) if v is not None})
+        d.update({f: getattr(self, f) for f in ("spec", "act", "k", "v") if getattr(self, f) is not None})
         return d
 
 
 def _rule_from_json(r, i: int, version: int, source: str) -> Rule:
-    ok = isinstance(r, dict) and set(r) in _RULE_KEYS[version] and all(isinstance(v, str) for v in r.values())
-    if not ok:
-        shape = '{"match": str, "spec": str}' if version == 1 else '{"match": str, "spec": str, "act": str}'
+    fields = _RULE_FIELDS[version]
+    ok = isinstance(r, dict) and "match" in r and set(r) - {"match"} <= fields and len(r) > 1
+    if not ok or not all(isinstance(v, str) for v in r.values()):
+        shape = '{"match": str, "spec": str}' if version == 1 else '{"match": str} + spec / act / k / v: str'
         raise WorkbenchError(f"{source}: rule {i} must be {shape}, got {r!r}")
-    return Rule(r["match"], r.get("spec"), r.get("act"))
+    return Rule(r["match"], r.get("spec"), r.get("act"), r.get("k"), r.get("v"))
 
 
 def _matcher(match: str):
@@ -129,18 +135,20 @@ class Plan:
     meta: dict = field(default_factory=dict)
     act: str | None = None  # every layer's default input spec (version 2); None: high precision
     transforms: list[Transform] = field(default_factory=list)  # version 2
+    k: str | None = None  # every attention block's key cache spec (version 2, workbench.kvplan)
+    v: str | None = None  # every attention block's value cache spec (version 2)
 
     # ------------------------------------------------------------------ JSON
     @property
     def version(self) -> int:
         """The lowest plan version that holds this plan (2 when it has act specs or transforms)."""
-        v2 = self.act is not None or self.transforms or any(r.act is not None for r in self.rules)
+        v2 = self.act is not None or self.transforms or self.k is not None or self.v is not None
+        v2 = v2 or any(r.act is not None or r.k is not None or r.v is not None for r in self.rules)
         return 2 if v2 else 1
 
     def to_json(self) -> dict:
         d = {"format": PLAN_FORMAT, "version": self.version, "default": self.default}
-        if self.act is not None:
-            d["act"] = self.act
+        d.update({f: getattr(self, f) for f in ("act", "k", "v") if getattr(self, f) is not None})
         d["rules"] = [r.to_json() for r in self.rules]
         if self.transforms:
             d["transforms"] = [transform_to_json(t) for t in self.transforms]
@@ -166,8 +174,6 @@ class Plan:
                 f"{source}: plan version {version!r} is not supported (this workbench reads "
                 f"versions {', '.join(map(str, PLAN_VERSIONS))}; upgrade the workbench or rewrite the plan)"
             )
-        if "kv" in d:
-            raise WorkbenchError(f"{source}: 'kv' (KV-cache specs) is reserved and not supported yet")
         extra = sorted(set(d) - _TOP_KEYS[version])
         if extra:
             raise WorkbenchError(
@@ -184,11 +190,11 @@ class Plan:
         meta = d.get("meta", {})
         if not isinstance(meta, dict):
             raise WorkbenchError(f"{source}: 'meta' must be an object")
-        act = d.get("act")
-        if act is not None and not isinstance(act, str):
-            raise WorkbenchError(f"{source}: 'act' must be an activation spec string, got {act!r}")
+        for key in ("act", "k", "v"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise WorkbenchError(f"{source}: '{key}' must be a spec string, got {d[key]!r}")
         transforms = parse_transforms(d.get("transforms", []), source)
-        return cls(default=default, rules=rules, meta=meta, act=act, transforms=transforms)
+        return cls(default, rules, meta, d.get("act"), transforms, d.get("k"), d.get("v"))
 
     def save(self, path: str | Path) -> None:
         atomic_write_bytes(Path(path), (json.dumps(self.to_json(), indent=2) + "\n").encode())
@@ -221,6 +227,7 @@ class Plan:
             return specs[s]
 
         chosen: dict[str, tuple[QuantSpec | None, str]] = {}
+        self._matched: dict[int, list[str]] = {}
         default = parse(self.default, f"default spec '{self.default}'")
         act_default = _parse_act(self.act, "default act", problems)
         acts = {layer.name: (act_default, "default act") for layer in layers}
@@ -235,6 +242,7 @@ class Plan:
             except WorkbenchError as exc:
                 problems.append(f"{where}: {str(exc).split(': ', 1)[-1]}")
                 continue
+            self._matched[i] = names
             if not names:
                 problems.append(f"{where} matches no layer")
             for name in names:
@@ -274,19 +282,25 @@ class Plan:
                     out.append(f"transform {i} (smooth): {exc}")
         return out
 
+    def _all(self, model_or_layers):
+        layers = layers_of(model_or_layers)
+        problems, resolved, acts = self._problems_and_resolution(layers)
+        head_dim = None if isinstance(model_or_layers, (list, tuple)) else head_dim_of(model_or_layers)
+        kv_problems, kv = resolve_kv(self, layers, head_dim, self._matched.get)
+        return layers, problems + kv_problems, resolved, acts, kv
+
     def validate(self, model_or_layers) -> None:
         """Raise one WorkbenchError listing every problem of this plan against a model's layers."""
-        _raise_problems(self._problems_and_resolution(layers_of(model_or_layers))[0])
+        _raise_problems(self._all(model_or_layers)[1])
 
     def resolve(self, model_or_layers) -> ResolvedPlan:
         """One QuantSpec per layer of a model (or a list of LayerInfo), in inventory order; validates first.
 
         The one conversion from a Plan: everything downstream (apply_plan, evaluate, the app) takes it.
         """
-        layers = layers_of(model_or_layers)
-        problems, resolved, acts = self._problems_and_resolution(layers)
+        layers, problems, resolved, acts, kv = self._all(model_or_layers)
         _raise_problems(problems)
-        return ResolvedPlan(resolved, layers, acts=acts, transforms=self.transforms)
+        return ResolvedPlan(resolved, layers, acts=acts, transforms=self.transforms, kv=kv)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -319,7 +333,8 @@ class ResolvedPlan(dict):
 
     A dict (so `resolved[name]`, `.items()` and `==` with a plain dict work), read as immutable, plus the
     layers it was resolved against (`layers`: LayerInfo of the named layers, inventory order), the input
-    specs of the layers whose input is quantized (`acts`: layer -> ActSpec) and the plan's `transforms`.
+    specs of the layers whose input is quantized (`acts`: layer -> ActSpec), the plan's `transforms` and the
+    cache specs of the attention blocks whose K or V cache is quantized (`kv`: module -> KVLayerSpec).
     """
 
     def __init__(
@@ -328,11 +343,13 @@ class ResolvedPlan(dict):
         layers: list[LayerInfo],
         acts: dict[str, ActSpec] | None = None,
         transforms: list[Transform] | tuple = (),
+        kv: dict[str, KVLayerSpec] | None = None,
     ):
         super().__init__((x.name, specs[x.name]) for x in layers if x.name in specs)
         self.layers: list[LayerInfo] = [x for x in layers if x.name in specs]
         self.acts: dict[str, ActSpec] = {x.name: acts[x.name] for x in layers if x.name in (acts or {})}
         self.transforms: tuple[Transform, ...] = tuple(transforms)
+        self.kv: dict[str, KVLayerSpec] = dict(kv or {})  # attention module -> its cache specs
 
     @classmethod
     def from_specs(cls, model_or_layers, specs: Mapping[str, QuantSpec | str]) -> ResolvedPlan:

@@ -8,6 +8,7 @@ channels, the massive activations (which tokens carry them) and the most heavy-t
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def run(args) -> int:
         device=args.device,
     )
     insp.save(out)
+    kv = _kv_stats(loaded, args, n_seqs, seq_len, out)
     seconds = time.perf_counter() - t0
     if args.json:
         emit_json(
@@ -112,17 +114,33 @@ def run(args) -> int:
                 "outliers": insp.outliers(args.top),
                 "massive": insp.massive(),
                 "heavy_tails": insp.heavy_tails(),
+                "kv_outliers": {side: kv.outliers(side) for side in ("k_pre", "k_post", "v")} if kv else None,
             }
         )
         return 0
     print(loaded.description.summary())
     print()
     print(insp.summary(args.top))
+    if kv is not None:
+        print(kv.summary())
     print(
         f"\nstatistics of {len(layers)} layers written to {out} "
         f"({'from cache' if insp.from_cache else 'computed'} in {seconds:.1f} s)"
     )
     return 0
+
+
+def _kv_stats(loaded, args, n_seqs: int, seq_len: int, out: Path):
+    """K / V statistics (workbench.stats.kv) written beside the inspection; None for non-Llama attention."""
+    from workbench.stats.kv import kv_statistics
+
+    try:
+        kv = kv_statistics(loaded, args.text, n_seqs, seq_len, args.seed)
+    except WorkbenchError as exc:
+        print(f"no KV-cache statistics: {exc}", file=sys.stderr)
+        return None
+    kv.save(out)
+    return kv
 
 
 def _describe_only(args, loaded, layers, out, desc) -> int:
