@@ -71,3 +71,16 @@ def test_allocation_mixes_candidates_under_the_budget_and_round_trips(scans, sto
     assert 0 < measured < 10 * a.predicted_kl + 0.05  # the plan runs and its KL is of the predicted size
     with pytest.raises(WorkbenchError, match="below the smallest plan"):
         allocate_candidates(scans[1], budget_bits=4.5, include_bf16=False)
+
+
+def test_cli_writes_a_plan_that_loads(tmp_path, capsys):
+    from workbench.cli import main
+
+    out = tmp_path / "plan.json"
+    argv = ["act-allocate", "--model", "stories260K", "--text", "tinystories", "--seq-len", "32"]
+    argv += ["--candidates", "int4_g32@int8_tok_sym,int8_ch_sym@int8_tok_sym", "--transforms", "none"]
+    assert main(argv + ["--budget", "6", "--out", str(out), "--json"]) == 0
+    assert '"chosen": "none"' in capsys.readouterr().out
+    plan = Plan.load(out)
+    assert plan.act is None and {r.act for r in plan.rules} == {"int8_tok_sym", "none"}
+    assert main(argv[:-2] + ["--transforms", "spin", "--budget", "6", "--out", str(out)]) == 2
