@@ -35,14 +35,19 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=6.0)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--scan-seqs", type=int, default=1)
+    p.add_argument("--scan-len", type=int, default=256, help="scan window length")
+    p.add_argument("--sets", default="none,hadamard", help="transform sets to scan: none, hadamard")
     p.add_argument("--out", default="transformed_scan.json")
     a = p.parse_args()
     loaded = load_model(a.model, progress=False)
     res: dict = {"meta": vars(a)}
     t0 = time.perf_counter()
+    sets = {"none": [], "hadamard": ROT}
     scans = {
-        name: scan_transformed(loaded, CANDS, ts, n_seqs=a.scan_seqs, progress=False)
-        for name, ts in (("none", []), ("hadamard", ROT))
+        name: scan_transformed(
+            loaded, CANDS, sets[name], n_seqs=a.scan_seqs, seq_len=a.scan_len, progress=False
+        )
+        for name in a.sets.split(",")
     }
     res["scan_s"] = time.perf_counter() - t0
     allocs = {k: allocate_candidates(s, a.budget, extra_rules=[HEAD]) for k, s in scans.items()}
