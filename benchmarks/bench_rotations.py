@@ -96,6 +96,9 @@ def outliers(loaded, rotated, results: dict, out: Path, block: int) -> None:
 def quality(loaded, rotated, args, results: dict, out: Path) -> None:
     runs = [(name, w, a, rot) for name, (w, a) in CONFIGS.items() for rot in (False, True)]
     runs.insert(4, ("W8A8 SmoothQuant a=0.5", "int8_ch_sym", "int8_tok_sym", "smooth"))
+    if args.only:
+        only = set(args.only.split(","))
+        runs = [r for r in runs if r[0] in only]
     smoothed = None
     for name, w, a, rot in runs:
         key = f"{name}{' +hadamard' if rot is True else ''}"
@@ -189,6 +192,7 @@ def main() -> None:
     p.add_argument("--out", default="rotations.json")
     p.add_argument("--block", type=int, default=11, help="block whose inputs the outlier step measures")
     p.add_argument("--skip", default="", help="steps to skip: equivalence,outliers,quality,fusion")
+    p.add_argument("--only", default="", help="comma list of configuration names to run (default: all)")
     p.add_argument("--report", action="store_true", help="only print the markdown tables of --out")
     args = p.parse_args()
     out = Path(args.out)

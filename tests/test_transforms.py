@@ -221,3 +221,25 @@ def test_apply_plan_refuses_untransformed_models_and_simulates_act_specs(stories
         d_rot = (t.model(input_ids=IDS).logits - stories.model(input_ids=IDS).logits).abs().max()
     assert float(d_act) > 1e-3  # the hooks quantize the inputs of the packed layers
     assert float(d_rot) < 1.0  # the rotated int8 model still computes the same function, roughly
+
+
+def test_packed_rotated_model_keeps_its_online_hadamard_and_reloads_to_the_same_logits(stories, tmp_path):
+    from workbench.runtime.apply import apply_plan
+    from workbench.runtime.serialize import load_quantized, save_quantized
+
+    plan = Plan(default="int8_ch_sym", transforms=[Hadamard("residual", 0), Hadamard("down", 0)])
+    plain = copy.deepcopy(stories.model)
+    apply_plan(plain, Plan(default="int8_ch_sym").resolve(plain), backend="reference", warn=False)
+    t = apply_transforms(stories, plan.transforms)
+    apply_plan(t.model, plan.resolve(t.model), backend="reference", warn=False)
+    assert hasattr(t.model.model.layers[0].mlp.down_proj, "online_hadamard")  # carried onto the QuantLinear
+    with torch.no_grad():
+        ref = stories.model(input_ids=IDS).logits
+        d_rot = float((t.model(input_ids=IDS).logits - ref).abs().max())
+        d_plain = float((plain(input_ids=IDS).logits - ref).abs().max())
+    assert d_rot < 2 * d_plain + 0.05, (d_rot, d_plain)  # int8 error only (without the x H: ~28)
+    save_quantized(t.model, plan, tmp_path / "q", tokenizer=stories.tokenizer)
+    model, back = load_quantized(tmp_path / "q")
+    assert back.transforms == plan.transforms and model.workbench_transforms == tuple(plan.transforms)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, t.model(input_ids=IDS).logits)

@@ -146,7 +146,10 @@ def test_apply_plan_runs_w8a8_layers_on_the_gpu(stories, wspec, act):
     apply_plan(sim, plan.resolve(sim), backend="reference", warn=False)  # CPU simulation
     gpu = copy.deepcopy(stories.model).to("cuda", torch.bfloat16)
     report = apply_plan(gpu, plan.resolve(gpu), warn=False)
-    assert len(report.act_kernels) == 35 and not report.act_simulated
+    # stories260K's MLP width 172 is no multiple of 16: torch._scaled_mm cannot run those FP8 layers
+    mlp = {n for n in report.layers if ".mlp." in n and n != "lm_head"}
+    simulated = mlp if act.startswith("fp8") else set()
+    assert set(report.act_simulated) == simulated and len(report.act_kernels) == 35 - len(simulated)
     with torch.no_grad():
         d = (gpu(input_ids=ids.cuda()).logits.float().cpu() - sim(input_ids=ids).logits).abs().max()
     assert float(d) < 0.5, f"GPU W8A8 vs simulation: max |dlogit| {float(d):.3f}"

@@ -63,6 +63,10 @@ _API = {
     "Smooth": "workbench.transforms",
     "apply_transforms": "workbench.transformed",
     "input_outliers": "workbench.stats.outliers",
+    "compare_transform": "workbench.transform_compare",
+    "scan_transformed": "workbench.sensitivity_transformed",
+    "allocate_candidates": "workbench.sensitivity_transformed",
+    "allocate_over_transforms": "workbench.sensitivity_transformed",
     # measuring a plan
     "fake_quantized": "workbench.simulate",
     "act_quantized": "workbench.simulate",
@@ -80,6 +84,7 @@ _API = {
     "apply_plan": "workbench.runtime.apply",
     "ApplyReport": "workbench.runtime.apply",
     "QuantLinear": "workbench.runtime.qlinear",
+    "ActQuantLinear": "workbench.runtime.act_linear",
     "save_quantized": "workbench.runtime.serialize",
     "load_quantized": "workbench.runtime.serialize",
     "model_memory": "workbench.runtime.memory",

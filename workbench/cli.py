@@ -19,6 +19,7 @@ COMMANDS = (
     "outliers",
     "sensitivity",
     "allocate",
+    "act_allocate",
     "eval",
     "quantize",
     "export",

@@ -144,6 +144,26 @@ def online_hadamard_down(model: torch.nn.Module, seed: int) -> None:
         lin.register_forward_pre_hook(_online_rotate)
 
 
+def carry_online_hadamard(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Give `dst` (the module replacing `src`, e.g. a QuantLinear) `src`'s online Hadamard, if it has one."""
+    if hasattr(src, "online_hadamard") and not hasattr(dst, "online_hadamard"):
+        dst.register_buffer("online_hadamard", src.online_hadamard.to(_device_of(dst)))
+        dst.register_forward_pre_hook(_online_rotate)
+
+
+def attach_online_hadamard(module: torch.nn.Module, K: int) -> None:
+    """An empty [K, K] `online_hadamard` buffer and the pre-hook that applies it (a saved model's loader
+    fills the buffer from its file)."""
+    module.register_buffer("online_hadamard", torch.empty(K, K, device=_device_of(module)))
+    module.register_forward_pre_hook(_online_rotate)
+
+
+def _device_of(m: torch.nn.Module) -> torch.device:
+    """The device of a module's first tensor (CPU when it has none)."""
+    t = next(iter(list(m.parameters()) + list(m.buffers())), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def max_logit_change(original: torch.nn.Module, transformed: torch.nn.Module, ids: torch.Tensor) -> float:
     """max |logits(transformed) - logits(original)| over token ids [B, L] (the equivalence check)."""

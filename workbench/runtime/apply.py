@@ -268,6 +268,7 @@ def _build_layers(
 
     A layer whose activation spec (`acts`) and weight spec have a W8A8 kernel becomes an ActQuantLinear."""
     from workbench.inventory import get_linear_weight, get_module
+    from workbench.rotate import carry_online_hadamard
 
     built: dict[str, QuantLinear] = {}
     current = None
@@ -289,6 +290,7 @@ def _build_layers(
                     built[name] = QuantLinear.from_quantized(
                         qw, mod.bias, name=name, dtype=W.dtype, device=W.device, backend=backend
                     )
+            carry_online_hadamard(mod, built[name])  # a rotated model's down_proj keeps its x -> x H
             del qw
     except BaseException as exc:
         built.clear()

@@ -72,6 +72,8 @@ def _manifest(model, source: str | None) -> tuple[dict, dict[str, torch.Tensor]]
         "layers": layers,
         "aliases": aliases,
         "conv1d": sorted(n for n, m in model.named_modules() if is_conv1d(m)),
+        # a rotated model (plan transforms): layers with an online Hadamard before them (rotate.py)
+        "online_hadamard": sorted(n for n, m in model.named_modules() if hasattr(m, "online_hadamard")),
     }
     return manifest, tensors
 
@@ -217,6 +219,12 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
             backend=info.get("backend", "auto"),
         )
         setattr(parent, leaf, q)
+    if manifest.get("online_hadamard"):
+        from workbench.rotate import attach_online_hadamard
+
+        for name in manifest["online_hadamard"]:
+            mod = model.get_submodule(name)
+            attach_online_hadamard(mod, mod.in_features)
     state = load_file(str(folder / WEIGHTS))
     for shard in manifest.get("shards", []):  # written block by block (workbench.streaming.quantize)
         if not (folder / shard).is_file():
@@ -249,6 +257,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     model = model.to(device).eval()
     plan_file = folder / "plan.json"
     plan = Plan.load(plan_file) if plan_file.is_file() else None
+    if plan is not None and plan.transforms:
+        model.workbench_transforms = tuple(plan.transforms)  # the model the plan's transforms made
     return model, plan
 
 

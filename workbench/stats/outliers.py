@@ -60,6 +60,13 @@ class _Moments:
         )
 
 
+def outlier_stats(x: torch.Tensor, name: str = "") -> OutlierStats:
+    """OutlierStats of one input tensor x [..., K] (the same definitions as `input_outliers`)."""
+    m = _Moments()
+    m.add(x)
+    return m.result(name)
+
+
 @torch.no_grad()
 def input_outliers(
     model: torch.nn.Module, names: list[str], batches: torch.Tensor

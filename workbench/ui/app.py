@@ -28,8 +28,8 @@ def _extension(inline: bool = False) -> None:
 
 
 def build_app(state: WorkbenchState) -> pn.viewable.Viewable:
-    """The whole app for one state: header, then tabs Model / Plan / Distributions / Sensitivity / Measure
-    & run / Chat."""
+    """The whole app for one state: header, then tabs Model / Plan / Distributions / Sensitivity /
+    Transforms / Measure & run / Chat."""
     from workbench.ui.views.header import HeaderView
     from workbench.ui.views.model_view import ModelView
     from workbench.ui.views.plan_view import PlanView
@@ -38,6 +38,7 @@ def build_app(state: WorkbenchState) -> pn.viewable.Viewable:
     for module, cls in (
         ("distributions_view", "DistributionsView"),
         ("sensitivity_view", "SensitivityView"),
+        ("transforms_view", "TransformsView"),
         ("measure_view", "MeasureView"),
         ("chat_view", "ChatView"),
     ):
