@@ -47,5 +47,5 @@ def test_flop_model_of_the_70b_shape():
     assert len(lin) * LLAMA3_70B["num_hidden_layers"] == 560
     assert sum(N * K for _, N, K in lin) == 855_638_016
     f = b.phase_flops(LLAMA3_70B, 1000, 100)
-    assert f["gptq_columns"] == 6 * 8192 + 28672
+    assert f["gptq_columns"] == 3 * 8192 + 28672  # q/k/v and gate/up stacked: 4 distinct inputs
     assert f["forward"] == 2 * 855_638_016 * 1000 + 4 * 1000 * 100 * 8192

@@ -76,3 +76,30 @@ def proxy_costs_here(
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     return out
+
+
+def gptq_stacked(names: list[str], Ws: list[torch.Tensor], spec: QuantSpec, gram: torch.Tensor) -> list:
+    """GPTQ of layers that read one input (q/k/v, gate/up: one Gram) as one matrix of stacked rows.
+
+    GPTQ's rows are independent given H = 2 X^T X (each row's error goes to its own later columns), so
+    stacking [N1 + N2 + ..., K] runs the K sequential column steps and the inverse Cholesky once instead of
+    once per layer. Returns one QuantizedWeight per layer, in order.
+    """
+    from workbench.quant.api import QuantizedWeight
+    from workbench.quant.gptq import gptq_quantize
+
+    K = Ws[0].shape[1]
+    for name, W in zip(names, Ws):
+        reason = spec.check_layer(W.shape[0], K)
+        if reason or W.shape[1] != K:
+            raise WorkbenchError(f"spec '{spec}' cannot apply to layer '{name}' {tuple(W.shape)}: {reason}")
+    codes, scales, zeros, info = gptq_quantize(
+        torch.cat([W.detach().float() for W in Ws]), spec, gram.float()
+    )
+    out, r0 = [], 0
+    for W in Ws:
+        r1 = r0 + W.shape[0]
+        z = None if zeros is None else zeros[r0:r1]
+        out.append(QuantizedWeight(spec, codes[r0:r1], scales[r0:r1], z, info={**info, "stacked": len(Ws)}))
+        r0 = r1
+    return out
