@@ -277,7 +277,7 @@ def estimate(shape: dict) -> dict:
     for k, v in est.items():
         phase = k.split("_")[0]
         verdict = "meets" if v < TARGETS_S[phase] else "MISSES"
-        _say(f"  {phase:8s} ~{v:7.0f} s   target {TARGETS_S[phase]} s   {verdict}")
+        _say(f"  {k[:-2]:10s} ~{v:7.0f} s   target {TARGETS_S[phase]} s   {verdict}")
     cpu = _cpu_block_timing(shape)
     _say(
         "measured on this CPU, one 70B-shaped block (float32): "
