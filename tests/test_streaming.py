@@ -262,3 +262,21 @@ def test_stacked_gptq_equals_one_layer_at_a_time(stories):
         ref = quantize_weight(W, spec, gram)
         assert torch.equal(got.codes, ref.codes) and torch.equal(got.scales, ref.scales)  # exact on the CPU
         assert torch.equal(got.zeros, ref.zeros)
+
+
+def test_device_proxy_path_matches_proxy_costs(stories):
+    """The GPU's proxy path (device RTN of every format, device GPTQ, the same quadratic forms), run on the
+    CPU, gives sensitivity.proxy_costs' numbers."""
+    from workbench.sensitivity import proxy_costs
+    from workbench.simulate import calibration_grams
+    from workbench.streaming.devicequant import proxy_costs_here
+
+    name = "model.layers.3.self_attn.o_proj"
+    gram = calibration_grams(stories, [name], "wiki", 2, 64, use_cache=False, progress=False)[name]
+    W = stories.model.get_submodule(name).weight
+    specs = ["int2_g64", "int4_g32", "int8_ch", "nvfp4", "fp8_e4m3", "int3_g32:gptq"]
+    ref = proxy_costs(W, gram, specs)
+    got = proxy_costs_here(W, gram, specs, device_path=True)
+    for s in specs:
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), s
+    assert ref["int2_g64"] > ref["int4_g32"] > ref["int8_ch"] > 0
