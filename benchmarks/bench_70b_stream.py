@@ -11,7 +11,7 @@ The weights come from `workbench.streaming.SyntheticSource` (hidden 8192, FFN 28
 ids are seeded uniform random tokens (the model has no tokenizer). Phases, each optional (--phases):
     inspect   weight + activation statistics of all 561 linears over --inspect-seqs x --seq-len tokens
               (default 128 x 2048); every Gram is computed on the GPU and dropped (a 70B model's Grams
-              are ~650 GB in float64)
+              are ~650 GB in float64), or not computed (--inspect-grams off)
     scan      proxy sensitivity of the 560 block linears x 6 RTN specs from --calib-seqs x --seq-len tokens
     gptq      int4_g128:gptq of the 560 block linears, Grams from --calib-seqs x --seq-len tokens,
               written shard by shard to --write (default: not written)
@@ -62,7 +62,9 @@ def run_phase(phase: str, sm, args, vocab: int) -> dict:
     bs = args.batch_size
     if phase == "inspect":
         ids = _ids(vocab, args.inspect_seqs, args.seq_len, 0)
-        insp, rep = stream_inspect(sm, ids, batch_size=bs, progress=not args.quiet)
+        gram_pass = args.inspect_grams == "drop"
+        insp, rep = stream_inspect(sm, ids, gram_pass=gram_pass, batch_size=bs, progress=not args.quiet)
+        rep.extra["grams"] = args.inspect_grams
         top = insp.outliers(1)
         rep.extra["most_outlier_input"] = {k: top[0][k] for k in ("label", "max_ratio")} if top else None
     elif phase == "scan":
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="2 blocks, hidden 256, on the CPU (seconds)")
+    ap.add_argument("--medium", action="store_true", help="hidden 1024, FFN 4096 (CPU memory-bound checks)")
     ap.add_argument(
         "--estimate", action="store_true", help="time one 70B block on the CPU; estimate the H200"
     )
@@ -112,6 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--batch-size", type=int, default=None, help="sequences per forward (default ~16k tokens)"
     )
     ap.add_argument("--device", default=None, help="default cuda (tiny: cpu)")
+    ap.add_argument(
+        "--inspect-grams",
+        choices=("drop", "off"),
+        default="drop",
+        help="inspect: compute Grams and drop them, or skip",
+    )
     ap.add_argument("--write", default=None, help="gptq: write the packed model to this folder")
     ap.add_argument("--quiet", action="store_true", help="no per-block progress bars")
     ap.add_argument("--out", required=True, help="JSON results")
@@ -120,9 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
         res = estimate(LLAMA3_70B)
         Path(args.out).write_text(json.dumps(res, indent=1))
         return res
-    tiny = args.tiny
+    tiny = args.tiny or args.medium  # small-shape defaults (CPU, few tokens)
     device = torch.device(args.device or ("cpu" if tiny else "cuda"))
     shape = TINY_LLAMA if tiny else LLAMA3_70B
+    if args.medium:
+        shape = dict(TINY_LLAMA, hidden_size=1024, intermediate_size=4096, num_attention_heads=8)
     args.inspect_seqs = args.inspect_seqs or (4 if tiny else 128)
     args.calib_seqs = args.calib_seqs or (2 if tiny else 8)
     args.seq_len = args.seq_len or (64 if tiny else 2048)
@@ -269,6 +280,7 @@ def estimate(shape: dict) -> dict:
             + c70["gptq_columns"] * 15 * ASSUMED_LAUNCH_US * 1e-6
         ),
     }
+    est["inspect_no_gram_s"] = n70 * f70["forward"] / inspect_rate
     est["scan_tf32_s"] = n70 * (
         (c70["forward"] + c70["grams"]) / inspect_rate
         + 7 * c70["proxy_per_spec"] / (ASSUMED_TF32_TFLOPS * 1e12)
