@@ -1,6 +1,9 @@
 """A Llama-3-70B-shaped model through the streaming loop on one GPU: inspect, proxy scan, GPTQ (issue 18).
 
-    python benchmarks/bench_70b_stream.py --out 70b.json                    # on the H200, every phase
+    python benchmarks/bench_70b_stream.py --blocks 8 --out 70b_8.json       # on the H200: 8 of 80 blocks,
+                                                                            # every phase, ~3 min (estimate)
+    python benchmarks/bench_70b_stream.py --phases inspect --out 70b.json   # one phase at 80 blocks: each is
+                                                                            # estimated at 4-9 min (RESULTS)
     python benchmarks/bench_70b_stream.py --phases scan --blocks 8 --out x.json   # one phase, 8 blocks
     python benchmarks/bench_70b_stream.py --tiny --out tiny.json            # 2 blocks, hidden 256, CPU
     python benchmarks/bench_70b_stream.py --estimate --out est.json         # CPU timing of one 70B block
