@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     ev.update({k: v for k, v in given.items() if v})
     work = cache_dir("plan_trust", loaded.description.fingerprint)
     settings = json.dumps(scan_settings(loaded.description), sort_keys=True)
-    tag = hashlib.sha1(f"{DEFAULT_METHOD}|{settings}|calibrate-mixed".encode()).hexdigest()[:10]
+    tag = hashlib.sha1(f"{DEFAULT_METHOD}|{settings}|calibrate-roles".encode()).hexdigest()[:10]
     table = default_scan(loaded, out=work / f"table_{DEFAULT_METHOD}_{tag}.json")
     proxy = default_scan(loaded, out=work / "table_proxy.json", method="proxy")
     plans = build_plans(loaded, table, proxy)
