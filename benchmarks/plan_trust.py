@@ -34,7 +34,8 @@ HAND = {
 
 
 def build_plans(loaded, table, proxy) -> dict[str, tuple[str, dict]]:
-    """{label: (group, resolved)} of every plan to measure, in evaluation order."""
+    """{label: (group, resolved)} of every plan to measure, in evaluation order; GUARDED[label] holds the
+    note of an allocation the guard replaced."""
     from workbench.allocate import allocate_table
     from workbench.plan import Plan, Rule, plan_totals
     from workbench.verify import uniform_plans
@@ -44,14 +45,26 @@ def build_plans(loaded, table, proxy) -> dict[str, tuple[str, dict]]:
     for spec, res in uniform_plans(table, layers).items():
         plans[f"uniform {spec}"] = ("uniform", res)
         mb = plan_totals(res, layers).mb
-        plans[f"allocated = {spec}"] = ("equal", allocate_table(table, budget_mb=mb).resolved)
+        plans[f"allocated = {spec}"] = ("equal", _alloc(f"allocated = {spec}", table, budget_mb=mb))
     for b in BUDGETS:
-        plans[f"allocated {b} bits"] = ("budget", allocate_table(table, budget_bits=b).resolved)
+        plans[f"allocated {b} bits"] = ("budget", _alloc(f"allocated {b} bits", table, budget_bits=b))
     for label, (default, rules) in HAND.items():
         plan = Plan(default=default, rules=[Rule(m, s) for m, s in rules])
         plans[label] = ("hand", plan.resolve(layers))
     plans["plain-proxy allocation 4.0 bits"] = ("hand", allocate_table(proxy, budget_bits=4.0).resolved)
     return plans
+
+
+GUARDED: dict[str, str] = {}
+
+
+def _alloc(label: str, table, **budget) -> dict:
+    from workbench.allocate import allocate_table
+
+    a = allocate_table(table, **budget)
+    if a.note:
+        GUARDED[label] = a.note
+    return a.resolved
 
 
 def measure_all(loaded, table, proxy, plans, ev, state_path: Path) -> dict[str, dict]:
@@ -73,6 +86,7 @@ def measure_all(loaded, table, proxy, plans, ev, state_path: Path) -> dict[str, 
             "predicted": predicted_cost(table, res),
             "predicted_proxy": predicted_cost(proxy, res),
             "mix": {s: round(n / t.n_weights, 4) for s, n in t.by_spec.items()},
+            "guard": GUARDED.get(label, ""),
             **{k: r[k] for k in ("kl", "ppl", "top1", "n_tokens", "ref_ppl")},
         }
         state_path.write_text(json.dumps(rows, indent=1))
@@ -119,7 +133,10 @@ def render(loaded, table, rows, ev, args, seconds) -> str:
         f"default, method `{table.method}` over the offered specs {', '.join(table.specs)} (+ bf16); Gram "
         f"matrices of {s['calib_seqs']} x {s['calib_seq_len']} tokens of '{s['text']}', Fisher from "
         f"{s['n_seqs']} x {s['seq_len']} tokens (setup {table.timing.get('setup', 0):.0f} s, scan "
-        f"{table.timing.get('scan', 0):.0f} s). Reference PPL {ref_ppl:.3f}.",
+        f"{table.timing.get('scan', 0):.0f} s, uniform calibration {table.timing.get('calibrate', 0):.0f} s, "
+        f"roles + check {table.timing.get('refine', 0):.0f} s). Reference PPL {ref_ppl:.3f}.",
+        "",
+        calibration_summary(table),
         "",
         f"**Prediction over {len(labels)} distinct plans** (an allocation equal to another listed plan "
         f"counts once): Spearman(predicted {table.method} cost, measured KL) = "
@@ -138,6 +155,21 @@ def render(loaded, table, rows, ev, args, seconds) -> str:
     out += never_worse(rows)
     out += [""] + [f"{n}\n" for n in args.note]
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def calibration_summary(table) -> str:
+    """One paragraph: the role factors and the check of the calibrated table on the scan windows."""
+    c = table.calibration
+    if "roles" not in c:
+        return ""
+    roles = ", ".join(f"{r} {v['scale']:.3g}" for r, v in c["roles"].items())
+    chk = c["check"]
+    return (
+        f"**Calibration** (on the scan windows): role factors b_role (measured / Fisher estimate, each role "
+        f"alone at {', '.join(next(iter(c['roles'].values()))['plans'])}): {roles}. Check: "
+        f"{chk['n_plans']} measured plans (uniform + the allocator's), Spearman {chk['spearman']:.3f}, worst "
+        f"relative error of the prediction {100 * chk['max_rel_error']:.0f}%."
+    )
 
 
 def never_worse(rows) -> list[str]:
@@ -174,6 +206,8 @@ def never_worse(rows) -> list[str]:
             spec is None or same or a["kl"] < uni[spec]["kl"]
         )
         verdict = "same plan (the only plan of that size)" if same else ("yes" if ok else "**NO**")
+        if a.get("guard"):
+            verdict += " (guard: " + a["guard"].rsplit("returning ", 1)[-1] + " returned)"
         own = f"{spec} ({_kl(uni[spec]['kl'])})" if spec else "-"
         fits = f"{best[0]} ({_kl(best[1]['kl'])})" if best else "-"
         out.append(f"| {label} | {a['avg_bits']:.3f} | {_kl(a['kl'])} | {own} | {fits} | {verdict} |")
