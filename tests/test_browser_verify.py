@@ -1,11 +1,12 @@
 """Scan -> allocate -> verify in the served app, in a real Chromium (Playwright), on stories260K.
 
 `workbench serve --model stories260K` (the copy shipped in the package) with an empty workbench cache:
-the activation statistics fill the model table's activation-outlier column, then the Sensitivity tab's default scan (fisher calibrated on measured plans), the Plan tab's allocation at
-its default budget, then "verify current plan": the verdict table must name the plan and its uniform
-neighbours with measured KLs, the Pareto chart must gain the measured and predicted points, and the
-verdict must say the allocation measures no higher KL than the uniform plan that fits. Screenshots go
-to artifacts/ (git-ignored). Skipped only when Playwright or Chromium is missing.
+the activation statistics fill the model table's activation-outlier column; then the Sensitivity tab's
+default scan (fisher, calibrated on measured plans), the Plan tab's allocation at its default budget, and
+"verify current plan": the verdict table must name the plan and its uniform neighbours with measured
+KLs, the Pareto chart must gain the measured and predicted points, and the verdict must say the
+allocation measures no higher KL than the uniform plan that fits. Screenshots go to artifacts/
+(git-ignored). Skipped only when Playwright or Chromium is missing.
 """
 
 from __future__ import annotations

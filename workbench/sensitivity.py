@@ -351,7 +351,7 @@ def sensitivity_scan(
         settings.update(n_seqs=n_seqs, seq_len=seq_len, seed=seed)
     if method in ("proxy", "fisher"):
         settings.update(importance=importance, importance_spec=imp_spec if importance == "kl" else None)
-    calibrate = _calibration_stage(method, calibrate)
+    calibrate = calibration_stage(method, calibrate)
     if calibrate:
         settings.update(calibrate=calibrate, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
     table = _check_resume(Path(out) if out else None, _identity(loaded, inv, method, specs, settings))
@@ -413,7 +413,7 @@ def sensitivity_scan(
     return table
 
 
-def _calibration_stage(method: str, calibrate) -> str | None:
+def calibration_stage(method: str, calibrate) -> str | None:
     """The calibration stage a scan runs to: None, "uniform" or "roles" (`calibrate.py`)."""
     if calibrate is None:
         return "roles" if method == "fisher" else None
