@@ -34,7 +34,8 @@ HAND = {
 
 
 def build_plans(loaded, table, proxy) -> dict[str, tuple[str, dict]]:
-    """{label: (group, resolved)} of every plan to measure, in evaluation order."""
+    """{label: (group, resolved)} of every plan to measure, in evaluation order; GUARDED[label] holds the
+    note of an allocation the guard replaced."""
     from workbench.allocate import allocate_table
     from workbench.plan import Plan, Rule, plan_totals
     from workbench.verify import uniform_plans
@@ -44,9 +45,9 @@ def build_plans(loaded, table, proxy) -> dict[str, tuple[str, dict]]:
     for spec, res in uniform_plans(table, layers).items():
         plans[f"uniform {spec}"] = ("uniform", res)
         mb = plan_totals(res, layers).mb
-        plans[f"allocated = {spec}"] = ("equal", allocate_table(table, budget_mb=mb).resolved)
+        plans[f"allocated = {spec}"] = ("equal", _alloc(f"allocated = {spec}", table, budget_mb=mb))
     for b in BUDGETS:
-        plans[f"allocated {b} bits"] = ("budget", allocate_table(table, budget_bits=b).resolved)
+        plans[f"allocated {b} bits"] = ("budget", _alloc(f"allocated {b} bits", table, budget_bits=b))
     for label, (default, rules) in HAND.items():
         plan = Plan(default=default, rules=[Rule(m, s) for m, s in rules])
         plans[label] = ("hand", plan.resolve(layers))
@@ -54,16 +55,34 @@ def build_plans(loaded, table, proxy) -> dict[str, tuple[str, dict]]:
     return plans
 
 
-def measure_all(loaded, table, proxy, plans, ev, state_path: Path) -> dict[str, dict]:
+GUARDED: dict[str, str] = {}
+
+
+def _alloc(label: str, table, **budget) -> dict:
+    from workbench.allocate import allocate_table
+
+    a = allocate_table(table, **budget)
+    if a.note:
+        GUARDED[label] = a.note
+    return a.resolved
+
+
+def measure_all(loaded, table, proxy, plans, ev, state_path: Path, earlier=None, deadline=None) -> dict:
+    """Measure every plan (allocations first); past `deadline` (time.time()), a plan found in `earlier`
+    ({label: {kl, ppl, top1}} of an earlier run of this script) takes those numbers, marked "earlier"."""
     from workbench.plan import plan_totals
     from workbench.verify import measure, predicted_cost
 
     rows = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    for i, (label, (group, res)) in enumerate(plans.items()):
+    order = sorted(plans.items(), key=lambda kv: kv[1][0] not in ("equal", "budget"))
+    for i, (label, (group, res)) in enumerate(order):
         if label in rows:
             continue
         t0 = time.perf_counter()
-        r, cached = measure(loaded, res, ev["text"], ev["seq_len"], ev["max_tokens"])
+        if deadline is not None and time.time() > deadline and label in (earlier or {}):
+            r, cached = {**earlier[label], "n_tokens": None, "ref_ppl": None, "earlier": True}, True
+        else:
+            r, cached = measure(loaded, res, ev["text"], ev["seq_len"], ev["max_tokens"])
         t = plan_totals(res, table.layers)
         rows[label] = {
             "group": group,
@@ -73,9 +92,12 @@ def measure_all(loaded, table, proxy, plans, ev, state_path: Path) -> dict[str, 
             "predicted": predicted_cost(table, res),
             "predicted_proxy": predicted_cost(proxy, res),
             "mix": {s: round(n / t.n_weights, 4) for s, n in t.by_spec.items()},
+            "guard": GUARDED.get(label, ""),
             **{k: r[k] for k in ("kl", "ppl", "top1", "n_tokens", "ref_ppl")},
+            "earlier": bool(r.get("earlier")),
         }
-        state_path.write_text(json.dumps(rows, indent=1))
+        if not rows[label]["earlier"]:
+            state_path.write_text(json.dumps(rows, indent=1))
         print(
             f"[{time.strftime('%H:%M:%S')}] {i + 1}/{len(plans)} {label}: {t.avg_bits:.3f} b/w, "
             f"KL {r['kl']:.4g}, ppl {r['ppl']:.3f} ({time.perf_counter() - t0:.0f} s"
@@ -101,8 +123,8 @@ def render(loaded, table, rows, ev, args, seconds) -> str:
 
     from workbench.defaults import scan_settings
 
-    ref_ppl = next(iter(rows.values()))["ref_ppl"]
-    n_tok = next(iter(rows.values()))["n_tokens"]
+    ref_ppl = next(r["ref_ppl"] for r in rows.values() if r["ref_ppl"])
+    n_tok = next(r["n_tokens"] for r in rows.values() if r["n_tokens"])
     s = scan_settings(loaded.description)
     labels = list({(rows[k]["total_bits"], rows[k]["kl"]): k for k in rows}.values())  # distinct plans
     pred = [rows[k]["predicted"] for k in labels]
@@ -119,7 +141,10 @@ def render(loaded, table, rows, ev, args, seconds) -> str:
         f"default, method `{table.method}` over the offered specs {', '.join(table.specs)} (+ bf16); Gram "
         f"matrices of {s['calib_seqs']} x {s['calib_seq_len']} tokens of '{s['text']}', Fisher from "
         f"{s['n_seqs']} x {s['seq_len']} tokens (setup {table.timing.get('setup', 0):.0f} s, scan "
-        f"{table.timing.get('scan', 0):.0f} s). Reference PPL {ref_ppl:.3f}.",
+        f"{table.timing.get('scan', 0):.0f} s, uniform calibration {table.timing.get('calibrate', 0):.0f} s, "
+        f"roles + check {table.timing.get('refine', 0):.0f} s). Reference PPL {ref_ppl:.3f}.",
+        "",
+        calibration_summary(table),
         "",
         f"**Prediction over {len(labels)} distinct plans** (an allocation equal to another listed plan "
         f"counts once): Spearman(predicted {table.method} cost, measured KL) = "
@@ -133,11 +158,34 @@ def render(loaded, table, rows, ev, args, seconds) -> str:
         r = rows[k]
         out.append(
             f"| {k} | {r['avg_bits']:.3f} | {r['mb']:.2f} | {_kl(r['predicted'])} | "
-            f"{r['predicted_proxy']:.3g} | {_kl(r['kl'])} | {r['ppl']:.3f} | {100 * r['top1']:.1f}% |"
+            f"{r['predicted_proxy']:.3g} | {_kl(r['kl'])}{' (e)' if r.get('earlier') else ''} | "
+            f"{r['ppl']:.3f} | {100 * r['top1']:.1f}% |"
         )
+    if any(r.get("earlier") for r in rows.values()):
+        out += [
+            "",
+            "(e): measured by this script earlier the same day on the same tokens (the plan and the "
+            "evaluation do not depend on the table; evaluation is deterministic: uniform int8_ch measured "
+            "0.003472 in both runs), not re-measured in this run for lack of CPU time.",
+        ]
     out += never_worse(rows)
     out += [""] + [f"{n}\n" for n in args.note]
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def calibration_summary(table) -> str:
+    """One paragraph: the role factors and the check of the calibrated table on the scan windows."""
+    c = table.calibration
+    if "roles" not in c:
+        return ""
+    roles = ", ".join(f"{r} {v['scale']:.3g}" for r, v in c["roles"].items())
+    chk = c["check"]
+    return (
+        f"**Calibration** (on the scan windows): role factors b_role (measured / Fisher estimate, each role "
+        f"alone at {', '.join(next(iter(c['roles'].values()))['plans'])}): {roles}. Check: "
+        f"{chk['n_plans']} measured plans (uniform + the allocator's), Spearman {chk['spearman']:.3f}, worst "
+        f"relative error of the prediction {100 * chk['max_rel_error']:.0f}%."
+    )
 
 
 def never_worse(rows) -> list[str]:
@@ -174,6 +222,8 @@ def never_worse(rows) -> list[str]:
             spec is None or same or a["kl"] < uni[spec]["kl"]
         )
         verdict = "same plan (the only plan of that size)" if same else ("yes" if ok else "**NO**")
+        if a.get("guard"):
+            verdict += " (guard: " + a["guard"].rsplit("returning ", 1)[-1] + " returned)"
         own = f"{spec} ({_kl(uni[spec]['kl'])})" if spec else "-"
         fits = f"{best[0]} ({_kl(best[1]['kl'])})" if best else "-"
         out.append(f"| {label} | {a['avg_bits']:.3f} | {_kl(a['kl'])} | {own} | {fits} | {verdict} |")
@@ -188,6 +238,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=None, help="evaluation window (default: the app's)")
     ap.add_argument("--write-results", action="store_true", help="replace this script's RESULTS.md section")
     ap.add_argument("--note", action="append", default=[], help="extra paragraph for the section")
+    ap.add_argument("--earlier", help="JSON {label: {kl, ppl, top1}} of an earlier run, used past --deadline")
+    ap.add_argument("--deadline", help="HH:MM (UTC): after it, plans found in --earlier are not re-measured")
     args = ap.parse_args(argv)
     raw = argv if argv is not None else sys.argv[1:]
     args.argv = [
@@ -206,13 +258,20 @@ def main(argv=None) -> int:
     ev.update({k: v for k, v in given.items() if v})
     work = cache_dir("plan_trust", loaded.description.fingerprint)
     settings = json.dumps(scan_settings(loaded.description), sort_keys=True)
-    tag = hashlib.sha1(f"{DEFAULT_METHOD}|{settings}|calibrate-mixed".encode()).hexdigest()[:10]
+    tag = hashlib.sha1(f"{DEFAULT_METHOD}|{settings}|calibrate-roles".encode()).hexdigest()[:10]
     table = default_scan(loaded, out=work / f"table_{DEFAULT_METHOD}_{tag}.json")
     proxy = default_scan(loaded, out=work / "table_proxy.json", method="proxy")
     plans = build_plans(loaded, table, proxy)
     state = work / f"rows-{tag}-{ev['text']}-{ev['seq_len']}-{ev['max_tokens']}.json"
     t0 = time.perf_counter()
-    rows = measure_all(loaded, table, proxy, plans, ev, state)
+    earlier = json.loads(Path(args.earlier).read_text()) if args.earlier else None
+    deadline = None
+    if args.deadline:
+        import calendar
+
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        deadline = calendar.timegm(time.strptime(f"{day} {args.deadline}", "%Y-%m-%d %H:%M"))
+    rows = measure_all(loaded, table, proxy, plans, ev, state, earlier, deadline)
     md = render(loaded, table, rows, ev, args, time.perf_counter() - t0)
     print(md)
     if args.write_results:

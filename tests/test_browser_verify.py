@@ -1,11 +1,12 @@
 """Scan -> allocate -> verify in the served app, in a real Chromium (Playwright), on stories260K.
 
 `workbench serve --model stories260K` (the copy shipped in the package) with an empty workbench cache:
-the Sensitivity tab's default scan (calibrated fisher, mixed stage included), the Plan tab's allocation at
-its default budget, then "verify current plan": the verdict table must name the plan and its uniform
-neighbours with measured KLs, the Pareto chart must gain the measured and predicted points, and the
-verdict must say the allocation measures no higher KL than the uniform plan that fits. Screenshots go
-to artifacts/ (git-ignored). Skipped only when Playwright or Chromium is missing.
+the activation statistics fill the model table's activation-outlier column; then the Sensitivity tab's
+default scan (fisher, calibrated on measured plans), the Plan tab's allocation at its default budget, and
+"verify current plan": the verdict table must name the plan and its uniform neighbours with measured
+KLs, the Pareto chart must gain the measured and predicted points, and the verdict must say the
+allocation measures no higher KL than the uniform plan that fits. Screenshots go to artifacts/
+(git-ignored). Skipped only when Playwright or Chromium is missing.
 """
 
 from __future__ import annotations
@@ -86,6 +87,13 @@ def _tab(pg, name: str) -> None:
 def test_scan_allocate_verify(page):
     pg, log = page
     ARTIFACTS.mkdir(exist_ok=True)
+    cell = pg.locator('.wb-layer-table .tabulator-row [tabulator-field="act outlier"]').first
+    assert cell.inner_text().strip() == "-"  # no statistics yet
+    _tab(pg, "Distributions")
+    pg.locator(".wb-stats button").first.click()
+    _tab(pg, "Model")
+    ratio = _wait_for(lambda: cell.inner_text().strip(), lambda t: t not in ("", "-"), 60)
+    assert float(ratio) >= 1.0  # the largest input channel's absmax over the median's
     t0 = time.time()
     _tab(pg, "Sensitivity")
     pg.locator(".wb-sensitivity-run button").first.click()

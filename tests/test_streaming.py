@@ -245,3 +245,38 @@ def test_device_gptq_path_equals_quantize_weight(stories):
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
     with pytest.raises(WorkbenchError, match="needs the"):
         quantize_here(name, W, spec, gram[:8, :8], device_gptq=True)
+
+
+def test_stacked_gptq_equals_one_layer_at_a_time(stories):
+    """q/k/v share one Gram: GPTQ of their stacked rows (the GPU path) gives each layer's own result."""
+    from workbench.quant.api import quantize_weight
+    from workbench.quant.spec import QuantSpec
+    from workbench.simulate import calibration_grams
+    from workbench.streaming.devicequant import gptq_stacked
+
+    names = [f"model.layers.2.self_attn.{r}_proj" for r in "qkv"]
+    gram = calibration_grams(stories, names[:1], "wiki", 2, 64, use_cache=False, progress=False)[names[0]]
+    Ws = [stories.model.get_submodule(n).weight for n in names]
+    spec = QuantSpec.parse("int3_g32:gptq")
+    for W, got in zip(Ws, gptq_stacked(names, Ws, spec, gram)):
+        ref = quantize_weight(W, spec, gram)
+        assert torch.equal(got.codes, ref.codes) and torch.equal(got.scales, ref.scales)  # exact on the CPU
+        assert torch.equal(got.zeros, ref.zeros)
+
+
+def test_device_proxy_path_matches_proxy_costs(stories):
+    """The GPU's proxy path (device RTN of every format, device GPTQ, the same quadratic forms), run on the
+    CPU, gives sensitivity.proxy_costs' numbers."""
+    from workbench.sensitivity import proxy_costs
+    from workbench.simulate import calibration_grams
+    from workbench.streaming.devicequant import proxy_costs_here
+
+    name = "model.layers.3.self_attn.o_proj"
+    gram = calibration_grams(stories, [name], "wiki", 2, 64, use_cache=False, progress=False)[name]
+    W = stories.model.get_submodule(name).weight
+    specs = ["int2_g64", "int4_g32", "int8_ch", "nvfp4", "fp8_e4m3", "int3_g32:gptq"]
+    ref = proxy_costs(W, gram, specs)
+    got = proxy_costs_here(W, gram, specs, device_path=True)
+    for s in specs:
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), s
+    assert ref["int2_g64"] > ref["int4_g32"] > ref["int8_ch"] > 0

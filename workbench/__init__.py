@@ -90,6 +90,16 @@ _API = {
     "model_memory": "workbench.runtime.memory",
     "greedy_generate": "workbench.runtime.decode",
     "select_device": "workbench.runtime.decode",
+    # models larger than the device: one decoder block at a time (issue 18)
+    "SafetensorsSource": "workbench.streaming.source",
+    "SyntheticSource": "workbench.streaming.source",
+    "StreamedModel": "workbench.streaming.skeleton",
+    "open_streamed": "workbench.streaming.open",
+    "stream_inspect": "workbench.streaming.runs",
+    "stream_proxy_scan": "workbench.streaming.runs",
+    "stream_quantize": "workbench.streaming.quantize",
+    "distributed_scan": "workbench.streaming.distributed",
+    "distributed_inspect": "workbench.streaming.distributed",
 }
 
 __all__ = sorted(_API)

@@ -12,26 +12,33 @@ forward pass per plan, all its layers fake-quantized):
 
 1. `calibrate_table` ("uniform"): the KL of the uniform plan of every spec; that spec's costs are multiplied
    by measured / predicted, so the table predicts every uniform plan exactly.
-2. `refine_table` ("mixed"): per-spec scales fitted on uniform plans alone still price the allocator's
-   mixtures too low (on `default`, ~2.4x at 4.25 bits: the allocator picks exactly the layers whose cost is
-   under-estimated). So the allocator's own proposals are measured too, at every uniform plan's size and
-   at the standard budgets, and the per-spec scales are refitted by non-negative least squares on the
-   relative error of every measured plan, uniform and mixed; then again, for a few rounds: allocate ->
-   measure -> refit. This is measured feedback in the search loop, as in HAQ (Wang et al. 2019,
-   https://arxiv.org/abs/1811.08886), with a linear surrogate instead of a learned policy.
+2. `refine_table` ("roles", the default): per-spec scales alone still price the allocator's mixtures ~2.4x
+   too low on `default`, because the Fisher estimate's error depends on the layer's role: quantizing only
+   the down projections measures ~0.45x the estimate, only gate / up / o / q / lm_head ~1.6-2.9x (RESULTS.md).
+   Uniform plans average that out; the allocator does not: it gives the cheap specs to the under-priced
+   roles. So each role is measured alone (its layers at ROLE_SPECS, the rest unquantized), its costs get
+   the factor b_role = measured / estimated (geometric mean over those specs), and the per-spec scales are
+   then refitted so every uniform plan stays exact: cost = raw x b_role x a_spec. Across roles the KL is
+   close to additive (on `default`, the eight nf4_g64 role plans sum to 0.382 against 0.363 for the whole
+   uniform plan), which is what makes the sum over layers a prediction of a mixed plan. Finally the
+   allocator's plans at every uniform size and standard budget are measured (the check), beside the
+   uniform plans.
 
-Every measured plan is kept in the table (`table.calibration["plans"]`: its spec per layer and its KL), so
-the allocator can refuse to return a plan that measured worse than another one that fits in the same
-budget (`allocate.allocate_table`'s guard).
+Every measured whole plan is kept in the table (`table.calibration["plans"]`: its spec per layer and its
+KL), so the allocator can refuse to return a plan that measured worse than another one that fits in the
+same budget (`allocate.allocate_table`'s guard). Measured feedback on whole configurations in the search
+is the idea of HAQ (Wang et al. 2019, https://arxiv.org/abs/1811.08886); the role factors are measured
+here, not assumed.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 
-MIXED_BUDGETS = (3.0, 3.5, 4.0, 4.5, 5.0)  # average bits per weight measured besides the uniform sizes
-MIXED_ROUNDS = 2  # refits after the first measured round (each adds at most one plan per budget)
+ROLE_SPECS = ("int4_g128", "int3_g32")  # the specs each role is measured at alone (those in the table)
+CHECK_BUDGETS = (3.0, 3.5, 4.0, 4.5, 5.0)  # average bits per weight checked besides the uniform sizes
 
 
 def uniform_kls(loaded, table, windows: torch.Tensor, grams: dict, on_spec=None) -> dict[str, float]:
@@ -59,9 +66,11 @@ def uniform_kls(loaded, table, windows: torch.Tensor, grams: dict, on_spec=None)
 
 def plan_kl(loaded, runner, resolved: dict, grams: dict) -> float:
     """Mean KL of the whole plan `resolved` ({layer: spec}) on the windows `runner` captured."""
+    from workbench.quant.spec import QuantSpec
     from workbench.simulate import quantized_weight
 
-    weights = {n: quantized_weight(loaded.model, n, s, grams) for n, s in resolved.items()}
+    specs = {n: QuantSpec.parse(s) for n, s in resolved.items()}
+    weights = {n: quantized_weight(loaded.model, n, s, grams) for n, s in specs.items() if s.is_quantized}
     return runner.kl_from(0, weights)
 
 
@@ -80,33 +89,30 @@ def calibrate_table(loaded, table, windows: torch.Tensor, grams: dict, on_spec=N
     return record
 
 
-# ---------------------------------------------------------------------- the mixed stage
-def fit_scales(raw: dict, plans: list[dict], layers, specs: list[str]) -> dict[str, float]:
-    """Per-spec scales a_s >= 0 minimising sum_p (sum_s a_s R_ps / K_p - 1)^2 (non-negative least squares).
-
-    Args:
-        raw: {layer: {spec: unscaled cost}}.
-        plans: measured plans, each {"specs": [spec per layer, in `layers` order], "kl": K_p}.
-        specs: the table's specs (bf16 and specs absent from every plan keep scale 1).
-    Returns:
-        {spec: scale}; R_ps is the raw cost summed over the layers of plan p at spec s.
-    """
-    from scipy.optimize import nnls
-
-    used = [s for s in specs if any(s in p["specs"] for p in plans)]
-    rows = []
-    for p in plans:
-        r = dict.fromkeys(used, 0.0)
-        for x, s in zip(layers, p["specs"]):
-            if s in r:
-                r[s] += raw[x.name][s]
-        rows.append([r[s] / p["kl"] for s in used])
-    a, _ = nnls(np.array(rows), np.ones(len(plans)))
-    return {s: float(a[used.index(s)]) if s in used and a[used.index(s)] > 0 else 1.0 for s in specs}
+# ---------------------------------------------------------------------- the role stage
+def role_scales(loaded, runner, table, raw: dict, grams: dict, specs, on_step=None) -> dict[str, dict]:
+    """{role: {"scale": b_r, "plans": {spec: {"measured", "raw"}}}}: the KL of the plan that quantizes only
+    the layers of one role (at each of `specs`; the rest stay unquantized) against that role's summed raw
+    cost; b_r is the geometric mean of measured / raw over `specs`."""
+    roles = sorted({x.role for x in table.layers})
+    out = {}
+    for i, role in enumerate(roles):
+        names = [x.name for x in table.layers if x.role == role]
+        plans, logs = {}, []
+        for spec in specs:
+            if on_step is not None:
+                on_step(i, len(roles), f"role {role} at {spec}")
+            kl = plan_kl(loaded, runner, dict.fromkeys(names, spec), grams)
+            r = sum(raw[n][spec] for n in names)
+            plans[spec] = {"measured": kl, "raw": r}
+            if kl > 0 and r > 0:
+                logs.append(math.log(kl / r))
+        out[role] = {"scale": math.exp(sum(logs) / len(logs)) if logs else 1.0, "plans": plans}
+    return out
 
 
 def _capacities(table) -> list[tuple[str, int]]:
-    """(label, total bits) of every budget the mixed stage measures: uniform sizes and MIXED_BUDGETS."""
+    """(label, total bits) of every budget the check measures: uniform sizes and CHECK_BUDGETS."""
     from workbench.allocate import budget_to_bits
     from workbench.plan import plan_totals
     from workbench.verify import uniform_plans
@@ -115,73 +121,63 @@ def _capacities(table) -> list[tuple[str, int]]:
         f"= {s}": plan_totals(r, table.layers).total_bits
         for s, r in uniform_plans(table, table.layers).items()
     }
-    caps.update({f"{b} bits": budget_to_bits(table.layers, budget_bits=b) for b in MIXED_BUDGETS})
+    caps.update({f"{b} bits": budget_to_bits(table.layers, budget_bits=b) for b in CHECK_BUDGETS})
     return sorted(caps.items(), key=lambda kv: kv[1])
 
 
-def refine_table(
-    loaded, table, windows: torch.Tensor, grams: dict, rounds: int = MIXED_ROUNDS, on_step=None
-) -> dict:
-    """The mixed stage (module doc), after `calibrate_table`: measure the allocator's plans at every
-    uniform size and standard budget, refit the per-spec scales on all measured plans, repeat `rounds`
-    times, then measure the final allocations once more. Costs in `table` are rescaled in place.
+def refine_table(loaded, table, windows: torch.Tensor, grams: dict, on_step=None) -> dict:
+    """The role stage (module doc), after `calibrate_table`; costs in `table` are rescaled in place to
+    raw x b_role x a_spec, then the allocator's plans at every uniform size and CHECK_BUDGETS are measured.
 
-    Returns the calibration record: {"uniform": ..., "scales": {spec: scale vs the raw cost}, "plans":
-    [{"label", "round", "specs", "kl", "total_bits", "predicted"}], "rounds": [{"round", "spearman",
-    "max_rel_error"}]}. `on_step(i, n, label)` is called before each measurement (n is an upper bound).
+    Returns the calibration record: {"uniform": ..., "roles": {role: {"scale", "plans"}}, "scales":
+    {spec: a_spec}, "plans": [{"label", "specs", "kl", "total_bits", "predicted"}] (uniform plans and the
+    checked allocations: the guard's pool), "check": {"spearman", "max_rel_error", "n_plans"}}.
+    `on_step(i, n, label)` is called before each measurement.
     """
     from workbench.allocate import allocate_table
     from workbench.errors import WorkbenchError
-    from workbench.plan import Plan
     from workbench.replay import BlockRunner
 
     record = table.calibration
     uniform = record["uniform"]
     layers = table.layers
-    raw = {
-        x.name: {s: c / uniform.get(s, {}).get("scale", 1.0) for s, c in table.cost[x.name].items()}
-        for x in layers
-    }
-    plans = [
-        {"label": f"uniform {s}", "round": 0, "specs": [s] * len(layers), "kl": u["measured"],
-         "total_bits": None, "predicted": u["measured"]}
-        for s, u in uniform.items()
-    ]  # fmt: skip
-    for p in plans:
-        p["total_bits"] = _bits(Plan(default=p["specs"][0]).resolve(layers), layers)
-    seen = {tuple(p["specs"]) for p in plans}
+    raw = {x.name: {s: c / uniform[s]["scale"] for s, c in table.cost[x.name].items()} for x in layers}
     runner = BlockRunner(loaded.model)
     runner.capture(windows)
+    refs = [s for s in ROLE_SPECS if s in uniform] or list(uniform)[:1]
+    roles = role_scales(loaded, runner, table, raw, grams, refs, on_step)
+    b = {x.name: roles[x.role]["scale"] for x in layers}
+    scales = {}
+    for s, u in uniform.items():
+        predicted = sum(b[x.name] * raw[x.name][s] for x in layers)
+        scales[s] = u["measured"] / predicted if predicted > 0 else 1.0
+    for x in layers:
+        for s in table.cost[x.name]:
+            table.cost[x.name][s] = raw[x.name][s] * b[x.name] * scales.get(s, 1.0)
+    plans = [
+        {"label": f"uniform {s}", "specs": [s] * len(layers), "kl": u["measured"], "predicted": u["measured"],
+         "total_bits": _bits({x.name: s for x in layers}, layers)}
+        for s, u in uniform.items()
+    ]  # fmt: skip
+    seen = {tuple(p["specs"]) for p in plans}
     caps = _capacities(table)
-    n_steps, step = len(caps) * (rounds + 1), 0
-    history = []
-    for r in range(rounds + 1):
-        for label, bits in caps:
-            try:
-                alloc = allocate_table(table, budget_mb=bits / 8e6, guard=False)
-            except WorkbenchError:  # a budget below the smallest plan of this model
-                continue
-            key = tuple(str(alloc.resolved[x.name]) for x in layers)
-            step += 1
-            if key in seen:
-                continue
-            if on_step is not None:
-                on_step(step - 1, n_steps, f"allocation {label} (round {r + 1})")
-            seen.add(key)
-            kl = plan_kl(loaded, runner, alloc.resolved, grams)
-            plans.append(
-                {"label": f"allocated {label}", "round": r + 1, "specs": list(key), "kl": kl,
-                 "total_bits": alloc.total_bits, "predicted": alloc.predicted_cost}
-            )  # fmt: skip
-        history.append({"round": r + 1, **_agreement(plans, raw, layers, table)})
-        if r == rounds:
-            break
-        scales = fit_scales(raw, plans, layers, table.specs)
-        for x in layers:
-            for s in table.cost[x.name]:
-                table.cost[x.name][s] = raw[x.name][s] * scales.get(s, 1.0)
-        record["scales"] = scales
-    record.update(plans=plans, rounds=history)
+    for i, (label, bits) in enumerate(caps):
+        try:
+            alloc = allocate_table(table, budget_mb=bits / 8e6, guard=False)
+        except WorkbenchError:  # a budget below the smallest plan of this model
+            continue
+        key = tuple(str(alloc.resolved[x.name]) for x in layers)
+        if key in seen:
+            continue
+        if on_step is not None:
+            on_step(i, len(caps), f"check: allocation {label}")
+        seen.add(key)
+        kl = plan_kl(loaded, runner, alloc.resolved, grams)
+        plans.append(
+            {"label": f"allocated {label}", "specs": list(key), "kl": kl, "total_bits": alloc.total_bits,
+             "predicted": alloc.predicted_cost}
+        )  # fmt: skip
+    record.update(roles=roles, scales=scales, plans=plans, check=_agreement(plans))
     return record
 
 
@@ -191,12 +187,11 @@ def _bits(resolved, layers) -> int:
     return plan_totals(resolved, layers).total_bits
 
 
-def _agreement(plans, raw, layers, table) -> dict:
-    """Spearman(predicted with the current costs, measured) and the worst relative error over `plans`."""
+def _agreement(plans) -> dict:
+    """Spearman(predicted, measured) and the worst relative error of the prediction over `plans`."""
     from scipy.stats import spearmanr
 
-    pred = [sum(table.cost[x.name].get(s, 0.0) for x, s in zip(layers, p["specs"])) for p in plans]
-    kl = [p["kl"] for p in plans]
+    pred, kl = [p["predicted"] for p in plans], [p["kl"] for p in plans]
     rel = max(abs(a / b - 1) for a, b in zip(pred, kl))
     return {
         "spearman": float(spearmanr(pred, kl).statistic),

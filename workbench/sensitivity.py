@@ -315,9 +315,9 @@ def sensitivity_scan(
         grams: {layer: [K, K] X^T X} of `calib_seqs` x `calib_seq_len` tokens of `text` (seed 0) already
             at hand (e.g. an inspection's statistics); missing layers are collected by `calibration_grams`.
         calibrate: "uniform": scale each spec's costs so that its uniform plan's sum equals the KL
-            measured on the scan windows; "mixed" (or True): then also measure the allocator's own plans
-            and refit the scales on all of them (`calibrate.py`); False: neither. Default: "mixed" for
-            "fisher", False otherwise.
+            measured on the scan windows; "roles" (or True): also measure each role alone and scale its
+            layers' costs, then check the allocator's plans (`calibrate.py`); False: neither. Default:
+            "roles" for "fisher", False otherwise.
         on_layer: callback(layer name) after each saved layer (progress hooks, tests).
         on_setup: callback(str) before each setup step (Grams, Fisher pass), for progress messages.
     """
@@ -351,7 +351,7 @@ def sensitivity_scan(
         settings.update(n_seqs=n_seqs, seq_len=seq_len, seed=seed)
     if method in ("proxy", "fisher"):
         settings.update(importance=importance, importance_spec=imp_spec if importance == "kl" else None)
-    calibrate = _calibration_stage(method, calibrate)
+    calibrate = calibration_stage(method, calibrate)
     if calibrate:
         settings.update(calibrate=calibrate, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
     table = _check_resume(Path(out) if out else None, _identity(loaded, inv, method, specs, settings))
@@ -413,16 +413,16 @@ def sensitivity_scan(
     return table
 
 
-def _calibration_stage(method: str, calibrate) -> str | None:
-    """The calibration stage a scan runs to: None, "uniform" or "mixed" (`calibrate.py`)."""
+def calibration_stage(method: str, calibrate) -> str | None:
+    """The calibration stage a scan runs to: None, "uniform" or "roles" (`calibrate.py`)."""
     if calibrate is None:
-        return "mixed" if method == "fisher" else None
+        return "roles" if method == "fisher" else None
     if calibrate is True:
-        return "mixed"
+        return "roles"
     if calibrate is False:
         return None
-    if calibrate not in ("uniform", "mixed"):
-        raise WorkbenchError(f"unknown calibration '{calibrate}' (choose uniform or mixed)")
+    if calibrate not in ("uniform", "roles"):
+        raise WorkbenchError(f"unknown calibration '{calibrate}' (choose uniform or roles)")
     return calibrate
 
 
@@ -432,7 +432,7 @@ def _calibrated(table: SensitivityTable, stage: str | None) -> bool:
 
 
 def _calibrate(loaded, table, stage: str, windows, grams, say, out: Path | None) -> None:
-    """Run the calibration stages `table` lacks (uniform plans, then the allocator's mixed plans)."""
+    """Run the calibration stages `table` lacks (uniform plans, then roles and the check)."""
     from workbench.calibrate import calibrate_table, refine_table
 
     if "uniform" not in table.calibration:
@@ -445,13 +445,13 @@ def _calibrate(loaded, table, stage: str, windows, grams, say, out: Path | None)
         table.timing["calibrate"] = time.perf_counter() - t0
         if out is not None:
             table.save(out)
-    if stage == "mixed" and "plans" not in table.calibration:
+    if stage == "roles" and "plans" not in table.calibration:
         t0 = time.perf_counter()
 
-        def mixed(i: int, n: int, label: str) -> None:
-            say(f"calibrating: {label} measured on the scan windows ({i + 1}/<={n})")
+        def roles(i: int, n: int, label: str) -> None:
+            say(f"calibrating: {label} measured on the scan windows ({i + 1}/{n})")
 
-        refine_table(loaded, table, windows, grams, on_step=mixed)
+        refine_table(loaded, table, windows, grams, on_step=roles)
         table.timing["refine"] = time.perf_counter() - t0
         if out is not None:
             table.save(out)

@@ -180,7 +180,8 @@ def _run_stream(args) -> int:
         settings=settings,
         specs=specs,
         k_sigma=args.k_sigma,
-        gram=False,
+        gram=False,  # a streamed model's Grams are not kept (70B: ~650 GB); the scan computes its own
+        gram_pass=False,
         progress=not args.quiet,
         tokenizer=tok,
     )

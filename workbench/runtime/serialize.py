@@ -6,6 +6,9 @@ A saved model is a folder:
                         workbench.quant.packing, the rest as they are); tied tensors stored once. Its header
                         metadata holds {"format": "workbench.quantized", "layout_version": "1",
                         "manifest": <JSON>}.
+    blocks-00000.safetensors ...  only in a model written block by block (workbench.streaming.quantize): the
+                        decoder blocks' tensors, listed in the manifest's "shards"; model.safetensors holds
+                        the rest.
     plan.json           the plan that produced it (workbench.plan format).
     manifest.json       a readable copy of the manifest: model config, dtype, source, and per quantized layer
                         its spec, shape, bias and AWQ input scale; the aliases of tied tensors.

@@ -40,28 +40,42 @@ def quantize_here(
     return QuantizedWeight(spec, codes, scales, zeros, info=info)
 
 
-def fake_quant_here(name: str, W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None) -> torch.Tensor:
-    """W_hat [N, K] float32 on W's device (quant.api.fake_quant on the CPU)."""
+def fake_quant_here(
+    name: str, W: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None, device_path: bool | None = None
+) -> torch.Tensor:
+    """W_hat [N, K] float32 on W's device (quant.api.fake_quant on the CPU). On CUDA, RTN of every format
+    encodes and decodes on the device (`quant.rtn.rtn_quantize` + the registry's decode, as
+    benchmarks/bench_sensitivity_gpu.py: a float8 cast may differ from the CPU's by one code, which a
+    proxy cost does not see), GPTQ runs on the device, AWQ goes to the CPU. `device_path=True` takes that
+    path on any device (tests run it on the CPU)."""
     from workbench.quant.api import fake_quant
+    from workbench.quant.formats import ungrouped
+    from workbench.quant.registry import decode
+    from workbench.quant.rtn import rtn_quantize
     from workbench.simulate import needs_gram
 
     g = gram if needs_gram(spec) else None
-    if not W.is_cuda:
-        return fake_quant(W, spec, g, layer=name)
-    if spec.is_quantized and (spec.algo == "gptq" or spec.format.device_encode) and spec.algo != "awq":
-        return quantize_here(name, W, spec, g).dequantize().to(W.device, torch.float32)
-    return fake_quant(W, spec, g, layer=name).to(W.device)
+    on_device = W.is_cuda if device_path is None else device_path
+    if not on_device or not spec.is_quantized or spec.algo == "awq":
+        return fake_quant(W, spec, g, layer=name).to(W.device)
+    if spec.algo == "gptq":
+        return quantize_here(name, W, spec, g, device_gptq=True).dequantize().to(W.device, torch.float32)
+    N, K = W.shape
+    reason = spec.check_layer(N, K)
+    if reason:
+        raise WorkbenchError(f"spec '{spec}' cannot apply to layer '{name}' [{N}, {K}]: {reason}")
+    return ungrouped(decode(spec, rtn_quantize(W.detach().float(), spec)), spec, N, K).float()
 
 
 def proxy_costs_here(
-    W: torch.Tensor, gram: torch.Tensor, specs: list[str], name: str = ""
+    W: torch.Tensor, gram: torch.Tensor, specs: list[str], name: str = "", device_path: bool | None = None
 ) -> dict[str, float]:
     """Relative output error tr(D G D^T) / tr(W G W^T) per spec: `sensitivity.proxy_costs` on the CPU, the
-    same formula on W's device on CUDA."""
+    same formula on W's device on CUDA (or with `device_path=True`)."""
     from workbench.quant.metrics import quadratic_form
     from workbench.sensitivity import proxy_costs
 
-    if not W.is_cuda:
+    if not (W.is_cuda if device_path is None else device_path):
         return proxy_costs(W, gram, specs, name=name)
     W = W.detach().float()
     G = gram.float().to(W.device)
@@ -71,8 +85,36 @@ def proxy_costs_here(
         den = float(quadratic_form(W, G).sum())
         out = {}
         for s in specs:
-            num = float(quadratic_form(W - fake_quant_here(name, W, QuantSpec.parse(s), G), G).sum())
+            W_hat = fake_quant_here(name, W, QuantSpec.parse(s), G, device_path=True)
+            num = float(quadratic_form(W - W_hat, G).sum())
             out[s] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+    return out
+
+
+def gptq_stacked(names: list[str], Ws: list[torch.Tensor], spec: QuantSpec, gram: torch.Tensor) -> list:
+    """GPTQ of layers that read one input (q/k/v, gate/up: one Gram) as one matrix of stacked rows.
+
+    GPTQ's rows are independent given H = 2 X^T X (each row's error goes to its own later columns), so
+    stacking [N1 + N2 + ..., K] runs the K sequential column steps and the inverse Cholesky once instead of
+    once per layer. Returns one QuantizedWeight per layer, in order.
+    """
+    from workbench.quant.api import QuantizedWeight
+    from workbench.quant.gptq import gptq_quantize
+
+    K = Ws[0].shape[1]
+    for name, W in zip(names, Ws):
+        reason = spec.check_layer(W.shape[0], K)
+        if reason or W.shape[1] != K:
+            raise WorkbenchError(f"spec '{spec}' cannot apply to layer '{name}' {tuple(W.shape)}: {reason}")
+    codes, scales, zeros, info = gptq_quantize(
+        torch.cat([W.detach().float() for W in Ws]), spec, gram.float()
+    )
+    out, r0 = [], 0
+    for W in Ws:
+        r1 = r0 + W.shape[0]
+        z = None if zeros is None else zeros[r0:r1]
+        out.append(QuantizedWeight(spec, codes[r0:r1], scales[r0:r1], z, info={**info, "stacked": len(Ws)}))
+        r0 = r1
     return out

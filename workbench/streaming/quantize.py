@@ -31,13 +31,14 @@ def _quantize_modules(sm: StreamedModel, names: list[str], resolved, grams: dict
 
     info = {x.name: x for x in resolved.layers}
     done = {}
+    stacked = _stacked_gptq(sm, names, resolved, grams) if sm.device.type == "cuda" else {}
     for name in names:
         mod = get_module(sm.model, name)
         W = get_linear_weight(mod)
         spec = resolved[name]
         with torch.no_grad():
             gram = gram_of(info[name], grams).to(W.device) if spec.needs_gram else None
-            qw = quantize_here(name, W, spec, gram)
+            qw = stacked.pop(name) if name in stacked else quantize_here(name, W, spec, gram)
             if layout_reason(spec):
                 new = dense_copy(mod, qw.dequantize().to(W.device, W.dtype))
                 entry = None
@@ -56,6 +57,29 @@ def _quantize_modules(sm: StreamedModel, names: list[str], resolved, grams: dict
         done[name] = (entry, mod)
         setattr(parent, leaf, new)
     return done
+
+
+def _stacked_gptq(sm: StreamedModel, names: list[str], resolved, grams: dict) -> dict:
+    """{name: QuantizedWeight} of the GPTQ layers that share one Gram and one spec, quantized together
+    (`devicequant.gptq_stacked`: the GPU path; the CPU quantizes each layer alone, as apply_plan does)."""
+    from workbench.inventory import get_linear_weight, get_module
+    from workbench.streaming.devicequant import gptq_stacked
+    from workbench.streaming.runs import gram_of
+
+    info = {x.name: x for x in resolved.layers}
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        spec = resolved[n]
+        if spec.algo == "gptq" and spec.is_int:
+            groups.setdefault((id(gram_of(info[n], grams)), str(spec)), []).append(n)
+    out = {}
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        Ws = [get_linear_weight(get_module(sm.model, n)) for n in group]
+        gram = gram_of(info[group[0]], grams).to(Ws[0].device)
+        out.update(zip(group, gptq_stacked(group, Ws, resolved[group[0]], gram)))
+    return out
 
 
 def _restore(sm: StreamedModel, done: dict) -> None:

@@ -140,6 +140,7 @@ def stream_inspect(
     group_size: int = 128,
     hist_bins: int = 256,
     gram: bool = False,
+    gram_pass: bool = True,
     shard: tuple[int, int] | None = None,
     batch_size: int | None = None,
     progress: bool = True,
@@ -152,6 +153,8 @@ def stream_inspect(
         settings: recorded in the Inspection (text, n_seqs, seq_len, seed ... as `inspect_model` does).
         gram: keep every Gram X^T X in the statistics (host memory grows with hidden^2 per layer: off for
             70B shapes, where the Grams are still computed and handed to a sink that drops them).
+        gram_pass: with gram=False, still compute every Gram (and drop it): the cost of the full pass;
+            False skips them (the statistics without Grams).
     Returns:
         (Inspection, StreamReport).
     """
@@ -171,12 +174,12 @@ def stream_inspect(
 
     per_block = sm.block_layers(names)
     t0 = start_report(sm)
-    sink = None if gram else (lambda name, g: None)
+    sink = None if gram or not gram_pass else (lambda name, g: None)
     acts = collect_stream(
         sm,
         batches,
         names,
-        gram=True,
+        gram=gram or gram_pass,
         batch_size=batch_size,
         progress=progress,
         sink=sink,

@@ -171,12 +171,13 @@ def sensitivity_job(state, specs: list[str], method: str, cfg: dict, grams: dict
     what = {"fisher": "Fisher-weighted output error, nats of KL", "proxy": "relative output error"}
 
     def work(ctx: JobContext):
-        from workbench.sensitivity import sensitivity_scan
+        from workbench.sensitivity import calibration_stage, sensitivity_scan
 
         ctx.report(0.0, "waiting for the model")
         with state._model_lock:
             loaded = private_model(state)
-            path = _sensitivity_path(loaded, specs, {"method": method, **cfg})
+            stage = calibration_stage(method, None)  # a table of an older calibration is not resumed
+            path = _sensitivity_path(loaded, specs, {"method": method, "calibrate": stage, **cfg})
             done, beats = [0], []
             steps = iter([0.02, 0.2])
 

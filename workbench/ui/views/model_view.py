@@ -17,7 +17,7 @@ _FILTERS = {
     "pinned": {"type": "tickCross", "tristate": True, "indeterminateValue": None},
 }
 
-_LIVE = ("spec", "bits", "KB", "cost", "pinned")  # the columns a plan edit can change
+_LIVE = ("spec", "bits", "KB", "cost", "pinned", "act outlier")  # what a plan edit or new statistics change
 
 
 class ModelView(View):
