@@ -400,6 +400,7 @@ def _result(device: str, bw: float, rows: list[Row]) -> dict:
         "launches_per_graph": LAUNCHES,
         "rows": [asdict(r) for r in rows],
         "tuned_launch_shapes": _tuned(),
+        "tuner_times_us": __import__("workbench.kernels.tune", fromlist=["TIMES"]).TIMES,
     }
 
 

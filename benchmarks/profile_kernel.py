@@ -19,7 +19,9 @@ import argparse
 import torch
 
 
-def sass_histogram(rows16: bool, has_zero: bool, two_steps: bool, block_n: int = 64) -> str:
+def sass_histogram(
+    rows16: bool, has_zero: bool, two_steps: bool, block_n: int = 64, bf16: bool = False
+) -> str:
     """Compile ``_w4_mma_kernel`` for sm_90 here (no GPU) and count the SASS of its K loop."""
     import collections
     import os
@@ -32,9 +34,10 @@ def sass_histogram(rows16: bool, has_zero: bool, two_steps: bool, block_n: int =
     from triton.compiler import ASTSource
     from workbench.kernels import gemv_mma as G
 
-    asm, cons = G.w4_asm(rows16, has_zero)
+    asm, cons = G.w4_asm(rows16, has_zero, bf16)
+    act = "*bf16" if bf16 else "*fp16"
     ints = ["M", "N", "K2", "KWL", "STEPS", "STEPS_PER_SPLIT", "stride_x2", "stride_wn", "stride_ym"]
-    sig = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16"}
+    sig = {"x_ptr": act, "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": act}
     sig.update({k: "i32" for k in ints})
     const = dict(
         G_SHIFT=7,
@@ -48,6 +51,7 @@ def sass_histogram(rows16: bool, has_zero: bool, two_steps: bool, block_n: int =
         ASM=asm,
         CONS=cons,
         TWO_STEPS=int(two_steps),
+        BF16=bf16,
     )
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
@@ -91,9 +95,10 @@ def main() -> None:
     ap.add_argument("--rows16", action="store_true")
     ap.add_argument("--sym", action="store_true")
     ap.add_argument("--two-steps", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bf16 activations (bf16 decode and mma)")
     a = ap.parse_args()
     if a.sass:
-        print(sass_histogram(a.rows16, not a.sym, a.two_steps))
+        print(sass_histogram(a.rows16, not a.sym, a.two_steps, bf16=a.bf16))
         return
     K, N, M = (int(v) for v in a.shape.split("x"))
     cfg = None

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 _MEM: dict[str, dict[str, list]] = {}
+TIMES: dict[str, dict[str, float | str]] = {}  # key -> {candidate: us} of this process's timing passes
 
 
 def cache_path() -> Path:
@@ -133,11 +134,14 @@ def pick(
         return default
     best, best_ms = default, float("inf")
     run = make_run()
+    seen = TIMES.setdefault(full, {})
     for cand in candidates:
         try:
             ms = time_graph(lambda c=cand: run(c), reps)
-        except Exception:  # noqa: BLE001 - a shape the compiler or the device rejects is not a choice
+        except Exception as e:  # noqa: BLE001 - a shape the compiler or the device rejects is not a choice
+            seen[str(list(cand))] = f"failed: {type(e).__name__}"
             continue
+        seen[str(list(cand))] = round(ms * 1000, 2)
         if ms < best_ms:
             best, best_ms = cand, ms
     table[full] = list(best)

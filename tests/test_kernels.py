@@ -238,27 +238,29 @@ MMA_GROUPS = [32, 64, 128, 256, PER_CHANNEL]
 @pytest.mark.parametrize("G", MMA_GROUPS, ids=lambda g: "ch" if g == PER_CHANNEL else f"g{g}")
 @pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
 def test_w4_mma_matches_reference(shape, G, sym, monkeypatch):
-    """The tensor-core W4 path (gemv_int / gemm_int with fp16 x and <= 16 rows); every launch shape on
-    two cases (one K with a partial last step).  No tuning here: the heuristic launch shape."""
+    """The tensor-core W4 path (gemv_int / gemm_int with fp16 or bf16 x and <= 16 rows); every launch
+    shape on two cases (one K with a partial last step).  No tuning here: the heuristic launch shape."""
     from workbench.kernels.gemv_mma import SHAPE_CHOICES, w4_mma
 
+    monkeypatch.setenv("WORKBENCH_W4_MMA", "1")
     N, K = shape
     seed = zlib.crc32(f"mma{N}{K}{G}{sym}".encode())
     _, packed, st, zt = _make_int(N, K, 4, G, sym, seed)
-    for M in [1, 2, 3, 4, 5, 8, 9, 16]:
-        x = _x(M, K, torch.float16, seed + M)
-        fn = gemv_int if M <= 4 else gemm_int
-        y = fn(x, packed, st, zt, 4, G, K, out=_poisoned(M, N, torch.float16))
-        ref = R.gemv_int_ref(x, packed, st, zt, 4, G, K)
-        assert _rel_err(y, ref) < TOL[torch.float16], f"M={M}"
+    for dt, rows in ((torch.float16, [1, 2, 3, 4, 5, 8, 9, 16]), (torch.bfloat16, [1, 3, 8, 9, 16])):
+        for M in rows:
+            x = _x(M, K, dt, seed + M)
+            fn = gemv_int if M <= 4 else gemm_int
+            y = fn(x, packed, st, zt, 4, G, K, out=_poisoned(M, N, dt))
+            ref = R.gemv_int_ref(x, packed, st, zt, 4, G, K)
+            assert _rel_err(y, ref) < TOL[dt], f"M={M} {dt}"
     if (N, K, G, sym) not in ((300, 1024, 128, False), (200, 1000, PER_CHANNEL, True)):
         return
-    for M in [1, 16]:
-        x = _x(M, K, torch.float16, seed - M)
+    for M, dt in ((1, torch.float16), (16, torch.float16), (1, torch.bfloat16), (16, torch.bfloat16)):
+        x = _x(M, K, dt, seed - M)
         ref = R.gemv_int_ref(x, packed, st, zt, 4, G, K)
         for shape in SHAPE_CHOICES:
-            y = w4_mma(x, packed, st, zt, G, K, N, out=_poisoned(M, N, torch.float16), shape=shape)
-            assert _rel_err(y, ref) < TOL[torch.float16], f"M={M} (block_n, split_k, two_steps)={shape}"
+            y = w4_mma(x, packed, st, zt, G, K, N, out=_poisoned(M, N, dt), shape=shape)
+            assert _rel_err(y, ref) < TOL[dt], f"M={M} {dt} (block_n, split_k, two_steps)={shape}"
 
 
 def test_w4_mma_decode_identities():
@@ -277,6 +279,14 @@ def test_w4_mma_decode_identities():
         fused = ((base + q) * s - base * s).half()  # float64 holds the exact value: one rounding
         assert torch.equal(fused, (q * s).half())
         assert torch.equal((-base * s).half().double(), -base * s)  # the constant itself is exact
+    # bf16 (activations in bf16): nibble OR 0x4300 = 128 + q (high nibbles shifted down first)
+    lo16 = ((b & 0x0F) | 0x4300).to(torch.int16).view(torch.bfloat16).float()
+    hi16 = (((b >> 4) & 0x0F) | 0x4300).to(torch.int16).view(torch.bfloat16).float()
+    assert torch.equal(lo16, 128 + (b & 15).float()) and torch.equal(hi16, 128 + (b >> 4).float())
+    sb = s.to(torch.bfloat16).double()
+    fused = ((128 + q) * sb - 128 * sb).to(torch.bfloat16)
+    assert torch.equal(fused, (q * sb).to(torch.bfloat16))
+    assert torch.equal((-128 * sb).to(torch.bfloat16).double(), -128 * sb)
 
 
 def test_tune_cache_picks_fastest_and_persists(tmp_path, monkeypatch):
@@ -314,14 +324,15 @@ def test_tune_cache_picks_fastest_and_persists(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("rows16", [False, True])
 @pytest.mark.parametrize("has_zero", [False, True])
-def test_w4_mma_asm_operands(rows16, has_zero):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp16", "bf16"])
+def test_w4_mma_asm_operands(rows16, has_zero, bf16):
     """The generated PTX of the tensor-core kernel uses exactly the operands its constraints declare:
     every input register is read (acc, words, x pairs [rows 8..15], s [, z]), outputs are $0-$7."""
     import re
 
     from workbench.kernels.gemv_mma import w4_asm
 
-    asm, cons = w4_asm(rows16, has_zero)
+    asm, cons = w4_asm(rows16, has_zero, bf16)
     kinds = cons.split(",")
     used = {int(i) for i in re.findall(r"\$(\d+)", asm)}
     assert kinds[:8] == ["=f"] * 8 and kinds[8:16] == ["f"] * 8 and max(used) < len(kinds)
@@ -333,4 +344,6 @@ def test_w4_mma_asm_operands(rows16, has_zero):
     unread = {i for i in range(8, len(kinds)) if i not in used}
     assert unread == dup_x | dup_sz, sorted(unread ^ (dup_x | dup_sz))
     assert asm.count("mma.sync.aligned.m16n8k16") == (32 if rows16 else 16)
+    assert asm.count(".bf16.bf16.f32") == (asm.count("mma.sync") if bf16 else 0)
+    assert asm.count("shr.b32") == (16 if bf16 else 0)  # bf16: high nibbles shifted down, 1 per 2 codes
     assert asm.count("{") == asm.count("}")
