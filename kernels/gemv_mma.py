@@ -196,6 +196,9 @@ def _load_step(x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t, t1, N, K2, KWL, G_S
     x3 = _x_pairs(x32, mx, t, c, K2, 3, t < t1, EVEN_K)
     if G_SHIFT < 7 and not PER_CHANNEL:  # each lane's 32-column chunk in one group: [BN, 16], opaque
         gq = (tc * STEP + (c // 4) * 32) >> G_SHIFT  # [1, 16]
+        # chunks past K in the last step: clamp to the last group (their words and x are 0, but a scale
+        # read past the table could be inf / NaN, and 0 * inf is NaN)
+        gq = tl.minimum(gq, ((2 * K2 + (1 << G_SHIFT) - 1) >> G_SHIFT) - 1)
         s = _ld16(s_ptr + gq * N + n, nmask)
         z = _ld16(z_ptr + gq * N + n, nmask)
     else:  # one scale per row for the step
@@ -484,13 +487,22 @@ SHAPE_CHOICES = [
 ]
 
 
-def _default_shape(N: int, K: int, sms: int) -> tuple[int, int]:
-    """Heuristic (block_n, split_k) used while a graph is captured before any tuning: >= 2 programs/SM."""
+def _default_shape(N: int, K: int, sms: int, M: int = 1) -> tuple[int, int, int]:
+    """(block_n, split_k, two_steps) when no tuned choice exists (or while a graph is captured).
+
+    From the graph-timed tuner on the H200 (``benchmarks/RESULTS.md``, issue 13): the kernel is latency
+    bound, and the winners keep ~24 warps per SM in flight at 1-8 rows (~12 at 9-16 rows, where each
+    warp does twice the work): 4 warps per program, split-K doubled (<= 8, >= 4 steps per split) until
+    the grid reaches that; two steps per iteration when split-K <= 2 (long per-warp K walks).
+    """
     block_n, steps = 64, triton.cdiv(K, STEP_COLS)
+    want = (24 if M <= 8 else 12) * sms
     split = 1
-    while triton.cdiv(N, block_n) * split < 2 * sms and split * 2 <= 8 and steps // (split * 2) >= 4:
+    while (
+        triton.cdiv(N, block_n) * split * (block_n // 16) < want and split < 8 and steps // (split * 2) >= 4
+    ):
         split *= 2
-    return block_n, split
+    return block_n, split, int(split <= 2)
 
 
 def w4_mma(
@@ -506,7 +518,7 @@ def w4_mma(
 ) -> torch.Tensor:
     """W4 tensor-core GEMV; ``shape`` = (block_n, split_k, two_steps), default the heuristic one."""
     if shape is None:
-        shape = (*_default_shape(N, K, _sms(x.device)), 0)
+        shape = _default_shape(N, K, _sms(x.device), x.shape[0])
     return launch_w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, shape[0], shape[1], out, shape[2])
 
 
@@ -527,7 +539,7 @@ def choose_w4(
     from workbench.kernels import tune
 
     M = x.shape[0]
-    default = (0, *_default_shape(N, K, _sms(x.device)), 0)
+    default = (0, *_default_shape(N, K, _sms(x.device), M))
     if not tune.tunable(x):
         return default
     steps = triton.cdiv(K, STEP_COLS)

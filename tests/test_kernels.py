@@ -303,6 +303,7 @@ def test_tune_cache_picks_fastest_and_persists(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(tune, "_MEM", {})
+    monkeypatch.setattr(tune, "_USER", {})
     monkeypatch.setattr(tune, "_GPU", {})
     monkeypatch.setattr(tune, "_STATE", {"enabled": None, "cache": None})
     times = {(1, 2): 3.0, (4, 1): 1.0, (8, 8): 2.0}
@@ -318,8 +319,39 @@ def test_tune_cache_picks_fastest_and_persists(tmp_path, monkeypatch):
     assert got == (4, 1)
     assert json.loads((tmp_path / "tune.json").read_text()) == {"Fake GPU": {"k|M1|N8": [4, 1]}}
     monkeypatch.setattr(tune, "_MEM", {})  # a new process reads the file, times nothing
+    monkeypatch.setattr(tune, "_USER", {})
     ran.clear()
     assert tune.pick("k", "M1|N8", torch.device("cpu"), [(1, 2)], lambda: run, (1, 2)) == (4, 1) and not ran
+
+
+def test_shipped_tune_table_and_user_override(tmp_path, monkeypatch):
+    """The picks measured on the lent H200 ship with the package and are read for that GPU name; the
+    user cache overrides them; an unknown GPU gets nothing (the launchers' heuristics)."""
+    import json
+
+    from workbench.kernels import tune
+
+    key = "w4|w4|M1|N14336|K4096|g128|asym|float16"
+    monkeypatch.setenv("WORKBENCH_TUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.setattr(tune, "_MEM", {})
+    monkeypatch.setattr(tune, "_USER", {})
+    assert tune._load("NVIDIA H200")[key] == [0, 32, 4, 0]
+    assert tune._load("Some Other GPU") == {}
+    (tmp_path / "tune.json").write_text(json.dumps({"NVIDIA H200": {key: [0, 64, 8, 0]}}))
+    monkeypatch.setattr(tune, "_MEM", {})
+    assert tune._load("NVIDIA H200")[key] == [0, 64, 8, 0]
+
+
+def test_w4_mma_default_shape_matches_h200_picks():
+    """The heuristic launch shape (no tuned entry) reproduces the graph-timed winners on the H200
+    (132 SMs; benchmarks/RESULTS.md, issue 13) up to the ties within 1 us there."""
+    from workbench.kernels.gemv_mma import _default_shape
+
+    assert _default_shape(14336, 4096, 132) == (64, 4, 0)  # measured best (32, 4, 0) 16.0, this 16.1 us
+    assert _default_shape(4096, 14336, 132) == (64, 8, 0)  # 18.5 us (split 4: 26.3)
+    assert _default_shape(28672, 8192, 132) == (64, 2, 1)  # 46.3 us
+    assert _default_shape(14336, 4096, 132, M=16) == (64, 2, 1)  # 28.9 us (best (128, 2, 1) 28.5)
+    assert _default_shape(128256, 4096, 132) == (64, 1, 1)  # a wide lm_head: enough warps unsplit
 
 
 @pytest.mark.parametrize("rows16", [False, True])
