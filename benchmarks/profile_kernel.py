@@ -20,7 +20,7 @@ import torch
 
 
 def sass_histogram(
-    rows16: bool, has_zero: bool, two_steps: bool, block_n: int = 64, bf16: bool = False
+    rows16: bool, has_zero: bool, two_steps: bool, block_n: int = 64, bf16: bool = False, exact: bool = True
 ) -> str:
     """Compile ``_w4_mma_kernel`` for sm_90 here (no GPU) and count the SASS of its K loop."""
     import collections
@@ -34,7 +34,7 @@ def sass_histogram(
     from triton.compiler import ASTSource
     from workbench.kernels import gemv_mma as G
 
-    asm, cons = G.w4_asm(rows16, has_zero, bf16)
+    asm, cons = G.w4_asm(rows16, has_zero, bf16, exact or bf16)
     act = "*bf16" if bf16 else "*fp16"
     ints = ["M", "N", "K2", "KWL", "STEPS", "STEPS_PER_SPLIT", "stride_x2", "stride_wn", "stride_ym"]
     sig = {"x_ptr": act, "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": act}
@@ -96,9 +96,10 @@ def main() -> None:
     ap.add_argument("--sym", action="store_true")
     ap.add_argument("--two-steps", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="bf16 activations (bf16 decode and mma)")
+    ap.add_argument("--rounded", action="store_true", help="fp16 scheme for groups < 128 (q s rounded)")
     a = ap.parse_args()
     if a.sass:
-        print(sass_histogram(a.rows16, not a.sym, a.two_steps, bf16=a.bf16))
+        print(sass_histogram(a.rows16, not a.sym, a.two_steps, bf16=a.bf16, exact=not a.rounded))
         return
     K, N, M = (int(v) for v in a.shape.split("x"))
     cfg = None

@@ -44,114 +44,13 @@ import torch
 import triton
 import triton.language as tl
 from workbench.kernels.checks import alloc_output, finish_output
+from workbench.kernels.w4_mma_asm import w4_asm
 
 from workbench.errors import WorkbenchError
 
 STEP_COLS = 128  # columns per K step: 4 lanes x 32-column chunks
 STEP = tl.constexpr(STEP_COLS)
 MAX_ROWS = 16
-
-
-def _sel(b: int) -> int:
-    """prmt selector: byte b of the first word into bytes 0-1, byte b of the second into bytes 2-3."""
-    return b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
-
-
-def w4_asm(rows16: bool, has_zero: bool, bf16: bool = False) -> tuple[str, str]:
-    """PTX and constraints for one lane (``pack=8``: 16 bytes of two weight rows a, b).
-
-    The weights are the A operand (rows g / g + 8 of the mma = the lane's rows a / b), x the B operand
-    (column m = x row).  Per k-step: A = q s (one ``fma`` per two codes: v s - base s is exact before
-    its one rounding), and a second mma with the constant A = -z s adds the zero-point term (exact
-    products, fp32 sums).  Operands: $0-$7 acc out, $8-$15 acc in (element i of row a / b: x row
-    2 q + i % 2 (+ 8 for i >= 2 when ``rows16``; else elements 2, 3 carry the zero-point partial of the
-    same rows, summed at the end)); $16-$19 / $20-$23 the words of rows a / b; $24 + 8 j + e: x pair
-    4 j + e of the lane's chunk (e < 4), [$56 + ...: x rows 8..15]; then s and z, 16-bit packed two per
-    register ({s_a, s_a} x 2, {s_b, s_b} x 2), in the activation dtype.
-
-    fp16: low nibbles OR 0x6400 = 1024 + q, high nibbles OR 0x5400 = 64 + q (no shift).  bf16 (7
-    mantissa bits: a nibble 4 bits up would reach the exponent): low nibbles OR 0x4300 = 128 + q, high
-    nibbles shifted down first (one ``shr`` per two codes), the same base; bf16 mma.
-    """
-    so = 88 if rows16 else 56
-    zo = so + 4
-    t = "bf16x2" if bf16 else "f16x2"
-    # fp16 constants, then bf16: -1024 / -128, -64, -1, -8, +1
-    k_base, k_hi, k_m1, k_m8, k_p1 = (
-        ("0xC300C300", None, "0xBF80BF80", "0xC100C100", "0x3F803F80")
-        if bf16
-        else ("0xE400E400", "0xD400D400", "0xBC00BC00", "0xC800C800", "0x3C003C00")
-    )
-    lines = [
-        "{",
-        ".reg .b32 %p<2>, %la, %lb, %ma, %mb, %ha, %hb, %ia, %ib, %k, %za, %zb, %zc, %zd, %nz, %t<2>;",
-        ".reg .b32 %ska, %skb, %sfa, %sfb;",
-        "mov.b32 %nz, 0x80008000;",  # -0: the addend of a plain product as an fma (bf16x2 mul is sm_90)
-        f"mov.b32 %k, {k_base};",
-    ]
-    for row, sreg in (("a", so), ("b", so + 2)):
-        lines += [f"fma.rn.{t} %sk{row}, ${sreg}, %k, %nz;"]
-    if not bf16:
-        lines += [f"mov.b32 %k, {k_hi};"]
-        for row, sreg in (("a", so), ("b", so + 2)):
-            lines += [f"fma.rn.{t} %sf{row}, ${sreg}, %k, %nz;"]
-    lines += [f"mov.b32 %k, {k_m1};" if has_zero else f"mov.b32 %k, {k_m8};"]
-    for row, sreg, zreg in (("a", so, zo), ("b", so + 2, zo + 2)):
-        zsrc = f"${zreg}" if has_zero else "%k"
-        lines += [f"fma.rn.{t} %z{row}, {zsrc}, ${sreg}, %nz;"]
-        if has_zero:
-            lines += [f"fma.rn.{t} %z{row}, %z{row}, %k, %nz;"]
-    # the constant A of the zero-point mma as four distinct registers: a quad {za, zb, za, zb} would be
-    # rebuilt with two moves before every mma
-    lines += [f"mov.b32 %k, {k_p1};", f"fma.rn.{t} %zc, %za, %k, %nz;", f"fma.rn.{t} %zd, %zb, %k, %nz;"]
-    # accumulators: decoded part -> {$0, $1, $4, $5}; zero-point part -> {$2, $3, $6, $7} (rows16: the
-    # second x block, zero-point part folded into the same chain)
-    main_in, side_in = "$8, $9, $12, $13", "$10, $11, $14, $15"
-    main, side = "$0, $1, $4, $5", "$2, $3, $6, $7"
-    lo_or, hi_or = ("0x43004300", "0x43004300") if bf16 else ("0x64006400", "0x54005400")
-    first = True
-    for j in range(4):
-        for row, w0, sreg in (("a", 16, so), ("b", 20, so + 2)):
-            for u in range(2):
-                lo, hi = (f"%l{row}", f"%h{row}") if u == 0 else (f"%m{row}", f"%i{row}")
-                lines += [f"prmt.b32 %p{u}, ${w0 + 2 * u}, ${w0 + 2 * u + 1}, {_sel(j):#x};"]
-                lines += [f"lop3.b32 {lo}, %p{u}, 0x000F000F, {lo_or}, 0xEA;"]
-                if bf16:
-                    lines += [
-                        f"shr.b32 %t{u}, %p{u}, 4;",
-                        f"lop3.b32 {hi}, %t{u}, 0x000F000F, {hi_or}, 0xEA;",
-                        f"fma.rn.{t} {lo}, {lo}, ${sreg}, %sk{row};",
-                        f"fma.rn.{t} {hi}, {hi}, ${sreg}, %sk{row};",
-                    ]
-                else:
-                    lines += [
-                        f"lop3.b32 {hi}, %p{u}, 0x00F000F0, {hi_or}, 0xEA;",
-                        f"fma.rn.{t} {lo}, {lo}, ${sreg}, %sk{row};",
-                        f"fma.rn.{t} {hi}, {hi}, ${sreg}, %sf{row};",
-                    ]
-        for a_regs, e in (("%la, %lb, %ma, %mb", 0), ("%ha, %hb, %ia, %ib", 2)):
-            x = f"${24 + 8 * j + e}, ${24 + 8 * j + e + 1}"
-            y = f"${56 + 8 * j + e}, ${56 + 8 * j + e + 1}"
-            mi, si = (main_in, side_in) if first else (main, side)
-            first = False
-            ab = "bf16.bf16" if bf16 else "f16.f16"
-            mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.f32"
-            if rows16:
-                lines += [
-                    f"{mma} {{{main}}}, {{{a_regs}}}, {{{x}}}, {{{mi}}};",
-                    f"{mma} {{{main}}}, {{%za, %zb, %zc, %zd}}, {{{x}}}, {{{main}}};",
-                    f"{mma} {{{side}}}, {{{a_regs}}}, {{{y}}}, {{{si}}};",
-                    f"{mma} {{{side}}}, {{%za, %zb, %zc, %zd}}, {{{y}}}, {{{side}}};",
-                ]
-            else:
-                lines += [
-                    f"{mma} {{{main}}}, {{{a_regs}}}, {{{x}}}, {{{mi}}};",
-                    f"{mma} {{{side}}}, {{%za, %zb, %zc, %zd}}, {{{x}}}, {{{si}}};",
-                ]
-    lines.append("}")
-    n_r = 8 + 32 + (32 if rows16 else 0) + (8 if has_zero else 4)  # words, x pairs, s [, z]
-    cons = ",".join(["=f"] * 8 + ["f"] * 8 + ["r"] * n_r)
-    return "\n".join(lines), cons
 
 
 @triton.jit
@@ -213,10 +112,7 @@ def _mma_step(
     acc, cur, t, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N: tl.constexpr, ASM, CONS, BF16
 ):
     """acc += the lane fragments of step t (loads in ``cur``) through the decode + mma asm."""
-    words, x0, x1, x2, x3, s, z = cur
-    if BF16:  # scales / zeros are stored fp16; the bf16 mma takes bf16 operands
-        s = s.to(tl.bfloat16)
-        z = z.to(tl.bfloat16)
+    words, x0, x1, x2, x3, s, z = cur  # s, z fp16 (the asm converts them; BF16 only picks the asm)
     x0 = tl.broadcast_to(x0, [BLOCK_N, 16])
     x1 = tl.broadcast_to(x1, [BLOCK_N, 16])
     x2 = tl.broadcast_to(x2, [BLOCK_N, 16])
@@ -390,7 +286,7 @@ def launch_w4_mma(
     tps = triton.cdiv(steps, max(1, min(split_k, steps)))
     split = triton.cdiv(steps, tps)
     y = alloc_output("gemv_w4_mma", out, x, N, split)
-    asm, cons = w4_asm(M > 8, zeros_t is not None, x.dtype == torch.bfloat16)
+    asm, cons = w4_asm(M > 8, zeros_t is not None, x.dtype == torch.bfloat16, exact_scheme(x, group_size, K))
     grid = (triton.cdiv(N, block_n), split)
     ck = _w4_mma_kernel[grid](
         x,
@@ -442,6 +338,14 @@ def _check_layout(ck) -> None:
     _LAYOUT_OK.add(id(ck))
 
 
+def exact_scheme(x: torch.Tensor, group_size: int, K: int) -> bool:
+    """Scale applied after the mma in fp32 (``w4_mma_asm``): bf16 always, fp16 with groups >= 128 or
+    per channel (one scale per row and step) and <= 8 rows; otherwise fp16 rounds q s first."""
+    if x.dtype == torch.bfloat16:
+        return True
+    return group_size >= min(K, STEP_COLS) and x.shape[0] <= 8  # 9-16 rows: 3.17 vs 3.61 SASS / weight
+
+
 def mma_eligible(x: torch.Tensor, bits: int, group_size: int, K: int) -> bool:
     """The W4 tensor-core path applies: CUDA sm_80+, fp16 / bf16 x with <= 16 rows, even K and row stride,
     4-bit codes, group >= 32 (the launch checks already ensured a power of two) or per channel."""
@@ -456,6 +360,8 @@ def mma_eligible(x: torch.Tensor, bits: int, group_size: int, K: int) -> bool:
         _CC[dev] = torch.cuda.get_device_capability(x.device)[0]
     if _CC[dev] < 8:
         return False
+    if x.dtype == torch.bfloat16:  # bf16 needs the exact scheme: one scale per row and step
+        return group_size >= min(K, STEP_COLS)
     return group_size >= K or group_size >= 32
 
 

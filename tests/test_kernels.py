@@ -356,15 +356,17 @@ def test_w4_mma_default_shape_matches_h200_picks():
 
 @pytest.mark.parametrize("rows16", [False, True])
 @pytest.mark.parametrize("has_zero", [False, True])
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp16", "bf16"])
-def test_w4_mma_asm_operands(rows16, has_zero, bf16):
+@pytest.mark.parametrize(
+    "bf16,exact", [(False, False), (False, True), (True, True)], ids=["fp16", "fp16x", "bf16"]
+)
+def test_w4_mma_asm_operands(rows16, has_zero, bf16, exact):
     """The generated PTX of the tensor-core kernel uses exactly the operands its constraints declare:
     every input register is read (acc, words, x pairs [rows 8..15], s [, z]), outputs are $0-$7."""
     import re
 
     from workbench.kernels.gemv_mma import w4_asm
 
-    asm, cons = w4_asm(rows16, has_zero, bf16)
+    asm, cons = w4_asm(rows16, has_zero, bf16, exact)
     kinds = cons.split(",")
     used = {int(i) for i in re.findall(r"\$(\d+)", asm)}
     assert kinds[:8] == ["=f"] * 8 and kinds[8:16] == ["f"] * 8 and max(used) < len(kinds)
@@ -378,4 +380,6 @@ def test_w4_mma_asm_operands(rows16, has_zero, bf16):
     assert asm.count("mma.sync.aligned.m16n8k16") == (32 if rows16 else 16)
     assert asm.count(".bf16.bf16.f32") == (asm.count("mma.sync") if bf16 else 0)
     assert asm.count("shr.b32") == (16 if bf16 else 0)  # bf16: high nibbles shifted down, 1 per 2 codes
+    # exact: no scale in the decode, the fp32 scale / zero-point fma once per step per element
+    assert asm.count("fma.rn.f32") == ((16 if rows16 else 8) if exact else 0)
     assert asm.count("{") == asm.count("}")
