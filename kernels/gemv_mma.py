@@ -1,24 +1,21 @@
 """W4 dequant-matmul for 1..16 rows on the tensor cores, decoded straight into the mma fragments (CUDA).
 
-``y = x @ dequant(W)^T`` for 4-bit codes (group size a power of two >= 32, or per channel), fp16
-activations, M <= 16 rows.  The weights are the A operand of ``mma.sync.m16n8k16`` (16 output
+``y = x @ dequant(W)^T`` for 4-bit codes (group size a power of two >= 32, or per channel), fp16 or
+bf16 activations, M <= 16 rows.  The weights are the A operand of ``mma.sync.m16n8k16`` (16 output
 channels x 16 k), x the B operand (k x 8 rows of x).  A warp owns 16 channels and walks K in steps of
 128 columns.  Lane L = 4 g + q loads 16 bytes from each of its two rows (channels g and g + 8 of the
 warp's 16): the 4 packed words (32 codes) of chunk q, columns 32 q .. 32 q + 31 of the step.  Those
 are exactly the lane's A fragments for 8 k-steps, so each lane decodes its own words into the
 registers the tensor cores read: no shared-memory round trip, no layout conversion.
 
-Decode (inline PTX, ``tl.inline_asm_elementwise`` with ``pack=8`` = the lane's two 16-byte loads):
-
-* ``prmt`` puts byte j of words (2u, 2u+1) into the two halves of one register; by the packing layout
-  (``workbench.quant.packing``: slot s of chunk word w is column 4 s + w) the two low nibbles are
-  columns (8 j + 2 u, 8 j + 2 u + 1) and the two high nibbles the same + 4: adjacent columns, so the
-  matching x pair is one 32-bit word of x, loaded as is (the B fragment, no shuffles);
-* ``lop3`` ORs the low nibbles into 0x6400 (fp16 1024 + q) and the high nibbles into 0x5400 (fp16
-  64 + q: the nibble sits 4 bits up, where the ulp of 64 is 1/16), two codes per instruction;
-* one ``fma.f16x2`` per two codes: v s - 1024 s (or - 64 s) = q s, exact before its one rounding;
-* one mma per 8 weights of the lane (fp32 accumulate) plus one with the constant A = -z s (the zero
-  point: exact products, fp32 sums; symmetric weights use z = 8).
+Decode (inline PTX in ``w4_mma_asm``, ``tl.inline_asm_elementwise`` with ``pack=8`` = the lane's two
+16-byte loads): ``prmt`` puts byte j of words (2u, 2u+1) into the two halves of one register (two
+adjacent columns: the matching x pair is one 32-bit word of x, the B fragment as loaded); ``lop3`` ORs
+the nibbles into fp16 / bf16 exponent bits, two codes per instruction; then either the *exact* scheme
+(A = q, the scale and zero point applied in fp32 after the mma, once per step: bf16, and fp16 <= 8 rows
+with groups >= 128 or per channel) or the *rounded* one (A = fp16(q s) by one ``fma`` per two codes,
+plus an mma with the constant A = -z s: fp16 with smaller groups or 9-16 rows).  Schemes, constants and
+papers: ``kernels/w4_mma_asm.py``.
 
 Rows of x: lane g supplies x row min(g, M - 1) as mma column g (one-row GEMV: loaded once per lane
 and broadcast); for M > 8 a second mma per step takes rows 8..15.  The accumulators (c0, c1 = y rows
@@ -30,8 +27,8 @@ This relies on Triton giving the ``[BLOCK_N, 16]`` int32 loads the layout sizePe
 threadsPerWarp [8, 4], warps stacked along rows (``BLOCK_N = 16 * num_warps``); ``_check_layout``
 refuses a compiled variant that differs, and the CUDA tests check the results.  The Triton
 interpreter cannot run inline PTX: on the CPU the launchers use the ``gemv_int`` / ``gemm_int`` kernels.
-Opt-in (``WORKBENCH_W4_MMA=1``) until the per-GPU tuner has chosen it where it wins
-(``benchmarks/RESULTS.md``, "Kernels on the H200").
+The default W4 path at <= 16 rows on CUDA (``WORKBENCH_W4_MMA=0`` turns it off); measured on the H200
+in ``benchmarks/RESULTS.md`` ("Kernels on the H200 (issue 13)").
 """
 
 from __future__ import annotations

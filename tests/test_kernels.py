@@ -287,6 +287,12 @@ def test_w4_mma_decode_identities():
     fused = ((128 + q) * sb - 128 * sb).to(torch.bfloat16)
     assert torch.equal(fused, (q * sb).to(torch.bfloat16))
     assert torch.equal((-128 * sb).to(torch.bfloat16).double(), -128 * sb)
+    # exact scheme: v - base is q exactly, and -z s of fp16 z, s is exact in fp32 (11 x 11 bits)
+    assert torch.equal((lo - 1024).half().float(), (b & 15).float()) and torch.equal(
+        hi16 - 128, (b >> 4).float()
+    )
+    z = torch.randint(0, 16, (4096,)).double() + torch.rand(4096, dtype=torch.float64).half().double()
+    assert torch.equal((-z.half().double() * s).float().double(), -z.half().double() * s)
 
 
 def test_tune_cache_picks_fastest_and_persists(tmp_path, monkeypatch):
