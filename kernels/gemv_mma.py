@@ -366,7 +366,7 @@ _CC: dict[object, int] = {}
 _SMS: dict[object, int] = {}
 
 
-def _sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     """Multiprocessor count of the device (cached)."""
     if device.index not in _SMS:
         _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
@@ -390,7 +390,7 @@ SHAPE_CHOICES = [
 ]
 
 
-def _default_shape(N: int, K: int, sms: int, M: int = 1) -> tuple[int, int, int]:
+def default_shape(N: int, K: int, sms: int, M: int = 1) -> tuple[int, int, int]:
     """(block_n, split_k, two_steps) when no tuned choice exists (or while a graph is captured).
 
     From the graph-timed tuner on the H200 (``benchmarks/RESULTS.md``, issue 13): the kernel is latency
@@ -421,7 +421,7 @@ def w4_mma(
 ) -> torch.Tensor:
     """W4 tensor-core GEMV; ``shape`` = (block_n, split_k, two_steps), default the heuristic one."""
     if shape is None:
-        shape = _default_shape(N, K, _sms(x.device), x.shape[0])
+        shape = default_shape(N, K, sm_count(x.device), x.shape[0])
     return launch_w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, shape[0], shape[1], out, shape[2])
 
 
@@ -442,7 +442,7 @@ def choose_w4(
     from workbench.kernels import tune
 
     M = x.shape[0]
-    default = (0, *_default_shape(N, K, _sms(x.device), M))
+    default = (0, *default_shape(N, K, sm_count(x.device), M))
     if not tune.tunable(x):
         return default
     steps = triton.cdiv(K, STEP_COLS)

@@ -351,13 +351,13 @@ def test_shipped_tune_table_and_user_override(tmp_path, monkeypatch):
 def test_w4_mma_default_shape_matches_h200_picks():
     """The heuristic launch shape (no tuned entry) reproduces the graph-timed winners on the H200
     (132 SMs; benchmarks/RESULTS.md, issue 13) up to the ties within 1 us there."""
-    from workbench.kernels.gemv_mma import _default_shape
+    from workbench.kernels.gemv_mma import default_shape
 
-    assert _default_shape(14336, 4096, 132) == (64, 4, 0)  # measured best (32, 4, 0) 16.0, this 16.1 us
-    assert _default_shape(4096, 14336, 132) == (64, 8, 0)  # 18.5 us (split 4: 26.3)
-    assert _default_shape(28672, 8192, 132) == (64, 2, 1)  # 46.3 us
-    assert _default_shape(14336, 4096, 132, M=16) == (64, 2, 1)  # 28.9 us (best (128, 2, 1) 28.5)
-    assert _default_shape(128256, 4096, 132) == (64, 1, 1)  # a wide lm_head: enough warps unsplit
+    assert default_shape(14336, 4096, 132) == (64, 4, 0)  # measured best (32, 4, 0) 16.0, this 16.1 us
+    assert default_shape(4096, 14336, 132) == (64, 8, 0)  # 18.5 us (split 4: 26.3)
+    assert default_shape(28672, 8192, 132) == (64, 2, 1)  # 46.3 us
+    assert default_shape(14336, 4096, 132, M=16) == (64, 2, 1)  # 28.9 us (best (128, 2, 1) 28.5)
+    assert default_shape(128256, 4096, 132) == (64, 1, 1)  # a wide lm_head: enough warps unsplit
 
 
 @pytest.mark.parametrize("rows16", [False, True])
