@@ -161,6 +161,10 @@ def _w4_mma_kernel(
     CONS: tl.constexpr,
     TWO_STEPS: tl.constexpr,  # 0/1: two K steps per loop iteration (more loads in flight per warp)
     BF16: tl.constexpr,  # bf16 activations: bf16 decode + mma (fp16 otherwise)
+    o_ptr,  # FIXUP: the [M, N] output (y_ptr is then the persistent fp32 workspace)
+    cnt_ptr,  # FIXUP: int32 arrival counters, one per column block (persistent, left at 0)
+    stride_om,
+    FIXUP: tl.constexpr,  # split-K finished inside the kernel (no zero-fill / cast launches)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -227,6 +231,24 @@ def _w4_mma_kernel(
     if not ROWS16:
         ymask = ymask & ((c % 4) < 2)  # elements 2, 3 were folded into 0, 1
     _store(y_ptr + ym * stride_ym + n, out, ymask, SPLIT_K)
+    if FIXUP:  # the last of the SPLIT_K programs of this column block casts, writes and re-zeroes
+        tl.debug_barrier()  # every thread's red.add issued before the release below
+        seen = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if seen == SPLIT_K - 1:
+            _fixup(y_ptr, o_ptr, cnt_ptr, pid_n, M, N, stride_ym, stride_om, BLOCK_N)
+
+
+@triton.jit
+def _fixup(ws_ptr, o_ptr, cnt_ptr, pid_n, M, N, stride_wm, stride_om, BLOCK_N: tl.constexpr):
+    """Read the column block's fp32 sums back from L2 (``.cg``), store them in the output dtype, zero
+    the workspace and the counter for the next launch (stream order makes that safe)."""
+    rows = tl.arange(0, 16)[:, None]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    m = (rows < M) & (cols < N)
+    v = tl.load(ws_ptr + rows * stride_wm + cols, mask=m, other=0.0, cache_modifier=".cg")
+    tl.store(o_ptr + rows * stride_om + cols, v.to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(ws_ptr + rows * stride_wm + cols, tl.zeros([16, BLOCK_N], tl.float32), mask=m)
+    tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -282,7 +304,12 @@ def launch_w4_mma(
     steps = triton.cdiv(K, STEP_COLS)
     tps = triton.cdiv(steps, max(1, min(split_k, steps)))
     split = triton.cdiv(steps, tps)
-    y = alloc_output("gemv_w4_mma", out, x, N, split)
+    ws = _workspace(x, N, block_n) if split > 1 and os.environ.get("WORKBENCH_W4_FIXUP") == "1" else None
+    if ws is not None:  # opt-in, not yet run on a GPU (benchmarks/KERNEL_NOTES.md, issue 13)
+        y = alloc_output("gemv_w4_mma", out, x, N, 1)
+        ws, cnt = ws
+    else:
+        y = alloc_output("gemv_w4_mma", out, x, N, split)
     asm, cons = w4_asm(M > 8, zeros_t is not None, x.dtype == torch.bfloat16, exact_scheme(x, group_size, K))
     grid = (triton.cdiv(N, block_n), split)
     ck = _w4_mma_kernel[grid](
@@ -290,7 +317,7 @@ def launch_w4_mma(
         packed,
         scales_t,
         zeros_t if zeros_t is not None else scales_t,
-        y,
+        y if ws is None else ws,
         M,
         N,
         K // 2,
@@ -299,7 +326,7 @@ def launch_w4_mma(
         tps,
         x.stride(0) // 2,
         packed.stride(0),
-        y.stride(0),
+        y.stride(0) if ws is None else ws.stride(0),
         G_SHIFT=0 if per_channel else group_size.bit_length() - 1,
         PER_CHANNEL=per_channel,
         HAS_ZERO=zeros_t is not None,
@@ -312,10 +339,30 @@ def launch_w4_mma(
         ONE_ROW=M == 1,
         TWO_STEPS=int(two_steps),
         BF16=x.dtype == torch.bfloat16,
+        o_ptr=y,
+        cnt_ptr=y if ws is None else cnt,
+        stride_om=y.stride(0),
+        FIXUP=ws is not None,
         num_warps=block_n // 16,
     )
     _check_layout(ck)
     return finish_output(y, out, x.dtype)
+
+
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(x: torch.Tensor, N: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Persistent zeroed fp32 [M, N] sums and int32 counters for the in-kernel split-K fix-up (each
+    launch leaves them at zero; one stream at a time).  None while a graph is captured and none exists
+    yet (the caller then uses the zero-fill + cast launches)."""
+    key = (x.device.index, x.shape[0], N, block_n)
+    if key not in _WORKSPACE:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        ws = torch.zeros(x.shape[0], N, dtype=torch.float32, device=x.device)
+        _WORKSPACE[key] = (ws, torch.zeros(triton.cdiv(N, block_n), dtype=torch.int32, device=x.device))
+    return _WORKSPACE[key]
 
 
 _LAYOUT_OK: set[int] = set()

@@ -263,6 +263,26 @@ def test_w4_mma_matches_reference(shape, G, sym, monkeypatch):
             assert _rel_err(y, ref) < TOL[dt], f"M={M} {dt} (block_n, split_k, two_steps)={shape}"
 
 
+@pytest.mark.skipif(not CUDA, reason="the W4 tensor-core kernel is inline PTX: CUDA only")
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_w4_mma_split_k_fixup(dt, monkeypatch):
+    """Split-K finished inside the kernel (WORKBENCH_W4_FIXUP=1): right on every split shape, and the
+    persistent workspace / counters are left at zero (a second launch gives the same result)."""
+    from workbench.kernels.gemv_mma import SHAPE_CHOICES, w4_mma
+
+    monkeypatch.setenv("WORKBENCH_W4_FIXUP", "1")
+    N, K, G = 300, 1024, 128
+    _, packed, st, zt = _make_int(N, K, 4, G, False, 11)
+    for M in [1, 3, 16]:
+        x = _x(M, K, dt, 20 + M)
+        ref = R.gemv_int_ref(x, packed, st, zt, 4, G, K)
+        for shape in [c for c in SHAPE_CHOICES if c[1] > 1]:
+            y1 = w4_mma(x, packed, st, zt, G, K, N, out=_poisoned(M, N, dt), shape=shape)
+            y2 = w4_mma(x, packed, st, zt, G, K, N, out=_poisoned(M, N, dt), shape=shape)
+            assert _rel_err(y1, ref) < TOL[dt], f"M={M} {shape}"
+            assert _rel_err(y2, ref) < TOL[dt], f"M={M} {shape}: workspace not left at zero"
+
+
 def test_w4_mma_decode_identities():
     """The fp16 bit tricks of the tensor-core decode, checked on every byte pair and random scales.
 
