@@ -267,7 +267,7 @@ def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool,
                 N,
                 M,
                 fmt,
-                "gemv" if M <= 4 else "gemm",
+                "mma" if best["config"].startswith("w4 [0,") else "gemv" if M <= 4 else "gemm",
                 best["config"],
                 best["us"],
                 fp16_us,
@@ -332,6 +332,10 @@ def _chosen(fmt: str, x, N: int, K: int) -> str | None:
     for kind in ("w4", "gemv", "gemm"):
         if f"{kind}|{key}" in table:
             return f"{kind} {table[f'{kind}|{key}']}"
+    from workbench.kernels.gemv_mma import default_shape, mma_eligible, sm_count
+
+    if fmt != "fp8" and mma_eligible(x, bits, G or K, K):  # no tuned entry: the heuristic launch shape
+        return f"w4 {[0, *default_shape(N, K, sm_count(x.device), x.shape[0])]} (heuristic)"
     return None
 
 
@@ -400,6 +404,7 @@ def _result(device: str, bw: float, rows: list[Row]) -> dict:
         "launches_per_graph": LAUNCHES,
         "rows": [asdict(r) for r in rows],
         "tuned_launch_shapes": _tuned(),
+        "tuner_times_us": __import__("workbench.kernels.tune", fromlist=["TIMES"]).TIMES,
     }
 
 

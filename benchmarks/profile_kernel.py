@@ -19,8 +19,17 @@ import argparse
 import torch
 
 
-def sass_histogram(rows16: bool, has_zero: bool, two_steps: bool, block_n: int = 64) -> str:
-    """Compile ``_w4_mma_kernel`` for sm_90 here (no GPU) and count the SASS of its K loop."""
+def sass_histogram(
+    rows16: bool,
+    has_zero: bool,
+    two_steps: bool,
+    block_n: int = 64,
+    bf16: bool = False,
+    exact: bool = True,
+    fixup: bool = False,
+) -> str:
+    """Compile ``_w4_mma_kernel`` for sm_90 here (no GPU), check its layout, count the SASS of its K loop
+    (``fixup``: split-K 4 finished in the kernel)."""
     import collections
     import os
     import re
@@ -32,9 +41,11 @@ def sass_histogram(rows16: bool, has_zero: bool, two_steps: bool, block_n: int =
     from triton.compiler import ASTSource
     from workbench.kernels import gemv_mma as G
 
-    asm, cons = G.w4_asm(rows16, has_zero)
+    asm, cons = G.w4_asm(rows16, has_zero, bf16, exact or bf16)
+    act = "*bf16" if bf16 else "*fp16"
     ints = ["M", "N", "K2", "KWL", "STEPS", "STEPS_PER_SPLIT", "stride_x2", "stride_wn", "stride_ym"]
-    sig = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16"}
+    y_t = "*fp32" if fixup else act
+    sig = {"x_ptr": act, "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": y_t}
     sig.update({k: "i32" for k in ints})
     const = dict(
         G_SHIFT=7,
@@ -44,17 +55,21 @@ def sass_histogram(rows16: bool, has_zero: bool, two_steps: bool, block_n: int =
         ONE_ROW=not rows16,
         EVEN_K=True,
         BLOCK_N=block_n,
-        SPLIT_K=1,
+        SPLIT_K=4 if fixup else 1,
         ASM=asm,
         CONS=cons,
         TWO_STEPS=int(two_steps),
+        BF16=bf16,
     )
     sig.update({k: "constexpr" for k in const})
+    sig.update({"o_ptr": act, "cnt_ptr": "*i32", "stride_om": "i32", "FIXUP": "constexpr"})
+    const["FIXUP"] = fixup
     names = list(sig)
     aligned = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "K2", "KWL", "stride_x2", "stride_wn"]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=G._w4_mma_kernel, signature=sig, constexprs=const, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": block_n // 16})
+    G._check_layout(ck)  # raises if the loads lost the lane <-> fragment layout
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
@@ -91,9 +106,14 @@ def main() -> None:
     ap.add_argument("--rows16", action="store_true")
     ap.add_argument("--sym", action="store_true")
     ap.add_argument("--two-steps", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bf16 activations (bf16 decode and mma)")
+    ap.add_argument("--rounded", action="store_true", help="fp16 scheme for groups < 128 (q s rounded)")
+    ap.add_argument("--fixup", action="store_true", help="split-K 4 finished inside the kernel")
     a = ap.parse_args()
     if a.sass:
-        print(sass_histogram(a.rows16, not a.sym, a.two_steps))
+        print(
+            sass_histogram(a.rows16, not a.sym, a.two_steps, bf16=a.bf16, exact=not a.rounded, fixup=a.fixup)
+        )
         return
     K, N, M = (int(v) for v in a.shape.split("x"))
     cfg = None

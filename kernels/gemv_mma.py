@@ -1,24 +1,21 @@
 """W4 dequant-matmul for 1..16 rows on the tensor cores, decoded straight into the mma fragments (CUDA).
 
-``y = x @ dequant(W)^T`` for 4-bit codes (group size a power of two >= 32, or per channel), fp16
-activations, M <= 16 rows.  The weights are the A operand of ``mma.sync.m16n8k16`` (16 output
+``y = x @ dequant(W)^T`` for 4-bit codes (group size a power of two >= 32, or per channel), fp16 or
+bf16 activations, M <= 16 rows.  The weights are the A operand of ``mma.sync.m16n8k16`` (16 output
 channels x 16 k), x the B operand (k x 8 rows of x).  A warp owns 16 channels and walks K in steps of
 128 columns.  Lane L = 4 g + q loads 16 bytes from each of its two rows (channels g and g + 8 of the
 warp's 16): the 4 packed words (32 codes) of chunk q, columns 32 q .. 32 q + 31 of the step.  Those
 are exactly the lane's A fragments for 8 k-steps, so each lane decodes its own words into the
 registers the tensor cores read: no shared-memory round trip, no layout conversion.
 
-Decode (inline PTX, ``tl.inline_asm_elementwise`` with ``pack=8`` = the lane's two 16-byte loads):
-
-* ``prmt`` puts byte j of words (2u, 2u+1) into the two halves of one register; by the packing layout
-  (``workbench.quant.packing``: slot s of chunk word w is column 4 s + w) the two low nibbles are
-  columns (8 j + 2 u, 8 j + 2 u + 1) and the two high nibbles the same + 4: adjacent columns, so the
-  matching x pair is one 32-bit word of x, loaded as is (the B fragment, no shuffles);
-* ``lop3`` ORs the low nibbles into 0x6400 (fp16 1024 + q) and the high nibbles into 0x5400 (fp16
-  64 + q: the nibble sits 4 bits up, where the ulp of 64 is 1/16), two codes per instruction;
-* one ``fma.f16x2`` per two codes: v s - 1024 s (or - 64 s) = q s, exact before its one rounding;
-* one mma per 8 weights of the lane (fp32 accumulate) plus one with the constant A = -z s (the zero
-  point: exact products, fp32 sums; symmetric weights use z = 8).
+Decode (inline PTX in ``w4_mma_asm``, ``tl.inline_asm_elementwise`` with ``pack=8`` = the lane's two
+16-byte loads): ``prmt`` puts byte j of words (2u, 2u+1) into the two halves of one register (two
+adjacent columns: the matching x pair is one 32-bit word of x, the B fragment as loaded); ``lop3`` ORs
+the nibbles into fp16 / bf16 exponent bits, two codes per instruction; then either the *exact* scheme
+(A = q, the scale and zero point applied in fp32 after the mma, once per step: bf16, and fp16 <= 8 rows
+with groups >= 128 or per channel) or the *rounded* one (A = fp16(q s) by one ``fma`` per two codes,
+plus an mma with the constant A = -z s: fp16 with smaller groups or 9-16 rows).  Schemes, constants and
+papers: ``kernels/w4_mma_asm.py``.
 
 Rows of x: lane g supplies x row min(g, M - 1) as mma column g (one-row GEMV: loaded once per lane
 and broadcast); for M > 8 a second mma per step takes rows 8..15.  The accumulators (c0, c1 = y rows
@@ -30,8 +27,8 @@ This relies on Triton giving the ``[BLOCK_N, 16]`` int32 loads the layout sizePe
 threadsPerWarp [8, 4], warps stacked along rows (``BLOCK_N = 16 * num_warps``); ``_check_layout``
 refuses a compiled variant that differs, and the CUDA tests check the results.  The Triton
 interpreter cannot run inline PTX: on the CPU the launchers use the ``gemv_int`` / ``gemm_int`` kernels.
-Opt-in (``WORKBENCH_W4_MMA=1``) until the per-GPU tuner has chosen it where it wins
-(``benchmarks/RESULTS.md``, "Kernels on the H200").
+The default W4 path at <= 16 rows on CUDA (``WORKBENCH_W4_MMA=0`` turns it off); measured on the H200
+in ``benchmarks/RESULTS.md`` ("Kernels on the H200 (issue 13)").
 """
 
 from __future__ import annotations
@@ -44,91 +41,13 @@ import torch
 import triton
 import triton.language as tl
 from workbench.kernels.checks import alloc_output, finish_output
+from workbench.kernels.w4_mma_asm import w4_asm
 
 from workbench.errors import WorkbenchError
 
 STEP_COLS = 128  # columns per K step: 4 lanes x 32-column chunks
 STEP = tl.constexpr(STEP_COLS)
 MAX_ROWS = 16
-
-
-def _sel(b: int) -> int:
-    """prmt selector: byte b of the first word into bytes 0-1, byte b of the second into bytes 2-3."""
-    return b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
-
-
-def w4_asm(rows16: bool, has_zero: bool) -> tuple[str, str]:
-    """PTX and constraints for one lane (``pack=8``: 16 bytes of two weight rows a, b).
-
-    The weights are the A operand (rows g / g + 8 of the mma = the lane's rows a / b), x the B operand
-    (column m = x row).  Per k-step: A = q s (fp16, one ``fma`` per two codes: v s - base s is exact
-    before its one rounding), and a second mma with the constant A = -z s adds the zero-point term
-    (exact products, fp32 sums).  Operands: $0-$7 acc out, $8-$15 acc in (element i of row a / b:
-    x row 2 q + i % 2 (+ 8 for i >= 2 when ``rows16``; else elements 2, 3 carry the zero-point
-    partial of the same rows, summed at the end)); $16-$19 / $20-$23 the words of rows a / b;
-    $24 + 8 j + e: x pair 4 j + e of the lane's chunk (e < 4), [$56 + ...: x rows 8..15]; then s and
-    z, fp16 packed two per register ({s_a, s_a} x 2, {s_b, s_b} x 2).
-    """
-    so = 88 if rows16 else 56
-    zo = so + 4
-    lines = [
-        "{",
-        ".reg .b32 %p<2>, %la, %lb, %ma, %mb, %ha, %hb, %ia, %ib, %k, %za, %zb, %zc, %zd;",
-        ".reg .b32 %ska, %skb, %sfa, %sfb;",
-        "mov.b32 %k, 0xE400E400;",  # -1024
-    ]
-    for row, sreg in (("a", so), ("b", so + 2)):
-        lines += [f"mul.rn.f16x2 %sk{row}, ${sreg}, %k;"]
-    lines += ["mov.b32 %k, 0xD400D400;"]  # -64
-    for row, sreg in (("a", so), ("b", so + 2)):
-        lines += [f"mul.rn.f16x2 %sf{row}, ${sreg}, %k;"]
-    lines += ["mov.b32 %k, 0xBC00BC00;" if has_zero else "mov.b32 %k, 0xC800C800;"]  # -1 or -8
-    for row, sreg, zreg in (("a", so, zo), ("b", so + 2, zo + 2)):
-        zsrc = f"${zreg}" if has_zero else "%k"
-        lines += [f"mul.rn.f16x2 %z{row}, {zsrc}, ${sreg};"]
-        if has_zero:
-            lines += [f"mul.rn.f16x2 %z{row}, %z{row}, %k;"]
-    # the constant A of the zero-point mma as four distinct registers: a quad {za, zb, za, zb} would be
-    # rebuilt with two moves before every mma
-    lines += ["mov.b32 %k, 0x3C003C00;", "mul.rn.f16x2 %zc, %za, %k;", "mul.rn.f16x2 %zd, %zb, %k;"]
-    # accumulators: decoded part -> {$0, $1, $4, $5}; zero-point part -> {$2, $3, $6, $7} (rows16: the
-    # second x block, zero-point part folded into the same chain)
-    main_in, side_in = "$8, $9, $12, $13", "$10, $11, $14, $15"
-    main, side = "$0, $1, $4, $5", "$2, $3, $6, $7"
-    first = True
-    for j in range(4):
-        for row, w0, sreg in (("a", 16, so), ("b", 20, so + 2)):
-            for u in range(2):
-                lo, hi = (f"%l{row}", f"%h{row}") if u == 0 else (f"%m{row}", f"%i{row}")
-                lines += [
-                    f"prmt.b32 %p{u}, ${w0 + 2 * u}, ${w0 + 2 * u + 1}, {_sel(j):#x};",
-                    f"lop3.b32 {lo}, %p{u}, 0x000F000F, 0x64006400, 0xEA;",
-                    f"lop3.b32 {hi}, %p{u}, 0x00F000F0, 0x54005400, 0xEA;",
-                    f"fma.rn.f16x2 {lo}, {lo}, ${sreg}, %sk{row};",
-                    f"fma.rn.f16x2 {hi}, {hi}, ${sreg}, %sf{row};",
-                ]
-        for a_regs, e in (("%la, %lb, %ma, %mb", 0), ("%ha, %hb, %ia, %ib", 2)):
-            x = f"${24 + 8 * j + e}, ${24 + 8 * j + e + 1}"
-            y = f"${56 + 8 * j + e}, ${56 + 8 * j + e + 1}"
-            mi, si = (main_in, side_in) if first else (main, side)
-            first = False
-            mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
-            if rows16:
-                lines += [
-                    f"{mma} {{{main}}}, {{{a_regs}}}, {{{x}}}, {{{mi}}};",
-                    f"{mma} {{{main}}}, {{%za, %zb, %zc, %zd}}, {{{x}}}, {{{main}}};",
-                    f"{mma} {{{side}}}, {{{a_regs}}}, {{{y}}}, {{{si}}};",
-                    f"{mma} {{{side}}}, {{%za, %zb, %zc, %zd}}, {{{y}}}, {{{side}}};",
-                ]
-            else:
-                lines += [
-                    f"{mma} {{{main}}}, {{{a_regs}}}, {{{x}}}, {{{mi}}};",
-                    f"{mma} {{{side}}}, {{%za, %zb, %zc, %zd}}, {{{x}}}, {{{si}}};",
-                ]
-    lines.append("}")
-    n_r = 8 + 32 + (32 if rows16 else 0) + (8 if has_zero else 4)  # words, x pairs, s [, z]
-    cons = ",".join(["=f"] * 8 + ["f"] * 8 + ["r"] * n_r)
-    return "\n".join(lines), cons
 
 
 @triton.jit
@@ -173,6 +92,9 @@ def _load_step(x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t, t1, N, K2, KWL, G_S
     x3 = _x_pairs(x32, mx, t, c, K2, 3, t < t1, EVEN_K)
     if G_SHIFT < 7 and not PER_CHANNEL:  # each lane's 32-column chunk in one group: [BN, 16], opaque
         gq = (tc * STEP + (c // 4) * 32) >> G_SHIFT  # [1, 16]
+        # chunks past K in the last step: clamp to the last group (their words and x are 0, but a scale
+        # read past the table could be inf / NaN, and 0 * inf is NaN)
+        gq = tl.minimum(gq, ((2 * K2 + (1 << G_SHIFT) - 1) >> G_SHIFT) - 1)
         s = _ld16(s_ptr + gq * N + n, nmask)
         z = _ld16(z_ptr + gq * N + n, nmask)
     else:  # one scale per row for the step
@@ -183,9 +105,11 @@ def _load_step(x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t, t1, N, K2, KWL, G_S
 
 
 @triton.jit
-def _mma_step(acc, cur, t, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N: tl.constexpr, ASM, CONS):
+def _mma_step(
+    acc, cur, t, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N: tl.constexpr, ASM, CONS, BF16
+):
     """acc += the lane fragments of step t (loads in ``cur``) through the decode + mma asm."""
-    words, x0, x1, x2, x3, s, z = cur
+    words, x0, x1, x2, x3, s, z = cur  # s, z fp16 (the asm converts them; BF16 only picks the asm)
     x0 = tl.broadcast_to(x0, [BLOCK_N, 16])
     x1 = tl.broadcast_to(x1, [BLOCK_N, 16])
     x2 = tl.broadcast_to(x2, [BLOCK_N, 16])
@@ -236,6 +160,11 @@ def _w4_mma_kernel(
     ASM: tl.constexpr,
     CONS: tl.constexpr,
     TWO_STEPS: tl.constexpr,  # 0/1: two K steps per loop iteration (more loads in flight per warp)
+    BF16: tl.constexpr,  # bf16 activations: bf16 decode + mma (fp16 otherwise)
+    o_ptr,  # FIXUP: the [M, N] output (y_ptr is then the persistent fp32 workspace)
+    cnt_ptr,  # FIXUP: int32 arrival counters, one per column block (persistent, left at 0)
+    stride_om,
+    FIXUP: tl.constexpr,  # split-K finished inside the kernel (no zero-fill / cast launches)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -269,9 +198,11 @@ def _w4_mma_kernel(
             nxt2 = _load_step(
                 x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t + 3, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K
             )
-            acc = _mma_step(acc, cur, t, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N, ASM, CONS)
             acc = _mma_step(
-                acc, cur2, t + 1, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N, ASM, CONS
+                acc, cur, t, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N, ASM, CONS, BF16
+            )
+            acc = _mma_step(
+                acc, cur2, t + 1, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N, ASM, CONS, BF16
             )
             cur = nxt
             cur2 = nxt2
@@ -279,7 +210,9 @@ def _w4_mma_kernel(
             nxt = _load_step(
                 x32, w_row, s_ptr, z_ptr, n, nmask, mx, c, t + 1, t1, N, K2, KWL, G_SHIFT, PER_CHANNEL, EVEN_K
             )
-            acc = _mma_step(acc, cur, t, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N, ASM, CONS)
+            acc = _mma_step(
+                acc, cur, t, t1, x32, my, c, K2, ROWS16, HAS_ZERO, EVEN_K, BLOCK_N, ASM, CONS, BF16
+            )
             cur = nxt
     if ROWS16:  # acc[r, 4 q + i]: y[x row 2 q + i % 2 + 8 (i // 2), channel n(r)]
         ym = 2 * (c // 4) + (c % 2) + 8 * ((c % 4) // 2)  # [1, 16]
@@ -298,6 +231,24 @@ def _w4_mma_kernel(
     if not ROWS16:
         ymask = ymask & ((c % 4) < 2)  # elements 2, 3 were folded into 0, 1
     _store(y_ptr + ym * stride_ym + n, out, ymask, SPLIT_K)
+    if FIXUP:  # the last of the SPLIT_K programs of this column block casts, writes and re-zeroes
+        tl.debug_barrier()  # every thread's red.add issued before the release below
+        seen = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if seen == SPLIT_K - 1:
+            _fixup(y_ptr, o_ptr, cnt_ptr, pid_n, M, N, stride_ym, stride_om, BLOCK_N)
+
+
+@triton.jit
+def _fixup(ws_ptr, o_ptr, cnt_ptr, pid_n, M, N, stride_wm, stride_om, BLOCK_N: tl.constexpr):
+    """Read the column block's fp32 sums back from L2 (``.cg``), store them in the output dtype, zero
+    the workspace and the counter for the next launch (stream order makes that safe)."""
+    rows = tl.arange(0, 16)[:, None]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    m = (rows < M) & (cols < N)
+    v = tl.load(ws_ptr + rows * stride_wm + cols, mask=m, other=0.0, cache_modifier=".cg")
+    tl.store(o_ptr + rows * stride_om + cols, v.to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(ws_ptr + rows * stride_wm + cols, tl.zeros([16, BLOCK_N], tl.float32), mask=m)
+    tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -345,7 +296,7 @@ def launch_w4_mma(
 ) -> torch.Tensor:
     """Launch the W4 tensor-core GEMV (inputs already checked, ``mma_eligible`` true).
 
-    x: fp16 [M <= 16, K]; packed int32 [N, Kp / 8]; scales_t / zeros_t fp16 [n_groups, N] (zeros None:
+    x: fp16 or bf16 [M <= 16, K]; packed int32 [N, Kp / 8]; scales_t / zeros_t fp16 [n_groups, N] (zeros None:
     symmetric); block_n = 16 * warps (two rows per lane); split_k >= 1.  Returns y [M, N] fp16.
     """
     M = x.shape[0]
@@ -353,15 +304,20 @@ def launch_w4_mma(
     steps = triton.cdiv(K, STEP_COLS)
     tps = triton.cdiv(steps, max(1, min(split_k, steps)))
     split = triton.cdiv(steps, tps)
-    y = alloc_output("gemv_w4_mma", out, x, N, split)
-    asm, cons = w4_asm(M > 8, zeros_t is not None)
+    ws = _workspace(x, N, block_n) if split > 1 and os.environ.get("WORKBENCH_W4_FIXUP") == "1" else None
+    if ws is not None:  # opt-in, not yet run on a GPU (benchmarks/KERNEL_NOTES.md, issue 13)
+        y = alloc_output("gemv_w4_mma", out, x, N, 1)
+        ws, cnt = ws
+    else:
+        y = alloc_output("gemv_w4_mma", out, x, N, split)
+    asm, cons = w4_asm(M > 8, zeros_t is not None, x.dtype == torch.bfloat16, exact_scheme(x, group_size, K))
     grid = (triton.cdiv(N, block_n), split)
     ck = _w4_mma_kernel[grid](
         x,
         packed,
         scales_t,
         zeros_t if zeros_t is not None else scales_t,
-        y,
+        y if ws is None else ws,
         M,
         N,
         K // 2,
@@ -370,7 +326,7 @@ def launch_w4_mma(
         tps,
         x.stride(0) // 2,
         packed.stride(0),
-        y.stride(0),
+        y.stride(0) if ws is None else ws.stride(0),
         G_SHIFT=0 if per_channel else group_size.bit_length() - 1,
         PER_CHANNEL=per_channel,
         HAS_ZERO=zeros_t is not None,
@@ -382,10 +338,31 @@ def launch_w4_mma(
         CONS=cons,
         ONE_ROW=M == 1,
         TWO_STEPS=int(two_steps),
+        BF16=x.dtype == torch.bfloat16,
+        o_ptr=y,
+        cnt_ptr=y if ws is None else cnt,
+        stride_om=y.stride(0),
+        FIXUP=ws is not None,
         num_warps=block_n // 16,
     )
     _check_layout(ck)
     return finish_output(y, out, x.dtype)
+
+
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(x: torch.Tensor, N: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Persistent zeroed fp32 [M, N] sums and int32 counters for the in-kernel split-K fix-up (each
+    launch leaves them at zero; one stream at a time).  None while a graph is captured and none exists
+    yet (the caller then uses the zero-fill + cast launches)."""
+    key = (x.device.index, x.shape[0], N, block_n)
+    if key not in _WORKSPACE:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        ws = torch.zeros(x.shape[0], N, dtype=torch.float32, device=x.device)
+        _WORKSPACE[key] = (ws, torch.zeros(triton.cdiv(N, block_n), dtype=torch.int32, device=x.device))
+    return _WORKSPACE[key]
 
 
 _LAYOUT_OK: set[int] = set()
@@ -405,12 +382,20 @@ def _check_layout(ck) -> None:
     _LAYOUT_OK.add(id(ck))
 
 
+def exact_scheme(x: torch.Tensor, group_size: int, K: int) -> bool:
+    """Scale applied after the mma in fp32 (``w4_mma_asm``): bf16 always, fp16 with groups >= 128 or
+    per channel (one scale per row and step) and <= 8 rows; otherwise fp16 rounds q s first."""
+    if x.dtype == torch.bfloat16:
+        return True
+    return group_size >= min(K, STEP_COLS) and x.shape[0] <= 8  # 9-16 rows: 3.17 vs 3.61 SASS / weight
+
+
 def mma_eligible(x: torch.Tensor, bits: int, group_size: int, K: int) -> bool:
-    """The W4 tensor-core path applies: CUDA sm_80+, fp16 x with <= 16 rows, even K and row stride,
+    """The W4 tensor-core path applies: CUDA sm_80+, fp16 / bf16 x with <= 16 rows, even K and row stride,
     4-bit codes, group >= 32 (the launch checks already ensured a power of two) or per channel."""
-    if os.environ.get("WORKBENCH_W4_MMA", "0") != "1":  # opt-in until verified on the GPU
+    if os.environ.get("WORKBENCH_W4_MMA", "1") == "0":  # default on; WORKBENCH_W4_MMA=0 turns it off
         return False
-    if not x.is_cuda or x.dtype != torch.float16 or bits != 4 or x.shape[0] > MAX_ROWS:
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or bits != 4 or x.shape[0] > MAX_ROWS:
         return False
     if K % 2 or x.stride(0) % 2 or x.data_ptr() % 4:
         return False
@@ -419,6 +404,8 @@ def mma_eligible(x: torch.Tensor, bits: int, group_size: int, K: int) -> bool:
         _CC[dev] = torch.cuda.get_device_capability(x.device)[0]
     if _CC[dev] < 8:
         return False
+    if x.dtype == torch.bfloat16:  # bf16 needs the exact scheme: one scale per row and step
+        return group_size >= min(K, STEP_COLS)
     return group_size >= K or group_size >= 32
 
 
@@ -426,7 +413,7 @@ _CC: dict[object, int] = {}
 _SMS: dict[object, int] = {}
 
 
-def _sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     """Multiprocessor count of the device (cached)."""
     if device.index not in _SMS:
         _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
@@ -450,13 +437,22 @@ SHAPE_CHOICES = [
 ]
 
 
-def _default_shape(N: int, K: int, sms: int) -> tuple[int, int]:
-    """Heuristic (block_n, split_k) used while a graph is captured before any tuning: >= 2 programs/SM."""
+def default_shape(N: int, K: int, sms: int, M: int = 1) -> tuple[int, int, int]:
+    """(block_n, split_k, two_steps) when no tuned choice exists (or while a graph is captured).
+
+    From the graph-timed tuner on the H200 (``benchmarks/RESULTS.md``, issue 13): the kernel is latency
+    bound, and the winners keep ~24 warps per SM in flight at 1-8 rows (~12 at 9-16 rows, where each
+    warp does twice the work): 4 warps per program, split-K doubled (<= 8, >= 4 steps per split) until
+    the grid reaches that; two steps per iteration when split-K <= 2 (long per-warp K walks).
+    """
     block_n, steps = 64, triton.cdiv(K, STEP_COLS)
+    want = (24 if M <= 8 else 12) * sms
     split = 1
-    while triton.cdiv(N, block_n) * split < 2 * sms and split * 2 <= 8 and steps // (split * 2) >= 4:
+    while (
+        triton.cdiv(N, block_n) * split * (block_n // 16) < want and split < 8 and steps // (split * 2) >= 4
+    ):
         split *= 2
-    return block_n, split
+    return block_n, split, int(split <= 2)
 
 
 def w4_mma(
@@ -472,7 +468,7 @@ def w4_mma(
 ) -> torch.Tensor:
     """W4 tensor-core GEMV; ``shape`` = (block_n, split_k, two_steps), default the heuristic one."""
     if shape is None:
-        shape = (*_default_shape(N, K, _sms(x.device)), 0)
+        shape = default_shape(N, K, sm_count(x.device), x.shape[0])
     return launch_w4_mma(x, packed, scales_t, zeros_t, group_size, K, N, shape[0], shape[1], out, shape[2])
 
 
@@ -493,7 +489,7 @@ def choose_w4(
     from workbench.kernels import tune
 
     M = x.shape[0]
-    default = (0, *_default_shape(N, K, _sms(x.device)), 0)
+    default = (0, *default_shape(N, K, sm_count(x.device), M))
     if not tune.tunable(x):
         return default
     steps = triton.cdiv(K, STEP_COLS)

@@ -3,14 +3,17 @@
 The first call of a tuned kernel for a (GPU name, kernel, shape) key times each candidate launch shape
 on the real inputs (L2 flushed before every timed launch, median of a few) and keeps the fastest; the
 choice is written to ``$WORKBENCH_TUNE_CACHE`` (default ``~/.cache/workbench/kernel_tune.json``), one
-object ``{"<gpu name>": {"<key>": [params...]}}``, and read back by later processes.  While a CUDA graph
+object ``{"<gpu name>": {"<key>": [params...]}}``, and read back by later processes.  Picks measured on
+the lent GPUs ship beside this file (``tuned_launch_shapes.json``, same form) and are used where the
+user cache has no entry; a GPU or shape in neither takes the launcher's heuristic.  While a CUDA graph
 is being captured nothing can be timed: the caller's heuristic shape is used and nothing is cached.
 
 Opt-in: timing passes run only with ``WORKBENCH_TUNE=1`` (a cached choice is used either way).  Each
 candidate is timed like ``benchmarks/bench_kernels.py`` does (CUDA graph of 20 launches over weight
 copies >= 3x L2).  The first version timed one launch after an L2 flush; on the H200 (2026-12-02,
 ``benchmarks/RESULTS.md``) that ranked 10-25 us kernels by launch overhead and split-K's extra memset /
-cast launches and picked worse shapes than the defaults.  The graph timing has not yet run on a GPU.
+cast launches and picked worse shapes than the defaults.  With graph timing (H200, issue 13) the picks
+match the benchmark's times; ``TIMES`` keeps every candidate's time of this process's passes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pathlib import Path
 import torch
 
 _MEM: dict[str, dict[str, list]] = {}
+_USER: dict[str, dict[str, list]] = {}  # the choices of the user cache and this process (what _save writes)
+TIMES: dict[str, dict[str, float | str]] = {}  # key -> {candidate: us} of this process's timing passes
 
 
 def cache_path() -> Path:
@@ -33,13 +38,22 @@ def cache_path() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "workbench" / "kernel_tune.json"
 
 
+SHIPPED = Path(__file__).with_name("tuned_launch_shapes.json")  # picks measured on lent GPUs, per name
+
+
+def _read(path: Path, gpu: str) -> dict[str, list]:
+    try:
+        data = json.loads(path.read_text())
+        return {k: list(v) for k, v in data.get(gpu, {}).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def _load(gpu: str) -> dict[str, list]:
+    """This GPU's choices: the shipped table (``tuned_launch_shapes.json``) overlaid by the user cache."""
     if gpu not in _MEM:
-        try:
-            data = json.loads(cache_path().read_text())
-            _MEM[gpu] = {k: list(v) for k, v in data.get(gpu, {}).items()}
-        except (OSError, ValueError, AttributeError):
-            _MEM[gpu] = {}
+        _USER[gpu] = _read(cache_path(), gpu)
+        _MEM[gpu] = {**_read(SHIPPED, gpu), **_USER[gpu]}
     return _MEM[gpu]
 
 
@@ -51,7 +65,7 @@ def _save(gpu: str) -> None:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             data = {}
-        data.setdefault(gpu, {}).update(_MEM[gpu])
+        data.setdefault(gpu, {}).update(_USER.get(gpu, {}))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         tmp.replace(path)
@@ -133,14 +147,18 @@ def pick(
         return default
     best, best_ms = default, float("inf")
     run = make_run()
+    seen = TIMES.setdefault(full, {})
     for cand in candidates:
         try:
             ms = time_graph(lambda c=cand: run(c), reps)
-        except Exception:  # noqa: BLE001 - a shape the compiler or the device rejects is not a choice
+        except Exception as e:  # noqa: BLE001 - a shape the compiler or the device rejects is not a choice
+            seen[str(list(cand))] = f"failed: {type(e).__name__}"
             continue
+        seen[str(list(cand))] = round(ms * 1000, 2)
         if ms < best_ms:
             best, best_ms = cand, ms
     table[full] = list(best)
+    _USER.setdefault(gpu, {})[full] = list(best)
     _save(gpu)
     return best
 
@@ -189,14 +207,14 @@ def tunable(x: torch.Tensor) -> bool:
         _STATE["enabled"] = os.environ.get("WORKBENCH_TUNE") == "1" and not os.environ.get(
             "WORKBENCH_NO_TUNE"
         )
-        _STATE["cache"] = cache_path().exists()
+        _STATE["cache"] = cache_path().exists() or SHIPPED.exists()
     return bool(_STATE["enabled"] or _STATE["cache"])
 
 
 def enable(flag: bool) -> None:
     """Turn timing passes on or off for this process (instead of ``WORKBENCH_TUNE``)."""
     _STATE["enabled"] = flag
-    _STATE["cache"] = cache_path().exists()
+    _STATE["cache"] = cache_path().exists() or SHIPPED.exists()
 
 
 _STATE: dict[str, bool | None] = {"enabled": None, "cache": None}

@@ -84,6 +84,7 @@ def test_split_config_fills_the_gpu_and_covers_the_cache():
         ("_gemm_int_kernel", "linear"),
         ("nvjet_hsh_128x64_64x5_2x1_v_bz_coopB_TNN", "linear"),
         ("void gemv2T_kernel_val<int, int, __nv_bfloat16>", "linear"),
+        ("_w4_mma_kernel", "linear"),
         ("_attn_partial_kernel", "attention"),
         ("pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits>", "attention"),
         ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "norm_rotary"),

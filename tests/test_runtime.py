@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def _linear_names(model) -> list[str]:
     ids=lambda v: v if isinstance(v, str) else f"{v[0]}x{v[1]}",
 )
 def test_reference_forward_equals_dequantized_matmul(spec, shape):
-    torch.manual_seed(hash((spec, shape)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((spec, shape)).encode()))  # hash() of str varies per process
     N, K = shape
     W, b = torch.randn(N, K), torch.randn(N)
     qw = quantize_weight(W, spec)

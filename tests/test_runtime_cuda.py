@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, tuple) else f"{v[0]}x{v[1]}",
 )
 def test_kernel_path_matches_reference(spec, shape, rows, dtype):
-    torch.manual_seed(hash((spec, shape, rows)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((spec, shape, rows)).encode()))  # hash() of str varies per process
     N, K = shape
     qw = quantize_weight(torch.randn(N, K), spec)
     m = QuantLinear.from_quantized(qw, torch.randn(N), name="l", dtype=dtype, device="cuda")

@@ -24,6 +24,7 @@ _ATTN = ("attn", "attention", "flash", "fmha", "sdpa", "softmax")
 _LINEAR = (
     "triton_tem",
     "gemv",
+    "w4_mma",  # the W4 tensor-core GEMV (kernels/gemv_mma.py)
     "gemm",
     "nvjet",
     "cutlass",
