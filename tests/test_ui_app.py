@@ -26,7 +26,15 @@ def test_show_builds_every_view_for_a_loaded_model(stories):
     assert state.phase == "ready" and len(state.layers) == 36
     tabs = [o for o in app.select(pn.Tabs)]
     assert len(tabs) == 1
-    assert list(tabs[0]._names) == ["Model", "Plan", "Distributions", "Sensitivity", "Measure", "Chat"]
+    assert list(tabs[0]._names) == [
+        "Model",
+        "Plan",
+        "Distributions",
+        "Sensitivity",
+        "Measure",
+        "Cache",
+        "Chat",
+    ]
     table = next(t for t in app.select(pn.widgets.Tabulator) if "wb-layer-table" in t.css_classes)
     assert len(table.value) == 36
     state.set_role_spec("down", "int8_ch")  # the table widget follows the state

@@ -39,6 +39,7 @@ def build_app(state: WorkbenchState) -> pn.viewable.Viewable:
         ("distributions_view", "DistributionsView"),
         ("sensitivity_view", "SensitivityView"),
         ("measure_view", "MeasureView"),
+        ("cache_view", "CacheView"),
         ("chat_view", "ChatView"),
     ):
         try:
