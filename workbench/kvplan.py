@@ -123,29 +123,6 @@ def kv_cache_bytes(
     return total
 
 
-def with_kv(plan, k: str | None, v: str | None):
-    """A copy of `plan` whose every attention block stores keys by `k` and values by `v` ('none'/None: bf16).
-
-    Rules that set `k` / `v` are dropped (the new defaults reach every block); specs are checked first.
-    """
-    import copy
-
-    from workbench.plan import Rule
-
-    k, v = (None if s in (None, "", "none") else str(parse_kv(s)) for s in (k, v))
-    new = copy.deepcopy(plan)
-    new.k, new.v = k, v
-    rules = []
-    for r in new.rules:
-        if r.k is not None or r.v is not None:
-            if r.spec is None and r.act is None:
-                continue
-            r = Rule(r.match, r.spec, r.act)
-        rules.append(r)
-    new.rules = rules
-    return new
-
-
 def plan_cache_bytes(model, kv: dict[str, KVLayerSpec], context: int) -> tuple[int, int]:
     """(bytes of one sequence's cache at `context` tokens with `kv`, the same cache in bf16) for a model."""
     cfg = getattr(model, "config", None)

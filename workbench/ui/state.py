@@ -233,7 +233,7 @@ class WorkbenchState(param.Parameterized):
 
     def set_kv(self, k: str | None, v: str | None) -> bool:
         """Every attention block's key / value cache spec ('none': bf16), `workbench.kvplan.with_kv`."""
-        from workbench.kvplan import with_kv
+        from workbench.planedit import with_kv
 
         return self._edit(lambda: with_kv(self.plan, k, v), f"KV cache -> K {k or 'none'} / V {v or 'none'}")
 

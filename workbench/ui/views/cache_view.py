@@ -1,7 +1,7 @@
 """Cache view: K / V distributions per attention block, the plan's cache specs, predicted cache size.
 
-All numbers come from the core: `workbench.stats.kv` (statistics), `workbench.kvplan` (`with_kv` through
-`WorkbenchState.set_kv`, `plan_cache_bytes`) and `workbench.quant.kvcache` (the grammar).
+All numbers come from the core: `workbench.stats.kv` (statistics), `workbench.planedit.with_kv` (through
+`WorkbenchState.set_kv`), `workbench.kvplan.plan_cache_bytes` and `workbench.quant.kvcache` (the grammar).
 """
 
 from __future__ import annotations
