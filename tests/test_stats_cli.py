@@ -31,7 +31,15 @@ def test_inspect_cli_writes_stats_and_uses_cache(stories, tmp_path, monkeypatch,
     assert "Input-channel outliers" in out and "Massive activations" in out
     first_layer = out.split("worst channels (ch: absmax)")[1].splitlines()[2].split()[0]
     assert first_layer.startswith(("model.layers.", "lm_head"))
-    for f in ("arrays.safetensors", "stats.json", "summary.txt", "model.json", "layers.json"):
+    assert "largest k_post outlier channels" in out  # the KV-cache statistics (issue 17)
+    for f in (
+        "arrays.safetensors",
+        "stats.json",
+        "summary.txt",
+        "model.json",
+        "layers.json",
+        "kv_stats.json",
+    ):
         assert (tmp_path / "out" / f).is_file(), f
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["settings"]["n_seqs"] == 3 and stats["settings"]["seq_len"] == 64
@@ -42,6 +50,8 @@ def test_inspect_cli_writes_stats_and_uses_cache(stories, tmp_path, monkeypatch,
     assert len(res["outliers"]) == 10
     ratios = [r["max_ratio"] for r in res["outliers"]]
     assert ratios == sorted(ratios, reverse=True) and ratios[0] > 1
+    kv_top = res["kv_outliers"]["k_post"]
+    assert len(kv_top) == 5 and kv_top[0]["ratio"] >= kv_top[-1]["ratio"] > 1
     top = res["outliers"][0]
     assert top["channels"][0]["ratio"] == top["max_ratio"]
 

@@ -33,6 +33,7 @@ def test_show_builds_every_view_for_a_loaded_model(stories):
         "Sensitivity",
         "Transforms",
         "Measure",
+        "Cache",
         "Chat",
     ]
     table = next(t for t in app.select(pn.widgets.Tabulator) if "wb-layer-table" in t.css_classes)

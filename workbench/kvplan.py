@@ -121,3 +121,13 @@ def kv_cache_bytes(
             spec.v, context, head_dim, n_kv_heads
         )
     return total
+
+
+def plan_cache_bytes(model, kv: dict[str, KVLayerSpec], context: int) -> tuple[int, int]:
+    """(bytes of one sequence's cache at `context` tokens with `kv`, the same cache in bf16) for a model."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise WorkbenchError(f"{type(model).__name__} has no config: cannot size its KV cache")
+    blocks = [f"model.layers.{i}.self_attn" for i in range(cfg.num_hidden_layers)]
+    D, H = head_dim_of(model), cfg.num_key_value_heads
+    return kv_cache_bytes(kv, blocks, context, D, H), kv_cache_bytes({}, blocks, context, D, H)

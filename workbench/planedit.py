@@ -44,9 +44,9 @@ def with_rule(plan: Plan, layers: list[LayerInfo], match: str, spec: str | Quant
             theirs = set(match_layers(rule.match, layers))
         except WorkbenchError:
             theirs = set()
-        if theirs and theirs <= selected and rule.act is None:
-            continue  # every layer it selects is overridden by the new rule (a rule with an act stays)
-        kept.append(Rule(rule.match, rule.spec, rule.act))
+        if theirs and theirs <= selected and rule.act is None and rule.k is None and rule.v is None:
+            continue  # every layer it selects is overridden by the new rule (a rule with act / k / v stays)
+        kept.append(Rule(rule.match, rule.spec, rule.act, rule.k, rule.v))
     kept.append(Rule(match, spec))
     return Plan(default=plan.default, rules=kept, meta=_edited_meta(plan), **_v2(plan))
 
@@ -56,7 +56,7 @@ def with_layer_spec(plan: Plan, layers: list[LayerInfo], name: str, spec: str | 
     spec = _canonical(spec)
     if name not in {x.name for x in layers}:
         raise WorkbenchError(f"layer '{name}' is not a quantizable layer of this model")
-    rules = [Rule(r.match, r.spec, r.act) for r in plan.rules if r.match != name or r.spec is None]
+    rules = [Rule(r.match, r.spec, r.act, r.k, r.v) for r in plan.rules if r.match != name or r.spec is None]
     base = Plan(default=plan.default, rules=rules)
     if str(base.resolve(layers)[name]) != spec:
         rules.append(Rule(name, spec))
@@ -67,7 +67,7 @@ def with_default(plan: Plan, spec: str | QuantSpec) -> Plan:
     """`plan` with another default spec (rules unchanged)."""
     return Plan(
         default=_canonical(spec),
-        rules=[Rule(r.match, r.spec, r.act) for r in plan.rules],
+        rules=[Rule(r.match, r.spec, r.act, r.k, r.v) for r in plan.rules],
         meta=_edited_meta(plan),
         **_v2(plan),
     )
@@ -83,13 +83,13 @@ def without_rule(plan: Plan, index: int) -> Plan:
     """`plan` without its rule number `index` (0-based)."""
     if not 0 <= index < len(plan.rules):
         raise WorkbenchError(f"the plan has no rule {index + 1} (it has {len(plan.rules)})")
-    rules = [Rule(r.match, r.spec, r.act) for i, r in enumerate(plan.rules) if i != index]
+    rules = [Rule(r.match, r.spec, r.act, r.k, r.v) for i, r in enumerate(plan.rules) if i != index]
     return Plan(default=plan.default, rules=rules, meta=_edited_meta(plan), **_v2(plan))
 
 
 def _v2(plan: Plan) -> dict:
-    """The version-2 parts of a plan (activation default, transforms) that an edit of weight specs keeps."""
-    return {"act": plan.act, "transforms": list(plan.transforms)}
+    """The version-2 parts of a plan (act and KV defaults, transforms) that an edit of weight specs keeps."""
+    return {"act": plan.act, "transforms": list(plan.transforms), "k": plan.k, "v": plan.v}
 
 
 def _edited_meta(plan: Plan) -> dict:
@@ -125,3 +125,26 @@ def predicted_cost(table, resolved: dict[str, QuantSpec]) -> PlanCost:
             unpriced.append(name)
     total = None if unpriced else sum(v for v in per.values())
     return PlanCost(total=total, per_layer=per, unpriced=unpriced)
+
+
+def with_kv(plan, k: str | None, v: str | None):
+    """A copy of `plan` whose every attention block stores keys by `k` and values by `v` ('none'/None: bf16).
+
+    Rules that set `k` / `v` are dropped (the new defaults reach every block); specs are checked first.
+    """
+    import copy
+
+    from workbench.quant.kvcache import parse_kv
+
+    k, v = (None if s in (None, "", "none") else str(parse_kv(s)) for s in (k, v))
+    new = copy.deepcopy(plan)
+    new.k, new.v = k, v
+    rules = []
+    for r in new.rules:
+        if r.k is not None or r.v is not None:
+            if r.spec is None and r.act is None:
+                continue
+            r = Rule(r.match, r.spec, r.act)
+        rules.append(r)
+    new.rules = rules
+    return new

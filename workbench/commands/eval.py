@@ -63,6 +63,7 @@ def run(args) -> int:
                 "totals": totals.to_json() if totals else None,
                 "acts": {n: str(a) for n, a in resolved.acts.items()} if resolved else {},
                 "transforms": [transform_to_json(t) for t in resolved.transforms] if resolved else [],
+                "kv": {n: s.to_json() for n, s in resolved.kv.items()} if resolved else {},
             }
         )
         return 0
@@ -81,6 +82,9 @@ def run(args) -> int:
             f"activations quantized (simulated) on {len(resolved.acts)} layers ({', '.join(acts) or '-'}); "
             f"transforms: {', '.join(kinds) or '-'}"
         )
+    if resolved is not None and resolved.kv:
+        kinds = sorted({f"K {s.to_json()['k']} / V {s.to_json()['v']}" for s in resolved.kv.values()})
+        print(f"KV cache quantized (simulated) in {len(resolved.kv)} attention blocks: {'; '.join(kinds)}")
     print(
         f"{res.n_tokens} predicted tokens of {args.text} in {res.n_windows} windows of {res.seq_len}; "
         f"{res.seconds:.1f} s"

@@ -193,6 +193,16 @@ class KVSpec:
         return n_heads * (code_bytes + scale_bytes + (n - q) * head_dim * 2)
 
 
+def kv_spec_string(
+    fmt: str, axis: str, residual: int = 0, hadamard: bool = False, pre_rope: bool = False
+) -> str:
+    """The canonical spec string of its parts ('none' when fmt is 'none'); raises on an invalid spec."""
+    if fmt == "none":
+        return "none"
+    r = f"_r{residual}" if residual else ""
+    return str(KVSpec.parse(f"{fmt}_{axis}{r}{'_had' if hadamard else ''}{'_pre' if pre_rope else ''}"))
+
+
 def parse_kv(s: str | KVSpec | None) -> KVSpec | None:
     """A cache spec, or None for 'none' / None (kept in high precision)."""
     return None if s is None or s == "none" else KVSpec.parse(s)

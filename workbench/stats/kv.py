@@ -58,6 +58,11 @@ class KVStats:
             )
         return sorted(rows, key=lambda r: -r["ratio"])[:top]
 
+    def channel_ratio(self, block: str, side: str, head: int) -> torch.Tensor:
+        """[D] each channel's absmax over the head's median channel absmax (> 4: an outlier channel)."""
+        a = self.blocks[block][side]["absmax"][head]
+        return a / a.median().clamp_min(1e-12)
+
     def summary(self, top: int = 5) -> str:
         lines = []
         for side in SIDES:

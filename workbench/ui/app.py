@@ -40,6 +40,7 @@ def build_app(state: WorkbenchState) -> pn.viewable.Viewable:
         ("sensitivity_view", "SensitivityView"),
         ("transforms_view", "TransformsView"),
         ("measure_view", "MeasureView"),
+        ("cache_view", "CacheView"),
         ("chat_view", "ChatView"),
     ):
         try:

@@ -231,6 +231,12 @@ class WorkbenchState(param.Parameterized):
             )
         return ok
 
+    def set_kv(self, k: str | None, v: str | None) -> bool:
+        """Every attention block's key / value cache spec ('none': bf16), `workbench.kvplan.with_kv`."""
+        from workbench.planedit import with_kv
+
+        return self._edit(lambda: with_kv(self.plan, k, v), f"KV cache -> K {k or 'none'} / V {v or 'none'}")
+
     def remove_rule(self, index: int) -> bool:
         from workbench.planedit import without_rule
 

@@ -1,0 +1,120 @@
+"""Cache view: K / V distributions per attention block, the plan's cache specs, predicted cache size.
+
+All numbers come from the core: `workbench.stats.kv` (statistics), `workbench.planedit.with_kv` (through
+`WorkbenchState.set_kv`), `workbench.kvplan.plan_cache_bytes` and `workbench.quant.kvcache` (the grammar).
+"""
+
+from __future__ import annotations
+
+import panel as pn
+
+from workbench.errors import WorkbenchError
+from workbench.quant.kvcache import kv_spec_string
+from workbench.ui import charts
+from workbench.ui.views.common import View
+
+_BITS = ["none", "int8", "int4", "int2", "fp8_e4m3"]
+
+
+class CacheView(View):
+    """K / V statistics of the loaded model and the plan's KV-cache specs (KIVI layout by default)."""
+
+    def panel(self) -> pn.viewable.Viewable:
+        state = self.state
+        kbits = pn.widgets.Select(name="key bits", options=_BITS, value="int4", width=110)
+        vbits = pn.widgets.Select(name="value bits", options=_BITS, value="int4", width=110)
+        kaxis = pn.widgets.Select(name="keys per", options=["ch", "tok"], value="ch", width=90)
+        resid = pn.widgets.IntInput(name="recent tokens kept (R)", value=32, start=0, step=16, width=160)
+        had = pn.widgets.Checkbox(name="Hadamard keys", value=False)
+        pre = pn.widgets.Checkbox(name="pre-RoPE keys", value=False)
+        context = pn.widgets.IntInput(name="context (tokens)", value=4096, start=1, step=1024, width=140)
+        apply = pn.widgets.Button(
+            name="set the plan's KV cache", button_type="primary", align="end", width=200
+        )
+        size = pn.pane.Markdown("", css_classes=["wb-kv-size"])
+        block = pn.widgets.Select(name="attention block", options=[], width=300)
+        side = pn.widgets.Select(name="side", options=["k_pre", "k_post", "v"], value="k_post", width=100)
+        head = pn.widgets.IntInput(name="kv head", value=0, start=0, width=90)
+        stats_btn = pn.widgets.Button(name="compute K/V statistics (8 x 256 tokens)", width=280, align="end")
+        outliers = pn.pane.Markdown("")
+        absmax = pn.pane.Plotly(
+            charts.empty_figure("compute the statistics first"), sizing_mode="stretch_width"
+        )
+        hist = pn.pane.Plotly(charts.empty_figure(""), sizing_mode="stretch_width")
+        held: dict = {}
+
+        def on_apply(_event):
+            k = kv_spec_string(kbits.value, kaxis.value, resid.value, had.value, pre.value)
+            v = kv_spec_string(vbits.value, "tok", resid.value)
+            state.set_kv(k, v)
+
+        def show_size(*_events):
+            from workbench.kvplan import plan_cache_bytes
+
+            if state.loaded is None or state.plan is None:
+                size.object = "*no model loaded*"
+                return
+            try:
+                kv = state.plan.resolve(state.layers).kv
+                q, bf = plan_cache_bytes(state.loaded.model, kv, context.value)
+            except WorkbenchError as exc:
+                size.object = f"cache size unavailable: {exc}"
+                return
+            specs = sorted({f"K {s.to_json()['k']} / V {s.to_json()['v']}" for s in kv.values()}) or ["bf16"]
+            size.object = (
+                f"**KV cache of one sequence at {context.value:,} tokens: {q / 1e6:.2f} MB** "
+                f"(bf16 {bf / 1e6:.2f} MB, {bf / max(q, 1):.2f}x smaller); plan: {'; '.join(specs)}"
+            )
+
+        def on_stats(_event):
+            from workbench.stats.kv import kv_statistics
+
+            try:
+                held["stats"] = kv_statistics(state.loaded, "wiki", 8, 256)
+            except WorkbenchError as exc:
+                state.notify(str(exc), "error")
+                return
+            block.options = list(held["stats"].blocks)
+            block.value = block.value if block.value in block.options else block.options[0]
+            outliers.object = held["stats"].summary(5).replace("\n", "  \n")
+            draw()
+
+        def draw(*_events):
+            s = held.get("stats")
+            if s is None or not block.value:
+                return
+            d = s.blocks[block.value][side.value]
+            h = min(head.value, d["absmax"].shape[0] - 1)
+            ratio = s.channel_ratio(block.value, side.value, h)
+            absmax.object = charts.channel_absmax_figure(
+                d["absmax"][h].tolist(), (ratio > 4).tolist(), title=f"{block.value} {side.value} head {h}"
+            )
+            scale = float(d["scale"][0])
+            n = d["hist"].numel()
+            edges = [scale * (-1 + 2 * i / n) for i in range(n + 1)]
+            hist.object = charts.histogram_figure(
+                edges, d["hist"].tolist(), title=f"{side.value} values", log_y=True
+            )
+
+        apply.on_click(on_apply)
+        stats_btn.on_click(on_stats)
+        block.param.watch(draw, "value")
+        side.param.watch(draw, "value")
+        head.param.watch(draw, "value")
+        context.param.watch(show_size, "value")
+        state.param.watch(show_size, ["revision", "loaded"])
+        show_size()
+        return pn.Column(
+            pn.pane.Markdown(
+                "Keys per channel and values per token with the R most recent tokens in bf16 is KIVI's "
+                "layout; a token is quantized once, when it leaves the window (per-channel keys in groups "
+                "of 32 tokens)."
+            ),
+            pn.Row(kbits, kaxis, vbits, resid, had, pre, apply),
+            pn.Row(context, size),
+            pn.Row(stats_btn, block, side, head),
+            outliers,
+            pn.Row(absmax, hist, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+            name="Cache",
+        )
