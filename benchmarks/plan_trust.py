@@ -74,12 +74,17 @@ def measure_all(loaded, table, proxy, plans, ev, state_path: Path, earlier=None,
     from workbench.verify import measure, predicted_cost
 
     rows = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    order = sorted(plans.items(), key=lambda kv: kv[1][0] not in ("equal", "budget"))
+    key = {label: sorted((n, str(q)) for n, q in res.items()) for label, (_, res) in plans.items()}
+    twin = {a: u for a in plans for u in plans if plans[u][0] == "uniform" and a != u and key[a] == key[u]}
+    # allocations first; those equal to a uniform plan last (they take its row: the same plan)
+    order = sorted(plans.items(), key=lambda kv: (kv[0] in twin, kv[1][0] not in ("equal", "budget")))
     for i, (label, (group, res)) in enumerate(order):
         if label in rows:
             continue
         t0 = time.perf_counter()
-        if deadline is not None and time.time() > deadline and label in (earlier or {}):
+        if label in twin and twin[label] in rows:
+            r, cached = dict(rows[twin[label]]), True
+        elif deadline is not None and time.time() > deadline and label in (earlier or {}):
             r, cached = {**earlier[label], "n_tokens": None, "ref_ppl": None, "earlier": True}, True
         else:
             r, cached = measure(loaded, res, ev["text"], ev["seq_len"], ev["max_tokens"])
@@ -223,7 +228,8 @@ def never_worse(rows) -> list[str]:
         )
         verdict = "same plan (the only plan of that size)" if same else ("yes" if ok else "**NO**")
         if a.get("guard"):
-            verdict += " (guard: " + a["guard"].rsplit("returning ", 1)[-1] + " returned)"
+            back = a["guard"].rsplit("returning ", 1)[-1]
+            verdict = f"not a win: the guard returned {back} itself" if same else f"{verdict} (guard: {back})"
         own = f"{spec} ({_kl(uni[spec]['kl'])})" if spec else "-"
         fits = f"{best[0]} ({_kl(best[1]['kl'])})" if best else "-"
         out.append(f"| {label} | {a['avg_bits']:.3f} | {_kl(a['kl'])} | {own} | {fits} | {verdict} |")
@@ -258,7 +264,7 @@ def main(argv=None) -> int:
     ev.update({k: v for k, v in given.items() if v})
     work = cache_dir("plan_trust", loaded.description.fingerprint)
     settings = json.dumps(scan_settings(loaded.description), sort_keys=True)
-    tag = hashlib.sha1(f"{DEFAULT_METHOD}|{settings}|calibrate-roles".encode()).hexdigest()[:10]
+    tag = hashlib.sha1(f"{DEFAULT_METHOD}|{settings}|calibrate-check".encode()).hexdigest()[:10]
     table = default_scan(loaded, out=work / f"table_{DEFAULT_METHOD}_{tag}.json")
     proxy = default_scan(loaded, out=work / "table_proxy.json", method="proxy")
     plans = build_plans(loaded, table, proxy)

@@ -125,7 +125,9 @@ def _capacities(table) -> list[tuple[str, int]]:
     return sorted(caps.items(), key=lambda kv: kv[1])
 
 
-def refine_table(loaded, table, windows: torch.Tensor, grams: dict, on_step=None) -> dict:
+def refine_table(
+    loaded, table, windows: torch.Tensor, grams: dict, roles: bool = False, on_step=None
+) -> dict:
     """The role stage (module doc), after `calibrate_table`; costs in `table` are rescaled in place to
     raw x b_role x a_spec, then the allocator's plans at every uniform size and CHECK_BUDGETS are measured.
 
@@ -144,9 +146,12 @@ def refine_table(loaded, table, windows: torch.Tensor, grams: dict, on_step=None
     raw = {x.name: {s: c / uniform[s]["scale"] for s, c in table.cost[x.name].items()} for x in layers}
     runner = BlockRunner(loaded.model)
     runner.capture(windows)
-    refs = [s for s in ROLE_SPECS if s in uniform] or list(uniform)[:1]
-    roles = role_scales(loaded, runner, table, raw, grams, refs, on_step)
-    b = {x.name: roles[x.role]["scale"] for x in layers}
+    if roles:
+        refs = [s for s in ROLE_SPECS if s in uniform] or list(uniform)[:1]
+        roles = role_scales(loaded, runner, table, raw, grams, refs, on_step)
+        b = {x.name: roles[x.role]["scale"] for x in layers}
+    else:
+        roles, b = {}, dict.fromkeys((x.name for x in layers), 1.0)
     scales = {}
     for s, u in uniform.items():
         predicted = sum(b[x.name] * raw[x.name][s] for x in layers)
@@ -177,7 +182,9 @@ def refine_table(loaded, table, windows: torch.Tensor, grams: dict, on_step=None
             {"label": f"allocated {label}", "specs": list(key), "kl": kl, "total_bits": alloc.total_bits,
              "predicted": alloc.predicted_cost}
         )  # fmt: skip
-    record.update(roles=roles, scales=scales, plans=plans, check=_agreement(plans))
+    if roles:
+        record["roles"] = roles
+    record.update(scales=scales, plans=plans, check=_agreement(plans))
     return record
 
 
