@@ -20,10 +20,10 @@ pass per plan, all its layers fake-quantized):
 3. `refine_table(roles=True)` ("roles", optional): before the check, each role is measured alone (its
    layers at ROLE_SPECS, the rest unquantized), its costs get the factor b_role = measured / estimated
    (geometric mean over those specs), and the per-spec scales are refitted so every uniform plan stays
-   exact: cost = raw x b_role x a_spec. On `default` the Fisher estimate is ~4x high for down_proj and
-   ~2x low for v/k relative to gate/up/o/q/lm_head, and the roles are close to additive (the eight nf4_g64
-   role plans sum to 0.382 against 0.363 for the whole uniform plan) -- yet the allocations it gives
-   measured worse at 6 of 8 checked sizes (benchmarks/RESULTS.md), so it is not the default.
+   exact: cost = raw x b_role x a_spec. On `default` the Fisher estimate is ~4.5x high for down_proj and
+   ~2x high for k/v relative to gate/up/o/q/lm_head, and the roles are close to additive (the eight
+   nf4_g64 role plans sum to 0.382 against 0.363 for the whole uniform plan) -- yet the allocations it
+   gives measured worse at 5 of 8 checked sizes (benchmarks/RESULTS.md), so it is not the default.
 
 Every measured whole plan is kept in the table (`table.calibration["plans"]`: its spec per layer and its
 KL), so the allocator can refuse to return a plan that measured worse than another one that fits in the
