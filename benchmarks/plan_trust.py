@@ -179,17 +179,30 @@ def render(loaded, table, rows, ev, args, seconds) -> str:
 
 
 def calibration_summary(table) -> str:
-    """One paragraph: the role factors and the check of the calibrated table on the scan windows."""
+    """One paragraph: the check of the calibrated table on the scan windows (and role factors, if any)."""
     c = table.calibration
-    if "roles" not in c:
+    if "check" not in c:
         return ""
-    roles = ", ".join(f"{r} {v['scale']:.3g}" for r, v in c["roles"].items())
-    chk = c["check"]
+    chk, uni = c["check"], {p["total_bits"]: p for p in c["plans"] if p["label"].startswith("uniform")}
+    lost = []
+    for p in c["plans"]:
+        if p["label"].startswith("allocated"):
+            fit = [u for b, u in uni.items() if b <= p["total_bits"]]
+            best = min(fit, key=lambda u: u["kl"]) if fit else None
+            if best is not None and p["kl"] > best["kl"]:
+                lost.append(
+                    f"{p['label'].removeprefix('allocated ')} "
+                    f"({p['kl']:.4g} vs {best['label']} {best['kl']:.4g})"
+                )
+    roles = ""
+    if "roles" in c:
+        roles = " Role factors: " + ", ".join(f"{r} {v['scale']:.3g}" for r, v in c["roles"].items()) + "."
     return (
-        f"**Calibration** (on the scan windows): role factors b_role (measured / Fisher estimate, each role "
-        f"alone at {', '.join(next(iter(c['roles'].values()))['plans'])}): {roles}. Check: "
-        f"{chk['n_plans']} measured plans (uniform + the allocator's), Spearman {chk['spearman']:.3f}, worst "
-        f"relative error of the prediction {100 * chk['max_rel_error']:.0f}%."
+        f"**Check** (scan windows, {table.settings['n_seqs']} x {table.settings['seq_len']} tokens of "
+        f"'{table.settings['text']}'): {chk['n_plans']} measured plans (uniform + the allocator's at every "
+        f"uniform size and 3.0-5.0 bits), Spearman(predicted, measured) {chk['spearman']:.3f}, worst "
+        f"relative error of the prediction {100 * chk['max_rel_error']:.0f}%. Allocations that measured "
+        f"above a uniform plan that fits (the guard's cases): {'; '.join(lost) or 'none'}.{roles}"
     )
 
 
