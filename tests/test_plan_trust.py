@@ -56,20 +56,36 @@ def _same(a, b) -> bool:
 def test_default_is_calibrated_fisher_over_the_offered_specs(table):
     assert DEFAULT_METHOD == "fisher" and table.method == "fisher"
     assert table.specs == SENSITIVITY_SPECS and table.complete
-    assert table.settings["importance"] == "fisher" and table.settings["calibrate"] == "roles"
+    assert table.settings["importance"] == "fisher" and table.settings["calibrate"] == "check"
     uniform = table.calibration["uniform"]
     assert set(uniform) == set(SENSITIVITY_SPECS)
     low, high = uniform["int2_g32"]["measured"], uniform["int8_ch"]["measured"]
     assert low > 100 * high  # the measurement sees what 2 bits do
 
 
-def test_role_stage_scales_each_role_and_keeps_uniform_plans_exact(table):
-    """Each role measured alone gets a factor; uniform plans stay exact; role plans are predicted better
-    than with per-spec scales alone; the allocator's checked plans are measured once each."""
+def test_check_stage_measures_the_allocators_plans(table):
+    """The default calibration keeps the per-spec scales and measures the allocator's plans at every
+    uniform size and budget, each once, with their prediction beside them."""
+    c = table.calibration
+    assert "roles" not in c and c["scales"] == pytest.approx({s: u["scale"] for s, u in c["uniform"].items()})
+    checked = [p for p in c["plans"] if not p["label"].startswith("uniform")]
+    assert len(checked) >= 5 and all(p["kl"] > 0 and p["predicted"] > 0 for p in checked)
+    assert len({tuple(p["specs"]) for p in c["plans"]}) == len(c["plans"])  # each plan measured once
+    for p in checked:  # the recorded prediction is the table's price of the recorded plan
+        assert sum(table.cost[x.name].get(s, 0.0) for x, s in zip(table.layers, p["specs"])) == pytest.approx(
+            p["predicted"], rel=1e-9
+        )
+    assert c["check"]["spearman"] > 0.9 and c["check"]["n_plans"] == len(c["plans"])
+
+
+def test_role_stage_scales_each_role_and_keeps_uniform_plans_exact(stories, tmp_path):
+    """calibrate="roles": each role measured alone gets a factor; uniform plans stay exact; role plans are
+    predicted better than with per-spec scales alone; the allocator's checked plans are measured once."""
     import math
 
     from workbench.calibrate import ROLE_SPECS
 
+    table = default_scan(stories, out=tmp_path / "roles.json", progress=False, calibrate="roles")
     c = table.calibration
     uniform, roles = c["uniform"], c["roles"]
     assert set(roles) == {x.role for x in table.layers}

@@ -7,22 +7,23 @@ once the error is large. An allocator fed such a table prefers the under-estimat
 can then measure worse than the uniform plan of the same size (see benchmarks/RESULTS.md, "Plans you can
 trust").
 
-Two stages, both measured on the scan windows from the cached reference of `replay.BlockRunner` (one
-forward pass per plan, all its layers fake-quantized):
+Stages, all measured on the scan windows from the cached reference of `replay.BlockRunner` (one forward
+pass per plan, all its layers fake-quantized):
 
 1. `calibrate_table` ("uniform"): the KL of the uniform plan of every spec; that spec's costs are multiplied
    by measured / predicted, so the table predicts every uniform plan exactly.
-2. `refine_table` ("roles", the default): per-spec scales alone still price the allocator's mixtures ~2.4x
-   too low on `default`, because the Fisher estimate's error depends on the layer's role: quantizing only
-   the down projections measures ~0.45x the estimate, only gate / up / o / q / lm_head ~1.6-2.9x (RESULTS.md).
-   Uniform plans average that out; the allocator does not: it gives the cheap specs to the under-priced
-   roles. So each role is measured alone (its layers at ROLE_SPECS, the rest unquantized), its costs get
-   the factor b_role = measured / estimated (geometric mean over those specs), and the per-spec scales are
-   then refitted so every uniform plan stays exact: cost = raw x b_role x a_spec. Across roles the KL is
-   close to additive (on `default`, the eight nf4_g64 role plans sum to 0.382 against 0.363 for the whole
-   uniform plan), which is what makes the sum over layers a prediction of a mixed plan. Finally the
-   allocator's plans at every uniform size and standard budget are measured (the check), beside the
-   uniform plans.
+2. `refine_table` ("check", the default): the allocator's own plans at every uniform plan's size and at
+   CHECK_BUDGETS are measured too and kept beside the uniform plans. Per-spec scales still price such
+   mixtures ~2.4x too low on `default` (the allocator picks exactly the layers whose cost is
+   under-estimated), so the prediction alone cannot promise that a mixture beats the uniform plan of its
+   size; the measurements can.
+3. `refine_table(roles=True)` ("roles", optional): before the check, each role is measured alone (its
+   layers at ROLE_SPECS, the rest unquantized), its costs get the factor b_role = measured / estimated
+   (geometric mean over those specs), and the per-spec scales are refitted so every uniform plan stays
+   exact: cost = raw x b_role x a_spec. On `default` the Fisher estimate is ~4.5x high for down_proj and
+   ~2x high for k/v relative to gate/up/o/q/lm_head, and the roles are close to additive (the eight
+   nf4_g64 role plans sum to 0.382 against 0.363 for the whole uniform plan) -- yet the allocations it
+   gives measured worse at 5 of 8 checked sizes (benchmarks/RESULTS.md), so it is not the default.
 
 Every measured whole plan is kept in the table (`table.calibration["plans"]`: its spec per layer and its
 KL), so the allocator can refuse to return a plan that measured worse than another one that fits in the
@@ -125,9 +126,12 @@ def _capacities(table) -> list[tuple[str, int]]:
     return sorted(caps.items(), key=lambda kv: kv[1])
 
 
-def refine_table(loaded, table, windows: torch.Tensor, grams: dict, on_step=None) -> dict:
-    """The role stage (module doc), after `calibrate_table`; costs in `table` are rescaled in place to
-    raw x b_role x a_spec, then the allocator's plans at every uniform size and CHECK_BUDGETS are measured.
+def refine_table(
+    loaded, table, windows: torch.Tensor, grams: dict, roles: bool = False, on_step=None
+) -> dict:
+    """The check (and, with `roles`, the role stage) of the module doc, after `calibrate_table`: with
+    `roles`, costs in `table` are rescaled in place to raw x b_role x a_spec; then the allocator's plans at
+    every uniform size and CHECK_BUDGETS are measured.
 
     Returns the calibration record: {"uniform": ..., "roles": {role: {"scale", "plans"}}, "scales":
     {spec: a_spec}, "plans": [{"label", "specs", "kl", "total_bits", "predicted"}] (uniform plans and the
@@ -144,9 +148,12 @@ def refine_table(loaded, table, windows: torch.Tensor, grams: dict, on_step=None
     raw = {x.name: {s: c / uniform[s]["scale"] for s, c in table.cost[x.name].items()} for x in layers}
     runner = BlockRunner(loaded.model)
     runner.capture(windows)
-    refs = [s for s in ROLE_SPECS if s in uniform] or list(uniform)[:1]
-    roles = role_scales(loaded, runner, table, raw, grams, refs, on_step)
-    b = {x.name: roles[x.role]["scale"] for x in layers}
+    if roles:
+        refs = [s for s in ROLE_SPECS if s in uniform] or list(uniform)[:1]
+        roles = role_scales(loaded, runner, table, raw, grams, refs, on_step)
+        b = {x.name: roles[x.role]["scale"] for x in layers}
+    else:
+        roles, b = {}, dict.fromkeys((x.name for x in layers), 1.0)
     scales = {}
     for s, u in uniform.items():
         predicted = sum(b[x.name] * raw[x.name][s] for x in layers)
@@ -177,7 +184,9 @@ def refine_table(loaded, table, windows: torch.Tensor, grams: dict, on_step=None
             {"label": f"allocated {label}", "specs": list(key), "kl": kl, "total_bits": alloc.total_bits,
              "predicted": alloc.predicted_cost}
         )  # fmt: skip
-    record.update(roles=roles, scales=scales, plans=plans, check=_agreement(plans))
+    if roles:
+        record["roles"] = roles
+    record.update(scales=scales, plans=plans, check=_agreement(plans))
     return record
 
 

@@ -315,9 +315,10 @@ def sensitivity_scan(
         grams: {layer: [K, K] X^T X} of `calib_seqs` x `calib_seq_len` tokens of `text` (seed 0) already
             at hand (e.g. an inspection's statistics); missing layers are collected by `calibration_grams`.
         calibrate: "uniform": scale each spec's costs so that its uniform plan's sum equals the KL
-            measured on the scan windows; "roles" (or True): also measure each role alone and scale its
-            layers' costs, then check the allocator's plans (`calibrate.py`); False: neither. Default:
-            "roles" for "fisher", False otherwise.
+            measured on the scan windows; "check" (or True): then also measure the allocator's plans at
+            every uniform size and standard budget (the guard's pool); "roles": before the check, also
+            measure each role alone and scale its layers' costs (`calibrate.py`); False: none. Default:
+            "check" for "fisher", False otherwise.
         on_layer: callback(layer name) after each saved layer (progress hooks, tests).
         on_setup: callback(str) before each setup step (Grams, Fisher pass), for progress messages.
     """
@@ -414,15 +415,15 @@ def sensitivity_scan(
 
 
 def calibration_stage(method: str, calibrate) -> str | None:
-    """The calibration stage a scan runs to: None, "uniform" or "roles" (`calibrate.py`)."""
+    """The calibration stage a scan runs to: None, "uniform", "check" or "roles" (`calibrate.py`)."""
     if calibrate is None:
-        return "roles" if method == "fisher" else None
+        return "check" if method == "fisher" else None
     if calibrate is True:
-        return "roles"
+        return "check"
     if calibrate is False:
         return None
-    if calibrate not in ("uniform", "roles"):
-        raise WorkbenchError(f"unknown calibration '{calibrate}' (choose uniform or roles)")
+    if calibrate not in ("uniform", "check", "roles"):
+        raise WorkbenchError(f"unknown calibration '{calibrate}' (choose uniform, check or roles)")
     return calibrate
 
 
@@ -445,13 +446,13 @@ def _calibrate(loaded, table, stage: str, windows, grams, say, out: Path | None)
         table.timing["calibrate"] = time.perf_counter() - t0
         if out is not None:
             table.save(out)
-    if stage == "roles" and "plans" not in table.calibration:
+    if stage in ("check", "roles") and "plans" not in table.calibration:
         t0 = time.perf_counter()
 
         def roles(i: int, n: int, label: str) -> None:
             say(f"calibrating: {label} measured on the scan windows ({i + 1}/{n})")
 
-        refine_table(loaded, table, windows, grams, on_step=roles)
+        refine_table(loaded, table, windows, grams, roles=stage == "roles", on_step=roles)
         table.timing["refine"] = time.perf_counter() - t0
         if out is not None:
             table.save(out)
