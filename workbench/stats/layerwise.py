@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.progress import Progress
 from workbench.stats.accumulator import ActivationStats
 from workbench.stats.collector import ActivationCollector, GramSink, progress_bar
 
@@ -97,7 +98,7 @@ def collect_layerwise(
     gram: bool,
     batch_size: int,
     device: torch.device,
-    progress: bool,
+    progress: Progress,
     gram_sink: GramSink | None,
     hist_bins: int = 256,
 ) -> dict[str, ActivationStats]:
