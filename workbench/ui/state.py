@@ -21,10 +21,11 @@ import time
 
 import param
 
+import workbench.ui.adopt as adopt
+import workbench.ui.tasks as tasks
 from workbench import defaults
 from workbench.errors import WorkbenchError
 from workbench.quant.spec import QuantSpec
-from workbench.ui import adopt, tasks
 from workbench.ui.history import History, Snapshot
 from workbench.ui.jobs import Job
 from workbench.ui.layer_table import TABLE_COLUMNS, layer_table, weight_outliers  # noqa: F401
