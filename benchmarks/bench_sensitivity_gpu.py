@@ -71,17 +71,9 @@ def build_llama(tiny: bool, device: str):
             max_position_embeddings=2048,
         )
     else:
-        cfg = LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            max_position_embeddings=8192,
-            rope_theta=500000.0,
-            tie_word_embeddings=False,
-        )
+        from workbench.presets import llama_config
+
+        cfg = llama_config("llama3-8b")
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
