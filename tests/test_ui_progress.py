@@ -98,3 +98,29 @@ def test_cancelling_a_state_job_adopts_nothing_and_frees_the_session(stories, ex
     assert s.message == f"{job.name}: cancelled" and s.message_kind == "warning"
     again = s.evaluate(wait=True, text=excerpt, seq_len=32, max_tokens=256)  # the session is usable again
     assert again.state == "done" and len(s.evaluations) == 1 and again.progress == 1.0
+
+
+def test_a_job_row_coalesces_a_flood_of_reports_and_draws_the_end():
+    import time
+
+    from workbench.ui.jobs import Job
+    from workbench.ui.views.common import JobRow
+
+    redraws = []
+
+    def run_ui(fn):
+        redraws.append(time.monotonic())
+        fn()
+
+    def flood(ctx):
+        for i in range(2000):
+            ctx.report((i + 1) / 2000, f"step {i + 1}")
+            time.sleep(0.0005)
+
+    job = Job("flood", flood)
+    row = JobRow(job, run_ui)
+    job.start().join(30)
+    time.sleep(2 * JobRow.INTERVAL)
+    assert job.state == "done" and row.bar.value == 100 and row.status.object.startswith("done in")
+    gaps = [b - a for a, b in zip(redraws, redraws[1:-1])]  # the last one (the outcome) is drawn at once
+    assert len(redraws) < 100 and min(gaps, default=1.0) >= JobRow.INTERVAL * 0.9, (len(redraws), gaps)

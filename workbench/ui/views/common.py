@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import panel as pn
 import param
 
@@ -73,10 +76,16 @@ class JobRow:
 
     `sync()` copies the job's progress, status and outcome into the widgets; the row watches the job (from
     the job's thread, through `run_ui`) and `jobs_panel` calls `sync()` to catch up when it re-shows it.
+    A running job's updates are coalesced to one redraw per `INTERVAL` seconds (an evaluation reports every
+    window, thousands of times; every redraw is a message on the server's one event loop, which all the
+    browser tabs share); the latest value is always drawn, at most `INTERVAL` late.
     """
 
+    INTERVAL = 0.25
+
     def __init__(self, job: Job, run_ui=lambda fn: fn()):
-        self.job = job
+        self.job, self._run_ui = job, run_ui
+        self._pending, self._last = False, 0.0
         self.bar = pn.indicators.Progress(
             value=int(job.progress * 100), max=100, width=160, height=18, bar_color="primary", margin=(8, 5)
         )
@@ -90,10 +99,25 @@ class JobRow:
             css_classes=["wb-cancel"],
         )
         self.cancel.on_click(lambda _e: job.cancel())
-        job.param.watch(lambda *_e: run_ui(self.sync), ["progress", "status", "state"])
+        job.param.watch(self._changed, ["progress", "status", "state"])
         self.sync()
         name = pn.pane.Markdown(f"**{job.name}**", margin=(5, 5), width=220)
         self.row = pn.Row(name, self.bar, self.cancel, self.status, css_classes=["wb-job"])
+
+    def _changed(self, *_events) -> None:
+        """A job param changed (in the job's thread): schedule one redraw, now or after the interval."""
+        if self._pending:
+            return
+        self._pending = True
+        delay = self._last + self.INTERVAL - time.monotonic() if self.job.running else 0.0
+        if delay <= 0:
+            self._run_ui(self._flush)
+        else:
+            threading.Timer(delay, lambda: self._run_ui(self._flush)).start()
+
+    def _flush(self) -> None:
+        self._pending, self._last = False, time.monotonic()
+        self.sync()
 
     def sync(self, *_events) -> None:
         job = self.job
