@@ -1,8 +1,10 @@
-"""Model shapes by name: the Llama-3-8B configuration that the GPU benchmarks build with random weights.
+"""Model shapes by name: the configurations that the GPU benchmarks build with random weights.
 
-One place for the shape (hidden 4096, FFN 14336, 32 blocks, 32 heads / 8 KV heads, vocab 128256, from
-https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json), so benchmarks/bench_e2e.py,
-bench_inspect_gpu.py and bench_sensitivity_gpu.py measure the same model.
+One place for each shape, so the benchmarks measure the same models: Llama-3-8B (hidden 4096, FFN 14336,
+32 blocks, 32 heads / 8 KV heads, vocab 128256, from
+https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json; bench_e2e.py,
+bench_inspect_gpu.py, bench_sensitivity_gpu.py) and SmolLM2-135M, the default model's shape
+(https://huggingface.co/HuggingFaceTB/SmolLM2-135M/blob/main/config.json; bench_sensitivity_gpu.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,19 @@ LLAMA3_8B = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
-PRESETS = {"llama3-8b": LLAMA3_8B}
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+PRESETS = {"llama3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M}
 
 
 def llama_config(name: str = "llama3-8b", **overrides):
