@@ -155,7 +155,7 @@ class DistributionsView(View):
             _error_chart(panes, report, current)
             summary.object = _summary(report, current)
 
-        state.param.watch(lambda _e: state.request_details(), ["selected", "grid_spec", "inspection"])
+        state.param.watch(lambda *_e: state.request_details(), ["selected", "grid_spec", "inspection"])
         log.param.watch(lambda _e: draw(state.details), "value")
         state.param.watch(lambda e: draw(e.new), "details")
         if state.details is None and state.selected:
