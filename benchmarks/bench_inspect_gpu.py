@@ -27,18 +27,8 @@ import time
 
 import torch
 
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+from workbench.presets import LLAMA3_8B
+
 TINY = dict(
     hidden_size=64,
     intermediate_size=160,

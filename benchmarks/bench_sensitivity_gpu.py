@@ -71,17 +71,9 @@ def build_llama(tiny: bool, device: str):
             max_position_embeddings=2048,
         )
     else:
-        cfg = LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            max_position_embeddings=8192,
-            rope_theta=500000.0,
-            tie_word_embeddings=False,
-        )
+        from workbench.presets import llama_config
+
+        cfg = llama_config("llama3-8b")
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
@@ -151,25 +143,15 @@ def _default_shaped(device: str):
     """SmolLM2-135M's exact architecture with random weights and the stories260K tokenizer (timing only:
     scan cost depends on shapes; costs and rank correlations of this model mean nothing)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from workbench.llama2c import Llama2cTokenizer
     from workbench.loading import LoadedModel, _describe
     from workbench.paths import data_dir
+    from workbench.presets import llama_config
     from workbench.tokenizer import Tokenizer
 
-    cfg = LlamaConfig(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-    )
+    cfg = llama_config("smollm2-135m")
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).eval()

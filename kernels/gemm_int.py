@@ -265,7 +265,7 @@ def gemm_int(
         x: fp16/bf16 [M, K], contiguous along K.
         packed: int32 [N, packed_words(K, bits)] (``pack_codes``).
         scales_t: fp16 [n_groups, N]; zeros_t: fp16 [n_groups, N] or None (symmetric, zero 2**(bits-1)).
-        bits: 2, 3, 4, 8; group_size: power of two 16..256, or >= K for per-channel; K: input features.
+        bits: 2, 3, 4, 8; group_size: power of two 32..256, or >= K for per-channel; K: input features.
         config: launch shape (default: ``default_gemm_config``).
         out: optional [M, N] output in x.dtype (every element is overwritten).
     Returns:

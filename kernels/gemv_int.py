@@ -503,7 +503,7 @@ def gemv_int(
         x: fp16/bf16 [M, K], M <= 4, contiguous along K.
         packed: int32 [N, packed_words(K, bits)] (``pack_codes``).
         scales_t: fp16 [n_groups, N]; zeros_t: fp16 [n_groups, N] or None (symmetric, zero 2**(bits-1)).
-        bits: 2, 3, 4, 8; group_size: power of two 16..256, or >= K for per-channel; K: input features.
+        bits: 2, 3, 4, 8; group_size: power of two 32..256, or >= K for per-channel; K: input features.
         config: launch shape of this kernel.  None: on CUDA, 4-bit weights with fp16 x run the
             tensor-core kernel (``gemv_mma``, shape tuned per GPU), the rest ``default_gemv_config``.
         out: optional [M, N] output in x.dtype to write into (every element is overwritten).

@@ -89,3 +89,21 @@ def test_views_follow_a_sensitivity_table(stories):
     heat = next(p for p in app.select(pn.pane.Plotly) if "wb-heatmap" in p.css_classes)
     assert list(heat.object.data[0].x) == ["int8_ch", "int4_g32"] and len(heat.object.data[0].y) == 36
     assert state.allocate(budget_bits=6.0) and state.totals.avg_bits <= 6.0
+
+
+def test_the_distributions_view_takes_batched_changes(stories):
+    import param
+
+    from workbench.ui.state import WorkbenchState
+    from workbench.ui.views.distributions_view import DistributionsView
+
+    s = WorkbenchState()
+    s.set_model(stories)
+    DistributionsView(state=s).panel()
+    name = s.layers[1].name
+    with param.parameterized.batch_call_watchers(s):  # one watcher call with two events
+        s.selected, s.grid_spec = name, "int4_g32"
+    job = s.jobs[-1]
+    job.join(30)
+    assert job.name == f"layer {name.removeprefix('model.')}" and job.state == "done", job.error
+    assert s.details.name == name and s.details.grid_spec == "int4_g32"

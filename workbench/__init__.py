@@ -88,6 +88,12 @@ _API = {
     "pareto_front": "workbench.allocate",
     "llama_cpp_tensor_types": "workbench.export",
     "llama_cpp_export": "workbench.export",
+    "gguf_export": "workbench.export_gguf",
+    "compressed_tensors_export": "workbench.export_ct",
+    "verify_plan": "workbench.verify",
+    "Verification": "workbench.verify",
+    "layer_report": "workbench.layer_report",
+    "LayerReport": "workbench.layer_report",
     # running a plan on the low-bit kernels
     "apply_plan": "workbench.runtime.apply",
     "ApplyReport": "workbench.runtime.apply",

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.paths import data_dir
+from workbench.paths import PACKAGE_DATA, data_dir
 
 # name -> {split: relative path}; the first split listed is the default
 NAMED_SOURCES: dict[str, dict[str, str]] = {
@@ -49,8 +49,6 @@ HF_SOURCES: dict[str, dict[str, str]] = {
     "tinystories": {"train": "hf:roneneldan/TinyStories::train:300"},
     "wiki": {"train": "hf:wikimedia/wikipedia:20231101.en:train:500"},
 }
-
-PACKAGE_DATA = Path(__file__).resolve().parent / "textdata"
 
 
 def _named_source(name: str, split: str, source: str) -> Path | str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 from workbench.errors import WorkbenchError
 from workbench.paths import cache_dir
+from workbench.progress import Progress, note, prints, progress_bar, stage
 
 
 @dataclass
@@ -74,10 +74,8 @@ def _batch_size(seq_len: int, device: torch.device) -> int:
     return 1 if device.type == "cpu" else max(1, 8192 // seq_len)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="window", file=sys.stderr, disable=not enabled, leave=False)
+def _progress(total: int, desc: str, progress: Progress):
+    return progress_bar(total, desc, progress, unit="window")
 
 
 def token_kl(lp_ref: torch.Tensor, lp_q: torch.Tensor) -> torch.Tensor:
@@ -93,7 +91,7 @@ def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_reference(
-    model: torch.nn.Module, windows: torch.Tensor, batch_size: int | None = None, progress: bool = True
+    model: torch.nn.Module, windows: torch.Tensor, batch_size: int | None = None, progress: Progress = True
 ) -> Reference:
     """Run the unquantized model over windows [n, L]; keep the head inputs and NLLs."""
     device = next(model.parameters()).device
@@ -126,7 +124,9 @@ def compute_reference(
     return Reference(hidden=torch.cat(hidden), nll_sum=torch.cat(nll))
 
 
-def reference_for(loaded, windows: torch.Tensor, progress: bool = True, use_cache: bool = True) -> Reference:
+def reference_for(
+    loaded, windows: torch.Tensor, progress: Progress = True, use_cache: bool = True
+) -> Reference:
     """`compute_reference` cached on disk (key: fingerprint, source, exact windows, dtype)."""
     from safetensors.torch import load_file, save_file
 
@@ -155,7 +155,7 @@ def compare_to_reference(
     ref_head_weight: torch.Tensor,
     ref_head_bias: torch.Tensor | None = None,
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: Progress = True,
     desc: str = "evaluate",
 ) -> tuple[float, float, float, int]:
     """(summed NLL, summed KL, top-1 matches, predicted tokens) of the model as it is now vs `ref`."""
@@ -184,7 +184,7 @@ def evaluate(
     seq_len: int | None = None,
     max_tokens: int | None = 32768,
     grams: dict[str, torch.Tensor] | None = None,
-    progress: bool = True,
+    progress: Progress = True,
     use_cache: bool = True,
     transformed=None,
 ) -> EvalResult:
@@ -201,6 +201,9 @@ def evaluate(
             made it (None: made here when the plan has transforms). The reference is always `loaded.model`;
             the plan's weights are quantized, and its activation and KV-cache specs simulated (kvsim.py), on
             the transformed copy. A ResolvedPlan with no layers but a `kv` measures the cache alone.
+        progress: True (tqdm), False, or a callback fn(fraction, text) (`workbench.progress`): the
+            reference fills [0, 0.35] (instant when cached), quantization [0.35, 0.55], the comparison
+            [0.55, 1]; a callback that raises stops the evaluation with the model restored.
     """
     from workbench.data import default_seq_len, eval_windows
     from workbench.kvplan import check_context
@@ -212,12 +215,13 @@ def evaluate(
 
     t0 = time.perf_counter()
     seq_len = seq_len or default_seq_len(loaded.description.max_context)
+    note(progress, 0.0, f"tokenizing '{text}'")
     windows = eval_windows(
         loaded.tokenizer, text, seq_len, max_tokens, max_context=loaded.description.max_context
     )
     if resolved is not None:
         check_context(resolved.kv, seq_len)
-    ref = reference_for(loaded, windows, progress=progress, use_cache=use_cache)
+    ref = reference_for(loaded, windows, progress=stage(progress, 0.0, 0.35), use_cache=use_cache)
     n_pred = windows.shape[0] * (seq_len - 1)
     ref_nll = float(ref.nll_sum.sum()) / n_pred
     common = dict(
@@ -234,15 +238,17 @@ def evaluate(
         if transformed is None:
             from workbench.transformed import apply_transforms
 
-            transformed = apply_transforms(loaded, resolved.transforms, progress=progress)
+            transformed = apply_transforms(loaded, resolved.transforms, progress=prints(progress))
         model = transformed.model
     with (
-        fake_quantized(model, resolved, grams, progress=progress) as qtimes,
+        fake_quantized(model, resolved, grams, progress=stage(progress, 0.35, 0.55)) as qtimes,
         act_quantized(model, resolved.acts),
         kv_quantized(model, resolved.kv),
     ):
         tq = sum(qtimes.values())
-        nll, kl, top1, count = compare_to_reference(model, windows, ref, w_ref, b_ref, progress=progress)
+        nll, kl, top1, count = compare_to_reference(
+            model, windows, ref, w_ref, b_ref, progress=stage(progress, 0.55, 1.0)
+        )
     assert count == n_pred, "evaluated a different number of tokens than the reference"
     return EvalResult(
         ppl=math.exp(nll / count),

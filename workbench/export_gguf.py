@@ -40,30 +40,12 @@ from workbench.errors import WorkbenchError
 from workbench.export import gguf_tensor_name
 from workbench.quant.spec import QuantSpec
 
-_SAME_INT = {(8, True): "Q8_0", (4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1"}
-
 
 def gguf_write_type(spec: QuantSpec | str) -> tuple[str, bool]:
-    """(GGUF type name the `gguf` package can write for a spec, True when it is the same format)."""
+    """(GGUF type name the `gguf` package can write for a spec, True when it is the same format): the
+    format's `gguf_write` entry in the registry (`workbench.quant.registry`)."""
     spec = QuantSpec.parse(spec)
-    if spec.fmt == "bf16":
-        return "BF16", True
-    if spec.fmt == "fp16":
-        return "F16", True
-    if spec.fmt == "mxfp4":
-        return "MXFP4", True
-    if spec.fmt in ("nvfp4", "fp4_e2m1"):
-        return "MXFP4", False
-    if spec.fmt == "nf4":
-        return "Q4_0", False
-    if spec.fmt.startswith("fp8"):
-        return "Q8_0", False
-    assert spec.fmt == "int", f"no GGUF mapping for {spec}"
-    same = spec.granularity == "group" and spec.group_size == 32 and spec.algo == "rtn"
-    if spec.bits >= 6:
-        return "Q8_0", same and spec.bits == 8 and spec.symmetric
-    bits = max(spec.bits, 4)
-    return _SAME_INT[(bits, spec.symmetric)], same and bits == spec.bits
+    return spec.format.gguf_write(spec)
 
 
 def _permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:

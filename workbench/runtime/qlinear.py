@@ -225,8 +225,10 @@ class QuantLinear(nn.Module):
         """Move buffers with the module but keep their storage dtypes; only the bias follows `.to(dtype)`.
 
         This overrides a private torch method on purpose: torch offers no public hook that keeps a buffer's
-        dtype under `model.to(dtype)`, and casting fp16 scales to bf16 would change the weights. It touches
-        only this module's own buffers (a QuantLinear has no parameters and no children).
+        dtype under `model.to(dtype)`, and casting fp16 scales to bf16 would change the weights. Overriding
+        the public `to()` would not do: a parent's `.to()` / `.half()` / `.cuda()` reaches its children
+        through `_apply`. It touches only this module's own buffers (a QuantLinear has no parameters and
+        no children).
         """
         for key, buf in self._buffers.items():
             if buf is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.progress import Progress
 from workbench.stats.accumulator import ActivationStats
 from workbench.stats.collector import ActivationCollector, GramSink, progress_bar, quantizable_names
 from workbench.stats.layerwise import collect_layerwise
@@ -55,7 +56,7 @@ def collect_activation_stats(
     *,
     mode: str = "full",
     gram: bool = True,
-    progress: bool = True,
+    progress: Progress = True,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     gram_sink: GramSink | None = None,

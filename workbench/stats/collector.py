@@ -7,13 +7,14 @@ share one accumulator: a hook that receives the tensor object the previous hook 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch
 
 from workbench.errors import WorkbenchError
 from workbench.inventory import get_module, layer_inventory
+from workbench.progress import Progress
+from workbench.progress import progress_bar as bar
 from workbench.stats.accumulator import ActivationStats, InputAccumulator
 
 GramSink = Callable[[str, torch.Tensor], None]
@@ -135,7 +136,6 @@ def quantizable_names(model: torch.nn.Module, layers: list[str] | None = None) -
     return list(layers)
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=not enabled, leave=False)
+def progress_bar(total: int, desc: str, progress: Progress):
+    """A per-batch bar (`workbench.progress`: tqdm, silent, or a fraction callback)."""
+    return bar(total, desc, progress, unit="batch")

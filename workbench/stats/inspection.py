@@ -10,12 +10,12 @@ the `workbench inspect` command.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from workbench.progress import Progress, stage, track
 from workbench.stats.accumulator import ActivationStats, TokenMax
 from workbench.stats.cache import ARRAYS, SCALARS, cache_folder, cache_key, read_folder, write_folder
 from workbench.stats.weights import GridLevels, WeightStats
@@ -312,7 +312,7 @@ def inspect_model(
     group_size: int = 128,
     hist_bins: int = 256,
     cache: bool = True,
-    progress: bool = True,
+    progress: Progress = True,
     device: str | None = None,
 ) -> Inspection:
     """Weight and activation statistics of every quantizable layer of `loaded` (a LoadedModel).
@@ -325,9 +325,9 @@ def inspect_model(
         specs: quantization specs whose grid levels are stored per layer.
         k_sigma, group_size: weight statistics settings (see weights.py).
         cache: load from / store to the statistics cache.
+        progress: True (tqdm), False, or a callback fn(fraction, text) (`workbench.progress`): weight
+            statistics fill [0, 0.15], activations [0.15, 1]; a callback that raises stops the collection.
     """
-    from tqdm.auto import tqdm
-
     from workbench.data import calibration_batches, default_seq_len
     from workbench.inventory import get_linear_weight, get_module, layer_inventory
     from workbench.stats.activations import collect_activation_stats
@@ -363,9 +363,7 @@ def inspect_model(
     layers = layer_inventory(loaded.model)
     batches = calibration_batches(loaded.tokenizer, text, n_seqs, seq_len, seed, max_context=desc.max_context)
     weights = {}
-    for info in tqdm(
-        layers, desc="weights", unit="layer", file=sys.stderr, disable=not progress, leave=False
-    ):
+    for info in track(layers, "weights", stage(progress, 0.0, 0.15), unit="layer"):
         W = get_linear_weight(get_module(loaded.model, info.name))
         weights[info.name] = weight_stats(W, k_sigma, name=info.name, group_size=group_size, specs=specs)
     acts = collect_activation_stats(
@@ -374,7 +372,7 @@ def inspect_model(
         [x.name for x in layers],
         mode=mode,
         gram=gram,
-        progress=progress,
+        progress=stage(progress, 0.15, 1.0),
         device=device,
         hist_bins=hist_bins,
     )

@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.progress import Progress
 from workbench.stats.accumulator import ActivationStats
 from workbench.stats.collector import ActivationCollector, GramSink, progress_bar
 
@@ -118,7 +119,7 @@ def collect_layerwise(
     gram: bool,
     batch_size: int,
     device: torch.device,
-    progress: bool,
+    progress: Progress,
     gram_sink: GramSink | None,
     hist_bins: int = 256,
     visit: BlockVisit | None = None,

@@ -1,17 +1,19 @@
 """Background jobs for the app: one thread per long computation, with param-driven progress and cancel.
 
 A `Job` runs `fn(ctx)` in a daemon thread. The function reports progress through `ctx.report(fraction,
-text)` (which also raises `JobCancelled` once the user asked to stop), so the UI thread never blocks: views
-watch `Job.progress` / `Job.status` and Panel schedules the widget updates on the session's event loop.
-Core functions that have no progress hook are still cancellable: `cancel()` also raises `JobCancelled`
-inside the worker thread at its next Python bytecode (CPython's `PyThreadState_SetAsyncExc`), so a
-closed browser tab stops its job within one torch call.
+text)`, so the UI thread never blocks: views watch `Job.progress` / `Job.status` and Panel schedules the
+widget updates on the session's event loop. `ctx.report` has the signature of the core's progress callbacks
+(`workbench.progress`), so a job passes it (or a `stage` of it) straight to the core and the bar fills.
+
+Cancellation is cooperative: `cancel()` sets a flag, and the next `ctx.report` (from the job or from inside
+the core's loops) raises `JobCancelled`, which unwinds the core through its `finally` blocks (hooks removed,
+weights restored). A step with no progress hook runs to its end; its result is then dropped (`ctx.check()`
+after the function), so a cancelled job never hands a result to the state.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import threading
 import time
@@ -51,15 +53,18 @@ class JobContext:
 
     @property
     def cancelled(self) -> bool:
-        return self._job._cancel.is_set()
+        return self._job.cancel_requested()
 
     def check(self) -> None:
         """Raise JobCancelled if the user asked to stop."""
-        if self._job._cancel.is_set():
+        if self._job.cancel_requested():
             raise JobCancelled(self._job.name)
 
     def report(self, fraction: float | None = None, text: str | None = None) -> None:
-        """Publish progress (fraction in [0, 1]) and a one-line status; raise JobCancelled when cancelled."""
+        """Publish progress (fraction in [0, 1]) and a one-line status; raise JobCancelled when cancelled.
+
+        A `workbench.progress` callback: pass it to the core as `progress=` to fill the bar from its loops.
+        """
         self.check()
         if fraction is not None:
             self._job.progress = max(0.0, min(1.0, float(fraction)))
@@ -87,7 +92,6 @@ class Job(param.Parameterized):
         super().__init__(name=name, status="starting")
         self._fn, self._on_done, self._on_error = fn, on_done, on_error
         self._cancel = threading.Event()
-        self._interruptible = False
         self.result: Any = None
         self._thread = threading.Thread(target=self._run, name=f"workbench-job-{name}", daemon=True)
 
@@ -101,12 +105,8 @@ class Job(param.Parameterized):
     def _run(self) -> None:
         ctx = JobContext(self)
         try:
-            try:
-                self._interruptible = True
-                result = self._fn(ctx)
-            finally:
-                self._interruptible = False
-            ctx.check()
+            result = self._fn(ctx)
+            ctx.check()  # cancelled during a step without progress: drop the result
         except JobCancelled:
             self._finish("cancelled", "cancelled")
             return
@@ -149,15 +149,16 @@ class Job(param.Parameterized):
     def running(self) -> bool:
         return self.state == "running"
 
-    def cancel(self, interrupt: bool = True) -> None:
-        """Ask the job to stop; with `interrupt`, also raise JobCancelled inside its thread."""
+    def cancel(self) -> None:
+        """Ask the job to stop: its next progress report raises JobCancelled in its own thread."""
         if not self.running:
             return
         self._cancel.set()
-        tid = self._thread.ident
-        if interrupt and tid is not None and self._interruptible and self._thread.is_alive():
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(JobCancelled))
         self.status = "cancelling"
+
+    def cancel_requested(self) -> bool:
+        """Whether `cancel()` was called (the job may still be finishing its current step)."""
+        return self._cancel.is_set()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the thread (tests and shutdown)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from workbench.progress import Progress, track
+
 TABLE_COLUMNS = [
     "layer", "block", "role", "shape", "params", "spec", "bits", "KB", "cost", "pinned",
     "w max/med", "w kurtosis", "act outlier",
@@ -11,12 +13,16 @@ TABLE_COLUMNS = [
 NAN = float("nan")
 
 
-def weight_outliers(model, layers) -> dict[str, tuple[float, float]]:
-    """{layer: (max/median |w|, excess kurtosis)} of every layer (`stats.weights.outlier_summary`)."""
+def weight_outliers(model, layers, progress: Progress = False) -> dict[str, tuple[float, float]]:
+    """{layer: (max/median |w|, excess kurtosis)} of every layer (`stats.weights.outlier_summary`);
+    `progress`: per layer (`workbench.progress`)."""
     from workbench.inventory import get_linear_weight, get_module
     from workbench.stats.weights import outlier_summary
 
-    return {x.name: outlier_summary(get_linear_weight(get_module(model, x.name))) for x in layers}
+    return {
+        x.name: outlier_summary(get_linear_weight(get_module(model, x.name)))
+        for x in track(layers, "weight outliers", progress, unit="layer")
+    }
 
 
 def _outlier_cells(name: str, outliers: dict, inspection) -> tuple[float, float, float]:

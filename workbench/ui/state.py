@@ -6,8 +6,10 @@ Every number comes from the core library (`workbench.plan`, `workbench.planedit`
 calls it, keeps the results, and publishes derived values through `param` so views update by themselves.
 
 Long computations (loading, statistics, sensitivity, evaluation, chat) run as `Job`s in threads, so the UI
-never freezes; `cancel_jobs()` stops them (the served app calls it when the browser tab closes). The jobs
-themselves live in `workbench/ui/tasks.py`; this file holds the data and the plan editor.
+never freezes; `cancel_jobs()` stops them (the served app calls it when the browser tab closes). A job is a
+plain function of `workbench/ui/tasks.py` over the session's `ModelSession` (`self.session`: shared model,
+private copy, lock) whose result `workbench/ui/adopt.py` hands to this state on the UI thread; this file
+holds the data, the plan editor, and `_start`, which wires the two.
 
 Tests drive this class directly, without a browser (tests/test_ui_state.py).
 """
@@ -15,17 +17,19 @@ Tests drive this class directly, without a browser (tests/test_ui_state.py).
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import param
 
+import workbench.ui.adopt as adopt
+import workbench.ui.tasks as tasks
 from workbench import defaults
 from workbench.errors import WorkbenchError
 from workbench.quant.spec import QuantSpec
 from workbench.ui.history import History, Snapshot
 from workbench.ui.jobs import Job
 from workbench.ui.layer_table import TABLE_COLUMNS, layer_table, weight_outliers  # noqa: F401
+from workbench.ui.session import ModelSession
 
 # Specs offered in the editor / scanned by the sensitivity view: named presets in workbench.defaults.
 CANDIDATE_SPECS, SENSITIVITY_SPECS = defaults.CANDIDATE_SPECS, defaults.SENSITIVITY_SPECS
@@ -71,9 +75,7 @@ class WorkbenchState(param.Parameterized):
     def __init__(self, **params):
         super().__init__(**params)
         self._history: History | None = None
-        self._model_lock = threading.Lock()  # one model-using job at a time in this session
-        self._private_model = None
-        self._chat_model = None  # (plan key, quantized copy, ApplyReport)
+        self.session: ModelSession | None = None  # the loaded model, its private copy and lock (jobs)
         self._outliers: dict[str, tuple[float, float]] = {}  # layer -> (max/median |w|, kurtosis)
 
     # ------------------------------------------------------------------ threads
@@ -108,8 +110,7 @@ class WorkbenchState(param.Parameterized):
         self._outliers = outliers if outliers is not None else weight_outliers(loaded.model, layers)
         plan = Plan(default="bf16")
         self._history = History(Snapshot(plan.to_json(), (), "start"))
-        self._private_model = None
-        self._chat_model = None
+        self.session = ModelSession(loaded)
         with param.parameterized.batch_call_watchers(self):
             self.loaded, self.description, self.layers = loaded, loaded.description, layers
             self.inspection = None
@@ -123,17 +124,20 @@ class WorkbenchState(param.Parameterized):
 
     def load(self, source: str | None = None, wait: bool = False) -> Job:
         """Load a model in the background (progress in the job); `wait` blocks (tests, notebooks)."""
-        from workbench.ui.tasks import load_job
+        from pathlib import Path
 
         restore = self.source if self.loaded is not None else "default"
         if source is not None:
             self.source = source
         self.phase = "loading"
-        job = load_job(self, self.source, restore)
-        self.add_job(job)
-        if wait:
-            job.join()
-        return job
+        src = self.source
+        return self._start(
+            f"load {Path(src).name or src}",
+            lambda report: tasks.load(src, report),
+            lambda result: self.set_model(*result),
+            wait,
+            failed=lambda m: adopt.load_failed(self, src, restore, m),
+        )
 
     # ------------------------------------------------------------------ plan: derived values
     def _install(self, plan, pinned: list[str]) -> None:
@@ -354,14 +358,15 @@ class WorkbenchState(param.Parameterized):
 
     def compute_stats(self, wait: bool = False, **settings) -> Job:
         """Activation statistics in the background (cached on disk by the core)."""
-        from workbench.ui.tasks import stats_job
-
         self._require_model()
         cfg = {**self.calibration_settings(), **settings}
-        job = self.add_job(stats_job(self, cfg["text"], cfg["n_seqs"], cfg["seq_len"]))
-        if wait:
-            job.join()
-        return job
+        args = cfg["text"], cfg["n_seqs"], cfg["seq_len"]
+        return self._start(
+            "statistics",
+            lambda report: tasks.statistics(self.session, *args, report),
+            lambda inspection: adopt.inspection(self, inspection, *args),
+            wait,
+        )
 
     def effective_grid_spec(self) -> str | None:
         """The grid to overlay: the chosen one, else the layer's current spec, else int4_g128."""
@@ -372,18 +377,20 @@ class WorkbenchState(param.Parameterized):
 
     def request_details(self, wait: bool = False) -> Job | None:
         """Compute the selected layer's report (weights, grid, activations, per-spec errors) in a job."""
-        from workbench.ui.tasks import details_job
-
         if not self.selected or self.loaded is None:
             return None
         specs = [s for s in CANDIDATE_SPECS if s != "bf16"]
         for old in self.running_jobs():
             if old.name.startswith("layer "):
                 old.cancel()  # only the latest selection matters
-        job = self.add_job(details_job(self, self.selected, self.effective_grid_spec(), specs))
-        if wait:
-            job.join()
-        return job
+        args = self.loaded, self.selected, self.effective_grid_spec(), specs, self.inspection
+        return self._start(
+            f"layer {self.selected.removeprefix('model.')}",
+            lambda report: tasks.layer_details(*args, report),
+            lambda report: setattr(self, "details", report),
+            wait,
+            failure="layer statistics failed",
+        )
 
     # ------------------------------------------------------------------ sensitivity, evaluation, chat
     def compute_sensitivity(
@@ -394,30 +401,16 @@ class WorkbenchState(param.Parameterized):
         The default method and settings are `workbench.defaults`' (Fisher-weighted proxy); the statistics'
         Gram matrices are reused when they were collected on the same calibration tokens.
         """
-        from workbench.ui.tasks import sensitivity_job
-
         self._require_model()
         cfg = {**defaults.scan_settings(self.description), **kw}
         specs = [str(QuantSpec.parse(s)) for s in (specs or SENSITIVITY_SPECS)]
-        job = self.add_job(sensitivity_job(self, specs, method, cfg, self._inspection_grams(cfg)))
-        if wait:
-            job.join()
-        return job
-
-    def _inspection_grams(self, cfg: dict) -> dict | None:
-        """The statistics' Gram matrices when they cover the scan's calibration tokens exactly, else None."""
-        ins = self.inspection
-        if ins is None:
-            return None
-        st = ins.settings
-        same = (st.get("text"), st.get("n_seqs"), st.get("seq_len"), st.get("seed")) == (
-            cfg["text"],
-            cfg["calib_seqs"],
-            cfg["calib_seq_len"],
-            0,
+        grams = tasks.inspection_grams(self.inspection, cfg)
+        return self._start(
+            "sensitivity",
+            lambda report: tasks.sensitivity(self.session, specs, method, cfg, grams, report),
+            lambda table: adopt.sensitivity(self, table),
+            wait,
         )
-        grams = {n: a.gram for n, a in ins.activations.items() if a.gram is not None}
-        return grams if same and grams else None
 
     def eval_settings(self) -> dict:
         """Evaluation text and size for this model (small enough to stay interactive on a CPU)."""
@@ -425,35 +418,37 @@ class WorkbenchState(param.Parameterized):
 
     def evaluate(self, reference: bool = False, wait: bool = False, **settings) -> Job:
         """KL / perplexity / top-1 of the current plan (or the reference) in the background."""
-        from workbench.ui.tasks import evaluate_job
-
         self._require_model()
         cfg = {**self.eval_settings(), **settings}
+        ev = {k: cfg[k] for k in ("text", "seq_len", "max_tokens")}
         resolved = None if reference else self.resolved  # a ResolvedPlan, replaced (never mutated) on edits
         label = "reference" if reference else self.plan_label()
-        job = self.add_job(
-            evaluate_job(
-                self, resolved, label, self.plan_json(), cfg["text"], cfg["seq_len"], cfg["max_tokens"]
-            )
+        calib, row = self.calibration_settings(), (label, self.plan_json(), self.totals, reference)
+        return self._start(
+            f"evaluate {label}",
+            lambda report: tasks.evaluation(self.session, resolved, ev, calib, report),
+            lambda result: adopt.evaluation(self, result, *row),
+            wait,
+            failure=f"evaluation of {label} failed",
+            suffix=" (the plan is unchanged)",
         )
-        if wait:
-            job.join()
-        return job
 
     def verify(self, wait: bool = False, **settings) -> Job | None:
         """Measure the current plan and the uniform plans next to it in size (quick evaluation, cached);
         `settings` override the evaluation's text / seq_len / max_tokens."""
-        from workbench.ui.tasks import verify_job
-
         self._require_model()
         if self.sensitivity is None:
             self.notify("compute the sensitivity table first: verify compares its prediction", "warning")
             return None
         ev = {**self.eval_settings(), **settings}
-        job = self.add_job(verify_job(self, dict(self.resolved), self.plan_label(), ev))
-        if wait:
-            job.join()
-        return job
+        table, resolved, label = self.sensitivity, dict(self.resolved), self.plan_label()
+        return self._start(
+            f"verify {label}",
+            lambda report: tasks.verification(self.session, table, resolved, ev, report),
+            lambda v: adopt.verification(self, v, label),
+            wait,
+            failure="verification failed",
+        )
 
     def plan_label(self) -> str:
         """A short name for the current plan in result tables."""
@@ -463,26 +458,37 @@ class WorkbenchState(param.Parameterized):
 
     def chat(self, prompt: str, max_new_tokens: int = 48, wait: bool = False) -> Job:
         """Generate from `prompt` with the reference and the quantized model side by side."""
-        from workbench.ui.tasks import chat_job
-
         self._require_model()
         if not prompt.strip():
             self.notify("type a prompt first", "warning")
             return None
-        job = self.add_job(
-            chat_job(
-                self,
-                prompt,
-                max_new_tokens,
-                self.resolved,
-                json.dumps(self.plan.to_json(), sort_keys=True),
-            )
+        resolved, key = self.resolved, json.dumps(self.plan.to_json(), sort_keys=True)
+        return self._start(
+            "chat",
+            lambda report: tasks.chat(self.session, prompt, max_new_tokens, resolved, key, report),
+            lambda entry: setattr(self, "chat_log", self.chat_log + [entry]),
+            wait,
         )
+
+    # ------------------------------------------------------------------ jobs
+    def _start(self, name: str, work, take, wait: bool, failed=None, failure: str = "", suffix: str = ""):
+        """Run `work(report)` (a tasks.py function) in a Job; `take(result)` adopts it on the UI thread.
+
+        On an error, `failed(message)` runs on the UI thread, or a notice "`failure`: message`suffix`"
+        (default failure: "<name> failed"). `wait` blocks until the job ends (tests, notebooks).
+        """
+        failed = failed or (lambda m: self.notify(f"{failure or name + ' failed'}: {m}{suffix}", "error"))
+        job = Job(
+            name,
+            lambda ctx: work(ctx.report),
+            on_done=lambda result: self.run_ui(lambda: take(result)),
+            on_error=lambda m: self.run_ui(lambda: failed(m)),
+        )
+        self.add_job(job)
         if wait:
             job.join()
         return job
 
-    # ------------------------------------------------------------------ jobs
     def add_job(self, job: Job) -> Job:
         """Start `job` and list it (the last 20 finished jobs are kept for the jobs panel)."""
         self.jobs = self.jobs[-20:] + [job]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import panel as pn
 import param
 
@@ -68,62 +71,84 @@ def job_status_text(job: Job) -> str:
     return f"{job.state} in {job.seconds:.1f} s"
 
 
-def job_row(job: Job, run_ui=lambda fn: fn()) -> pn.Row:
-    """One job: name, progress bar, status, cancel button (disabled once finished)."""
-    bar = pn.indicators.Progress(
-        value=int(job.progress * 100), max=100, width=160, height=18, bar_color="primary", margin=(8, 5)
-    )
-    status = pn.pane.Str(job.status, margin=(5, 5), styles={"font-size": "12px"})
-    cancel = pn.widgets.Button(
-        name="cancel",
-        button_type="warning",
-        width=70,
-        height=28,
-        disabled=not job.running,
-        css_classes=["wb-cancel"],
-    )
-    cancel.on_click(lambda _e: job.cancel())
+class JobRow:
+    """One job's row: name, progress bar, status, cancel button (hidden once finished).
 
-    def sync(*_events):
-        bar.value = int(job.progress * 100)
-        bar.active = job.running and job.progress == 0
-        bar.bar_color = {
-            "running": "primary",
-            "done": "success",
-            "failed": "danger",
-            "cancelled": "secondary",
-        }[job.state]
-        status.object = job_status_text(job)
-        cancel.disabled = not job.running
-        cancel.visible = job.running
+    `sync()` copies the job's progress, status and outcome into the widgets; the row watches the job (from
+    the job's thread, through `run_ui`) and `jobs_panel` calls `sync()` to catch up when it re-shows it.
+    A running job's updates are coalesced to one redraw per `INTERVAL` seconds (an evaluation reports every
+    window, thousands of times; every redraw is a message on the server's one event loop, which all the
+    browser tabs share); the latest value is always drawn, at most `INTERVAL` late.
+    """
 
-    job.param.watch(lambda *_e: run_ui(sync), ["progress", "status", "state"])  # from the job's thread
-    sync()
-    row = pn.Row(
-        pn.pane.Markdown(f"**{job.name}**", margin=(5, 5), width=220),
-        bar,
-        cancel,
-        status,
-        css_classes=["wb-job"],
-    )
-    row.sync = sync
-    return row
+    INTERVAL = 0.25
+
+    def __init__(self, job: Job, run_ui=lambda fn: fn()):
+        self.job, self._run_ui = job, run_ui
+        self._pending, self._last = False, 0.0
+        self.bar = pn.indicators.Progress(
+            value=int(job.progress * 100), max=100, width=160, height=18, bar_color="primary", margin=(8, 5)
+        )
+        self.status = pn.pane.Str(job.status, margin=(5, 5), styles={"font-size": "12px"})
+        self.cancel = pn.widgets.Button(
+            name="cancel",
+            button_type="warning",
+            width=70,
+            height=28,
+            disabled=not job.running,
+            css_classes=["wb-cancel"],
+        )
+        self.cancel.on_click(lambda _e: job.cancel())
+        job.param.watch(self._changed, ["progress", "status", "state"])
+        self.sync()
+        name = pn.pane.Markdown(f"**{job.name}**", margin=(5, 5), width=220)
+        self.row = pn.Row(name, self.bar, self.cancel, self.status, css_classes=["wb-job"])
+
+    def _changed(self, *_events) -> None:
+        """A job param changed (in the job's thread): schedule one redraw, now or after the interval."""
+        if self._pending:
+            return
+        self._pending = True
+        delay = self._last + self.INTERVAL - time.monotonic() if self.job.running else 0.0
+        if delay <= 0:
+            self._run_ui(self._flush)
+        else:
+            threading.Timer(delay, lambda: self._run_ui(self._flush)).start()
+
+    def _flush(self) -> None:
+        self._pending, self._last = False, time.monotonic()
+        self.sync()
+
+    def sync(self, *_events) -> None:
+        job = self.job
+        self.bar.value = int(job.progress * 100)
+        self.bar.active = job.running and job.progress == 0
+        self.bar.bar_color = JOB_COLORS[job.state]
+        self.status.object = job_status_text(job)
+        self.cancel.disabled = not job.running
+        self.cancel.visible = job.running
+
+
+JOB_COLORS = {"running": "primary", "done": "success", "failed": "danger", "cancelled": "secondary"}
 
 
 def jobs_panel(state: WorkbenchState, keep_finished: int = 1) -> pn.viewable.Viewable:
-    """Running jobs (and the last few finished ones) of this session."""
+    """Running jobs (and the last few finished ones) of this session; one JobRow (one watcher) per job."""
+    rows: dict[Job, JobRow] = {}  # of this panel, for the jobs the state still lists
 
     def show(jobs):
+        for gone in [j for j in rows if j not in jobs]:
+            del rows[gone]
         running = [j for j in jobs if j.running]
         finished = [j for j in jobs if not j.running][-keep_finished:]
-        rows = []
+        shown = []
         for j in finished + running:
-            if getattr(j, "_panel_row", None) is None:
-                j._panel_row = job_row(j, state.run_ui)  # one row (and one watcher) per job
+            if j in rows:
+                rows[j].sync()  # catch up on changes made before the page was connected
             else:
-                j._panel_row.sync()  # catch up on changes made before the page was connected
-            rows.append(j._panel_row)
-        return pn.Column(*rows, margin=0) if rows else pn.pane.HTML("", height=0, margin=0)
+                rows[j] = JobRow(j, state.run_ui)
+            shown.append(rows[j].row)
+        return pn.Column(*shown, margin=0) if shown else pn.pane.HTML("", height=0, margin=0)
 
     return pn.bind(show, state.param.jobs)
 

@@ -1,0 +1,47 @@
+"""Model shapes by name: the configurations that the GPU benchmarks build with random weights.
+
+One place for each shape, so the benchmarks measure the same models: Llama-3-8B (hidden 4096, FFN 14336,
+32 blocks, 32 heads / 8 KV heads, vocab 128256, from
+https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json; bench_e2e.py,
+bench_inspect_gpu.py, bench_sensitivity_gpu.py) and SmolLM2-135M, the default model's shape
+(https://huggingface.co/HuggingFaceTB/SmolLM2-135M/blob/main/config.json; bench_sensitivity_gpu.py).
+"""
+
+from __future__ import annotations
+
+from workbench.errors import WorkbenchError
+
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+PRESETS = {"llama3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M}
+
+
+def llama_config(name: str = "llama3-8b", **overrides):
+    """A transformers `LlamaConfig` of the preset `name`, with `overrides` (e.g. num_hidden_layers=4)."""
+    from transformers import LlamaConfig
+
+    if name not in PRESETS:
+        raise WorkbenchError(f"unknown model preset '{name}' (known: {', '.join(PRESETS)})")
+    return LlamaConfig(**{**PRESETS[name], **overrides})
