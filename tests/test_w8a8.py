@@ -20,12 +20,14 @@ import pytest  # noqa: E402
 from workbench.kernels import reference as R  # noqa: E402
 from workbench.kernels.gemm_w8a8 import (  # noqa: E402
     W8A8Config,
+    gemm_w8a8_fused,
     gemm_w8a8_int_mm,
     gemm_w8a8_triton,
     quantize_rows_fp8,
     quantize_rows_int8,
     w8a8_int8,
 )
+from workbench.kernels.quant_rows import quantize_rows_triton  # noqa: E402
 
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.quant.act import ActSpec, fake_quant_act  # noqa: E402
@@ -73,6 +75,55 @@ def test_row_quantizers_against_hand_computed_values():
         xr = torch.randn(7, 64) * torch.logspace(-2, 2, 64)
         codes, sc = q(xr)
         assert torch.equal(codes.float() * sc[:, None], fake_quant_act(xr, spec))  # the plan's simulation
+
+
+def test_triton_row_quantizer_rounds_ties_to_even_like_torch():
+    # int8, s = 127 / 127 = 1: halves go to the even integer; E4M3, s = 448 / 448 = 1: 17 and 19 are ties
+    # between 16, 18, 20 (quantum 2 in [16, 32)), 3 * 2^-10 a tie between the subnormals 2^-9 and 2^-8
+    xi = torch.tensor([[127.0, 0.5, 1.5, 2.5, -2.5, -0.5, 3.5, -126.5]], dtype=torch.bfloat16).to(DEV)
+    q, s = quantize_rows_triton(xi, "int8")
+    assert float(s[0]) == 1.0 and q.tolist() == [[127, 0, 2, 2, -2, 0, 4, -126]]
+    xf = torch.tensor([[448.0, 17.0, 19.0, -17.0, 3 * 2.0**-10, -0.0, 9.0, 0.0]], dtype=torch.bfloat16)
+    q, s = quantize_rows_triton(xf.to(DEV), "fp8")
+    assert float(s[0]) == 1.0 and q.float().tolist() == [[448.0, 16.0, 20.0, -16.0, 2.0**-8, -0.0, 9.0, 0.0]]
+    assert q.view(torch.uint8)[0, 5] == 0x80  # E4M3's negative zero, as torch's cast keeps it
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_row_quantizer_is_bit_exact_with_the_plan_simulation(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(9, 300, generator=g) * torch.logspace(-4, 2, 300)).to(dtype)
+    x[3] = 0.0  # an all-zero row: scale 1e-12, codes 0
+    for clip in (1.0, 0.37):
+        for fmt, q_torch, spec in (
+            ("int8", quantize_rows_int8, "int8_tok_sym"),
+            ("fp8", quantize_rows_fp8, "fp8_e4m3_tok"),
+        ):
+            q, s = quantize_rows_triton(x.to(DEV), fmt, clip)
+            qr, sr = q_torch(x, clip)
+            assert torch.equal(s.cpu(), sr), f"{fmt} clip {clip}: scales differ"
+            assert torch.equal(q.cpu().view(torch.int8), qr.view(torch.int8)), (
+                f"{fmt} clip {clip}: codes differ"
+            )
+            sim = fake_quant_act(x.float(), spec + (f"_clip{clip:g}" if clip != 1.0 else ""))
+            assert torch.equal(q.cpu().float() * s.cpu()[:, None], sim)
+    with pytest.raises(WorkbenchError, match="clip must be in"):
+        quantize_rows_triton(x.to(DEV), "int8", 1.5)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 48, 64), (5, 40, 300), (16, 33, 200)], ids=str)
+def test_fused_int8_gemm_equals_quantize_then_gemm(M, N, K):
+    g = torch.Generator().manual_seed(M * K)
+    x = (torch.randn(M, K, generator=g) * 3).to(torch.bfloat16).to(DEV)
+    wq = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8).to(DEV)
+    sw = (torch.rand(N, generator=g) * 1e-2).to(DEV)
+    for clip, cfg in ((1.0, None), (0.8, W8A8Config(16, 32, 32, 4, 1))):
+        xq, sx = quantize_rows_int8(x, clip)
+        y = gemm_w8a8_fused(x, wq, sw, clip, cfg)
+        assert torch.equal(y, gemm_w8a8_triton(xq, sx, wq, sw, x.dtype, cfg)), f"{M, N, K} clip {clip}"
+        assert torch.equal(
+            w8a8_int8(x, wq, sw, clip, use_int_mm=False), gemm_w8a8_triton(xq, sx, wq, sw, x.dtype)
+        )
 
 
 @pytest.mark.parametrize("M", [1, 5, 20])
