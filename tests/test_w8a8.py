@@ -181,9 +181,22 @@ def test_act_kernel_reasons_name_what_is_missing():
     assert "CUDA fp16/bf16" in act_kernel_reason(int8, ActSpec.parse("int8_tok_sym"), W)
 
 
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over positions of KL(p || q) from logits [..., V]."""
+    lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA only: apply_plan builds W8A8 layers for CUDA weights")
 @pytest.mark.parametrize("wspec,act", [("int8_ch_sym", "int8_tok_sym"), ("fp8_e4m3", "fp8_e4m3_tok")])
 def test_apply_plan_runs_w8a8_layers_on_the_gpu(stories, wspec, act):
+    """Like with like. Per layer: each W8A8 module's output against the plan's simulation of *its own* bf16
+    input (same codes, so only accumulation order and the bf16 output differ). End to end: the bf16 GPU
+    model is compared with the fp32 model by KL, bounded by the fp32 simulation's own KL. A max |dlogit|
+    against the fp32 simulation is no test of the kernels: bf16 rounding upstream moves a value across an
+    E4M3 rounding boundary (3 mantissa bits: a step is 6-12 % of the value) and the flipped codes
+    decorrelate the two runs by about the quantization error itself (on the CPU, the simulation alone in
+    bf16 vs fp32: max |dlogit| 0.78 for fp8, 0.45 for int8; the fp8 simulation vs the fp32 model: 0.83)."""
     import copy
 
     from workbench.plan import Plan, Rule
@@ -194,13 +207,38 @@ def test_apply_plan_runs_w8a8_layers_on_the_gpu(stories, wspec, act):
     plan = Plan(default=wspec, act=act, rules=[Rule("lm_head", "bf16", "none")])
     ids = torch.tensor([[1, 200, 31, 7, 99, 4, 50, 3] * 4])
     sim = copy.deepcopy(stories.model)
-    apply_plan(sim, plan.resolve(sim), backend="reference", warn=False)  # CPU simulation
+    apply_plan(sim, plan.resolve(sim), backend="reference", warn=False)  # CPU simulation, fp32
     gpu = copy.deepcopy(stories.model).to("cuda", torch.bfloat16)
     report = apply_plan(gpu, plan.resolve(gpu), warn=False)
     # stories260K's MLP width 172 is no multiple of 16: torch._scaled_mm cannot run those FP8 layers
     mlp = {n for n in report.layers if ".mlp." in n and n != "lm_head"}
     simulated = mlp if act.startswith("fp8") else set()
     assert set(report.act_simulated) == simulated and len(report.act_kernels) == 35 - len(simulated)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(name: str):
+        def hook(mod, inputs, output) -> None:  # returns None: the output is left as it is
+            seen[name] = (inputs[0].detach(), output.detach())
+
+        return hook
+
+    hooks = [
+        m.register_forward_hook(keep(n)) for n, m in gpu.named_modules() if isinstance(m, ActQuantLinear)
+    ]
     with torch.no_grad():
-        d = (gpu(input_ids=ids.cuda()).logits.float().cpu() - sim(input_ids=ids).logits).abs().max()
-    assert float(d) < 0.5, f"GPU W8A8 vs simulation: max |dlogit| {float(d):.3f}"
+        l_gpu = gpu(input_ids=ids.cuda()).logits.float().cpu()
+        l_sim = sim(input_ids=ids).logits
+        l_ref = stories.model(input_ids=ids).logits
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(report.act_kernels)
+    for n, (x, y) in seen.items():
+        m = gpu.get_submodule(n)
+        y_sim = fake_quant_act(x.float(), m.act) @ m.weight_hat().t()  # [1, T, N] fp32, the same bf16 input
+        y_sim = y_sim if m.bias is None else y_sim + m.bias.float()
+        rel = float((y.float() - y_sim).norm() / y_sim.norm())
+        assert rel < 1e-2, f"{n}: W8A8 output vs the simulation of its own input, rel err {rel:.2e}"
+    kl_sim, kl_gpu = _kl(l_ref, l_sim), _kl(l_ref, l_gpu)
+    assert kl_gpu < 2 * kl_sim + 1e-3, f"KL(fp32 || GPU W8A8) {kl_gpu:.4f} vs the simulation's {kl_sim:.4f}"
+    d = float((l_gpu - l_sim).abs().max())
+    assert d < 2.0, f"GPU W8A8 vs simulation: max |dlogit| {d:.3f}"  # gross errors only (see docstring)
