@@ -12,12 +12,14 @@ plan's `int8_tok_sym` / `fp8_e4m3_tok` activation specs simulate, quant/act.py) 
 The int8 product runs either on our Triton kernel below (`tl.dot` on int8 tensor cores, int32 accumulator,
 the two scales applied in the epilogue; any M, masked edges) or on cuBLASLt through `torch._int_mm`, which
 needs M > 16 and K, N multiples of 8: `w8a8_int8` picks `_int_mm` when it can run and the Triton kernel
-otherwise (decode rows). Up to 16 rows the Triton kernel quantizes x itself (`gemm_w8a8_fused`: its
-prologue takes each row's absmax, then quantizes every tile it feeds to `tl.dot`: one launch in all);
-elsewhere the codes come from the one-launch row quantizer of kernels/quant_rows.py (bit-identical to the
-torch `quantize_rows_int8` / `quantize_rows_fp8` here and to the plan's simulation). FP8 runs
-`torch._scaled_mm` (cuBLASLt, compute capability >= 8.9), which needs K and N multiples of 16 and
-writes bf16 (fp16 inputs get a bf16 product cast to fp16).
+otherwise (decode rows). At one row the Triton kernel quantizes x itself (`gemm_w8a8_fused`: each program
+takes the row's absmax, then quantizes every K tile it feeds to `tl.dot`: one launch in all); elsewhere the
+codes come from the one-launch row quantizer of kernels/quant_rows.py, then the GEMM (two launches; fusing
+at 2-16 rows would make every one of the N / BLOCK_N programs quantize all 16 padded rows again). Both give
+codes bit-identical to the torch `quantize_rows_int8` / `quantize_rows_fp8` here and to the plan's
+simulation. FP8 quantizes with the row quantizer, then runs `torch._scaled_mm` (cuBLASLt, compute
+capability >= 8.9), which needs K and N multiples of 16 and writes bf16 (fp16 inputs get a bf16 product
+cast to fp16).
 
 SmoothQuant (https://arxiv.org/abs/2211.10438) and QuaRot (https://arxiv.org/abs/2404.00456) run their W8A8
 matmuls this way. Torch twins: `reference.w8a8_int8_ref`, `reference.w8a8_fp8_ref` (same signatures).
@@ -37,7 +39,7 @@ from workbench.kernels.quant_rows import int8_codes, quantize_rows_triton, row_s
 from workbench.errors import WorkbenchError
 
 FP8_MAX = 448.0
-FUSED_MAX_ROWS = 16  # w8a8_int8 quantizes inside the GEMM (gemm_w8a8_fused) up to this many rows
+FUSED_MAX_ROWS = 1  # w8a8_int8 quantizes inside the GEMM (gemm_w8a8_fused) up to this many rows
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA: "self.size(0) needs to be greater than 16"
 
 
@@ -131,33 +133,53 @@ def _gemm_w8a8_fused_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ONE_ROW: tl.constexpr,
+    XBLOCK: tl.constexpr,
 ):
     """The int8 GEMM with the per-token quantizer as its prologue: each program reads its BLOCK_M rows of x
-    once for their absmax (quant_rows.row_scale), then quantizes every x tile it feeds to `tl.dot`."""
+    once for their absmax (quant_rows.row_scale), then quantizes every x tile it feeds to `tl.dot`.
+
+    ONE_ROW (M == 1, decode): only the one real row is quantized, as a [BLOCK_K] vector placed in row 0 of
+    the [BLOCK_M, BLOCK_K] tile (`tl.dot` needs 16 rows); the general path would quantize 16 rows (15 of
+    them padding) in every one of the N / BLOCK_N programs."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rk = tl.arange(0, BLOCK_K)  # [BK]
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + kk[None, :],
-            mask=(rm[:, None] < M) & (kk[None, :] < K),
-            other=0.0,
-        )  # [BM, BK]
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
-    sa = row_scale(amax, clip, 127.0)  # [BM]
+    if ONE_ROW:
+        rx = tl.arange(0, XBLOCK)
+        amax_v = tl.zeros((XBLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, XBLOCK):
+            xv = tl.load(x_ptr + k0 + rx, mask=k0 + rx < K, other=0.0)  # [XBLOCK]
+            amax_v = tl.maximum(amax_v, tl.abs(xv.to(tl.float32)))
+        s_row = row_scale(tl.max(amax_v, 0), clip, 127.0)  # scalar
+        sa = tl.where(rm == 0, s_row, 0.0)  # [BM]
+    else:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                mask=(rm[:, None] < M) & (kk[None, :] < K),
+                other=0.0,
+            )  # [BM, BK]
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
+        sa = row_scale(amax, clip, 127.0)  # [BM]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + kk[None, :],
-            mask=(rm[:, None] < M) & (kk[None, :] < K),
-            other=0.0,
-        )  # [BM, BK]
-        a = int8_codes(tl.math.div_rn(x.to(tl.float32), sa[:, None])).to(tl.int8)
+        if ONE_ROW:
+            xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0)  # [BK]
+            qv = int8_codes(tl.math.div_rn(xv.to(tl.float32), s_row))  # [BK]
+            a = tl.where(rm[:, None] == 0, qv[None, :], 0.0).to(tl.int8)  # [BM, BK], row 0 real
+        else:
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                mask=(rm[:, None] < M) & (kk[None, :] < K),
+                other=0.0,
+            )  # [BM, BK]
+            a = int8_codes(tl.math.div_rn(x.to(tl.float32), sa[:, None])).to(tl.int8)
         b = tl.load(
             b_ptr + rn[None, :] * stride_bn + kk[:, None],
             mask=(rn[None, :] < N) & (kk[:, None] < K),
@@ -251,8 +273,9 @@ def gemm_w8a8_fused(
 ) -> torch.Tensor:
     """y [M, N] = int8(x) @ w_q^T * s_x * s_w in one launch (the quantizer fused into the GEMM's prologue).
 
-    Every program re-reads its rows of x (M <= 16: a few KB from L2), so this is the decode-row path; the
-    codes and scales are bit-identical to `quantize_rows_int8` / `quantize_rows_triton`.
+    Every program re-reads its rows of x (a few KB from L2) and quantizes them again, so this is for decode
+    rows (`w8a8_int8` uses it at M <= FUSED_MAX_ROWS); any M is computed correctly. The codes and scales
+    are bit-identical to `quantize_rows_int8` / `quantize_rows_triton`.
 
     Args:
         x: fp16/bf16 [M, K]; w_q: int8 [N, K] contiguous; s_w: fp32 [N]; clip: in (0, 1].
@@ -275,6 +298,7 @@ def gemm_w8a8_fused(
     _gemm_w8a8_fused_kernel[grid](
         x, w_q, s_w, y, M, N, K, x.stride(0), w_q.stride(0), y.stride(0), float(clip),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        ONE_ROW=M == 1, XBLOCK=min(4096, triton.next_power_of_2(K)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

@@ -32,7 +32,7 @@ from workbench.errors import WorkbenchError
 INT8_MAX = 127.0
 FP8_MAX = 448.0
 SCALE_EPS = 1e-12  # quant/act.py's _EPS
-ROW_BLOCK = 4096  # elements of a row per loop step
+ROW_BLOCK = 16384  # rows up to this long are read once (in registers); longer ones in two passes
 
 
 @triton.jit
@@ -84,23 +84,25 @@ def _quant_rows_kernel(
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    if FP8:
-        s = row_scale(tl.max(amax, 0), clip, 448.0)
-    else:
-        s = row_scale(tl.max(amax, 0), clip, 127.0)
     q_row = q_ptr + row.to(tl.int64) * stride_qm
-    for k0 in range(0, K, BLOCK):
-        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+    QMAX: tl.constexpr = 448.0 if FP8 else 127.0
+    if BLOCK >= K:  # the whole row in registers: one read
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        s = row_scale(tl.max(tl.abs(x), 0), clip, QMAX)
         v = tl.math.div_rn(x, s)
-        if FP8:
-            q = e4m3_values(v)
-        else:
-            q = int8_codes(v)
-        tl.store(q_row + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=k0 + offs < K)
+        q = e4m3_values(v) if FP8 else int8_codes(v)
+        tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+    else:  # longer rows: one pass for the absmax, one for the codes
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        s = row_scale(tl.max(amax, 0), clip, QMAX)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            v = tl.math.div_rn(x, s)
+            q = e4m3_values(v) if FP8 else int8_codes(v)
+            tl.store(q_row + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=k0 + offs < K)
     tl.store(s_ptr + row, s)
 
 
@@ -121,6 +123,6 @@ def quantize_rows_triton(x: torch.Tensor, fmt: str, clip: float = 1.0) -> tuple[
     block = min(ROW_BLOCK, triton.next_power_of_2(K))
     _quant_rows_kernel[(M,)](
         x, q, s, K, x.stride(0), q.stride(0), float(clip),
-        FP8=fmt == "fp8", BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        FP8=fmt == "fp8", BLOCK=block, num_warps=max(1, min(16, block // 512)),
     )  # fmt: skip
     return q, s

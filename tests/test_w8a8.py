@@ -89,8 +89,12 @@ def test_triton_row_quantizer_rounds_ties_to_even_like_torch():
     assert q.view(torch.uint8)[0, 5] == 0x80  # E4M3's negative zero, as torch's cast keeps it
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_row_quantizer_is_bit_exact_with_the_plan_simulation(dtype):
+@pytest.mark.parametrize("dtype,row_block", [(torch.bfloat16, None), (torch.float16, 128)], ids=str)
+def test_triton_row_quantizer_is_bit_exact_with_the_plan_simulation(dtype, row_block, monkeypatch):
+    import workbench.kernels.quant_rows as QR
+
+    if row_block:  # rows longer than the block: the two-pass path (absmax, then codes)
+        monkeypatch.setattr(QR, "ROW_BLOCK", row_block)
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(9, 300, generator=g) * torch.logspace(-4, 2, 300)).to(dtype)
     x[3] = 0.0  # an all-zero row: scale 1e-12, codes 0
