@@ -11,15 +11,15 @@ plan's `int8_tok_sym` / `fp8_e4m3_tok` activation specs simulate, quant/act.py) 
 
 The int8 product runs either on our Triton kernel below (`tl.dot` on int8 tensor cores, int32 accumulator,
 the two scales applied in the epilogue; any M, masked edges) or on cuBLASLt through `torch._int_mm`, which
-needs M > 16 and K, N multiples of 8: `w8a8_int8` picks `_int_mm` when it can run and the Triton kernel
-otherwise (decode rows). At one row the Triton kernel quantizes x itself (`gemm_w8a8_fused`: each program
-takes the row's absmax, then quantizes every K tile it feeds to `tl.dot`: one launch in all); elsewhere the
-codes come from the one-launch row quantizer of kernels/quant_rows.py, then the GEMM (two launches; fusing
-at 2-16 rows would make every one of the N / BLOCK_N programs quantize all 16 padded rows again). Both give
-codes bit-identical to the torch `quantize_rows_int8` / `quantize_rows_fp8` here and to the plan's
-simulation. FP8 quantizes with the row quantizer, then runs `torch._scaled_mm` (cuBLASLt, compute
-capability >= 8.9), which needs K and N multiples of 16 and writes bf16 (fp16 inputs get a bf16 product
-cast to fp16).
+needs M > 16 and K, N multiples of 8. `w8a8_int8` runs the Triton kernel unless asked for `_int_mm` (ours
+was faster at every measured shape, its epilogue fused). At one row the Triton kernel quantizes x itself
+(`gemm_w8a8_fused`: each program takes the row's absmax, then quantizes every K tile it feeds to
+`tl.dot`: one launch in all); elsewhere the codes come from the one-launch row quantizer of
+kernels/quant_rows.py, then the GEMM (two launches; fusing at 2-16 rows would make every one of the
+N / BLOCK_N programs quantize all 16 padded rows again). Both give codes bit-identical to the torch
+`quantize_rows_int8` / `quantize_rows_fp8` here and to the plan's simulation. FP8 quantizes with the row
+quantizer, then runs `torch._scaled_mm` (cuBLASLt, compute capability >= 8.9), which needs K and N
+multiples of 16 and writes bf16 (fp16 inputs get a bf16 product cast to fp16).
 
 SmoothQuant (https://arxiv.org/abs/2211.10438) and QuaRot (https://arxiv.org/abs/2404.00456) run their W8A8
 matmuls this way. Torch twins: `reference.w8a8_int8_ref`, `reference.w8a8_fp8_ref` (same signatures).
@@ -316,7 +316,7 @@ def gemm_w8a8_int_mm(
 
 
 def int_mm_eligible(M: int, N: int, K: int) -> bool:
-    """Whether `w8a8_int8` sends an [M, K] x [N, K] product to torch._int_mm (else the Triton kernel)."""
+    """Whether torch._int_mm can run an [M, K] x [N, K] product (`w8a8_int8(..., use_int_mm=True)`)."""
     return M >= INT_MM_MIN_ROWS and K % 8 == 0 and N % 8 == 0
 
 
@@ -327,11 +327,13 @@ def w8a8_int8(
 
     Args:
         x: fp16/bf16 [M, K]; w_q: int8 [N, K]; s_w: fp32 [N]; clip: activation clip ratio in (0, 1].
-        use_int_mm: True / False forces torch._int_mm / the Triton kernel; None picks (`int_mm_eligible`).
+        use_int_mm: True runs torch._int_mm (M > 16, K and N % 8 == 0); False or None (default) the Triton
+            kernel, which on the H200 beat _int_mm plus its torch epilogue at 2,048 rows on all four
+            Llama-3-8B shapes (e.g. 74 vs 172 µs at 4096 x 4096; benchmarks/RESULTS.md, issue 16).
     """
     check_activation(x, w_q.shape[1], "w8a8_int8")
     M, K = x.shape
-    if use_int_mm if use_int_mm is not None else int_mm_eligible(M, w_q.shape[0], K):
+    if use_int_mm:
         x_q, s_x = quantize_rows(x, "int8", clip)
         return gemm_w8a8_int_mm(x_q, s_x, w_q, s_w, x.dtype)
     if M <= FUSED_MAX_ROWS:
