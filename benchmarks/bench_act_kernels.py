@@ -4,10 +4,14 @@ For each shape (K x N) and rows M in 1, 16, 2048 it times, with CUDA graphs (ben
 LAUNCHES calls cycling through enough weight copies that L2 cannot hold them):
 
     fp16             cuBLAS x @ W^T, fp16 weight and input (the baseline of every ratio)
-    int8 triton      our Triton int8 kernel, activation quantization included (kernels/gemm_w8a8.py)
-    int8 _int_mm     torch._int_mm (cuBLASLt int8), activation quantization included (M > 16 only)
-    int8 auto        `w8a8_int8` as the runtime calls it (Triton up to 16 rows, _int_mm above)
+    int8 triton      our Triton int8 path, activation quantization included (kernels/gemm_w8a8.py: at one
+                     row the fused kernel, else the one-launch row quantizer + the Triton GEMM)
+    int8 auto        `w8a8_int8` as the runtime calls it (the same as "int8 triton" since the 13:02 run)
+    int8 fused       `gemm_w8a8_fused` (quantizer in the GEMM's prologue) at every M <= 16
+    int8 quant+gemm  kernels/quant_rows.py's row quantizer, then the Triton GEMM (two launches)
+    int8 _int_mm     torch._int_mm (cuBLASLt int8) on pre-quantized inputs, torch epilogue (M > 16 only)
     int8 gemm only   the Triton kernel on pre-quantized inputs (the matmul without the row quantizer)
+    quant int8/fp8   the row quantizer alone (codes and scales of x)
     fp8 scaled_mm    torch._scaled_mm, E4M3 x E4M3, row-wise scales, quantization included (sm >= 8.9)
     fp8 mm only      the same on pre-quantized inputs
 
@@ -53,10 +57,16 @@ def _weights(N: int, K: int, device: str, gen: torch.Generator):
     return W.half(), (w8, s8.float()), (wf, sf.float())
 
 
+def _deq(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Codes [M, K] and row scales [M] -> the dequantized float32 input."""
+    return q.float() * s[:, None]
+
+
 def variants(M: int, N: int, K: int, x: torch.Tensor, w8, wf, fp8_ok: bool) -> dict:
     """name -> (call, reference call) for one case; x [M, K] bf16."""
     from workbench.kernels import reference as R
     from workbench.kernels.gemm_w8a8 import (
+        gemm_w8a8_fused,
         gemm_w8a8_int_mm,
         gemm_w8a8_triton,
         int_mm_eligible,
@@ -65,6 +75,9 @@ def variants(M: int, N: int, K: int, x: torch.Tensor, w8, wf, fp8_ok: bool) -> d
         w8a8_fp8,
         w8a8_int8,
     )
+    from workbench.kernels.quant_rows import quantize_rows_triton
+
+    from workbench.quant.act import fake_quant_act
 
     (wq, sw), (wfq, sfw) = w8, wf
     ref8 = lambda: R.w8a8_int8_ref(x, wq, sw)  # noqa: E731
@@ -73,7 +86,17 @@ def variants(M: int, N: int, K: int, x: torch.Tensor, w8, wf, fp8_ok: bool) -> d
         "int8 triton": (lambda: w8a8_int8(x, wq, sw, use_int_mm=False), ref8),
         "int8 auto": (lambda: w8a8_int8(x, wq, sw), ref8),
         "int8 gemm only": (lambda: gemm_w8a8_triton(xq, sx, wq, sw, x.dtype), ref8),
+        "int8 quant+gemm": (
+            lambda: gemm_w8a8_triton(*quantize_rows_triton(x, "int8"), wq, sw, x.dtype),
+            ref8,
+        ),
+        "quant int8": (
+            lambda: _deq(*quantize_rows_triton(x, "int8")),
+            lambda: fake_quant_act(x.float(), "int8_tok_sym"),
+        ),
     }
+    if M <= 16:
+        out["int8 fused"] = (lambda: gemm_w8a8_fused(x, wq, sw), ref8)
     if int_mm_eligible(M, N, K):
         out["int8 _int_mm"] = (lambda: gemm_w8a8_int_mm(xq, sx, wq, sw, x.dtype), ref8)
     if fp8_ok:
@@ -84,6 +107,10 @@ def variants(M: int, N: int, K: int, x: torch.Tensor, w8, wf, fp8_ok: bool) -> d
         )
         out["fp8 scaled_mm"] = (lambda: w8a8_fp8(x, wfq, sfw), reff)
         out["fp8 mm only"] = (mm, reff)
+        out["quant fp8"] = (
+            lambda: _deq(*quantize_rows_triton(x, "fp8")),
+            lambda: fake_quant_act(x.float(), "fp8_e4m3_tok"),
+        )
     return out
 
 

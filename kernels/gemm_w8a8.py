@@ -11,9 +11,15 @@ plan's `int8_tok_sym` / `fp8_e4m3_tok` activation specs simulate, quant/act.py) 
 
 The int8 product runs either on our Triton kernel below (`tl.dot` on int8 tensor cores, int32 accumulator,
 the two scales applied in the epilogue; any M, masked edges) or on cuBLASLt through `torch._int_mm`, which
-needs M > 16 and K, N multiples of 8: `w8a8_int8` picks `_int_mm` when it can run and the Triton kernel
-otherwise (decode rows). FP8 runs `torch._scaled_mm` (cuBLASLt, compute capability >= 8.9), which needs K and
-N multiples of 16 and writes bf16 (fp16 inputs get a bf16 product cast to fp16).
+needs M > 16 and K, N multiples of 8. `w8a8_int8` runs the Triton kernel unless asked for `_int_mm` (ours
+was faster at every measured shape, its epilogue fused). At one row the Triton kernel quantizes x itself
+(`gemm_w8a8_fused`: each program takes the row's absmax, then quantizes every K tile it feeds to
+`tl.dot`: one launch in all); elsewhere the codes come from the one-launch row quantizer of
+kernels/quant_rows.py, then the GEMM (two launches; fusing at 2-16 rows would make every one of the
+N / BLOCK_N programs quantize all 16 padded rows again). Both give codes bit-identical to the torch
+`quantize_rows_int8` / `quantize_rows_fp8` here and to the plan's simulation. FP8 quantizes with the row
+quantizer, then runs `torch._scaled_mm` (cuBLASLt, compute capability >= 8.9), which needs K and N
+multiples of 16 and writes bf16 (fp16 inputs get a bf16 product cast to fp16).
 
 SmoothQuant (https://arxiv.org/abs/2211.10438) and QuaRot (https://arxiv.org/abs/2404.00456) run their W8A8
 matmuls this way. Torch twins: `reference.w8a8_int8_ref`, `reference.w8a8_fp8_ref` (same signatures).
@@ -21,16 +27,19 @@ matmuls this way. Torch twins: `reference.w8a8_int8_ref`, `reference.w8a8_fp8_re
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from workbench.kernels.checks import check_activation
+from workbench.kernels.quant_rows import int8_codes, quantize_rows_triton, row_scale
 
 from workbench.errors import WorkbenchError
 
 FP8_MAX = 448.0
+FUSED_MAX_ROWS = 1  # w8a8_int8 quantizes inside the GEMM (gemm_w8a8_fused) up to this many rows
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA: "self.size(0) needs to be greater than 16"
 
 
@@ -47,6 +56,14 @@ def quantize_rows_fp8(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor,
     xf = x.float()
     s = (xf.abs().amax(-1) * clip / FP8_MAX).clamp_min(1e-12)  # [M]
     return (xf / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+
+
+def quantize_rows(x: torch.Tensor, fmt: str, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row codes and scales of x [M, K] ("int8" or "fp8"): the one-launch Triton quantizer where Triton
+    runs (CUDA, or the interpreter), else the torch functions above; both give identical bits."""
+    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return quantize_rows_triton(x, fmt, clip)
+    return quantize_rows_int8(x, clip) if fmt == "int8" else quantize_rows_fp8(x, clip)
 
 
 # ---------------------------------------------------------------------------------------------- Triton kernel
@@ -91,6 +108,84 @@ def _gemm_w8a8_kernel(
         )  # [BK, BN] int8 (the weight read transposed)
         acc += tl.dot(a, b, out_dtype=tl.int32)
     sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)  # [BM]
+    sb = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)  # [BN]
+    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :],
+        y.to(y_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rn[None, :] < N),
+    )
+
+
+@triton.jit
+def _gemm_w8a8_fused_kernel(
+    x_ptr,  # [M, K] fp16 / bf16 activations (quantized here, per row)
+    b_ptr,  # int8 [N, K] weights
+    sb_ptr,  # fp32 [N]
+    y_ptr,  # [M, N] fp16 / bf16
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_bn,
+    stride_ym,
+    clip,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_ROW: tl.constexpr,
+    XBLOCK: tl.constexpr,
+):
+    """The int8 GEMM with the per-token quantizer as its prologue: each program reads its BLOCK_M rows of x
+    once for their absmax (quant_rows.row_scale), then quantizes every x tile it feeds to `tl.dot`.
+
+    ONE_ROW (M == 1, decode): only the one real row is quantized, as a [BLOCK_K] vector placed in row 0 of
+    the [BLOCK_M, BLOCK_K] tile (`tl.dot` needs 16 rows); the general path would quantize 16 rows (15 of
+    them padding) in every one of the N / BLOCK_N programs."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    rk = tl.arange(0, BLOCK_K)  # [BK]
+    if ONE_ROW:
+        rx = tl.arange(0, XBLOCK)
+        amax_v = tl.zeros((XBLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, XBLOCK):
+            xv = tl.load(x_ptr + k0 + rx, mask=k0 + rx < K, other=0.0)  # [XBLOCK]
+            amax_v = tl.maximum(amax_v, tl.abs(xv.to(tl.float32)))
+        s_row = row_scale(tl.max(amax_v, 0), clip, 127.0)  # scalar
+        sa = tl.where(rm == 0, s_row, 0.0)  # [BM]
+    else:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                mask=(rm[:, None] < M) & (kk[None, :] < K),
+                other=0.0,
+            )  # [BM, BK]
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
+        sa = row_scale(amax, clip, 127.0)  # [BM]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        if ONE_ROW:
+            xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0)  # [BK]
+            qv = int8_codes(tl.math.div_rn(xv.to(tl.float32), s_row))  # [BK]
+            a = tl.where(rm[:, None] == 0, qv[None, :], 0.0).to(tl.int8)  # [BM, BK], row 0 real
+        else:
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                mask=(rm[:, None] < M) & (kk[None, :] < K),
+                other=0.0,
+            )  # [BM, BK]
+            a = int8_codes(tl.math.div_rn(x.to(tl.float32), sa[:, None])).to(tl.int8)
+        b = tl.load(
+            b_ptr + rn[None, :] * stride_bn + kk[:, None],
+            mask=(rn[None, :] < N) & (kk[:, None] < K),
+            other=0,
+        )  # [BK, BN] int8 (the weight read transposed)
+        acc += tl.dot(a, b, out_dtype=tl.int32)
     sb = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)  # [BN]
     y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
     tl.store(
@@ -173,6 +268,42 @@ def gemm_w8a8_triton(
     return y
 
 
+def gemm_w8a8_fused(
+    x: torch.Tensor, w_q: torch.Tensor, s_w: torch.Tensor, clip: float = 1.0, config: W8A8Config | None = None
+) -> torch.Tensor:
+    """y [M, N] = int8(x) @ w_q^T * s_x * s_w in one launch (the quantizer fused into the GEMM's prologue).
+
+    Every program re-reads its rows of x (a few KB from L2) and quantizes them again, so this is for decode
+    rows (`w8a8_int8` uses it at M <= FUSED_MAX_ROWS); any M is computed correctly. The codes and scales
+    are bit-identical to `quantize_rows_int8` / `quantize_rows_triton`.
+
+    Args:
+        x: fp16/bf16 [M, K]; w_q: int8 [N, K] contiguous; s_w: fp32 [N]; clip: in (0, 1].
+        config: launch shape (default `default_w8a8_config(M)`).
+    Returns:
+        y: [M, N] in x.dtype.
+    """
+    check_activation(x, w_q.shape[1], "gemm_w8a8_fused")
+    if w_q.dtype != torch.int8 or not w_q.is_contiguous():
+        raise WorkbenchError(f"gemm_w8a8_fused: w_q must be contiguous int8, got {w_q.dtype}")
+    M, K = x.shape
+    N = w_q.shape[0]
+    if s_w.shape != (N,) or s_w.dtype != torch.float32:
+        raise WorkbenchError(
+            f"gemm_w8a8_fused: s_w must be float32 [N={N}], got {s_w.dtype} {tuple(s_w.shape)}"
+        )
+    cfg = config or default_w8a8_config(M)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n))
+    _gemm_w8a8_fused_kernel[grid](
+        x, w_q, s_w, y, M, N, K, x.stride(0), w_q.stride(0), y.stride(0), float(clip),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        ONE_ROW=M == 1, XBLOCK=min(4096, triton.next_power_of_2(K)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y
+
+
 def gemm_w8a8_int_mm(
     x_q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, s_w: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
@@ -185,7 +316,7 @@ def gemm_w8a8_int_mm(
 
 
 def int_mm_eligible(M: int, N: int, K: int) -> bool:
-    """Whether `w8a8_int8` sends an [M, K] x [N, K] product to torch._int_mm (else the Triton kernel)."""
+    """Whether torch._int_mm can run an [M, K] x [N, K] product (`w8a8_int8(..., use_int_mm=True)`)."""
     return M >= INT_MM_MIN_ROWS and K % 8 == 0 and N % 8 == 0
 
 
@@ -196,13 +327,18 @@ def w8a8_int8(
 
     Args:
         x: fp16/bf16 [M, K]; w_q: int8 [N, K]; s_w: fp32 [N]; clip: activation clip ratio in (0, 1].
-        use_int_mm: True / False forces torch._int_mm / the Triton kernel; None picks (`int_mm_eligible`).
+        use_int_mm: True runs torch._int_mm (M > 16, K and N % 8 == 0); False or None (default) the Triton
+            kernel, which on the H200 beat _int_mm plus its torch epilogue at 2,048 rows on all four
+            Llama-3-8B shapes (e.g. 74 vs 172 µs at 4096 x 4096; benchmarks/RESULTS.md, issue 16).
     """
     check_activation(x, w_q.shape[1], "w8a8_int8")
-    x_q, s_x = quantize_rows_int8(x, clip)
     M, K = x.shape
-    if use_int_mm if use_int_mm is not None else int_mm_eligible(M, w_q.shape[0], K):
+    if use_int_mm:
+        x_q, s_x = quantize_rows(x, "int8", clip)
         return gemm_w8a8_int_mm(x_q, s_x, w_q, s_w, x.dtype)
+    if M <= FUSED_MAX_ROWS:
+        return gemm_w8a8_fused(x, w_q, s_w, clip)
+    x_q, s_x = quantize_rows(x, "int8", clip)
     return gemm_w8a8_triton(x_q, s_x, w_q, s_w, x.dtype)
 
 
@@ -222,7 +358,7 @@ def w8a8_fp8(x: torch.Tensor, w_q: torch.Tensor, s_w: torch.Tensor, clip: float 
         x: fp16/bf16 [M, K]; w_q: float8_e4m3fn [N, K] contiguous; s_w: fp32 [N]; clip: in (0, 1].
     """
     check_activation(x, w_q.shape[1], "w8a8_fp8")
-    x_q, s_x = quantize_rows_fp8(x, clip)
+    x_q, s_x = quantize_rows(x, "fp8", clip)
     M, N, K = _check_w8("w8a8_fp8", x_q, s_x, w_q, s_w, x.dtype)
     reason = fp8_mm_reason(N, K, x.device)
     if reason:
