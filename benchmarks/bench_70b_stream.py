@@ -58,7 +58,7 @@ def _ids(vocab: int, n: int, L: int, seed: int) -> torch.Tensor:
 
 def run_phase(phase: str, sm, args, vocab: int) -> dict:
     """One phase on a fresh StreamedModel; returns its report as JSON."""
-    from workbench.inventory import layer_inventory
+    from workbench.model.inventory import layer_inventory
     from workbench.streaming.quantize import stream_quantize
     from workbench.streaming.runs import stream_inspect, stream_proxy_scan
 

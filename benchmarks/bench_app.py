@@ -39,7 +39,7 @@ def free_port() -> int:
 
 def state_edit_latency(model: str, n: int) -> list[float]:
     """Seconds per `set_layer_spec` (resolve + totals + table) on the state object, no browser."""
-    from workbench.loading import load_model
+    from workbench.model.loading import load_model
     from workbench.ui.state import WorkbenchState
 
     s = WorkbenchState()

@@ -28,7 +28,7 @@ def main() -> None:
     os.environ["WORKBENCH_CACHE"] = tempfile.mkdtemp(prefix="bench-cancel-")
     import torch
 
-    from workbench.loading import load_model
+    from workbench.model.loading import load_model
     from workbench.ui.state import WorkbenchState
 
     s = WorkbenchState()

@@ -89,7 +89,7 @@ def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
 
 def bytes_per_token(model, context: int) -> int:
     """Bytes one decode step must read: linear weights (packed + metadata), norms, K/V cache at `context`."""
-    from workbench.inventory import is_quantizable
+    from workbench.model.inventory import is_quantizable
     from workbench.runtime.qlinear import QuantLinear
 
     total = 0
@@ -106,7 +106,7 @@ def bytes_per_token(model, context: int) -> int:
 
 def linear_bytes(model) -> int:
     """Bytes of every linear layer's weights (packed + scales + zeros, or the bf16 matrix)."""
-    from workbench.inventory import is_quantizable
+    from workbench.model.inventory import is_quantizable
     from workbench.runtime.qlinear import QuantLinear
 
     mods = [m for m in model.modules() if isinstance(m, QuantLinear) or is_quantizable(m)]
@@ -182,7 +182,7 @@ def run_mode(model, path: str, mode: str, prompt, n_tokens: int, breakdown: bool
 
 def quantized_model(cfg: dict, plan):
     """(model, ApplyReport or None): the random-weight model with `plan` applied (RTN on the GPU)."""
-    from workbench.plan import Plan
+    from workbench.plan.plan import Plan
     from workbench.runtime.apply import apply_plan
 
     model = build_model(cfg)

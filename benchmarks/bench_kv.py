@@ -101,11 +101,11 @@ def _row(cache: str, n: int, t_layer: float, L: int, nbytes: int, **extra) -> di
 
 def kernel_vs_simulation(dev: str, n_tokens: int) -> list[dict]:
     """KL(P_sim || P_kernel) per token on stories260K: GPU decode through the kernel vs CPU simulation."""
-    from workbench.data import eval_windows
-    from workbench.evaluate import token_kl
-    from workbench.kvsim import kv_quantized
-    from workbench.loading import load_model
-    from workbench.plan import Plan
+    from workbench.measure.evaluate import token_kl
+    from workbench.measure.kvsim import kv_quantized
+    from workbench.model.data import eval_windows
+    from workbench.model.loading import load_model
+    from workbench.plan.plan import Plan
     from workbench.runtime.kvcache import kv_decode_logits
 
     cpu = load_model("stories260K", progress=False)

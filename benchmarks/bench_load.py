@@ -21,7 +21,7 @@ import time, json, sys
 t0 = time.perf_counter()
 import transformers, torch  # noqa: F401  (imports are timed separately from the load itself)
 t1 = time.perf_counter()
-from workbench.loading import load_model
+from workbench.model.loading import load_model
 m = load_model(sys.argv[1], progress=False)
 t2 = time.perf_counter()
 print(json.dumps({"imports_s": t1 - t0, "load_s": t2 - t1}))

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from workbench.data import calibration_batches, eval_windows
-from workbench.evaluate import evaluate
-from workbench.loading import load_model
-from workbench.plan import Plan, Rule
-from workbench.rotate import max_logit_change
-from workbench.simulate import calibration_grams
+from workbench.measure.evaluate import evaluate
+from workbench.measure.simulate import calibration_grams
+from workbench.model.data import calibration_batches, eval_windows
+from workbench.model.loading import load_model
+from workbench.plan.plan import Plan, Rule
+from workbench.plan.transforms import Hadamard, Smooth
 from workbench.stats.outliers import input_outliers
-from workbench.transformed import apply_transforms
-from workbench.transforms import Hadamard, Smooth
+from workbench.transform.apply import apply_transforms
+from workbench.transform.rotate import max_logit_change
 
 ROT = (Hadamard("residual", 0), Hadamard("down", 0))
 # name -> (weight spec of every linear but lm_head, input spec or None)
@@ -133,7 +133,7 @@ def fusion_only(loaded, args, results: dict, out: Path) -> None:
     import copy
     import dataclasses
 
-    from workbench.rotate import rotate_residual
+    from workbench.transform.rotate import rotate_residual
 
     key = "W4A16 RTN, RMSNorm fused only (Q = I)"
     if key in results:

@@ -83,7 +83,7 @@ def build_llama(tiny: bool, device: str):
 def proxy_scan_llama(tiny: bool, device: str, calib_seqs: int, calib_seq_len: int) -> dict:
     import torch
 
-    from workbench.inventory import get_linear_weight, get_module, layer_inventory
+    from workbench.model.inventory import get_linear_weight, get_module, layer_inventory
     from workbench.quant.metrics import quadratic_form
     from workbench.quant.spec import QuantSpec
     from workbench.stats.activations import collect_activation_stats
@@ -145,11 +145,11 @@ def _default_shaped(device: str):
     import torch
     from transformers import LlamaForCausalLM
 
-    from workbench.llama2c import Llama2cTokenizer
-    from workbench.loading import LoadedModel, _describe
+    from workbench.model.llama2c import Llama2cTokenizer
+    from workbench.model.loading import LoadedModel, _describe
+    from workbench.model.tokenizer import Tokenizer
     from workbench.paths import data_dir
     from workbench.presets import llama_config
-    from workbench.tokenizer import Tokenizer
 
     cfg = llama_config("smollm2-135m")
     torch.manual_seed(0)
@@ -163,8 +163,8 @@ def _default_shaped(device: str):
 
 def default_scans(tiny: bool, device: str, work: Path) -> dict:
     from workbench.errors import WorkbenchError
-    from workbench.loading import load_model
-    from workbench.sensitivity import sensitivity_scan
+    from workbench.measure.sensitivity import sensitivity_scan
+    from workbench.model.loading import load_model
 
     if tiny:
         from workbench.paths import data_dir
@@ -201,7 +201,7 @@ def default_scans(tiny: bool, device: str, work: Path) -> dict:
         }
     from scipy.stats import spearmanr
 
-    from workbench.sensitivity import SensitivityTable
+    from workbench.measure.sensitivity import SensitivityTable
 
     kl = SensitivityTable.load(work / "kl.json")
     for name in ("proxy", "fisher"):

@@ -3,7 +3,7 @@
     python benchmarks/bench_transformed_scan.py [--model default] [--budget 6] [--tokens 4096] [--out ts.json]
 
 1. scan every decoder-block linear x {int4_g128@int8_tok_sym (W4A8), int8_ch_sym@int8_tok_sym (W8A8)} by
-   measured KL (workbench.sensitivity_transformed), once without transforms and once with the Hadamard
+   measured KL (workbench.measure.sensitivity_transformed), once without transforms and once with the Hadamard
    rotation (residual + online before down_proj), on `--scan-seqs` x 256 tokens of `wiki`;
 2. allocate at `--budget` average weight bits on each, keep the transform set with the lower predicted KL
    (the global choice), and write its plan;
@@ -18,11 +18,11 @@ import json
 import time
 from pathlib import Path
 
-from workbench.evaluate import evaluate
-from workbench.loading import load_model
-from workbench.plan import Plan, Rule
-from workbench.sensitivity_transformed import allocate_candidates, scan_transformed
-from workbench.transforms import Hadamard
+from workbench.measure.evaluate import evaluate
+from workbench.measure.sensitivity_transformed import allocate_candidates, scan_transformed
+from workbench.model.loading import load_model
+from workbench.plan.plan import Plan, Rule
+from workbench.plan.transforms import Hadamard
 
 ROT = [Hadamard("residual", 0), Hadamard("down", 0)]
 CANDS = ["int4_g128@int8_tok_sym", "int8_ch_sym@int8_tok_sym"]

@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a dry run of the script)")
     a = ap.parse_args()
     dev = a.device
-    from workbench.loading import load_model
+    from workbench.model.loading import load_model
 
     loaded = load_model(a.model, progress=False)
     base = loaded.model

@@ -4,8 +4,9 @@
     python benchmarks/kv_quality.py --report kv.json          # the markdown table of a finished run
 
 Every row quantizes only the KV cache (the weights stay as loaded, fp32): a ResolvedPlan with no layers
-and the plan's `kv`, evaluated by `workbench.evaluate.evaluate` (teacher-forced, the cache simulated as the
-runtime stores it, workbench/kvsim.py). KL(P_ref || P_q) and perplexity on WikiText-2 test windows of
+and the plan's `kv`, evaluated by `workbench.measure.evaluate.evaluate` (teacher-forced, the cache simulated
+as the
+runtime stores it, workbench/measure/kvsim.py). KL(P_ref || P_q) and perplexity on WikiText-2 test windows of
 --seq-len. Results are written to --out after every row; a rerun skips the rows already there (resumes).
 Rows: KIVI layout (keys per channel in groups of 32 tokens, values per token) at 8, 4 and 2 bits with
 R = 32 and R = 0; K4V4 with Hadamard keys; per-token K4 keys; fp8 K/V; pre- vs post-RoPE keys at K4 alone.
@@ -18,9 +19,9 @@ import json
 import time
 from pathlib import Path
 
-from workbench.evaluate import evaluate
-from workbench.loading import load_model
-from workbench.plan import Plan, ResolvedPlan
+from workbench.measure.evaluate import evaluate
+from workbench.model.loading import load_model
+from workbench.plan.plan import Plan, ResolvedPlan
 
 # row name -> (key spec, value spec); None keeps that side bf16
 CONFIGS = {

@@ -130,14 +130,14 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(","))) | ({"*"} if args.report_only else set())
     alloc_specs = [x for x in args.alloc_specs.split(",") if x]
 
-    from workbench.allocate import allocate_table
-    from workbench.evaluate import evaluate
-    from workbench.inventory import layer_inventory
-    from workbench.loading import load_model
+    from workbench.measure.evaluate import evaluate
+    from workbench.measure.sensitivity import SensitivityTable, sensitivity_scan
+    from workbench.measure.simulate import calibration_grams
+    from workbench.model.inventory import layer_inventory
+    from workbench.model.loading import load_model
     from workbench.paths import cache_dir
-    from workbench.plan import Plan, plan_totals
-    from workbench.sensitivity import SensitivityTable, sensitivity_scan
-    from workbench.simulate import calibration_grams
+    from workbench.plan.allocate import allocate_table
+    from workbench.plan.plan import Plan, plan_totals
 
     loaded = load_model(args.model, device=args.device)
     layers = layer_inventory(loaded.model)

@@ -10,7 +10,8 @@ Plans (each evaluated on the same tokens; KL(P_ref || P_q) in nats per token):
     and at exactly the size of each uniform plan;
   - a few hand plans, and the plain-proxy allocation at 4.0 bits (the issue's failing plan).
 Tables: predicted cost (default table; the plain proxy's sum beside it) vs measured KL with Spearman rank
-correlations, and the never-worse-than-uniform table. Every evaluation is cached (`workbench.verify.measure`),
+correlations, and the never-worse-than-uniform table. Every evaluation is cached
+(`workbench.measure.verify.measure`),
 so an interrupted run continues where it stopped.
 """
 
@@ -36,9 +37,9 @@ HAND = {
 def build_plans(loaded, table, proxy) -> dict[str, tuple[str, dict]]:
     """{label: (group, resolved)} of every plan to measure, in evaluation order; GUARDED[label] holds the
     note of an allocation the guard replaced."""
-    from workbench.allocate import allocate_table
-    from workbench.plan import Plan, Rule, plan_totals
-    from workbench.verify import uniform_plans
+    from workbench.measure.verify import uniform_plans
+    from workbench.plan.allocate import allocate_table
+    from workbench.plan.plan import Plan, Rule, plan_totals
 
     layers = table.layers
     plans: dict[str, tuple[str, dict]] = {}
@@ -65,7 +66,7 @@ GUARDED: dict[str, str] = {}
 
 
 def _alloc(label: str, table, **budget) -> dict:
-    from workbench.allocate import allocate_table
+    from workbench.plan.allocate import allocate_table
 
     a = allocate_table(table, **budget)
     if a.note:
@@ -76,8 +77,8 @@ def _alloc(label: str, table, **budget) -> dict:
 def measure_all(loaded, table, proxy, plans, ev, state_path: Path, earlier=None, deadline=None) -> dict:
     """Measure every plan (allocations first); past `deadline` (time.time()), a plan found in `earlier`
     ({label: {kl, ppl, top1}} of an earlier run of this script) takes those numbers, marked "earlier"."""
-    from workbench.plan import plan_totals
-    from workbench.verify import measure, predicted_cost
+    from workbench.measure.verify import measure, predicted_cost
+    from workbench.plan.plan import plan_totals
 
     rows = json.loads(state_path.read_text()) if state_path.is_file() else {}
     key = {label: sorted((n, str(q)) for n, q in res.items()) for label, (_, res) in plans.items()}
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
     from plan_quality import write_sections
 
     from workbench.defaults import DEFAULT_METHOD, default_scan, eval_settings, scan_settings
-    from workbench.loading import load_model
+    from workbench.model.loading import load_model
     from workbench.paths import cache_dir
 
     loaded = load_model(args.model, progress=False)

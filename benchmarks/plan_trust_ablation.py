@@ -14,14 +14,14 @@ import time
 
 
 def main() -> int:
-    from workbench.allocate import allocate_table
-    from workbench.data import calibration_batches
-    from workbench.loading import load_model
+    from workbench.measure.replay import BlockRunner
+    from workbench.measure.sensitivity import SensitivityTable
+    from workbench.measure.simulate import quantized_weight
+    from workbench.model.data import calibration_batches
+    from workbench.model.loading import load_model
     from workbench.paths import cache_dir
-    from workbench.plan import Plan, plan_totals
-    from workbench.replay import BlockRunner
-    from workbench.sensitivity import SensitivityTable
-    from workbench.simulate import quantized_weight
+    from workbench.plan.allocate import allocate_table
+    from workbench.plan.plan import Plan, plan_totals
 
     loaded = load_model("default", progress=False)
     path = sorted(glob.glob(str(cache_dir("plan_trust", loaded.description.fingerprint) / "table_fisher_*")))

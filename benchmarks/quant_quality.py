@@ -22,7 +22,7 @@ from collections import defaultdict
 import torch
 
 import workbench as wb
-from workbench.inventory import get_linear_weight, get_module, layer_inventory
+from workbench.model.inventory import get_linear_weight, get_module, layer_inventory
 from workbench.quant.api import fake_quant, quantize_weight
 from workbench.quant.metrics import output_error
 from workbench.stats.activations import collect_activation_stats

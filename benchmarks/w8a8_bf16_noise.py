@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import workbench
-from workbench.loading import load_model
+from workbench.model.loading import load_model
 from workbench.paths import data_dir
-from workbench.plan import Plan, Rule
+from workbench.plan.plan import Plan, Rule
 from workbench.runtime.apply import apply_plan
 
 PAIRS = [("int8_ch_sym", "int8_tok_sym"), ("fp8_e4m3", "fp8_e4m3_tok")]

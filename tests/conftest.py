@@ -17,7 +17,7 @@ if not STORIES.is_file():  # a clone without the data folder: the copy shipped i
 @pytest.fixture(scope="session")
 def stories():
     """stories260K (llama2.c, 5 blocks, dim 64) converted to a transformers Llama."""
-    from workbench.loading import load_model
+    from workbench.model.loading import load_model
 
     if not STORIES.is_file():
         pytest.skip(f"stories260K not found at {STORIES}")
@@ -27,6 +27,6 @@ def stories():
 @pytest.fixture(scope="session")
 def default_model():
     """SmolLM2-135M-Instruct from the PyPI wheel (converted once, then cached)."""
-    from workbench.loading import load_model
+    from workbench.model.loading import load_model
 
     return load_model("default", progress=False)

@@ -1,5 +1,5 @@
 """Activation specs (workbench.quant.act): grammar, hand-computed quantize-dequantize values, and the hooks
-that simulate them in a forward pass (workbench.simulate.act_quantized)."""
+that simulate them in a forward pass (workbench.measure.simulate.act_quantized)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.measure.simulate import act_quantized
 from workbench.quant.act import ActSpec, fake_quant_act, parse_act
-from workbench.simulate import act_quantized
 
 X = torch.tensor([[-0.9, 0.6, 2.0, 0.25]])
 S = 2.9 / 15  # asym int4 scale: (max - min) / 15

@@ -7,12 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from workbench.allocate import allocate_table, pareto_front, pareto_merge, solve_mckp
 from workbench.errors import WorkbenchError
-from workbench.inventory import layer_inventory
-from workbench.plan import plan_totals
+from workbench.measure.sensitivity import SensitivityTable
+from workbench.model.inventory import layer_inventory
+from workbench.plan.allocate import allocate_table, pareto_front, pareto_merge, solve_mckp
+from workbench.plan.plan import plan_totals
 from workbench.quant.spec import QuantSpec
-from workbench.sensitivity import SensitivityTable
 
 
 def _instance(seed: int, n_items: int, n_opts: int):
@@ -144,7 +144,7 @@ def test_native_stdout_goes_to_stderr_during_the_ilp(capfd):
     afterwards (so `workbench allocate --json` prints one JSON object)."""
     import os
 
-    from workbench.allocate import _c_stdout_to_stderr
+    from workbench.plan.allocate import _c_stdout_to_stderr
 
     with _c_stdout_to_stderr():
         os.write(1, b"native noise\n")

@@ -66,8 +66,8 @@ def test_kernel_refuses_fp8_and_mismatched_lengths():
 @pytest.mark.parametrize("triton", [False, True])
 def test_runtime_decode_equals_simulation_on_stories(stories, triton):
     """Token-by-token decode through the packed store (twin or kernel) == the teacher-forced simulation."""
-    from workbench.kvsim import kv_quantized
-    from workbench.plan import Plan
+    from workbench.measure.kvsim import kv_quantized
+    from workbench.plan.plan import Plan
     from workbench.runtime.kvcache import kv_decode_logits
 
     model = stories.model

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.data import (
+from workbench.errors import WorkbenchError
+from workbench.model.data import (
     PACKAGE_DATA,
     calibration_batches,
     eval_windows,
@@ -13,7 +14,6 @@ from workbench.data import (
     resolve_text_source,
     tokenize_text,
 )
-from workbench.errors import WorkbenchError
 
 SHIPPED = ("wikitext2", "wikitext2-raw", "wiki", "tinystories", "c4")
 
@@ -55,10 +55,10 @@ def test_bad_text_files(tmp_path, stories):
 def test_token_memo_is_per_tokenizer_and_bounded():
     import gc
 
-    from workbench import data
-    from workbench.llama2c import Llama2cTokenizer
+    from workbench.model import data
+    from workbench.model.llama2c import Llama2cTokenizer
+    from workbench.model.tokenizer import Tokenizer
     from workbench.paths import data_dir
-    from workbench.tokenizer import Tokenizer
 
     tok = Tokenizer(Llama2cTokenizer(data_dir() / "models" / "stories260K" / "tok512.bin"))
     texts = [f"Once upon a time there were {i} cats." for i in range(data.TOKEN_CACHE_TEXTS + 3)]

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from workbench.data import eval_windows
 from workbench.errors import WorkbenchError
-from workbench.evaluate import evaluate
-from workbench.inventory import layer_inventory
-from workbench.plan import Plan, Rule
-from workbench.simulate import fake_quantized
+from workbench.measure.evaluate import evaluate
+from workbench.measure.simulate import fake_quantized
+from workbench.model.data import eval_windows
+from workbench.model.inventory import layer_inventory
+from workbench.plan.plan import Plan, Rule
 
 from .conftest import DATA
 
@@ -97,7 +97,7 @@ def test_weights_restored_and_tied_head_untied(stories):
 
 
 def test_reference_cache_is_used(stories, text, monkeypatch):
-    import workbench.evaluate as ev
+    import workbench.measure.evaluate as ev
 
     evaluate(stories, None, text=text, seq_len=64, max_tokens=512, progress=False)  # fills the cache
 

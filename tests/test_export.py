@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.export import gguf_type, llama_cpp_export, llama_cpp_tensor_types
-from workbench.inventory import layer_inventory
-from workbench.plan import Plan, Rule
+from workbench.export.llama_cpp import gguf_type, llama_cpp_export, llama_cpp_tensor_types
+from workbench.model.inventory import layer_inventory
+from workbench.plan.plan import Plan, Rule
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO, STORIES
-from workbench.inventory import get_linear_weight, get_module, layer_inventory
-from workbench.plan import Plan
+from workbench.model.inventory import get_linear_weight, get_module, layer_inventory
+from workbench.plan.plan import Plan
 
 PLAN = {
     "format": "workbench.plan",
@@ -53,7 +53,7 @@ def test_compressed_tensors_round_trip(stories, resolved, tmp_path):
     from compressed_tensors.utils import match_named_modules
     from safetensors.torch import load_file
 
-    from workbench.export_ct import compressed_tensors_export
+    from workbench.export.compressed_tensors import compressed_tensors_export
     from workbench.quant.api import quantize_weight
 
     ex = compressed_tensors_export(stories, resolved, tmp_path / "ct")
@@ -93,7 +93,7 @@ def _block_bound(W: np.ndarray, qtype: str) -> np.ndarray:
 def test_gguf_read_back_by_gguf(stories, resolved, tmp_path):
     import gguf
 
-    from workbench.export_gguf import _permute_rotary
+    from workbench.export.gguf import _permute_rotary
 
     out = tmp_path / "plan.gguf"
     r = subprocess.run(
@@ -155,9 +155,9 @@ def test_default_model_gguf_reloads_to_the_reference(default_model, tmp_path):
     loaded back by transformers' GGUF reader (tokenizer, q/k permutation, metadata and all) gives the
     reference perplexity up to the re-rounding of blocks that do not use both end codes (measured: 1.9e-4
     relative on 1,024 tokens, 1.1e-5 on 8,192); a wrong name, layout or permutation would not."""
-    from workbench.evaluate import evaluate
-    from workbench.export_gguf import gguf_export
-    from workbench.loading import load_model
+    from workbench.export.gguf import gguf_export
+    from workbench.measure.evaluate import evaluate
+    from workbench.model.loading import load_model
 
     layers = layer_inventory(default_model.model)
     resolved = Plan.from_json({**PLAN, "default": "int4_g32", "rules": []}).resolve(layers)

@@ -74,7 +74,7 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
 def test_installed_package_carries_its_text(installed, tmp_path):
     bin_, env = installed
     probe = (
-        "import workbench, workbench.data as d; "
+        "import workbench, workbench.model.data as d; "
         "print(workbench.__file__); "
         "[print(d.resolve_text_source(n)) for n in ('wikitext2', 'wikitext2-raw', 'wiki', 'tinystories')]; "
         "import hashlib; print(hashlib.md5(d.load_text('wikitext2').encode()).hexdigest())"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import get_linear_weight, layer_inventory
+from workbench.model.inventory import get_linear_weight, layer_inventory
 
 
 def test_stories_inventory(stories):

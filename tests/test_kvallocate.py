@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.kvallocate import allocate_joint, kv_sensitivity
-from workbench.kvplan import kv_cache_bytes
-from workbench.plan import plan_totals
-from workbench.sensitivity import sensitivity_scan
+from workbench.measure.kvallocate import allocate_joint, kv_sensitivity
+from workbench.measure.sensitivity import sensitivity_scan
+from workbench.plan.kv import kv_cache_bytes
+from workbench.plan.plan import plan_totals
 
 KW = dict(n_seqs=2, seq_len=64, calib_seqs=8, calib_seq_len=64, progress=False)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.kvplan import KVLayerSpec, check_context, kv_cache_bytes
-from workbench.kvsim import kv_attention, kv_quantized, quantize_keys, read_mask
-from workbench.plan import Plan, ResolvedPlan, Rule
+from workbench.measure.kvsim import kv_attention, kv_quantized, quantize_keys, read_mask
+from workbench.plan.kv import KVLayerSpec, check_context, kv_cache_bytes
+from workbench.plan.plan import Plan, ResolvedPlan, Rule
 from workbench.quant.kvcache import KVSpec, fake_quant_kv, hadamard_matrix
 from workbench.runtime.kvcache import QuantKVSide, pack_kv_codes, unpack_kv_codes
 
@@ -71,7 +71,7 @@ def test_quantized_prefix_and_bytes():
 
 
 def _llama_layers():
-    from workbench.inventory import LayerInfo
+    from workbench.model.inventory import LayerInfo
 
     out = []
     for b in range(2):
@@ -115,7 +115,7 @@ def test_plan_keys_round_trip_and_rules():
 
 
 def _head():
-    from workbench.inventory import LayerInfo
+    from workbench.model.inventory import LayerInfo
 
     return LayerInfo("lm_head", None, "lm_head", 64, 64, 64 * 64, False, "linear")
 
@@ -209,7 +209,7 @@ def test_hadamard_and_pre_rope_keys():
 
 def test_simulation_on_stories_orders_bits_and_restores(stories):
     """KL of K8V8 < K4V4 < K2V2 on real text; R = 32 beats R = 0; the model is unchanged afterwards."""
-    from workbench.evaluate import evaluate
+    from workbench.measure.evaluate import evaluate
 
     model = stories.model
     ids = torch.randint(0, 500, (1, 32))

@@ -12,8 +12,8 @@ import torch
 
 from tests.conftest import STORIES
 from workbench.errors import WorkbenchError
-from workbench.llama2c import read_llama2c_config
-from workbench.loading import load_model
+from workbench.model.llama2c import read_llama2c_config
+from workbench.model.loading import load_model
 
 
 def _llama2c_reference_logits(path, tokens: list[int]) -> torch.Tensor:
@@ -100,7 +100,7 @@ def _quadratic_merge(tok, toks: list[int]) -> list[int]:
 
 
 def test_stories_tokenizer_merges_match_llama2c_loop(stories):
-    from workbench.data import load_text
+    from workbench.model.data import load_text
 
     tok = stories.tokenizer.inner
     story = load_text("tinystories")[:3000]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import layer_inventory
-from workbench.plan import Plan, Rule, plan_diff, plan_totals
+from workbench.model.inventory import layer_inventory
+from workbench.plan.plan import Plan, Rule, plan_diff, plan_totals
 from workbench.quant.spec import QuantSpec
 
 
@@ -131,7 +131,7 @@ def test_diff(layers):
 
 
 def test_resolve_gives_the_plan_currency(stories, layers):
-    from workbench.plan import ResolvedPlan
+    from workbench.plan.plan import ResolvedPlan
 
     plan = Plan(default="int4_g32", rules=[Rule("role:down", "int3_g32:gptq"), Rule("lm_head", "bf16")])
     r = plan.resolve(stories.model)  # a model, a LoadedModel or a list of LayerInfo: the same resolution
@@ -144,7 +144,7 @@ def test_resolve_gives_the_plan_currency(stories, layers):
 
 
 def test_explicit_specs_are_validated_all_at_once(stories):
-    from workbench.plan import ResolvedPlan
+    from workbench.plan.plan import ResolvedPlan
 
     r = ResolvedPlan.from_specs(
         stories.model, {"lm_head": "int8_ch", "model.layers.0.mlp.up_proj": "nf4_g64"}

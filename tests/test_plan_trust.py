@@ -9,13 +9,13 @@ import json
 
 import pytest
 
-from workbench.allocate import allocate_table
 from workbench.cli import main
 from workbench.defaults import DEFAULT_METHOD, SENSITIVITY_SPECS, default_scan, eval_settings
 from workbench.errors import WorkbenchError
-from workbench.plan import plan_totals
-from workbench.sensitivity import sensitivity_scan
-from workbench.verify import measure, uniform_plans, verify_plan
+from workbench.measure.sensitivity import sensitivity_scan
+from workbench.measure.verify import measure, uniform_plans, verify_plan
+from workbench.plan.allocate import allocate_table
+from workbench.plan.plan import plan_totals
 
 from .conftest import STORIES
 
@@ -83,7 +83,7 @@ def test_role_stage_scales_each_role_and_keeps_uniform_plans_exact(stories, tmp_
     predicted better than with per-spec scales alone; the allocator's checked plans are measured once."""
     import math
 
-    from workbench.calibrate import ROLE_SPECS
+    from workbench.measure.calibrate import ROLE_SPECS
 
     table = default_scan(stories, out=tmp_path / "roles.json", progress=False, calibrate="roles")
     c = table.calibration
@@ -109,7 +109,7 @@ def test_role_stage_scales_each_role_and_keeps_uniform_plans_exact(stories, tmp_
 def test_guard_never_returns_a_measured_loser(table):
     """At every budget from 3.5 to 8.5 bits the allocation measured (or is predicted) no worse than every
     measured plan that fits, within the guard's margin; where the guard steps in, it says so."""
-    from workbench.allocate import GUARD_MARGIN
+    from workbench.plan.allocate import GUARD_MARGIN
 
     plans = table.calibration["plans"]
     for b in [3.5 + 0.25 * i for i in range(21)]:
@@ -151,7 +151,7 @@ def test_allocation_at_a_budget_beats_every_uniform_plan_that_fits(stories, tabl
 
 
 def test_fisher_method_is_the_weighted_proxy_and_reuses_grams(stories, table, tmp_path):
-    from workbench.simulate import calibration_grams
+    from workbench.measure.simulate import calibration_grams
 
     kw = dict(text="tinystories", n_seqs=2, seq_len=64, calib_seqs=4, calib_seq_len=64, progress=False)
     specs = ["int3_g32", "int8_ch"]

@@ -11,9 +11,9 @@ import torch
 
 import workbench as wb
 from tests.conftest import STORIES
-from workbench.data import load_text, tokenize_text
 from workbench.errors import WorkbenchError
-from workbench.inventory import get_linear_weight, get_module, layer_inventory
+from workbench.model.data import load_text, tokenize_text
+from workbench.model.inventory import get_linear_weight, get_module, layer_inventory
 from workbench.quant.api import fake_quant, quantize_weight
 from workbench.quant.metrics import gram_from_inputs, output_error, sqnr_db, weight_mse
 

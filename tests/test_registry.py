@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from workbench.inventory import get_linear_weight
+from workbench.model.inventory import get_linear_weight
 from workbench.quant.api import quantize_weight
 from workbench.quant.registry import FORMATS, decode, encode, format_of
 from workbench.quant.spec import QuantSpec

@@ -42,7 +42,7 @@ def test_round_trip_is_exact(saved, stories):
     assert {n: str(m.spec) for n, m in loaded.named_modules() if isinstance(m, QuantLinear)} == {
         n: str(m.spec) for n, m in model.named_modules() if isinstance(m, QuantLinear)
     }
-    from workbench.inventory import layer_inventory
+    from workbench.model.inventory import layer_inventory
     from workbench.quant.spec import QuantSpec
 
     resolved = loaded_plan.resolve(layer_inventory(stories.model))

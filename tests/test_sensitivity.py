@@ -13,14 +13,14 @@ import time
 import pytest
 import torch
 
-from workbench.data import calibration_batches
 from workbench.errors import WorkbenchError
-from workbench.inventory import get_linear_weight, get_module
+from workbench.measure.replay import BlockRunner
+from workbench.measure.sensitivity import SensitivityTable, sensitivity_scan
+from workbench.measure.simulate import calibration_grams, fake_quantized
+from workbench.model.data import calibration_batches
+from workbench.model.inventory import get_linear_weight, get_module
 from workbench.quant.api import fake_quant
 from workbench.quant.metrics import output_error
-from workbench.replay import BlockRunner
-from workbench.sensitivity import SensitivityTable, sensitivity_scan
-from workbench.simulate import calibration_grams, fake_quantized
 
 from .conftest import DATA, STORIES
 

@@ -1,19 +1,20 @@
-"""Transformed candidates in the sensitivity scan (workbench/sensitivity_transformed.py), on stories260K."""
+"""Transformed candidates in the sensitivity scan (workbench/measure/sensitivity_transformed.py), on
+stories260K."""
 
 from __future__ import annotations
 
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.plan import Plan
-from workbench.sensitivity_transformed import (
+from workbench.measure.sensitivity_transformed import (
     allocate_candidates,
     allocate_over_transforms,
     candidate_name,
     parse_candidate,
     scan_transformed,
 )
-from workbench.transforms import Hadamard
+from workbench.plan.plan import Plan
+from workbench.plan.transforms import Hadamard
 
 ROT = [Hadamard("residual", 0), Hadamard("down", 0)]
 CANDS = ["int4_g32@int8_tok_sym", "int8_ch_sym@int8_tok_sym", "int4_g32@int4_tok_sym"]
@@ -51,7 +52,7 @@ def test_scan_measures_every_candidate_in_the_expected_order(scans):
 
 
 def test_allocation_mixes_candidates_under_the_budget_and_round_trips(scans, stories):
-    from workbench.evaluate import evaluate
+    from workbench.measure.evaluate import evaluate
 
     a = allocate_candidates(scans[1], budget_bits=6.0, include_bf16=False)
     assert a.avg_bits <= 6.0 and set(a.choice.values()) == {

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, STORIES
-from workbench.data import default_seq_len
+from workbench.model.data import default_seq_len
 
 
 def test_default_seq_len():
@@ -57,8 +57,8 @@ def _cli(*args: str) -> dict:
 
 
 def test_eval_defaults_on_a_256_context_model(short_context):
-    from workbench.evaluate import evaluate
-    from workbench.loading import load_model
+    from workbench.measure.evaluate import evaluate
+    from workbench.model.loading import load_model
 
     loaded = load_model(str(short_context), progress=False)
     assert loaded.description.max_context == 256

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import DATA
-from workbench.data import calibration_batches
+from workbench.model.data import calibration_batches
 from workbench.stats.activations import ActivationCollector, collect_activation_stats
 from workbench.stats.histogram import StreamingHistogram
 

@@ -7,7 +7,7 @@ import scipy.stats
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import get_linear_weight
+from workbench.model.inventory import get_linear_weight
 from workbench.quant.api import fake_quant
 from workbench.quant.formats import grouped
 from workbench.quant.spec import QuantSpec

@@ -26,7 +26,7 @@ def sharded(stories, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ids(stories):
-    from workbench.data import calibration_batches
+    from workbench.model.data import calibration_batches
 
     return calibration_batches(
         stories.tokenizer, "wiki", 4, 64, 0, max_context=stories.description.max_context
@@ -66,7 +66,7 @@ def test_stream_inspect_equals_in_memory(stories, sharded, ids):
 
 
 def test_stream_scan_equals_in_memory_and_resumes(stories, sharded, ids, tmp_path):
-    from workbench.sensitivity import SensitivityTable, sensitivity_scan
+    from workbench.measure.sensitivity import SensitivityTable, sensitivity_scan
     from workbench.streaming.runs import stream_proxy_scan
 
     ref = sensitivity_scan(
@@ -96,10 +96,10 @@ def test_stream_scan_equals_in_memory_and_resumes(stories, sharded, ids, tmp_pat
 
 
 def test_stream_quantize_equals_in_memory_and_reloads(stories, sharded, ids, tmp_path):
-    from workbench.inventory import layer_inventory
+    from workbench.measure.simulate import calibration_grams
+    from workbench.model.inventory import layer_inventory
     from workbench.runtime.apply import apply_plan
     from workbench.runtime.serialize import load_quantized, save_quantized
-    from workbench.simulate import calibration_grams
     from workbench.streaming.quantize import stream_quantize
 
     names = [x.name for x in layer_inventory(stories.model)]
@@ -180,10 +180,10 @@ def test_bad_checkpoint_folders_are_named(tmp_path):
 
 def test_cli_stream_inspect_scan_quantize(stories, sharded, tmp_path, capsys):
     from workbench.cli import main
-    from workbench.data import load_text
-    from workbench.plan import Plan
+    from workbench.measure.sensitivity import SensitivityTable
+    from workbench.model.data import load_text
+    from workbench.plan.plan import Plan
     from workbench.runtime.serialize import load_quantized, save_tokenizer
-    from workbench.sensitivity import SensitivityTable
 
     save_tokenizer(stories.tokenizer, sharded)  # tokenizer.bin beside the checkpoint
     text = tmp_path / "text.txt"
@@ -232,9 +232,9 @@ def test_cli_stream_inspect_scan_quantize(stories, sharded, tmp_path, capsys):
 
 def test_device_gptq_path_equals_quantize_weight(stories):
     """The path the GPU takes (gptq_quantize where W lives) gives quantize_weight's codes, run on the CPU."""
+    from workbench.measure.simulate import calibration_grams
     from workbench.quant.api import quantize_weight
     from workbench.quant.spec import QuantSpec
-    from workbench.simulate import calibration_grams
     from workbench.streaming.devicequant import quantize_here
 
     name = "model.layers.1.mlp.down_proj"
@@ -249,9 +249,9 @@ def test_device_gptq_path_equals_quantize_weight(stories):
 
 def test_stacked_gptq_equals_one_layer_at_a_time(stories):
     """q/k/v share one Gram: GPTQ of their stacked rows (the GPU path) gives each layer's own result."""
+    from workbench.measure.simulate import calibration_grams
     from workbench.quant.api import quantize_weight
     from workbench.quant.spec import QuantSpec
-    from workbench.simulate import calibration_grams
     from workbench.streaming.devicequant import gptq_stacked
 
     names = [f"model.layers.2.self_attn.{r}_proj" for r in "qkv"]
@@ -267,8 +267,8 @@ def test_stacked_gptq_equals_one_layer_at_a_time(stories):
 def test_device_proxy_path_matches_proxy_costs(stories):
     """The GPU's proxy path (device RTN of every format, device GPTQ, the same quadratic forms), run on the
     CPU, gives sensitivity.proxy_costs' numbers."""
-    from workbench.sensitivity import proxy_costs
-    from workbench.simulate import calibration_grams
+    from workbench.measure.sensitivity import proxy_costs
+    from workbench.measure.simulate import calibration_grams
     from workbench.streaming.devicequant import proxy_costs_here
 
     name = "model.layers.3.self_attn.o_proj"

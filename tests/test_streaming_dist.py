@@ -47,8 +47,8 @@ def sharded(stories, tmp_path_factory):
 def test_two_gloo_ranks_merge_to_the_single_process_result(stories, sharded, tmp_path):
     import torch.multiprocessing as mp
 
-    from workbench.data import calibration_batches
-    from workbench.sensitivity import SensitivityTable
+    from workbench.measure.sensitivity import SensitivityTable
+    from workbench.model.data import calibration_batches
     from workbench.stats.inspection import Inspection
     from workbench.streaming.runs import stream_inspect, stream_proxy_scan
     from workbench.streaming.skeleton import StreamedModel

@@ -1,4 +1,4 @@
-"""workbench.teaching and workbench.ui.teaching_charts on real stories260K weights and activations."""
+"""workbench.teaching.lessons and workbench.ui.teaching_charts on real stories260K weights and activations."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from workbench import teaching
 from workbench.errors import WorkbenchError
-from workbench.inventory import get_linear_weight
+from workbench.model.inventory import get_linear_weight
 from workbench.quant.api import fake_quant
 from workbench.quant.formats_float import NF4_LEVELS
 from workbench.quant.spec import QuantSpec
+from workbench.teaching import lessons as teaching
 
 DOWN = "model.layers.2.mlp.down_proj"  # [64, 172]: K not a multiple of 32 / 64 / 128
 
@@ -152,7 +152,7 @@ def test_weight_outlier_table_matches_direct_moments(stories):
 
 
 def test_activation_tables_agree_with_the_statistics(stories):
-    from workbench.data import load_text, tokenize_text
+    from workbench.model.data import load_text, tokenize_text
     from workbench.stats.activations import collect_activation_stats
 
     # a slice of the text: the llama2.c tokenizer's pure-Python BPE is slow on the whole file

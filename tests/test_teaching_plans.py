@@ -1,4 +1,4 @@
-"""workbench.teaching_plans on stories260K: sensitivity tables in long form, plan points vs the allocator,
+"""workbench.teaching.plans on stories260K: sensitivity tables in long form, plan points vs the allocator,
 layer timings of an original vs a quantized layer."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench import teaching_plans
 from workbench.errors import WorkbenchError
-from workbench.inventory import get_linear_weight
+from workbench.model.inventory import get_linear_weight
 from workbench.quant.api import fake_quant
 from workbench.quant.spec import QuantSpec
+from workbench.teaching import plans as teaching_plans
 
 DOWN = "model.layers.2.mlp.down_proj"  # [64, 172]
 
@@ -23,7 +23,7 @@ def W(stories) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ plans
 @pytest.fixture(scope="module")
 def proxy_table(stories, tmp_path_factory):
-    from workbench.sensitivity import sensitivity_scan
+    from workbench.measure.sensitivity import sensitivity_scan
 
     from .conftest import DATA
 
@@ -57,8 +57,8 @@ def test_sensitivity_rows_are_the_table_in_long_form(proxy_table):
 
 
 def test_plan_points_add_up_and_the_allocator_beats_uniform(proxy_table):
-    from workbench.allocate import allocate_table
-    from workbench.plan import plan_totals
+    from workbench.plan.allocate import allocate_table
+    from workbench.plan.plan import plan_totals
 
     layers = proxy_table.layers
     u8 = teaching_plans.plan_point(proxy_table, {x.name: "int8_ch" for x in layers}, "u8")

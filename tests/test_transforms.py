@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.plan import Plan, Rule
+from workbench.plan.plan import Plan, Rule
+from workbench.plan.transforms import Hadamard, Smooth, parse_transforms
 from workbench.quant.hadamard import hadamard, hadamard_construction, random_hadamard
-from workbench.rotate import check_llama, max_logit_change, rotate_residual
-from workbench.transformed import apply_transforms
-from workbench.transforms import Hadamard, Smooth, parse_transforms
+from workbench.transform.apply import apply_transforms
+from workbench.transform.rotate import check_llama, max_logit_change, rotate_residual
 
 IDS = torch.randint(1, 512, (2, 48), generator=torch.Generator().manual_seed(0))
 
@@ -83,7 +83,7 @@ def test_rotation_spreads_the_outlier_channel(stories):
 
 
 def test_smooth_moves_the_input_range_into_the_weights(stories):
-    from workbench.smooth import smooth
+    from workbench.transform.smooth import smooth
 
     model = copy.deepcopy(stories.model)
     s = smooth(model, stories, Smooth("role:down", 1.0, 2, "tinystories"))
@@ -111,7 +111,7 @@ def test_unsupported_architectures_are_refused_naming_the_layer(stories):
 
 
 def test_smooth_refuses_a_rotated_down_input(stories):
-    from workbench.smooth import smooth
+    from workbench.transform.smooth import smooth
 
     t = apply_transforms(stories, [Hadamard("down", 0)])
     with pytest.raises(WorkbenchError, match="layer model.layers.0.mlp.down_proj has an online Hadamard"):
@@ -166,7 +166,7 @@ def test_plan_v2_refusals(stories):
 
 
 def test_evaluate_runs_transforms_and_act_specs(stories):
-    from workbench.evaluate import evaluate
+    from workbench.measure.evaluate import evaluate
 
     kw = dict(text="tinystories", seq_len=128, max_tokens=2048, progress=False)
     fp32 = Plan(default="bf16")

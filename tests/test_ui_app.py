@@ -70,7 +70,7 @@ def test_views_follow_a_sensitivity_table(stories):
     """Cost and revision change together after a scan: every view's watchers must take both events."""
     import panel as pn
 
-    from workbench.sensitivity import SensitivityTable
+    from workbench.measure.sensitivity import SensitivityTable
     from workbench.ui import show
 
     app = show(model=stories)

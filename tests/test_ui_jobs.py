@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("panel")
 
-from workbench.data import load_text  # noqa: E402
+from workbench.model.data import load_text  # noqa: E402
 from workbench.ui.state import WorkbenchState  # noqa: E402
 
 SPECS = ["int8_ch", "int4_g32", "int3_g32", "int2_g32"]

@@ -1,12 +1,12 @@
-"""workbench.layer_report (the Distributions tab's numbers) on a real stories260K layer."""
+"""workbench.measure.layer_report (the Distributions tab's numbers) on a real stories260K layer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from workbench.inventory import get_linear_weight, get_module
-from workbench.layer_report import layer_report, outlier_mask, spec_errors
+from workbench.measure.layer_report import layer_report, outlier_mask, spec_errors
+from workbench.model.inventory import get_linear_weight, get_module
 from workbench.quant.api import fake_quant
 from workbench.quant.metrics import gram_from_inputs
 from workbench.stats.weights import grid_levels

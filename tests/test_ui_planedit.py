@@ -1,4 +1,4 @@
-"""workbench.planedit (the editor's plan operations) and the app's background jobs, on stories260K."""
+"""workbench.plan.edit (the editor's plan operations) and the app's background jobs, on stories260K."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import threading
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.plan import Plan, Rule
-from workbench.planedit import predicted_cost, with_default, with_layer_spec, with_rule, without_rule
-from workbench.sensitivity import SensitivityTable
+from workbench.measure.sensitivity import SensitivityTable
+from workbench.plan.edit import predicted_cost, with_default, with_layer_spec, with_rule, without_rule
+from workbench.plan.plan import Plan, Rule
 
 
 @pytest.fixture(scope="module")
 def layers(stories):
-    from workbench.inventory import layer_inventory
+    from workbench.model.inventory import layer_inventory
 
     return layer_inventory(stories.model)
 

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("panel")
 
-from workbench.data import load_text  # noqa: E402
+from workbench.model.data import load_text  # noqa: E402
 from workbench.ui import tasks  # noqa: E402
 from workbench.ui.jobs import JobCancelled  # noqa: E402
 from workbench.ui.session import ModelSession  # noqa: E402
@@ -51,7 +51,7 @@ def test_statistics_fill_the_bar_batch_by_batch(stories, excerpt, fresh_cache):
 
 
 def test_evaluation_fills_reference_quantization_and_comparison(stories, excerpt, fresh_cache):
-    from workbench.plan import Plan
+    from workbench.plan.plan import Plan
 
     resolved = Plan("int4_g32").resolve(stories.model)
     seen, report = recorder()
@@ -68,7 +68,7 @@ def test_evaluation_fills_reference_quantization_and_comparison(stories, excerpt
 
 
 def test_a_raising_report_stops_the_evaluation_and_restores_the_weights(stories, excerpt, fresh_cache):
-    from workbench.plan import Plan
+    from workbench.plan.plan import Plan
 
     session = ModelSession(stories)
     with session.use() as private:

@@ -10,7 +10,7 @@ pytest.importorskip("panel")
 pytest.importorskip("param")
 
 from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.plan import Plan, plan_totals  # noqa: E402
+from workbench.plan.plan import Plan, plan_totals  # noqa: E402
 from workbench.quant.spec import QuantSpec  # noqa: E402
 from workbench.ui.state import WorkbenchState  # noqa: E402
 
@@ -167,7 +167,7 @@ def test_background_load_reports_progress_and_bad_source_is_explained():
     from workbench.ui.views.common import job_status_text
 
     assert job_status_text(job).startswith("failed: ") and "failed: failed" not in job_status_text(job)
-    from workbench.allocate import budget_to_bits
+    from workbench.plan.allocate import budget_to_bits
 
     with pytest.raises(WorkbenchError, match="above 16"):  # a budget above bf16 everywhere is refused
         budget_to_bits(s.layers, budget_bits=20)

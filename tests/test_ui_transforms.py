@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.transform_compare import compare_transform
+from workbench.transform.compare import compare_transform
 from workbench.ui.transform_charts import input_comparison_figure
 
 LAYER = "model.layers.3.mlp.down_proj"
@@ -18,7 +18,7 @@ def comparison(stories):
 
 
 def test_rotation_spreads_the_input_and_the_numbers_match_the_outlier_statistics(stories, comparison):
-    from workbench.data import calibration_batches
+    from workbench.model.data import calibration_batches
     from workbench.stats.outliers import input_outliers
 
     b, a = comparison.before, comparison.after

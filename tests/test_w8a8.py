@@ -204,7 +204,7 @@ def test_apply_plan_runs_w8a8_layers_on_the_gpu(stories, wspec, act):
     vs the fp32 model 0.83)."""
     import copy
 
-    from workbench.plan import Plan, Rule
+    from workbench.plan.plan import Plan, Rule
     from workbench.runtime.apply import apply_plan
 
     if act.startswith("fp8") and torch.cuda.get_device_capability() < (8, 9):

@@ -90,7 +90,7 @@ def eval_settings(description) -> dict:
 
 def default_scan(loaded, specs=None, *, out=None, method: str = DEFAULT_METHOD, **kwargs):
     """`sensitivity_scan` of `loaded` with the default specs, method and settings (kwargs override)."""
-    from workbench.sensitivity import sensitivity_scan
+    from workbench.measure.sensitivity import sensitivity_scan
 
     settings = {**scan_settings(loaded.description), **kwargs}
     return sensitivity_scan(loaded, list(specs or SENSITIVITY_SPECS), method, out=out, **settings)

@@ -3,7 +3,7 @@
 - cache: env `WORKBENCH_CACHE`, else `~/.cache/workbench` (converted models, statistics, reference logits).
 - data: env `WORKBENCH_DATA`, else `../shared/data` next to the repository or the working directory: an
   optional folder of more text (`ptb`, `wikitext2:valid`) and test models; the text the defaults need is
-  shipped inside the package (`workbench/textdata/`, see `workbench.data`).
+  shipped inside the package (`workbench/textdata/`, see `workbench.model.data`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent  # the installed `workbench/` folder
-PACKAGE_DATA = PACKAGE_ROOT / "textdata"  # the shipped texts (xz), see workbench.data
+PACKAGE_DATA = PACKAGE_ROOT / "textdata"  # the shipped texts (xz), see workbench.model.data
 PACKAGE_MODELS = PACKAGE_ROOT / "models"  # the shipped models (stories260K)
 
 

@@ -1,5 +1,6 @@
 """`workbench act-allocate`: per-layer weight + activation candidates scanned on each transform set, allocated
-under a weight-bit budget, the transform set chosen by predicted KL (workbench.sensitivity_transformed)."""
+under a weight-bit budget, the transform set chosen by predicted KL
+(workbench.measure.sensitivity_transformed)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ def add_parser(sub):
 
 def run(args) -> int:
     from workbench.errors import WorkbenchError
-    from workbench.loading import load_model
-    from workbench.plan import Rule
-    from workbench.sensitivity_transformed import allocate_candidates, scan_transformed
-    from workbench.transform_compare import PRESETS
+    from workbench.measure.sensitivity_transformed import allocate_candidates, scan_transformed
+    from workbench.model.loading import load_model
+    from workbench.plan.plan import Rule
+    from workbench.transform.compare import PRESETS
 
     sets = [s.strip() for s in args.transforms.split(",") if s.strip()]
     bad = [s for s in sets if s not in TRANSFORM_SETS]

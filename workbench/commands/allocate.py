@@ -50,9 +50,9 @@ def _pins(items: list[str]) -> dict[str, str]:
 
 
 def run(args) -> int:
-    from workbench.allocate import allocate_table, pareto_front
-    from workbench.plan import plan_totals
-    from workbench.sensitivity import SensitivityTable
+    from workbench.measure.sensitivity import SensitivityTable
+    from workbench.plan.allocate import allocate_table, pareto_front
+    from workbench.plan.plan import plan_totals
 
     tab = SensitivityTable.load(args.sensitivity)
     pins = _pins(args.pin)
@@ -79,7 +79,7 @@ def run(args) -> int:
         Path(args.front).write_text(json.dumps({"method": tab.method, "points": [p.__dict__ for p in front]}))
         out["front"] = str(args.front)
     if args.llama_cpp:
-        from workbench.export import llama_cpp_export
+        from workbench.export.llama_cpp import llama_cpp_export
 
         ex = llama_cpp_export(res.resolved, tab.layers)
         ex.save(args.llama_cpp)
@@ -113,13 +113,14 @@ def run(args) -> int:
 
 
 def _verify(args, tab, resolved):
-    """Load the model and run `workbench.verify.verify_plan` with the app's quick evaluation settings."""
+    """Load the model and run `workbench.measure.verify.verify_plan` with the app's quick evaluation
+    settings."""
     import sys
 
     from workbench.defaults import eval_settings
     from workbench.errors import WorkbenchError
-    from workbench.loading import load_model
-    from workbench.verify import verify_plan
+    from workbench.measure.verify import verify_plan
+    from workbench.model.loading import load_model
 
     source = args.model or tab.model.get("source")
     if not source:

@@ -21,12 +21,12 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from workbench.evaluate import evaluate
-    from workbench.loading import load_model
-    from workbench.plan import Plan, plan_totals
-    from workbench.simulate import calibration_grams
-    from workbench.transformed import apply_transforms
-    from workbench.transforms import transform_to_json
+    from workbench.measure.evaluate import evaluate
+    from workbench.measure.simulate import calibration_grams
+    from workbench.model.loading import load_model
+    from workbench.plan.plan import Plan, plan_totals
+    from workbench.plan.transforms import transform_to_json
+    from workbench.transform.apply import apply_transforms
 
     plan = Plan.load(args.plan) if args.plan else None  # a bad plan fails before the model loads
     loaded = load_model(args.model, progress=not args.quiet)

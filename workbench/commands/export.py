@@ -11,7 +11,7 @@ FORMATS = ("compressed-tensors", "gguf", "llama-cpp")
 def add_parser(sub):
     p = sub.add_parser("export", help="write a plan as compressed-tensors, GGUF or llama.cpp tensor types")
     add_model_arg(p)
-    p.add_argument("--plan", required=True, help="plan JSON file (workbench.plan format)")
+    p.add_argument("--plan", required=True, help="plan JSON file (workbench.plan.plan format)")
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--out", required=True, help="folder (compressed-tensors) or file (gguf, llama-cpp)")
     p.add_argument("--calib", default="wiki", help="calibration text for gptq layers (default: wiki)")
@@ -21,27 +21,27 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from workbench.inventory import layer_inventory
-    from workbench.loading import load_model
-    from workbench.plan import Plan
+    from workbench.model.inventory import layer_inventory
+    from workbench.model.loading import load_model
+    from workbench.plan.plan import Plan
 
     plan = Plan.load(args.plan)  # a bad plan fails before the model loads
     loaded = load_model(args.model, progress=not args.json)
     layers = layer_inventory(loaded.model)
     resolved = plan.resolve(layers)
     if args.format == "llama-cpp":
-        from workbench.export import llama_cpp_export
+        from workbench.export.llama_cpp import llama_cpp_export
 
         ex = llama_cpp_export(resolved, layers)
         ex.save(args.out)
         out = {"out": args.out, "rows": ex.rows, "notes": ex.notes, "mismatches": []}
     elif args.format == "gguf":
-        from workbench.export_gguf import gguf_export
+        from workbench.export.gguf import gguf_export
 
         out = gguf_export(loaded, resolved, args.out).to_json()
     else:
-        from workbench.export_ct import compressed_tensors_export
-        from workbench.simulate import calibration_grams
+        from workbench.export.compressed_tensors import compressed_tensors_export
+        from workbench.measure.simulate import calibration_grams
 
         gptq = [n for n, s in resolved.items() if s.is_quantized and s.algo == "gptq"]
         grams = calibration_grams(loaded, gptq, args.calib, args.calib_seqs, progress=False) if gptq else None

@@ -34,7 +34,7 @@ def _load(model_arg: str, device, dtype):
 
             raise WorkbenchError(f"{model_arg}: no tokenizer saved beside the quantized model")
         return model, tok, f"quantized model {model_arg}"
-    from workbench.loading import load_model
+    from workbench.model.loading import load_model
 
     loaded = load_model(model_arg, dtype=dtype, device=str(device))
     return loaded.model, loaded.tokenizer, loaded.description.name
@@ -42,7 +42,7 @@ def _load(model_arg: str, device, dtype):
 
 def _plan(path: str):
     """The plan file (imported here: the CLI keeps heavy imports lazy)."""
-    from workbench.plan import Plan
+    from workbench.plan.plan import Plan
 
     return Plan.load(path)
 

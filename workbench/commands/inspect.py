@@ -60,9 +60,9 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from workbench.data import default_seq_len
-    from workbench.inventory import layer_inventory
-    from workbench.loading import load_model
+    from workbench.model.data import default_seq_len
+    from workbench.model.inventory import layer_inventory
+    from workbench.model.loading import load_model
 
     if args.seq_len is not None and args.tokens < args.seq_len:
         raise WorkbenchError(f"--tokens {args.tokens} is less than one sequence of --seq-len {args.seq_len}")

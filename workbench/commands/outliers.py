@@ -20,13 +20,13 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from workbench.data import calibration_batches
     from workbench.errors import WorkbenchError
-    from workbench.inventory import layer_inventory
-    from workbench.loading import load_model
-    from workbench.plan import Plan, match_layers
+    from workbench.model.data import calibration_batches
+    from workbench.model.inventory import layer_inventory
+    from workbench.model.loading import load_model
+    from workbench.plan.plan import Plan, match_layers
     from workbench.stats.outliers import input_outliers
-    from workbench.transformed import apply_transforms
+    from workbench.transform.apply import apply_transforms
 
     plan = Plan.load(args.plan)
     if not plan.transforms:

@@ -8,7 +8,7 @@ from workbench.commands.common import add_model_arg, emit_json
 def add_parser(sub):
     p = sub.add_parser("quantize", help="quantize a model with a plan and save packed weights to --out")
     add_model_arg(p)
-    p.add_argument("--plan", required=True, help="plan JSON file (workbench.plan format)")
+    p.add_argument("--plan", required=True, help="plan JSON file (workbench.plan.plan format)")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + plan.json + manifest)")
     p.add_argument(
         "--device", default="auto", help="auto | cpu | cuda: where to quantize (RTN runs on the GPU)"
@@ -29,12 +29,12 @@ def add_parser(sub):
 def run(args) -> int:
     import torch
 
-    from workbench.loading import load_model
-    from workbench.plan import Plan
+    from workbench.measure.simulate import calibration_grams
+    from workbench.model.loading import load_model
+    from workbench.plan.plan import Plan
     from workbench.runtime.apply import apply_plan
     from workbench.runtime.decode import select_device
     from workbench.runtime.serialize import save_quantized
-    from workbench.simulate import calibration_grams
 
     device, message = select_device(args.device)
     if message and not args.json:

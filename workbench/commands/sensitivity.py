@@ -77,8 +77,8 @@ def _settings(args, description) -> dict:
 
 
 def run(args) -> int:
-    from workbench.loading import load_model
-    from workbench.sensitivity import sensitivity_scan
+    from workbench.measure.sensitivity import sensitivity_scan
+    from workbench.model.loading import load_model
 
     if args.stream:
         return _run_stream(args)

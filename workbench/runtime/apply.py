@@ -98,7 +98,7 @@ class ApplyReport:
 
 def _resolved_for(model: torch.nn.Module, plan):
     """The ResolvedPlan to apply (`ResolvedPlan.of`), refusing layers the model does not have."""
-    from workbench.plan import ResolvedPlan
+    from workbench.plan.plan import ResolvedPlan
 
     resolved = ResolvedPlan.of(model, plan)
     names = {n for n, _ in model.named_modules()}
@@ -145,7 +145,7 @@ def dense_copy(module: torch.nn.Module, W_hat: torch.Tensor) -> torch.nn.Module:
     original module and its parameters are untouched (the bias is shared)."""
     import copy
 
-    from workbench.simulate import set_weight
+    from workbench.measure.simulate import set_weight
 
     new = copy.copy(module)
     new._parameters = dict(module._parameters)  # own parameter dict: setting the weight must not leak
@@ -223,13 +223,13 @@ def _check_transformed(model: torch.nn.Module, resolved) -> None:
         )
         raise WorkbenchError(
             f"the plan's transforms ({kinds}) were not applied to this model: quantize "
-            "workbench.transformed.apply_transforms(loaded, plan.transforms).model instead"
+            "workbench.transform.apply.apply_transforms(loaded, plan.transforms).model instead"
         )
 
 
 def _simulate_acts(model: torch.nn.Module, acts: dict, warn: bool) -> dict[str, str]:
     """Fake-quantize the inputs of `acts` layers by forward pre-hooks (the layers no W8A8 kernel runs)."""
-    from workbench.simulate import add_act_hooks
+    from workbench.measure.simulate import add_act_hooks
 
     if not acts:
         return {}
@@ -248,7 +248,7 @@ def _simulate_acts(model: torch.nn.Module, acts: dict, warn: bool) -> dict[str, 
 
 def _refuse_untileable(model: torch.nn.Module, todo: list) -> None:
     """Before any work: a CUDA layer whose format has a kernel but whose shape it cannot tile is an error."""
-    from workbench.inventory import get_linear_weight, get_module
+    from workbench.model.inventory import get_linear_weight, get_module
 
     for name, spec in todo:
         W = get_linear_weight(get_module(model, name))
@@ -267,8 +267,8 @@ def _build_layers(
     """Quantize and pack every planned layer beside the untouched model (dropped on any error).
 
     A layer whose activation spec (`acts`) and weight spec have a W8A8 kernel becomes an ActQuantLinear."""
-    from workbench.inventory import get_linear_weight, get_module
-    from workbench.rotate import carry_online_hadamard
+    from workbench.model.inventory import get_linear_weight, get_module
+    from workbench.transform.rotate import carry_online_hadamard
 
     built: dict[str, QuantLinear] = {}
     current = None

@@ -12,7 +12,7 @@
 (workbench.quant.kvcache: they left the R-token window, and for per-channel specs their aligned group of
 G tokens is complete) are quantized then, once, with exactly the arithmetic of the simulation
 (`int_params` / `int_codes`). `dequantized()` returns the [B, H, n, D] float32 cache a query reads:
-what the CPU simulation (workbench/kvsim.py) feeds every later query. `nbytes(n)` is
+what the CPU simulation (workbench/measure/kvsim.py) feeds every later query. `nbytes(n)` is
 `KVSpec.cache_bytes` of the filled part (the window counted at 2 bytes per element).
 
 The `_had` and `_pre` key options are the caller's business (it writes rotated / pre-RoPE keys); this
@@ -186,7 +186,7 @@ def _full_precision(capacity: int) -> KVSpec:
 
 def _step_attention(attn, sides, triton, hidden_states, position_embeddings=None, attention_mask=None, **kw):
     """One decode step of a Llama attention (hidden_states [B, 1, dim]) through the quantized store."""
-    from workbench.kvsim import apply_rope
+    from workbench.measure.kvsim import apply_rope
 
     B, T, _ = hidden_states.shape
     D = attn.head_dim
@@ -210,7 +210,7 @@ def kv_decode_logits(model: torch.nn.Module, ids: torch.Tensor, kv: dict, triton
     another attention class, and `_had` / `_pre` keys (simulation only for now), are refused naming the
     layer. Attention runs `decode_attention` (the Triton kernel on CUDA, its twin elsewhere).
     """
-    from workbench.kvplan import KVLayerSpec
+    from workbench.plan.kv import KVLayerSpec
 
     B, T = ids.shape
     attns = {n: m for n, m in model.named_modules() if n.endswith("self_attn")}

@@ -53,7 +53,7 @@ def _key(t: torch.Tensor) -> tuple:
 
 def model_memory(model: torch.nn.Module) -> MemoryReport:
     """Bytes of every parameter and buffer of `model`, split by kind (see MemoryReport)."""
-    from workbench.inventory import is_quantizable
+    from workbench.model.inventory import is_quantizable
 
     seen: set[tuple] = set()
     parts = {"quantized": 0, "linear": 0, "other": 0}

@@ -9,7 +9,7 @@ A saved model is a folder:
     blocks-00000.safetensors ...  only in a model written block by block (workbench.streaming.quantize): the
                         decoder blocks' tensors, listed in the manifest's "shards"; model.safetensors holds
                         the rest.
-    plan.json           the plan that produced it (workbench.plan format).
+    plan.json           the plan that produced it (workbench.plan.plan format).
     manifest.json       a readable copy of the manifest: model config, dtype, source, and per quantized layer
                         its spec, shape, bias and AWQ input scale; the aliases of tied tensors.
     tokenizer/ or tokenizer.bin   the tokenizer (Hugging Face folder, or llama2.c's binary vocabulary).
@@ -41,7 +41,7 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 def _manifest(model, source: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(manifest, tensors to write) with tied tensors deduplicated."""
-    from workbench.inventory import is_conv1d
+    from workbench.model.inventory import is_conv1d
 
     layers = {}
     for name, mod in model.named_modules():
@@ -112,7 +112,7 @@ def save_quantized(model, plan, path: str | Path, *, tokenizer=None, source: str
     """
     from safetensors.torch import save_file
 
-    from workbench.plan import Plan
+    from workbench.plan.plan import Plan
 
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
@@ -196,7 +196,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     """
     from safetensors.torch import load_file
 
-    from workbench.plan import Plan
+    from workbench.plan.plan import Plan
 
     folder = Path(path)
     manifest = read_manifest(folder)
@@ -223,7 +223,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
         )
         setattr(parent, leaf, q)
     if manifest.get("online_hadamard"):
-        from workbench.rotate import attach_online_hadamard
+        from workbench.transform.rotate import attach_online_hadamard
 
         for name in manifest["online_hadamard"]:
             mod = model.get_submodule(name)
@@ -267,7 +267,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
 
 def load_tokenizer(path: str | Path):
     """The workbench Tokenizer saved beside a quantized model, or None."""
-    from workbench.tokenizer import Tokenizer
+    from workbench.model.tokenizer import Tokenizer
 
     folder = Path(path)
     if (folder / "tokenizer").is_dir():
@@ -275,7 +275,7 @@ def load_tokenizer(path: str | Path):
 
         return Tokenizer(AutoTokenizer.from_pretrained(str(folder / "tokenizer")))
     if (folder / "tokenizer.bin").is_file():
-        from workbench.llama2c import Llama2cTokenizer
+        from workbench.model.llama2c import Llama2cTokenizer
 
         return Tokenizer(Llama2cTokenizer(folder / "tokenizer.bin"))
     return None

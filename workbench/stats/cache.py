@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.data import resolve_text_source
+from workbench.model.data import resolve_text_source
 from workbench.paths import atomic_write_bytes, cache_dir
 
 STATS_VERSION = 1

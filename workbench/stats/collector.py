@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import get_module, layer_inventory
+from workbench.model.inventory import get_module, layer_inventory
 from workbench.progress import Progress
 from workbench.progress import progress_bar as bar
 from workbench.stats.accumulator import ActivationStats, InputAccumulator

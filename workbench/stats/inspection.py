@@ -318,7 +318,7 @@ def inspect_model(
     """Weight and activation statistics of every quantizable layer of `loaded` (a LoadedModel).
 
     Args:
-        text: calibration text source (see workbench.data); n_seqs x seq_len tokens drawn with `seed`
+        text: calibration text source (see workbench.model.data); n_seqs x seq_len tokens drawn with `seed`
             (seq_len None: min(512, the model's context)).
         mode: "full" or "layerwise" (same statistics; layerwise keeps one block on `device` at a time).
         gram: collect the Gram matrix X^T X of every input.
@@ -328,8 +328,8 @@ def inspect_model(
         progress: True (tqdm), False, or a callback fn(fraction, text) (`workbench.progress`): weight
             statistics fill [0, 0.15], activations [0.15, 1]; a callback that raises stops the collection.
     """
-    from workbench.data import calibration_batches, default_seq_len
-    from workbench.inventory import get_linear_weight, get_module, layer_inventory
+    from workbench.model.data import calibration_batches, default_seq_len
+    from workbench.model.inventory import get_linear_weight, get_module, layer_inventory
     from workbench.stats.activations import collect_activation_stats
     from workbench.stats.weights import weight_stats
 

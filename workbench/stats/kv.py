@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.kvsim import apply_rope
+from workbench.measure.kvsim import apply_rope
 from workbench.paths import cache_dir
 
 SIDES = ("k_pre", "k_post", "v")
@@ -151,7 +151,7 @@ def kv_statistics(loaded, text: str = "wiki", n_seqs: int = 8, seq_len: int = 51
     """K (pre / post RoPE) and V statistics of every attention block (module docstring), cached on disk."""
     from safetensors.torch import load_file, save_file
 
-    from workbench.data import calibration_batches
+    from workbench.model.data import calibration_batches
 
     windows = calibration_batches(
         loaded.tokenizer, text, n_seqs, seq_len, seed, max_context=loaded.description.max_context

@@ -1,5 +1,5 @@
 """How heavy-tailed a layer's input is: kurtosis and the max/median channel ratio, to compare a model before
-and after a transform (workbench.transformed).
+and after a transform (workbench.transform.apply).
 
 For the input x [tokens, K] of a linear layer over calibration batches:
     kurtosis     E[(x - μ)^4] / Var(x)^2 over every value of x (3 for a Gaussian; outlier channels make it
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from workbench.inventory import get_module
+from workbench.model.inventory import get_module
 
 
 @dataclass

@@ -48,11 +48,11 @@ def fake_quant_here(
     benchmarks/bench_sensitivity_gpu.py: a float8 cast may differ from the CPU's by one code, which a
     proxy cost does not see), GPTQ runs on the device, AWQ goes to the CPU. `device_path=True` takes that
     path on any device (tests run it on the CPU)."""
+    from workbench.measure.simulate import needs_gram
     from workbench.quant.api import fake_quant
     from workbench.quant.formats import ungrouped
     from workbench.quant.registry import decode
     from workbench.quant.rtn import rtn_quantize
-    from workbench.simulate import needs_gram
 
     g = gram if needs_gram(spec) else None
     on_device = W.is_cuda if device_path is None else device_path
@@ -72,8 +72,8 @@ def proxy_costs_here(
 ) -> dict[str, float]:
     """Relative output error tr(D G D^T) / tr(W G W^T) per spec: `sensitivity.proxy_costs` on the CPU, the
     same formula on W's device on CUDA (or with `device_path=True`)."""
+    from workbench.measure.sensitivity import proxy_costs
     from workbench.quant.metrics import quadratic_form
-    from workbench.sensitivity import proxy_costs
 
     if not (W.is_cuda if device_path is None else device_path):
         return proxy_costs(W, gram, specs, name=name)

@@ -64,7 +64,7 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
 def merge_tables(tables: list, layers: list) -> object:
     """One SensitivityTable over `layers` (LayerInfo, the order of the result) from shard tables of the
     same scan; refuses shards of different scans or a layer no shard holds."""
-    from workbench.sensitivity import SensitivityTable
+    from workbench.measure.sensitivity import SensitivityTable
 
     first = tables[0]
     for t in tables[1:]:
@@ -99,7 +99,7 @@ def distributed_scan(sm, batches: torch.Tensor, specs: list[str], out: str | Pat
     Returns:
         (table, report): the merged table on rank 0, this rank's shard table elsewhere.
     """
-    from workbench.sensitivity import SensitivityTable
+    from workbench.measure.sensitivity import SensitivityTable
     from workbench.streaming.runs import shard_layers, stream_proxy_scan
 
     rank, world = init_distributed()

@@ -21,8 +21,8 @@ SYNTHETIC = {"synthetic": LLAMA3_70B, "synthetic-tiny": TINY_LLAMA}
 
 def folder_tokenizer(folder: Path):
     """The workbench Tokenizer of a checkpoint folder (HF files, tokenizer/ or tokenizer.bin), or None."""
+    from workbench.model.tokenizer import Tokenizer
     from workbench.runtime.serialize import load_tokenizer
-    from workbench.tokenizer import Tokenizer
 
     found = load_tokenizer(folder)
     if found is not None:
@@ -60,7 +60,7 @@ def open_streamed(
 
 def stream_batches(sm: StreamedModel, tokenizer, text: str, n_seqs: int, seq_len: int, seed: int = 0):
     """Calibration ids [n_seqs, seq_len] and the settings that describe them."""
-    from workbench.data import calibration_batches
+    from workbench.model.data import calibration_batches
 
     settings = {"text": text, "n_seqs": n_seqs, "seq_len": seq_len, "seed": seed}
     if tokenizer is None:

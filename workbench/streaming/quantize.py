@@ -23,7 +23,7 @@ from workbench.streaming.skeleton import StreamedModel
 
 def _quantize_modules(sm: StreamedModel, names: list[str], resolved, grams: dict) -> dict:
     """Quantize the named layers in place (swapped into the model); returns {name: (manifest entry, orig)}."""
-    from workbench.inventory import get_linear_weight, get_module
+    from workbench.model.inventory import get_linear_weight, get_module
     from workbench.runtime.apply import dense_copy, layout_reason
     from workbench.runtime.qlinear import QuantLinear
     from workbench.streaming.devicequant import quantize_here
@@ -62,7 +62,7 @@ def _quantize_modules(sm: StreamedModel, names: list[str], resolved, grams: dict
 def _stacked_gptq(sm: StreamedModel, names: list[str], resolved, grams: dict) -> dict:
     """{name: QuantizedWeight} of the GPTQ layers that share one Gram and one spec, quantized together
     (`devicequant.gptq_stacked`: the GPU path; the CPU quantizes each layer alone, as apply_plan does)."""
-    from workbench.inventory import get_linear_weight, get_module
+    from workbench.model.inventory import get_linear_weight, get_module
     from workbench.streaming.devicequant import gptq_stacked
     from workbench.streaming.runs import gram_of
 
@@ -124,7 +124,7 @@ def stream_quantize(
     """
     from safetensors.torch import save_file
 
-    from workbench.plan import Plan, ResolvedPlan
+    from workbench.plan.plan import Plan, ResolvedPlan
     from workbench.quant.packing import LAYOUT_VERSION
     from workbench.runtime.serialize import FORMAT, WEIGHTS, save_tokenizer
 

@@ -81,7 +81,7 @@ def shard_blocks(n_blocks: int, shard: tuple[int, int] | None) -> set[int]:
 def shard_layers(sm: StreamedModel, shard: tuple[int, int] | None, layers: list[str] | None = None):
     """LayerInfo of the quantizable layers rank `shard` owns (block i % world == rank; the output head and
     any other layer outside the blocks belongs to the last rank)."""
-    from workbench.inventory import layer_inventory
+    from workbench.model.inventory import layer_inventory
 
     inv = layer_inventory(sm.model)
     if layers is not None:
@@ -158,7 +158,7 @@ def stream_inspect(
     Returns:
         (Inspection, StreamReport).
     """
-    from workbench.inventory import get_linear_weight, get_module
+    from workbench.model.inventory import get_linear_weight, get_module
     from workbench.stats.inspection import Inspection
     from workbench.stats.weights import weight_stats
 
@@ -227,9 +227,9 @@ def stream_proxy_scan(
     Returns:
         (SensitivityTable, StreamReport).
     """
-    from workbench.inventory import get_linear_weight, get_module
+    from workbench.measure.sensitivity import SensitivityTable
+    from workbench.model.inventory import get_linear_weight, get_module
     from workbench.quant.spec import QuantSpec
-    from workbench.sensitivity import SensitivityTable
     from workbench.streaming.devicequant import proxy_costs_here
 
     specs = [str(QuantSpec.parse(s)) for s in specs]
@@ -281,7 +281,7 @@ def stream_proxy_scan(
 def resume_table(path: Path | None, table):
     """`table` with the costs of the table saved at `path` when it has the same identity; a different
     scan there is refused with a message naming the file."""
-    from workbench.sensitivity import SensitivityTable
+    from workbench.measure.sensitivity import SensitivityTable
 
     if path is None or not path.is_file():
         return table

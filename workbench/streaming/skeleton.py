@@ -145,7 +145,7 @@ class StreamedModel:
 
 def describe(sm: StreamedModel):
     """A ModelDescription of a streamed model (parameters counted from the config's shapes)."""
-    from workbench.loading import ModelDescription
+    from workbench.model.loading import ModelDescription
 
     cfg = sm.source.config
     n_params = sum(p.numel() for p in sm.model.parameters())  # meta blocks count too (shapes only)

@@ -12,7 +12,7 @@ import ipywidgets as widgets
 import torch
 from IPython.display import clear_output, display
 
-from workbench import teaching
+from workbench.teaching import lessons as teaching
 from workbench.ui.teaching_charts import explorer_figures
 
 GROUPS = [16, 32, 64, 128, 256, "ch", "t"]

@@ -16,7 +16,7 @@ NAN = float("nan")
 def weight_outliers(model, layers, progress: Progress = False) -> dict[str, tuple[float, float]]:
     """{layer: (max/median |w|, excess kurtosis)} of every layer (`stats.weights.outlier_summary`);
     `progress`: per layer (`workbench.progress`)."""
-    from workbench.inventory import get_linear_weight, get_module
+    from workbench.model.inventory import get_linear_weight, get_module
     from workbench.stats.weights import outlier_summary
 
     return {

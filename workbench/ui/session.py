@@ -26,7 +26,7 @@ _SHARED_LOCK = threading.Lock()
 
 def shared_model(source: str, report: Report | None = None):
     """Load `source` once per process (later sessions reuse the same LoadedModel)."""
-    from workbench.loading import load_model
+    from workbench.model.loading import load_model
 
     with _SHARED_LOCK:
         if source not in _SHARED:
@@ -54,7 +54,7 @@ class ModelSession:
             yield self._private_copy()
 
     def _private_copy(self):
-        from workbench.loading import LoadedModel
+        from workbench.model.loading import LoadedModel
 
         if self._private is None:
             base = self.loaded

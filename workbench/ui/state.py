@@ -1,8 +1,9 @@
 """The app's one state object (Panel's DataStore pattern): model, statistics, plan with undo/redo, results.
 
 `WorkbenchState` owns everything the views show; views take it as a parameter and only lay out widgets.
-Every number comes from the core library (`workbench.plan`, `workbench.planedit`, `workbench.stats`,
-`workbench.sensitivity`, `workbench.allocate`, `workbench.evaluate`, `workbench.runtime`); this class only
+Every number comes from the core library (`workbench.plan.plan`, `workbench.plan.edit`, `workbench.stats`,
+`workbench.measure.sensitivity`, `workbench.plan.allocate`, `workbench.measure.evaluate`,
+`workbench.runtime`); this class only
 calls it, keeps the results, and publishes derived values through `param` so views update by themselves.
 
 Long computations (loading, statistics, sensitivity, evaluation, chat) run as `Job`s in threads, so the UI
@@ -57,7 +58,9 @@ class WorkbenchState(param.Parameterized):
 
     selected = param.String(default="", doc="the layer whose distributions are shown")
     grid_spec = param.String(default="", doc="the spec whose grid is drawn ('' = the layer's current spec)")
-    details = param.Parameter(default=None, doc="LayerReport of the selected layer (workbench.layer_report)")
+    details = param.Parameter(
+        default=None, doc="LayerReport of the selected layer (workbench.measure.layer_report)"
+    )
     inspection = param.Parameter(default=None, doc="activation statistics per layer (stats.cache)")
     sensitivity = param.Parameter(default=None, doc="SensitivityTable")
     verification = param.Parameter(default=None, doc="Verification of the plan last verified (verify.py)")
@@ -103,8 +106,8 @@ class WorkbenchState(param.Parameterized):
 
         `outliers`: {layer: (max/median |w|, kurtosis)} when the load job computed them (else computed here).
         """
-        from workbench.inventory import layer_inventory
-        from workbench.plan import Plan
+        from workbench.model.inventory import layer_inventory
+        from workbench.plan.plan import Plan
 
         layers = layer_inventory(loaded.model)
         self._outliers = outliers if outliers is not None else weight_outliers(loaded.model, layers)
@@ -142,7 +145,7 @@ class WorkbenchState(param.Parameterized):
     # ------------------------------------------------------------------ plan: derived values
     def _install(self, plan, pinned: list[str]) -> None:
         """Make `plan` current (already validated) and recompute the derived values."""
-        from workbench.plan import plan_totals
+        from workbench.plan.plan import plan_totals
 
         t0 = time.perf_counter()
         resolved = plan.resolve(self.layers)
@@ -160,7 +163,7 @@ class WorkbenchState(param.Parameterized):
     def _price(self, resolved):
         if self.sensitivity is None:
             return None
-        from workbench.planedit import predicted_cost
+        from workbench.plan.edit import predicted_cost
 
         return predicted_cost(self.sensitivity, resolved)
 
@@ -205,13 +208,13 @@ class WorkbenchState(param.Parameterized):
 
     def set_layer_spec(self, name: str, spec: str) -> bool:
         """Assign `spec` to one layer."""
-        from workbench.planedit import with_layer_spec
+        from workbench.plan.edit import with_layer_spec
 
         return self._edit(lambda: with_layer_spec(self.plan, self.layers, name, spec), f"{name} -> {spec}")
 
     def set_rule(self, match: str, spec: str) -> bool:
         """Bulk edit: every layer selected by `match` (exact name, `re:`, `role:`) gets `spec`."""
-        from workbench.planedit import with_rule
+        from workbench.plan.edit import with_rule
 
         return self._edit(lambda: with_rule(self.plan, self.layers, match, spec), f"{match} -> {spec}")
 
@@ -222,7 +225,7 @@ class WorkbenchState(param.Parameterized):
         return self.set_rule(f"re:{pattern}", spec)
 
     def set_default(self, spec: str) -> bool:
-        from workbench.planedit import default_reach, with_default
+        from workbench.plan.edit import default_reach, with_default
 
         ok = self._edit(lambda: with_default(self.plan, spec), f"default -> {spec}")
         if ok and default_reach(self.plan, self.layers) < len(self.layers):
@@ -236,13 +239,13 @@ class WorkbenchState(param.Parameterized):
         return ok
 
     def set_kv(self, k: str | None, v: str | None) -> bool:
-        """Every attention block's key / value cache spec ('none': bf16), `workbench.kvplan.with_kv`."""
-        from workbench.planedit import with_kv
+        """Every attention block's key / value cache spec ('none': bf16), `workbench.plan.kv.with_kv`."""
+        from workbench.plan.edit import with_kv
 
         return self._edit(lambda: with_kv(self.plan, k, v), f"KV cache -> K {k or 'none'} / V {v or 'none'}")
 
     def remove_rule(self, index: int) -> bool:
-        from workbench.planedit import without_rule
+        from workbench.plan.edit import without_rule
 
         return self._edit(lambda: without_rule(self.plan, index), f"removed rule {index + 1}")
 
@@ -264,7 +267,7 @@ class WorkbenchState(param.Parameterized):
         return self._restore(snap, "redo")
 
     def _restore(self, snap: Snapshot | None, verb: str) -> bool:
-        from workbench.plan import Plan
+        from workbench.plan.plan import Plan
 
         if snap is None:
             self.notify(f"nothing to {verb}", "warning")
@@ -283,7 +286,7 @@ class WorkbenchState(param.Parameterized):
 
     def load_plan_text(self, text: str | bytes, source: str = "plan file") -> bool:
         """Adopt a plan from JSON text; if it does not fit this model, explain and keep the current plan."""
-        from workbench.plan import Plan
+        from workbench.plan.plan import Plan
 
         self._require_model()
         try:
@@ -320,14 +323,14 @@ class WorkbenchState(param.Parameterized):
 
     def export_llama_cpp(self):
         """The llama.cpp tensor-type override file of the current plan (`.text`, `.notes`)."""
-        from workbench.export import llama_cpp_export
+        from workbench.export.llama_cpp import llama_cpp_export
 
         return llama_cpp_export(self.resolved, self.layers)
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, budget_bits: float | None = None, budget_mb: float | None = None) -> bool:
         """Run the exact allocator on the sensitivity table under a budget, keeping pinned layers."""
-        from workbench.allocate import allocate_table
+        from workbench.plan.allocate import allocate_table
 
         self._require_model()
         if self.sensitivity is None:

@@ -21,7 +21,7 @@ from workbench.ui.session import ModelSession, Report, shared_model
 
 def load(source: str, report: Report):
     """(LoadedModel, {layer: (max/median |w|, kurtosis)}): the shared model and its weight outliers."""
-    from workbench.inventory import layer_inventory
+    from workbench.model.inventory import layer_inventory
     from workbench.progress import stage
     from workbench.ui.layer_table import weight_outliers
 
@@ -44,8 +44,9 @@ def statistics(session: ModelSession, text: str, n_seqs: int, seq_len: int, repo
 
 
 def layer_details(loaded, name: str, grid_spec: str | None, specs: list[str], inspection, report: Report):
-    """The Distributions tab's report for one layer (`workbench.layer_report`, on the shared model)."""
-    from workbench.layer_report import layer_report
+    """The Distributions tab's report for one layer (`workbench.measure.layer_report`, on the shared
+    model)."""
+    from workbench.measure.layer_report import layer_report
 
     report(0.1, f"statistics of {name}")
     return layer_report(loaded, name, grid_spec, specs, inspection=inspection)
@@ -100,8 +101,8 @@ def sensitivity(
     (Grams, Fisher pass: the first 25%, elapsed seconds meanwhile), layer by layer, then over the
     calibration of the costs on measured uniform plans (the last 15%).
     """
-    from workbench.inventory import layer_inventory
-    from workbench.sensitivity import calibration_stage, sensitivity_scan
+    from workbench.measure.sensitivity import calibration_stage, sensitivity_scan
+    from workbench.model.inventory import layer_inventory
 
     with session.use(report) as loaded:
         n_layers = len(layer_inventory(loaded.model))
@@ -135,7 +136,7 @@ def sensitivity(
 def verification(session: ModelSession, table, resolved, ev: dict, report: Report):
     """Measure the plan and its uniform neighbours in size (`verify.verify_plan`, cached evaluations);
     `ev`: text, seq_len, max_tokens of the evaluation. The bar fills one measured plan at a time."""
-    from workbench.verify import verify_plan
+    from workbench.measure.verify import verify_plan
 
     with session.use(report) as loaded:
 
@@ -151,9 +152,9 @@ def evaluation(session: ModelSession, resolved, ev: dict, calibration: dict, rep
     `ev`: text, seq_len, max_tokens; `calibration`: text, n_seqs, seq_len of the Gram matrices that
     gptq/awq layers need. The bar fills over the Grams (first 10%) and the evaluation's own steps.
     """
-    from workbench.evaluate import evaluate
+    from workbench.measure.evaluate import evaluate
+    from workbench.measure.simulate import calibration_grams
     from workbench.progress import stage
-    from workbench.simulate import calibration_grams
 
     with session.use(report) as loaded:
         grams, start = None, 0.0

@@ -1,7 +1,7 @@
-"""Figures of the teaching notebooks: numbers from `workbench.teaching` in, plotly Figures out.
+"""Figures of the teaching notebooks: numbers from `workbench.teaching.lessons` in, plotly Figures out.
 
 Like charts.py these functions only choose marks and axes; every number is computed by the core
-(`workbench.teaching`, `workbench.quant`). `explorer_figures` is what the widgets of
+(`workbench.teaching.lessons`, `workbench.quant`). `explorer_figures` is what the widgets of
 notebooks/01_quantization_basics redraw.
 """
 
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import plotly.graph_objects as go
 import torch
 
-from workbench import teaching
 from workbench.errors import WorkbenchError
 from workbench.quant.spec import QuantSpec
+from workbench.teaching import lessons as teaching
 from workbench.ui.charts import ACCENT, ALERT, MUTED, _fig, empty_figure, histogram_figure
 
 

@@ -2,7 +2,7 @@
 
 Top row: absmax of every input channel (an outlier channel is a spike; a rotation flattens it). Bottom row:
 histogram of the values, log counts. Each column's title carries its kurtosis and max/median channel ratio.
-All numbers come from `workbench.transform_compare.compare_transform`.
+All numbers come from `workbench.transform.compare.compare_transform`.
 """
 
 from __future__ import annotations

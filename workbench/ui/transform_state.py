@@ -11,7 +11,7 @@ from workbench.ui.jobs import Job, JobContext
 
 
 class TransformCompare(param.Parameterized):
-    """`run(layer, preset)` computes `workbench.transform_compare.compare_transform` in a job -> `result`."""
+    """`run(layer, preset)` computes `workbench.transform.compare.compare_transform` in a job -> `result`."""
 
     state = param.Parameter(doc="WorkbenchState")
     result = param.Parameter(default=None, doc="InputComparison of the last run")
@@ -26,7 +26,7 @@ class TransformCompare(param.Parameterized):
         loaded = state.loaded
 
         def work(ctx: JobContext):
-            from workbench.transform_compare import compare_transform
+            from workbench.transform.compare import compare_transform
 
             ctx.report(0.1, f"{preset} on a copy, then {layer}'s input before and after")
             return compare_transform(loaded, layer, preset, **settings)

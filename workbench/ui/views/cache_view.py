@@ -1,7 +1,7 @@
 """Cache view: K / V distributions per attention block, the plan's cache specs, predicted cache size.
 
-All numbers come from the core: `workbench.stats.kv` (statistics), `workbench.planedit.with_kv` (through
-`WorkbenchState.set_kv`), `workbench.kvplan.plan_cache_bytes` and `workbench.quant.kvcache` (the grammar).
+All numbers come from the core: `workbench.stats.kv` (statistics), `workbench.plan.edit.with_kv` (through
+`WorkbenchState.set_kv`), `workbench.plan.kv.plan_cache_bytes` and `workbench.quant.kvcache` (the grammar).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class CacheView(View):
             state.set_kv(k, v)
 
         def show_size(*_events):
-            from workbench.kvplan import plan_cache_bytes
+            from workbench.plan.kv import plan_cache_bytes
 
             if state.loaded is None or state.plan is None:
                 size.object = "*no model loaded*"

@@ -129,7 +129,7 @@ def _controls(state) -> tuple:
 
 
 class DistributionsView(View):
-    """Charts of one layer; all numbers come from `workbench.layer_report` (computed in a job)."""
+    """Charts of one layer; all numbers come from `workbench.measure.layer_report` (computed in a job)."""
 
     def panel(self) -> pn.viewable.Viewable:
         state = self.state

@@ -11,7 +11,8 @@ _COLUMNS = ["plan", "MB", "avg bits", "ppl", "ref ppl", "KL (nats)", "top-1", "t
 
 
 class MeasureView(View):
-    """Perplexity, KL(P_ref || P_q) and top-1 agreement from `workbench.evaluate` (fake quantization)."""
+    """Perplexity, KL(P_ref || P_q) and top-1 agreement from `workbench.measure.evaluate` (fake
+    quantization)."""
 
     def panel(self) -> pn.viewable.Viewable:
         state = self.state

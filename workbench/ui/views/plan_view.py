@@ -7,8 +7,8 @@ import io
 import panel as pn
 
 from workbench.errors import WorkbenchError
-from workbench.export_files import DOWNLOADS, export_download
-from workbench.inventory import ROLES
+from workbench.export.files import DOWNLOADS, export_download
+from workbench.model.inventory import ROLES
 from workbench.ui.state import CANDIDATE_SPECS
 from workbench.ui.views.common import View, totals_line
 
@@ -36,7 +36,7 @@ class PlanView(View):
         def show(plan, _rev):
             if plan is None:
                 return pn.pane.Markdown("*no model*")
-            from workbench.planedit import default_reach
+            from workbench.plan.edit import default_reach
 
             reach = default_reach(plan, state.layers)
             lines = [f"**default**: `{plan.default}` (reaches {reach} of {len(state.layers)} layers)"]

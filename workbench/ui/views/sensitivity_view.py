@@ -8,7 +8,7 @@ from dataclasses import asdict
 import panel as pn
 
 from workbench.defaults import DEFAULT_METHOD
-from workbench.inventory import ROLES
+from workbench.model.inventory import ROLES
 from workbench.ui import charts
 from workbench.ui.state import CANDIDATE_SPECS, SENSITIVITY_SPECS
 from workbench.ui.views.common import View, totals_line
@@ -94,7 +94,7 @@ class SensitivityView(View):
             current = {n: str(state.resolved[n]) for n in names if n in state.resolved}
             heat.object = charts.heatmap_figure(names, table.specs, costs, current=current)
             heat.height = max(400, 14 * len(names) + 140)
-            from workbench.allocate import pareto_front
+            from workbench.plan.allocate import pareto_front
 
             pins = {n: str(state.resolved[n]) for n in state.pinned}
             front = pareto_front(table, pinned=pins, max_points=400)

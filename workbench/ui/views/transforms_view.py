@@ -1,6 +1,6 @@
 """Transforms view: a layer's input distribution, kurtosis and max/median before and after a transform.
 
-Layout only: the comparison is computed by `workbench.transform_compare` in a job (`TransformCompare.run`,
+Layout only: the comparison is computed by `workbench.transform.compare` in a job (`TransformCompare.run`,
 ui/transform_state.py) and drawn by `ui/transform_charts.input_comparison_figure`.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import panel as pn
 
-from workbench.transform_compare import PRESETS
+from workbench.transform.compare import PRESETS
 from workbench.ui import charts
 from workbench.ui.transform_charts import input_comparison_figure
 from workbench.ui.transform_state import TransformCompare
@@ -44,7 +44,7 @@ class TransformsView(View):
         note = pn.pane.Markdown(
             "What the layer's matmul multiplies, on calibration text: per-channel absmax (top) and the "
             "values (bottom, log counts), in the original model and in its transformed copy (same function: "
-            "`workbench.transformed`).",
+            "`workbench.transform.apply`).",
             sizing_mode="stretch_width",
         )
         return pn.Column(

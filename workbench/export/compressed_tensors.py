@@ -147,7 +147,7 @@ def compressed_tensors_export(
         ) from None
     from safetensors.torch import save_file
 
-    from workbench.inventory import get_linear_weight, get_module, layer_inventory
+    from workbench.model.inventory import get_linear_weight, get_module, layer_inventory
     from workbench.quant.api import quantize_weight
 
     model = loaded.model

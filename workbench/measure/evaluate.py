@@ -205,11 +205,11 @@ def evaluate(
             reference fills [0, 0.35] (instant when cached), quantization [0.35, 0.55], the comparison
             [0.55, 1]; a callback that raises stops the evaluation with the model restored.
     """
-    from workbench.data import default_seq_len, eval_windows
-    from workbench.kvplan import check_context
-    from workbench.kvsim import kv_quantized
-    from workbench.plan import ResolvedPlan
-    from workbench.simulate import act_quantized, fake_quantized
+    from workbench.measure.kvsim import kv_quantized
+    from workbench.measure.simulate import act_quantized, fake_quantized
+    from workbench.model.data import default_seq_len, eval_windows
+    from workbench.plan.kv import check_context
+    from workbench.plan.plan import ResolvedPlan
 
     resolved = None if resolved is None else ResolvedPlan.of(loaded.model, resolved)
 
@@ -236,7 +236,7 @@ def evaluate(
     model = loaded.model
     if resolved.transforms:
         if transformed is None:
-            from workbench.transformed import apply_transforms
+            from workbench.transform.apply import apply_transforms
 
             transformed = apply_transforms(loaded, resolved.transforms, progress=prints(progress))
         model = transformed.model

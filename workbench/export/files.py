@@ -22,11 +22,11 @@ def export_download(loaded, resolved: dict[str, QuantSpec], fmt: str) -> tuple[b
     assert fmt in DOWNLOADS, f"unknown export format {fmt}"
     with tempfile.TemporaryDirectory() as tmp:
         if fmt == "gguf":
-            from workbench.export_gguf import gguf_export
+            from workbench.export.gguf import gguf_export
 
             ex = gguf_export(loaded, resolved, Path(tmp) / DOWNLOADS[fmt])
             return ex.path.read_bytes(), ex.mismatches + ex.notes
-        from workbench.export_ct import compressed_tensors_export
+        from workbench.export.compressed_tensors import compressed_tensors_export
 
         ex = compressed_tensors_export(loaded, resolved, Path(tmp) / "model")
         buf = io.BytesIO()

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import LayerInfo
+from workbench.measure.replay import BlockRunner
+from workbench.model.inventory import LayerInfo
 from workbench.paths import atomic_write_bytes
 from workbench.quant.spec import QuantSpec
-from workbench.replay import BlockRunner
 
 TABLE_FORMAT = "workbench.sensitivity"
 TABLE_VERSION = 1
@@ -195,9 +195,9 @@ def proxy_costs(
 ) -> dict[str, float]:
     """Relative output error tr(D G D^T) / tr(W G W^T) of W [N, K] for each spec (D = W - fake_quant);
     with `row_weight` [N]: the weighted sum sum_i row_weight_i * d_i G d_i^T instead (not relative)."""
+    from workbench.measure.simulate import needs_gram
     from workbench.quant.api import fake_quant
     from workbench.quant.metrics import quadratic_form
-    from workbench.simulate import needs_gram
 
     W = W.detach().float()
     G = gram.float().to(W.device)
@@ -222,7 +222,7 @@ def output_fisher(
 
     Windows [n, L] are run one at a time (forward + backward); parameters get no gradients.
     """
-    from workbench.inventory import get_module
+    from workbench.model.inventory import get_module
 
     fisher: dict[str, torch.Tensor] = {}
     handles = []
@@ -322,9 +322,9 @@ def sensitivity_scan(
         on_layer: callback(layer name) after each saved layer (progress hooks, tests).
         on_setup: callback(str) before each setup step (Grams, Fisher pass), for progress messages.
     """
-    from workbench.data import calibration_batches, default_seq_len
-    from workbench.inventory import layer_inventory
-    from workbench.simulate import calibration_grams, needs_gram, quantized_weight
+    from workbench.measure.simulate import calibration_grams, needs_gram, quantized_weight
+    from workbench.model.data import calibration_batches, default_seq_len
+    from workbench.model.inventory import layer_inventory
 
     if method not in METHODS:
         raise WorkbenchError(f"unknown sensitivity method '{method}' (choose {', '.join(METHODS)})")
@@ -387,7 +387,7 @@ def sensitivity_scan(
                 s: runner.kl_from(block, {layer.name: quantized_weight(loaded.model, layer.name, s, grams)})
                 for s in specs
             }
-        from workbench.inventory import get_linear_weight, get_module
+        from workbench.model.inventory import get_linear_weight, get_module
 
         W = get_linear_weight(get_module(loaded.model, layer.name))
         if importance == "fisher":
@@ -434,7 +434,7 @@ def _calibrated(table: SensitivityTable, stage: str | None) -> bool:
 
 def _calibrate(loaded, table, stage: str, windows, grams, say, out: Path | None) -> None:
     """Run the calibration stages `table` lacks (uniform plans, then roles and the check)."""
-    from workbench.calibrate import calibrate_table, refine_table
+    from workbench.measure.calibrate import calibrate_table, refine_table
 
     if "uniform" not in table.calibration:
         t0 = time.perf_counter()

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import LayerInfo
-from workbench.plan import Plan, ResolvedPlan, match_layers, plan_totals
+from workbench.model.inventory import LayerInfo
+from workbench.plan.plan import Plan, ResolvedPlan, match_layers, plan_totals
 from workbench.quant.spec import QuantSpec
 
 DP_MAX_CELLS = 20_000_000  # layers x grid cells for the DP path

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import LayerInfo
+from workbench.model.inventory import LayerInfo
 
 
 class BlockRunner:
@@ -73,8 +73,8 @@ class BlockRunner:
 
     @torch.no_grad()
     def kl_from(self, block: int | None, weights: dict[str, torch.Tensor]) -> float:
-        from workbench.evaluate import token_kl
-        from workbench.simulate import swapped_weights
+        from workbench.measure.evaluate import token_kl
+        from workbench.measure.simulate import swapped_weights
 
         assert self.ref_lp is not None, "capture() first"
         with swapped_weights(self.model, weights):

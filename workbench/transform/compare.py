@@ -1,7 +1,7 @@
 """A layer's input before and after a transform, side by side: distribution, kurtosis, max/median (issue 16).
 
 `compare_transform(loaded, layer, transforms)` runs the same calibration windows through the original model
-and through its transformed copy (`workbench.transformed.apply_transforms`) and records what the layer's
+and through its transformed copy (`workbench.transform.apply.apply_transforms`) and records what the layer's
 matmul multiplies in each (after an online Hadamard, for down_proj): per-channel absmax [K], a histogram of
 the values, and the tail statistics of `stats.outliers` (kurtosis, max/median channel, absmax). The app's
 Transforms tab draws it (`ui/transform_charts.py`); the numbers are the ones `workbench outliers` prints.
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.plan.transforms import Hadamard, Smooth
 from workbench.stats.outliers import OutlierStats, outlier_stats
-from workbench.transforms import Hadamard, Smooth
 
 # name -> transform list, the choices the app offers (any plan transform list works in the function)
 PRESETS: dict[str, list] = {
@@ -59,7 +59,7 @@ def _profile(x: torch.Tensor, name: str, bins: int) -> InputProfile:
 @torch.no_grad()
 def _layer_input(model: torch.nn.Module, name: str, batches: torch.Tensor) -> torch.Tensor:
     """The input [T, K] (float32) layer `name` multiplies, over token batches [n, L]."""
-    from workbench.inventory import get_module
+    from workbench.model.inventory import get_module
 
     xs: list[torch.Tensor] = []
     h = get_module(model, name).register_forward_pre_hook(
@@ -86,9 +86,9 @@ def compare_transform(
     Raises:
         WorkbenchError naming the layer or preset when it is unknown.
     """
-    from workbench.data import calibration_batches
-    from workbench.inventory import layer_inventory
-    from workbench.transformed import apply_transforms
+    from workbench.model.data import calibration_batches
+    from workbench.model.inventory import layer_inventory
+    from workbench.transform.apply import apply_transforms
 
     if isinstance(transforms, str):
         if transforms not in PRESETS:

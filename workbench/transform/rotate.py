@@ -1,4 +1,5 @@
-"""Rotations of a Llama-family model, in place (`workbench.transformed.apply_transforms` runs them on a copy).
+"""Rotations of a Llama-family model, in place (`workbench.transform.apply.apply_transforms` runs them on a
+copy).
 
 Computational invariance (QuaRot, https://arxiv.org/abs/2404.00456; SliceGPT, https://arxiv.org/abs/2401.15024):
 RMSNorm(x) = x / rms(x) * γ. With γ fused into the linears that read the norm (W <- W diag(γ), γ <- 1),
@@ -7,7 +8,7 @@ rotated (embeddings E Q), every reader W <- W Q (q, k, v, gate, up, lm_head) and
 b <- b Q (o_proj, down_proj) the logits are unchanged in exact arithmetic; in fp32 the difference is
 rounding (`max_logit_change` measures it). The online Hadamard before down_proj is a forward pre-hook x <- x H
 that reads the module's `online_hadamard` buffer [K, K], with W <- W H. SmoothQuant divides one operation's
-output channels by s and multiplies the next layer's input columns by s (workbench.transforms).
+output channels by s and multiplies the next layer's input columns by s (workbench.plan.transforms).
 
 Supported: Llama-family decoders (model.model.layers[i] with self_attn.{q,k,v,o}_proj and
 mlp.{gate,up,down}_proj nn.Linear, input_layernorm / post_attention_layernorm / model.model.norm plain
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import layer_inventory
+from workbench.model.inventory import layer_inventory
 from workbench.quant.hadamard import random_hadamard
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

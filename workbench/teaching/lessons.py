@@ -18,7 +18,7 @@ K=in], groups run along K from column 0 (docs/ARCHITECTURE.md).
     activation_outlier_table(stats)    per layer: the input channel with the largest |x| and its ratio
     massive_activation_table(stats)    per layer: the largest |x| of any token vs the median token
 
-Plans and speed (notebooks 03-05) are in `workbench.teaching_plans`.
+Plans and speed (notebooks 03-05) are in `workbench.teaching.plans`.
 
 References: uniform quantization noise Delta^2 / 12 (Widrow & Kollar, "Quantization Noise", 2008);
 outlier features (Dettmers et al. 2022, https://arxiv.org/abs/2208.07339); massive activations (Sun et al.
@@ -362,7 +362,7 @@ def weight_outlier_table(model: torch.nn.Module, layers: list, k_sigma: float = 
     Returns:
         rows: layer, role, block, absmax, std, absmax_over_std, beyond_k_sigma (fraction), excess_kurtosis.
     """
-    from workbench.inventory import get_linear_weight, layer_inventory
+    from workbench.model.inventory import get_linear_weight, layer_inventory
 
     info = {x.name: x for x in layer_inventory(model)}
     modules = dict(model.named_modules())

@@ -19,9 +19,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import LayerInfo
+from workbench.model.inventory import LayerInfo
 from workbench.paths import atomic_write_bytes, cache_dir
-from workbench.plan import Plan, plan_totals
+from workbench.plan.plan import Plan, plan_totals
 from workbench.quant.spec import QuantSpec
 
 
@@ -84,7 +84,7 @@ class Verification:
 
 def predicted_cost(table, resolved: dict[str, QuantSpec]) -> float:
     """The table's summed cost of a plan (`planedit.predicted_cost`); nan when a spec was not scanned."""
-    from workbench.planedit import predicted_cost as price
+    from workbench.plan.edit import predicted_cost as price
 
     total = price(table, resolved).total
     return math.nan if total is None else total
@@ -126,7 +126,7 @@ def measure(
     use_cache: bool = True,
 ) -> tuple[dict, bool]:
     """`evaluate` of a plan, cached as JSON in cache_dir("verify"); returns (EvalResult dict, from cache)."""
-    from workbench.evaluate import evaluate
+    from workbench.measure.evaluate import evaluate
 
     path = cache_dir("verify") / f"{_eval_key(loaded, resolved, text, seq_len, max_tokens, grams_tag)}.json"
     if use_cache and path.is_file():

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import LayerInfo
+from workbench.model.inventory import LayerInfo
 from workbench.paths import atomic_write_bytes
 from workbench.quant.spec import QuantSpec
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import LayerInfo
+from workbench.model.inventory import LayerInfo
 from workbench.quant.kvcache import KVSpec, kv_bytes, parse_kv
 
 _BLOCK_PREFIX = re.compile(r"^(?P<prefix>.*\.(?:layers|h|blocks)\.\d+)\.")

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import LayerInfo
-from workbench.plan import Plan, Rule, match_layers
+from workbench.model.inventory import LayerInfo
+from workbench.plan.plan import Plan, Rule, match_layers
 from workbench.quant.spec import QuantSpec
 
 

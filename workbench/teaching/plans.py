@@ -6,7 +6,7 @@
     time_module(module, x)              median wall time of one call (CUDA synchronised)
     linear_timing_rows(ref, quant)      each layer's original module vs its quantized replacement
 
-Notebooks 01-02 use `workbench.teaching`.
+Notebooks 01-02 use `workbench.teaching.lessons`.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def plan_point(table, resolved: dict, label: str) -> dict:
     Returns:
         {"plan": label, "mb", "avg_bits", "cost"} with the cost from `planedit.predicted_cost`.
     """
-    from workbench.plan import plan_totals
-    from workbench.planedit import predicted_cost
+    from workbench.plan.edit import predicted_cost
+    from workbench.plan.plan import plan_totals
 
     names = [x.name for x in table.layers]
     missing = [n for n in names if n not in resolved]

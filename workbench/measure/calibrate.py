@@ -48,8 +48,8 @@ def uniform_kls(loaded, table, windows: torch.Tensor, grams: dict, on_spec=None)
     Specs that cannot apply to every layer are left out. `on_spec(i, n, spec)` is called before each.
     """
     from workbench.errors import WorkbenchError
-    from workbench.plan import Plan
-    from workbench.replay import BlockRunner
+    from workbench.measure.replay import BlockRunner
+    from workbench.plan.plan import Plan
 
     runner = BlockRunner(loaded.model)
     runner.capture(windows)
@@ -67,8 +67,8 @@ def uniform_kls(loaded, table, windows: torch.Tensor, grams: dict, on_spec=None)
 
 def plan_kl(loaded, runner, resolved: dict, grams: dict) -> float:
     """Mean KL of the whole plan `resolved` ({layer: spec}) on the windows `runner` captured."""
+    from workbench.measure.simulate import quantized_weight
     from workbench.quant.spec import QuantSpec
-    from workbench.simulate import quantized_weight
 
     specs = {n: QuantSpec.parse(s) for n, s in resolved.items()}
     weights = {n: quantized_weight(loaded.model, n, s, grams) for n, s in specs.items() if s.is_quantized}
@@ -114,9 +114,9 @@ def role_scales(loaded, runner, table, raw: dict, grams: dict, specs, on_step=No
 
 def _capacities(table) -> list[tuple[str, int]]:
     """(label, total bits) of every budget the check measures: uniform sizes and CHECK_BUDGETS."""
-    from workbench.allocate import budget_to_bits
-    from workbench.plan import plan_totals
-    from workbench.verify import uniform_plans
+    from workbench.measure.verify import uniform_plans
+    from workbench.plan.allocate import budget_to_bits
+    from workbench.plan.plan import plan_totals
 
     caps = {
         f"= {s}": plan_totals(r, table.layers).total_bits
@@ -138,9 +138,9 @@ def refine_table(
     checked allocations: the guard's pool), "check": {"spearman", "max_rel_error", "n_plans"}}.
     `on_step(i, n, label)` is called before each measurement.
     """
-    from workbench.allocate import allocate_table
     from workbench.errors import WorkbenchError
-    from workbench.replay import BlockRunner
+    from workbench.measure.replay import BlockRunner
+    from workbench.plan.allocate import allocate_table
 
     record = table.calibration
     uniform = record["uniform"]
@@ -191,7 +191,7 @@ def refine_table(
 
 
 def _bits(resolved, layers) -> int:
-    from workbench.plan import plan_totals
+    from workbench.plan.plan import plan_totals
 
     return plan_totals(resolved, layers).total_bits
 

@@ -4,7 +4,7 @@ whose transforms were chosen globally; the allocator then picks one candidate pe
 What is global and what is per layer:
     global      the transforms (a residual rotation changes every layer at once, and the online Hadamard is
                 applied before every down_proj): one scan per transform set, run on the transformed copy
-                (`workbench.transformed.apply_transforms`). Comparing sets is comparing their allocated
+                (`workbench.transform.apply.apply_transforms`). Comparing sets is comparing their allocated
                 plans at one budget (`allocate_over_transforms`): the set whose plan predicts the lower KL
                 wins.
     per layer   a *candidate* "weight@act": the weight spec (QuantSpec grammar) and the input spec
@@ -30,12 +30,12 @@ from dataclasses import dataclass
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import LayerInfo
-from workbench.plan import Plan, Rule, plan_totals
+from workbench.measure.sensitivity import SensitivityTable
+from workbench.model.inventory import LayerInfo
+from workbench.plan.plan import Plan, Rule, plan_totals
+from workbench.plan.transforms import transform_to_json
 from workbench.quant.act import parse_act
 from workbench.quant.spec import QuantSpec
-from workbench.sensitivity import SensitivityTable
-from workbench.transforms import transform_to_json
 
 METHOD = "kl_act"
 
@@ -100,11 +100,11 @@ def scan_transformed(
     Returns:
         TransformedScan with table.cost[layer][candidate] in nats per token.
     """
-    from workbench.data import calibration_batches
-    from workbench.inventory import get_module, layer_inventory
-    from workbench.replay import BlockRunner
-    from workbench.simulate import quantized_weight
-    from workbench.transformed import apply_transforms
+    from workbench.measure.replay import BlockRunner
+    from workbench.measure.simulate import quantized_weight
+    from workbench.model.data import calibration_batches
+    from workbench.model.inventory import get_module, layer_inventory
+    from workbench.transform.apply import apply_transforms
 
     names = [candidate_name(c) for c in candidates]
     for c in names:
@@ -166,7 +166,7 @@ def allocate_candidates(
         budget_bits: average weight bits over the scanned layers; include_bf16: a layer may stay bf16
             (cost 0, input unquantized). extra_rules: appended to the plan (e.g. lm_head's).
     """
-    from workbench.allocate import budget_to_bits, solve_mckp
+    from workbench.plan.allocate import budget_to_bits, solve_mckp
 
     layers, t = scan.table.layers, scan.table
     options = list(t.specs) + (["bf16"] if include_bf16 else [])

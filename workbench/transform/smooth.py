@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import get_module, layer_inventory
-from workbench.rotate import check_llama, untie_head
-from workbench.transforms import Smooth
+from workbench.model.inventory import get_module, layer_inventory
+from workbench.plan.transforms import Smooth
+from workbench.transform.rotate import check_llama, untie_head
 
 _EPS = 1e-5
 
@@ -135,8 +135,8 @@ def smooth(model: torch.nn.Module, loaded, t: Smooth, progress: bool = False) ->
     Calibration: `t.calib_seqs` windows of 512 tokens (or the context) of `t.calib`, seed 0, measured on
     the model as it is now (after the transforms before this one).
     """
-    from workbench.data import calibration_batches
-    from workbench.plan import match_layers
+    from workbench.model.data import calibration_batches
+    from workbench.plan.plan import match_layers
 
     check_llama(model, "smooth")
     names = match_layers(t.match, layer_inventory(model))

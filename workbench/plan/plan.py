@@ -5,7 +5,8 @@ A plan is DESIGN.md's versioned JSON:
     {"format": "workbench.plan", "version": 1, "default": "int4_g128",
      "rules": [{"match": "re:.*down_proj", "spec": "int8_ch"}, {"match": "lm_head", "spec": "bf16"}]}
 
-Every quantizable linear layer (see `workbench.inventory.layer_inventory`) starts at `default`; rules apply in
+Every quantizable linear layer (see `workbench.model.inventory.layer_inventory`) starts at `default`; rules
+apply in
 order and a later matching rule overrides an earlier one. A rule's `match` is
 
     an exact layer name          "model.layers.3.mlp.down_proj"
@@ -24,9 +25,9 @@ transforms:
 
 `act` (top level: every layer's default; in a rule: that rule's layers) is the layer's input spec
 (`workbench.quant.act`, "none" keeps the input in high precision); a v2 rule carries `spec`, `act` or both.
-`transforms` (`workbench.transforms`) are applied in order to a copy of the model before its layers are
+`transforms` (`workbench.plan.transforms`) are applied in order to a copy of the model before its layers are
 quantized; a kind this workbench cannot run is refused naming it. Version 2 also carries KV-cache specs:
-top-level `k` / `v` and rule keys `k` / `v` (`workbench.kvplan`, grammar in `workbench.quant.kvcache`),
+top-level `k` / `v` and rule keys `k` / `v` (`workbench.plan.kv`, grammar in `workbench.quant.kvcache`),
 resolved into `ResolvedPlan.kv`. Validation happens before any work and reports every problem at once in
 one WorkbenchError: a rule matching no layer, a bad regex or role, an unknown spec (the rule is named),
 and a spec that cannot apply to a layer (`QuantSpec.check_layer`, the layer is named).
@@ -56,12 +57,12 @@ from pathlib import Path
 from typing import Iterable
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import ROLES, LayerInfo, layers_of
-from workbench.kvplan import KVLayerSpec, head_dim_of, resolve_kv
+from workbench.model.inventory import ROLES, LayerInfo, layers_of
 from workbench.paths import atomic_write_bytes
+from workbench.plan.kv import KVLayerSpec, head_dim_of, resolve_kv
+from workbench.plan.transforms import Transform, parse_transforms, transform_to_json
 from workbench.quant.act import ActSpec, parse_act
 from workbench.quant.spec import QuantSpec
-from workbench.transforms import Transform, parse_transforms, transform_to_json
 
 PLAN_FORMAT = "workbench.plan"
 PLAN_VERSION = 2  # the newest version this workbench reads and writes
@@ -74,7 +75,7 @@ _RULE_FIELDS = {1: {"spec"}, 2: {"spec", "act", "k", "v"}}  # besides "match"; a
 @dataclass
 class Rule:
     """One plan rule: `match`'s layers get weight `spec`, input spec `act`, and their attention blocks the
-    key / value cache specs `k` / `v` (workbench.kvplan); None: unchanged."""
+    key / value cache specs `k` / `v` (workbench.plan.kv); None: unchanged."""
 
     match: str
     spec: str | None = None
@@ -135,7 +136,7 @@ class Plan:
     meta: dict = field(default_factory=dict)
     act: str | None = None  # every layer's default input spec (version 2); None: high precision
     transforms: list[Transform] = field(default_factory=list)  # version 2
-    k: str | None = None  # every attention block's key cache spec (version 2, workbench.kvplan)
+    k: str | None = None  # every attention block's key cache spec (version 2, workbench.plan.kv)
     v: str | None = None  # every attention block's value cache spec (version 2)
 
     # ------------------------------------------------------------------ JSON

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import get_linear_weight, get_module
+from workbench.model.inventory import get_linear_weight, get_module
 from workbench.paths import cache_dir
 from workbench.progress import Progress, track
 from workbench.quant.act import ActSpec
@@ -155,8 +155,8 @@ def calibration_grams(
     """
     from safetensors.torch import save_file
 
-    from workbench.data import calibration_batches, default_seq_len
-    from workbench.inventory import layer_inventory
+    from workbench.model.data import calibration_batches, default_seq_len
+    from workbench.model.inventory import layer_inventory
     from workbench.stats.activations import collect_activation_stats
 
     names = [x.name for x in layer_inventory(loaded.model)] if names is None else list(names)

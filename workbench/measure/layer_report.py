@@ -89,7 +89,7 @@ def layer_report(
     loaded, name: str, grid_spec: str | None, specs: list[str], inspection=None, ratio: float = OUTLIER_RATIO
 ) -> LayerReport:
     """Statistics, grid, outliers and per-spec errors of layer `name` of `loaded` (see module doc)."""
-    from workbench.inventory import get_linear_weight, get_module
+    from workbench.model.inventory import get_linear_weight, get_module
     from workbench.stats.weights import grid_levels, weight_stats
 
     W = get_linear_weight(get_module(loaded.model, name)).detach().float().cpu()  # [N, K]

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from workbench.allocate import solve_mckp
 from workbench.errors import WorkbenchError
-from workbench.kvplan import KVLayerSpec, head_dim_of
-from workbench.plan import Plan, ResolvedPlan, Rule
+from workbench.plan.allocate import solve_mckp
+from workbench.plan.kv import KVLayerSpec, head_dim_of
+from workbench.plan.plan import Plan, ResolvedPlan, Rule
 from workbench.quant.kvcache import KVSpec, kv_bytes
 from workbench.quant.spec import QuantSpec
 
@@ -51,7 +51,7 @@ def kv_sensitivity(
     progress: bool = False,
 ) -> KVSensitivity:
     """Measured KL of each (block, side, spec) alone (module docstring); len(blocks) x 2 x len(specs) runs."""
-    from workbench.evaluate import evaluate
+    from workbench.measure.evaluate import evaluate
 
     model = loaded.model
     kv_all = Plan(k=specs[0]).resolve(model).kv  # the attention blocks (validates the spec's head dim)

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import get_module
-from workbench.kvplan import KVLayerSpec
+from workbench.model.inventory import get_module
+from workbench.plan.kv import KVLayerSpec
 from workbench.quant.kvcache import KVSpec, fake_quant_kv, hadamard_matrix
 
 PATCHABLE = ("LlamaAttention",)

@@ -1,7 +1,8 @@
 """Transform specs of a plan (version 2): what to do to a model before its layers are quantized.
 
 A plan's `transforms` is an ordered list; each entry is applied, in order, to a copy of the model
-(`workbench.rotate.apply_transforms`) and leaves the fp32 model's logits unchanged (computational invariance):
+(`workbench.transform.rotate.apply_transforms`) and leaves the fp32 model's logits unchanged (computational
+invariance):
 
     {"kind": "hadamard", "where": "residual", "seed": 0}
         fuse every RMSNorm scale into the linears that read it, then rotate the residual stream by a
@@ -51,7 +52,7 @@ class Smooth:
     match: str
     alpha: float = 0.5
     calib_seqs: int = 16
-    calib: str = "wiki"  # calibration text source (workbench.data)
+    calib: str = "wiki"  # calibration text source (workbench.model.data)
     kind: str = "smooth"
 
     def problems(self) -> list[str]:

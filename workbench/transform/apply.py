@@ -1,4 +1,4 @@
-"""A plan's transforms (workbench.transforms) applied to a copy of a model: `apply_transforms`.
+"""A plan's transforms (workbench.plan.transforms) applied to a copy of a model: `apply_transforms`.
 
 The copy is a deep copy of `loaded.model`; each transform runs in order (rotate.py: the residual rotation and
 the online Hadamard before down_proj; smooth.py: SmoothQuant). The result is a LoadedModel whose description
@@ -15,10 +15,10 @@ import json
 import sys
 
 from workbench.errors import WorkbenchError
+from workbench.plan.transforms import Hadamard, Smooth, Transform, transform_to_json
 from workbench.quant.hadamard import random_hadamard
-from workbench.rotate import online_hadamard_down, rotate_residual
-from workbench.smooth import smooth
-from workbench.transforms import Hadamard, Smooth, Transform, transform_to_json
+from workbench.transform.rotate import online_hadamard_down, rotate_residual
+from workbench.transform.smooth import smooth
 
 
 def apply_transforms(loaded, transforms: list[Transform] | tuple, progress: bool = False):

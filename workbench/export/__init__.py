@@ -1,0 +1,1 @@
+"""Writing a plan for other tools: llama.cpp overrides, GGUF, compressed-tensors, download files."""

@@ -1,0 +1,1 @@
+"""The computations behind the teaching notebooks (notebooks/), so the notebooks hold no logic."""

@@ -1,0 +1,1 @@
+"""Rewriting a model before quantization: rotations, SmoothQuant, a plan's transforms applied."""
