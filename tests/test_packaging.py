@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 PROBE = (
     "import importlib.metadata as md, workbench.kernels as k; "
@@ -40,3 +42,17 @@ def test_tree_passes_ruff():
     for args in (["check", "--output-format", "concise", "."], ["format", "--check", "."]):
         r = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True)
         assert r.returncode == 0, f"ruff {args[0]}:\n{r.stdout}{r.stderr}"
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject's explicit package list names every folder of workbench/ with an __init__.py (an editable
+    install finds a forgotten one anyway; a wheel would leave it out)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "workbench").rglob("__init__.py")
+    } | {"workbench.kernels"}
+    assert found == listed, (
+        f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+    )
