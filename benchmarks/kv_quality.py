@@ -2,6 +2,7 @@
 
     python benchmarks/kv_quality.py [--model default] [--tokens 32768] [--seq-len 2048] --out kv.json
     python benchmarks/kv_quality.py --report kv.json          # the markdown table of a finished run
+    python benchmarks/kv_quality.py --outliers 6              # blocks with the largest K / V outlier channels
 
 Every row quantizes only the KV cache (the weights stay as loaded, fp32): a ResolvedPlan with no layers
 and the plan's `kv`, evaluated by `workbench.measure.evaluate.evaluate` (teacher-forced, the cache simulated
@@ -95,6 +96,17 @@ def report(path: str) -> None:
     )
 
 
+def outliers(model: str, top: int) -> None:
+    """The blocks whose keys (and values) have the largest outlier channels (16 x 512 tokens of `wiki`)."""
+    from workbench.stats.kv import SIDES, kv_statistics
+
+    stats = kv_statistics(load_model(model), "wiki", 16, 512, 0)
+    for side in SIDES:
+        print(f"\n{side}: block, head, channel, absmax / median channel absmax of the head, absmax")
+        for r in stats.outliers(side, top):
+            print(f"| {r['block']} | {r['head']} | {r['channel']} | {r['ratio']:.2f} | {r['absmax']:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
@@ -103,8 +115,11 @@ def main() -> None:
     p.add_argument("--only", help="comma-separated substrings of row names to run")
     p.add_argument("--out", default="kv_quality.json")
     p.add_argument("--report", help="print the markdown table of this JSON and exit")
+    p.add_argument("--outliers", type=int, metavar="N", help="print the N blocks with the largest outliers")
     args = p.parse_args()
-    if args.report:
+    if args.outliers:
+        outliers(args.model, args.outliers)
+    elif args.report:
         report(args.report)
     else:
         run(args)

@@ -262,3 +262,25 @@ def test_kv_statistics_on_stories(stories, tmp_path, monkeypatch):
     s.save(tmp_path)
     back = KVStats.load(tmp_path)
     assert torch.equal(back.blocks[blocks[1]]["v"]["absmax"], s.blocks[blocks[1]]["v"]["absmax"])
+
+
+def test_eval_cli_simulates_the_plan_cache(tmp_path, capsys):
+    import json
+
+    from workbench.cli import main
+
+    from .conftest import STORIES
+
+    plan = tmp_path / "kv.json"
+    plan.write_text(
+        json.dumps(
+            {"format": "workbench.plan", "version": 2, "default": "bf16", "k": "int2_ch", "v": "int2_tok"}
+        )
+    )
+    argv = ["eval", "--model", str(STORIES), "--plan", str(plan), "--tokens", "1024", "--seq-len", "128"]
+    assert main(argv + ["--quiet", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["kv"]["model.layers.4.self_attn"] == {"k": "int2_ch", "v": "int2_tok"} and res["kl"] > 0.05
+    plan.write_text(json.dumps({"format": "workbench.plan", "version": 2, "k": "int4_ch_r128"}))
+    assert main(argv + ["--quiet"]) == 2  # a user mistake: one line, exit status 2
+    assert "residual window of 128 tokens, not shorter than the context of 128" in capsys.readouterr().err
