@@ -8,9 +8,14 @@ Layout (workbench/runtime/kvcache.py, `QuantKVSide`): per side, codes uint8 [B, 
     keys per channel   scale / lo [B, Hkv, cap / G, D]   one per group of G tokens and channel
     values per token   scale / lo [B, Hkv, cap, D / G]   one per token and group of G channels
 
-One program per (sequence, query head) walks the n positions in blocks of BLOCK_N tokens with an online
-softmax (FlashDecoding-style, https://crfm.stanford.edu/2023/10/12/flashdecoding.html); each position's
-key and value come from the codes (position < q) or the window. GQA: query head h reads kv head h // rep.
+Split-K flash-decoding (https://crfm.stanford.edu/2023/10/12/flashdecoding.html): the grid is
+(B * Hkv, n_splits); a program takes one kv head and a contiguous chunk of the n positions, and serves all
+rep = Hq / Hkv query heads of that kv head at once (a q tile [rep padded to 16, D] for `tl.dot`, tf32x3:
+float32-accurate), so each cache byte is read once per step. It walks its chunk in blocks of BLOCK_N tokens
+with an online softmax, dequantizing each position's key and value from the codes (position < q: whole
+bytes loaded, unpacked in registers) or the window, and writes its partial (row max, sum, accumulator) to a
+float32 workspace; a second kernel reduces the splits of each query head by log-sum-exp. n_splits comes from
+the SM count (about 4 programs per SM) and n. Head dims below 16 are zero-padded to 16.
 KIVI's layout: https://arxiv.org/abs/2402.02750. Reference twin: `reference.attn_kvq_ref`.
 """
 
@@ -34,12 +39,12 @@ def _unpack(byte, BITS: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr):
 
 
 @triton.jit
-def _load_side(
-    codes_ptr, scale_ptr, lo_ptr, win_ptr, pos, d, mask_n, q_len, cap, W, stride_bh_win, bh,
+def _deq_codes(
+    codes_ptr, scale_ptr, lo_ptr, pos, d, mask_n, q_len, cap, bh,
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr,
     D_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """[BLOCK_N, D_P] float32 values of positions `pos` of one kv head `bh` (codes or window; 0 at d >= D).
+    """[BLOCK_N, D_P] float32 dequantized codes of positions `pos` (< q_len) of kv head `bh`; 0 elsewhere.
 
     Codes are read as whole bytes (vector loads) and unpacked in registers; per-token scales are read once
     per group of G channels and broadcast when G is a power of two (else one load per element).
@@ -79,13 +84,67 @@ def _load_side(
         deq = (code - (1 << (BITS - 1))) * scale
     else:
         deq = code * scale + lo
-    in_w = (pos >= q_len) & mask_n
-    w = tl.load(
-        win_ptr + bh * stride_bh_win + (pos[:, None] - q_len) * D + d[None, :],
-        mask=in_w[:, None] & (d[None, :] < D),
-        other=0.0,
-    ).to(tl.float32)
-    return tl.where(in_q[:, None], deq, w)
+    return deq
+
+
+@triton.jit
+def _load_side(
+    codes_ptr, scale_ptr, lo_ptr, win_ptr, start, d, mask_n, q_len, cap, W, stride_bh_win, bh,
+    BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr,
+    D_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """[BLOCK_N, D_P] float32 values of positions start + [0, BLOCK_N) of kv head `bh` (codes or window).
+
+    A block wholly in the quantized prefix reads only codes, one wholly past it only the window.
+    """
+    pos = start + tl.arange(0, BLOCK_N)
+    if start + BLOCK_N <= q_len:
+        x = _deq_codes(
+            codes_ptr,
+            scale_ptr,
+            lo_ptr,
+            pos,
+            d,
+            mask_n,
+            q_len,
+            cap,
+            bh,
+            BITS,
+            PER_CHANNEL,
+            G,
+            SYM,
+            D,
+            D_P,
+            BLOCK_N,
+        )
+    else:
+        in_w = (pos >= q_len) & mask_n
+        x = tl.load(
+            win_ptr + bh * stride_bh_win + (pos[:, None] - q_len) * D + d[None, :],
+            mask=in_w[:, None] & (d[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+        if start < q_len:
+            deq = _deq_codes(
+                codes_ptr,
+                scale_ptr,
+                lo_ptr,
+                pos,
+                d,
+                mask_n,
+                q_len,
+                cap,
+                bh,
+                BITS,
+                PER_CHANNEL,
+                G,
+                SYM,
+                D,
+                D_P,
+                BLOCK_N,
+            )
+            x = tl.where((pos < q_len)[:, None], deq, x)
+    return x
 
 
 @triton.jit
@@ -121,7 +180,25 @@ def _attn_kvq_split_kernel(
         pos = start + tl.arange(0, BLOCK_N)
         mask_n = pos < hi
         k = _load_side(
-            kc, ks, kl, kw, pos, d, mask_n, qk, cap, Wk, Wk * D, bh, K_BITS, K_CH, K_G, K_SYM, D, D_P, BLOCK_N
+            kc,
+            ks,
+            kl,
+            kw,
+            start,
+            d,
+            mask_n,
+            qk,
+            cap,
+            Wk,
+            Wk * D,
+            bh,
+            K_BITS,
+            K_CH,
+            K_G,
+            K_SYM,
+            D,
+            D_P,
+            BLOCK_N,
         )
         s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * sm_scale  # [BLOCK_H, BLOCK_N]
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -129,7 +206,25 @@ def _attn_kvq_split_kernel(
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         v = _load_side(
-            vc, vs, vl, vw, pos, d, mask_n, qv, cap, Wv, Wv * D, bh, V_BITS, V_CH, V_G, V_SYM, D, D_P, BLOCK_N
+            vc,
+            vs,
+            vl,
+            vw,
+            start,
+            d,
+            mask_n,
+            qv,
+            cap,
+            Wv,
+            Wv * D,
+            bh,
+            V_BITS,
+            V_CH,
+            V_G,
+            V_SYM,
+            D,
+            D_P,
+            BLOCK_N,
         )
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -196,11 +291,10 @@ def attn_kvq(
     splits = n_splits or _n_splits(n, B * Hkv, q.device, block_n)
     chunk = -(-(-(-n // splits)) // block_n) * block_n  # positions per split, a multiple of block_n
     splits = -(-n // chunk)  # every split holds >= 1 position
-    f32 = dict(dtype=torch.float32, device=q.device)
-    m = torch.empty(B * Hkv, splits, block_h, **f32)
-    l_sum = torch.empty(B * Hkv, splits, block_h, **f32)
-    acc = torch.empty(B * Hkv, splits, block_h, d_p, **f32)
-    out = torch.empty(B, Hq, D, **f32)
+    rows = B * Hkv * splits * block_h  # one fp32 workspace: m, l [rows], acc [rows, d_p], then out
+    ws = torch.empty(rows * (d_p + 2) + B * Hq * D, dtype=torch.float32, device=q.device)
+    m, l_sum, acc = ws[:rows], ws[rows : 2 * rows], ws[2 * rows : rows * (d_p + 2)]
+    out = ws[rows * (d_p + 2) :].view(B, Hq, D)
 
     def win(side):
         w = side["window"]
@@ -214,7 +308,7 @@ def attn_kvq(
         n, k["q"], v["q"], cap, kw.shape[2], vw.shape[2], Hq, Hkv, sm_scale, chunk, splits,
         k["bits"], k["per_channel"], k["group"], k["lo"] is None,
         v["bits"], v["per_channel"], v["group"], v["lo"] is None,
-        D, d_p, block_n, block_h, num_warps=8 if d_p * block_n >= 8192 else 4,
+        D, d_p, block_n, block_h, num_warps=4 if d_p * block_n <= 4096 else 8,
     )  # fmt: skip
     _attn_kvq_combine_kernel[(B * Hq,)](m, l_sum, acc, out, Hq, Hkv, splits, D, d_p, block_h, 16, num_warps=4)
     return out
