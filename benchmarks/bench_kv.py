@@ -103,8 +103,9 @@ def config_sweep(shape: dict, contexts: list[int], dev: str, iters: int, small: 
         q = torch.randn(1, hq, d, device=dev, dtype=torch.bfloat16)
         K = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
         V = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
+        cap = -(-n // 64) * 64 + 64
         for name, (ks, vs) in SPECS.items():
-            k, v = QuantKVSide(ks, 1, hkv, d, n + 64, dev), QuantKVSide(vs, 1, hkv, d, n + 64, dev)
+            k, v = QuantKVSide(ks, 1, hkv, d, cap, dev), QuantKVSide(vs, 1, hkv, d, cap, dev)
             k.append(K)
             v.append(V)
             ka, va = kernel_args(k), kernel_args(v)
