@@ -10,6 +10,7 @@
        int8   kernels/attn_kvq.py over int8_ch_r32 keys, int8_tok_r32 values (packed store)
        int4   kernels/attn_kvq.py over int4_ch_r32 keys, int4_tok_r32 values
    and the exact cache bytes of one sequence (all 32 layers, `QuantKVSide.nbytes`).
+   Then the int8 / int4 kernel over a grid of (block_n, n_splits) launch configs (`kernel_configs`).
 2. KL of the GPU kernel against the CPU simulation on stories260K: the model fed token by token through the
    packed store and the Triton kernel on the GPU (runtime/kvcache.kv_decode_logits) vs the teacher-forced
    simulation (kvsim.kv_quantized) on the CPU, same tokens, K4V4 (int4_ch_r32 / int4_tok_r32) and K8V8.
@@ -86,6 +87,49 @@ def attention_rows(shape: dict, contexts: list[int], dev: str, iters: int) -> li
     return rows
 
 
+def config_sweep(shape: dict, contexts: list[int], dev: str, iters: int, small: bool) -> list[dict]:
+    """ms per layer of the int4 / int8 kernel per (block_n, n_splits), checked against the default config."""
+    from workbench.kernels.attn_kvq import attn_kvq
+
+    from workbench.runtime.kvcache import QuantKVSide, kernel_args
+
+    hq, hkv, d = shape["hq"], shape["hkv"], shape["d"]
+    grid = (
+        [(16, None), (16, 3)] if small else [(b, s) for b in (32, 64, 128) for s in (None, 16, 32, 64, 128)]
+    )
+    rows = []
+    for n in contexts:
+        torch.manual_seed(0)
+        q = torch.randn(1, hq, d, device=dev, dtype=torch.bfloat16)
+        K = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
+        V = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
+        cap = -(-n // 64) * 64 + 64
+        for name, (ks, vs) in SPECS.items():
+            k, v = QuantKVSide(ks, 1, hkv, d, cap, dev), QuantKVSide(vs, 1, hkv, d, cap, dev)
+            k.append(K)
+            v.append(V)
+            ka, va = kernel_args(k), kernel_args(v)
+            want = attn_kvq(q, ka, va, n, d**-0.5)
+            for block_n, splits in grid:
+                out = attn_kvq(q, ka, va, n, d**-0.5, block_n=block_n, n_splits=splits)
+                err = float((out - want).abs().max())
+                if not err < 1e-3:
+                    raise RuntimeError(f"attn_kvq {name} block_n={block_n} n_splits={splits}: off by {err}")
+                t = _timeit(
+                    lambda b=block_n, s=splits: attn_kvq(q, ka, va, n, d**-0.5, block_n=b, n_splits=s), iters
+                )
+                row = {
+                    "cache": name,
+                    "context": n,
+                    "block_n": block_n,
+                    "n_splits": splits,
+                    "ms_per_layer": 1e3 * t,
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 def _row(cache: str, n: int, t_layer: float, L: int, nbytes: int, **extra) -> dict:
     return {
         "cache": cache,
@@ -148,6 +192,9 @@ def main() -> int:
         "shape": shape,
         "attention": attention_rows(shape, contexts, dev, 3 if args.small else args.iters),
     }
+    res["kernel_configs"] = config_sweep(
+        shape, contexts[:1] if args.small else contexts, dev, 1 if args.small else 20, args.small
+    )
     res["kernel_vs_simulation"] = kernel_vs_simulation(dev, 24 if args.small else 256)
     res["seconds"] = time.perf_counter() - t0
     Path(args.out).write_text(json.dumps(res, indent=1))

@@ -8,9 +8,14 @@ Layout (workbench/runtime/kvcache.py, `QuantKVSide`): per side, codes uint8 [B, 
     keys per channel   scale / lo [B, Hkv, cap / G, D]   one per group of G tokens and channel
     values per token   scale / lo [B, Hkv, cap, D / G]   one per token and group of G channels
 
-One program per (sequence, query head) walks the n positions in blocks of BLOCK_N tokens with an online
-softmax (FlashDecoding-style, https://crfm.stanford.edu/2023/10/12/flashdecoding.html); each position's
-key and value come from the codes (position < q) or the window. GQA: query head h reads kv head h // rep.
+Split-K flash-decoding (https://crfm.stanford.edu/2023/10/12/flashdecoding.html): the grid is
+(B * Hkv, n_splits); a program takes one kv head and a contiguous chunk of the n positions, and serves all
+rep = Hq / Hkv query heads of that kv head at once (a q tile [rep padded to 16, D] for `tl.dot`, tf32x3:
+float32-accurate), so each cache byte is read once per step. It walks its chunk in blocks of BLOCK_N tokens
+with an online softmax, dequantizing each position's key and value from the codes (position < q: whole
+bytes loaded, unpacked in registers) or the window, and writes its partial (row max, sum, accumulator) to a
+float32 workspace; a second kernel reduces the splits of each query head by log-sum-exp. n_splits comes from
+the SM count (about 4 programs per SM) and n. Head dims below 16 are zero-padded to 16.
 KIVI's layout: https://arxiv.org/abs/2402.02750. Reference twin: `reference.attn_kvq_ref`.
 """
 
@@ -22,96 +27,288 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_side(
-    codes_ptr, scale_ptr, lo_ptr, win_ptr, pos, d, mask_n, q_len, cap, W, stride_bh_win, bh,
-    BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr,
-):  # fmt: skip
-    """[BLOCK_N, D] float32 values of positions `pos` of one kv head `bh` (codes or window)."""
-    in_q = (pos < q_len) & mask_n
-    ROW: tl.constexpr = D * BITS // 8
-    byte = tl.load(
-        codes_ptr + bh * cap * ROW + pos[:, None] * ROW + (d[None, :] * BITS) // 8,
-        mask=in_q[:, None],
-        other=0,
-    ).to(tl.int32)
-    PER: tl.constexpr = 8 // BITS
-    code = ((byte >> ((d[None, :] % PER) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-    if PER_CHANNEL:
-        s_off = bh * (cap // G) * D + (pos[:, None] // G) * D + d[None, :]
-    else:
-        s_off = bh * cap * (D // G) + pos[:, None] * (D // G) + d[None, :] // G
-    scale = tl.load(scale_ptr + s_off, mask=in_q[:, None], other=0.0).to(tl.float32)
-    if SYM:
-        deq = (code - (1 << (BITS - 1))) * scale
-    else:
-        deq = code * scale + tl.load(lo_ptr + s_off, mask=in_q[:, None], other=0.0).to(tl.float32)
-    in_w = (pos >= q_len) & mask_n
-    w = tl.load(
-        win_ptr + bh * stride_bh_win + (pos[:, None] - q_len) * D + d[None, :], mask=in_w[:, None], other=0.0
-    ).to(tl.float32)
-    return tl.where(in_q[:, None], deq, w)
+def _unpack(byte, BITS: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr):
+    """Codes [BLOCK_N, D_P] of bytes [BLOCK_N, D_P * BITS / 8]: element d at bit (d % (8 / BITS)) * BITS."""
+    if BITS == 8:
+        return byte
+    elif BITS == 4:
+        return tl.join(byte & 15, byte >> 4).reshape(BLOCK_N, D_P)
+    else:  # int2: join((c0, c2), (c1, c3)) flattens to c0, c1, c2, c3
+        c0, c1, c2, c3 = byte & 3, (byte >> 2) & 3, (byte >> 4) & 3, (byte >> 6) & 3
+        return tl.join(tl.join(c0, c2), tl.join(c1, c3)).reshape(BLOCK_N, D_P)
 
 
 @triton.jit
-def _attn_kvq_kernel(
-    q_ptr, out_ptr,
+def _deq_codes(
+    codes_ptr, scale_ptr, lo_ptr, pos, d, mask_n, q_len, cap, bh,
+    BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr,
+    D_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """[BLOCK_N, D_P] float32 dequantized codes of positions `pos` (< q_len) of kv head `bh`; 0 elsewhere.
+
+    Codes are read as whole bytes (vector loads) and unpacked in registers; per-token scales are read once
+    per group of G channels and broadcast when G is a power of two (else one load per element).
+    """
+    in_q = (pos < q_len) & mask_n
+    m_q = in_q[:, None] & (d[None, :] < D)
+    ROW: tl.constexpr = D * BITS // 8
+    ROW_P: tl.constexpr = D_P * BITS // 8
+    j = tl.arange(0, ROW_P)
+    byte = tl.load(
+        codes_ptr + bh * cap * ROW + pos[:, None] * ROW + j[None, :],
+        mask=in_q[:, None] & (j[None, :] < ROW),
+        other=0,
+    ).to(tl.int32)
+    code = _unpack(byte, BITS, BLOCK_N, D_P).to(tl.float32)
+    if PER_CHANNEL:
+        s_off = bh * (cap // G) * D + (pos[:, None] // G) * D + d[None, :]
+        scale = tl.load(scale_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
+        if not SYM:
+            lo = tl.load(lo_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
+    elif (G & (G - 1)) == 0 and G <= D_P:
+        NG: tl.constexpr = D_P // G
+        gi = tl.arange(0, NG)
+        g_off = bh * cap * (D // G) + pos[:, None] * (D // G) + gi[None, :]
+        g_mask = in_q[:, None] & (gi[None, :] < D // G)
+        scale = tl.load(scale_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
+        scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, NG, G)).reshape(BLOCK_N, D_P)
+        if not SYM:
+            lo = tl.load(lo_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
+            lo = tl.broadcast_to(lo[:, :, None], (BLOCK_N, NG, G)).reshape(BLOCK_N, D_P)
+    else:
+        s_off = bh * cap * (D // G) + pos[:, None] * (D // G) + d[None, :] // G
+        scale = tl.load(scale_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
+        if not SYM:
+            lo = tl.load(lo_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
+    if SYM:
+        deq = (code - (1 << (BITS - 1))) * scale
+    else:
+        deq = code * scale + lo
+    return deq
+
+
+@triton.jit
+def _load_side(
+    codes_ptr, scale_ptr, lo_ptr, win_ptr, start, d, mask_n, q_len, cap, W, stride_bh_win, bh,
+    BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr,
+    D_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """[BLOCK_N, D_P] float32 values of positions start + [0, BLOCK_N) of kv head `bh` (codes or window).
+
+    A block wholly in the quantized prefix reads only codes, one wholly past it only the window.
+    """
+    pos = start + tl.arange(0, BLOCK_N)
+    if start + BLOCK_N <= q_len:
+        x = _deq_codes(
+            codes_ptr,
+            scale_ptr,
+            lo_ptr,
+            pos,
+            d,
+            mask_n,
+            q_len,
+            cap,
+            bh,
+            BITS,
+            PER_CHANNEL,
+            G,
+            SYM,
+            D,
+            D_P,
+            BLOCK_N,
+        )
+    else:
+        in_w = (pos >= q_len) & mask_n
+        x = tl.load(
+            win_ptr + bh * stride_bh_win + (pos[:, None] - q_len) * D + d[None, :],
+            mask=in_w[:, None] & (d[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+        if start < q_len:
+            deq = _deq_codes(
+                codes_ptr,
+                scale_ptr,
+                lo_ptr,
+                pos,
+                d,
+                mask_n,
+                q_len,
+                cap,
+                bh,
+                BITS,
+                PER_CHANNEL,
+                G,
+                SYM,
+                D,
+                D_P,
+                BLOCK_N,
+            )
+            x = tl.where((pos < q_len)[:, None], deq, x)
+    return x
+
+
+@triton.jit
+def _attn_kvq_split_kernel(
+    q_ptr, m_ptr, l_ptr, acc_ptr,
     kc, ks, kl, kw, vc, vs, vl, vw,
-    n, qk, qv, cap, Wk, Wv, Hq, Hkv, sm_scale,
+    n, qk, qv, cap, Wk, Wv, Hq, Hkv, sm_scale, chunk, n_splits,
     K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
     V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
-    D: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)  # b * Hq + h
-    b = pid // Hq
-    h = pid % Hq
-    bh = b * Hkv + h // (Hq // Hkv)
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + pid * D + d).to(tl.float32)
-    m_i = tl.full((), float("-inf"), tl.float32)
-    l_i = tl.zeros((), tl.float32)
-    acc = tl.zeros((D,), tl.float32)
-    for start in range(0, n, BLOCK_N):
+    """One (kv head, split): all rep query heads of the kv head over positions [split * chunk, +chunk).
+
+    Writes the split's unnormalised partial: row max m, sum l [BLOCK_H] and acc [BLOCK_H, D] (float32).
+    """
+    bh = tl.program_id(0)  # b * Hkv + kv head
+    sp = tl.program_id(1)
+    rep = Hq // Hkv
+    b = bh // Hkv
+    r = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, D_P)  # D padded to >= 16 for tl.dot
+    mask_h = r < rep
+    q_rows = b * Hq + (bh % Hkv) * rep + r  # query heads h = kv head * rep + r
+    q = tl.load(
+        q_ptr + q_rows[:, None] * D + d[None, :], mask=mask_h[:, None] & (d[None, :] < D), other=0.0
+    ).to(tl.float32)
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, D_P), tl.float32)
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, n)
+    for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        mask_n = pos < n
-        k = _load_side(kc, ks, kl, kw, pos, d, mask_n, qk, cap, Wk, Wk * D, bh, K_BITS, K_CH, K_G, K_SYM, D)
-        s = tl.sum(k * q[None, :], 1) * sm_scale
-        s = tl.where(mask_n, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        p = tl.exp(s - m_new)
+        mask_n = pos < hi
+        k = _load_side(
+            kc,
+            ks,
+            kl,
+            kw,
+            start,
+            d,
+            mask_n,
+            qk,
+            cap,
+            Wk,
+            Wk * D,
+            bh,
+            K_BITS,
+            K_CH,
+            K_G,
+            K_SYM,
+            D,
+            D_P,
+            BLOCK_N,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * sm_scale  # [BLOCK_H, BLOCK_N]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        v = _load_side(vc, vs, vl, vw, pos, d, mask_n, qv, cap, Wv, Wv * D, bh, V_BITS, V_CH, V_G, V_SYM, D)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-        l_i = l_i * alpha + tl.sum(p, 0)
+        v = _load_side(
+            vc,
+            vs,
+            vl,
+            vw,
+            start,
+            d,
+            mask_n,
+            qv,
+            cap,
+            Wv,
+            Wv * D,
+            bh,
+            V_BITS,
+            V_CH,
+            V_G,
+            V_SYM,
+            D,
+            D_P,
+            BLOCK_N,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
+        l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-    tl.store(out_ptr + pid * D + d, acc / l_i)
+    row = (bh * n_splits + sp) * BLOCK_H + r
+    tl.store(m_ptr + row, m_i)
+    tl.store(l_ptr + row, l_i)
+    tl.store(acc_ptr + row[:, None] * D_P + d[None, :], acc)
 
 
-def attn_kvq(q: torch.Tensor, k: dict, v: dict, n: int, sm_scale: float, block_n: int = 64) -> torch.Tensor:
+@triton.jit
+def _attn_kvq_combine_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr, Hq, Hkv, n_splits,
+    D: tl.constexpr, D_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """One query head: log-sum-exp combine of its n_splits partials into out [D] (float32)."""
+    pid = tl.program_id(0)  # b * Hq + h
+    rep = Hq // Hkv
+    h = pid % Hq
+    bh = (pid // Hq) * Hkv + h // rep
+    d = tl.arange(0, D_P)
+    m_run = tl.full((), float("-inf"), tl.float32)
+    l_run = tl.zeros((), tl.float32)
+    acc = tl.zeros((D_P,), tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        ok = sp < n_splits
+        row = (bh * n_splits + sp) * BLOCK_H + h % rep
+        m = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        w = tl.where(ok, tl.exp(m - m_new), 0.0)
+        alpha = tl.exp(m_run - m_new)
+        part = tl.load(acc_ptr + row[:, None] * D_P + d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * part, 0)
+        l_run = l_run * alpha + tl.sum(w * tl.load(l_ptr + row, mask=ok, other=0.0), 0)
+        m_run = m_new
+    tl.store(out_ptr + pid * D + d, acc / l_run, mask=d < D)
+
+
+def _n_splits(n: int, programs: int, device: torch.device, block_n: int) -> int:
+    """Splits of the n positions so that programs * splits fills the GPU about four times over."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(-(-n // block_n), -(-4 * sms // programs)))
+
+
+def attn_kvq(
+    q: torch.Tensor, k: dict, v: dict, n: int, sm_scale: float, block_n: int = 64, n_splits: int | None = None
+) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over n cached positions; returns float32 [B, Hq, D].
 
     k / v: {"codes", "scale", "lo" (None: symmetric), "window" [B, Hkv, W, D], "q" (quantized prefix),
     "bits" (2, 4, 8), "per_channel" (bool), "group" (G)} as `QuantKVSide.kernel_args()` gives them.
+    n_splits: how many programs share one kv head's positions (None: from the SM count and n).
     """
     B, Hq, D = q.shape
     Hkv, cap = k["codes"].shape[1], k["codes"].shape[2]
-    if D & (D - 1) or Hq % Hkv:
+    if D & (D - 1) or Hq % Hkv or n < 1:
         raise ValueError(
-            f"attn_kvq: head dim {D} must be a power of two and {Hq} query heads a multiple of {Hkv}"
+            f"attn_kvq: head dim {D} must be a power of two, {Hq} query heads a multiple of {Hkv}"
+            f" and {n} positions >= 1"
         )
-    out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
+    rep = Hq // Hkv
+    block_h, d_p = max(16, triton.next_power_of_2(rep)), max(16, D)  # tl.dot wants >= 16 rows and columns
+    splits = n_splits or _n_splits(n, B * Hkv, q.device, block_n)
+    chunk = -(-(-(-n // splits)) // block_n) * block_n  # positions per split, a multiple of block_n
+    splits = -(-n // chunk)  # every split holds >= 1 position
+    rows = B * Hkv * splits * block_h  # one fp32 workspace: m, l [rows], acc [rows, d_p], then out
+    ws = torch.empty(rows * (d_p + 2) + B * Hq * D, dtype=torch.float32, device=q.device)
+    m, l_sum, acc = ws[:rows], ws[rows : 2 * rows], ws[2 * rows : rows * (d_p + 2)]
+    out = ws[rows * (d_p + 2) :].view(B, Hq, D)
 
     def win(side):
         w = side["window"]
         return (w if w is not None and w.shape[2] else q.new_zeros(B, Hkv, 1, D)).contiguous()
 
     kw, vw = win(k), win(v)
-    _attn_kvq_kernel[(B * Hq,)](
-        q.contiguous(), out,
+    _attn_kvq_split_kernel[(B * Hkv, splits)](
+        q.contiguous(), m, l_sum, acc,
         k["codes"], k["scale"], k["lo"] if k["lo"] is not None else k["scale"], kw,
         v["codes"], v["scale"], v["lo"] if v["lo"] is not None else v["scale"], vw,
-        n, k["q"], v["q"], cap, kw.shape[2], vw.shape[2], Hq, Hkv, sm_scale,
+        n, k["q"], v["q"], cap, kw.shape[2], vw.shape[2], Hq, Hkv, sm_scale, chunk, splits,
         k["bits"], k["per_channel"], k["group"], k["lo"] is None,
         v["bits"], v["per_channel"], v["group"], v["lo"] is None,
-        D, block_n,
+        D, d_p, block_n, block_h, num_warps=4 if d_p * block_n <= 4096 else 8,
     )  # fmt: skip
+    _attn_kvq_combine_kernel[(B * Hq,)](m, l_sum, acc, out, Hq, Hkv, splits, D, d_p, block_h, 16, num_warps=4)
     return out

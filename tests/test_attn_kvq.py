@@ -5,6 +5,7 @@ Without CUDA the Triton interpreter runs the kernel on the CPU on small shapes.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -27,6 +28,7 @@ CASES = [
     ("int4_ch_g16", "int4_tok_g8_sym", 16),
     ("int2_ch_g16_r4", "int2_tok_r4", 7),  # nothing quantized yet: the window only
     ("int8_ch_g16_r16", "int4_tok_g4", 64),
+    ("int2_ch_g8", "int2_tok_g8", 40),  # int2 codes unpacked from whole bytes
 ]
 
 
@@ -54,6 +56,20 @@ def test_kernel_matches_twin_and_store(kspec, vspec, n):
     torch.testing.assert_close(decode_attention(q, k, v, 0.25), got if CUDA else ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("hq,n_splits", [(2, 5), (8, 3), (16, None), (8, 1)])
+def test_split_k_and_gqa_match_twin(hq, n_splits):
+    """Forced splits (uneven last split, window straddling a split) and rep = Hq / Hkv of 1, 4, 8."""
+    k, v = _filled("int4_ch_g16_r8", "int8_tok_r8", 45)
+    q = torch.randn(2, hq, 16, device=DEV)
+    ka, va = kernel_args(k), kernel_args(v)
+    got = attn_kvq(q, ka, va, 45, 0.25, block_n=8, n_splits=n_splits)
+    ref = attn_kvq_ref(q, ka, va, 45, 0.25)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    one = attn_kvq(q, ka, va, 45, 0.25, block_n=8, n_splits=1)  # no combine across splits
+    torch.testing.assert_close(got, one, atol=1e-5, rtol=1e-5)
+    assert (got[:, 0] - got[:, -1]).abs().max() > 1e-2  # the query heads really differ
+
+
 def test_kernel_refuses_fp8_and_mismatched_lengths():
     k, v = _filled("int4_ch_g16", "int4_tok", 20)
     with pytest.raises(WorkbenchError, match="reads int2/int4/int8 codes only"):
@@ -72,6 +88,10 @@ def test_runtime_decode_equals_simulation_on_stories(stories, triton):
 
     model = stories.model
     ids = torch.randint(1, 500, (1, 20 if triton else 40))  # the interpreter is slow: 20 tokens
+    if triton and CUDA:  # the compiled kernel reads CUDA tensors only (the interpreter takes CPU ones)
+        with pytest.raises(WorkbenchError, match="needs CUDA tensors"):
+            kv_decode_logits(model, ids[:, :2], Plan(k="int4_ch_g8_r4").resolve(model).kv, triton=True)
+        model, ids = copy.deepcopy(model).cuda(), ids.cuda()
     kv = Plan(k="int4_ch_g8_r4", v="int4_tok_r4").resolve(model).kv
     with kv_quantized(model, kv):
         sim = model(input_ids=ids, use_cache=False).logits

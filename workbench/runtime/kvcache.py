@@ -22,6 +22,7 @@ store only sees rows. Formats: int2, int4, int8 and fp8_e4m3 (int3/5/6/7 are sim
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -172,6 +173,11 @@ def decode_attention(
     if k.n != v.n:
         raise WorkbenchError(f"KV cache: {k.n} keys but {v.n} values written")
     use = q.is_cuda if triton is None else triton
+    if use and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise WorkbenchError(
+            f"KV cache: the Triton decode kernel needs CUDA tensors (query on {q.device}); "
+            "move the model to cuda or set TRITON_INTERPRET=1"
+        )
     if use:
         from workbench.kernels.attn_kvq import attn_kvq as fn
     else:

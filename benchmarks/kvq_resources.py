@@ -1,0 +1,59 @@
+"""Compile the split-K decode-attention kernel (kernels/attn_kvq.py) for sm_90 offline; print its resources.
+
+    python benchmarks/kvq_resources.py
+
+For each (bits, BLOCK_N, num_warps) on the Llama-3-8B head (D = 128, rep 4 padded to 16 rows, keys per
+channel g32, values per token): registers per thread, spill stack bytes and HMMA count of the SASS, from
+Triton's own cuobjdump. Timing needs the H200 (benchmarks/bench_kv.py, `kernel_configs`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def resources(bits: int, block_n: int, warps: int) -> dict:
+    """Registers, spill stack bytes and HMMA instructions of the kernel compiled for sm_90."""
+    from workbench.kernels import attn_kvq as A
+
+    sig = {p: "*fp32" for p in ("q_ptr", "m_ptr", "l_ptr", "acc_ptr")}
+    sig.update({"kc": "*u8", "ks": "*fp16", "kl": "*fp16", "kw": "*bf16"})
+    sig.update({"vc": "*u8", "vs": "*fp16", "vl": "*fp16", "vw": "*bf16"})
+    sig.update({k: "i32" for k in ("n", "qk", "qv", "cap", "Wk", "Wv", "Hq", "Hkv")})
+    sig.update({"sm_scale": "fp32", "chunk": "i32", "n_splits": "i32"})
+    const = dict(K_BITS=bits, K_CH=True, K_G=32, K_SYM=False, V_BITS=bits, V_CH=False, V_G=128, V_SYM=False)
+    const.update(D=128, D_P=128, BLOCK_N=block_n, BLOCK_H=16)
+    sig.update({k: "constexpr" for k in const})
+    src = ASTSource(fn=A._attn_kvq_split_kernel, signature=sig, constexprs=const)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": warps})
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    return {
+        "regs": int(re.search(r"REG:(\d+)", res).group(1)),
+        "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
+        "hmma": sass.count("HMMA"),
+    }
+
+
+def main() -> None:
+    print(f"triton {triton.__version__}, sm_90, D=128")
+    for bits in (4, 8):
+        for block_n, warps in ((32, 4), (64, 4), (64, 8), (128, 8)):
+            r = resources(bits, block_n, warps)
+            cfg = f"int{bits} BLOCK_N={block_n:3d} warps={warps}"
+            print(f"{cfg}: {r['regs']} regs, stack {r['stack']} B, {r['hmma']} HMMA")
+
+
+if __name__ == "__main__":
+    main()
