@@ -29,7 +29,7 @@ def _extension(inline: bool = False) -> None:
 
 def build_app(state: WorkbenchState) -> pn.viewable.Viewable:
     """The whole app for one state: header, then tabs Model / Plan / Distributions / Sensitivity /
-    Transforms / Measure & run / Chat."""
+    Transforms / Measure & run / Cache / Chat."""
     from workbench.ui.views.header import HeaderView
     from workbench.ui.views.model_view import ModelView
     from workbench.ui.views.plan_view import PlanView
