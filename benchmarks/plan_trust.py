@@ -154,7 +154,7 @@ def render(loaded, table, rows, ev, args, seconds) -> str:
         f"matrices of {s['calib_seqs']} x {s['calib_seq_len']} tokens of '{s['text']}', Fisher from "
         f"{s['n_seqs']} x {s['seq_len']} tokens (setup {table.timing.get('setup', 0):.0f} s, scan "
         f"{table.timing.get('scan', 0):.0f} s, uniform calibration {table.timing.get('calibrate', 0):.0f} s, "
-        f"roles + check {table.timing.get('refine', 0):.0f} s). Reference PPL {ref_ppl:.3f}.",
+        f"check {table.timing.get('refine', 0):.0f} s). Reference PPL {ref_ppl:.3f}.",
         "",
         calibration_summary(table),
         "",
@@ -189,14 +189,22 @@ def render(loaded, table, rows, ev, args, seconds) -> str:
 
 def calibration_summary(table) -> str:
     """One paragraph: the check of the calibrated table on the scan windows (and role factors, if any)."""
+    from workbench.allocate import budget_to_bits
+
     c = table.calibration
     if "check" not in c:
         return ""
-    chk, uni = c["check"], {p["total_bits"]: p for p in c["plans"] if p["label"].startswith("uniform")}
+    chk, uni = c["check"], [p for p in c["plans"] if p["label"].startswith("uniform")]
     lost = []
     for p in c["plans"]:
         if p["label"].startswith("allocated"):
-            fit = [u for b, u in uni.items() if b <= p["total_bits"]]
+            what = p["label"].removeprefix("allocated ")
+            cap = (  # the budget the check allocated for: a uniform plan's size or bits per weight
+                next(u["total_bits"] for u in uni if u["label"] == f"uniform {what[2:]}")
+                if what.startswith("= ")
+                else budget_to_bits(table.layers, budget_bits=float(what.split()[0]))
+            )
+            fit = [u for u in uni if u["total_bits"] <= cap]
             best = min(fit, key=lambda u: u["kl"]) if fit else None
             if best is not None and p["kl"] > best["kl"]:
                 lost.append(
