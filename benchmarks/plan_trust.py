@@ -189,7 +189,7 @@ def render(loaded, table, rows, ev, args, seconds) -> str:
 
 def calibration_summary(table) -> str:
     """One paragraph: the check of the calibrated table on the scan windows (and role factors, if any)."""
-    from workbench.allocate import budget_to_bits
+    from workbench.plan.allocate import budget_to_bits
 
     c = table.calibration
     if "check" not in c:
