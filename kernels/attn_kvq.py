@@ -286,6 +286,9 @@ def attn_kvq(
             f"attn_kvq: head dim {D} must be a power of two, {Hq} query heads a multiple of {Hkv}"
             f" and {n} positions >= 1"
         )
+    if block_n < 16 or block_n & (block_n - 1):
+        # tl.dot(p [heads, BLOCK_N], v [BLOCK_N, D]) needs K >= 16 on the GPU (the interpreter accepts less)
+        raise ValueError(f"attn_kvq: block_n {block_n} must be a power of two >= 16")
     rep = Hq // Hkv
     block_h, d_p = max(16, triton.next_power_of_2(rep)), max(16, D)  # tl.dot wants >= 16 rows and columns
     splits = n_splits or _n_splits(n, B * Hkv, q.device, block_n)

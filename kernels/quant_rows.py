@@ -60,7 +60,9 @@ def e4m3_values(v):
     quantum = ((e + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
     inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e), exact
     r = _rne(tl.abs(v) * inv) * quantum
-    return tl.where(bits < 0, -r, r)  # the sign of v, -0.0 included (torch keeps E4M3's negative zero)
+    # the sign of v copied as a bit, -0.0 included (torch keeps E4M3's negative zero): Triton lowers `-r` to
+    # `0 - r`, which gives +0.0 for r = 0 on the GPU (seen on the H200, 2026-12-02)
+    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

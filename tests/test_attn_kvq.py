@@ -59,19 +59,22 @@ def test_kernel_matches_twin_and_store(kspec, vspec, n):
 @pytest.mark.parametrize("hq,n_splits", [(2, 5), (8, 3), (16, None), (8, 1)])
 def test_split_k_and_gqa_match_twin(hq, n_splits):
     """Forced splits (uneven last split, window straddling a split) and rep = Hq / Hkv of 1, 4, 8."""
-    k, v = _filled("int4_ch_g16_r8", "int8_tok_r8", 45)
+    # 90 positions in blocks of 16 (the smallest tl.dot takes on a GPU): 6 blocks, the last one partial
+    k, v = _filled("int4_ch_g16_r8", "int8_tok_r8", 90, cap=96)
     q = torch.randn(2, hq, 16, device=DEV)
     ka, va = kernel_args(k), kernel_args(v)
-    got = attn_kvq(q, ka, va, 45, 0.25, block_n=8, n_splits=n_splits)
-    ref = attn_kvq_ref(q, ka, va, 45, 0.25)
+    got = attn_kvq(q, ka, va, 90, 0.25, block_n=16, n_splits=n_splits)
+    ref = attn_kvq_ref(q, ka, va, 90, 0.25)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    one = attn_kvq(q, ka, va, 45, 0.25, block_n=8, n_splits=1)  # no combine across splits
+    one = attn_kvq(q, ka, va, 90, 0.25, block_n=16, n_splits=1)  # no combine across splits
     torch.testing.assert_close(got, one, atol=1e-5, rtol=1e-5)
     assert (got[:, 0] - got[:, -1]).abs().max() > 1e-2  # the query heads really differ
 
 
 def test_kernel_refuses_fp8_and_mismatched_lengths():
     k, v = _filled("int4_ch_g16", "int4_tok", 20)
+    with pytest.raises(ValueError, match="block_n 8 must be a power of two >= 16"):
+        attn_kvq(torch.randn(2, 4, 16, device=DEV), kernel_args(k), kernel_args(v), 20, 0.25, block_n=8)
     with pytest.raises(WorkbenchError, match="reads int2/int4/int8 codes only"):
         kernel_args(QuantKVSide("fp8_e4m3_tok", 1, 1, 16, 16, DEV))
     v.append(torch.randn(2, 2, 1, 16, device=DEV))
