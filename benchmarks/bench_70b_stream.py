@@ -100,8 +100,8 @@ def run_phase(phase: str, sm, args, vocab: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from workbench.presets import LLAMA3_70B, TINY_LLAMA
     from workbench.streaming.skeleton import StreamedModel
-    from workbench.streaming.source import LLAMA3_70B, TINY_LLAMA
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="2 blocks, hidden 256, on the CPU (seconds)")

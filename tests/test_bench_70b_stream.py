@@ -41,7 +41,7 @@ def test_tiny_run_every_phase(tmp_path):
 
 def test_flop_model_of_the_70b_shape():
     b = _bench()
-    from workbench.streaming.source import LLAMA3_70B
+    from workbench.presets import LLAMA3_70B
 
     lin = b.linears(LLAMA3_70B)
     assert len(lin) * LLAMA3_70B["num_hidden_layers"] == 560

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.presets import TINY_LLAMA
 from workbench.streaming.skeleton import StreamedModel
-from workbench.streaming.source import TINY_LLAMA, SafetensorsSource, SyntheticSource
+from workbench.streaming.source import SafetensorsSource, SyntheticSource
 
 SPECS = ["int4_g32", "int3_g32:gptq", "int8_ch"]
 

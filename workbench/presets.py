@@ -35,7 +35,34 @@ SMOLLM2_135M = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=True,
 )
-PRESETS = {"llama3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M}
+# Llama-3-70B (https://huggingface.co/meta-llama/Meta-Llama-3-70B/blob/main/config.json): the streamed
+# synthetic model of issue 18 (workbench/streaming/source.py, bench_70b_stream.py)
+LLAMA3_70B = dict(
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+# the same structure at a size the CPU tests and the benchmark's --tiny run in seconds
+TINY_LLAMA = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+PRESETS = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "smollm2-135m": SMOLLM2_135M}
 
 
 def llama_config(name: str = "llama3-8b", **overrides):

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.presets import LLAMA3_70B, TINY_LLAMA
 from workbench.streaming.skeleton import StreamedModel
-from workbench.streaming.source import LLAMA3_70B, TINY_LLAMA, SafetensorsSource, SyntheticSource
+from workbench.streaming.source import SafetensorsSource, SyntheticSource
 
 SYNTHETIC = {"synthetic": LLAMA3_70B, "synthetic-tiny": TINY_LLAMA}
 

@@ -21,35 +21,9 @@ from pathlib import Path
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.presets import LLAMA3_70B
 
 BLOCK_PREFIX = "model.layers."
-
-# Llama-3-70B: hidden 8192, FFN 28672, 80 blocks, 64 heads / 8 KV heads, vocab 128256
-LLAMA3_70B = dict(
-    hidden_size=8192,
-    intermediate_size=28672,
-    num_hidden_layers=80,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-# the same structure at a size the CPU tests and the benchmark's --tiny run in seconds
-TINY_LLAMA = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-    max_position_embeddings=512,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
 
 
 class BlockSource(ABC):
