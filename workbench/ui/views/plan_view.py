@@ -81,9 +81,9 @@ class PlanView(View):
 
         return pn.widgets.FileDownload(callback=make, filename=DOWNLOADS[fmt], label=label, width=220)
 
-    def panel(self) -> pn.viewable.Viewable:
+    def _edit_controls(self) -> list[pn.viewable.Viewable]:
+        """Rows that edit the plan: the default spec, a role, a regex, removing a rule."""
         state = self.state
-        # ---- default and bulk edits
         default_spec = _spec_input("default spec (all layers)", "int4_g128")
         default_btn = pn.widgets.Button(name="set default", button_type="primary", width=110, align="end")
         default_btn.on_click(lambda _e: state.set_default(default_spec.value))
@@ -105,6 +105,16 @@ class PlanView(View):
         remove_btn = pn.widgets.Button(name="remove rule", width=110, align="end")
         remove_btn.on_click(lambda _e: state.remove_rule(remove_idx.value - 1))
 
+        return [
+            pn.Row(default_spec, default_btn),
+            pn.Row(role, role_spec, role_btn),
+            pn.Row(regex, regex_spec, regex_btn),
+            pn.Row(remove_idx, remove_btn),
+        ]
+
+    def _history_row(self) -> pn.Row:
+        """Undo / redo, enabled as the state's history allows."""
+        state = self.state
         undo = pn.widgets.Button(name="undo", width=80, css_classes=["wb-undo"])
         redo = pn.widgets.Button(name="redo", width=80, css_classes=["wb-redo"])
         undo.on_click(lambda _e: state.undo())
@@ -112,8 +122,18 @@ class PlanView(View):
         undo.disabled, redo.disabled = not state.can_undo, not state.can_redo
         state.param.watch(lambda e: setattr(undo, "disabled", not e.new), "can_undo")
         state.param.watch(lambda e: setattr(redo, "disabled", not e.new), "can_redo")
+        return pn.Row(
+            undo,
+            redo,
+            pn.pane.Markdown(
+                "*every edit is validated; a rejected edit leaves the plan unchanged and says why*",
+                margin=(8, 10),
+            ),
+        )
 
-        # ---- budget
+    def _budget_controls(self) -> list[pn.viewable.Viewable]:
+        """The allocator's budget (avg bits or MB) and its button."""
+        state = self.state
         unit = pn.widgets.RadioButtonGroup(
             name="budget in", options=["avg bits", "MB"], value="avg bits", width=160
         )
@@ -142,7 +162,11 @@ class PlanView(View):
             margin=(0, 10),
         )
 
-        # ---- files
+        return [pn.Row(unit, budget, alloc_btn), alloc_note]
+
+    def _file_controls(self) -> list[pn.viewable.Viewable]:
+        """Load / save the plan JSON and the export downloads."""
+        state = self.state
         upload = pn.widgets.FileInput(accept=".json", name="load plan JSON", css_classes=["wb-plan-upload"])
 
         def on_upload(event):
@@ -168,30 +192,24 @@ class PlanView(View):
             callback=export, filename="tensor-types.txt", label="export llama.cpp overrides", width=220
         )
         deploy = [self._deploy_button(fmt, label) for fmt, label in DEPLOY_FORMATS]
+        return [
+            pn.Row(pn.pane.Markdown("load:", margin=(8, 10)), upload),
+            pn.Row(save, export_btn),
+            pn.Row(*deploy),
+        ]
+
+    def panel(self) -> pn.viewable.Viewable:
         return pn.Column(
-            totals_line(state),
-            pn.Row(
-                undo,
-                redo,
-                pn.pane.Markdown(
-                    "*every edit is validated; a rejected edit leaves the plan unchanged and says why*",
-                    margin=(8, 10),
-                ),
-            ),
+            totals_line(self.state),
+            self._history_row(),
             pn.Row(
                 pn.Column(
                     pn.pane.Markdown("#### Edit", margin=(0, 10)),
-                    pn.Row(default_spec, default_btn),
-                    pn.Row(role, role_spec, role_btn),
-                    pn.Row(regex, regex_spec, regex_btn),
-                    pn.Row(remove_idx, remove_btn),
+                    *self._edit_controls(),
                     pn.pane.Markdown("#### Budget", margin=(0, 10)),
-                    pn.Row(unit, budget, alloc_btn),
-                    alloc_note,
+                    *self._budget_controls(),
                     pn.pane.Markdown("#### Files", margin=(0, 10)),
-                    pn.Row(pn.pane.Markdown("load:", margin=(8, 10)), upload),
-                    pn.Row(save, export_btn),
-                    pn.Row(*deploy),
+                    *self._file_controls(),
                     width=620,
                 ),
                 pn.Column(

@@ -17,7 +17,8 @@ from workbench.ui.views.common import View, totals_line
 class SensitivityView(View):
     """All numbers come from the SensitivityTable (sensitivity.py) and allocate.pareto_front."""
 
-    def panel(self) -> pn.viewable.Viewable:
+    def _controls(self) -> pn.Row:
+        """Specs to scan, the method, and the compute / verify buttons."""
         state = self.state
         specs = pn.widgets.MultiChoice(
             name="specs to scan",
@@ -48,6 +49,44 @@ class SensitivityView(View):
             css_classes=["wb-verify"],
         )
         verify.on_click(lambda _e: state.verify())
+        return pn.Row(specs, method, run, verify, sizing_mode="stretch_width")
+
+    def _draw_heatmap(self, table, page: pn.widgets.Select, heat: pn.pane.Plotly) -> None:
+        """One page of blocks of the (layer x spec) table, the current plan's specs marked."""
+        state = self.state
+        layers = _ordered_layers(table)
+        pages = block_pages(layers)
+        page.options = list(pages)
+        if page.value not in pages:
+            page.value = next(iter(pages))
+        layers = [x for x in layers if pages[page.value](x)]
+        names = [x.name for x in layers]
+        costs = [[table.cost.get(n, {}).get(s) for s in table.specs] for n in names]
+        current = {n: str(state.resolved[n]) for n in names if n in state.resolved}
+        heat.object = charts.heatmap_figure(names, table.specs, costs, current=current)
+        heat.height = max(400, 14 * len(names) + 140)
+
+    def _draw_pareto(self, table, pareto: pn.pane.Plotly, verdict: pn.pane.Markdown) -> None:
+        """The exact Pareto front, the current plan, and the verified points beside the prediction."""
+        from workbench.plan.allocate import pareto_front
+
+        state = self.state
+        pins = {n: str(state.resolved[n]) for n in state.pinned}
+        front = pareto_front(table, pinned=pins, max_points=400)
+        cost = state.cost.total if state.cost is not None else None
+        v = state.verification
+        pareto.object = charts.pareto_figure(
+            [p.mb for p in front],
+            [p.cost for p in front],
+            labels=[f"{p.avg_bits:.2f} b/w" for p in front],
+            current_mb=state.totals.mb,
+            current_cost=cost,
+            checks=[asdict(r) for r in v.rows] if v is not None else (),
+        )
+        verdict.object = verification_text(v)
+
+    def panel(self) -> pn.viewable.Viewable:
+        state = self.state
         page = pn.widgets.Select(name="blocks shown", options=["all"], value="all", width=150)
         heat = pn.pane.Plotly(
             charts.empty_figure("no sensitivity table yet: press 'compute sensitivity'", 400),
@@ -73,42 +112,12 @@ class SensitivityView(View):
         )
         verdict = pn.pane.Markdown("", sizing_mode="stretch_width", css_classes=["wb-verdict"])
 
-        def ordered_layers(table):
-            rank = {r: i for i, r in enumerate(ROLES)}
-            return sorted(
-                table.layers, key=lambda x: (x.block if x.block is not None else 10**9, rank[x.role])
-            )
-
         def draw(*_events):
             table = state.sensitivity
             if table is None:
                 return
-            layers = ordered_layers(table)
-            pages = block_pages(layers)
-            page.options = list(pages)
-            if page.value not in pages:
-                page.value = next(iter(pages))
-            layers = [x for x in layers if pages[page.value](x)]
-            names = [x.name for x in layers]
-            costs = [[table.cost.get(n, {}).get(s) for s in table.specs] for n in names]
-            current = {n: str(state.resolved[n]) for n in names if n in state.resolved}
-            heat.object = charts.heatmap_figure(names, table.specs, costs, current=current)
-            heat.height = max(400, 14 * len(names) + 140)
-            from workbench.plan.allocate import pareto_front
-
-            pins = {n: str(state.resolved[n]) for n in state.pinned}
-            front = pareto_front(table, pinned=pins, max_points=400)
-            cost = state.cost.total if state.cost is not None else None
-            v = state.verification
-            pareto.object = charts.pareto_figure(
-                [p.mb for p in front],
-                [p.cost for p in front],
-                labels=[f"{p.avg_bits:.2f} b/w" for p in front],
-                current_mb=state.totals.mb,
-                current_cost=cost,
-                checks=[asdict(r) for r in v.rows] if v is not None else (),
-            )
-            verdict.object = verification_text(v)
+            self._draw_heatmap(table, page, heat)
+            self._draw_pareto(table, pareto, verdict)
 
         def on_click(event):
             data = event.new
@@ -125,7 +134,7 @@ class SensitivityView(View):
         draw()
         return pn.Column(
             totals_line(state),
-            pn.Row(specs, method, run, verify, sizing_mode="stretch_width"),
+            self._controls(),
             note,
             pareto,
             verdict,
@@ -134,6 +143,12 @@ class SensitivityView(View):
             sizing_mode="stretch_width",
             name="Sensitivity",
         )
+
+
+def _ordered_layers(table) -> list:
+    """The table's layers by block, then by role (q k v o gate up down), blocks outside last."""
+    rank = {r: i for i, r in enumerate(ROLES)}
+    return sorted(table.layers, key=lambda x: (x.block if x.block is not None else 10**9, rank[x.role]))
 
 
 def verification_text(v) -> str:
