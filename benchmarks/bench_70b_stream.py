@@ -172,14 +172,6 @@ ANCHOR_PROXY_8B_S = 18.0  # 225 layers x 6 specs: RESULTS.md issue 13 run 3 (ben
 ASSUMED_LAUNCH_US = 6.0  # one eager CUDA kernel launch (assumption, typical of PyTorch on H100/H200)
 ASSUMED_FP64_TFLOPS = 30.0  # sustained fp64 Cholesky on an H200 (assumption: ~half its 67 TFLOP/s peak)
 ASSUMED_TF32_TFLOPS = 200.0  # the streaming proxy's D G D^T in TF32 (assumption: ~40% of the dense peak)
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-)
 
 
 def linears(shape: dict) -> list[tuple[str, int, int]]:
@@ -265,6 +257,8 @@ def estimate(shape: dict) -> dict:
     shape times the 8B H200 anchors; GPTQ from its GEMM FLOPs at the proxy anchor's rate, its fp64 work at
     an assumed rate and one sequential step per column at ~15 assumed kernel launches. Plus the measured CPU
     timing of one 70B-shaped block, and what the whole phase would take on this CPU at those rates."""
+    from workbench.presets import LLAMA3_8B
+
     n70, n8 = shape["num_hidden_layers"], LLAMA3_8B["num_hidden_layers"]
     f70, f8 = phase_flops(shape, 128 * 2048, 2048), phase_flops(LLAMA3_8B, 128 * 2048, 2048)
     inspect_rate = n8 * (f8["forward"] + f8["grams"]) / ANCHOR_INSPECT_8B_S

@@ -140,8 +140,9 @@ class SensitivityTable:
 
 
 # ---------------------------------------------------------------------- scans
-def _check_resume(path: Path | None, table: SensitivityTable) -> SensitivityTable:
-    """The table to continue: the one saved at `path` when it has the same identity, else `table`."""
+def resume_scan(path: Path | None, table: SensitivityTable) -> SensitivityTable:
+    """The table to continue: the one saved at `path` when it has the same identity, else `table`; a
+    different scan there is refused with a message naming the file (the in-memory and streamed scans)."""
     if path is None or not Path(path).is_file():
         return table
     old = SensitivityTable.load(path)
@@ -355,7 +356,7 @@ def sensitivity_scan(
     calibrate = calibration_stage(method, calibrate)
     if calibrate:
         settings.update(calibrate=calibrate, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
-    table = _check_resume(Path(out) if out else None, _identity(loaded, inv, method, specs, settings))
+    table = resume_scan(Path(out) if out else None, _identity(loaded, inv, method, specs, settings))
     if table.complete and _calibrated(table, calibrate):
         return table
 

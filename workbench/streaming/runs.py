@@ -227,7 +227,7 @@ def stream_proxy_scan(
     Returns:
         (SensitivityTable, StreamReport).
     """
-    from workbench.measure.sensitivity import SensitivityTable
+    from workbench.measure.sensitivity import SensitivityTable, resume_scan
     from workbench.model.inventory import get_linear_weight, get_module
     from workbench.quant.spec import QuantSpec
     from workbench.streaming.devicequant import proxy_costs_here
@@ -244,7 +244,7 @@ def stream_proxy_scan(
         model={"fingerprint": d.fingerprint, "source": d.source, "name": d.name},
         settings={**(settings or {}), "importance": "none", "importance_spec": None},
     )
-    table = resume_table(Path(out) if out else None, table)
+    table = resume_scan(Path(out) if out else None, table)
     todo = [x for x in mine if x.name not in table.done_layers()]
     report_t0 = start_report(sm)
     if not todo:
@@ -276,27 +276,6 @@ def stream_proxy_scan(
     )
     score(by_block.get(None, []))
     return table, finish_report(sm, "scan", report_t0, len(todo), specs=specs)
-
-
-def resume_table(path: Path | None, table):
-    """`table` with the costs of the table saved at `path` when it has the same identity; a different
-    scan there is refused with a message naming the file."""
-    from workbench.measure.sensitivity import SensitivityTable
-
-    if path is None or not path.is_file():
-        return table
-    old = SensitivityTable.load(path)
-    same = (
-        old.method == table.method
-        and old.specs == table.specs
-        and old.settings == table.settings
-        and old.model.get("fingerprint") == table.model.get("fingerprint")
-        and [x.name for x in old.layers] == [x.name for x in table.layers]
-    )
-    if not same:
-        raise WorkbenchError(f"{path} holds a different scan (specs, layers, model or settings differ)")
-    table.cost, table.timing = old.cost, old.timing
-    return table
 
 
 def write_json(path: str | Path, obj: dict) -> None:
