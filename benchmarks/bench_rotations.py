@@ -1,6 +1,16 @@
-"""Rotations, smoothing and activation quantization on a real model (issue 16), simulated on the CPU.
+"""Rotations, smoothing and activation quantization on a real model (issue 16), simulated (CPU or GPU).
 
-    python benchmarks/bench_rotations.py [--model default] [--tokens 32768] [--out rotations.json]
+    python benchmarks/bench_rotations.py [--model default|PATH.gguf] [--tokens 32768] [--out rotations.json]
+        [--device cuda|cpu] [--budget-s S]
+    python benchmarks/bench_rotations.py --report --out rotations.json     # the markdown tables of a run
+
+Device: `--device` (default: cuda when available). The model, the evaluation, the simulated activation and
+weight quantization and GPTQ run there in float32 with fp32 matmuls ("highest" precision: no TF32), as on the
+CPU: the KLs of the 8-bit rows are ~1e-3 nats, the size of the noise bf16 alone adds
+(benchmarks/w8a8_bf16_noise.py), so the GPU table must not change the arithmetic, only where it runs. RTN
+weights are quantized on the CPU in every case (the same code and numbers as the CPU tables); GPTQ runs on the
+GPU when the model is there (`measure.simulate.quantized_weight`). `--budget-s`: no new row starts after that
+many seconds (rows already in --out are kept; the rest print "skipped (budget)").
 
 Steps (each result is written to --out as soon as it exists; a rerun skips what is there, so it resumes):
 1. equivalence: max |Δlogit| between the fp32 model and each transformed copy on 2 x 128 tokens of wikitext2;
@@ -52,6 +62,16 @@ def plan_for(weights: str, act: str | None, transforms) -> Plan:
     return Plan(default=weights, act=act, rules=[head], transforms=list(transforms))
 
 
+def pick_device(name: str | None) -> str:
+    """`--device`: the name given, else cuda when available, else cpu."""
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def over_budget(args) -> bool:
+    """True once --budget-s seconds have passed since the start (no new row starts then)."""
+    return args.budget_s is not None and time.perf_counter() - args.t_start > args.budget_s
+
+
 def save(out: Path, results: dict) -> None:
     out.write_text(json.dumps(results, indent=1) + "\n")
 
@@ -70,7 +90,7 @@ def equivalence(loaded, results: dict, out: Path, smooth_calib: int) -> None:
             t0 = time.perf_counter()
             tl = apply_transforms(loaded, ts)
             with torch.no_grad():
-                scale = float(loaded.model(input_ids=ids).logits.abs().max())
+                scale = float(loaded.model(input_ids=ids.to(loaded.device)).logits.abs().max())
             results[key] = {
                 "max_abs_dlogit": max_logit_change(loaded.model, tl.model, ids),
                 "max_abs_logit": scale,
@@ -105,6 +125,9 @@ def quality(loaded, rotated, args, results: dict, out: Path) -> None:
         if key in results:
             print(key, results[key])
             continue
+        if over_budget(args):
+            print(key, "skipped (budget)", flush=True)
+            continue
         if rot == "smooth" and smoothed is None:
             smoothed = apply_transforms(loaded, [Smooth("re:.*", 0.5, args.smooth_calib)])
         model_l = {False: loaded, True: rotated, "smooth": smoothed}[rot]
@@ -125,7 +148,12 @@ def quality(loaded, rotated, args, results: dict, out: Path) -> None:
         results[key] = {**res.to_json(), "weights": w, "act": a, "wall_s": time.perf_counter() - t0}
         save(out, results)
         took = time.perf_counter() - t0
-        print(key, f"ppl {res.ppl:.3f} kl {res.kl:.4f} top1 {res.top1:.4f} ({took:.0f} s)", flush=True)
+        elapsed = time.perf_counter() - args.t_start
+        print(
+            key,
+            f"ppl {res.ppl:.3f} kl {res.kl:.4f} top1 {res.top1:.4f} ({took:.1f} s, {elapsed:.0f} s in all)",
+            flush=True,
+        )
 
 
 def fusion_only(loaded, args, results: dict, out: Path) -> None:
@@ -139,22 +167,40 @@ def fusion_only(loaded, args, results: dict, out: Path) -> None:
     if key in results:
         print(key, results[key])
         return
+    if over_budget(args):
+        print(key, "skipped (budget)", flush=True)
+        return
+    t0 = time.perf_counter()
     model = copy.deepcopy(loaded.model)
-    rotate_residual(model, torch.eye(loaded.description.hidden_size, dtype=torch.float64))
+    eye = torch.eye(loaded.description.hidden_size, dtype=torch.float64, device=loaded.device)
+    rotate_residual(model, eye)
     model.workbench_transforms = (ROT[0],)
     fused = dataclasses.replace(loaded, model=model)
     resolved = plan_for("int4_g128", None, [ROT[0]]).resolve(loaded.model)
     res = evaluate(
         loaded, resolved, text="wikitext2", max_tokens=args.tokens, progress=False, transformed=fused
     )
-    results[key] = {**res.to_json(), "weights": "int4_g128", "act": None}
+    results[key] = {**res.to_json(), "weights": "int4_g128", "act": None, "wall_s": time.perf_counter() - t0}
     save(out, results)
     print(key, f"ppl {res.ppl:.3f} kl {res.kl:.4f} top1 {res.top1:.4f}", flush=True)
 
 
 def report(results: dict) -> str:
-    """Markdown tables of a results file (the quality rows, then the outlier statistics)."""
+    """Markdown tables of a results file (the run, the quality rows, the outlier statistics, equivalence)."""
+    meta = results.get("meta", {})
+    first = next((r for r in results.values() if "ppl" in r), None)
     lines = [
+        f"model {meta.get('model')}, device {meta.get('device', 'cpu')} ({meta.get('device_name', '')}), "
+        f"dtype {meta.get('dtype', 'float32')}, torch {meta.get('torch')}"
+        + (
+            f"; {first['n_tokens']} predicted tokens ({first['n_windows']} windows of {first['seq_len']} of "
+            f"{first['text']}), reference PPL {first['ref_ppl']:.3f}"
+            if first
+            else ""
+        ),
+        "",
+    ]
+    lines += [
         "| configuration | weights | input | PPL | KL (nats/token) | top-1 | without → with Hadamard (KL) |"
     ]
     lines.append("|---|---|---|---|---|---|---|")
@@ -180,6 +226,11 @@ def report(results: dict) -> str:
             f"| {name} | {b['kurtosis']:,.1f} | {a['kurtosis']:,.1f} | {b['max_median']:,.1f} | "
             f"{a['max_median']:,.2f} | {b['absmax']:,.1f} | {a['absmax']:,.1f} |"
         )
+    lines += ["", "| equivalence check (fp32) | max abs Δlogit | max abs logit |", "|---|---|---|"]
+    for key, r in results.items():
+        if key.startswith("equivalence "):
+            name = key[len("equivalence ") :]
+            lines.append(f"| {name} | {r['max_abs_dlogit']:.2e} | {r['max_abs_logit']:.1f} |")
     return "\n".join(lines)
 
 
@@ -194,14 +245,24 @@ def main() -> None:
     p.add_argument("--skip", default="", help="steps to skip: equivalence,outliers,quality,fusion")
     p.add_argument("--only", default="", help="comma list of configuration names to run (default: all)")
     p.add_argument("--report", action="store_true", help="only print the markdown tables of --out")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
     args = p.parse_args()
+    args.t_start = time.perf_counter()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     if args.report:
         print(report(results))
         return
-    results.setdefault("meta", {"model": args.model, "tokens": args.tokens, "torch": torch.__version__})
-    loaded = load_model(args.model, progress=False)
+    device = pick_device(args.device)
+    torch.set_float32_matmul_precision("highest")  # fp32 matmuls stay fp32 on the GPU (no TF32): module doc
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    meta = {"model": args.model, "tokens": args.tokens, "torch": torch.__version__, "device": device}
+    meta.update(device_name=name, dtype="float32", calib_seqs=args.calib_seqs)
+    results.setdefault("meta", meta)
+    loaded = load_model(args.model, device=device, progress=False)
+    took = time.perf_counter() - args.t_start
+    print(f"loaded {args.model} on {device} ({name}) in {took:.1f} s", flush=True)
     skip = set(args.skip.split(","))
     if "equivalence" not in skip:
         equivalence(loaded, results, out, args.smooth_calib)

@@ -51,7 +51,11 @@ def quantized_weight(
     grams: dict[str, torch.Tensor] | None = None,
     **opts,
 ) -> torch.Tensor:
-    """fake_quant of layer `name`'s weight [out, in] (float32), with its Gram when the spec needs one."""
+    """fake_quant of layer `name`'s weight [out, in] (float32), with its Gram when the spec needs one.
+
+    On the CPU everything runs there; for a model on CUDA, GPTQ runs on the GPU (`quantize_weight`'s
+    `device`: its column loop would otherwise copy every weight and Gram to the host), other specs on the
+    CPU, so RTN results do not depend on where the model is."""
     from workbench.quant.api import fake_quant
 
     spec = QuantSpec.parse(spec)
@@ -61,6 +65,8 @@ def quantized_weight(
             f"layer {name}: '{spec}' needs calibration statistics (Gram matrix); pass grams="
         )
     W = get_linear_weight(get_module(model, name)).detach()
+    if W.is_cuda and spec.algo == "gptq" and spec.is_quantized:
+        opts = {"device": W.device, **opts}  # GPTQ where the model is; RTN / AWQ on the CPU as always
     return fake_quant(W.float(), spec, gram if needs_gram(spec) else None, layer=name, **opts)
 
 

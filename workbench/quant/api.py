@@ -104,11 +104,12 @@ def quantize_weight(
     blocksize: int = 128,
     awq_grid: int = 20,
     act_scale: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
 ) -> QuantizedWeight:
     """Quantize one weight with a spec's format, granularity and algorithm.
 
     Args:
-        W: [N, K] weight, any float dtype (computed in float32 on CPU).
+        W: [N, K] weight, any float dtype (computed in float32 on `device`).
         spec: QuantSpec or spec string, e.g. "int4_g128:gptq".
         gram: [K, K] X^T X of the layer's calibration inputs; required by gptq / awq, optional for rtn
             (used by the clipping search when clip=True).
@@ -116,8 +117,10 @@ def quantize_weight(
         clip, clip_grid, max_shrink: range shrink search (rtn.py documents the criterion).
         act_order, percdamp, blocksize: GPTQ options (gptq.py).
         awq_grid, act_scale: AWQ options (awq.py): number of alpha steps, optional mean |x| per channel [K].
+        device: where the quantization computes and the result lives: "cpu" (the reference) or a GPU
+            (`measure.simulate` runs GPTQ there for a model on CUDA; float32 rounding may differ slightly).
     Returns:
-        QuantizedWeight (layout in the module docstring).
+        QuantizedWeight (layout in the module docstring), its tensors on `device`.
     Raises:
         WorkbenchError: bad spec, spec that keeps the layer in high precision, spec that cannot apply to
             the shape, NaN/inf in W or gram, missing gram for gptq/awq.
@@ -133,8 +136,8 @@ def quantize_weight(
     if spec.algo in ("gptq", "awq") and gram is None:
         raise WorkbenchError(f"'{spec}' needs calibration statistics (gram = X^T X) for {where}")
     N, K = W.shape
-    W = W.detach().to("cpu", torch.float32)
-    gram = gram.detach().to("cpu", torch.float32) if gram is not None else None
+    W = W.detach().to(device, torch.float32)
+    gram = gram.detach().to(device, torch.float32) if gram is not None else None
 
     if spec.algo == "gptq":
         codes, scales, zeros, info = gptq_quantize(

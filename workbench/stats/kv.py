@@ -112,7 +112,7 @@ def _collect(model: torch.nn.Module, windows: torch.Tensor) -> dict:
 
     def add(name, side, x):  # x [B, H, T, D]
         a = acc.setdefault(name, {}).setdefault(side, {"absmax": 0, "sq": 0, "n": 0, "vals": []})
-        a["absmax"] = torch.maximum(torch.as_tensor(a["absmax"]), x.abs().amax((0, 2)))
+        a["absmax"] = torch.maximum(torch.as_tensor(a["absmax"], device=x.device), x.abs().amax((0, 2)))
         a["sq"] = a["sq"] + x.pow(2).sum((0, 2))
         a["n"] += x.shape[0] * x.shape[2]
         a["vals"].append(x.flatten()[:: max(1, x.numel() // 65536)])
@@ -138,9 +138,10 @@ def _collect(model: torch.nn.Module, windows: torch.Tensor) -> dict:
             attn.v_proj.register_forward_hook(on_v),
         ]
     try:
+        device = next(model.parameters()).device
         with torch.no_grad():
             for i in range(windows.shape[0]):
-                model(input_ids=windows[i : i + 1], use_cache=False)
+                model(input_ids=windows[i : i + 1].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -175,11 +176,11 @@ def kv_statistics(loaded, text: str = "wiki", n_seqs: int = 8, seq_len: int = 51
             vals = torch.cat(a["vals"])
             scale = vals.abs().max().clamp_min(1e-12)
             hist = torch.histc(vals / scale, bins=N_BINS, min=-1.0, max=1.0)
-            blocks[name][side] = {
-                "absmax": a["absmax"],
-                "rms": (a["sq"] / a["n"]).sqrt(),
-                "hist": hist,
-                "scale": scale.reshape(1),
+            blocks[name][side] = {  # on the CPU whatever device the model ran on
+                "absmax": a["absmax"].cpu(),
+                "rms": (a["sq"] / a["n"]).sqrt().cpu(),
+                "hist": hist.cpu(),
+                "scale": scale.reshape(1).cpu(),
             }
     flat = {
         f"{b}|{s}|{k}": t.contiguous()

@@ -67,7 +67,7 @@ def _check_rmsnorm(norm, name: str, what: str) -> None:
     w = getattr(norm, "weight", None)
     if w is None or w.dim() != 1 or getattr(norm, "bias", None) is not None:
         raise WorkbenchError(f"{what}: {name} ({type(norm).__name__}) is not an RMSNorm with a weight vector")
-    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.dtype) + 1.0
+    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype) + 1.0
     with torch.no_grad():
         y = norm(x).float()
     xf, w = x.float(), w.detach()
@@ -109,7 +109,7 @@ def rotate_residual(model: torch.nn.Module, Q: torch.Tensor) -> None:
     blocks = check_llama(model, "hadamard (residual)")
     untie_head(model)
     head, inner = model.get_output_embeddings(), model.model
-    Q = Q.double()
+    Q = Q.to(head.weight.device, torch.float64)  # the edits run where the weights are (CPU or GPU)
     for blk in blocks:
         a, m = blk.self_attn, blk.mlp
         _fuse_norm(blk.input_layernorm, [a.q_proj, a.k_proj, a.v_proj])
@@ -139,7 +139,7 @@ def online_hadamard_down(model: torch.nn.Module, seed: int) -> None:
         lin = blk.mlp.down_proj
         if hasattr(lin, "online_hadamard"):
             raise WorkbenchError("hadamard (down): down_proj already has an online Hadamard (listed twice?)")
-        H = random_hadamard(lin.in_features, seed)
+        H = random_hadamard(lin.in_features, seed).to(lin.weight.device)
         _set(lin.weight, lin.weight.detach().double() @ H)
         lin.register_buffer("online_hadamard", H.float())
         lin.register_forward_pre_hook(_online_rotate)
@@ -167,7 +167,9 @@ def _device_of(m: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def max_logit_change(original: torch.nn.Module, transformed: torch.nn.Module, ids: torch.Tensor) -> float:
-    """max |logits(transformed) - logits(original)| over token ids [B, L] (the equivalence check)."""
-    a = original(input_ids=ids, use_cache=False).logits.double()
-    b = transformed(input_ids=ids, use_cache=False).logits.double()
+    """max |logits(transformed) - logits(original)| over token ids [B, L] (the equivalence check; the ids
+    are moved to each model's device)."""
+    a = original(input_ids=ids.to(_device_of(original)), use_cache=False).logits.double()
+    b = transformed(input_ids=ids.to(_device_of(transformed)), use_cache=False).logits.double()
+    b = b.to(a.device)
     return float((a - b).abs().max())

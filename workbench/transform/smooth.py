@@ -110,7 +110,8 @@ def _kv_index(K: int, n_rep: int, head_dim: int) -> torch.Tensor:
 
 def _apply(g: _Group, xmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """Scale one group in place; returns s [K]."""
-    wmax = torch.stack([r.weight.detach().abs().double().amax(0) for r in g.readers]).amax(0)
+    # s is computed on the CPU (xmax comes from there) and moved to the weights' device to scale them
+    wmax = torch.stack([r.weight.detach().abs().double().amax(0) for r in g.readers]).amax(0).cpu()
     if g.head_dim:  # o_proj: one s per v channel, shared by the query heads reading it
         idx = _kv_index(xmax.shape[0], g.n_rep, g.head_dim)
         n_kv = int(idx.max()) + 1
@@ -118,14 +119,15 @@ def _apply(g: _Group, xmax: torch.Tensor, alpha: float) -> torch.Tensor:
         wmax = torch.zeros(n_kv, dtype=torch.float64).scatter_reduce(0, idx, wmax, "amax")
     s = (xmax.clamp_min(_EPS) ** alpha / wmax.clamp_min(_EPS) ** (1 - alpha)).clamp_min(_EPS)
     s_in = s[_kv_index(g.readers[0].in_features, g.n_rep, g.head_dim)] if g.head_dim else s
+    s_in, s_out = s_in.to(g.readers[0].weight.device), s.to(g.prev.weight.device)
     for r in g.readers:
         r.weight.data = (r.weight.detach().double() * s_in[None, :]).to(r.weight.dtype)
     if isinstance(g.prev, torch.nn.Linear):  # divide the output rows of up_proj / v_proj
-        g.prev.weight.data = (g.prev.weight.detach().double() / s[:, None]).to(g.prev.weight.dtype)
+        g.prev.weight.data = (g.prev.weight.detach().double() / s_out[:, None]).to(g.prev.weight.dtype)
         if g.prev.bias is not None:
-            g.prev.bias.data = (g.prev.bias.detach().double() / s).to(g.prev.bias.dtype)
+            g.prev.bias.data = (g.prev.bias.detach().double() / s_out).to(g.prev.bias.dtype)
     else:
-        g.prev.weight.data = (g.prev.weight.detach().double() / s).to(g.prev.weight.dtype)
+        g.prev.weight.data = (g.prev.weight.detach().double() / s_out).to(g.prev.weight.dtype)
     return s
 
 
