@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -63,6 +64,7 @@ class StreamedModel:
         self.n_blocks = len(self.blocks)
         self._materialize_residents()
         self.peak_block_bytes = 0
+        self.block_seconds: list[float] = []  # wall time of each visit (load, pass, after, free), in order
 
     def _materialize_residents(self) -> None:
         state = self.source.resident_state(self.device, self.dtype)
@@ -124,6 +126,7 @@ class StreamedModel:
         @contextmanager
         def visit(i: int, block: torch.nn.Module):
             assert block is self.blocks[i], "visit called with a block of another model"
+            t0 = time.perf_counter()
             self.load_block(i)
             try:
                 yield
@@ -131,6 +134,9 @@ class StreamedModel:
                     after(i, block)
             finally:
                 self.free_block(i)
+                if self.device.type == "cuda":  # one host sync per block: the block's real wall time
+                    torch.cuda.synchronize(self.device)
+                self.block_seconds.append(time.perf_counter() - t0)
 
         return visit
 
