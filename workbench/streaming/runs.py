@@ -220,8 +220,11 @@ def stream_proxy_scan(
     layers: list[str] | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    exact: bool = False,
 ):
     """The proxy sensitivity table (`sensitivity.py`, method "proxy", no importance), streaming.
+
+    On CUDA the quadratic forms run in TF32 (`devicequant.proxy_costs_tensor`); `exact=True`: float32.
 
     The Grams of each block are collected in its pass and scored with `sensitivity.proxy_costs` while the
     block's weights are materialized, then dropped. The table is saved to `out` after every block; a table
@@ -233,7 +236,7 @@ def stream_proxy_scan(
     from workbench.measure.sensitivity import SensitivityTable, resume_scan
     from workbench.model.inventory import get_linear_weight, get_module
     from workbench.quant.spec import QuantSpec
-    from workbench.streaming.devicequant import proxy_costs_here
+    from workbench.streaming.devicequant import proxy_costs_here, proxy_costs_tensor
 
     specs = [str(QuantSpec.parse(s)) for s in specs]
     if not specs:
@@ -259,9 +262,18 @@ def stream_proxy_scan(
 
     def score(block_layers) -> None:
         t = time.perf_counter()
+        on_gpu = sm.device.type == "cuda"  # the block's costs stay on the device: one host sync per block
+        costs = {}
         for x in block_layers:
-            W = get_linear_weight(get_module(sm.model, x.name))
-            table.cost[x.name] = proxy_costs_here(W, gram_of(x, grams).float(), specs, name=x.name)
+            W, G = get_linear_weight(get_module(sm.model, x.name)), gram_of(x, grams).float()
+            if on_gpu:
+                costs[x.name] = proxy_costs_tensor(W, G, specs, x.name, exact=exact)
+            else:
+                costs[x.name] = proxy_costs_here(W, G, specs, name=x.name)
+        if on_gpu and costs:
+            values = torch.stack(list(costs.values())).tolist()
+            costs = {n: dict(zip(specs, v)) for n, v in zip(costs, values)}
+        table.cost.update(costs)
         table.timing["scan"] = float(table.timing.get("scan", 0.0)) + time.perf_counter() - t
         grams.clear()
         if out is not None:
