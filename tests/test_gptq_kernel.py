@@ -111,3 +111,21 @@ def _dequant(spec: QuantSpec, codes, scales, zeros) -> torch.Tensor:
     from workbench.quant.api import QuantizedWeight
 
     return QuantizedWeight(spec, codes, scales, zeros).dequantize().float()
+
+
+@pytest.mark.skipif(not CUDA, reason="the streamed GPU path of GPTQ")
+def test_streamed_gptq_on_cuda_is_close_to_quantize_weight(stories, layer_gram):
+    """quantize_here / gptq_stacked on CUDA (the kernel, blocks of one group) against the CPU reference."""
+    from workbench.quant.api import quantize_weight
+    from workbench.streaming.devicequant import gptq_stacked, quantize_here
+
+    W, gram = layer_gram
+    spec = QuantSpec.parse("int4_g32:gptq")
+    ref = quantize_weight(W, spec, gram)
+    got = quantize_here("down", W.cuda(), spec, gram.cuda())
+    _close_codes_loose(got.codes.cpu(), ref.codes, "quantize_here")
+    e_ref = output_error(W, ref.dequantize().float(), gram)
+    assert output_error(W, got.dequantize().float().cpu(), gram) == pytest.approx(e_ref, rel=0.02)
+    two = gptq_stacked(["a", "b"], [W.cuda(), W.cuda()], spec, gram.cuda())
+    for q in two:  # cuBLAS may pick another split for 2N rows: equal up to GPTQ's rounding drift
+        _close_codes_loose(q.codes.cpu(), got.codes.cpu(), "stacked")

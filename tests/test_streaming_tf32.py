@@ -81,7 +81,8 @@ def test_gram_of_bf16_inputs_with_float32_accumulation(stories, inputs, name):
     exact = x.double().T @ x.double()
     if CUDA:
         acc = InputAccumulator(x.shape[1], hist_bins=16)
-        acc.add(x.cuda())
+        acc.add(x[:100].cuda())  # two updates: the second adds to (not overwrites) the first
+        acc.add(x[100:].cuda())
         g32 = acc.result(name).gram  # float64 copy of the float32 device accumulation
     else:
         g32 = (x.float().T @ x.float()).double()  # exact bf16 products, float32 accumulation

@@ -99,6 +99,11 @@ def _tf32():
 def _gram_update_cuda(G: torch.Tensor, x: torch.Tensor) -> None:
     """G += x^T x with fp32 accumulation; x [T, K] bf16/fp16/fp32 on CUDA."""
     if x.dtype in (torch.bfloat16, torch.float16):
+        try:  # one GEMM G = G + x^T x (beta = 1): no K x K temporary (3.3 GB at K = 28672)
+            torch.addmm(G, x.t(), x, out_dtype=torch.float32, out=G)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
         try:
             G += torch.mm(x.t(), x, out_dtype=torch.float32)
             return
