@@ -18,10 +18,10 @@ box() { local s=$1; shift; echo "== $(date -u +%T) (limit ${s}s) $*" | tee -a $O
 B="python3 benchmarks/bench_70b_stream.py --quiet ${BENCH_EXTRA:-}"  # BENCH_EXTRA=--tiny: the CPU dry run
 for st in ${STAGES:-tests bench nogram commands}; do
   case $st in
-    tests) box ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider tests/test_gptq_kernel.py tests/test_streaming_tf32.py tests/test_gram_panels.py \
+    tests) box ${T_TESTS:-100} python3 -m pytest -q -p no:cacheprovider tests/test_gptq_kernel.py tests/test_streaming_tf32.py tests/test_gram_panels.py \
              tests/test_streaming.py tests/test_bench_70b_stream.py ;;
-    bench) box ${T_BENCH:-240} $B --blocks $BLOCKS --phases inspect,scan,gptq --out $OUT/bench_70b_${BLOCKS}blocks.json ;;
-    nogram) box ${T_NOGRAM:-60} $B --blocks $BLOCKS --phases inspect --inspect-grams off \
+    bench) box ${T_BENCH:-200} $B --blocks $BLOCKS --phases inspect,scan,gptq --out $OUT/bench_70b_${BLOCKS}blocks.json ;;
+    nogram) box ${T_NOGRAM:-50} $B --blocks $BLOCKS --phases inspect --inspect-grams off \
              --out $OUT/bench_70b_${BLOCKS}blocks_inspect_nograms.json ;;
     commands) { echo "Full 80-block run, one phase per device command (each well under the 600 s cap):"
              for ph in inspect scan gptq; do
