@@ -32,6 +32,7 @@ def test_tiny_run_every_phase(tmp_path):
         p["seconds"] > 0 and p["peak_host_rss_bytes"] > 0 and p["block_bytes"] > 0 for p in ph.values()
     )
     assert all(len(p["block_seconds"]) == 2 and p["projection"]["measured_blocks"] == 2 for p in ph.values())
+    assert all(0 <= a <= b for p in ph.values() for a, b in zip(p["after_seconds"], p["block_seconds"]))
     assert "| gptq | 2 |" in res["markdown"]
     costs = ph["scan"]["extra"]["costs_of_first_layer"]
     assert costs["int2_g64"] > costs["int3_g128"] > costs["int4_g128"] > costs["int8_ch"] > 0

@@ -39,6 +39,7 @@ class StreamReport:
     peak_host_rss_bytes: int = 0  # ru_maxrss of the process (peak since it started)
     block_bytes: int = 0  # the largest block materialized
     block_seconds: list[float] = field(default_factory=list)  # wall time of each block's visit, in order
+    after_seconds: list[float] = field(default_factory=list)  # of which the per-layer work after the pass
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -47,6 +48,7 @@ class StreamReport:
 
 def start_report(sm: StreamedModel) -> float:
     sm.block_seconds.clear()
+    sm.after_seconds.clear()
     if sm.device.type == "cuda":
         torch.cuda.synchronize(sm.device)
         torch.cuda.reset_peak_memory_stats(sm.device)
@@ -67,6 +69,7 @@ def finish_report(sm: StreamedModel, phase: str, t0: float, n_layers: int, **ext
         peak_host_rss_bytes=host_rss_bytes(),
         block_bytes=sm.peak_block_bytes,
         block_seconds=[round(t, 4) for t in sm.block_seconds],
+        after_seconds=[round(t, 4) for t in sm.after_seconds],
         extra=extra,
     )
 
