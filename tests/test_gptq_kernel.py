@@ -130,3 +130,22 @@ def test_streamed_gptq_on_cuda_is_close_to_quantize_weight(stories, layer_gram):
     two = gptq_stacked(["a", "b"], [W.cuda(), W.cuda()], spec, gram.cuda())
     for q in two:  # cuBLAS may pick another split for 2N rows: equal up to GPTQ's rounding drift
         _close_codes_loose(q.codes.cpu(), got.codes.cpu(), "stacked")
+
+
+def test_a_kernel_that_fails_on_its_first_block_falls_back_loudly(layer_gram, monkeypatch):
+    """A column kernel that cannot compile or launch: a warning, the torch loop's exact result, and
+    info["column_loop"] saying so."""
+    import workbench.kernels.gptq_block as KB
+
+    def broken(*args, **kw):
+        raise RuntimeError("no such device function\nsecond line")
+
+    W, gram = layer_gram
+    sp = QuantSpec.parse("int4_g32")
+    ref = gptq_quantize(W, sp, gram, column_kernel=False)
+    monkeypatch.setattr(KB, "gptq_block", broken)
+    with pytest.warns(UserWarning, match="column kernel failed"):
+        got = gptq_quantize(W, sp, gram, column_kernel=True)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert got[3]["column_loop"].startswith("torch (kernel failed: RuntimeError: no such device function")
+    assert ref[3]["column_loop"] == "torch"

@@ -24,6 +24,7 @@ Works for every integer spec (group / channel / tensor, symmetric / asymmetric).
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -72,6 +73,10 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     raise AssertionError("GPTQ: Hessian not positive definite even with strong dampening")
 
 
+class _KernelUnavailable(RuntimeError):
+    """The column kernel could not run its first block (no triton, a compile or launch error)."""
+
+
 _MAX_KERNEL_BLOCK = 256  # kernels/gptq_block.MAX_BLOCK (not imported at module level: triton is optional)
 
 
@@ -116,7 +121,10 @@ def _kernel_blocks(W, Hinv, codes, scales, zeros, spec, col_group, blocksize, dy
     parameters written in place). Dynamic groups: one block per group, its parameters computed from the
     updated weights before the launch (what the torch loop does at the group's first column); otherwise
     blocks of `blocksize` columns with each column's static scale / zero gathered."""
-    from workbench.kernels.gptq_block import gptq_block
+    try:
+        from workbench.kernels.gptq_block import gptq_block
+    except ImportError as exc:  # no triton
+        raise _KernelUnavailable(str(exc)) from exc
 
     N, K = W.shape
     G = spec.group_size
@@ -138,7 +146,12 @@ def _kernel_blocks(W, Hinv, codes, scales, zeros, spec, col_group, blocksize, dy
             z = None if zeros is None else (zeros[:, idx] if zeros.shape[0] == N else zeros[0, 0])
         S1 = s.expand(N, i2 - i1)
         Z1 = (fixed if z is None else z).expand(N, i2 - i1)
-        codes[:, i1:i2], err1 = gptq_block(W1, Hinv[i1:i2, i1:i2].contiguous(), S1, Z1, maxq)
+        try:
+            codes[:, i1:i2], err1 = gptq_block(W1, Hinv[i1:i2, i1:i2].contiguous(), S1, Z1, maxq)
+        except Exception as exc:  # a kernel that cannot compile or launch here fails on its first block
+            if i1 > 0:
+                raise
+            raise _KernelUnavailable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
         if i2 < K:
             W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
 
@@ -212,8 +225,14 @@ def gptq_quantize(
     Hinv, damp = _inverse_cholesky(H, damp)
     codes = torch.empty(N, K, dtype=torch.uint8, device=dev)
     kernel = W.is_cuda if column_kernel is None else column_kernel
-    run = _kernel_blocks if kernel and not (dynamic and G > _MAX_KERNEL_BLOCK) else _torch_blocks
-    run(W, Hinv, codes, scales, zeros, spec, col_group, blocksize, dynamic, clip_args)
+    loop = "triton" if kernel and not (dynamic and G > _MAX_KERNEL_BLOCK) else "torch"
+    args = (W, Hinv, codes, scales, zeros, spec, col_group, blocksize, dynamic, clip_args)
+    try:
+        (_kernel_blocks if loop == "triton" else _torch_blocks)(*args)
+    except _KernelUnavailable as exc:  # before the first block was applied: nothing to undo
+        warnings.warn(f"GPTQ: the column kernel failed on its first launch ({exc}); running the torch loop")
+        loop = f"torch (kernel failed: {exc})"
+        _torch_blocks(*args)
 
     if act_order:
         codes = codes[:, torch.argsort(perm)]
@@ -221,6 +240,7 @@ def gptq_quantize(
         "damp": damp,
         "act_order": act_order,
         "dead_columns": int(dead.sum()),
+        "column_loop": loop,
         "seconds": time.perf_counter() - t0,
     }
     return codes, scales, zeros, info
