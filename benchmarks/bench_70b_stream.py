@@ -1,13 +1,16 @@
 """A Llama-3-70B-shaped model through the streaming loop on one GPU: inspect, proxy scan, GPTQ (issue 18).
 
     python benchmarks/bench_70b_stream.py --blocks 8 --out 70b_8.json       # on the H200: 8 of 80 blocks,
-                                                                            # every phase, ~3 min (estimate)
+                                                                            # every phase, ~1.5 min (estimate)
     python benchmarks/bench_70b_stream.py --phases inspect --out 70b.json   # one phase at 80 blocks: each is
                                                                             # estimated at 4-9 min (RESULTS)
     python benchmarks/bench_70b_stream.py --phases scan --blocks 8 --out x.json   # one phase, 8 blocks
     python benchmarks/bench_70b_stream.py --tiny --out tiny.json            # 2 blocks, hidden 256, CPU
     python benchmarks/bench_70b_stream.py --estimate --out est.json         # CPU timing of one 70B block
                                                                             # + H200 estimate (no GPU)
+    python benchmarks/bench_70b_stream.py --estimate-model --out est.json   # the H200 estimate of the
+                                                                            # current GPU paths (no timing)
+    bash benchmarks/gpu_issue18.sh                                          # the one device command
 
 The weights come from `workbench.streaming.SyntheticSource` (hidden 8192, FFN 28672, 80 blocks, 64 heads /
 8 KV heads, vocab 128256; bf16 on CUDA), generated per block on the device: no 140 GB checkpoint. Calibration
@@ -18,7 +21,9 @@ ids are seeded uniform random tokens (the model has no tokenizer). Phases, each 
     scan      proxy sensitivity of the 560 block linears x 6 RTN specs from --calib-seqs x --seq-len tokens
     gptq      int4_g128:gptq of the 560 block linears, Grams from --calib-seqs x --seq-len tokens,
               written shard by shard to --write (default: not written)
-Reported per phase: wall seconds, peak GPU memory (torch.cuda.max_memory_allocated), peak host RSS. Targets
+Reported per phase: wall seconds, the wall time of every block, a PROJECTION to 80 blocks from the measured
+blocks (`project`), peak GPU memory (torch.cuda.max_memory_allocated), peak host RSS, and at the end a
+markdown table of all phases (`markdown`). Targets
 (issue 18): inspect < 300 s, scan < 120 s, gptq < 480 s, peak GPU < 40 GiB.
 """
 
@@ -35,6 +40,7 @@ import torch
 SPECS = ["int2_g64", "int3_g128", "int4_g128", "int8_ch", "nvfp4", "fp8_e4m3"]  # as bench_sensitivity_gpu
 TARGETS_S = {"inspect": 300, "scan": 120, "gptq": 480}
 TARGET_GPU_GIB = 40
+FULL_BLOCKS = 80  # Llama-3-70B
 
 
 def _say(msg: str) -> None:
@@ -91,12 +97,59 @@ def run_phase(phase: str, sm, args, vocab: int) -> dict:
     gib = (res["peak_gpu_bytes"] or 0) / 2**30
     res.update(peak_gpu_gib=round(gib, 2), peak_host_rss_gib=round(res["peak_host_rss_bytes"] / 2**30, 2))
     target = TARGETS_S[phase]
-    res["meets_time_target"] = res["seconds"] < target if sm.n_blocks == 80 else None
+    res["meets_time_target"] = res["seconds"] < target if sm.n_blocks == FULL_BLOCKS else None
+    res["projection"] = project(res["seconds"], res["block_seconds"], FULL_BLOCKS, target)
+    after = res["after_seconds"][1:] or res["after_seconds"]
+    res["projection"]["per_block_after_s"] = round(sum(after) / len(after), 3) if after else None
     _say(
         f"{phase:8s} {res['seconds']:8.1f} s (target {target} s at 80 blocks)  peak GPU {gib:6.2f} GiB  "
         f"host RSS {res['peak_host_rss_gib']:.2f} GiB  ({res['n_layers']} layers, {sm.n_blocks} blocks)"
     )
+    _say(f"         {res['projection']['label']}: ~{res['projection']['seconds']:.0f} s")
     return res
+
+
+def project(total_s: float, block_s: list[float], n_full: int, target: float) -> dict:
+    """PROJECTION of a phase to `n_full` blocks from the measured per-block wall times: the time outside the
+    blocks (residents' capture, output head) as measured, plus n_full x the mean of the blocks after the first
+    (the first carries the kernels' compilation and the allocator's warm-up; with one block, that one)."""
+    steady = block_s[1:] or block_s
+    per = sum(steady) / len(steady) if steady else 0.0
+    outside = total_s - sum(block_s)
+    seconds = outside + n_full * per
+    return {
+        "label": f"PROJECTION to {n_full} blocks from {len(block_s)} measured blocks "
+        f"(not a {n_full}-block run)",
+        "measured_blocks": len(block_s),
+        "per_block_s": round(per, 3),
+        "first_block_s": round(block_s[0], 3) if block_s else None,
+        "outside_blocks_s": round(outside, 3),
+        "seconds": round(seconds, 1),
+        "target_s": target,
+        "meets_target": seconds < target,
+    }
+
+
+def markdown(res: dict) -> str:
+    """The results as a markdown table (to paste into benchmarks/RESULTS.md)."""
+    rows = [
+        f"{res['device']}, {res['date']}, `{res['command']}`",
+        "",
+        "| phase | blocks measured | wall s | s per block (steady) | of it after the pass (per-layer work)"
+        " | s outside blocks | projected 80 blocks | target | verdict | peak GPU GiB | peak host RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, p in res["phases"].items():
+        pr = p["projection"]
+        gpu = f"{p['peak_gpu_gib']:.2f} (< {TARGET_GPU_GIB})" if p["peak_gpu_bytes"] is not None else "-"
+        verdict = "meets" if pr["meets_target"] else "MISSES"
+        rows.append(
+            f"| {name} | {pr['measured_blocks']} | {p['seconds']:.1f} | {pr['per_block_s']:.3f} | "
+            f"{pr.get('per_block_after_s') or 0:.3f} | "
+            f"{pr['outside_blocks_s']:.1f} | ~{pr['seconds']:.0f} s (projection) | {pr['target_s']} s | "
+            f"{verdict} | {gpu} | {p['peak_host_rss_gib']:.2f} |"
+        )
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,6 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--medium", action="store_true", help="hidden 1024, FFN 4096 (CPU memory-bound checks)")
     ap.add_argument(
         "--estimate", action="store_true", help="time one 70B block on the CPU; estimate the H200"
+    )
+    ap.add_argument(
+        "--estimate-model", action="store_true", help="the H200 estimate of this branch's paths (no timing)"
     )
     ap.add_argument("--phases", default="inspect,scan,gptq", help="comma-separated: inspect, scan, gptq")
     ap.add_argument("--blocks", type=int, default=None, help="decoder blocks (default 80; tiny 2)")
@@ -128,6 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quiet", action="store_true", help="no per-block progress bars")
     ap.add_argument("--out", required=True, help="JSON results")
     args = ap.parse_args(argv)
+    if args.estimate_model:
+        res = estimate_now(LLAMA3_70B)
+        _say(json.dumps(res, indent=1))
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        return res
     if args.estimate:
         res = estimate(LLAMA3_70B)
         Path(args.out).write_text(json.dumps(res, indent=1))
@@ -154,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         sm = StreamedModel(_source(shape, args.blocks), device, dtype)
         build = time.perf_counter() - t0
-        res["phases"][phase] = {
+        key = phase if phase != "inspect" or args.inspect_grams == "drop" else "inspect_no_grams"
+        res["phases"][key] = {
             "build_residents_s": round(build, 2),
             **run_phase(phase, sm, args, shape["vocab_size"]),
         }
@@ -162,6 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         Path(args.out).write_text(json.dumps(res, indent=1))  # after every phase: a cut run keeps its rows
+    res["markdown"] = markdown(res)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    _say(res["markdown"])
     return res
 
 
@@ -169,9 +234,42 @@ def main(argv: list[str] | None = None) -> dict:
 # H200 rates measured earlier on 8B shapes (anchors; scaled here by FLOPs):
 ANCHOR_INSPECT_8B_S = 48.7  # 128 x 2048 tokens, Grams on: issue 18's text (bench_inspect_gpu.py)
 ANCHOR_PROXY_8B_S = 18.0  # 225 layers x 6 specs: RESULTS.md issue 13 run 3 (bench_sensitivity_gpu.py)
+ANCHOR_PROXY_FP32_TFLOPS = 37.2  # the effective fp32 rate of that run (estimate()'s rates_tflops["proxy"])
 ASSUMED_LAUNCH_US = 6.0  # one eager CUDA kernel launch (assumption, typical of PyTorch on H100/H200)
 ASSUMED_FP64_TFLOPS = 30.0  # sustained fp64 Cholesky on an H200 (assumption: ~half its 67 TFLOP/s peak)
 ASSUMED_TF32_TFLOPS = 200.0  # the streaming proxy's D G D^T in TF32 (assumption: ~40% of the dense peak)
+ASSUMED_LAUNCHES_PER_GPTQ_BLOCK = 12  # torch ops around one gptq_block launch (params, slices, the GEMM)
+ASSUMED_GPTQ_BLOCK_KERNEL_US = 500.0  # one gptq_block launch: 128 dependent column steps x ~2 us, 2 waves
+
+
+def estimate_now(shape: dict) -> dict:
+    """ESTIMATE (no GPU) of each phase on an H200 with this branch's GPU paths: Grams over the upper block
+    triangle, TF32 proxy forms, GPTQ's column loop one launch per 128-column block. The same 8B anchor rates
+    as `estimate` (conservative: an 8B run's effective rate, stats included), the same fp64 assumption."""
+    from workbench.presets import LLAMA3_8B
+
+    n70 = shape["num_hidden_layers"]
+    f8 = phase_flops(LLAMA3_8B, 128 * 2048, 2048)
+    rate = LLAMA3_8B["num_hidden_layers"] * (f8["forward"] + f8["grams"]) / ANCHOR_INSPECT_8B_S
+    f70, c70 = phase_flops(shape, 128 * 2048, 2048), phase_flops(shape, 8 * 2048, 2048)
+    calib = (c70["forward"] + c70["grams_upper"]) / rate
+    blocks = c70["gptq_launch_blocks"]
+    gptq_loop = blocks * (ASSUMED_LAUNCHES_PER_GPTQ_BLOCK * ASSUMED_LAUNCH_US + ASSUMED_GPTQ_BLOCK_KERNEL_US)
+    per_block = {
+        "inspect": (f70["forward"] + f70["grams_upper"]) / rate,
+        "scan": calib + 7 * c70["proxy_per_spec"] / (ASSUMED_TF32_TFLOPS * 1e12),
+        "gptq": calib
+        + 2 * c70["gptq_gemm"] / (ANCHOR_PROXY_FP32_TFLOPS * 1e12)
+        + c70["gptq_fp64"] / (ASSUMED_FP64_TFLOPS * 1e12)
+        + gptq_loop * 1e-6,
+    }
+    return {
+        "label": "ESTIMATE (FLOP model at 8B anchor rates), not measured",
+        "per_block_s": {k: round(v, 3) for k, v in per_block.items()},
+        "gptq_column_loop_per_block_s": round(gptq_loop * 1e-6, 3),
+        "seconds": {k: round(n70 * v, 1) for k, v in per_block.items()},
+        "inspect_rate_tflops": round(rate / 1e12, 1),
+    }
 
 
 def linears(shape: dict) -> list[tuple[str, int, int]]:
@@ -203,7 +301,17 @@ def phase_flops(shape: dict, tokens: int, seq_len: int) -> dict:
         "gptq_gemm": sum(N * K * K for _, N, K in lin),
         "gptq_fp64": sum(1.33 * K**3 for r, _, K in lin if r in ("q", "o", "gate", "down")),
         "gptq_columns": sum(K for r, _, K in lin if r in ("q", "o", "gate", "down")),  # stacked on the GPU
+        "grams_upper": 2
+        * tokens
+        * sum(K * K * _upper(K) for r, _, K in lin if r in ("q", "o", "gate", "down")),
+        "gptq_launch_blocks": sum(-(-K // 128) for r, _, K in lin if r in ("q", "o", "gate", "down")),
     }
+
+
+def _upper(K: int, panel: int = 4096) -> float:
+    """Fraction of a K x K Gram's FLOPs the upper-block-triangle accumulation computes (stats/gram.py)."""
+    n = -(-K // panel)
+    return 1.0 if K <= panel else (n + 1) / (2 * n)
 
 
 def _cpu_block_timing(shape: dict) -> dict:

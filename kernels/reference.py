@@ -130,3 +130,24 @@ def attn_kvq_ref(
     K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
     p = torch.softmax((q.float()[:, :, None, :] @ K.transpose(-1, -2)) * sm_scale, -1)
     return (p @ V)[:, :, 0]
+
+
+def gptq_block_ref(
+    W1: torch.Tensor, Hinv1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor, maxq: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of `gptq_block.gptq_block`: GPTQ's column loop over one block, the ops of quant/gptq.py.
+
+    W1 [N, B], Hinv1 [B, B], S1 / Z1 [N, B] float32 -> codes uint8 [N, B], Err1 float32 [N, B].
+    """
+    N, B = W1.shape
+    W1 = W1.clone()
+    codes = torch.empty(N, B, dtype=torch.uint8, device=W1.device)
+    err1 = torch.zeros_like(W1)
+    for i in range(B):
+        w, s, z = W1[:, i], S1[:, i], Z1[:, i]
+        q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+        codes[:, i] = q.to(torch.uint8)
+        err = (w - (q - z) * s) / Hinv1[i, i]
+        W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+        err1[:, i] = err
+    return codes, err1

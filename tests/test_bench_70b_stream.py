@@ -31,6 +31,9 @@ def test_tiny_run_every_phase(tmp_path):
     assert all(
         p["seconds"] > 0 and p["peak_host_rss_bytes"] > 0 and p["block_bytes"] > 0 for p in ph.values()
     )
+    assert all(len(p["block_seconds"]) == 2 and p["projection"]["measured_blocks"] == 2 for p in ph.values())
+    assert all(0 <= a <= b for p in ph.values() for a, b in zip(p["after_seconds"], p["block_seconds"]))
+    assert "| gptq | 2 |" in res["markdown"]
     costs = ph["scan"]["extra"]["costs_of_first_layer"]
     assert costs["int2_g64"] > costs["int3_g128"] > costs["int4_g128"] > costs["int8_ch"] > 0
     model, plan = load_quantized(tmp_path / "q")
@@ -49,3 +52,12 @@ def test_flop_model_of_the_70b_shape():
     f = b.phase_flops(LLAMA3_70B, 1000, 100)
     assert f["gptq_columns"] == 3 * 8192 + 28672  # q/k/v and gate/up stacked: 4 distinct inputs
     assert f["forward"] == 2 * 855_638_016 * 1000 + 4 * 1000 * 100 * 8192
+
+
+def test_projection_to_80_blocks_from_measured_blocks():
+    """Outside-the-blocks time as measured + 80 x the mean of the blocks after the first (warm-up)."""
+    pr = _bench().project(total_s=20.0, block_s=[5.0, 3.0, 4.0], n_full=80, target=300)
+    assert pr["per_block_s"] == 3.5 and pr["outside_blocks_s"] == 8.0 and pr["first_block_s"] == 5.0
+    assert pr["seconds"] == 8.0 + 80 * 3.5 and pr["meets_target"] is True
+    assert "PROJECTION to 80 blocks from 3 measured blocks" in pr["label"]
+    assert _bench().project(10.0, [9.0], 80, 300)["seconds"] == 1.0 + 80 * 9.0  # one block: that one

@@ -24,6 +24,7 @@ Works for every integer spec (group / channel / tensor, symmetric / asymmetric).
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -72,6 +73,89 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     raise AssertionError("GPTQ: Hessian not positive definite even with strong dampening")
 
 
+class _KernelUnavailable(RuntimeError):
+    """The column kernel could not run its first block (no triton, a compile or launch error)."""
+
+
+_MAX_KERNEL_BLOCK = 256  # kernels/gptq_block.MAX_BLOCK (not imported at module level: triton is optional)
+
+
+def _torch_blocks(W, Hinv, codes, scales, zeros, spec, col_group, blocksize, dynamic, clip_args) -> None:
+    """GPTQ's block loop in torch ops, one column at a time (the CPU path; module docstring)."""
+    N, K = W.shape
+    G, sym, maxq = spec.group_size, spec.symmetric, 2**spec.bits - 1
+    per_tensor = spec.granularity == "tensor"
+    fixed_zero = float(2 ** (spec.bits - 1))
+    B = G * max(1, blocksize // G) if dynamic else blocksize
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1 = W[:, i1:i2].clone()  # [N, B]
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic and j % G == 0:
+                s, z = _params(W1[:, i : i + G].unsqueeze(1), spec, *clip_args)
+                scales[:, j // G] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, j // G] = z[:, 0]
+            g = col_group[j]
+            if per_tensor:
+                s = scales[0, 0]
+                z = fixed_zero if sym else zeros[0, 0]
+            else:
+                s = scales[:, g]
+                z = fixed_zero if sym else zeros[:, g]
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            codes[:, j] = q.to(torch.uint8)
+            err = (w - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        if i2 < K:
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+
+def _kernel_blocks(W, Hinv, codes, scales, zeros, spec, col_group, blocksize, dynamic, clip_args) -> None:
+    """GPTQ's block loop with each block's columns in one `gptq_block` launch (codes and the dynamic group
+    parameters written in place). Dynamic groups: one block per group, its parameters computed from the
+    updated weights before the launch (what the torch loop does at the group's first column); otherwise
+    blocks of `blocksize` columns with each column's static scale / zero gathered."""
+    try:
+        from workbench.kernels.gptq_block import gptq_block
+    except ImportError as exc:  # no triton
+        raise _KernelUnavailable(str(exc)) from exc
+
+    N, K = W.shape
+    G = spec.group_size
+    B = G if dynamic else min(blocksize, _MAX_KERNEL_BLOCK)
+    maxq = float(2**spec.bits - 1)
+    fixed = torch.full((1, 1), float(2 ** (spec.bits - 1)), device=W.device)
+    cg = torch.tensor(col_group, device=W.device)
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1 = W[:, i1:i2]
+        if dynamic:
+            s, z = _params(W1.unsqueeze(1), spec, *clip_args)  # [N, 1]
+            scales[:, i1 // G] = s[:, 0]
+            if zeros is not None:
+                zeros[:, i1 // G] = z[:, 0]
+        else:
+            idx = cg[i1:i2]
+            s = scales[:, idx] if scales.shape[0] == N else scales[0, 0].expand(N, i2 - i1)
+            z = None if zeros is None else (zeros[:, idx] if zeros.shape[0] == N else zeros[0, 0])
+        S1 = s.expand(N, i2 - i1)
+        Z1 = (fixed if z is None else z).expand(N, i2 - i1)
+        try:
+            codes[:, i1:i2], err1 = gptq_block(W1, Hinv[i1:i2, i1:i2].contiguous(), S1, Z1, maxq)
+        except Exception as exc:  # a kernel that cannot compile or launch here fails on its first block
+            if i1 > 0:
+                raise
+            raise _KernelUnavailable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+        if i2 < K:
+            W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
+
+
 def gptq_quantize(
     W: torch.Tensor,
     spec: QuantSpec,
@@ -82,6 +166,7 @@ def gptq_quantize(
     clip: bool = False,
     clip_grid: int = 20,
     max_shrink: float = 0.5,
+    column_kernel: bool | None = None,
 ):
     """Quantize W [N, K] with GPTQ for an integer spec.
 
@@ -93,6 +178,9 @@ def gptq_quantize(
         blocksize: columns per lazy-update block.
         act_order: process columns by decreasing diag(H) (static groups; codes in original order).
         clip, clip_grid, max_shrink: optional per-group range shrink search (weight squared error).
+        column_kernel: run each block's column loop as one Triton launch (`kernels/gptq_block.py`; blocks
+            of one group for grouped specs); default: when W is on CUDA. False: the torch loop below
+            (quantize_weight's path on the CPU).
     Returns:
         codes uint8 [N, K] (original column order), scales [N, ng] (or [1, 1] per tensor),
         zeros like scales or None (symmetric), info dict (damp, act_order, seconds).
@@ -109,8 +197,8 @@ def gptq_quantize(
     H.diagonal()[dead] = 1.0
     damp = percdamp * float(H.diagonal().mean())
 
-    bits, sym = spec.bits, spec.symmetric
-    maxq = 2**bits - 1
+    clip_args = (clip, clip_grid, max_shrink)
+    sym = spec.symmetric
     G = spec.group_size
     dynamic = spec.granularity == "group" and not act_order
     if spec.granularity == "group":
@@ -135,38 +223,16 @@ def gptq_quantize(
     col_group = col_group.tolist()
 
     Hinv, damp = _inverse_cholesky(H, damp)
-    B = G * max(1, blocksize // G) if dynamic else blocksize
     codes = torch.empty(N, K, dtype=torch.uint8, device=dev)
-    per_tensor = spec.granularity == "tensor"
-    fixed_zero = float(2 ** (bits - 1))
-
-    for i1 in range(0, K, B):
-        i2 = min(i1 + B, K)
-        W1 = W[:, i1:i2].clone()  # [N, B]
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if dynamic and j % G == 0:
-                s, z = _params(W1[:, i : i + G].unsqueeze(1), spec, clip, clip_grid, max_shrink)
-                scales[:, j // G] = s[:, 0]
-                if zeros is not None:
-                    zeros[:, j // G] = z[:, 0]
-            g = col_group[j]
-            if per_tensor:
-                s = scales[0, 0]
-                z = fixed_zero if sym else zeros[0, 0]
-            else:
-                s = scales[:, g]
-                z = fixed_zero if sym else zeros[:, g]
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            codes[:, j] = q.to(torch.uint8)
-            err = (w - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        if i2 < K:
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    kernel = W.is_cuda if column_kernel is None else column_kernel
+    loop = "triton" if kernel and not (dynamic and G > _MAX_KERNEL_BLOCK) else "torch"
+    args = (W, Hinv, codes, scales, zeros, spec, col_group, blocksize, dynamic, clip_args)
+    try:
+        (_kernel_blocks if loop == "triton" else _torch_blocks)(*args)
+    except _KernelUnavailable as exc:  # before the first block was applied: nothing to undo
+        warnings.warn(f"GPTQ: the column kernel failed on its first launch ({exc}); running the torch loop")
+        loop = f"torch (kernel failed: {exc})"
+        _torch_blocks(*args)
 
     if act_order:
         codes = codes[:, torch.argsort(perm)]
@@ -174,6 +240,7 @@ def gptq_quantize(
         "damp": damp,
         "act_order": act_order,
         "dead_columns": int(dead.sum()),
+        "column_loop": loop,
         "seconds": time.perf_counter() - t0,
     }
     return codes, scales, zeros, info

@@ -9,18 +9,18 @@ grows with the number of tokens:
     log2-histogram of per-token max |x| and the top-k tokens by max |x| (massive activations,
     Sun et al. 2024, https://arxiv.org/abs/2402.17762), with sequence, position, token id and channel.
 
-On CUDA the Gram of bf16/fp16 inputs is computed with TF32 matmuls (or `out_dtype=float32` where torch has
-it): bf16 and fp16 values are exactly representable in TF32, so every product is exact and only the fp32
-accumulation rounds.
+On CUDA the Gram of bf16/fp16 inputs is computed with `out_dtype=float32` GEMMs (or TF32 matmuls where torch
+lacks it): bf16 and fp16 values are exactly representable, so every product is exact and only the fp32
+accumulation rounds; inputs wider than 4096 accumulate the upper block triangle only (stats/gram.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
+from workbench.stats.gram import gram_update, mirror_upper
 from workbench.stats.histogram import LogHistogram, StreamingHistogram, histogram_quantile
 
 TOP_TOKENS = 32
@@ -83,31 +83,6 @@ class ActivationStats:
         k = min(top, self.absmax.numel())
         vals, idx = torch.topk(self.absmax, k)
         return [(int(i), float(v), float(ratio[i])) for v, i in zip(vals, idx)]
-
-
-@contextlib.contextmanager
-def _tf32():
-    """Allow TF32 matmuls inside the block (restores the previous setting)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _gram_update_cuda(G: torch.Tensor, x: torch.Tensor) -> None:
-    """G += x^T x with fp32 accumulation; x [T, K] bf16/fp16/fp32 on CUDA."""
-    if x.dtype in (torch.bfloat16, torch.float16):
-        try:
-            G += torch.mm(x.t(), x, out_dtype=torch.float32)
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass
-        with _tf32():  # exact products: bf16/fp16 values are exact in TF32
-            G.addmm_(x.t().float(), x.float())
-        return
-    G.addmm_(x.t().float(), x.float())  # fp32 input: plain fp32 (TF32 left as the user set it)
 
 
 @dataclass
@@ -184,7 +159,7 @@ class InputAccumulator:
             s["sum"] += xf.sum(0).double()
             s["sumsq"] += (xf * xf).sum(0).double()
             if s["gram"] is not None:
-                _gram_update_cuda(s["gram"], x)
+                s["gram_upper"] = gram_update(s["gram"], x) or s.get("gram_upper", False)
         s["hist"].add(xf, absmax=float(col_max.max()))
         tmax, tch = a.max(1)  # [T] per-token max |x| and its channel
         s["tmax_hist"].add(tmax)
@@ -212,7 +187,7 @@ class InputAccumulator:
         n = max(self.n_tokens, 1)
         mean = s["sum"] / n
         rms = (s["sumsq"] / n).sqrt()
-        gram = s["gram"].double().cpu() if (s["gram"] is not None and keep_gram) else None
+        gram = self.gram_tensor().double().cpu() if (s["gram"] is not None and keep_gram) else None
         edges, counts = s["hist"].result()
         ledges, lcounts = s["tmax_hist"].result()
         top = [t.cpu() for t in s["top"]]
@@ -237,5 +212,8 @@ class InputAccumulator:
         )
 
     def gram_tensor(self) -> torch.Tensor | None:
-        """The running Gram on its device (float64 on CPU, float32 on CUDA), or None."""
-        return self._state.get("gram")
+        """The running Gram on its device (float64 on CPU, float32 on CUDA; symmetric), or None."""
+        G = self._state.get("gram")
+        if G is not None and self._state.get("gram_upper"):
+            mirror_upper(G)  # CUDA accumulates the upper block triangle only (stats/gram.py)
+        return G

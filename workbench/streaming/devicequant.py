@@ -68,29 +68,46 @@ def fake_quant_here(
 
 
 def proxy_costs_here(
-    W: torch.Tensor, gram: torch.Tensor, specs: list[str], name: str = "", device_path: bool | None = None
+    W: torch.Tensor,
+    gram: torch.Tensor,
+    specs: list[str],
+    name: str = "",
+    device_path: bool | None = None,
+    exact: bool = False,
 ) -> dict[str, float]:
     """Relative output error tr(D G D^T) / tr(W G W^T) per spec: `sensitivity.proxy_costs` on the CPU, the
-    same formula on W's device on CUDA (or with `device_path=True`)."""
+    same formula on W's device on CUDA (or with `device_path=True`; TF32 unless `exact`)."""
     from workbench.measure.sensitivity import proxy_costs
-    from workbench.quant.metrics import quadratic_form
 
     if not (W.is_cuda if device_path is None else device_path):
         return proxy_costs(W, gram, specs, name=name)
+    return dict(zip(specs, proxy_costs_tensor(W, gram, specs, name, exact).tolist()))
+
+
+def proxy_costs_tensor(
+    W: torch.Tensor, gram: torch.Tensor, specs: list[str], name: str = "", exact: bool = False
+) -> torch.Tensor:
+    """`proxy_costs_here`'s numbers as a float64 tensor [len(specs)] on W's device, with no host sync (a
+    streamed scan reads a whole block's costs at once). On CUDA the quadratic forms D G D^T run in TF32
+    (10-bit mantissa products, float32 accumulation; tests/test_streaming_tf32.py bounds the cost's
+    relative difference to the float64 path), their row sums in float64; `exact=True`: float32."""
+    from workbench.quant.metrics import quadratic_form
+
     W = W.detach().float()
     G = gram.float().to(W.device)
     old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True  # D G D^T in TF32: ~1e-3 relative, 8x the fp32 rate
+    torch.backends.cuda.matmul.allow_tf32 = not exact
     try:
-        den = float(quadratic_form(W, G).sum())
-        out = {}
-        for s in specs:
-            W_hat = fake_quant_here(name, W, QuantSpec.parse(s), G, device_path=True)
-            num = float(quadratic_form(W - W_hat, G).sum())
-            out[s] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+        den = quadratic_form(W, G).sum()
+        nums = [
+            quadratic_form(W - fake_quant_here(name, W, QuantSpec.parse(s), G, device_path=True), G).sum()
+            for s in specs
+        ]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    return out
+    num = torch.stack(nums)
+    zero_den = torch.where(num == 0, torch.zeros_like(num), torch.full_like(num, math.inf))
+    return torch.where(den > 0, num / den, zero_den)
 
 
 def gptq_stacked(names: list[str], Ws: list[torch.Tensor], spec: QuantSpec, gram: torch.Tensor) -> list:

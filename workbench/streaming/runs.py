@@ -38,6 +38,8 @@ class StreamReport:
     peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated over the run
     peak_host_rss_bytes: int = 0  # ru_maxrss of the process (peak since it started)
     block_bytes: int = 0  # the largest block materialized
+    block_seconds: list[float] = field(default_factory=list)  # wall time of each block's visit, in order
+    after_seconds: list[float] = field(default_factory=list)  # of which the per-layer work after the pass
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -45,6 +47,8 @@ class StreamReport:
 
 
 def start_report(sm: StreamedModel) -> float:
+    sm.block_seconds.clear()
+    sm.after_seconds.clear()
     if sm.device.type == "cuda":
         torch.cuda.synchronize(sm.device)
         torch.cuda.reset_peak_memory_stats(sm.device)
@@ -64,6 +68,8 @@ def finish_report(sm: StreamedModel, phase: str, t0: float, n_layers: int, **ext
         peak_gpu_bytes=peak,
         peak_host_rss_bytes=host_rss_bytes(),
         block_bytes=sm.peak_block_bytes,
+        block_seconds=[round(t, 4) for t in sm.block_seconds],
+        after_seconds=[round(t, 4) for t in sm.after_seconds],
         extra=extra,
     )
 
@@ -217,8 +223,11 @@ def stream_proxy_scan(
     layers: list[str] | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    exact: bool = False,
 ):
     """The proxy sensitivity table (`sensitivity.py`, method "proxy", no importance), streaming.
+
+    On CUDA the quadratic forms run in TF32 (`devicequant.proxy_costs_tensor`); `exact=True`: float32.
 
     The Grams of each block are collected in its pass and scored with `sensitivity.proxy_costs` while the
     block's weights are materialized, then dropped. The table is saved to `out` after every block; a table
@@ -230,7 +239,7 @@ def stream_proxy_scan(
     from workbench.measure.sensitivity import SensitivityTable, resume_scan
     from workbench.model.inventory import get_linear_weight, get_module
     from workbench.quant.spec import QuantSpec
-    from workbench.streaming.devicequant import proxy_costs_here
+    from workbench.streaming.devicequant import proxy_costs_here, proxy_costs_tensor
 
     specs = [str(QuantSpec.parse(s)) for s in specs]
     if not specs:
@@ -256,9 +265,18 @@ def stream_proxy_scan(
 
     def score(block_layers) -> None:
         t = time.perf_counter()
+        on_gpu = sm.device.type == "cuda"  # the block's costs stay on the device: one host sync per block
+        costs = {}
         for x in block_layers:
-            W = get_linear_weight(get_module(sm.model, x.name))
-            table.cost[x.name] = proxy_costs_here(W, gram_of(x, grams).float(), specs, name=x.name)
+            W, G = get_linear_weight(get_module(sm.model, x.name)), gram_of(x, grams).float()
+            if on_gpu:
+                costs[x.name] = proxy_costs_tensor(W, G, specs, x.name, exact=exact)
+            else:
+                costs[x.name] = proxy_costs_here(W, G, specs, name=x.name)
+        if on_gpu and costs:
+            values = torch.stack(list(costs.values())).tolist()
+            costs = {n: dict(zip(specs, v)) for n, v in zip(costs, values)}
+        table.cost.update(costs)
         table.timing["scan"] = float(table.timing.get("scan", 0.0)) + time.perf_counter() - t
         grams.clear()
         if out is not None:

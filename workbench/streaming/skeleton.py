@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -63,6 +64,8 @@ class StreamedModel:
         self.n_blocks = len(self.blocks)
         self._materialize_residents()
         self.peak_block_bytes = 0
+        self.block_seconds: list[float] = []  # wall time of each visit (load, pass, after, free), in order
+        self.after_seconds: list[float] = []  # of which the `after` step (the block's per-layer work)
 
     def _materialize_residents(self) -> None:
         state = self.source.resident_state(self.device, self.dtype)
@@ -124,15 +127,25 @@ class StreamedModel:
         @contextmanager
         def visit(i: int, block: torch.nn.Module):
             assert block is self.blocks[i], "visit called with a block of another model"
+            t0 = time.perf_counter()
             self.load_block(i)
             try:
                 yield
+                t1 = self._now()
                 if after is not None:
                     after(i, block)
+                self.after_seconds.append(self._now() - t1)
             finally:
                 self.free_block(i)
+                self.block_seconds.append(self._now() - t0)
 
         return visit
+
+    def _now(self) -> float:
+        """perf_counter after the device's queued work (two host syncs per block: the real wall times)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def block_layers(self, names: list[str]) -> list[list[str]]:
         """`names` split by decoder block (index i: the names inside block i)."""
