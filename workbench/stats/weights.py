@@ -150,7 +150,9 @@ def weight_stats(
     ranges = _group_ranges(Wf, G)
     row_range = (Wf.amax(1) - Wf.amin(1)).float()
     ratio = row_range / ranges.mean(1).clamp_min(1e-30)
-    q = torch.quantile(ranges.reshape(-1)[: 1 << 24], torch.tensor([0.0, 0.5, 0.99, 1.0], device=ranges.device))
+    q = torch.quantile(
+        ranges.reshape(-1)[: 1 << 24], torch.tensor([0.0, 0.5, 0.99, 1.0], device=ranges.device)
+    )
     stats = WeightStats(
         name=name,
         shape=(N, K),
