@@ -201,7 +201,7 @@ def grid_levels(W: torch.Tensor, spec: str | QuantSpec, which: str = "median") -
     pick = {"median": order[len(order) // 2], "max": order[-1], "min": order[0]}[which]
     r, g = divmod(int(pick), enc.scales.shape[1])
     n_codes = 2**spec.bits
-    codes = torch.arange(n_codes, dtype=torch.uint8).view(1, 1, n_codes)
+    codes = torch.arange(n_codes, dtype=torch.uint8, device=enc.scales.device).view(1, 1, n_codes)
     one = Encoded(
         codes=codes,
         scales=enc.scales[r : r + 1, g : g + 1],
@@ -209,7 +209,7 @@ def grid_levels(W: torch.Tensor, spec: str | QuantSpec, which: str = "median") -
         tensor_scale=enc.tensor_scale,
     )
     vals = decode(spec, one).reshape(-1)
-    vals = torch.unique(vals[torch.isfinite(vals)])  # sorted
+    vals = torch.unique(vals[torch.isfinite(vals)]).cpu()  # sorted
     return GridLevels(spec=str(spec), levels=vals, row=r, group=g, scale=float(enc.scales[r, g]), which=which)
 
 
