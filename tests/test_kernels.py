@@ -275,7 +275,8 @@ def test_gemm_dense_route(dt, monkeypatch):
     """From ``dense_min_rows`` rows on, gemm_int / gemm_fp8 dequantize + cuBLAS: same function, every
     width, one scratch buffer shared by layers of different sizes (a small layer after a large one)."""
     monkeypatch.setenv("WORKBENCH_DENSE_ROWS", "64")
-    for (N, K), bits, G in [((300, 1000), 4, 128), ((256, 4096), 3, 128), ((40, 576), 2, 64), ((24, 172), 8, 32)]:
+    cases = [((300, 1000), 4, 128), ((256, 4096), 3, 128), ((40, 576), 2, 64), ((24, 172), 8, 32)]
+    for (N, K), bits, G in cases:
         _, packed, st, zt = _make_int(N, K, bits, G, False, N + bits)
         for M in [64, 300]:
             x = _x(M, K, dt, M + bits)
