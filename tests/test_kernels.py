@@ -154,6 +154,27 @@ def test_split_k_and_configs(bits):
         assert _rel_err(y, ref) < TOL[torch.float16], str(cfg)
 
 
+@pytest.mark.parametrize("fixup", ["1", "0"], ids=["fixup", "zero_fill_cast"])
+def test_gemv_split_k_fixup(fixup, monkeypatch):
+    """Split-K of the CUDA-core GEMV finished inside the kernel (default; ``checks.fixup_enabled``) or by
+    the zero-fill + cast launches: same function, and the fix-up leaves its persistent workspace and
+    counters at zero (repeated launches, 1 and 4 rows sharing one workspace, give the reference again)."""
+    from workbench.kernels.checks import split_workspace
+
+    monkeypatch.setenv("WORKBENCH_SPLIT_FIXUP", fixup)
+    N, K, G = 40, 576, 64
+    for bits in [8, 4]:
+        _, packed, st, zt = _make_int(N, K, bits, G, False, 30 + bits)
+        for M in [4, 1, 4]:
+            x = _x(M, K, torch.float16, M + bits)
+            ref = R.gemv_int_ref(x, packed, st, zt, bits, G, K)
+            cfg = GemvConfig(block_n=8, tile_words=16, split_k=3, num_warps=1)
+            y = gemv_int(x, packed, st, zt, bits, G, K, config=cfg, out=_poisoned(M, N, torch.float16))
+            assert _rel_err(y, ref) < TOL[torch.float16], f"w{bits} M={M}"
+    ws, cnt = split_workspace(x, N, 8)
+    assert not ws.any() and not cnt.any(), "fix-up left its workspace or counters non-zero"
+
+
 FP8_CASES = list(itertools.product(SHAPES, DTYPES))
 
 
