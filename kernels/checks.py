@@ -132,11 +132,13 @@ def finish_output(y: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype)
     return y.to(dtype)
 
 
-def fixup_enabled() -> bool:
+def fixup_enabled(default: bool) -> bool:
     """Split-K finished inside the kernel (fp32 sums into a persistent workspace, the last program of a
     column block casts, writes and re-zeroes) instead of a zero-fill and a cast launch around it.
-    Default on; ``WORKBENCH_SPLIT_FIXUP=0`` (or the older ``WORKBENCH_W4_FIXUP=0``) turns it off."""
-    return os.environ.get("WORKBENCH_SPLIT_FIXUP", os.environ.get("WORKBENCH_W4_FIXUP", "1")) != "0"
+    ``WORKBENCH_SPLIT_FIXUP=1`` / ``0`` forces it on / off for every kernel; otherwise the kernel's
+    ``default`` (measured per kernel on the H200: ``benchmarks/RESULTS.md``, issue 13, fourth session)."""
+    env = os.environ.get("WORKBENCH_SPLIT_FIXUP")
+    return default if env is None else env != "0"
 
 
 _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

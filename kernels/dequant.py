@@ -7,8 +7,9 @@ cuBLAS bf16 (``benchmarks/RESULTS.md``, issue 14).
 
 * ``decode_tile`` (``@triton.jit``): one [BLOCK_N, BLOCK_K] tile of W_hat in the activation dtype from the
   packed words (2/3/4/8-bit codes or FP8 E4M3 patterns), the decode the GEMM (``gemm_int``) uses too:
-  ``0x6400 | q`` read as fp16 is 1024 + q (bf16: ``0x4300 | q`` = 128 + q), W_hat = q s - z s rounded once
-  to the activation dtype, the chunk-interleaved columns put back in order.
+  (q - z) s in fp32 from the fp16 scale / zero, rounded once to the activation dtype (the GEMM with fp16
+  activations keeps ``0x6400 | q`` read as fp16 = 1024 + q and q s - z s in fp16), the chunk-interleaved
+  columns put back in order.
 * ``_dequant_kernel``: grid (column blocks, K steps), each program decodes one tile and stores it.
 * ``dequantize_int`` / ``dequantize_fp8``: the launchers (twins: ``reference.dequantize_int`` /
   ``dequantize_fp8``, float32); ``dense_matmul``: dequantize into the scratch buffer and ``x @ W_hat^T``.
@@ -28,7 +29,10 @@ from workbench.kernels import tune
 
 from workbench.quant.packing import packed_k
 
-DENSE_MIN_ROWS = 256  # heuristic threshold (H200, issue 14); tuned table key "dense|min_rows", env override
+# rows from which the dense route wins, per code width (fp8: 8), from benchmarks/bench_prefill.py on the
+# H200 (issue 14): summed over the 8B fast path's four linear shapes, dense beats the Triton GEMM from 64
+# rows at 2-4 bits and 128 at 8 bits, and on every shape from 128 / 256.  Tuned key "dense|min_rows|w4".
+DENSE_MIN_ROWS = {2: 128, 3: 128, 4: 128, 8: 256}
 
 
 @triton.jit
@@ -54,9 +58,12 @@ def decode_tile(
     OFF: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    F32: tl.constexpr,
 ):
     """W_hat [BLOCK_N, BLOCK_K] in DT (FP8: the E4M3 value * 2**-8; the caller applies scale * 256) for K
-    step t of rows n; ``row_off`` [BLOCK_N, 1] word offsets of the rows, KWL words of the (low) plane."""
+    step t of rows n; ``row_off`` [BLOCK_N, 1] word offsets of the rows, KWL words of the (low) plane.
+    F32: (q - z) s formed in fp32 from the fp16 scale and zero and rounded once to DT (bf16 needs it:
+    q s - z s in bf16 rounds the scale, the product and the difference); else q s - z s in DT."""
     BKW: tl.constexpr = BLOCK_K // PER  # words per row per K step
     CW: tl.constexpr = 32 // PER  # words per 32-column chunk
     j = tl.arange(0, PER)[None, None, :]
@@ -74,21 +81,25 @@ def decode_tile(
         h = ((q & 0x7F) << 7) | ((q & 0x80) << 8)  # E4M3 fields -> fp16 fields (value * 2**-8)
         wq = h.to(tl.int16).to(tl.float16, bitcast=True).to(DT)
     else:
-        if MAGIC != 0:
-            qf = (q | MAGIC).to(tl.int16).to(DT, bitcast=True) - OFF  # exact q, no int->float op
-        else:
-            qf = q.to(DT)
-        # this K step lies in one group: W_hat = q * s - z * s, in the activation dtype
+        # this K step lies in one group: W_hat = (q - z) * s
         if PER_CHANNEL:
             g = 0
         else:
             g = t // TILES_PER_GROUP
         s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
         if HAS_ZERO:
-            zs = s * tl.load(z_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
         else:
-            zs = s * (1 << (BITS - 1))
-        wq = qf * s.to(DT)[:, None, None] - zs.to(DT)[:, None, None]
+            z = tl.zeros_like(s) + (1 << (BITS - 1))
+        if F32:  # 2**23 + q read as fp32 (exact, no int->float op); q - z exact; one rounding to DT
+            qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            wq = ((qf - z[:, None, None]) * s[:, None, None]).to(DT)
+        else:
+            if MAGIC != 0:
+                qf = (q | MAGIC).to(tl.int16).to(DT, bitcast=True) - OFF  # exact q, no int->float op
+            else:
+                qf = q.to(DT)
+            wq = qf * s.to(DT)[:, None, None] - (s * z).to(DT)[:, None, None]
     # packing: slot j of word w of a 32-column chunk is column j * CW + w -> reorder to columns
     wq = tl.reshape(wq, [BLOCK_N, BKW // CW, CW, PER])
     return tl.reshape(tl.permute(wq, (0, 1, 3, 2)), [BLOCK_N, BLOCK_K])
@@ -129,7 +140,7 @@ def _dequant_kernel(
     row_off = tl.multiple_of(n * stride_wn, 4)[:, None]  # rows are multiples of 16 bytes
     wq = decode_tile(
         w_ptr, s_ptr, z_ptr, n, nmask, row_off, t, N, KWL, LO_WORDS, DT, BITS, PER, TILES_PER_GROUP,
-        PER_CHANNEL, HAS_ZERO, FP8, MAGIC, OFF, BLOCK_N, BLOCK_K,
+        PER_CHANNEL, HAS_ZERO, FP8, MAGIC, OFF, BLOCK_N, BLOCK_K, True,
     )  # fmt: skip
     if FP8:
         s = tl.load(s_ptr + n, mask=nmask, other=0.0) * 256.0
@@ -235,16 +246,16 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return buf
 
 
-def dense_min_rows(x: torch.Tensor) -> int:
+def dense_min_rows(x: torch.Tensor, bits: int, fp8: bool) -> int:
     """Rows from which the launchers take ``dense_matmul``: ``WORKBENCH_DENSE_ROWS`` (0 = never), else this
-    GPU's tuned table entry ``dense|min_rows``, else ``DENSE_MIN_ROWS``."""
+    GPU's tuned table entry ``dense|min_rows|w<bits>`` (``|fp8``), else ``DENSE_MIN_ROWS[bits]``."""
     env = os.environ.get("WORKBENCH_DENSE_ROWS")
     if env is not None:
         return int(env) or 1 << 62
     if not x.is_cuda:
         return 1 << 62  # the interpreter: the Triton GEMM is what the CPU tests check
-    hit = tune.lookup("dense", "min_rows", x.device)
-    return int(hit[0]) if hit else DENSE_MIN_ROWS
+    hit = tune.lookup("dense", f"min_rows|{'fp8' if fp8 else f'w{bits}'}", x.device)
+    return int(hit[0]) if hit else DENSE_MIN_ROWS[bits]
 
 
 def dense_matmul(

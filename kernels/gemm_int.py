@@ -1,13 +1,13 @@
 """GEMM for larger batches / prefill: y = x @ dequant(W)^T on tensor cores (``tl.dot``), 2/3/4/8-bit.
 
 Per K step the program loads an x tile ``[BLOCK_M, BLOCK_K]`` and a packed word tile
-``[BLOCK_N, BLOCK_K / PER]``, unpacks the codes into 16-bit floats without any int->float conversion
-(``0x6400 | q`` read as fp16 is ``1024 + q``; ``0x4300 | q`` read as bf16 is ``128 + q`` for q < 128;
-subtracting the offset is exact), dequantizes in the activation dtype with the step's group scale
-(``W_hat = q * s - z * s``; ``BLOCK_K`` divides the group size, so a K step lies in one group), reorders
-the chunk-interleaved columns, and accumulates ``x @ W_hat^T`` on the tensor cores in fp32.  bf16
-activations with 8-bit codes use a plain conversion (128 + 255 is not exact in bf16).  W_hat is rounded
-to fp16/bf16 once, as a dense fp16/bf16 weight would be.
+``[BLOCK_N, BLOCK_K / PER]``, decodes it (``dequant.decode_tile``, shared with the prefill route) and
+accumulates ``x @ W_hat^T`` on the tensor cores in fp32.  ``BLOCK_K`` divides the group size, so a K step
+lies in one group.  fp16 activations: ``0x6400 | q`` read as fp16 is ``1024 + q`` (subtracting the offset
+is exact, no int->float conversion), ``W_hat = q * s - z * s`` in fp16.  bf16 activations: ``(q - z) * s``
+in fp32 from the fp16 scale and zero, rounded once to bf16 (in bf16 the scale, the product and the
+difference each rounded: up to ~2x the error of one rounding, 0.0083 relative on an int8 case of
+tests/test_runtime_cuda.py, H200).  Either way W_hat is rounded to fp16/bf16 as a dense weight would be.
 
 FP8 E4M3 (``FP8=True``, packed like 8-bit codes): each byte becomes an fp16 with integer ops (its 7
 exponent+mantissa bits moved up by 7, the sign by 8: the E4M3 value * 2**-8, exact), converted to bf16
@@ -71,6 +71,7 @@ def _gemm_int_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    F32: tl.constexpr,  # decode_tile forms (q - z) s in fp32, one rounding (bf16 activations)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -87,7 +88,7 @@ def _gemm_int_kernel(
     for t in range(t_start, t_end):
         wq = decode_tile(
             w_ptr, s_ptr, z_ptr, n, nmask, row_off, t, N, KWL, LO_WORDS, DT, BITS, PER, TILES_PER_GROUP,
-            PER_CHANNEL, HAS_ZERO, FP8, MAGIC, OFF, BLOCK_N, BLOCK_K,
+            PER_CHANNEL, HAS_ZERO, FP8, MAGIC, OFF, BLOCK_N, BLOCK_K, F32,
         )  # fmt: skip
         k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         xt = tl.load(
@@ -143,7 +144,7 @@ def launch_gemm(
     M = x.shape[0]
     per = 16 if bits == 3 else 32 // bits
     per_channel, G = group_tile(group_size, K, per, name)
-    if config is None and M >= dense_min_rows(x):  # prefill: dequantize once, then cuBLAS
+    if config is None and M >= dense_min_rows(x, bits, fp8):  # prefill: dequantize once, then cuBLAS
         return dense_matmul(x, packed, scales_t, zeros_t, bits, group_size, K, fp8, out)
     if config is None and not fp8 and mma_eligible(x, bits, group_size, K):  # W4, fp16 x, <= 16 rows
 
@@ -207,6 +208,7 @@ def launch_gemm(
         BLOCK_N=cfg.block_n,
         BLOCK_K=bk,
         SPLIT_K=split,
+        F32=x.dtype == torch.bfloat16,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -462,7 +462,7 @@ def launch_gemv(
         c = max(1, min(cfg.tile_words // gw, triton.next_power_of_2(triton.cdiv(K, G))))
         tiles = triton.cdiv(triton.cdiv(K, G), c)
     split, tps = split_tiles(tiles, cfg.split_k)
-    ws = split_workspace(x, N, cfg.block_n) if split > 1 and fixup_enabled() else None
+    ws = split_workspace(x, N, cfg.block_n) if split > 1 and fixup_enabled(True) else None
     y = alloc_output(name, out, x, N, 1 if ws is not None else split)
     grid = (triton.cdiv(N, cfg.block_n), split)
     _gemv_kernel[grid](
