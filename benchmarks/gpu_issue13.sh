@@ -30,6 +30,8 @@ for st in ${STAGES}; do
              --runs ${E2E_RUNS:-fast:graph,fast:compile} --hf-prefill '' --out $OUT/e2e.json ;;
     e2e_before) box ${T_E2EB:-50} env WORKBENCH_W4_MMA=0 python3 benchmarks/bench_e2e.py --variants int4_g128 \
              --hf-compile '' --runs fast:compile --prefill 2048 --hf-prefill '' --out $OUT/e2e_cudacore.json ;;
+    e2e_w4fix) box ${T_E2EF:-60} env WORKBENCH_W4_FIXUP=1 python3 benchmarks/bench_e2e.py --variants int4_g128 \
+             --hf-compile '' --runs fast:compile --prefill '' --hf-prefill '' --out $OUT/e2e_w4fixup.json ;;
     gen) for spec in ${GEN_SPECS:-int4_g128}; do for mode in graph compile; do
            box 40 python3 -m workbench.cli generate --model workbench/models/stories260K/stories260K.bin \
              --plan benchmarks/plan_uniform_$spec.json --prompt "Once upon a time" --max-new-tokens 200 \
