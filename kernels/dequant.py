@@ -2,8 +2,8 @@
 
 At M >= ``dense_min_rows`` rows (prefill of a prompt) the matmul is compute bound and cuBLAS on the dense
 weight beats any in-loop dequantizing GEMM here: writing W_hat [N, K] costs one pass over N*K*2 bytes
-(~36 us for 4096 x 14336 on an H200), while the Triton GEMM ran a 2,048-token prefill 3.4x slower than
-cuBLAS bf16 (``benchmarks/RESULTS.md``, issue 14).
+(93 us for the fused 4096 x 28672 gate/up on an H200), while the Triton GEMM ran a 2,048-token prefill 3.4x
+slower than cuBLAS bf16 (``benchmarks/RESULTS.md``, issue 14, and ``benchmarks/bench_prefill.py``).
 
 * ``decode_tile`` (``@triton.jit``): one [BLOCK_N, BLOCK_K] tile of W_hat in the activation dtype from the
   packed words (2/3/4/8-bit codes or FP8 E4M3 patterns), the decode the GEMM (``gemm_int``) uses too:
