@@ -7,6 +7,8 @@ zeroed fp32 buffer with atomics; ``alloc_output`` / ``finish_output`` hide that 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from workbench.errors import WorkbenchError
@@ -128,3 +130,28 @@ def finish_output(y: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype)
     if out is not None:
         return out.copy_(y)
     return y.to(dtype)
+
+
+def fixup_enabled(default: bool) -> bool:
+    """Split-K finished inside the kernel (fp32 sums into a persistent workspace, the last program of a
+    column block casts, writes and re-zeroes) instead of a zero-fill and a cast launch around it.
+    ``WORKBENCH_SPLIT_FIXUP=1`` / ``0`` forces it on / off for every kernel; otherwise the kernel's
+    ``default`` (measured per kernel on the H200: ``benchmarks/RESULTS.md``, issue 13, fourth session)."""
+    env = os.environ.get("WORKBENCH_SPLIT_FIXUP")
+    return default if env is None else env != "0"
+
+
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_workspace(x: torch.Tensor, N: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Persistent zeroed fp32 [16, N] sums and int32 counters (one per column block) for the in-kernel
+    split-K fix-up; every launch leaves them at zero (one stream at a time; rows >= M stay unused).
+    None while a CUDA graph is captured and none exists yet (the caller then zero-fills and casts)."""
+    key = (x.device.type, x.device.index, N, block_n)
+    if key not in _WORKSPACE:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        ws = torch.zeros(16, N, dtype=torch.float32, device=x.device)
+        _WORKSPACE[key] = (ws, torch.zeros(-(-N // block_n), dtype=torch.int32, device=x.device))
+    return _WORKSPACE[key]

@@ -1,13 +1,13 @@
 """GEMM for larger batches / prefill: y = x @ dequant(W)^T on tensor cores (``tl.dot``), 2/3/4/8-bit.
 
 Per K step the program loads an x tile ``[BLOCK_M, BLOCK_K]`` and a packed word tile
-``[BLOCK_N, BLOCK_K / PER]``, unpacks the codes into 16-bit floats without any int->float conversion
-(``0x6400 | q`` read as fp16 is ``1024 + q``; ``0x4300 | q`` read as bf16 is ``128 + q`` for q < 128;
-subtracting the offset is exact), dequantizes in the activation dtype with the step's group scale
-(``W_hat = q * s - z * s``; ``BLOCK_K`` divides the group size, so a K step lies in one group), reorders
-the chunk-interleaved columns, and accumulates ``x @ W_hat^T`` on the tensor cores in fp32.  bf16
-activations with 8-bit codes use a plain conversion (128 + 255 is not exact in bf16).  W_hat is rounded
-to fp16/bf16 once, as a dense fp16/bf16 weight would be.
+``[BLOCK_N, BLOCK_K / PER]``, decodes it (``dequant.decode_tile``, shared with the prefill route) and
+accumulates ``x @ W_hat^T`` on the tensor cores in fp32.  ``BLOCK_K`` divides the group size, so a K step
+lies in one group.  fp16 activations: ``0x6400 | q`` read as fp16 is ``1024 + q`` (subtracting the offset
+is exact, no int->float conversion), ``W_hat = q * s - z * s`` in fp16.  bf16 activations: ``(q - z) * s``
+in fp32 from the fp16 scale and zero, rounded once to bf16 (in bf16 the scale, the product and the
+difference each rounded: up to ~2x the error of one rounding, 0.0083 relative on an int8 case of
+tests/test_runtime_cuda.py, H200).  Either way W_hat is rounded to fp16/bf16 as a dense weight would be.
 
 FP8 E4M3 (``FP8=True``, packed like 8-bit codes): each byte becomes an fp16 with integer ops (its 7
 exponent+mantissa bits moved up by 7, the sign by 8: the E4M3 value * 2**-8, exact), converted to bf16
@@ -31,6 +31,7 @@ from workbench.kernels.checks import (
     group_tile,
     split_tiles,
 )
+from workbench.kernels.dequant import decode_tile, dense_matmul, dense_min_rows, magic_offset
 from workbench.kernels.gemv_mma import choose_w4, mma_eligible, w4_mma
 
 from workbench.errors import WorkbenchError
@@ -70,55 +71,25 @@ def _gemm_int_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    F32: tl.constexpr,  # decode_tile forms (q - z) s in fp32, one rounding (bf16 activations)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     DT = x_ptr.dtype.element_ty
-    BKW: tl.constexpr = BLOCK_K // PER  # words per row per K step
-    CW: tl.constexpr = 32 // PER  # words per 32-column chunk
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mmask = m < M
     nmask = n < N
     row_off = tl.multiple_of(n * stride_wn, 4)[:, None]  # rows are multiples of 16 bytes
-    j = tl.arange(0, PER)[None, None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     t_start = pid_k * TILES_PER_SPLIT
     t_end = tl.minimum(t_start + TILES_PER_SPLIT, K_TILES)
     for t in range(t_start, t_end):
-        widx = t * BKW + tl.arange(0, BKW)  # [BKW]
-        wmask = nmask[:, None] & (widx < KWL)[None, :]
-        words = tl.load(w_ptr + row_off + widx[None, :], mask=wmask, other=0)  # [BN, BKW]
-        if BITS == 3:
-            q = (words[:, :, None] >> (j * 2)) & 3
-            hw = tl.load(w_ptr + row_off + LO_WORDS + (widx // 2)[None, :], mask=wmask, other=0)
-            hi16 = hw >> ((widx % 2) * 16)[None, :]
-            q = q | (((hi16[:, :, None] >> j) & 1) << 2)
-        else:
-            q = (words[:, :, None] >> (j * BITS)) & ((1 << BITS) - 1)  # [BN, BKW, PER]
-        if FP8:
-            h = ((q & 0x7F) << 7) | ((q & 0x80) << 8)  # E4M3 fields -> fp16 fields (value * 2**-8)
-            wq = h.to(tl.int16).to(tl.float16, bitcast=True).to(DT)
-        else:
-            if MAGIC != 0:
-                qf = (q | MAGIC).to(tl.int16).to(DT, bitcast=True) - OFF  # exact q, no int->float op
-            else:
-                qf = q.to(DT)
-            # this K step lies in one group: W_hat = q * s - z * s, in the activation dtype
-            if PER_CHANNEL:
-                g = 0
-            else:
-                g = t // TILES_PER_GROUP
-            s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                zs = s * tl.load(z_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
-            else:
-                zs = s * (1 << (BITS - 1))
-            wq = qf * s.to(DT)[:, None, None] - zs.to(DT)[:, None, None]
-        # packing: slot j of word w of a 32-column chunk is column j * CW + w -> reorder to columns
-        wq = tl.reshape(wq, [BLOCK_N, BKW // CW, CW, PER])
-        wq = tl.reshape(tl.permute(wq, (0, 1, 3, 2)), [BLOCK_N, BLOCK_K])
+        wq = decode_tile(
+            w_ptr, s_ptr, z_ptr, n, nmask, row_off, t, N, KWL, LO_WORDS, DT, BITS, PER, TILES_PER_GROUP,
+            PER_CHANNEL, HAS_ZERO, FP8, MAGIC, OFF, BLOCK_N, BLOCK_K, F32,
+        )  # fmt: skip
         k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         xt = tl.load(
             x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0
@@ -173,6 +144,8 @@ def launch_gemm(
     M = x.shape[0]
     per = 16 if bits == 3 else 32 // bits
     per_channel, G = group_tile(group_size, K, per, name)
+    if config is None and M >= dense_min_rows(x, bits, fp8):  # prefill: dequantize once, then cuBLAS
+        return dense_matmul(x, packed, scales_t, zeros_t, bits, group_size, K, fp8, out)
     if config is None and not fp8 and mma_eligible(x, bits, group_size, K):  # W4, fp16 x, <= 16 rows
 
         def run_other(c, o, p, s, z):
@@ -203,14 +176,7 @@ def launch_gemm(
         raise WorkbenchError(f"{name}: block_k={bk} must divide group_size={G}")
     k_tiles = triton.cdiv(K, bk)
     split, tps = split_tiles(k_tiles, cfg.split_k)
-    if fp8:
-        magic, off = 0, 0
-    elif x.dtype == torch.float16:
-        magic, off = 0x6400, 1024
-    elif bits <= 4:
-        magic, off = 0x4300, 128
-    else:
-        magic, off = 0, 0
+    magic, off = magic_offset(x.dtype, bits, fp8)
     y = alloc_output(name, out, x, N, split)
     Kp = packed_k(K, bits)
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
@@ -242,6 +208,7 @@ def launch_gemm(
         BLOCK_N=cfg.block_n,
         BLOCK_K=bk,
         SPLIT_K=split,
+        F32=x.dtype == torch.bfloat16,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

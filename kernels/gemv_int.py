@@ -39,10 +39,12 @@ from workbench.kernels.checks import (
     alloc_output,
     check_int_weight,
     finish_output,
+    fixup_enabled,
     group_tile,
     split_tiles,
+    split_workspace,
 )
-from workbench.kernels.gemv_mma import choose_w4, mma_eligible, w4_mma
+from workbench.kernels.gemv_mma import choose_w4, finish_split, mma_eligible, w4_mma
 
 from workbench.errors import WorkbenchError
 from workbench.quant.packing import packed_k
@@ -212,6 +214,9 @@ def _gemv_kernel(
     stride_xm,
     stride_wn,
     stride_ym,
+    o_ptr,  # FIXUP: the [M, N] output (y_ptr is then the persistent fp32 workspace)
+    cnt_ptr,  # FIXUP: int32 arrival counters, one per column block (persistent, left at 0)
+    stride_om,
     # meta-parameters
     M_ROWS: tl.constexpr,  # rows of x (1..4), each with its own accumulators
     BITS: tl.constexpr,
@@ -225,6 +230,7 @@ def _gemv_kernel(
     X_BCAST: tl.constexpr,  # load x broadcast over rows (see _row_step)
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    FIXUP: tl.constexpr,  # split-K finished inside the kernel (no zero-fill / cast launches)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -356,6 +362,11 @@ def _gemv_kernel(
         _store_row(y_ptrs + 2 * stride_ym, acc2, accz2, nmask, SPLIT_K)
     if M_ROWS > 3:
         _store_row(y_ptrs + 3 * stride_ym, acc3, accz3, nmask, SPLIT_K)
+    if FIXUP:  # the last of the SPLIT_K programs of this column block casts, writes and re-zeroes
+        tl.debug_barrier()  # every thread's atomic add issued before the release below
+        seen = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if seen == SPLIT_K - 1:
+            finish_split(y_ptr, o_ptr, cnt_ptr, pid_n, M_ROWS, N, stride_ym, stride_om, BLOCK_N)
 
 
 @triton.jit
@@ -451,14 +462,15 @@ def launch_gemv(
         c = max(1, min(cfg.tile_words // gw, triton.next_power_of_2(triton.cdiv(K, G))))
         tiles = triton.cdiv(triton.cdiv(K, G), c)
     split, tps = split_tiles(tiles, cfg.split_k)
-    y = alloc_output(name, out, x, N, split)
+    ws = split_workspace(x, N, cfg.block_n) if split > 1 and fixup_enabled(True) else None
+    y = alloc_output(name, out, x, N, 1 if ws is not None else split)
     grid = (triton.cdiv(N, cfg.block_n), split)
     _gemv_kernel[grid](
         x,
         packed,
         scales_t,
         zeros_t if zeros_t is not None else scales_t,
-        y,
+        y if ws is None else ws[0],
         N,
         K,
         triton.cdiv(K, G),
@@ -468,6 +480,9 @@ def launch_gemv(
         tps,
         x.stride(0),
         packed.stride(0),
+        y.stride(0) if ws is None else ws[0].stride(0),
+        y,
+        y if ws is None else ws[1],
         y.stride(0),
         M_ROWS=M,
         BITS=bits,
@@ -481,6 +496,7 @@ def launch_gemv(
         X_BCAST=cfg.num_warps > 1 and bits != 3,
         BLOCK_N=cfg.block_n,
         SPLIT_K=split,
+        FIXUP=ws is not None,
         num_warps=cfg.num_warps,
     )
     return finish_output(y, out, x.dtype)

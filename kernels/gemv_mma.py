@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
-from workbench.kernels.checks import alloc_output, finish_output
+from workbench.kernels.checks import alloc_output, finish_output, fixup_enabled, split_workspace
 from workbench.kernels.w4_mma_asm import w4_asm
 
 from workbench.errors import WorkbenchError
@@ -235,11 +235,11 @@ def _w4_mma_kernel(
         tl.debug_barrier()  # every thread's red.add issued before the release below
         seen = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if seen == SPLIT_K - 1:
-            _fixup(y_ptr, o_ptr, cnt_ptr, pid_n, M, N, stride_ym, stride_om, BLOCK_N)
+            finish_split(y_ptr, o_ptr, cnt_ptr, pid_n, M, N, stride_ym, stride_om, BLOCK_N)
 
 
 @triton.jit
-def _fixup(ws_ptr, o_ptr, cnt_ptr, pid_n, M, N, stride_wm, stride_om, BLOCK_N: tl.constexpr):
+def finish_split(ws_ptr, o_ptr, cnt_ptr, pid_n, M, N, stride_wm, stride_om, BLOCK_N: tl.constexpr):
     """Read the column block's fp32 sums back from L2 (``.cg``), store them in the output dtype, zero
     the workspace and the counter for the next launch (stream order makes that safe)."""
     rows = tl.arange(0, 16)[:, None]
@@ -304,8 +304,12 @@ def launch_w4_mma(
     steps = triton.cdiv(K, STEP_COLS)
     tps = triton.cdiv(steps, max(1, min(split_k, steps)))
     split = triton.cdiv(steps, tps)
-    ws = _workspace(x, N, block_n) if split > 1 and os.environ.get("WORKBENCH_W4_FIXUP") == "1" else None
-    if ws is not None:  # opt-in, not yet run on a GPU (benchmarks/KERNEL_NOTES.md, issue 13)
+    # in-kernel fix-up by default at split-K >= 8 only (H200: 14336x4096 split 8 17.8 vs 18.7 us;
+    # 4096x14336 split 4 20.0 vs 16.0 us; int4 e2e with it at every split 343 vs 352 tokens/s);
+    # WORKBENCH_W4_FIXUP=1: always
+    fix = fixup_enabled(os.environ.get("WORKBENCH_W4_FIXUP") == "1" or split >= 8)
+    ws = split_workspace(x, N, block_n) if split > 1 and fix else None
+    if ws is not None:  # split-K finished in the kernel (checks.fixup_enabled)
         y = alloc_output("gemv_w4_mma", out, x, N, 1)
         ws, cnt = ws
     else:
@@ -347,22 +351,6 @@ def launch_w4_mma(
     )
     _check_layout(ck)
     return finish_output(y, out, x.dtype)
-
-
-_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(x: torch.Tensor, N: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Persistent zeroed fp32 [M, N] sums and int32 counters for the in-kernel split-K fix-up (each
-    launch leaves them at zero; one stream at a time).  None while a graph is captured and none exists
-    yet (the caller then uses the zero-fill + cast launches)."""
-    key = (x.device.index, x.shape[0], N, block_n)
-    if key not in _WORKSPACE:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        ws = torch.zeros(x.shape[0], N, dtype=torch.float32, device=x.device)
-        _WORKSPACE[key] = (ws, torch.zeros(triton.cdiv(N, block_n), dtype=torch.int32, device=x.device))
-    return _WORKSPACE[key]
 
 
 _LAYOUT_OK: set[int] = set()

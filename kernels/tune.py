@@ -163,6 +163,12 @@ def pick(
     return best
 
 
+def lookup(kernel: str, key: str, device: torch.device) -> tuple | None:
+    """This GPU's cached choice for ``kernel``/``key`` (shipped table or user cache), or None; never times."""
+    hit = _load(_gpu_name(device)).get(f"{kernel}|{key}")
+    return tuple(hit) if hit is not None else None
+
+
 def tuned_table(device: torch.device | None = None) -> dict[str, list]:
     """Every cached choice for this GPU (for benchmarks' records)."""
     return dict(_load(_gpu_name(device)))

@@ -153,6 +153,27 @@ def test_split_k_and_configs(bits):
         assert _rel_err(y, ref) < TOL[torch.float16], str(cfg)
 
 
+@pytest.mark.parametrize("fixup", ["1", "0"], ids=["fixup", "zero_fill_cast"])
+def test_gemv_split_k_fixup(fixup, monkeypatch):
+    """Split-K of the CUDA-core GEMV finished inside the kernel (default; ``checks.fixup_enabled``) or by
+    the zero-fill + cast launches: same function, and the fix-up leaves its persistent workspace and
+    counters at zero (repeated launches, 1 and 4 rows sharing one workspace, give the reference again)."""
+    from workbench.kernels.checks import split_workspace
+
+    monkeypatch.setenv("WORKBENCH_SPLIT_FIXUP", fixup)
+    N, K, G = 40, 576, 64
+    for bits in [8, 4]:
+        _, packed, st, zt = _make_int(N, K, bits, G, False, 30 + bits)
+        for M in [4, 1, 4]:
+            x = _x(M, K, torch.float16, M + bits)
+            ref = R.gemv_int_ref(x, packed, st, zt, bits, G, K)
+            cfg = GemvConfig(block_n=8, tile_words=16, split_k=3, num_warps=1)
+            y = gemv_int(x, packed, st, zt, bits, G, K, config=cfg, out=_poisoned(M, N, torch.float16))
+            assert _rel_err(y, ref) < TOL[torch.float16], f"w{bits} M={M}"
+    ws, cnt = split_workspace(x, N, 8)
+    assert not ws.any() and not cnt.any(), "fix-up left its workspace or counters non-zero"
+
+
 FP8_CASES = list(itertools.product(SHAPES, DTYPES))
 
 
@@ -227,6 +248,67 @@ def test_bad_inputs_are_named():
         gemm_int(x, packed, st, zt, bits, 64, K)  # scales are for g32 (6 groups), call says g64
     with pytest.raises(WorkbenchError, match="packed weight"):
         gemm_int(x, packed, st, zt, 2, 32, K)
+
+
+DEQ_CASES = [
+    c
+    for c in itertools.product([(24, 172), (40, 576)], BITS, [32, 128, PER_CHANNEL], [False, True], DTYPES)
+    if CUDA or c[1] in (3, 4)  # the interpreter checks the 3-bit planes and the nibbles; CUDA every width
+]
+
+
+@pytest.mark.parametrize("case", DEQ_CASES, ids=_case_id)
+def test_dequantize_matches_reference(case):
+    """The prefill route's Triton dequantization (``kernels/dequant.py``) against the float32 reference,
+    and ``dense_matmul`` (dequantize into the scratch buffer, then x @ W_hat^T) against the GEMM's twin."""
+    from workbench.kernels.dequant import dense_matmul, dequantize_int
+
+    (N, K), bits, G, sym, dt = case
+    seed = zlib.crc32(_case_id(case).encode()) + 3
+    _, packed, st, zt = _make_int(N, K, bits, G, sym, seed)
+    W = dequantize_int(packed, st, zt, bits, G, K, dt)
+    assert W.shape == (N, K) and W.dtype == dt
+    assert _rel_err(W, R.dequantize_int(packed, st, zt, bits, G, K)) < TOL[dt]
+    x = _x(9, K, dt, seed)
+    y = dense_matmul(x, packed, st, zt, bits, G, K, False, _poisoned(9, N, dt))
+    assert _rel_err(y, R.gemm_int_ref(x, packed, st, zt, bits, G, K)) < TOL[dt]
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=["fp16", "bf16"])
+def test_dequantize_fp8_matches_reference(dt):
+    from workbench.kernels.dequant import dequantize_fp8
+
+    N, K = 40, 172
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(N, K, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+    packed, scales = prepare_fp8_params(w.view(torch.uint8), torch.rand(N, generator=g) * 0.01 + 1e-3)
+    packed, scales = packed.to(DEV), scales.to(DEV)
+    W = dequantize_fp8(packed, scales, K, dt)
+    assert _rel_err(W, R.dequantize_fp8(packed, scales, K)) < TOL[dt]
+
+
+@pytest.mark.skipif(not CUDA, reason="the launchers take the dense route on CUDA only")
+@pytest.mark.parametrize("dt", DTYPES, ids=["fp16", "bf16"])
+def test_gemm_dense_route(dt, monkeypatch):
+    """From ``dense_min_rows`` rows on, gemm_int / gemm_fp8 dequantize + cuBLAS: same function, every
+    width, one scratch buffer shared by layers of different sizes (a small layer after a large one)."""
+    monkeypatch.setenv("WORKBENCH_DENSE_ROWS", "64")
+    cases = [((300, 1000), 4, 128), ((256, 4096), 3, 128), ((40, 576), 2, 64), ((24, 172), 8, 32)]
+    for (N, K), bits, G in cases:
+        _, packed, st, zt = _make_int(N, K, bits, G, False, N + bits)
+        for M in [64, 300]:
+            x = _x(M, K, dt, M + bits)
+            y = gemm_int(x, packed, st, zt, bits, G, K, out=_poisoned(M, N, dt))
+            assert _rel_err(y, R.gemm_int_ref(x, packed, st, zt, bits, G, K)) < TOL[dt], f"w{bits} M={M}"
+            y = gemm_int(x, packed, st, zt, bits, G, K)
+            assert _rel_err(y, R.gemm_int_ref(x, packed, st, zt, bits, G, K)) < TOL[dt], f"w{bits} M={M}"
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(300, 1000, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+    packed, scales = prepare_fp8_params(w.view(torch.uint8), torch.rand(300, generator=g) * 0.01 + 1e-3)
+    packed, scales = packed.to(DEV), scales.to(DEV)
+    x = _x(128, 1000, dt, 1)
+    y = gemm_fp8(x, packed, scales, 1000, out=_poisoned(128, 300, dt))
+    assert _rel_err(y, R.gemm_fp8_ref(x, packed, scales, 1000)) < TOL[dt], "fp8"
 
 
 MMA_SHAPES = [(300, 1024), (64, 256), (200, 1000), (4096, 4096), (100, 4224)]
