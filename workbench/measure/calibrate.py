@@ -65,14 +65,25 @@ def uniform_kls(loaded, table, windows: torch.Tensor, grams: dict, on_spec=None)
     return out
 
 
-def plan_kl(loaded, runner, resolved: dict, grams: dict) -> float:
-    """Mean KL of the whole plan `resolved` ({layer: spec}) on the windows `runner` captured."""
+def plan_kl(loaded, runner, resolved: dict, grams: dict, cache: dict | None = None) -> float:
+    """Mean KL of the whole plan `resolved` ({layer: spec}) on the windows `runner` captured.
+
+    `cache` ({(layer, spec): W_hat}): reuse the quantized weights of the previous plan; entries this plan
+    does not use are dropped, so it holds one plan's weights at most.
+    """
     from workbench.measure.simulate import quantized_weight
     from workbench.quant.spec import QuantSpec
 
     specs = {n: QuantSpec.parse(s) for n, s in resolved.items()}
-    weights = {n: quantized_weight(loaded.model, n, s, grams) for n, s in specs.items() if s.is_quantized}
-    return runner.kl_from(0, weights)
+    keys = {(n, str(s)) for n, s in specs.items() if s.is_quantized}
+    if cache is None:
+        cache = {}
+    for k in [k for k in cache if k not in keys]:
+        del cache[k]
+    for n, s in keys:
+        if (n, s) not in cache:
+            cache[(n, s)] = quantized_weight(loaded.model, n, s, grams)
+    return runner.kl_from(0, {n: cache[(n, s)] for n, s in keys})
 
 
 def calibrate_table(loaded, table, windows: torch.Tensor, grams: dict, on_spec=None) -> dict:
@@ -187,7 +198,36 @@ def refine_table(
     if roles:
         record["roles"] = roles
     record.update(scales=scales, plans=plans, check=_agreement(plans))
+    refine_plans(loaded, table, windows, grams, on_step=on_step, runner=runner)
     return record
+
+
+def refine_plans(loaded, table, windows, grams: dict, on_step=None, runner=None) -> list[dict]:
+    """Measured refinement (`refine.py`) at every budget the check measured, after the check: every
+    measured move joins the pool (`calibration["plans"]`); the record per budget is kept under
+    "refined" and the check's agreement is recomputed over the larger pool. `on_step(i, n, label)` is
+    called before each measurement (it may raise to cancel)."""
+    from workbench.measure.refine import MAX_EVALS, refine_pool
+
+    record = table.calibration
+    if runner is None:
+        from workbench.measure.replay import BlockRunner
+
+        runner = BlockRunner(loaded.model)
+        runner.capture(windows)
+    cache: dict = {}
+    caps = _capacities(table)
+
+    def measure(specs: list[str]) -> float:
+        return plan_kl(loaded, runner, {x.name: s for x, s in zip(table.layers, specs)}, grams, cache)
+
+    def step(i: int, label: str, move: int, n_up: int) -> None:
+        if on_step is not None:
+            on_step(i, len(caps), f"refine {label}: move {move + 1}/{MAX_EVALS} ({n_up} layers up)")
+
+    refined = refine_pool(table, record["plans"], caps, measure, on_step=step)
+    record.update(refined=refined, check=_agreement(record["plans"]))
+    return refined
 
 
 def _bits(resolved, layers) -> int:
