@@ -73,6 +73,7 @@ def run(args) -> int:
         "budget_bits_total": res.budget_bits,
         "measured_calibration_kl": res.measured,
         "guard": res.note or None,
+        "measured": res.evidence or None,
     }
     if args.front:
         front = pareto_front(tab, pinned=pins, include_bf16=not args.no_bf16)
@@ -98,8 +99,12 @@ def run(args) -> int:
     print(table(rows, ["spec", "share of weights"]))
     print(f"plan: {totals.summary()}")
     print(f"predicted cost ({tab.method}): {res.predicted_cost:.6g}; written to {args.out}")
-    if res.measured is not None:
+    if res.evidence:
+        print(f"measured: {res.evidence}")
+    elif res.measured is not None:
         print(f"measured KL on the calibration windows: {res.measured:.4g}")
+    else:
+        print("measured: not this plan (the table's pool holds no measurement of it; --verify measures it)")
     if res.note:
         print(f"guard: {res.note}")
     for key in ("front", "llama_cpp"):

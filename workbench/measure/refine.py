@@ -211,6 +211,9 @@ def refine_pool(table, plans: list[dict], caps: list[tuple[str, int]], measure_k
                 bits_j = p.total_bits(m["specs"])
                 plans.append({"label": f"refined {label} #{j + 1}", "specs": m["specs"], "kl": m["kl"],
                               "total_bits": bits_j, "predicted": m["predicted"]})  # fmt: skip
+        keys = ("kl", "predicted", "n_up", "near", "kept")
+        steps = [{k: m[k] for k in keys} | {"total_bits": p.total_bits(m["specs"])} for m in r.moves]
         out.append({"label": label, "total_bits": bits, "start": r.start, "start_kl": start["kl"],
-                    "kl": r.kl, "evals": len(r.moves), "kept": sum(m["kept"] for m in r.moves)})  # fmt: skip
+                    "kl": r.kl, "evals": len(r.moves), "kept": sum(m["kept"] for m in r.moves),
+                    "moves": steps})  # fmt: skip
     return out
