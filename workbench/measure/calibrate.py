@@ -17,6 +17,10 @@ pass per plan, all its layers fake-quantized):
    mixtures ~2.4x too low on `default` (the allocator picks exactly the layers whose cost is
    under-estimated), so the prediction alone cannot promise that a mixture beats the uniform plan of its
    size; the measurements can.
+   Then the measured refinement (`refine_plans`, `refine.py`, part of "check"): at each of those budgets
+   where the best measured plan does not already beat every fitting uniform plan by a margin, small moves
+   ranked by the table are measured and kept only if lower; they join the pool, so the allocation at a
+   uniform plan's size can beat it strictly even where the whole knapsack mixture measures worse.
 3. `refine_table(roles=True)` ("roles", optional): before the check, each role is measured alone (its
    layers at ROLE_SPECS, the rest unquantized), its costs get the factor b_role = measured / estimated
    (geometric mean over those specs), and the per-spec scales are refitted so every uniform plan stays
