@@ -227,3 +227,26 @@ def test_allocate_cli_verify(stories, table, tmp_path, capsys):
     rows = res["verify"]["rows"]
     assert rows[0]["label"] == "this plan" and all(r["cached"] for r in rows)
     assert "no higher than every uniform plan" in res["verify"]["verdict"]
+
+
+def test_refine_allocation_measures_a_budget_the_check_did_not(stories, table, tmp_path, capsys):
+    """At 4.75 bits (not a checked budget) `refine_allocation` measures the allocation and a bounded number of
+    moves; the result is the best measured plan that fits, and the CLI's --refine saves them in the table."""
+    import copy
+
+    from workbench.measure.calibrate import refine_allocation
+
+    tab = copy.deepcopy(table)
+    n0 = len(tab.calibration["plans"])
+    steps = []
+    a = refine_allocation(stories, tab, budget_bits=4.75, max_evals=2, progress=lambda f, t: steps.append(t))
+    plans = tab.calibration["plans"]
+    assert n0 < len(plans) <= n0 + 3 and steps and a.measured is not None and a.evidence
+    fit = [p["kl"] for p in plans if p["total_bits"] <= a.budget_bits]
+    assert a.measured == min(fit)
+    path = tmp_path / "t.json"
+    table.save(path)
+    argv = ["allocate", "--sensitivity", str(path), "--budget-bits", "4.75", "--out", str(tmp_path / "p.j")]
+    assert main(argv + ["--refine", "1", "--model", str(STORIES)]) == 0
+    assert "measured: measured KL" in capsys.readouterr().out
+    assert len(type(table).load(path).calibration["plans"]) > n0

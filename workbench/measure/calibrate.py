@@ -251,3 +251,57 @@ def _agreement(plans) -> dict:
         "max_rel_error": float(rel),
         "n_plans": len(plans),
     }
+
+
+def refine_allocation(
+    loaded, table, budget_bits: float | None = None, budget_mb: float | None = None, max_evals: int = 2,
+    grams: dict | None = None, progress=False,
+):  # fmt: skip
+    """`allocate_table` at a budget the check did not measure, refined by measurement first: the allocator's
+    plan is measured on the scan windows, then `refine.refine` runs from the best measured plan that fits (at
+    most `max_evals` moves); every measured plan joins the table's pool (save the table to keep them), and
+    the result is `allocate_table` over the larger pool. Nothing is measured when the pool already holds the
+    allocator's plan. `progress`: a callable fn(fraction, text) (it may raise to cancel) or False."""
+    from workbench.measure.refine import Prices, refine
+    from workbench.measure.replay import BlockRunner
+    from workbench.model.data import calibration_batches
+    from workbench.plan.allocate import allocate_table
+
+    plans = table.calibration.get("plans")
+    first = allocate_table(table, budget_bits=budget_bits, budget_mb=budget_mb)
+    key = [str(first.resolved[x.name]) for x in table.layers]
+    if not plans or any(p["specs"] == key for p in plans):
+        return first
+    say = progress if callable(progress) else (lambda _f, _t: None)
+    st = table.settings
+    say(0.0, f"measuring the allocation on {st['n_seqs']} x {st['seq_len']} tokens of '{st['text']}'")
+    windows = calibration_batches(
+        loaded.tokenizer, st["text"], st["n_seqs"], st["seq_len"], st["seed"],
+        max_context=loaded.description.max_context,
+    )  # fmt: skip
+    runner, cache = BlockRunner(loaded.model), {}
+    runner.capture(windows)
+
+    def measure(specs: list[str]) -> float:
+        return plan_kl(loaded, runner, {x.name: s for x, s in zip(table.layers, specs)}, grams or {}, cache)
+
+    raw = allocate_table(table, budget_bits=budget_bits, budget_mb=budget_mb, guard=False)
+    own = [str(raw.resolved[x.name]) for x in table.layers]
+    label = f"allocated {raw.avg_bits:.3f} bits"
+    if not any(p["specs"] == own for p in plans):
+        plans.append({"label": label, "specs": own, "kl": measure(own), "total_bits": raw.total_bits,
+                      "predicted": raw.predicted_cost})  # fmt: skip
+    start = min((p for p in plans if p["total_bits"] <= raw.budget_bits), key=lambda p: p["kl"])
+    prices = Prices.of(table)
+
+    def step(i: int, n_up: int) -> None:
+        say((i + 1) / (max_evals + 1), f"refining: move {i + 1}/{max_evals} ({n_up} layers up)")
+
+    r = refine(prices, start, raw.budget_bits, measure, max_evals, on_move=step)
+    for j, m in enumerate(r.moves):
+        if not any(p["specs"] == m["specs"] for p in plans):
+            bits = prices.total_bits(m["specs"])
+            plans.append({"label": f"refined {label} #{j + 1}", "specs": m["specs"], "kl": m["kl"],
+                          "total_bits": bits, "predicted": m["predicted"]})  # fmt: skip
+    say(1.0, f"refined: {r.kl:.4g} from {r.start} ({start['kl']:.4g}), {len(r.moves)} moves measured")
+    return allocate_table(table, budget_bits=budget_bits, budget_mb=budget_mb)
