@@ -369,8 +369,9 @@ def _pool(table) -> list[dict]:
 
 def mixture_factor(plans: list[dict]) -> float:
     """How much the table under-prices the allocator's mixtures: the geometric mean of measured / predicted
-    KL over the measured non-uniform plans of the pool (at least 1; 1 without any)."""
-    ratios = [p["kl"] / p["predicted"] for p in plans if not p["label"].startswith("uniform ")
+    KL over the allocator's own measured plans in the pool (labels "allocated ..."; at least 1, 1 without
+    any). Refinement moves stay close to a uniform plan and are priced better, so they do not count."""
+    ratios = [p["kl"] / p["predicted"] for p in plans if p["label"].startswith("allocated ")
               and p["kl"] > 0 and p.get("predicted", 0) > 0]  # fmt: skip
     return max(1.0, math.exp(sum(math.log(r) for r in ratios) / len(ratios))) if ratios else 1.0
 
