@@ -150,7 +150,9 @@ def refine_table(
 
     Returns the calibration record: {"uniform": ..., "roles": {role: {"scale", "plans"}}, "scales":
     {spec: a_spec}, "plans": [{"label", "specs", "kl", "total_bits", "predicted"}] (uniform plans and the
-    checked allocations: the guard's pool), "check": {"spearman", "max_rel_error", "n_plans"}}.
+    checked allocations, then the refinement's moves: the guard's pool), "refined": [per budget refined:
+    {"label", "total_bits", "start", "start_kl", "kl", "evals", "kept", "moves"}] (`refine_plans`),
+    "check": {"spearman", "max_rel_error", "n_plans"}}.
     `on_step(i, n, label)` is called before each measurement.
     """
     from workbench.errors import WorkbenchError
