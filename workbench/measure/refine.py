@@ -124,11 +124,7 @@ class Refinement:
     start: str  # label of the measured plan it started from
     specs: list[str]
     kl: float
-    moves: list[dict] = field(default_factory=list)  # {"specs", "kl", "predicted", "n_up", "kept"}
-
-    @property
-    def improved(self) -> bool:
-        return any(m["kept"] for m in self.moves)
+    moves: list[dict] = field(default_factory=list)  # {"specs", "kl", "predicted", "n_up", "near", "kept"}
 
 
 def refine(
