@@ -154,7 +154,11 @@ def render(loaded, table, rows, ev, args, seconds) -> str:
         f"matrices of {s['calib_seqs']} x {s['calib_seq_len']} tokens of '{s['text']}', Fisher from "
         f"{s['n_seqs']} x {s['seq_len']} tokens (setup {table.timing.get('setup', 0):.0f} s, scan "
         f"{table.timing.get('scan', 0):.0f} s, uniform calibration {table.timing.get('calibrate', 0):.0f} s, "
-        f"check {table.timing.get('refine', 0):.0f} s). Reference PPL {ref_ppl:.3f}.",
+        f"check {table.timing.get('refine', 0):.0f} s"
+        + (f", refinement {table.timing['refine_moves']:.0f} s" if "refine_moves" in table.timing else "")
+        + f"). Reference PPL {ref_ppl:.3f}.",
+        "",
+        refinement_summary(table),
         "",
         calibration_summary(table),
         "",
@@ -223,6 +227,25 @@ def calibration_summary(table) -> str:
     )
 
 
+def refinement_summary(table) -> str:
+    """The measured refinement per budget (scan windows): where it started, how many moves, where it ended."""
+    refined = table.calibration.get("refined")
+    if refined is None:
+        return ""
+    out = [
+        "**Measured refinement** (scan windows; `workbench/measure/refine.py`): at each checked budget where "
+        "the best measured plan did not already beat every fitting uniform plan by 5%, moves ranked by the "
+        "table's predicted gain per bit, each measured and kept only if 1% lower.",
+        "",
+        "| budget | started from (KL) | moves measured | kept | ends at KL |",
+        "|---|---|---|---|---|",
+    ]
+    for r in refined:
+        out.append(f"| {r['label']} | {r['start']} ({_kl(r['start_kl'])}) | {r['evals']} | {r['kept']} | "
+                   f"{_kl(r['kl'])} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def never_worse(rows) -> list[str]:
     """The never-worse-than-uniform table: each allocation against the uniform plan of its size (equal-size
     rows: it must measure lower KL) and against the best uniform plan that fits (no higher KL)."""
@@ -259,7 +282,10 @@ def never_worse(rows) -> list[str]:
         verdict = "same plan (the only plan of that size)" if same else ("yes" if ok else "**NO**")
         if a.get("guard"):
             back = a["guard"].rsplit("returning ", 1)[-1]
-            verdict = f"not a win: the guard returned {back} itself" if same else f"{verdict} (guard: {back})"
+            how = "refinement" if back.startswith("refined ") else "guard"
+            verdict = f"not a win: the guard returned {back} itself" if same else f"{verdict} ({how}: {back})"
+        if spec is not None and not same and best is not None:
+            verdict += f"; margin {100 * (a['kl'] / uni[spec]['kl'] - 1):+.1f}% vs {spec}"
         own = f"{spec} ({_kl(uni[spec]['kl'])})" if spec else "-"
         fits = f"{best[0]} ({_kl(best[1]['kl'])})" if best else "-"
         out.append(f"| {label} | {a['avg_bits']:.3f} | {_kl(a['kl'])} | {own} | {fits} | {verdict} |")
@@ -273,6 +299,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the app's, 4096)")
     ap.add_argument("--seq-len", type=int, default=None, help="evaluation window (default: the app's)")
     ap.add_argument("--write-results", action="store_true", help="replace this script's RESULTS.md section")
+    ap.add_argument(
+        "--subsection",
+        help="title of a dated subsection: with --write-results, append it to the issue 11 section instead",
+    )
+    ap.add_argument("--json-out", help="write the rows, the refinement record and the pool here")
     ap.add_argument("--note", action="append", default=[], help="extra paragraph for the section")
     ap.add_argument("--earlier", help="JSON {label: {kl, ppl, top1}} of an earlier run, used past --deadline")
     ap.add_argument("--deadline", help="HH:MM (UTC): after it, plans found in --earlier are not re-measured")
@@ -295,10 +326,15 @@ def main(argv=None) -> int:
     work = cache_dir("plan_trust", loaded.description.fingerprint)
     settings = json.dumps(scan_settings(loaded.description), sort_keys=True)
     tag = hashlib.sha1(f"{DEFAULT_METHOD}|{settings}|calibrate-check".encode()).hexdigest()[:10]
-    table = default_scan(loaded, out=work / f"table_{DEFAULT_METHOD}_{tag}.json")
+
+    def say(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    table = default_scan(loaded, out=work / f"table_{DEFAULT_METHOD}_{tag}.json", on_setup=say)
     proxy = default_scan(loaded, out=work / "table_proxy.json", method="proxy")
     plans = build_plans(loaded, table, proxy)
-    state = work / f"rows-{tag}-{ev['text']}-{ev['seq_len']}-{ev['max_tokens']}.json"
+    rtag = f"{tag}-refined" if "refined" in table.calibration else tag  # rows of the refined table apart
+    state = work / f"rows-{rtag}-{ev['text']}-{ev['seq_len']}-{ev['max_tokens']}.json"
     t0 = time.perf_counter()
     earlier = json.loads(Path(args.earlier).read_text()) if args.earlier else None
     deadline = None
@@ -309,10 +345,40 @@ def main(argv=None) -> int:
         deadline = calendar.timegm(time.strptime(f"{day} {args.deadline}", "%Y-%m-%d %H:%M"))
     rows = measure_all(loaded, table, proxy, plans, ev, state, earlier, deadline)
     md = render(loaded, table, rows, ev, args, time.perf_counter() - t0)
+    if args.subsection:
+        md = md.replace("## Plans you can trust (issue 11)", f"### {args.subsection}", 1)
     print(md)
+    if args.json_out:
+        c = table.calibration
+        raw = {"eval": ev, "rows": rows, "refined": c.get("refined"), "check": c.get("check"),
+               "timing": table.timing, "pool": [{k: p[k] for k in ("label", "kl", "total_bits", "predicted")}
+                                                for p in c.get("plans", [])]}  # fmt: skip
+        Path(args.json_out).write_text(json.dumps(raw, indent=1))
     if args.write_results:
-        write_sections(md)
+        if args.subsection:
+            append_subsection(md)
+        else:
+            write_sections(md)
     return 0
+
+
+def append_subsection(md: str) -> None:
+    """Put `md` (a "### title" block) at the end of RESULTS.md's issue 11 section, replacing a block of the
+    same title."""
+    path = Path(__file__).resolve().parent / "RESULTS.md"
+    text = path.read_text()
+    head = "## Plans you can trust (issue 11)"
+    start = text.index(head)
+    end = text.find("\n## ", start + len(head))
+    end = len(text) if end < 0 else end + 1
+    section = text[start:end]
+    title = md.split("\n", 1)[0]
+    if title in section:
+        i = section.index(title)
+        j = section.find("\n### ", i + len(title))
+        section = section[:i] + (section[j + 1 :] if j >= 0 else "")
+    section = section.rstrip("\n") + "\n\n" + md.rstrip("\n") + "\n\n"
+    path.write_text(text[:start] + section + text[end:])
 
 
 if __name__ == "__main__":

@@ -133,8 +133,41 @@ def test_allocation_at_each_uniform_size_beats_that_uniform_plan(stories, table)
             continue
         kl_u, kl_a = _kl(stories, uni), _kl(stories, alloc)
         assert kl_a < kl_u, f"allocation at the size of uniform {spec}: KL {kl_a:.4g} >= {kl_u:.4g}"
+        evidence = allocate_table(table, budget_mb=mb).evidence  # what the CLI and the app print
+        assert "best uniform plan that fits" in evidence and "(-" in evidence, evidence
         wins += 1
-    assert wins >= 6
+    assert wins >= 6  # stories260K: every size but int2_g32, int6_g128 and int8_ch (there: uniform itself)
+
+
+def test_refinement_measures_moves_that_fit_and_keeps_only_lower_ones(stories, table):
+    """The default check refines where the best measured plan does not already win by WIN_MARGIN: each
+    measured move fits its budget, its recorded KL is a real measurement on the scan windows, a budget
+    never ends above where it started, and a proposed move has a positive predicted gain and fits."""
+    from workbench.measure.calibrate import plan_kl
+    from workbench.measure.refine import Prices, propose
+    from workbench.measure.replay import BlockRunner
+    from workbench.model.data import calibration_batches
+
+    c = table.calibration
+    assert c["refined"] and sum(r["evals"] for r in c["refined"]) >= 1
+    for r in c["refined"]:
+        assert r["kl"] <= r["start_kl"] and len(r["moves"]) == r["evals"]
+        assert all(m["total_bits"] <= r["total_bits"] and m["kl"] > 0 for m in r["moves"])
+        kept = [m["kl"] for m in r["moves"] if m["kept"]]
+        assert r["kl"] == (kept[-1] if kept else r["start_kl"])
+    st = table.settings
+    windows = calibration_batches(stories.tokenizer, st["text"], st["n_seqs"], st["seq_len"], st["seed"])
+    runner = BlockRunner(stories.model)
+    runner.capture(windows)
+    m = next(p for p in c["plans"] if not p["label"].startswith("uniform "))
+    again = plan_kl(stories, runner, {x.name: s for x, s in zip(table.layers, m["specs"])}, {})
+    assert again == pytest.approx(m["kl"], rel=1e-4)
+    p = Prices.of(table)
+    for spec in ("nf4_g64", "int6_g128"):
+        cur = [spec] * len(p.names)
+        new, gain = propose(p, cur, p.total_bits(cur), 2)
+        assert p.total_bits(new) <= p.total_bits(cur) and gain > 0
+        assert p.predicted(new) == pytest.approx(p.predicted(cur) - gain)
 
 
 def test_allocation_at_a_budget_beats_every_uniform_plan_that_fits(stories, table):
@@ -188,8 +221,32 @@ def test_allocate_cli_verify(stories, table, tmp_path, capsys):
     assert main(argv + ["--verify", "--model", str(STORIES)]) == 0
     out = capsys.readouterr().out
     assert "predicted (fisher)" in out and "measured KL" in out and "uniform int4_g128" in out
+    assert "measured: measured KL" in out and "best uniform plan that fits" in out
     assert main(argv + ["--verify", "--json"]) == 0  # the model comes from the table
     res = json.loads(capsys.readouterr().out)
     rows = res["verify"]["rows"]
     assert rows[0]["label"] == "this plan" and all(r["cached"] for r in rows)
     assert "no higher than every uniform plan" in res["verify"]["verdict"]
+
+
+def test_refine_allocation_measures_a_budget_the_check_did_not(stories, table, tmp_path, capsys):
+    """At 4.75 bits (not a checked budget) `refine_allocation` measures the allocation and a bounded number of
+    moves; the result is the best measured plan that fits, and the CLI's --refine saves them in the table."""
+    import copy
+
+    from workbench.measure.calibrate import refine_allocation
+
+    tab = copy.deepcopy(table)
+    n0 = len(tab.calibration["plans"])
+    steps = []
+    a = refine_allocation(stories, tab, budget_bits=4.75, max_evals=2, progress=lambda f, t: steps.append(t))
+    plans = tab.calibration["plans"]
+    assert n0 < len(plans) <= n0 + 3 and steps and a.measured is not None and a.evidence
+    fit = [p["kl"] for p in plans if p["total_bits"] <= a.budget_bits]
+    assert a.measured == min(fit)
+    path = tmp_path / "t.json"
+    table.save(path)
+    argv = ["allocate", "--sensitivity", str(path), "--budget-bits", "4.75", "--out", str(tmp_path / "p.j")]
+    assert main(argv + ["--refine", "1", "--model", str(STORIES)]) == 0
+    assert "measured: measured KL" in capsys.readouterr().out
+    assert len(type(table).load(path).calibration["plans"]) > n0

@@ -30,7 +30,15 @@ def add_parser(sub):
         action="store_true",
         help="measure the plan and the uniform plans next to it in size (quick evaluation, cached)",
     )
-    p.add_argument("--model", default=None, help="--verify: the model (default: the table's source)")
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at a budget the table's check did not measure: measure the allocation and up to N moves from "
+        "the best measured plan that fits on the scan windows, keep the best (the table is updated)",
+    )
+    p.add_argument("--model", default=None, help="--verify/--refine: the model (default: the table's source)")
     p.add_argument("--verify-text", default=None, help="--verify: evaluation text (default: the app's)")
     p.add_argument("--verify-tokens", type=int, default=None, help="--verify: tokens (default: the app's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
@@ -56,13 +64,16 @@ def run(args) -> int:
 
     tab = SensitivityTable.load(args.sensitivity)
     pins = _pins(args.pin)
-    res = allocate_table(
-        tab,
-        budget_bits=args.budget_bits,
-        budget_mb=args.budget_mb,
-        pinned=pins,
-        include_bf16=not args.no_bf16,
-    )
+    if args.refine:
+        res = _refine(args, tab, pins)
+    else:
+        res = allocate_table(
+            tab,
+            budget_bits=args.budget_bits,
+            budget_mb=args.budget_mb,
+            pinned=pins,
+            include_bf16=not args.no_bf16,
+        )
     res.plan.save(args.out)
     totals = plan_totals(res.resolved, tab.layers)
     out = {
@@ -73,6 +84,7 @@ def run(args) -> int:
         "budget_bits_total": res.budget_bits,
         "measured_calibration_kl": res.measured,
         "guard": res.note or None,
+        "measured": res.evidence or None,
     }
     if args.front:
         front = pareto_front(tab, pinned=pins, include_bf16=not args.no_bf16)
@@ -98,8 +110,12 @@ def run(args) -> int:
     print(table(rows, ["spec", "share of weights"]))
     print(f"plan: {totals.summary()}")
     print(f"predicted cost ({tab.method}): {res.predicted_cost:.6g}; written to {args.out}")
-    if res.measured is not None:
+    if res.evidence:
+        print(f"measured: {res.evidence}")
+    elif res.measured is not None:
         print(f"measured KL on the calibration windows: {res.measured:.4g}")
+    else:
+        print("measured: not this plan (the table's pool holds no measurement of it; --verify measures it)")
     if res.note:
         print(f"guard: {res.note}")
     for key in ("front", "llama_cpp"):
@@ -112,22 +128,48 @@ def run(args) -> int:
     return 0
 
 
+def _refine(args, tab, pins):
+    """`calibrate.refine_allocation` with the table's model; the table is saved with the new measurements."""
+    import sys
+
+    from workbench.errors import WorkbenchError
+    from workbench.measure.calibrate import refine_allocation
+
+    if pins or args.no_bf16:
+        raise WorkbenchError("--refine works on the allocator's own options: drop --pin / --no-bf16")
+    loaded = _model(args, tab, "--refine")
+
+    def say(fraction: float, text: str) -> None:
+        print(f"refine {100 * fraction:.0f}%: {text}", file=sys.stderr)
+
+    res = refine_allocation(loaded, tab, args.budget_bits, args.budget_mb, args.refine, progress=say)
+    tab.save(args.sensitivity)
+    return res
+
+
+def _model(args, tab, flag: str):
+    """The model the table was scanned on (--model, else the table's source), checked by fingerprint."""
+    from workbench.errors import WorkbenchError
+    from workbench.model.loading import load_model
+
+    source = args.model or tab.model.get("source")
+    if not source:
+        raise WorkbenchError(f"{args.sensitivity} does not name its model: give --model with {flag}")
+    loaded = load_model(source, progress=False)
+    if loaded.description.fingerprint != tab.model.get("fingerprint", loaded.description.fingerprint):
+        raise WorkbenchError(f"--model {source} is not the model {args.sensitivity} was scanned on")
+    return loaded
+
+
 def _verify(args, tab, resolved):
     """Load the model and run `workbench.measure.verify.verify_plan` with the app's quick evaluation
     settings."""
     import sys
 
     from workbench.defaults import eval_settings
-    from workbench.errors import WorkbenchError
     from workbench.measure.verify import verify_plan
-    from workbench.model.loading import load_model
 
-    source = args.model or tab.model.get("source")
-    if not source:
-        raise WorkbenchError(f"{args.sensitivity} does not name its model: give --model with --verify")
-    loaded = load_model(source, progress=False)
-    if loaded.description.fingerprint != tab.model.get("fingerprint", loaded.description.fingerprint):
-        raise WorkbenchError(f"--model {source} is not the model {args.sensitivity} was scanned on")
+    loaded = _model(args, tab, "--verify")
     ev = eval_settings(loaded.description)
     ev.update({k: v for k, v in (("text", args.verify_text), ("max_tokens", args.verify_tokens)) if v})
 

@@ -17,6 +17,10 @@ pass per plan, all its layers fake-quantized):
    mixtures ~2.4x too low on `default` (the allocator picks exactly the layers whose cost is
    under-estimated), so the prediction alone cannot promise that a mixture beats the uniform plan of its
    size; the measurements can.
+   Then the measured refinement (`refine_plans`, `refine.py`, part of "check"): at each of those budgets
+   where the best measured plan does not already beat every fitting uniform plan by a margin, small moves
+   ranked by the table are measured and kept only if lower; they join the pool, so the allocation at a
+   uniform plan's size can beat it strictly even where the whole knapsack mixture measures worse.
 3. `refine_table(roles=True)` ("roles", optional): before the check, each role is measured alone (its
    layers at ROLE_SPECS, the rest unquantized), its costs get the factor b_role = measured / estimated
    (geometric mean over those specs), and the per-spec scales are refitted so every uniform plan stays
@@ -65,14 +69,25 @@ def uniform_kls(loaded, table, windows: torch.Tensor, grams: dict, on_spec=None)
     return out
 
 
-def plan_kl(loaded, runner, resolved: dict, grams: dict) -> float:
-    """Mean KL of the whole plan `resolved` ({layer: spec}) on the windows `runner` captured."""
+def plan_kl(loaded, runner, resolved: dict, grams: dict, cache: dict | None = None) -> float:
+    """Mean KL of the whole plan `resolved` ({layer: spec}) on the windows `runner` captured.
+
+    `cache` ({(layer, spec): W_hat}): reuse the quantized weights of the previous plan; entries this plan
+    does not use are dropped, so it holds one plan's weights at most.
+    """
     from workbench.measure.simulate import quantized_weight
     from workbench.quant.spec import QuantSpec
 
     specs = {n: QuantSpec.parse(s) for n, s in resolved.items()}
-    weights = {n: quantized_weight(loaded.model, n, s, grams) for n, s in specs.items() if s.is_quantized}
-    return runner.kl_from(0, weights)
+    keys = {(n, str(s)) for n, s in specs.items() if s.is_quantized}
+    if cache is None:
+        cache = {}
+    for k in [k for k in cache if k not in keys]:
+        del cache[k]
+    for n, s in keys:
+        if (n, s) not in cache:
+            cache[(n, s)] = quantized_weight(loaded.model, n, s, grams)
+    return runner.kl_from(0, {n: cache[(n, s)] for n, s in keys})
 
 
 def calibrate_table(loaded, table, windows: torch.Tensor, grams: dict, on_spec=None) -> dict:
@@ -135,7 +150,9 @@ def refine_table(
 
     Returns the calibration record: {"uniform": ..., "roles": {role: {"scale", "plans"}}, "scales":
     {spec: a_spec}, "plans": [{"label", "specs", "kl", "total_bits", "predicted"}] (uniform plans and the
-    checked allocations: the guard's pool), "check": {"spearman", "max_rel_error", "n_plans"}}.
+    checked allocations, then the refinement's moves: the guard's pool), "refined": [per budget refined:
+    {"label", "total_bits", "start", "start_kl", "kl", "evals", "kept", "moves"}] (`refine_plans`),
+    "check": {"spearman", "max_rel_error", "n_plans"}}.
     `on_step(i, n, label)` is called before each measurement.
     """
     from workbench.errors import WorkbenchError
@@ -187,7 +204,36 @@ def refine_table(
     if roles:
         record["roles"] = roles
     record.update(scales=scales, plans=plans, check=_agreement(plans))
+    refine_plans(loaded, table, windows, grams, on_step=on_step, runner=runner)
     return record
+
+
+def refine_plans(loaded, table, windows, grams: dict, on_step=None, runner=None) -> list[dict]:
+    """Measured refinement (`refine.py`) at every budget the check measured, after the check: every
+    measured move joins the pool (`calibration["plans"]`); the record per budget is kept under
+    "refined" and the check's agreement is recomputed over the larger pool. `on_step(i, n, label)` is
+    called before each measurement (it may raise to cancel)."""
+    from workbench.measure.refine import MAX_EVALS, refine_pool
+
+    record = table.calibration
+    if runner is None:
+        from workbench.measure.replay import BlockRunner
+
+        runner = BlockRunner(loaded.model)
+        runner.capture(windows)
+    cache: dict = {}
+    caps = _capacities(table)
+
+    def measure(specs: list[str]) -> float:
+        return plan_kl(loaded, runner, {x.name: s for x, s in zip(table.layers, specs)}, grams, cache)
+
+    def step(i: int, label: str, move: int, n_up: int) -> None:
+        if on_step is not None:
+            on_step(i, len(caps), f"refine {label}: move {move + 1}/{MAX_EVALS} ({n_up} layers up)")
+
+    refined = refine_pool(table, record["plans"], caps, measure, on_step=step)
+    record.update(refined=refined, check=_agreement(record["plans"]))
+    return refined
 
 
 def _bits(resolved, layers) -> int:
@@ -207,3 +253,57 @@ def _agreement(plans) -> dict:
         "max_rel_error": float(rel),
         "n_plans": len(plans),
     }
+
+
+def refine_allocation(
+    loaded, table, budget_bits: float | None = None, budget_mb: float | None = None, max_evals: int = 2,
+    grams: dict | None = None, progress=False,
+):  # fmt: skip
+    """`allocate_table` at a budget the check did not measure, refined by measurement first: the allocator's
+    plan is measured on the scan windows, then `refine.refine` runs from the best measured plan that fits (at
+    most `max_evals` moves); every measured plan joins the table's pool (save the table to keep them), and
+    the result is `allocate_table` over the larger pool. Nothing is measured when the pool already holds the
+    allocator's plan. `progress`: a callable fn(fraction, text) (it may raise to cancel) or False."""
+    from workbench.measure.refine import Prices, refine
+    from workbench.measure.replay import BlockRunner
+    from workbench.model.data import calibration_batches
+    from workbench.plan.allocate import allocate_table
+
+    plans = table.calibration.get("plans")
+    first = allocate_table(table, budget_bits=budget_bits, budget_mb=budget_mb)
+    key = [str(first.resolved[x.name]) for x in table.layers]
+    if not plans or any(p["specs"] == key for p in plans):
+        return first
+    say = progress if callable(progress) else (lambda _f, _t: None)
+    st = table.settings
+    say(0.0, f"measuring the allocation on {st['n_seqs']} x {st['seq_len']} tokens of '{st['text']}'")
+    windows = calibration_batches(
+        loaded.tokenizer, st["text"], st["n_seqs"], st["seq_len"], st["seed"],
+        max_context=loaded.description.max_context,
+    )  # fmt: skip
+    runner, cache = BlockRunner(loaded.model), {}
+    runner.capture(windows)
+
+    def measure(specs: list[str]) -> float:
+        return plan_kl(loaded, runner, {x.name: s for x, s in zip(table.layers, specs)}, grams or {}, cache)
+
+    raw = allocate_table(table, budget_bits=budget_bits, budget_mb=budget_mb, guard=False)
+    own = [str(raw.resolved[x.name]) for x in table.layers]
+    label = f"allocated {raw.avg_bits:.3f} bits"
+    if not any(p["specs"] == own for p in plans):
+        plans.append({"label": label, "specs": own, "kl": measure(own), "total_bits": raw.total_bits,
+                      "predicted": raw.predicted_cost})  # fmt: skip
+    start = min((p for p in plans if p["total_bits"] <= raw.budget_bits), key=lambda p: p["kl"])
+    prices = Prices.of(table)
+
+    def step(i: int, n_up: int) -> None:
+        say((i + 1) / (max_evals + 1), f"refining: move {i + 1}/{max_evals} ({n_up} layers up)")
+
+    r = refine(prices, start, raw.budget_bits, measure, max_evals, on_move=step)
+    for j, m in enumerate(r.moves):
+        if not any(p["specs"] == m["specs"] for p in plans):
+            bits = prices.total_bits(m["specs"])
+            plans.append({"label": f"refined {label} #{j + 1}", "specs": m["specs"], "kl": m["kl"],
+                          "total_bits": bits, "predicted": m["predicted"]})  # fmt: skip
+    say(1.0, f"refined: {r.kl:.4g} from {r.start} ({start['kl']:.4g}), {len(r.moves)} moves measured")
+    return allocate_table(table, budget_bits=budget_bits, budget_mb=budget_mb)

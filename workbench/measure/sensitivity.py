@@ -430,12 +430,15 @@ def calibration_stage(method: str, calibrate) -> str | None:
 
 def _calibrated(table: SensitivityTable, stage: str | None) -> bool:
     c = table.calibration
-    return stage is None or ("uniform" in c and (stage == "uniform" or "plans" in c))
+    return stage is None or ("uniform" in c and (stage == "uniform" or ("plans" in c and "refined" in c)))
 
 
 def _calibrate(loaded, table, stage: str, windows, grams, say, out: Path | None) -> None:
     """Run the calibration stages `table` lacks (uniform plans, then roles and the check)."""
-    from workbench.measure.calibrate import calibrate_table, refine_table
+    from workbench.measure.calibrate import calibrate_table, refine_plans, refine_table
+
+    def roles(i: int, n: int, label: str) -> None:
+        say(f"calibrating: {label} measured on the scan windows ({i + 1}/{n})")
 
     if "uniform" not in table.calibration:
         t0 = time.perf_counter()
@@ -449,11 +452,13 @@ def _calibrate(loaded, table, stage: str, windows, grams, say, out: Path | None)
             table.save(out)
     if stage in ("check", "roles") and "plans" not in table.calibration:
         t0 = time.perf_counter()
-
-        def roles(i: int, n: int, label: str) -> None:
-            say(f"calibrating: {label} measured on the scan windows ({i + 1}/{n})")
-
         refine_table(loaded, table, windows, grams, roles=stage == "roles", on_step=roles)
         table.timing["refine"] = time.perf_counter() - t0
+        if out is not None:
+            table.save(out)
+    if stage in ("check", "roles") and "refined" not in table.calibration:  # checked before refinement
+        t0 = time.perf_counter()
+        refine_plans(loaded, table, windows, grams, on_step=roles)
+        table.timing["refine_moves"] = time.perf_counter() - t0
         if out is not None:
             table.save(out)

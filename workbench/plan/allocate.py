@@ -219,16 +219,19 @@ class Allocation:
     mb: float
     measured: float | None = None  # KL measured on the calibration windows, when the table holds this plan
     note: str = ""  # set when the guard replaced the allocator's plan by a measured better one
+    evidence: str = ""  # what was measured: this plan's KL beside the best uniform plan that fits
 
 
-def _options(table, include_bf16: bool) -> list[str]:
+def candidate_options(table, include_bf16: bool) -> list[str]:
+    """The allocator's options: the table's specs (canonical strings), bf16 appended when allowed."""
     specs = [str(QuantSpec.parse(s)) for s in table.specs]
     if include_bf16 and "bf16" not in specs:
         specs.append("bf16")
     return specs
 
 
-def _cost(table, layer: str, spec: str) -> float:
+def layer_cost(table, layer: str, spec: str) -> float:
+    """The table's predicted cost of `layer` at `spec` (bf16 / fp16 cost 0 unless scanned)."""
     if spec in ("bf16", "fp16") and spec not in table.cost.get(layer, {}):
         return 0.0
     try:
@@ -296,13 +299,13 @@ def allocate_table(
     layers = table.layers
     capacity = budget_to_bits(layers, budget_bits, budget_mb)
     pins = resolve_pins(pinned, layers)
-    options = _options(table, include_bf16)
+    options = candidate_options(table, include_bf16)
     parsed = {s: QuantSpec.parse(s) for s in options}
     free = [x for x in layers if x.name not in pins]
     fixed_bits = sum(
         pins[x.name].storage_bits(x.out_features, x.in_features) for x in layers if x.name in pins
     )
-    costs = [[_cost(table, x.name, s) for s in options] for x in free]
+    costs = [[layer_cost(table, x.name, s) for s in options] for x in free]
     weights = [[parsed[s].storage_bits(x.out_features, x.in_features) for s in options] for x in free]
     picks = solve_mckp(costs, weights, capacity - fixed_bits, method=method) if free else []
     if picks is None or fixed_bits > capacity:
@@ -324,12 +327,13 @@ def allocate_table(
         else:
             s = options[pick_of[x.name]]
             resolved[x.name] = parsed[s]
-            cost += _cost(table, x.name, s)
+            cost += layer_cost(table, x.name, s)
     measured, note = None, ""
     if guard and not pins:
         resolved, cost, measured, note = _guard(table, resolved, cost, capacity, include_bf16)
     totals = plan_totals(resolved, layers)
     assert totals.total_bits <= capacity, "allocation exceeds its budget"
+    evidence = measured_evidence(table, [str(resolved[x.name]) for x in layers], capacity)
     meta = {
         "allocated_by": "workbench.allocate",
         "method": getattr(table, "method", "?"),
@@ -353,36 +357,73 @@ def allocate_table(
         mb=totals.mb,
         measured=measured,
         note=note,
+        evidence=evidence,
     )
+
+
+def _pool(table) -> list[dict]:
+    """The table's measured whole plans (`calibrate.refine_table`), or []."""
+    c = table.calibration
+    return (c.get("plans") or []) if isinstance(c, dict) else []
+
+
+def mixture_factor(plans: list[dict]) -> float:
+    """How much the table under-prices the allocator's mixtures: the geometric mean of measured / predicted
+    KL over the allocator's own measured plans in the pool (labels "allocated ..."; at least 1, 1 without
+    any). Refinement moves stay close to a uniform plan and are priced better, so they do not count."""
+    ratios = [p["kl"] / p["predicted"] for p in plans if p["label"].startswith("allocated ")
+              and p["kl"] > 0 and p.get("predicted", 0) > 0]  # fmt: skip
+    return max(1.0, math.exp(sum(math.log(r) for r in ratios) / len(ratios))) if ratios else 1.0
 
 
 def _guard(table, resolved: dict, cost: float, capacity: int, include_bf16: bool):
     """(resolved, cost, measured KL or None, note): the allocator's plan, or the best measured plan of the
-    table (`calibration["plans"]`, KL on the calibration windows) that fits in `capacity` when the
-    allocator's plan measured (or, unmeasured, is predicted) higher KL than it."""
-    plans = table.calibration.get("plans") if isinstance(table.calibration, dict) else None
+    table (`calibration["plans"]`, KL on the calibration windows) that fits in `capacity` when it is better:
+    measured lower than the allocator's plan when that one was measured too, else lower by GUARD_MARGIN
+    than the allocator's prediction times `mixture_factor` (the pool's measured under-pricing)."""
+    plans = _pool(table)
     if not plans:
         return resolved, cost, None, ""
     layers = table.layers
     key = [str(resolved[x.name]) for x in layers]
     mine = next((p for p in plans if p["specs"] == key), None)
-    own = mine["kl"] if mine else cost
+    own = mine["kl"] if mine else cost * mixture_factor(plans)
     fit = [
         p
         for p in plans
         if p["total_bits"] <= capacity and (include_bf16 or "bf16" not in p["specs"]) and p is not mine
     ]
     best = min(fit, key=lambda p: p["kl"], default=None)
-    if best is None or best["kl"] * (1 + GUARD_MARGIN) >= own:
+    if best is None or (best["kl"] >= own if mine else best["kl"] * (1 + GUARD_MARGIN) >= own):
         return resolved, cost, None if mine is None else mine["kl"], ""
-    how = "measured" if mine else "is predicted at"
+    how = "measured" if mine else "is predicted (x the measured under-pricing of mixtures) at"
     note = (
         f"the allocator's plan {how} KL {own:.4g} on the calibration windows, above {best['label']} "
         f"(measured {best['kl']:.4g}, fits the budget): returning {best['label']}"
     )
     new = {x.name: QuantSpec.parse(s) for x, s in zip(layers, best["specs"])}
-    price = sum(_cost(table, x.name, s) for x, s in zip(layers, best["specs"]))
+    price = sum(layer_cost(table, x.name, s) for x, s in zip(layers, best["specs"]))
     return new, price, best["kl"], note
+
+
+def measured_evidence(table, specs: list[str], capacity: int) -> str:
+    """One line: the KL the pool measured for the plan `specs` (spec per table layer) beside the best
+    uniform plan that fits in `capacity` bits, with the margin; "" when the plan was not measured."""
+    plans = _pool(table)
+    mine = next((p for p in plans if p["specs"] == specs), None)
+    if mine is None:
+        return ""
+    st = table.settings
+    where = f"{st.get('n_seqs', '?')} x {st.get('seq_len', '?')} tokens of '{st.get('text', '?')}'"
+    uni = [p for p in plans if p["label"].startswith("uniform ") and p["total_bits"] <= capacity]
+    best = min(uni, key=lambda p: p["kl"], default=None)
+    line = f"measured KL {mine['kl']:.4g} on the scan windows ({where}; {mine['label']})"
+    if best is None:
+        return line + "; no uniform plan fits"
+    if best is mine:
+        return line + "; it is the best uniform plan that fits (no mixed plan measured lower)"
+    margin = mine["kl"] / best["kl"] - 1
+    return line + f"; best uniform plan that fits: {best['label']} {best['kl']:.4g} ({100 * margin:+.1f}%)"
 
 
 def allocate(
@@ -421,7 +462,7 @@ def pareto_front(
     """
     layers = table.layers
     pins = resolve_pins(pinned, layers)
-    options = _options(table, include_bf16)
+    options = candidate_options(table, include_bf16)
     parsed = {s: QuantSpec.parse(s) for s in options}
     n = sum(x.n_params for x in layers)
     fixed_bits, fixed_cost = 0, 0.0
@@ -431,7 +472,7 @@ def pareto_front(
             fixed_bits += pins[x.name].storage_bits(x.out_features, x.in_features)
             fixed_cost += float(table.cost.get(x.name, {}).get(str(pins[x.name]), 0.0))
         else:
-            costs.append([_cost(table, x.name, s) for s in options])
+            costs.append([layer_cost(table, x.name, s) for s in options])
             weights.append([parsed[s].storage_bits(x.out_features, x.in_features) for s in options])
     fw, fc = pareto_merge(costs, weights)
     pts = [

@@ -349,7 +349,9 @@ class WorkbenchState(param.Parameterized):
         if ok:
             self.notify(
                 f"allocated for {what}: {alloc.avg_bits:.3f} bits/weight, {alloc.mb:.3f} MB, "
-                f"predicted cost {alloc.predicted_cost:.4g}" + (f" - {alloc.note}" if alloc.note else ""),
+                f"predicted cost {alloc.predicted_cost:.4g}"
+                + (f" - {alloc.note}" if alloc.note else "")
+                + (f" - {alloc.evidence}" if alloc.evidence else ""),
                 "warning" if alloc.note else "success",
             )
         return ok
