@@ -61,3 +61,13 @@ def test_projection_to_80_blocks_from_measured_blocks():
     assert pr["seconds"] == 8.0 + 80 * 3.5 and pr["meets_target"] is True
     assert "PROJECTION to 80 blocks from 3 measured blocks" in pr["label"]
     assert _bench().project(10.0, [9.0], 80, 300)["seconds"] == 1.0 + 80 * 9.0  # one block: that one
+
+
+def test_projection_only_when_blocks_are_missing():
+    """A run over every block reports its wall time as measured; a partial run projects from its steady
+    blocks (the first, with compilation, left out) plus the time outside the blocks."""
+    project = _bench().project
+    full = project(170.0, [3.0] + [2.1] * 79, 80, 300)
+    assert not full["projected"] and full["seconds"] == 170.0 and full["label"].startswith("MEASURED")
+    part = project(7.0, [3.0, 2.0], 80, 300)
+    assert part["projected"] and part["seconds"] == 2.0 + 80 * 2.0 and part["meets_target"]
