@@ -153,19 +153,18 @@ def test_native_stdout_goes_to_stderr_during_the_ilp(capfd):
     assert out == "after\n" and "native noise" in err
 
 
-def test_allocate_cli_json_is_one_object(table, tmp_path):
+def test_allocate_cli_json_is_one_object(table, tmp_path, capfd):
+    """stdout, file descriptor 1 included (native writes too), holds one JSON object; run in this process."""
     import json
-    import subprocess
-    import sys
+
+    from workbench.cli import main
 
     path = tmp_path / "sens.json"
     table.save(path)
-    cmd = [sys.executable, "-m", "workbench.cli", "allocate", "--sensitivity", str(path)]
-    r = subprocess.run(
-        cmd + ["--budget-bits", "4", "--out", str(tmp_path / "plan.json"), "--json"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    capfd.readouterr()
+    argv = ["allocate", "--sensitivity", str(path)]
+    code = main(argv + ["--budget-bits", "4", "--out", str(tmp_path / "plan.json"), "--json"])
+    printed, err = capfd.readouterr()
+    assert code == 0, err
+    out = json.loads(printed)
     assert isinstance(out, dict) and (tmp_path / "plan.json").is_file()

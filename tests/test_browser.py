@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -23,14 +21,6 @@ from tests.conftest import REPO, STORIES
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = REPO / "artifacts"
 
 
@@ -41,24 +31,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
-    )
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install chromium, or set WORKBENCH_CHROMIUM)")
+def server(tmp_path_factory):
+    """`workbench serve --model stories260K` on a free port; yields (url, log path)."""
     pytest.importorskip(
         "panel", reason="the UI packages are not installed (pip install 'quant-workbench[ui]')"
     )
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`workbench serve --model stories260K` on a free port; yields (url, log path)."""
     if not STORIES.is_file():
         pytest.skip(f"stories260K not found at {STORIES}")
     port = _free_port()

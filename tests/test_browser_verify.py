@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -26,17 +24,12 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync"]
 ARTIFACTS = REPO / "artifacts"
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def page(browser, tmp_path_factory):
     """A Chromium page on a fresh `workbench serve --model stories260K`; yields (page, server log)."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install chromium, or set WORKBENCH_CHROMIUM)")
     pytest.importorskip(
         "panel", reason="the UI packages are not installed (pip install 'quant-workbench[ui]')"
     )
@@ -53,13 +46,11 @@ def page(tmp_path_factory):
         _wait_for(
             lambda: proc.poll() is None and _listening(port), bool, 120, lambda: log.read_text()[-2000:]
         )
-        with sync_api.sync_playwright() as p:
-            b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            pg = b.new_page(viewport={"width": 1400, "height": 1000})
-            pg.goto(f"http://127.0.0.1:{port}/")
-            pg.wait_for_selector(".wb-layer-table .tabulator-row", timeout=120_000)
-            yield pg, log
-            b.close()
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.goto(f"http://127.0.0.1:{port}/")
+        pg.wait_for_selector(".wb-layer-table .tabulator-row", timeout=120_000)
+        yield pg, log
+        pg.close()
     finally:
         proc.terminate()
         proc.wait(10)

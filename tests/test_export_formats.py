@@ -10,14 +10,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, STORIES
+from tests.conftest import STORIES
 from workbench.model.inventory import get_linear_weight, get_module, layer_inventory
 from workbench.plan.plan import Plan
 
@@ -90,22 +88,21 @@ def _block_bound(W: np.ndarray, qtype: str) -> np.ndarray:
     )
 
 
-def test_gguf_read_back_by_gguf(stories, resolved, tmp_path):
+def test_gguf_read_back_by_gguf(stories, resolved, tmp_path, capsys):
     import gguf
 
+    from workbench.cli import main
     from workbench.export.gguf import _permute_rotary
 
     out = tmp_path / "plan.gguf"
-    r = subprocess.run(
-        [sys.executable, "-m", "workbench.cli", "export", "--model", str(STORIES), "--format", "gguf"]
-        + ["--plan", str(_plan_file(tmp_path)), "--out", str(out), "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    report = json.loads(r.stdout)
+    capsys.readouterr()
+    code = main(
+        ["export", "--model", str(STORIES), "--format", "gguf"]
+        + ["--plan", str(_plan_file(tmp_path)), "--out", str(out), "--json"]
+    )  # in this process (as tests/test_stats_cli.py runs the CLI): no interpreter start-up
+    printed, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    report = json.loads(printed)
     types = {row[2]: row[3] for row in report["rows"]}
     assert types["blk.1.attn_q.weight"] == "Q4_1" and types["blk.1.attn_k.weight"] == "Q4_0"
     assert types["blk.1.attn_v.weight"] == "Q8_0" and types["blk.1.attn_output.weight"] == "MXFP4"

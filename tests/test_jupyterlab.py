@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.test_browser import ARGS, ARTIFACTS, CHROMIUM, _free_port, _totals, _wait_change, _wait_for
+from tests.conftest import CHROMIUM, REPO
+from tests.test_browser import ARTIFACTS, _free_port, _totals, _wait_change, _wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -85,15 +85,6 @@ def lab(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def _run_notebook(browser, lab, name: str):

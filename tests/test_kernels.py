@@ -80,10 +80,13 @@ def _poisoned(M, N, dtype):
     return torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
 
 
+# On the CPU (interpreter) bf16 runs on one shape only, (24, 172), at every width / group / symmetry: the
+# dtype changes only the load and store casts, which K-tiling and masking (fp16 at every shape) do not
+# touch; bf16 at (40, 576) cost ~45 s of the CPU sweep. CUDA runs the whole product.
 INT_CASES = [
     c
     for c in itertools.product(SHAPES, BITS, GROUPS, [False, True], DTYPES)
-    if CUDA or not (c[0] == (1, 33) and c[4] == torch.bfloat16)  # keep the CPU sweep under ~1 minute
+    if CUDA or c[4] == torch.float16 or c[0] == (24, 172)
 ]
 
 

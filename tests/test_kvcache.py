@@ -268,6 +268,7 @@ def test_eval_cli_simulates_the_plan_cache(tmp_path, capsys):
     import json
 
     from workbench.cli import main
+    from workbench.model.data import load_text
 
     from .conftest import STORIES
 
@@ -277,7 +278,10 @@ def test_eval_cli_simulates_the_plan_cache(tmp_path, capsys):
             {"format": "workbench.plan", "version": 2, "default": "bf16", "k": "int2_ch", "v": "int2_tok"}
         )
     )
+    text = tmp_path / "stories_excerpt.txt"  # 1,024 tokens need ~5 k characters, not the 261 k of the text
+    text.write_text(load_text("tinystories")[:20000])
     argv = ["eval", "--model", str(STORIES), "--plan", str(plan), "--tokens", "1024", "--seq-len", "128"]
+    argv += ["--text", str(text)]
     assert main(argv + ["--quiet", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["kv"]["model.layers.4.self_attn"] == {"k": "int2_ch", "v": "int2_tok"} and res["kl"] > 0.05

@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, STORIES
+from tests.conftest import STORIES
 from workbench.model.data import default_seq_len
 
 
@@ -44,19 +42,18 @@ def short_context(tmp_path_factory):
     return folder / "stories256ctx.bin"
 
 
-def _cli(*args: str) -> dict:
-    r = subprocess.run(
-        [sys.executable, "-m", "workbench.cli", *args, "--json", "--quiet"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout)
+def _cli(capsys, *args: str) -> dict:
+    """`workbench ARGS --json --quiet` in this process (as tests/test_stats_cli.py runs it): its JSON."""
+    from workbench.cli import main
+
+    capsys.readouterr()
+    code = main([*args, "--json", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    return json.loads(out)
 
 
-def test_eval_defaults_on_a_256_context_model(short_context):
+def test_eval_defaults_on_a_256_context_model(short_context, capsys):
     from workbench.measure.evaluate import evaluate
     from workbench.model.loading import load_model
 
@@ -65,17 +62,17 @@ def test_eval_defaults_on_a_256_context_model(short_context):
     res = evaluate(loaded, None, text="tinystories", max_tokens=2048, progress=False)
     assert (res.seq_len, res.n_windows) == (256, 8)
     assert 1.0 < res.ref_ppl < 50  # a trained model on its own kind of text
-    out = _cli("eval", "--model", str(short_context), "--text", "tinystories", "--tokens", "2048")
+    out = _cli(capsys, "eval", "--model", str(short_context), "--text", "tinystories", "--tokens", "2048")
     assert out["seq_len"] == 256 and out["n_windows"] == 8
     assert out["ref_ppl"] == pytest.approx(res.ref_ppl, rel=1e-6)
 
 
-def test_inspect_and_sensitivity_defaults_on_a_256_context_model(short_context, tmp_path):
+def test_inspect_and_sensitivity_defaults_on_a_256_context_model(short_context, tmp_path, capsys):
     base = ["--model", str(short_context), "--text", "tinystories"]
-    out = _cli("inspect", *base, "--tokens", "1024", "--no-cache", "--out", str(tmp_path / "insp"))
+    out = _cli(capsys, "inspect", *base, "--tokens", "1024", "--no-cache", "--out", str(tmp_path / "insp"))
     assert out["settings"]["seq_len"] == 256 and out["settings"]["n_seqs"] == 4
     sens = tmp_path / "sens.json"
-    _cli("sensitivity", *base, "--specs", "int4_g32", "--calib-seqs", "2", "--out", str(sens))
+    _cli(capsys, "sensitivity", *base, "--specs", "int4_g32", "--calib-seqs", "2", "--out", str(sens))
     settings = json.loads(sens.read_text())["settings"]
     # the CLI's defaults are the app's (workbench.defaults), fitted to the 256-token context
     assert settings["calib_seq_len"] <= 256 and settings["seq_len"] <= 256

@@ -2,8 +2,9 @@
 
 The Triton int8 kernel runs in the interpreter on the CPU (small shapes); its int32 product is exact, so it
 is compared with the float64 product of the same codes. The module is compared with the CPU simulation of the
-same plan (fake-quantized input times the dequantized weight). With CUDA, apply_plan on stories260K must run
-every eligible layer on the kernels and stay close to the simulation.
+same plan (fake-quantized input times the dequantized weight); on the CPU it runs the kernels' torch twins
+(a saved W8A8 model read there), so there the comparison checks its stored codes and scales. With CUDA,
+apply_plan on stories260K must run every eligible layer on the kernels and stay close to the simulation.
 """
 
 from __future__ import annotations

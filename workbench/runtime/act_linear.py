@@ -15,7 +15,9 @@ names them in one warning. The weight buffers hold exactly the codes of the plan
 accumulation order.
 
 The matmuls are torch custom ops (`workbench::w8a8_int8`, `workbench::w8a8_fp8`): torch.compile sees one
-call.
+call. On the CPU (a saved W8A8 model loaded there, runtime/serialize.py) the module runs the kernels' torch
+twins (kernels/reference.py: the simulated input times the dequantized weight), so no GPU is needed to read
+one back.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import torch
 from torch import nn
 
 from workbench.quant.act import ActSpec
+from workbench.runtime.qlinear import keep_storage_dtypes
 
 ACT_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+CODE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}  # w_q's storage type per kind
 
 
 @torch.library.custom_op("workbench::w8a8_int8", mutates_args=())
@@ -90,12 +94,31 @@ class ActQuantLinear(nn.Module):
 
     def __init__(self, kind: str, act: ActSpec, w_q: torch.Tensor, s_w: torch.Tensor, bias, name: str = ""):
         super().__init__()
-        assert kind in ("int8", "fp8"), f"unknown W8A8 kind {kind!r}"
+        assert kind in CODE_DTYPES, f"unknown W8A8 kind {kind!r}"
         self.kind, self.act, self.name = kind, act, name
         self.out_features, self.in_features = w_q.shape
         self.register_buffer("w_q", w_q.contiguous())
         self.register_buffer("s_w", s_w.to(torch.float32).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def empty(
+        cls,
+        kind: str,
+        act: ActSpec | str,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        dtype,
+        name: str,
+    ) -> ActQuantLinear:
+        """Uninitialised buffers of the right shapes and storage types (a saved model's loader fills them):
+        w_q [N, K] int8 / e4m3, s_w fp32 [N], bias [N] in `dtype`."""
+        N, K = int(out_features), int(in_features)
+        w_q = torch.empty(N, K, dtype=CODE_DTYPES[kind])
+        b = torch.empty(N, dtype=dtype) if bias else None
+        return cls(kind, ActSpec.parse(act), w_q, torch.empty(N, dtype=torch.float32), b, name)
 
     @classmethod
     def from_quantized(cls, qw, act: ActSpec, bias, name: str, device, dtype) -> ActQuantLinear:
@@ -123,11 +146,21 @@ class ActQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] fp16/bf16 -> y [..., N] in x.dtype."""
         x2 = x.reshape(-1, self.in_features).contiguous()  # [M, K]
-        op = w8a8_int8_op if self.kind == "int8" else w8a8_fp8_op
+        if x2.is_cuda:
+            op = w8a8_int8_op if self.kind == "int8" else w8a8_fp8_op
+        else:  # the kernels' torch twins (same signatures): a saved W8A8 model read on the CPU
+            from workbench.kernels.reference import w8a8_fp8_ref, w8a8_int8_ref
+
+            op = w8a8_int8_ref if self.kind == "int8" else w8a8_fp8_ref
         y = op(x2, self.w_q, self.s_w, self.act.clip)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        """Move buffers with the module but keep w_q's and s_w's storage types (`model.to(dtype)` must not
+        cast the e4m3 codes); only the bias follows. QuantLinear._apply explains the override."""
+        return keep_storage_dtypes(self, fn)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.kind} W8A8, act={self.act}"

@@ -228,12 +228,16 @@ def _check_transformed(model: torch.nn.Module, resolved) -> None:
 
 
 def _simulate_acts(model: torch.nn.Module, acts: dict, warn: bool) -> dict[str, str]:
-    """Fake-quantize the inputs of `acts` layers by forward pre-hooks (the layers no W8A8 kernel runs)."""
+    """Fake-quantize the inputs of `acts` layers by forward pre-hooks (the layers no W8A8 kernel runs); each
+    such module gets `workbench_act` (its activation spec string)."""
     from workbench.measure.simulate import add_act_hooks
+    from workbench.model.inventory import get_module
 
     if not acts:
         return {}
     add_act_hooks(model, acts)
+    for name, act in acts.items():  # what save_quantized records, so that load_quantized re-attaches it
+        get_module(model, name).workbench_act = str(act)
     if warn:
         names = list(acts)
         more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""

@@ -230,14 +230,7 @@ class QuantLinear(nn.Module):
         through `_apply`. It touches only this module's own buffers (a QuantLinear has no parameters and
         no children).
         """
-        for key, buf in self._buffers.items():
-            if buf is None:
-                continue
-            out = fn(buf)
-            if key != "bias" and out.dtype != buf.dtype:
-                out = buf.to(out.device)
-            self._buffers[key] = out
-        return self
+        return keep_storage_dtypes(self, fn)
 
     # ------------------------------------------------------------------ math
     def dequantize(self) -> torch.Tensor:
@@ -288,3 +281,16 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+
+def keep_storage_dtypes(module: torch.nn.Module, fn) -> torch.nn.Module:
+    """`module._apply(fn)` for a module of buffers only (QuantLinear, ActQuantLinear): every buffer moves
+    with `fn`, but only the bias takes a new dtype; the others keep their storage types."""
+    for key, buf in module._buffers.items():
+        if buf is None:
+            continue
+        out = fn(buf)
+        if key != "bias" and out.dtype != buf.dtype:
+            out = buf.to(out.device)
+        module._buffers[key] = out
+    return module

@@ -3,20 +3,28 @@
 A saved model is a folder:
 
     model.safetensors   every tensor of the model's state_dict (QuantLinear buffers in the packed layout of
-                        workbench.quant.packing, the rest as they are); tied tensors stored once. Its header
-                        metadata holds {"format": "workbench.quantized", "layout_version": "1",
-                        "manifest": <JSON>}.
+                        workbench.quant.packing, ActQuantLinear's int8 / e4m3 codes and fp32 scales, the rest
+                        as they are); tied tensors stored once. Its header metadata holds
+                        {"format": "workbench.quantized", "layout_version": "1" or "2", "manifest": <JSON>}.
     blocks-00000.safetensors ...  only in a model written block by block (workbench.streaming.quantize): the
                         decoder blocks' tensors, listed in the manifest's "shards"; model.safetensors holds
                         the rest.
     plan.json           the plan that produced it (workbench.plan.plan format).
     manifest.json       a readable copy of the manifest: model config, dtype, source, and per quantized layer
-                        its spec, shape, bias and AWQ input scale; the aliases of tied tensors.
+                        its kind, spec, shape, bias and AWQ input scale; the activation specs simulated by
+                        input hooks ("acts"); the aliases of tied tensors.
     tokenizer/ or tokenizer.bin   the tokenizer (Hugging Face folder, or llama2.c's binary vocabulary).
+
+Versions (the header's "layout_version"): 1 holds QuantLinear layers only (quant.packing's LAYOUT_VERSION 1);
+2 adds W8A8 layers (kind "w8a8": runtime/act_linear.py, w_q [N, K] int8 / float8_e4m3fn, s_w fp32 [N]) and
+activation specs run as fake-quantizing input hooks (plan version 2 on the CPU, or layers no W8A8 kernel
+runs). A file is written at the lowest version that holds it, so a model without either stays readable by a
+version-1 workbench, which refuses a version-2 file instead of silently dropping its activation quantization.
 
 `load_quantized` trusts only the safetensors header: it refuses another format tag or a layout version it
 does not know (a file written by a newer workbench), rebuilds the architecture from the config without
-initialising weights, swaps in empty QuantLinear layers and loads every tensor strictly.
+initialising weights, swaps in empty layers of each recorded kind (refusing a kind it does not know, naming
+the layer), re-attaches online Hadamards and activation hooks, and loads every tensor strictly.
 """
 
 from __future__ import annotations
@@ -29,10 +37,69 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.quant.packing import LAYOUT_VERSION
+from workbench.runtime.act_linear import ActQuantLinear
 from workbench.runtime.qlinear import QuantLinear
 
 FORMAT = "workbench.quantized"
 WEIGHTS = "model.safetensors"
+ACT_VERSION = 2  # the file version that adds W8A8 layers and activation hooks (module docstring)
+VERSIONS = (LAYOUT_VERSION, ACT_VERSION)  # the versions this workbench reads
+
+
+def _packed_entry(mod: QuantLinear) -> dict:
+    return {
+        "kind": "packed",
+        "spec": str(mod.spec),
+        "in_features": mod.in_features,
+        "out_features": mod.out_features,
+        "bias": mod.bias is not None,
+        "input_scale": mod.input_scale is not None,
+        "backend": mod.backend,
+    }
+
+
+def _packed_empty(name: str, info: dict, dtype: torch.dtype) -> QuantLinear:
+    return QuantLinear(
+        info["spec"],
+        info["in_features"],
+        info["out_features"],
+        bias=info["bias"],
+        has_input_scale=info["input_scale"],
+        dtype=dtype,
+        name=name,
+        backend=info.get("backend", "auto"),
+    )
+
+
+def _w8a8_entry(mod: ActQuantLinear) -> dict:
+    return {
+        "kind": "w8a8",
+        "w8a8": mod.kind,
+        "act": str(mod.act),
+        "in_features": mod.in_features,
+        "out_features": mod.out_features,
+        "bias": mod.bias is not None,
+    }
+
+
+def _w8a8_empty(name: str, info: dict, dtype: torch.dtype) -> ActQuantLinear:
+    return ActQuantLinear.empty(
+        info["w8a8"],
+        info["act"],
+        info["in_features"],
+        info["out_features"],
+        bias=info["bias"],
+        dtype=dtype,
+        name=name,
+    )
+
+
+# kind of a saved layer -> (module class, manifest entry of a module, empty module from an entry [name, entry,
+# activation dtype]); a version-1 entry has no "kind" and is "packed"
+LAYER_KINDS = {
+    "packed": (QuantLinear, _packed_entry, _packed_empty),
+    "w8a8": (ActQuantLinear, _w8a8_entry, _w8a8_empty),
+}
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -45,15 +112,10 @@ def _manifest(model, source: str | None) -> tuple[dict, dict[str, torch.Tensor]]
 
     layers = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            layers[name] = {
-                "spec": str(mod.spec),
-                "in_features": mod.in_features,
-                "out_features": mod.out_features,
-                "bias": mod.bias is not None,
-                "input_scale": mod.input_scale is not None,
-                "backend": mod.backend,
-            }
+        for cls, entry, _ in LAYER_KINDS.values():
+            if isinstance(mod, cls):
+                layers[name] = entry(mod)
+    acts = {n: m.workbench_act for n, m in model.named_modules() if hasattr(m, "workbench_act")}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first: dict[tuple, str] = {}
@@ -65,9 +127,10 @@ def _manifest(model, source: str | None) -> tuple[dict, dict[str, torch.Tensor]]
         first[k] = key
         tensors[key] = t.detach().contiguous().cpu()
     emb = model.get_input_embeddings()
+    w8a8 = any(e["kind"] == "w8a8" for e in layers.values())
     manifest = {
         "format": FORMAT,
-        "layout_version": LAYOUT_VERSION,
+        "layout_version": ACT_VERSION if (w8a8 or acts) else LAYOUT_VERSION,
         "architecture": (getattr(model.config, "architectures", None) or [type(model).__name__])[0],
         "config": model.config.to_dict(),
         "dtype": str(emb.weight.dtype).replace("torch.", "") if emb is not None else "float32",
@@ -77,6 +140,8 @@ def _manifest(model, source: str | None) -> tuple[dict, dict[str, torch.Tensor]]
         "conv1d": sorted(n for n, m in model.named_modules() if is_conv1d(m)),
         # a rotated model (plan transforms): layers with an online Hadamard before them (rotate.py)
         "online_hadamard": sorted(n for n, m in model.named_modules() if hasattr(m, "online_hadamard")),
+        # layers whose input is fake-quantized by a forward pre-hook (apply_plan's _simulate_acts)
+        "acts": acts,
     }
     return manifest, tensors
 
@@ -122,7 +187,11 @@ def save_quantized(model, plan, path: str | Path, *, tokenizer=None, source: str
         plan = Plan.from_resolved(dict(plan))
     manifest, tensors = _manifest(model, source)
     manifest["tokenizer"] = save_tokenizer(tokenizer, folder)
-    meta = {"format": FORMAT, "layout_version": str(LAYOUT_VERSION), "manifest": json.dumps(manifest)}
+    meta = {
+        "format": FORMAT,
+        "layout_version": str(manifest["layout_version"]),
+        "manifest": json.dumps(manifest),
+    }
     save_file(tensors, str(folder / WEIGHTS), metadata=meta)
     plan.save(folder / "plan.json")
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -147,10 +216,10 @@ def read_manifest(path: str | Path) -> dict:
             f"{f}: not a workbench quantized model (format tag {meta.get('format')!r}, expected '{FORMAT}')"
         )
     version = meta.get("layout_version")
-    if version != str(LAYOUT_VERSION):
+    if version not in [str(v) for v in VERSIONS]:
         raise WorkbenchError(
-            f"{f}: packed layout version {version!r} is unknown to this workbench (it reads "
-            f"version {LAYOUT_VERSION}); re-quantize the model or upgrade the workbench"
+            f"{f}: packed layout version {version!r} is unknown to this workbench (it reads versions "
+            f"{', '.join(map(str, VERSIONS))}); re-quantize the model or upgrade the workbench"
         )
     try:
         return json.loads(meta["manifest"])
@@ -182,6 +251,43 @@ def _empty_model(manifest: dict, dtype: torch.dtype):
     return model.eval()
 
 
+def _swap_in_layers(model, manifest: dict, dtype: torch.dtype, folder: Path) -> None:
+    """Replace every layer of the manifest by an empty module of its kind (LAYER_KINDS)."""
+    for name, info in manifest["layers"].items():
+        kind = info.get("kind", "packed")
+        if kind not in LAYER_KINDS:
+            raise WorkbenchError(
+                f"{folder}: layer '{name}' is of kind {kind!r}, unknown to this workbench (it reads "
+                f"{', '.join(LAYER_KINDS)}); upgrade the workbench"
+            )
+        parent_name, _, leaf = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            getattr(parent, leaf)
+        except AttributeError:
+            raise WorkbenchError(
+                f"{folder}: layer '{name}' of the manifest is not in the architecture"
+            ) from None
+        setattr(parent, leaf, LAYER_KINDS[kind][2](name, info, dtype))
+
+
+def _attach_hooks(model, manifest: dict) -> None:
+    """The online Hadamards (buffers filled by the loader), then the activation hooks, in apply_plan's order:
+    the input is rotated first, then quantized."""
+    from workbench.measure.simulate import add_act_hooks
+
+    if manifest.get("online_hadamard"):
+        from workbench.transform.rotate import attach_online_hadamard
+
+        for name in manifest["online_hadamard"]:
+            mod = model.get_submodule(name)
+            attach_online_hadamard(mod, mod.in_features)
+    acts = manifest.get("acts") or {}
+    add_act_hooks(model, acts)
+    for name, act in acts.items():
+        model.get_submodule(name).workbench_act = act
+
+
 def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load a folder written by save_quantized.
 
@@ -192,7 +298,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     Returns:
         (model, plan): transformers CausalLM with QuantLinear layers (eval mode), and the Plan.
     Raises:
-        WorkbenchError: not a saved model, unknown layout version, missing or unexpected tensors.
+        WorkbenchError: not a saved model, unknown layout version or layer kind, missing or unexpected
+            tensors.
     """
     from safetensors.torch import load_file
 
@@ -202,32 +309,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     manifest = read_manifest(folder)
     saved_dtype = getattr(torch, manifest.get("dtype", "float32"))
     model = _empty_model(manifest, saved_dtype)
-    for name, info in manifest["layers"].items():
-        parent_name, _, leaf = name.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-            getattr(parent, leaf)
-        except AttributeError:
-            raise WorkbenchError(
-                f"{folder}: layer '{name}' of the manifest is not in the architecture"
-            ) from None
-        q = QuantLinear(
-            info["spec"],
-            info["in_features"],
-            info["out_features"],
-            bias=info["bias"],
-            has_input_scale=info["input_scale"],
-            dtype=saved_dtype,
-            name=name,
-            backend=info.get("backend", "auto"),
-        )
-        setattr(parent, leaf, q)
-    if manifest.get("online_hadamard"):
-        from workbench.transform.rotate import attach_online_hadamard
-
-        for name in manifest["online_hadamard"]:
-            mod = model.get_submodule(name)
-            attach_online_hadamard(mod, mod.in_features)
+    _swap_in_layers(model, manifest, saved_dtype, folder)
+    _attach_hooks(model, manifest)
     state = load_file(str(folder / WEIGHTS))
     for shard in manifest.get("shards", []):  # written block by block (workbench.streaming.quantize)
         if not (folder / shard).is_file():

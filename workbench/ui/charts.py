@@ -234,19 +234,20 @@ def pareto_figure(
             marker=dict(color=ALERT, size=12, symbol="star"),
             hovertemplate="current plan: %{x:.3f} MB, cost %{y:.3g}<extra></extra>",
         )
-    _add_checks(fig, list(checks))
-    positive = [c for c in front_cost if c and c > 0]
+    log = any(c and c > 0 for c in front_cost)
+    _add_checks(fig, list(checks), log)
     fig.update_xaxes(title="size (MB)")
     fig.update_yaxes(
         title="predicted cost / measured KL (nats)" if checks else "predicted cost",
-        type="log" if positive else "linear",
+        type="log" if log else "linear",
     )
     fig.update_layout(legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
     return fig
 
 
-def _add_checks(fig: go.Figure, checks: list[dict]) -> None:
-    """Measured plans beside their predictions (see `pareto_figure`)."""
+def _add_checks(fig: go.Figure, checks: list[dict], log: bool) -> None:
+    """Measured plans beside their predictions (see `pareto_figure`). One colour per trace, so the legend's
+    marker is the one drawn; the plan's own label is red, like the current-plan star."""
     if not checks:
         return
     for c in checks:
@@ -262,17 +263,100 @@ def _add_checks(fig: go.Figure, checks: list[dict]) -> None:
         fig.add_scatter(
             x=[c["mb"] for c in checks],
             y=[c[key] for c in checks],
-            mode="markers+text" if key == "kl" else "markers",
+            mode="markers",
             name=name,
-            text=[c["label"].removeprefix("uniform ") for c in checks] if key == "kl" else None,
-            textposition="top center",
-            marker=dict(
-                size=11,
-                symbol=symbol,
-                color=[ALERT if c["kind"] == "plan" else "#444444" for c in checks],
-            ),
+            marker=dict(size=11, symbol=symbol, color=CHECK_INK),
             hovertemplate=[
                 f"{c['label']}: {c['mb']:.3f} MB, {c['avg_bits']:.3f} b/w, {name} %{{y:.4g}}<extra></extra>"
                 for c in checks
             ],
         )
+    _label_checks(fig, checks, log)
+
+
+CHECK_INK = "#444444"  # the measured and predicted markers of verified plans
+_CHAR_PX, _LABEL_PX = 6.5, 14  # a label's box at font size 11: width per character, height
+_PLOT_PX = (900, 220)  # plot area assumed for placing labels (the pane is larger: labels only spread more)
+# label positions tried in turn (side: -1 left, 0 centred, 1 right; pixels up < 0): above first, since the
+# measured points sit above the front more often than not
+_OFFSETS = [
+    (0, -20),
+    (-1, -20),
+    (1, -20),
+    (-1, -42),
+    (1, -42),
+    (0, -42),
+    (0, 22),
+    (-1, 22),
+    (1, 22),
+    (0, -64),
+]
+
+
+def _label_checks(fig: go.Figure, checks: list[dict], log: bool) -> None:
+    """Each measured point's label (a uniform plan's spec, 'this plan') as an annotation placed where it
+    overlaps no other label and no marker (`label_offsets`), with a leader line to its point. On a log axis
+    (`log`) an annotation's y is log10 of the value (plotly's convention); zero costs are not drawn there."""
+    xs = [x for t in fig.data for x in (t.x or ())]
+    ys = [y for t in fig.data for y in (t.y or ()) if y is not None and (y > 0 or not log)]
+    texts = [c["label"].removeprefix("uniform ") for c in checks]
+    pts = [(c["mb"], c["kl"]) for c in checks] + [(c["mb"], c["predicted"]) for c in checks]
+    px = _to_pixels(pts, xs, ys, log)
+    for c, text, (ax, ay) in zip(checks, texts, label_offsets(px[: len(checks)], texts, px)):
+        fig.add_annotation(
+            x=c["mb"],
+            y=math.log10(c["kl"]) if log else c["kl"],
+            text=text,
+            ax=ax,
+            ay=ay,
+            showarrow=True,
+            arrowhead=0,
+            arrowwidth=1,
+            arrowcolor="#999999",
+            standoff=6,
+            font=dict(size=11, color=ALERT if c["kind"] == "plan" else CHECK_INK),
+            bgcolor="rgba(255,255,255,0.85)",
+        )
+
+
+def _to_pixels(pts: list[tuple[float, float]], xs, ys, log: bool) -> list[tuple[float, float]]:
+    """(x, y) data points -> pixels of the assumed plot area (y down), over the range of all drawn values."""
+    fy = math.log10 if log else float
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(fy(y) for y in ys), max(fy(y) for y in ys)
+    w, h = _PLOT_PX
+    return [((x - x0) / ((x1 - x0) or 1) * w, (y1 - fy(y)) / ((y1 - y0) or 1) * h) for x, y in pts]
+
+
+def label_offsets(
+    points: Sequence[tuple[float, float]], texts: Sequence[str], avoid: Sequence[tuple[float, float]] = ()
+) -> list[tuple[float, float]]:
+    """Pixel offsets (ax, ay) of each point's label (screen pixels, y down): the first of `_OFFSETS` whose
+    label box overlaps no label placed before and no marker (6 px around each of `points` and `avoid`);
+    above the point when none is free."""
+    placed: list[tuple[float, float, float, float]] = []
+    markers = [(mx - 6, my - 6, mx + 6, my + 6) for mx, my in [*points, *avoid]]
+    out = []
+    for (x, y), text in zip(points, texts):
+        half = label_box(0, 0, text)[2]
+        candidates = [(side * (half + 8), ay) for side, ay in _OFFSETS]
+        free = (
+            (ax, ay)
+            for ax, ay in candidates
+            if not any(_overlap(label_box(x + ax, y + ay, text), b) for b in [*placed, *markers])
+        )
+        ax, ay = next(free, candidates[0])
+        placed.append(label_box(x + ax, y + ay, text))
+        out.append((ax, ay))
+    return out
+
+
+def label_box(x: float, y: float, text: str) -> tuple[float, float, float, float]:
+    """The box (x0, y0, x1, y1) in pixels of `text` drawn centred at (x, y) (font size 11, approximate)."""
+    w = len(text) * _CHAR_PX + 6
+    return (x - w / 2, y - _LABEL_PX / 2, x + w / 2, y + _LABEL_PX / 2)
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether boxes (x0, y0, x1, y1) intersect."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]

@@ -19,7 +19,8 @@ _BITS = ["none", "int8", "int4", "int2", "fp8_e4m3"]
 class CacheView(View):
     """K / V statistics of the loaded model and the plan's KV-cache specs (KIVI layout by default)."""
 
-    def panel(self) -> pn.viewable.Viewable:
+    def _spec_rows(self) -> tuple[pn.Row, pn.Row]:
+        """The cache-spec selectors with their 'set' button, and the context with the predicted size."""
         state = self.state
         kbits = pn.widgets.Select(name="key bits", options=_BITS, value="int4", width=110)
         vbits = pn.widgets.Select(name="value bits", options=_BITS, value="int4", width=110)
@@ -32,6 +33,42 @@ class CacheView(View):
             name="set the plan's KV cache", button_type="primary", align="end", width=200
         )
         size = pn.pane.Markdown("", css_classes=["wb-kv-size"])
+
+        def on_apply(_event):
+            k = kv_spec_string(kbits.value, kaxis.value, resid.value, had.value, pre.value)
+            v = kv_spec_string(vbits.value, "tok", resid.value)
+            state.set_kv(k, v)
+
+        def show_size(*_events):
+            size.object = self._size_text(context.value)
+
+        apply.on_click(on_apply)
+        context.param.watch(show_size, "value")
+        state.param.watch(show_size, ["revision", "loaded"])
+        show_size()
+        return pn.Row(kbits, kaxis, vbits, resid, had, pre, apply), pn.Row(context, size)
+
+    def _size_text(self, context: int) -> str:
+        """The plan's KV-cache bytes of one sequence at `context` tokens beside bf16 (markdown)."""
+        from workbench.plan.kv import plan_cache_bytes
+
+        state = self.state
+        if state.loaded is None or state.plan is None:
+            return "*no model loaded*"
+        try:
+            kv = state.plan.resolve(state.layers).kv
+            q, bf = plan_cache_bytes(state.loaded.model, kv, context)
+        except WorkbenchError as exc:
+            return f"cache size unavailable: {exc}"
+        specs = sorted({f"K {s.to_json()['k']} / V {s.to_json()['v']}" for s in kv.values()}) or ["bf16"]
+        return (
+            f"**KV cache of one sequence at {context:,} tokens: {q / 1e6:.2f} MB** "
+            f"(bf16 {bf / 1e6:.2f} MB, {bf / max(q, 1):.2f}x smaller); plan: {'; '.join(specs)}"
+        )
+
+    def _stats_panel(self) -> pn.Column:
+        """The K/V statistics button, the block / side / head selectors and the two charts of one head."""
+        state = self.state
         block = pn.widgets.Select(name="attention block", options=[], width=300)
         side = pn.widgets.Select(name="side", options=["k_pre", "k_post", "v"], value="k_post", width=100)
         head = pn.widgets.IntInput(name="kv head", value=0, start=0, width=90)
@@ -42,29 +79,6 @@ class CacheView(View):
         )
         hist = pn.pane.Plotly(charts.empty_figure(""), sizing_mode="stretch_width")
         held: dict = {}
-
-        def on_apply(_event):
-            k = kv_spec_string(kbits.value, kaxis.value, resid.value, had.value, pre.value)
-            v = kv_spec_string(vbits.value, "tok", resid.value)
-            state.set_kv(k, v)
-
-        def show_size(*_events):
-            from workbench.plan.kv import plan_cache_bytes
-
-            if state.loaded is None or state.plan is None:
-                size.object = "*no model loaded*"
-                return
-            try:
-                kv = state.plan.resolve(state.layers).kv
-                q, bf = plan_cache_bytes(state.loaded.model, kv, context.value)
-            except WorkbenchError as exc:
-                size.object = f"cache size unavailable: {exc}"
-                return
-            specs = sorted({f"K {s.to_json()['k']} / V {s.to_json()['v']}" for s in kv.values()}) or ["bf16"]
-            size.object = (
-                f"**KV cache of one sequence at {context.value:,} tokens: {q / 1e6:.2f} MB** "
-                f"(bf16 {bf / 1e6:.2f} MB, {bf / max(q, 1):.2f}x smaller); plan: {'; '.join(specs)}"
-            )
 
         def on_stats(_event):
             from workbench.stats.kv import kv_statistics
@@ -81,40 +95,45 @@ class CacheView(View):
 
         def draw(*_events):
             s = held.get("stats")
-            if s is None or not block.value:
-                return
-            d = s.blocks[block.value][side.value]
-            h = min(head.value, d["absmax"].shape[0] - 1)
-            ratio = s.channel_ratio(block.value, side.value, h)
-            absmax.object = charts.channel_absmax_figure(
-                d["absmax"][h].tolist(), (ratio > 4).tolist(), title=f"{block.value} {side.value} head {h}"
-            )
-            scale = float(d["scale"][0])
-            n = d["hist"].numel()
-            edges = [scale * (-1 + 2 * i / n) for i in range(n + 1)]
-            hist.object = charts.histogram_figure(
-                edges, d["hist"].tolist(), title=f"{side.value} values", log_y=True
-            )
+            if s is not None and block.value:
+                _draw_head(s, block.value, side.value, head.value, absmax, hist)
 
-        apply.on_click(on_apply)
         stats_btn.on_click(on_stats)
         block.param.watch(draw, "value")
         side.param.watch(draw, "value")
         head.param.watch(draw, "value")
-        context.param.watch(show_size, "value")
-        state.param.watch(show_size, ["revision", "loaded"])
-        show_size()
+        return pn.Column(
+            pn.Row(stats_btn, block, side, head),
+            outliers,
+            pn.Row(absmax, hist, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+        )
+
+    def panel(self) -> pn.viewable.Viewable:
+        specs, size = self._spec_rows()
         return pn.Column(
             pn.pane.Markdown(
                 "Keys per channel and values per token with the R most recent tokens in bf16 is KIVI's "
                 "layout; a token is quantized once, when it leaves the window (per-channel keys in groups "
                 "of 32 tokens)."
             ),
-            pn.Row(kbits, kaxis, vbits, resid, had, pre, apply),
-            pn.Row(context, size),
-            pn.Row(stats_btn, block, side, head),
-            outliers,
-            pn.Row(absmax, hist, sizing_mode="stretch_width"),
+            specs,
+            size,
+            self._stats_panel(),
             sizing_mode="stretch_width",
             name="Cache",
         )
+
+
+def _draw_head(s, block: str, side: str, head: int, absmax: pn.pane.Plotly, hist: pn.pane.Plotly) -> None:
+    """One head's per-channel absmax (outlier channels marked) and its value histogram (KVStatistics `s`)."""
+    d = s.blocks[block][side]
+    h = min(head, d["absmax"].shape[0] - 1)
+    ratio = s.channel_ratio(block, side, h)
+    absmax.object = charts.channel_absmax_figure(
+        d["absmax"][h].tolist(), (ratio > 4).tolist(), title=f"{block} {side} head {h}"
+    )
+    scale = float(d["scale"][0])
+    n = d["hist"].numel()
+    edges = [scale * (-1 + 2 * i / n) for i in range(n + 1)]
+    hist.object = charts.histogram_figure(edges, d["hist"].tolist(), title=f"{side} values", log_y=True)

@@ -24,8 +24,8 @@ class ModelView(View):
     """Every quantizable layer with its current spec; edit `spec` or `pinned` in a cell, click a row to
     select the layer for the Distributions tab."""
 
-    def panel(self) -> pn.viewable.Viewable:
-        state = self.state
+    def _table(self) -> pn.widgets.Tabulator:
+        """The layer table: spec and pinned editable, header filters, number formats, column titles."""
         editors = {c: None for c in TABLE_COLUMNS if c not in ("spec", "pinned")}
         editors["spec"] = {
             "type": "list",
@@ -35,8 +35,8 @@ class ModelView(View):
             "listOnEmpty": True,
         }
         editors["pinned"] = {"type": "tickCross"}
-        table = pn.widgets.Tabulator(
-            state.table,
+        return pn.widgets.Tabulator(
+            self.state.table,
             show_index=False,
             header_filters=_FILTERS,
             editors=editors,
@@ -64,6 +64,16 @@ class ModelView(View):
             name="layers",
         )
 
+    def _show_table(self, table: pn.widgets.Tabulator, df) -> None:
+        # Deferred to the next tick: Tabulator ignores a new value set inside its own edit callback.
+        push = lambda: _push(table, df)  # noqa: E731
+        pn.state.execute(push, schedule=True) if pn.state.curdoc else push()
+
+    def _wire(self, table: pn.widgets.Tabulator) -> None:
+        """Cell edits go to the state (refused ones are put back), a selected row selects the layer, a new
+        state table is sent to the widget."""
+        state = self.state
+
         def on_edit(event):
             name = table.value.iloc[event.row]["layer"]
             if event.column == "spec":
@@ -73,41 +83,24 @@ class ModelView(View):
             else:
                 ok = False
             if not ok:
-                show_table(state.table)  # put the cell back
+                self._show_table(table, state.table)  # put the cell back
 
         def on_select(event):
             if event.new:
                 state.selected = str(table.value.iloc[event.new[0]]["layer"])
 
-        def show_table(df):
-            # Deferred to the next tick: Tabulator ignores a new value set inside its own edit callback.
-            pn.state.execute(lambda: push(df), schedule=True) if pn.state.curdoc else push(df)
-
-        def push(df):
-            """Send only the cells that changed (a full 211-row table costs the browser ~0.5 s)."""
-            old = table.value
-            if old is None or len(old) != len(df) or not old["layer"].equals(df["layer"]):
-                table.value = df
-                return
-            patch = {}
-            for col in _LIVE:
-                a, b = old[col], df[col]
-                changed = ~((a == b) | (a.isna() & b.isna()))
-                if changed.any():
-                    patch[col] = [
-                        (int(i), b.iloc[i].item() if hasattr(b.iloc[i], "item") else b.iloc[i])
-                        for i in changed.to_numpy().nonzero()[0]
-                    ]
-            if patch:
-                table.patch(patch, as_index=False)
-
         def on_table(event):
             if event.new is not None:
-                show_table(event.new)
+                self._show_table(table, event.new)
 
         table.on_edit(on_edit)
         table.param.watch(on_select, "selection")
         state.param.watch(on_table, "table")
+
+    def panel(self) -> pn.viewable.Viewable:
+        state = self.state
+        table = self._table()
+        self._wire(table)
         self.table = table  # tests and the app reach the widget through the view
         help_text = pn.pane.Markdown(
             "Click a **spec** cell to change one layer (pick or type any spec, e.g. `int3_g64:gptq`); tick "
@@ -118,3 +111,22 @@ class ModelView(View):
             margin=(0, 10),
         )
         return pn.Column(totals_line(state), help_text, table, sizing_mode="stretch_width", name="Model")
+
+
+def _push(table: pn.widgets.Tabulator, df) -> None:
+    """Send only the cells that changed (a full 211-row table costs the browser ~0.5 s)."""
+    old = table.value
+    if old is None or len(old) != len(df) or not old["layer"].equals(df["layer"]):
+        table.value = df
+        return
+    patch = {}
+    for col in _LIVE:
+        a, b = old[col], df[col]
+        changed = ~((a == b) | (a.isna() & b.isna()))
+        if changed.any():
+            patch[col] = [
+                (int(i), b.iloc[i].item() if hasattr(b.iloc[i], "item") else b.iloc[i])
+                for i in changed.to_numpy().nonzero()[0]
+            ]
+    if patch:
+        table.patch(patch, as_index=False)
