@@ -1,0 +1,145 @@
+"""The fast decoder's quantized KV cache (issue 17): the static store, the device-length kernel, the decoder.
+
+Without CUDA the Triton interpreter runs the kernel on the CPU on small shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton / the kernels
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from workbench.kernels.attn_kvq import _base, attn_kvq_static  # noqa: E402
+
+from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.runtime.kvcache import QuantKVSide  # noqa: E402
+from workbench.runtime.kvstatic import StaticKVSide  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+SPECS = ["int4_ch_g16_r8", "int8_ch_g16", "int4_tok_r8", "int2_tok_g8", "int8_tok_g4_sym", "int4_ch_g8_r3"]
+
+
+def _rows(n: int, H: int = 2, D: int = 16, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(n + seed)
+    return (torch.randn(H, n, D, device=DEV) * torch.linspace(0.3, 4.0, D, device=DEV)).bfloat16()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("n_prompt", [0, 13])
+def test_static_store_equals_quantkv_side(spec, n_prompt):
+    """Prompt fill + token writes at device positions == QuantKVSide.append token by token (bit-exact)."""
+    n, cap = 45, 64
+    x = _rows(n)
+    st = StaticKVSide(spec, 2, 16, cap, torch.bfloat16, DEV)
+    ref = QuantKVSide(spec, 1, 2, 16, cap, DEV)
+    if n_prompt:
+        st.fill(x[:, :n_prompt])
+    for t in range(n):
+        ref.append(x[None, :, t : t + 1])
+        if t >= n_prompt:
+            st.write(x[:, t], torch.tensor([t], device=DEV))
+    q = ref.n_quantized
+    assert q > 0
+    torch.testing.assert_close(st.codes[:, :, :q], ref.codes[:, :, :q], rtol=0, atol=0)
+    G = ref.G
+    srows = q if ref.spec.axis == "tok" else q // G
+    torch.testing.assert_close(st.scale[:, :, :srows], ref.scale[:, :, :srows], rtol=0, atol=0)
+    if ref.lo is not None:
+        torch.testing.assert_close(st.lo[:, :, :srows], ref.lo[:, :, :srows], rtol=0, atol=0)
+    got = st.values(torch.tensor([n], device=DEV))[:, :, :n]
+    torch.testing.assert_close(got, ref.dequantized(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kspec,vspec", [("int4_ch_g16_r8", "int4_tok_r8"), ("int8_ch_g16", "int2_tok_g8")])
+@pytest.mark.parametrize("n", [5, 40, 61])
+def test_device_length_kernel_matches_twin(kspec, vspec, n):
+    """attn_kvq_static (length on the device, ring windows, grid over the capacity) == the torch twin."""
+    from workbench.runtime.fastkv import KVBlockCache, static_attention
+
+    cap = 64
+    x, y = _rows(n), _rows(n, seed=100)
+    c = KVBlockCache(*(StaticKVSide(s, 2, 16, cap, torch.bfloat16, DEV) for s in (kspec, vspec)), None, None)
+    c.k.fill(x)
+    c.v.fill(y)
+    q = torch.randn(8, 16, device=DEV)
+    length = torch.tensor([n], device=DEV)
+    ka, va = c.k.kernel_args(), c.v.kernel_args()
+    got = attn_kvq_static(q[None], ka, va, length, 0.25, block_n=16, n_splits=3)[0]
+    K, V = (s.values(length)[0, :, :n].repeat_interleave(4, 0) for s in (c.k, c.v))
+    direct = (torch.softmax(q[:, None] @ K.transpose(-1, -2) * 0.25, -1) @ V)[:, 0]
+    torch.testing.assert_close(got, direct, atol=1e-4, rtol=1e-4)
+    os.environ["TRITON_INTERPRET"], old = "0", os.environ.get("TRITON_INTERPRET", "0")
+    try:
+        twin = static_attention(q.cpu(), _to_cpu(c), length.cpu(), 0.25)
+    finally:
+        os.environ["TRITON_INTERPRET"] = old
+    torch.testing.assert_close(twin, direct.cpu(), atol=1e-5, rtol=1e-5)
+
+
+def _to_cpu(c):
+    for s in (c.k, c.v):
+        for a in ("codes", "scale", "lo", "ring"):
+            if getattr(s, a) is not None:
+                setattr(s, a, getattr(s, a).cpu())
+    return c
+
+
+@triton.jit
+def _offset_kernel(out_ptr, bh, per_head, pos, ROW: tl.constexpr):
+    tl.store(out_ptr, _base(bh, per_head) + pos * ROW)
+
+
+def test_code_offsets_are_64_bit():
+    """B = 64, Hkv = 8, a 32k prompt + 256 new tokens, int8 D = 128: the last row's offset is past 2^31."""
+    bh, cap, row = 64 * 8 - 1, 32768 + 256, 128
+    want = bh * cap * row + (cap - 1) * row
+    assert want >= 2**31
+    out = torch.zeros(1, dtype=torch.int64, device=DEV)
+    _offset_kernel[(1,)](out, bh, cap * row, cap - 1, ROW=row)
+    assert int(out) == want
+
+
+def test_store_refuses_what_the_kernel_cannot_read():
+    with pytest.raises(WorkbenchError, match="stores int2, int4, int8 codes only"):
+        StaticKVSide("fp8_e4m3_tok", 2, 16, 64, torch.bfloat16, DEV)
+    with pytest.raises(WorkbenchError, match="post-RoPE keys without _had"):
+        StaticKVSide("int4_ch_had", 2, 16, 64, torch.bfloat16, DEV)
+
+
+def test_fast_decoder_with_quantized_cache_equals_simulation(stories):
+    """FastDecoder with K4V4 (+ one K8-only block) == the teacher-forced simulation on stories260K."""
+    from workbench.measure.kvsim import kv_quantized
+    from workbench.plan.plan import Plan
+    from workbench.runtime.fastpath import FastDecoder
+
+    model = stories.model.to(DEV)
+    kv = Plan(k="int4_ch_g8_r4", v="int4_tok_r4").resolve(model).kv
+    kv["model.layers.1.self_attn"] = type(kv["model.layers.1.self_attn"])(k=kv["model.layers.0.self_attn"].k)
+    ids = torch.randint(1, 500, (24,), device=DEV)
+    dec = FastDecoder(model, max_cache_len=40, mode="eager", kv=kv)
+    with kv_quantized(model, kv):
+        sim = model(input_ids=ids[None], use_cache=False).logits[0].float()
+    pre = dec.logits(ids)  # the masked prefill over the whole sequence
+    torch.testing.assert_close(pre.float(), sim, atol=2e-4, rtol=1e-4)
+    # token-by-token decode through the store and the kernel: prompt of 6, then 18 steps teacher-forced
+    dec.prefill(ids[:6])
+    steps = []
+    for t in range(6, 24):
+        dec.tok.fill_(int(ids[t]))
+        steps.append(dec._forward_step()[0].float())
+        dec.pos.add_(1)
+    got = torch.stack(steps)
+    ref = torch.log_softmax(sim[6:], -1)
+    kl = (ref.exp() * (ref - torch.log_softmax(got, -1))).sum(-1).max()
+    assert kl < 1e-6
+    assert (got.argmax(-1) == sim[6:].argmax(-1)).all()
+    plain = model(input_ids=ids[None], use_cache=False).logits[0].float()
+    assert (got - plain[6:]).abs().max() > 1e-3  # the cache really is quantized
+    assert dec.cache_bytes() < FastDecoder(model, max_cache_len=40, mode="eager").cache_bytes()
