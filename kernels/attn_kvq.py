@@ -316,7 +316,7 @@ def _check(q: torch.Tensor, Hkv: int, n: int, block_n: int) -> None:
         raise ValueError(f"attn_kvq: block_n {block_n} must be a power of two >= 16")
 
 
-def _launch(q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None):
+def _launch(q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None):
     """Both kernels; n is the (host) number of positions, or the capacity when `length` holds it on device."""
     B, Hq, D = q.shape
     Hkv, cap = k["codes"].shape[1], k["codes"].shape[2]
@@ -345,7 +345,7 @@ def _launch(q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None):
         length if dev else k["codes"], k.get("residual", 0), v.get("residual", 0),
         k["bits"], k["per_channel"], k["group"], k["lo"] is None,
         v["bits"], v["per_channel"], v["group"], v["lo"] is None,
-        D, d_p, block_n, block_h, dev, num_warps=4 if d_p * block_n <= 4096 else 8,
+        D, d_p, block_n, block_h, dev, num_warps=num_warps or (4 if d_p * block_n <= 4096 else 8),
     )  # fmt: skip
     _attn_kvq_combine_kernel[(B * Hq,)](m, l_sum, acc, out, Hq, Hkv, splits, D, d_p, block_h, 16, num_warps=4)
     return out
@@ -371,6 +371,7 @@ def attn_kvq_static(
     sm_scale: float,
     block_n: int = 64,
     n_splits: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """`attn_kvq` with the length on the device (int64 [1]): one launch serves every step of a CUDA graph.
 
@@ -378,4 +379,5 @@ def attn_kvq_static(
     (position p in slot p % W) and "residual" is the spec's R; the quantized prefix of each side follows
     from the length in the kernel. The grid covers the capacity; splits past the length do no work.
     """
-    return _launch(q, k, v, k["codes"].shape[2], 0, 0, sm_scale, block_n, n_splits, length)
+    cap = k["codes"].shape[2]
+    return _launch(q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps)

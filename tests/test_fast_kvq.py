@@ -5,6 +5,7 @@ Without CUDA the Triton interpreter runs the kernel on the CPU on small shapes.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -119,7 +120,7 @@ def test_fast_decoder_with_quantized_cache_equals_simulation(stories):
     from workbench.plan.plan import Plan
     from workbench.runtime.fastpath import FastDecoder
 
-    model = stories.model.to(DEV)
+    model = copy.deepcopy(stories.model).to(DEV)
     kv = Plan(k="int4_ch_g8_r4", v="int4_tok_r4").resolve(model).kv
     kv["model.layers.1.self_attn"] = type(kv["model.layers.1.self_attn"])(k=kv["model.layers.0.self_attn"].k)
     ids = torch.randint(1, 500, (24,), device=DEV)
@@ -143,3 +144,20 @@ def test_fast_decoder_with_quantized_cache_equals_simulation(stories):
     plain = model(input_ids=ids[None], use_cache=False).logits[0].float()
     assert (got - plain[6:]).abs().max() > 1e-3  # the cache really is quantized
     assert dec.cache_bytes() < FastDecoder(model, max_cache_len=40, mode="eager").cache_bytes()
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_graph_decode_with_quantized_cache_equals_eager(stories):
+    """The captured step (length on the device, no host sync) == the eager step; one block stays bf16."""
+    from workbench.plan.plan import Plan
+    from workbench.runtime.decode import make_decoder
+
+    model = copy.deepcopy(stories.model).to(DEV).bfloat16()
+    kv = Plan(k="int4_ch_g8_r4", v="int8_tok_r4").resolve(model).kv
+    del kv["model.layers.2.self_attn"]  # one block keeps the bf16 cache
+    prompt = torch.randint(1, 500, (11,)).tolist()
+    runs = [make_decoder(model, 80, mode=m, kv=kv).generate(prompt, 40) for m in ("eager", "graph")]
+    assert runs[0].tokens == runs[1].tokens
+    assert "quantized KV cache in 4 of 5 blocks" in runs[1].notes
+    with pytest.raises(WorkbenchError, match="K/V cache specs need the fast decode path"):
+        make_decoder(model, 80, path="hf", kv=kv)
