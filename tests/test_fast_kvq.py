@@ -33,9 +33,10 @@ def _rows(n: int, H: int = 2, D: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("n_prompt", [0, 13])
-def test_static_store_equals_quantkv_side(spec, n_prompt):
-    """Prompt fill + token writes at device positions == QuantKVSide.append token by token (bit-exact)."""
+@pytest.mark.parametrize("n_prompt,fused", [(0, True), (13, True), (13, False)])
+def test_static_store_equals_quantkv_side(spec, n_prompt, fused):
+    """Prompt fill + token writes at device positions (fused kernel / torch twin) == QuantKVSide.append
+    token by token, bit-exact."""
     n, cap = 45, 64
     x = _rows(n)
     st = StaticKVSide(spec, 2, 16, cap, torch.bfloat16, DEV)
@@ -45,7 +46,7 @@ def test_static_store_equals_quantkv_side(spec, n_prompt):
     for t in range(n):
         ref.append(x[None, :, t : t + 1])
         if t >= n_prompt:
-            st.write(x[:, t], torch.tensor([t], device=DEV))
+            (st.write if fused else st.write_ref)(x[:, t], torch.tensor([t], device=DEV))
     q = ref.n_quantized
     assert q > 0
     torch.testing.assert_close(st.codes[:, :, :q], ref.codes[:, :, :q], rtol=0, atol=0)

@@ -19,6 +19,8 @@ Refused: fp8_e4m3 (the kernel reads integer codes), `_had` and `_pre` keys (simu
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from workbench.errors import WorkbenchError
@@ -57,7 +59,23 @@ class StaticKVSide(QuantKVSide):
 
     # -------------------------------------------------------------- writing (graph-capturable)
     def write(self, x: torch.Tensor, pos: torch.Tensor) -> None:
-        """Store token x [H, D] at position pos (int64 [1] on the device); see the module docstring."""
+        """Store token x [H, D] at position pos (int64 [1] on the device); see the module docstring.
+
+        One fused Triton launch (kernels/kv_store.py) on CUDA or under TRITON_INTERPRET=1, else `write_ref`.
+        """
+        if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            from workbench.kernels.kv_store import kernel_reason, kv_store
+
+            if kernel_reason(x, self.spec.bits, self.G) is None:
+                kv_store(
+                    self.ring, self.codes, self.scale, self.lo, x, pos, self.R, self.spec.bits,
+                    self.spec.axis == "ch", self.G,
+                )  # fmt: skip
+                return
+        self.write_ref(x, pos)
+
+    def write_ref(self, x: torch.Tensor, pos: torch.Tensor) -> None:
+        """The torch twin of `write` (~30 small kernels per call; the store's reference arithmetic)."""
         self.ring.index_copy_(2, pos % self.W, x.to(self.ring.dtype)[None, :, None])
         first = (pos - self.R).clamp_min(0) // self.span * self.span  # [1] the due token / group start
         positions = first + self.offsets  # [span]
