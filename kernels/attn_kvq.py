@@ -321,6 +321,8 @@ def _launch(q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_wa
     B, Hq, D = q.shape
     Hkv, cap = k["codes"].shape[1], k["codes"].shape[2]
     _check(q, Hkv, n, block_n)
+    if v["codes"].shape[2] != cap:
+        raise ValueError(f"attn_kvq: key capacity {cap} != value capacity {v['codes'].shape[2]}")
     rep = Hq // Hkv
     block_h, d_p = max(16, triton.next_power_of_2(rep)), max(16, D)  # tl.dot wants >= 16 rows and columns
     splits = n_splits or _n_splits(n, B * Hkv, q.device, block_n)

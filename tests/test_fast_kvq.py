@@ -162,3 +162,28 @@ def test_graph_decode_with_quantized_cache_equals_eager(stories):
     assert "quantized KV cache in 4 of 5 blocks" in runs[1].notes
     with pytest.raises(WorkbenchError, match="K/V cache specs need the fast decode path"):
         make_decoder(model, 80, path="hf", kv=kv)
+
+
+def test_generate_command_with_a_kv_plan(tmp_path, capsys, monkeypatch):
+    """`workbench generate --plan` with k/v specs runs the quantized cache and reports its measured bytes
+    (on the CPU through the torch twins: the interpreter would take minutes for 40 tokens)."""
+    import json
+
+    from tests.conftest import STORIES
+    from workbench.cli import main
+
+    if not STORIES.is_file():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    plan = tmp_path / "kv.json"
+    kv = {"k": "int4_ch_g8_r4", "v": "int8_tok"}
+    plan.write_text(json.dumps({"format": "workbench.plan", "version": 2, "default": "bf16", **kv}))
+    out = {}
+    for name, extra in (("kv", ["--plan", str(plan)]), ("bf16", [])):
+        argv = ["generate", "--model", str(STORIES), "--prompt", "Once", "--max-new-tokens", "40"]
+        assert main(argv + ["--device", "cpu", "--mode", "eager", "--json"] + extra) == 0
+        text = capsys.readouterr().out
+        out[name] = json.loads(text)
+    assert "quantized KV cache in 5 of 5 blocks" in out["kv"]["result"]["notes"]
+    assert 0 < out["kv"]["kv_cache_bytes"] <= out["bf16"]["kv_cache_bytes"] / 2  # fp32 on the CPU

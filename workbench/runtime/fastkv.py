@@ -47,6 +47,10 @@ def kv_block_cache(name: str, spec, n_kv: int, head_dim: int, capacity: int, dty
         reason = side is not None and static_reason(side, head_dim)
         if reason:
             raise WorkbenchError(f"layer {name}: KV-cache spec {reason} (the simulation still runs it)")
+    for side in (spec.k, spec.v):  # one capacity for both sides (the kernel indexes both with it)
+        if side is not None and side.axis == "ch":
+            G = side.group(head_dim)
+            capacity = -(-capacity // G) * G
     sides = [
         StaticKVSide(s or full_precision_side(capacity), n_kv, head_dim, capacity, dtype, device)
         for s in (spec.k, spec.v)
