@@ -26,6 +26,9 @@ from workbench.quant.kvcache import KVSpec, fake_quant_kv
 from workbench.runtime.kvstatic import StaticKVSide, full_precision_side, static_reason
 
 PREFILL_ROWS = 256  # query rows per chunk of the masked prefill attention (memory: Hq x rows x T floats)
+# (BLOCK_N, num_warps) of the decode kernel: the fastest inside a CUDA graph on the H200 at 32k, int8 and
+# int4 (0.135 / 0.128 ms vs 0.167 / 0.175 for the launcher's 64 / 8; benchmarks/bench_kv_step_h200.json)
+LAUNCH = (64, 4)
 
 
 @dataclass(eq=False)
@@ -68,7 +71,9 @@ def static_attention(q: torch.Tensor, c: KVBlockCache, length: torch.Tensor, sca
     if use_kernel(q):
         from workbench.kernels.attn_kvq import attn_kvq_static
 
-        return attn_kvq_static(q[None], c.k.kernel_args(), c.v.kernel_args(), length, scale)[0]
+        bn, nw = LAUNCH
+        ka, va = c.k.kernel_args(), c.v.kernel_args()
+        return attn_kvq_static(q[None], ka, va, length, scale, block_n=bn, num_warps=nw)[0]
     K, V = c.k.values(length)[0], c.v.values(length)[0]  # [Hkv, cap, D]
     rep = Hq // K.shape[0]
     s = torch.einsum("hgd,hld->hgl", q.float().view(-1, rep, D), K) * scale
