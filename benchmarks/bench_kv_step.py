@@ -12,7 +12,8 @@
    Bytes: `predicted` = KVSpec.cache_bytes of the filled context (all layers), `allocated` = what the
    decoder's buffers hold (`FastDecoder.cache_bytes`, capacity = context + 64).
 2. Per-layer attention inside a CUDA graph (one layer, 8B head shape, 32k and 4k tokens): bf16 split-K
-   kernel vs the quantized kernel at several (BLOCK_N, num_warps), `--reps` replays of a graph of 20 calls.
+   kernel vs the quantized kernel at several (BLOCK_N, num_warps), `--reps` replays of a graph of 20 calls;
+   and 64 / 4 with one-pass tf32 dots (`precision="tf32"`) with its max abs difference to tf32x3.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def per_layer(shape: dict, contexts: list[int], dev: str, reps: int) -> list[dic
         t = _graph_time(lambda: decode_attention(q, kc, vc, length, d**-0.5), reps)
         rows.append({"cache": "bf16", "context": ctx, "ms": t * 1e3})
         for cache in ("int8", "int4"):
-            sides = [StaticKVSide(sp, hkv, d, ctx + 64, torch.bfloat16, dev) for sp in SPECS[cache]]
+            cap = -(-(ctx + 64) // 64) * 64  # one capacity for both sides (a multiple of the key group)
+            sides = [StaticKVSide(sp, hkv, d, cap, torch.bfloat16, dev) for sp in SPECS[cache]]
             for sd in sides:
                 sd.fill(torch.randn(hkv, ctx, d, device=dev))
             ka, va = (sd.kernel_args() for sd in sides)
@@ -147,8 +149,22 @@ def per_layer(shape: dict, contexts: list[int], dev: str, reps: int) -> list[dic
 
                 t = _graph_time(fn, reps)
                 rows.append({"cache": cache, "context": ctx, "block_n": bn, "num_warps": nw, "ms": t * 1e3})
-        print(json.dumps(rows[-9:]), flush=True)
+            rows.append(_one_pass_row(q, ka, va, length, d, cache, ctx, reps))
+        print(json.dumps(rows[-11:]), flush=True)
     return rows
+
+
+def _one_pass_row(q, ka, va, length, d: int, cache: str, ctx: int, reps: int) -> dict:
+    """BLOCK_N 64 / 4 warps with one-pass tf32 dots: time, and the max abs difference to tf32x3."""
+    from workbench.kernels.attn_kvq import attn_kvq_static
+
+    def fn(prec="tf32"):
+        return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=64, num_warps=4, precision=prec)
+
+    err = (fn() - fn("tf32x3")).abs().max().item()
+    t = _graph_time(fn, reps)
+    return {"cache": cache, "context": ctx, "block_n": 64, "num_warps": 4, "precision": "tf32", "ms": t * 1e3,
+            "max_abs_diff_vs_tf32x3": err}  # fmt: skip
 
 
 def _model(cfg: dict, weights: str, dev: str):

@@ -180,7 +180,7 @@ def _attn_kvq_split_kernel(
     K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
     V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    DEV: tl.constexpr,
+    DEV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One (kv head, split): all rep query heads of the kv head over positions [split * chunk, +chunk).
 
@@ -233,7 +233,7 @@ def _attn_kvq_split_kernel(
             BLOCK_N,
             DEV,
         )
-        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * sm_scale  # [BLOCK_H, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale  # [BLOCK_H, BLOCK_N]
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -260,7 +260,7 @@ def _attn_kvq_split_kernel(
             BLOCK_N,
             DEV,
         )
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     row = (bh * n_splits + sp) * BLOCK_H + r
@@ -316,7 +316,7 @@ def _check(q: torch.Tensor, Hkv: int, n: int, block_n: int) -> None:
         raise ValueError(f"attn_kvq: block_n {block_n} must be a power of two >= 16")
 
 
-def _launch(q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None):
+def _launch(q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None, prec="tf32x3"):
     """Both kernels; n is the (host) number of positions, or the capacity when `length` holds it on device."""
     B, Hq, D = q.shape
     Hkv, cap = k["codes"].shape[1], k["codes"].shape[2]
@@ -347,7 +347,7 @@ def _launch(q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_wa
         length if dev else k["codes"], k.get("residual", 0), v.get("residual", 0),
         k["bits"], k["per_channel"], k["group"], k["lo"] is None,
         v["bits"], v["per_channel"], v["group"], v["lo"] is None,
-        D, d_p, block_n, block_h, dev, num_warps=num_warps or (4 if d_p * block_n <= 4096 else 8),
+        D, d_p, block_n, block_h, dev, prec, num_warps=num_warps or (4 if d_p * block_n <= 4096 else 8),
     )  # fmt: skip
     _attn_kvq_combine_kernel[(B * Hq,)](m, l_sum, acc, out, Hq, Hkv, splits, D, d_p, block_h, 16, num_warps=4)
     return out
@@ -374,12 +374,17 @@ def attn_kvq_static(
     block_n: int = 64,
     n_splits: int | None = None,
     num_warps: int | None = None,
+    precision: str = "tf32x3",
 ) -> torch.Tensor:
     """`attn_kvq` with the length on the device (int64 [1]): one launch serves every step of a CUDA graph.
 
     k / v: `StaticKVSide.kernel_args()` (workbench/runtime/kvstatic.py): the window is a ring of W slots
     (position p in slot p % W) and "residual" is the spec's R; the quantized prefix of each side follows
     from the length in the kernel. The grid covers the capacity; splits past the length do no work.
+    precision: the tl.dot input precision, "tf32x3" (float32-accurate, the default) or "tf32" (one MMA
+    pass, 10-bit mantissas: for timing the cost of exactness; not checked against the twin at 1e-4).
     """
+    if precision not in ("tf32x3", "tf32"):
+        raise ValueError(f"attn_kvq_static: precision '{precision}' (choose tf32x3 or tf32)")
     cap = k["codes"].shape[2]
-    return _launch(q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps)
+    return _launch(q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision)

@@ -113,6 +113,12 @@ def test_store_refuses_what_the_kernel_cannot_read():
         StaticKVSide("fp8_e4m3_tok", 2, 16, 64, torch.bfloat16, DEV)
     with pytest.raises(WorkbenchError, match="post-RoPE keys without _had"):
         StaticKVSide("int4_ch_had", 2, 16, 64, torch.bfloat16, DEV)
+    k, v = (StaticKVSide(s, 2, 16, n, torch.bfloat16, DEV) for s, n in (("int4_ch_g16", 64), ("int4_tok", 8)))
+    q, length = torch.randn(1, 4, 16, device=DEV), torch.tensor([8], device=DEV)
+    with pytest.raises(ValueError, match="key capacity 64 != value capacity 8"):
+        attn_kvq_static(q, k.kernel_args(), v.kernel_args(), length, 0.25)
+    with pytest.raises(ValueError, match="precision 'bf16'"):
+        attn_kvq_static(q, k.kernel_args(), k.kernel_args(), length, 0.25, precision="bf16")
 
 
 def test_fast_decoder_with_quantized_cache_equals_simulation(stories):
