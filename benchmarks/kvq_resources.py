@@ -19,17 +19,20 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def resources(bits: int, block_n: int, warps: int) -> dict:
-    """Registers, spill stack bytes and HMMA instructions of the kernel compiled for sm_90."""
+def resources(bits: int, block_n: int, warps: int, dev: bool = True, prec: str = "tf32x3") -> dict:
+    """Registers, spill stack bytes and HMMA instructions of the kernel compiled for sm_90 (dev: the
+    device-length variant `attn_kvq_static` launches, ring windows)."""
     from workbench.kernels import attn_kvq as A
 
     sig = {p: "*fp32" for p in ("q_ptr", "m_ptr", "l_ptr", "acc_ptr")}
     sig.update({"kc": "*u8", "ks": "*fp16", "kl": "*fp16", "kw": "*bf16"})
     sig.update({"vc": "*u8", "vs": "*fp16", "vl": "*fp16", "vw": "*bf16"})
     sig.update({k: "i32" for k in ("n", "qk", "qv", "cap", "Wk", "Wv", "Hq", "Hkv")})
-    sig.update({"sm_scale": "fp32", "chunk": "i32", "n_splits": "i32"})
+    sig.update(
+        {"sm_scale": "fp32", "chunk": "i32", "n_splits": "i32", "len_ptr": "*i64", "Rk": "i32", "Rv": "i32"}
+    )
     const = dict(K_BITS=bits, K_CH=True, K_G=32, K_SYM=False, V_BITS=bits, V_CH=False, V_G=128, V_SYM=False)
-    const.update(D=128, D_P=128, BLOCK_N=block_n, BLOCK_H=16)
+    const.update(D=128, D_P=128, BLOCK_N=block_n, BLOCK_H=16, DEV=dev, PREC=prec)
     sig.update({k: "constexpr" for k in const})
     src = ASTSource(fn=A._attn_kvq_split_kernel, signature=sig, constexprs=const)
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": warps})
@@ -50,9 +53,10 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90, D=128")
     for bits in (4, 8):
         for block_n, warps in ((32, 4), (64, 4), (64, 8), (128, 8)):
-            r = resources(bits, block_n, warps)
-            cfg = f"int{bits} BLOCK_N={block_n:3d} warps={warps}"
-            print(f"{cfg}: {r['regs']} regs, stack {r['stack']} B, {r['hmma']} HMMA")
+            for prec in ("tf32x3", "tf32"):
+                r = resources(bits, block_n, warps, prec=prec)
+                cfg = f"int{bits} BLOCK_N={block_n:3d} warps={warps} {prec:6s}"
+                print(f"{cfg}: {r['regs']} regs, stack {r['stack']} B, {r['hmma']} HMMA")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ def _unpack(byte, BITS: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr):
 
 
 @triton.jit
+def _base(bh, per_head):
+    """int64 offset of kv head `bh`'s first element: B * Hkv * cap * row overflows int32 (B 64, 32k, int8)."""
+    return bh.to(tl.int64) * per_head
+
+
+@triton.jit
 def _deq_codes(
     codes_ptr, scale_ptr, lo_ptr, pos, d, mask_n, q_len, cap, bh,
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr,
@@ -55,20 +61,20 @@ def _deq_codes(
     ROW_P: tl.constexpr = D_P * BITS // 8
     j = tl.arange(0, ROW_P)
     byte = tl.load(
-        codes_ptr + bh * cap * ROW + pos[:, None] * ROW + j[None, :],
+        codes_ptr + _base(bh, cap * ROW) + pos[:, None] * ROW + j[None, :],
         mask=in_q[:, None] & (j[None, :] < ROW),
         other=0,
     ).to(tl.int32)
     code = _unpack(byte, BITS, BLOCK_N, D_P).to(tl.float32)
     if PER_CHANNEL:
-        s_off = bh * (cap // G) * D + (pos[:, None] // G) * D + d[None, :]
+        s_off = _base(bh, (cap // G) * D) + (pos[:, None] // G) * D + d[None, :]
         scale = tl.load(scale_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
         if not SYM:
             lo = tl.load(lo_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
     elif (G & (G - 1)) == 0 and G <= D_P:
         NG: tl.constexpr = D_P // G
         gi = tl.arange(0, NG)
-        g_off = bh * cap * (D // G) + pos[:, None] * (D // G) + gi[None, :]
+        g_off = _base(bh, cap * (D // G)) + pos[:, None] * (D // G) + gi[None, :]
         g_mask = in_q[:, None] & (gi[None, :] < D // G)
         scale = tl.load(scale_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
         scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, NG, G)).reshape(BLOCK_N, D_P)
@@ -76,7 +82,7 @@ def _deq_codes(
             lo = tl.load(lo_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
             lo = tl.broadcast_to(lo[:, :, None], (BLOCK_N, NG, G)).reshape(BLOCK_N, D_P)
     else:
-        s_off = bh * cap * (D // G) + pos[:, None] * (D // G) + d[None, :] // G
+        s_off = _base(bh, cap * (D // G)) + pos[:, None] * (D // G) + d[None, :] // G
         scale = tl.load(scale_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
         if not SYM:
             lo = tl.load(lo_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
@@ -88,14 +94,24 @@ def _deq_codes(
 
 
 @triton.jit
+def _win_slot(pos, q_len, W, RING: tl.constexpr):
+    """Window slot of positions pos >= q_len: pos - q_len (a linear window) or pos % W (a ring)."""
+    if RING:
+        return pos % W
+    return pos - q_len
+
+
+@triton.jit
 def _load_side(
     codes_ptr, scale_ptr, lo_ptr, win_ptr, start, d, mask_n, q_len, cap, W, stride_bh_win, bh,
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr,
-    D_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    D_P: tl.constexpr, BLOCK_N: tl.constexpr, RING: tl.constexpr,
 ):  # fmt: skip
     """[BLOCK_N, D_P] float32 values of positions start + [0, BLOCK_N) of kv head `bh` (codes or window).
 
-    A block wholly in the quantized prefix reads only codes, one wholly past it only the window.
+    A block wholly in the quantized prefix reads only codes, one wholly past it only the window. The
+    window holds positions q_len .. n - 1 from its slot 0 (RING False, `QuantKVSide`) or position p in slot
+    p % W (RING True, the static store of `workbench.runtime.kvstatic`).
     """
     pos = start + tl.arange(0, BLOCK_N)
     if start + BLOCK_N <= q_len:
@@ -120,7 +136,7 @@ def _load_side(
     else:
         in_w = (pos >= q_len) & mask_n
         x = tl.load(
-            win_ptr + bh * stride_bh_win + (pos[:, None] - q_len) * D + d[None, :],
+            win_ptr + _base(bh, stride_bh_win) + _win_slot(pos, q_len, W, RING)[:, None] * D + d[None, :],
             mask=in_w[:, None] & (d[None, :] < D),
             other=0.0,
         ).to(tl.float32)
@@ -148,18 +164,34 @@ def _load_side(
 
 
 @triton.jit
+def _prefix(n, R, PER_CHANNEL: tl.constexpr, G: tl.constexpr):
+    """`KVSpec.quantized_prefix(n)`: max(n - R, 0), rounded down to whole groups of G tokens per channel."""
+    m = tl.maximum(n - R, 0)
+    if PER_CHANNEL:
+        m = m // G * G
+    return m
+
+
+@triton.jit
 def _attn_kvq_split_kernel(
     q_ptr, m_ptr, l_ptr, acc_ptr,
     kc, ks, kl, kw, vc, vs, vl, vw,
-    n, qk, qv, cap, Wk, Wv, Hq, Hkv, sm_scale, chunk, n_splits,
+    n, qk, qv, cap, Wk, Wv, Hq, Hkv, sm_scale, chunk, n_splits, len_ptr, Rk, Rv,
     K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
     V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    DEV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One (kv head, split): all rep query heads of the kv head over positions [split * chunk, +chunk).
 
     Writes the split's unnormalised partial: row max m, sum l [BLOCK_H] and acc [BLOCK_H, D] (float32).
+    DEV: n is read from len_ptr (int64 [1], CUDA-graph safe), the quantized prefixes follow from it and the
+    residual windows Rk / Rv (`KVSpec.quantized_prefix`), the windows are rings; splits past n store nothing.
     """
+    if DEV:
+        n = tl.load(len_ptr).to(tl.int32)
+        qk = _prefix(n, Rk, K_CH, K_G)
+        qv = _prefix(n, Rv, V_CH, V_G)
     bh = tl.program_id(0)  # b * Hkv + kv head
     sp = tl.program_id(1)
     rep = Hq // Hkv
@@ -199,8 +231,9 @@ def _attn_kvq_split_kernel(
             D,
             D_P,
             BLOCK_N,
+            DEV,
         )
-        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * sm_scale  # [BLOCK_H, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale  # [BLOCK_H, BLOCK_N]
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -225,8 +258,9 @@ def _attn_kvq_split_kernel(
             D,
             D_P,
             BLOCK_N,
+            DEV,
         )
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     row = (bh * n_splits + sp) * BLOCK_H + r
@@ -270,17 +304,8 @@ def _n_splits(n: int, programs: int, device: torch.device, block_n: int) -> int:
     return max(1, min(-(-n // block_n), -(-4 * sms // programs)))
 
 
-def attn_kvq(
-    q: torch.Tensor, k: dict, v: dict, n: int, sm_scale: float, block_n: int = 64, n_splits: int | None = None
-) -> torch.Tensor:
-    """Decode attention of q [B, Hq, D] over n cached positions; returns float32 [B, Hq, D].
-
-    k / v: {"codes", "scale", "lo" (None: symmetric), "window" [B, Hkv, W, D], "q" (quantized prefix),
-    "bits" (2, 4, 8), "per_channel" (bool), "group" (G)} as `QuantKVSide.kernel_args()` gives them.
-    n_splits: how many programs share one kv head's positions (None: from the SM count and n).
-    """
+def _check(q: torch.Tensor, Hkv: int, n: int, block_n: int) -> None:
     B, Hq, D = q.shape
-    Hkv, cap = k["codes"].shape[1], k["codes"].shape[2]
     if D & (D - 1) or Hq % Hkv or n < 1:
         raise ValueError(
             f"attn_kvq: head dim {D} must be a power of two, {Hq} query heads a multiple of {Hkv}"
@@ -289,6 +314,15 @@ def attn_kvq(
     if block_n < 16 or block_n & (block_n - 1):
         # tl.dot(p [heads, BLOCK_N], v [BLOCK_N, D]) needs K >= 16 on the GPU (the interpreter accepts less)
         raise ValueError(f"attn_kvq: block_n {block_n} must be a power of two >= 16")
+
+
+def _launch(q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None, prec="tf32x3"):
+    """Both kernels; n is the (host) number of positions, or the capacity when `length` holds it on device."""
+    B, Hq, D = q.shape
+    Hkv, cap = k["codes"].shape[1], k["codes"].shape[2]
+    _check(q, Hkv, n, block_n)
+    if v["codes"].shape[2] != cap:
+        raise ValueError(f"attn_kvq: key capacity {cap} != value capacity {v['codes'].shape[2]}")
     rep = Hq // Hkv
     block_h, d_p = max(16, triton.next_power_of_2(rep)), max(16, D)  # tl.dot wants >= 16 rows and columns
     splits = n_splits or _n_splits(n, B * Hkv, q.device, block_n)
@@ -304,14 +338,53 @@ def attn_kvq(
         return (w if w is not None and w.shape[2] else q.new_zeros(B, Hkv, 1, D)).contiguous()
 
     kw, vw = win(k), win(v)
+    dev = length is not None
     _attn_kvq_split_kernel[(B * Hkv, splits)](
         q.contiguous(), m, l_sum, acc,
         k["codes"], k["scale"], k["lo"] if k["lo"] is not None else k["scale"], kw,
         v["codes"], v["scale"], v["lo"] if v["lo"] is not None else v["scale"], vw,
-        n, k["q"], v["q"], cap, kw.shape[2], vw.shape[2], Hq, Hkv, sm_scale, chunk, splits,
+        n, qk, qv, cap, kw.shape[2], vw.shape[2], Hq, Hkv, sm_scale, chunk, splits,
+        length if dev else k["codes"], k.get("residual", 0), v.get("residual", 0),
         k["bits"], k["per_channel"], k["group"], k["lo"] is None,
         v["bits"], v["per_channel"], v["group"], v["lo"] is None,
-        D, d_p, block_n, block_h, num_warps=4 if d_p * block_n <= 4096 else 8,
+        D, d_p, block_n, block_h, dev, prec, num_warps=num_warps or (4 if d_p * block_n <= 4096 else 8),
     )  # fmt: skip
     _attn_kvq_combine_kernel[(B * Hq,)](m, l_sum, acc, out, Hq, Hkv, splits, D, d_p, block_h, 16, num_warps=4)
     return out
+
+
+def attn_kvq(
+    q: torch.Tensor, k: dict, v: dict, n: int, sm_scale: float, block_n: int = 64, n_splits: int | None = None
+) -> torch.Tensor:
+    """Decode attention of q [B, Hq, D] over n cached positions; returns float32 [B, Hq, D].
+
+    k / v: {"codes", "scale", "lo" (None: symmetric), "window" [B, Hkv, W, D], "q" (quantized prefix),
+    "bits" (2, 4, 8), "per_channel" (bool), "group" (G)} as `QuantKVSide.kernel_args()` gives them.
+    n_splits: how many programs share one kv head's positions (None: from the SM count and n).
+    """
+    return _launch(q, k, v, n, k["q"], v["q"], sm_scale, block_n, n_splits)
+
+
+def attn_kvq_static(
+    q: torch.Tensor,
+    k: dict,
+    v: dict,
+    length: torch.Tensor,
+    sm_scale: float,
+    block_n: int = 64,
+    n_splits: int | None = None,
+    num_warps: int | None = None,
+    precision: str = "tf32x3",
+) -> torch.Tensor:
+    """`attn_kvq` with the length on the device (int64 [1]): one launch serves every step of a CUDA graph.
+
+    k / v: `StaticKVSide.kernel_args()` (workbench/runtime/kvstatic.py): the window is a ring of W slots
+    (position p in slot p % W) and "residual" is the spec's R; the quantized prefix of each side follows
+    from the length in the kernel. The grid covers the capacity; splits past the length do no work.
+    precision: the tl.dot input precision, "tf32x3" (float32-accurate, the default) or "tf32" (one MMA
+    pass, 10-bit mantissas: for timing the cost of exactness; not checked against the twin at 1e-4).
+    """
+    if precision not in ("tf32x3", "tf32"):
+        raise ValueError(f"attn_kvq_static: precision '{precision}' (choose tf32x3 or tf32)")
+    cap = k["codes"].shape[2]
+    return _launch(q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision)

@@ -59,13 +59,16 @@ def run(args) -> int:
         print(message)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok, what = _load(args.model, device, dtype)
-    report = apply_plan(model, _plan(args.plan).resolve(model)) if args.plan else None
+    resolved = _plan(args.plan).resolve(model) if args.plan else None
+    report = apply_plan(model, resolved) if resolved else None
     ids = tok.prompt_ids(args.prompt)
     L = len(ids) + args.max_new_tokens + 1
-    dec = make_decoder(model, max_cache_len=L, mode=args.mode, path=args.path)
+    kv = resolved.kv if resolved else None  # K/V cache specs: the fast path stores the cache quantized
+    dec = make_decoder(model, max_cache_len=L, mode=args.mode, path=args.path, kv=kv)
     res = dec.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id)
     text = tok.decode(res.tokens)
     mem = model_memory(model)
+    cache = dec.cache_bytes() if hasattr(dec, "cache_bytes") else None  # measured: the decoder's buffers
     if args.json:
         emit_json(
             {
@@ -74,6 +77,7 @@ def run(args) -> int:
                 "text": text,
                 "result": res.to_json(),
                 "memory": mem.to_json(),
+                "kv_cache_bytes": cache,
                 "apply": report.to_json() if report else None,
             }
         )
@@ -86,6 +90,7 @@ def run(args) -> int:
         f"(prefill {res.prefill_s * 1e3:.0f} ms for {res.prompt_tokens} tokens; "
         f"{res.path} path, {res.mode} loop on {device}); "
         f"{mem.total_bytes / 1e6:,.1f} MB of weights"
+        + (f", {cache / 1e6:,.2f} MB of K/V cache ({L} slots)" if cache is not None else "")
     )
     unfused = [n for n in res.notes if n.startswith("not fused: ")]
     for note in [n for n in res.notes if n not in unfused]:

@@ -97,14 +97,23 @@ class StaticDecoder(GraphDecoder):
         self.cache.reset()
 
 
-def make_decoder(model, max_cache_len: int = 512, mode: str = "auto", path: str = "auto") -> GraphDecoder:
+def make_decoder(
+    model, max_cache_len: int = 512, mode: str = "auto", path: str = "auto", kv: dict | None = None
+) -> GraphDecoder:
     """The decoder for `model`: "fast" (workbench.runtime.fastpath, Llama-family), "hf" (StaticDecoder),
-    or "auto" (fast where the model is supported, else hf, with the reason in `.notes`)."""
+    or "auto" (fast where the model is supported, else hf, with the reason in `.notes`).
+
+    kv: `ResolvedPlan.kv` ({attention module: KVLayerSpec}); only the fast path stores a quantized cache,
+    so a plan with K/V specs on a model or path it cannot run is refused (the simulation still runs it)."""
     if path not in PATHS:
         raise WorkbenchError(f"unknown decode path '{path}' (choose {', '.join(PATHS)})")
     from workbench.runtime.fastpath import FastDecoder, fast_path_reason
 
     reason = fast_path_reason(model) if path != "hf" else None
+    quant_kv = any(s.k is not None or s.v is not None for s in (kv or {}).values())
+    if quant_kv and (path == "hf" or reason):
+        why = reason or "path 'hf' keeps a bf16 StaticCache"
+        raise WorkbenchError(f"the plan's K/V cache specs need the fast decode path: {why}")
     if path == "fast" and reason:
         raise WorkbenchError(f"the fast decode path cannot run this model: {reason}")
     if path == "hf" or reason:
@@ -112,7 +121,7 @@ def make_decoder(model, max_cache_len: int = 512, mode: str = "auto", path: str 
         if reason:
             dec.notes.append(f"fast path not used: {reason}")
         return dec
-    return FastDecoder(model, max_cache_len=max_cache_len, mode=mode)
+    return FastDecoder(model, max_cache_len=max_cache_len, mode=mode, kv=kv)
 
 
 def greedy_generate(

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from workbench.errors import WorkbenchError
 from workbench.runtime.attention import decode_attention
+from workbench.runtime.fastkv import KVBlockCache, kv_block_cache, prefill_attention, static_attention
 from workbench.runtime.fuse import FUSE_GROUPS, LinearOp, group_ops, linear
 from workbench.runtime.graph import GraphDecoder, model_dtype
 
@@ -134,6 +135,25 @@ def block_prefill(x, cos, sin, kc, vc, b: BlockOps, s: Shape) -> torch.Tensor:
     return _mlp_out(b, x, a[0].transpose(0, 1).reshape(T, s.n_heads * s.head_dim), s)
 
 
+def block_decode_kvq(x, pos, length, cos, sin, c: KVBlockCache, b: BlockOps, s: Shape) -> torch.Tensor:
+    """`block_decode` over a quantized cache (workbench.runtime.fastkv): the token is stored at pos."""
+    q, k, v = _attn_in(b, x, cos, sin, s)
+    c.k.write(k[0], pos)
+    c.v.write(v[0], pos)
+    a = static_attention(q.view(s.n_heads, s.head_dim), c, length, s.scale)  # [Hq, D] float32
+    return _mlp_out(b, x, a.to(x.dtype).view(1, s.n_heads * s.head_dim), s)
+
+
+def block_prefill_kvq(x, cos, sin, c: KVBlockCache, b: BlockOps, s: Shape) -> torch.Tensor:
+    """`block_prefill` over a quantized cache: stores the prompt, attends as the simulation reads it."""
+    T = x.shape[0]
+    q, k, v = _attn_in(b, x, cos, sin, s)
+    c.k.fill(k.transpose(0, 1))
+    c.v.fill(v.transpose(0, 1))
+    a = prefill_attention(q, k, v, c, s.scale)  # [T, Hq, D] float32
+    return _mlp_out(b, x, a.to(x.dtype).reshape(T, s.n_heads * s.head_dim), s)
+
+
 class FastModel:
     """The tensors of a Llama-family CausalLM arranged for the fast path (fused copies of q/k/v, gate/up).
 
@@ -186,6 +206,14 @@ class FastModel:
         return sum(op.nbytes() for op in ops) + norms
 
 
+def _block_index(name: str, n_blocks: int) -> int:
+    """Block index of an attention module name ('model.layers.3.self_attn' -> 3), checked."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[-1] != "self_attn" or not parts[-2].isdigit() or int(parts[-2]) >= n_blocks:
+        raise WorkbenchError(f"KV-cache spec for '{name}': not an attention block of this model")
+    return int(parts[-2])
+
+
 class FastDecoder(GraphDecoder):
     """Greedy decoding on `FastModel` with the same buffers, modes and results as StaticDecoder.
 
@@ -193,21 +221,37 @@ class FastDecoder(GraphDecoder):
         model: a Llama-family transformers CausalLM (optionally after apply_plan), or a FastModel.
         max_cache_len: prompt + new tokens must fit.
         mode: "auto" (graph on CUDA, eager on CPU), "eager", "graph" or "compile".
+        kv: {attention module ("model.layers.3.self_attn"): KVLayerSpec} (`ResolvedPlan.kv`): those blocks
+            keep their cache quantized (workbench.runtime.fastkv); in mode "compile" they run uncompiled.
     """
 
     path = "fast"
 
-    def __init__(self, model, max_cache_len: int = 512, mode: str = "auto"):
+    def __init__(self, model, max_cache_len: int = 512, mode: str = "auto", kv: dict | None = None):
         self.fm = model if isinstance(model, FastModel) else FastModel(model)
         fm, s = self.fm, self.fm.shape
         self._setup(fm.device, mode, max_cache_len)
         L = self.max_cache_len
         kw = dict(dtype=fm.dtype, device=fm.device)
-        self.k = [torch.zeros(s.n_kv, L, s.head_dim, **kw) for _ in fm.blocks]  # [Hkv, L, D] per block
-        self.v = [torch.zeros(s.n_kv, L, s.head_dim, **kw) for _ in fm.blocks]
+        self.kvq: list[KVBlockCache | None] = [None] * len(fm.blocks)
+        for name, spec in (kv or {}).items():
+            i = _block_index(name, len(fm.blocks))
+            if spec.k is not None or spec.v is not None:
+                self.kvq[i] = kv_block_cache(name, spec, s.n_kv, s.head_dim, L, fm.dtype, fm.device)
+        empty = torch.zeros(0, **kw)
+        self.k = [empty if c else torch.zeros(s.n_kv, L, s.head_dim, **kw) for c in self.kvq]  # [Hkv, L, D]
+        self.v = [empty if c else torch.zeros(s.n_kv, L, s.head_dim, **kw) for c in self.kvq]
         self.cos, self.sin = fm.rotary_table(L)  # [L, 1, D]
         self._block = block_decode
         self.notes = [f"not fused: {r}" for r in fm.unfused]
+        n_q = sum(c is not None for c in self.kvq)
+        if n_q:
+            self.notes.append(f"quantized KV cache in {n_q} of {len(fm.blocks)} blocks")
+
+    def cache_bytes(self) -> int:
+        """Bytes the K/V cache holds on the device (all blocks; quantized ones: codes, scales, rings)."""
+        bf = sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return bf + sum(c.allocated_bytes() for c in self.kvq if c is not None)
 
     def _compile(self) -> None:
         """Compile the block function (once per distinct block layout); the step is captured around it."""
@@ -218,17 +262,28 @@ class FastDecoder(GraphDecoder):
         x = F.embedding(self.tok.view(1), fm.embed)  # [1, H]
         cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)  # [1, 1, D]
         length = self.pos + 1  # once per step, not one tiny kernel per block
-        for b, kc, vc in zip(fm.blocks, self.k, self.v):
-            x = self._block(x, self.pos, length, cos, sin, kc, vc, b, fm.shape)
+        for b, kc, vc, c in zip(fm.blocks, self.k, self.v, self.kvq):
+            if c is None:
+                x = self._block(x, self.pos, length, cos, sin, kc, vc, b, fm.shape)
+            else:
+                x = block_decode_kvq(x, self.pos, length, cos, sin, c, b, fm.shape)
         return fm.head_logits(x)  # [1, V]
 
     def _prefill_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        fm, T = self.fm, ids.shape[1]
+        fm = self.fm
         x = F.embedding(ids[0], fm.embed)  # [T, H]
+        return fm.head_logits(self._prefill_blocks(x)[-1:])  # [1, V]
+
+    def _prefill_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """All blocks over a prompt x [T, H] at positions 0..T-1 (each cache's first T slots written)."""
+        fm, T = self.fm, x.shape[0]
         cos, sin = self.cos[:T], self.sin[:T]
-        for b, kc, vc in zip(fm.blocks, self.k, self.v):
-            x = block_prefill(x, cos, sin, kc, vc, b, fm.shape)
-        return fm.head_logits(x[-1:])  # [1, V]
+        for b, kc, vc, c in zip(fm.blocks, self.k, self.v, self.kvq):
+            if c is None:
+                x = block_prefill(x, cos, sin, kc, vc, b, fm.shape)
+            else:
+                x = block_prefill_kvq(x, cos, sin, c, b, fm.shape)
+        return x
 
     def _reset_cache(self) -> None:
         pass  # slots past the position are never read: prefill rewrites 0..T-1, decode writes before reading
@@ -236,8 +291,5 @@ class FastDecoder(GraphDecoder):
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [T, V] of a whole sequence ids [T] (prefill math, every position): for checks."""
-        fm, T = self.fm, int(ids.numel())
-        x = F.embedding(ids.to(self.device), fm.embed)
-        for b, kc, vc in zip(fm.blocks, self.k, self.v):
-            x = block_prefill(x, self.cos[:T], self.sin[:T], kc, vc, b, fm.shape)
-        return fm.head_logits(x)
+        x = F.embedding(ids.to(self.device).reshape(-1), self.fm.embed)
+        return self.fm.head_logits(self._prefill_blocks(x))
