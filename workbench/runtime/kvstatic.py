@@ -61,9 +61,12 @@ class StaticKVSide(QuantKVSide):
     def write(self, x: torch.Tensor, pos: torch.Tensor) -> None:
         """Store token x [H, D] at position pos (int64 [1] on the device); see the module docstring.
 
-        One fused Triton launch (kernels/kv_store.py) on CUDA or under TRITON_INTERPRET=1, else `write_ref`.
+        One fused Triton launch (kernels/kv_store.py) under TRITON_INTERPRET=1, and on CUDA when
+        WORKBENCH_KV_STORE=1; else `write_ref`. The fused write is opt-in on CUDA until a GPU run has checked
+        it bit-exact against `write_ref` (it was written after the last device run; see RESULTS, issue 17).
         """
-        if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        fused_on_gpu = x.is_cuda and os.environ.get("WORKBENCH_KV_STORE") == "1"
+        if fused_on_gpu or os.environ.get("TRITON_INTERPRET") == "1":
             from workbench.kernels.kv_store import kernel_reason, kv_store
 
             if kernel_reason(x, self.spec.bits, self.G) is None:
