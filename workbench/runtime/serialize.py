@@ -46,7 +46,8 @@ ACT_VERSION = 2  # the file version that adds W8A8 layers and activation hooks (
 VERSIONS = (LAYOUT_VERSION, ACT_VERSION)  # the versions this workbench reads
 
 
-def _packed_entry(mod: QuantLinear) -> dict:
+def packed_entry(mod: QuantLinear) -> dict:
+    """The manifest entry of one packed layer (also written by the streamed quantizer)."""
     return {
         "kind": "packed",
         "spec": str(mod.spec),
@@ -97,7 +98,7 @@ def _w8a8_empty(name: str, info: dict, dtype: torch.dtype) -> ActQuantLinear:
 # kind of a saved layer -> (module class, manifest entry of a module, empty module from an entry [name, entry,
 # activation dtype]); a version-1 entry has no "kind" and is "packed"
 LAYER_KINDS = {
-    "packed": (QuantLinear, _packed_entry, _packed_empty),
+    "packed": (QuantLinear, packed_entry, _packed_empty),
     "w8a8": (ActQuantLinear, _w8a8_entry, _w8a8_empty),
 }
 

@@ -26,6 +26,7 @@ def _quantize_modules(sm: StreamedModel, names: list[str], resolved, grams: dict
     from workbench.model.inventory import get_linear_weight, get_module
     from workbench.runtime.apply import dense_copy, layout_reason
     from workbench.runtime.qlinear import QuantLinear
+    from workbench.runtime.serialize import packed_entry
     from workbench.streaming.devicequant import quantize_here
     from workbench.streaming.runs import gram_of
 
@@ -44,14 +45,7 @@ def _quantize_modules(sm: StreamedModel, names: list[str], resolved, grams: dict
                 entry = None
             else:
                 new = QuantLinear.from_quantized(qw, mod.bias, name=name, dtype=W.dtype, device=W.device)
-                entry = {
-                    "spec": str(new.spec),
-                    "in_features": new.in_features,
-                    "out_features": new.out_features,
-                    "bias": new.bias is not None,
-                    "input_scale": new.input_scale is not None,
-                    "backend": new.backend,
-                }
+                entry = packed_entry(new)
         parent_name, _, leaf = name.rpartition(".")
         parent = sm.model.get_submodule(parent_name)
         done[name] = (entry, mod)
