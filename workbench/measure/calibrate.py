@@ -221,11 +221,8 @@ def refine_plans(loaded, table, windows, grams: dict, on_step=None, runner=None)
 
         runner = BlockRunner(loaded.model)
         runner.capture(windows)
-    cache: dict = {}
     caps = _capacities(table)
-
-    def measure(specs: list[str]) -> float:
-        return plan_kl(loaded, runner, {x.name: s for x, s in zip(table.layers, specs)}, grams, cache)
+    measure = _measurer(loaded, runner, table, grams)
 
     def step(i: int, label: str, move: int, n_up: int) -> None:
         if on_step is not None:
@@ -234,6 +231,17 @@ def refine_plans(loaded, table, windows, grams: dict, on_step=None, runner=None)
     refined = refine_pool(table, record["plans"], caps, measure, on_step=step)
     record.update(refined=refined, check=_agreement(record["plans"]))
     return refined
+
+
+def _measurer(loaded, runner, table, grams: dict):
+    """specs (one per table layer, in order) -> the plan's mean KL on the windows `runner` captured, reusing
+    the previous plan's quantized weights (`plan_kl`'s cache)."""
+    cache: dict = {}
+
+    def measure(specs: list[str]) -> float:
+        return plan_kl(loaded, runner, {x.name: s for x, s in zip(table.layers, specs)}, grams, cache)
+
+    return measure
 
 
 def _bits(resolved, layers) -> int:
@@ -281,11 +289,9 @@ def refine_allocation(
         loaded.tokenizer, st["text"], st["n_seqs"], st["seq_len"], st["seed"],
         max_context=loaded.description.max_context,
     )  # fmt: skip
-    runner, cache = BlockRunner(loaded.model), {}
+    runner = BlockRunner(loaded.model)
     runner.capture(windows)
-
-    def measure(specs: list[str]) -> float:
-        return plan_kl(loaded, runner, {x.name: s for x, s in zip(table.layers, specs)}, grams or {}, cache)
+    measure = _measurer(loaded, runner, table, grams or {})
 
     raw = allocate_table(table, budget_bits=budget_bits, budget_mb=budget_mb, guard=False)
     own = [str(raw.resolved[x.name]) for x in table.layers]
