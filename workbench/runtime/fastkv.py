@@ -23,7 +23,8 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.measure.kvsim import read_mask
 from workbench.quant.kvcache import KVSpec, fake_quant_kv
-from workbench.runtime.kvstatic import StaticKVSide, full_precision_side, static_reason
+from workbench.runtime.kvcache import full_precision_side
+from workbench.runtime.kvstatic import StaticKVSide, static_reason
 
 PREFILL_ROWS = 256  # query rows per chunk of the masked prefill attention (memory: Hq x rows x T floats)
 # (BLOCK_N, num_warps) of the decode kernel: the fastest inside a CUDA graph on the H200 at 32k, int8 and

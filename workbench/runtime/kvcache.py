@@ -185,8 +185,9 @@ def decode_attention(
     return fn(q, kernel_args(k), kernel_args(v), k.n, sm_scale)
 
 
-def _full_precision(capacity: int) -> KVSpec:
-    """A side kept whole in high precision (its window never empties): for a bf16 side of a block."""
+def full_precision_side(capacity: int) -> KVSpec:
+    """A side kept whole in high precision (its window of capacity + 1 tokens never empties): the bf16 side
+    of a block whose other side has a spec (this store's and the fast decoder's static one)."""
     return KVSpec("int8", "tok", None, capacity + 1)
 
 
@@ -236,7 +237,7 @@ def kv_decode_logits(model: torch.nn.Module, ids: torch.Tensor, kv: dict, triton
             Hkv = attn.k_proj.out_features // attn.head_dim
             dev = ids.device
             sides = [
-                QuantKVSide(s or _full_precision(cap), B, Hkv, attn.head_dim, cap, dev)
+                QuantKVSide(s or full_precision_side(cap), B, Hkv, attn.head_dim, cap, dev)
                 for s in (spec.k, spec.v)
             ]
             attn.forward = functools.partial(_step_attention, attn, sides, triton)

@@ -159,8 +159,3 @@ class StaticKVSide(QuantKVSide):
 
 def _f(lo: torch.Tensor | None, dim: int) -> torch.Tensor | None:
     return None if lo is None else lo.float().unsqueeze(dim)
-
-
-def full_precision_side(capacity: int) -> KVSpec:
-    """A side kept whole in the ring (its window never empties): the bf16 side of a block with one spec."""
-    return KVSpec("int8", "tok", None, capacity)
