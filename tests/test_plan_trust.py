@@ -250,3 +250,21 @@ def test_refine_allocation_measures_a_budget_the_check_did_not(stories, table, t
     assert main(argv + ["--refine", "1", "--model", str(STORIES)]) == 0
     assert "measured: measured KL" in capsys.readouterr().out
     assert len(type(table).load(path).calibration["plans"]) > n0
+
+
+def test_verify_neighbours_of_equal_size_take_the_strongest_first():
+    """nf4_g64 and mxfp4 store the same bits (4.25 per weight); the neighbour verify measures is the one the
+    table prices lower, whichever of the two that is (on `default` nf4_g64 measures 0.35, mxfp4 1.06)."""
+    from workbench.measure.sensitivity import SensitivityTable
+    from workbench.measure.verify import neighbours
+    from workbench.model.inventory import LayerInfo
+
+    layers = [LayerInfo(f"l{i}", i, "mlp", 128, 128, 128 * 128, False, "linear") for i in range(2)]
+    specs = ["int3_g32", "nf4_g64", "mxfp4", "int8_ch"]
+    for strong, weak in (("nf4_g64", "mxfp4"), ("mxfp4", "nf4_g64")):
+        cost = {x.name: {"int3_g32": 1.0, strong: 0.3, weak: 0.9, "int8_ch": 0.01} for x in layers}
+        t = SensitivityTable("fisher", specs, layers, cost)
+        sizes = {s: plan_totals(uniform_plans(t, layers)[s], layers).total_bits for s in specs}
+        assert sizes["nf4_g64"] == sizes["mxfp4"]
+        assert neighbours(t, layers, sizes["nf4_g64"] - 1) == ["int3_g32", strong]  # the larger one above
+        assert neighbours(t, layers, sizes["nf4_g64"]) == [strong, "int8_ch"]  # the one that fits

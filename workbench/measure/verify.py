@@ -102,11 +102,14 @@ def uniform_plans(table, layers: list[LayerInfo]) -> dict[str, dict[str, QuantSp
 
 
 def neighbours(table, layers: list[LayerInfo], total_bits: int, below: int = 1, above: int = 1) -> list[str]:
-    """The uniform specs nearest to `total_bits` in size: `below` that fit, `above` larger ones."""
-    sizes = {s: plan_totals(r, layers).total_bits for s, r in uniform_plans(table, layers).items()}
-    fit = sorted((b, s) for s, b in sizes.items() if b <= total_bits)
-    big = sorted((b, s) for s, b in sizes.items() if b > total_bits)
-    return [s for _, s in fit[len(fit) - below :] if below] + [s for _, s in big[:above]]
+    """The uniform specs nearest to `total_bits` in size: `below` that fit, `above` larger ones. Of specs
+    of the same size (nf4_g64 and mxfp4 on `default`) the one with the lowest predicted cost comes first:
+    the plan is compared with its strongest neighbour, not the first name in alphabetical order."""
+    uniforms = uniform_plans(table, layers)
+    rank = {s: (plan_totals(r, layers).total_bits, predicted_cost(table, r)) for s, r in uniforms.items()}
+    fit = sorted((b, -c, s) for s, (b, c) in rank.items() if b <= total_bits)  # nearest, strongest last
+    big = sorted((b, c, s) for s, (b, c) in rank.items() if b > total_bits)  # nearest, strongest first
+    return [s for *_, s in fit[len(fit) - below :] if below] + [s for *_, s in big[:above]]
 
 
 def _eval_key(loaded, resolved, text, seq_len, max_tokens, grams_tag) -> str:
