@@ -259,6 +259,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     meta = {"model": args.model, "tokens": args.tokens, "torch": torch.__version__, "device": device}
     meta.update(device_name=name, dtype="float32", calib_seqs=args.calib_seqs)
+    meta["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results.setdefault("meta", meta)
     loaded = load_model(args.model, device=device, progress=False)
     took = time.perf_counter() - args.t_start

@@ -100,6 +100,7 @@ def run(args) -> None:
             "bf16_bytes_per_token": n_blocks * 2 * head_dim * 2 * n_kv,
             "seconds": time.perf_counter() - t0,
             "device": dev_name,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
         out.write_text(json.dumps(done, indent=1))
         took, elapsed = time.perf_counter() - t0, time.perf_counter() - t_start
