@@ -4,7 +4,7 @@
 # time on the H200 (tests 32 s, bench 33 s, rest start-up), ~175 s held with the cold start.
 # Usage on the device: OUT=... bash benchmarks/gpu_issue17.sh   (logs and JSON land in $OUT)
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD WORKBENCH_KV_STORE=${WORKBENCH_KV_STORE:-1}  # the fused KV write (opt-in until this run checks it)
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD  # WORKBENCH_KV_STORE=0 times the torch write instead of the fused one
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee $OUT/log
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a $OUT/log
 box() { local s=$1; shift; echo "== $(date -u +%T) $*" | tee -a $OUT/log; timeout $s "$@" 2>&1 | tee -a $OUT/log; }
