@@ -417,7 +417,7 @@ def _check(q: torch.Tensor, Hkv: int, n: int, block_n: int) -> None:
 
 
 def _launch(
-    q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None, prec="tf32x3", fast=True
+    q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None, prec="tf32x3", fast=False
 ):
     """Both kernels; n is the (host) number of positions, or the capacity when `length` holds it on device."""
     B, Hq, D = q.shape
@@ -425,6 +425,10 @@ def _launch(
     _check(q, Hkv, n, block_n)
     if v["codes"].shape[2] != cap:
         raise ValueError(f"attn_kvq: key capacity {cap} != value capacity {v['codes'].shape[2]}")
+    if fast and q.is_cuda and min(k["bits"], v["bits"]) < 8:
+        raise ValueError(
+            f"attn_kvq: fast=True with {k['bits']}/{v['bits']}-bit codes is wrong on CUDA (issue 17)"
+        )
     rep = Hq // Hkv
     block_h, d_p = max(16, triton.next_power_of_2(rep)), max(16, D)  # tl.dot wants >= 16 rows and columns
     splits = n_splits or _n_splits(n, B * Hkv, q.device, block_n)
@@ -477,7 +481,7 @@ def attn_kvq_static(
     n_splits: int | None = None,
     num_warps: int | None = None,
     precision: str = "tf32x3",
-    fast: bool = True,
+    fast: bool = False,
 ) -> torch.Tensor:
     """`attn_kvq` with the length on the device (int64 [1]): one launch serves every step of a CUDA graph.
 
@@ -486,7 +490,9 @@ def attn_kvq_static(
     from the length in the kernel. The grid covers the capacity; splits past the length do no work.
     precision: the tl.dot input precision, "tf32x3" (float32-accurate, the default) or "tf32" (one MMA
     pass, 10-bit mantissas: for timing the cost of exactness; not checked against the twin at 1e-4).
-    fast: whole-code blocks take the branch-free loop with the scales on q / p (False: the PR-era path).
+    fast: whole-code blocks take the branch-free loop with the scales on q / p (`_fast_scores`). Opt-in:
+    on the H200 (2026-12-02) it matched the twin for int8 keys and values only; with int4 / int2 codes on
+    either side it gave wrong results (RESULTS.md, issue 17), so CUDA refuses it for those.
     """
     if precision not in ("tf32x3", "tf32"):
         raise ValueError(f"attn_kvq_static: precision '{precision}' (choose tf32x3 or tf32)")

@@ -216,9 +216,13 @@ def test_fast_loop_split_path_matches_slow(kspec, vspec):
     q = torch.randn(1, 8, 16, device=DEV)
     length = torch.tensor([n], device=DEV)
     ka, va = (sd.kernel_args() for sd in sides)
-    fast = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3)
-    slow = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, fast=False)
-    one = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=1)
+    if CUDA and min(ka["bits"], va["bits"]) < 8:  # wrong on the H200 (2026-12-02): refused there
+        with pytest.raises(ValueError, match="wrong on CUDA"):
+            attn_kvq_static(q, ka, va, length, 0.25, block_n=16, fast=True)
+        return
+    fast = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, fast=True)
+    slow = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3)
+    one = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=1, fast=True)
     K, V = (s.values(length)[0, :, :n].repeat_interleave(4, 0) for s in sides)
     direct = (torch.softmax(q[0, :, None] @ K.transpose(-1, -2) * 0.25, -1) @ V)[:, 0]
     torch.testing.assert_close(fast[0], direct, atol=1e-4, rtol=1e-4)
