@@ -150,8 +150,26 @@ def per_layer(shape: dict, contexts: list[int], dev: str, reps: int) -> list[dic
                 t = _graph_time(fn, reps)
                 rows.append({"cache": cache, "context": ctx, "block_n": bn, "num_warps": nw, "ms": t * 1e3})
             rows.append(_one_pass_row(q, ka, va, length, d, cache, ctx, reps))
-        print(json.dumps(rows[-11:]), flush=True)
+            if cache == "int8":  # the opt-in branch-free loop (refused on CUDA for sub-byte codes)
+                rows.append(_fast_row(q, ka, va, length, d, cache, ctx, reps))
+        print(json.dumps(rows[-12:]), flush=True)
     return rows
+
+
+def _fast_row(q, ka, va, length, d: int, cache: str, ctx: int, reps: int) -> dict:
+    """BLOCK_N 64 / 4 warps through the opt-in `fast=True` loop: time and max abs diff to the default loop."""
+    from workbench.kernels.attn_kvq import attn_kvq_static
+
+    def fn(fast=True):
+        return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=64, num_warps=4, fast=fast)
+
+    row = {"cache": cache, "context": ctx, "block_n": 64, "num_warps": 4, "fast": True}
+    try:
+        row["max_abs_diff_vs_default"] = (fn() - fn(False)).abs().max().item()
+        row["ms"] = _graph_time(fn, reps) * 1e3
+    except Exception as e:  # a launch that does not fit (shared memory) is a result, not a crash
+        row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    return row
 
 
 def _one_pass_row(q, ka, va, length, d: int, cache: str, ctx: int, reps: int) -> dict:

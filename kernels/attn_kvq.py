@@ -164,6 +164,90 @@ def _load_side(
 
 
 @triton.jit
+def _dot_int(a, b, PREC: tl.constexpr):
+    """a @ b for b holding small integer codes (exact in tf32): tf32x3 accuracy from two tf32 passes.
+
+    a = hi + rest with hi a's top 10 mantissa bits; both halves meet exact codes, so only rest's rounding
+    (~2^-21 relative) is lost. PREC "tf32": one pass.
+    """
+    if PREC == "tf32x3":
+        hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        return tl.dot(hi, b, input_precision="tf32") + tl.dot(a - hi, b, input_precision="tf32")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _codes_f32(codes_ptr, pos, cap, bh, BITS: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """[BLOCK_N, D_P] float32 raw codes of whole positions `pos` (all < the quantized prefix)."""
+    ROW: tl.constexpr = D * BITS // 8
+    ROW_P: tl.constexpr = D_P * BITS // 8
+    j = tl.arange(0, ROW_P)
+    ptr = codes_ptr + _base(bh, cap * ROW) + pos[:, None] * ROW + j[None, :]
+    if ROW == ROW_P:
+        byte = tl.load(ptr).to(tl.int32)
+    else:
+        byte = tl.load(ptr, mask=(j[None, :] < ROW) & (pos[:, None] >= 0), other=0).to(tl.int32)
+    return _unpack(byte, BITS, BLOCK_N, D_P).to(tl.float32)
+
+
+@triton.jit
+def _fast_scores(
+    q, kc, ks, kl, start, d, cap, bh, K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr,
+    K_SYM: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """q [BLOCK_H, D_P] . keys of the whole-code block at `start` -> [BLOCK_H, BLOCK_N] (unscaled).
+
+    Per-channel keys with the block inside one group of K_G tokens: the scale goes onto q once
+    (q * scale) . code (+ q . lo, or - 2^(b-1) * sum(q * scale)); else the keys are dequantized.
+    """
+    pos = start + tl.arange(0, BLOCK_N)
+    if K_CH and K_G % BLOCK_N == 0:
+        code = _codes_f32(kc, pos, cap, bh, K_BITS, D, D_P, BLOCK_N)
+        s_off = _base(bh, (cap // K_G) * D) + (start // K_G) * D + d
+        qs = q * tl.load(ks + s_off, mask=d < D, other=0.0).to(tl.float32)[None, :]
+        s = _dot_int(qs, tl.trans(code), PREC)
+        if K_SYM:
+            s = s - (1 << (K_BITS - 1)) * tl.sum(qs, 1)[:, None]
+        else:
+            s = s + tl.sum(q * tl.load(kl + s_off, mask=d < D, other=0.0).to(tl.float32)[None, :], 1)[:, None]
+    else:
+        ones = pos >= 0
+        k = _deq_codes(kc, ks, kl, pos, d, ones, start + BLOCK_N, cap, bh, K_BITS, K_CH, K_G, K_SYM, D, D_P,
+                       BLOCK_N)  # fmt: skip
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _fast_pv(
+    p, vc, vs, vl, start, d, cap, bh, V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr,
+    V_SYM: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """p [BLOCK_H, BLOCK_N] @ values of the whole-code block at `start` -> [BLOCK_H, D_P].
+
+    Per-token values with one scale per token (group = D): the scale goes onto p, (p * scale) @ code
+    (+ p . lo, or - 2^(b-1) * sum(p * scale)); else the values are dequantized.
+    """
+    pos = start + tl.arange(0, BLOCK_N)
+    if (not V_CH) and V_G == D:
+        code = _codes_f32(vc, pos, cap, bh, V_BITS, D, D_P, BLOCK_N)
+        ps = p * tl.load(vs + _base(bh, cap) + pos).to(tl.float32)[None, :]
+        pv = _dot_int(ps, code, PREC)
+        if V_SYM:
+            pv = pv - (1 << (V_BITS - 1)) * tl.sum(ps, 1)[:, None]
+        else:
+            pv = pv + tl.sum(p * tl.load(vl + _base(bh, cap) + pos).to(tl.float32)[None, :], 1)[:, None]
+    else:
+        ones = pos >= 0
+        v = _deq_codes(vc, vs, vl, pos, d, ones, start + BLOCK_N, cap, bh, V_BITS, V_CH, V_G, V_SYM, D, D_P,
+                       BLOCK_N)  # fmt: skip
+        pv = tl.dot(p, v, input_precision=PREC)
+    return pv
+
+
+@triton.jit
 def _prefix(n, R, PER_CHANNEL: tl.constexpr, G: tl.constexpr):
     """`KVSpec.quantized_prefix(n)`: max(n - R, 0), rounded down to whole groups of G tokens per channel."""
     m = tl.maximum(n - R, 0)
@@ -180,13 +264,14 @@ def _attn_kvq_split_kernel(
     K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
     V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    DEV: tl.constexpr, PREC: tl.constexpr,
+    DEV: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """One (kv head, split): all rep query heads of the kv head over positions [split * chunk, +chunk).
 
     Writes the split's unnormalised partial: row max m, sum l [BLOCK_H] and acc [BLOCK_H, D] (float32).
     DEV: n is read from len_ptr (int64 [1], CUDA-graph safe), the quantized prefixes follow from it and the
     residual windows Rk / Rv (`KVSpec.quantized_prefix`), the windows are rings; splits past n store nothing.
+    FAST: whole blocks below both prefixes go through `_fast_scores` / `_fast_pv` (scales on q and p).
     """
     if DEV:
         n = tl.load(len_ptr).to(tl.int32)
@@ -208,7 +293,22 @@ def _attn_kvq_split_kernel(
     acc = tl.zeros((BLOCK_H, D_P), tl.float32)
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, n)
-    for start in range(lo, hi, BLOCK_N):
+    mid = lo
+    if FAST:  # whole blocks below both quantized prefixes: codes only, no branch in the loop
+        mid = tl.maximum(tl.minimum(hi, tl.minimum(qk, qv) // BLOCK_N * BLOCK_N), lo)
+        for start in range(lo, mid, BLOCK_N):
+            s = _fast_scores(
+                q, kc, ks, kl, start, d, cap, bh, K_BITS, K_CH, K_G, K_SYM, D, D_P, BLOCK_N, PREC
+            )
+            s = s * sm_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            pv = _fast_pv(p, vc, vs, vl, start, d, cap, bh, V_BITS, V_CH, V_G, V_SYM, D, D_P, BLOCK_N, PREC)
+            acc = acc * alpha[:, None] + pv
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+    for start in range(mid, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         mask_n = pos < hi
         k = _load_side(
@@ -316,13 +416,19 @@ def _check(q: torch.Tensor, Hkv: int, n: int, block_n: int) -> None:
         raise ValueError(f"attn_kvq: block_n {block_n} must be a power of two >= 16")
 
 
-def _launch(q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None, prec="tf32x3"):
+def _launch(
+    q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None, prec="tf32x3", fast=False
+):
     """Both kernels; n is the (host) number of positions, or the capacity when `length` holds it on device."""
     B, Hq, D = q.shape
     Hkv, cap = k["codes"].shape[1], k["codes"].shape[2]
     _check(q, Hkv, n, block_n)
     if v["codes"].shape[2] != cap:
         raise ValueError(f"attn_kvq: key capacity {cap} != value capacity {v['codes'].shape[2]}")
+    if fast and q.is_cuda and min(k["bits"], v["bits"]) < 8:
+        raise ValueError(
+            f"attn_kvq: fast=True with {k['bits']}/{v['bits']}-bit codes is wrong on CUDA (issue 17)"
+        )
     rep = Hq // Hkv
     block_h, d_p = max(16, triton.next_power_of_2(rep)), max(16, D)  # tl.dot wants >= 16 rows and columns
     splits = n_splits or _n_splits(n, B * Hkv, q.device, block_n)
@@ -347,7 +453,7 @@ def _launch(q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_wa
         length if dev else k["codes"], k.get("residual", 0), v.get("residual", 0),
         k["bits"], k["per_channel"], k["group"], k["lo"] is None,
         v["bits"], v["per_channel"], v["group"], v["lo"] is None,
-        D, d_p, block_n, block_h, dev, prec, num_warps=num_warps or (4 if d_p * block_n <= 4096 else 8),
+        D, d_p, block_n, block_h, dev, prec, fast, num_warps=num_warps or (4 if d_p * block_n <= 4096 else 8),
     )  # fmt: skip
     _attn_kvq_combine_kernel[(B * Hq,)](m, l_sum, acc, out, Hq, Hkv, splits, D, d_p, block_h, 16, num_warps=4)
     return out
@@ -375,6 +481,7 @@ def attn_kvq_static(
     n_splits: int | None = None,
     num_warps: int | None = None,
     precision: str = "tf32x3",
+    fast: bool = False,
 ) -> torch.Tensor:
     """`attn_kvq` with the length on the device (int64 [1]): one launch serves every step of a CUDA graph.
 
@@ -383,8 +490,11 @@ def attn_kvq_static(
     from the length in the kernel. The grid covers the capacity; splits past the length do no work.
     precision: the tl.dot input precision, "tf32x3" (float32-accurate, the default) or "tf32" (one MMA
     pass, 10-bit mantissas: for timing the cost of exactness; not checked against the twin at 1e-4).
+    fast: whole-code blocks take the branch-free loop with the scales on q / p (`_fast_scores`). Opt-in:
+    on the H200 (2026-12-02) it matched the twin for int8 keys and values only; with int4 / int2 codes on
+    either side it gave wrong results (RESULTS.md, issue 17), so CUDA refuses it for those.
     """
     if precision not in ("tf32x3", "tf32"):
         raise ValueError(f"attn_kvq_static: precision '{precision}' (choose tf32x3 or tf32)")
     cap = k["codes"].shape[2]
-    return _launch(q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision)
+    return _launch(q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision, fast)
