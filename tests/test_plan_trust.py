@@ -118,6 +118,10 @@ def test_guard_never_returns_a_measured_loser(table):
         fit = [p["kl"] for p in plans if p["total_bits"] <= a.budget_bits]
         assert own <= min(fit) * (1 + GUARD_MARGIN) + 1e-12, f"{b} bits: {own} vs {min(fit)}"
         raw = allocate_table(table, budget_bits=b, guard=False)
+        uni = [
+            p["kl"] for p in plans if p["label"].startswith("uniform ") and p["total_bits"] <= a.budget_bits
+        ]  # noqa: E501
+        assert a.wins == (a.measured is not None and a.measured < min(uni))  # the app's info/warning level
         if a.note:
             assert a.total_bits <= a.budget_bits and "returning" in a.note and a.resolved != raw.resolved
         else:
@@ -125,18 +129,48 @@ def test_guard_never_returns_a_measured_loser(table):
 
 
 def test_allocation_at_each_uniform_size_beats_that_uniform_plan(stories, table):
-    wins = 0
+    """Strict win on the evaluation text at every uniform size but int2_g32 (the smallest: no other plan
+    fits) and int8_ch (the largest offered spec: see the next test)."""
+    wins = []
     for spec, uni in uniform_plans(table, table.layers).items():
         mb = plan_totals(uni, table.layers).mb
-        alloc = allocate_table(table, budget_mb=mb).resolved
-        if _same(alloc, uni):  # e.g. int2_g32: the only plan of that size
+        a = allocate_table(table, budget_mb=mb)
+        if spec in ("int2_g32", "int8_ch"):
+            assert _same(a.resolved, uni), spec
             continue
-        kl_u, kl_a = _kl(stories, uni), _kl(stories, alloc)
+        kl_u, kl_a = _kl(stories, uni), _kl(stories, a.resolved)
         assert kl_a < kl_u, f"allocation at the size of uniform {spec}: KL {kl_a:.4g} >= {kl_u:.4g}"
-        evidence = allocate_table(table, budget_mb=mb).evidence  # what the CLI and the app print
-        assert "best uniform plan that fits" in evidence and "(-" in evidence, evidence
-        wins += 1
-    assert wins >= 6  # stories260K: every size but int2_g32, int6_g128 and int8_ch (there: uniform itself)
+        assert "best uniform plan that fits" in a.evidence, a.evidence  # what the CLI and the app print
+        wins.append(spec)
+    assert len(wins) == len(SENSITIVITY_SPECS) - 2, wins
+
+
+def test_no_plan_beats_uniform_int8_ch_at_its_size(stories, table):
+    """At the int8_ch size a different plan must keep some layer in bf16 (the only wider option, 2x the
+    bits) and pay with layers at int6_g128 or below. The cheapest such move (the layer with the highest
+    predicted gain per bit in bf16, paid by the layers losing least per bit at int6_g128) measures higher
+    than uniform int8_ch on the evaluation text (+10.7% on 2026-12-02), so the tie there is the optimum."""
+    from workbench.measure.refine import Prices
+    from workbench.quant.spec import QuantSpec
+
+    p = Prices.of(table)
+    base = ["int8_ch"] * len(p.names)
+    cap = p.total_bits(base)
+
+    def ratio(n: str, a: str, b: str) -> float:  # predicted cost change per bit, a -> b
+        return (p.cost[n][b] - p.cost[n][a]) / abs(p.bits[n][b] - p.bits[n][a])
+
+    up = min(p.names, key=lambda n: ratio(n, "int8_ch", "bf16"))
+    new = dict(zip(p.names, base)) | {up: "bf16"}
+    for n in sorted((n for n in p.names if n != up), key=lambda n: ratio(n, "int8_ch", "int6_g128")):
+        if p.total_bits([new[x] for x in p.names]) <= cap:
+            break
+        new[n] = "int6_g128"
+    specs = [new[x] for x in p.names]
+    assert p.total_bits(specs) <= cap and p.predicted(specs) > p.predicted(base)
+    res = {x.name: QuantSpec.parse(s) for x, s in zip(table.layers, specs)}
+    uni = uniform_plans(table, table.layers)["int8_ch"]
+    assert _kl(stories, res) > _kl(stories, uni)
 
 
 def test_refinement_measures_moves_that_fit_and_keeps_only_lower_ones(stories, table):

@@ -124,3 +124,20 @@ def test_a_job_row_coalesces_a_flood_of_reports_and_draws_the_end():
     assert job.state == "done" and row.bar.value == 100 and row.status.object.startswith("done in")
     gaps = [b - a for a, b in zip(redraws, redraws[1:-1])]  # the last one (the outcome) is drawn at once
     assert len(redraws) < 100 and min(gaps, default=1.0) >= JobRow.INTERVAL * 0.9, (len(redraws), gaps)
+
+
+def test_calibration_stages_fill_their_own_share_of_the_scan_bar():
+    """Uniform plans, the check and the refinement each move the bar (it sat at 85% through all three)."""
+    from workbench.ui.tasks import calibration_fraction
+
+    msgs = [
+        "calibrating: uniform int8_ch measured on the scan windows (1/9)",
+        "calibrating: uniform int2_g32 measured on the scan windows (9/9)",
+        "calibrating: check: allocation = int4_g32 measured on the scan windows (1/8)",
+        "calibrating: check: allocation 5.0 bits measured on the scan windows (8/8)",
+        "calibrating: refine = int3_g64: move 1/4 (13 layers up) measured on the scan windows (1/4)",
+        "calibrating: refine = nf4_g64: move 2/4 (6 layers up) measured on the scan windows (3/4)",
+    ]
+    f = [calibration_fraction(m) for m in msgs]
+    assert f == sorted(f) and len(set(f)) == len(f) and 0.85 <= f[0] and f[-1] < 1.0
+    assert calibration_fraction("Fisher pass") is None

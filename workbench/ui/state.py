@@ -352,7 +352,7 @@ class WorkbenchState(param.Parameterized):
                 f"predicted cost {alloc.predicted_cost:.4g}"
                 + (f" - {alloc.note}" if alloc.note else "")
                 + (f" - {alloc.evidence}" if alloc.evidence else ""),
-                "warning" if alloc.note else "success",
+                _allocate_kind(alloc),
             )
         return ok
 
@@ -524,3 +524,11 @@ class WorkbenchState(param.Parameterized):
             except Exception:  # a closed session's widgets may fail to update; the job is stopped anyway
                 pass
         return len(running)
+
+
+def _allocate_kind(alloc) -> str:
+    """Notice level of an allocation: "success" as allocated; where the guard returned a measured plan,
+    "info" when that plan measured below the best uniform plan that fits, else "warning"."""
+    if not alloc.note:
+        return "success"
+    return "info" if alloc.wins else "warning"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import threading
 import time
 
@@ -50,6 +51,23 @@ def layer_details(loaded, name: str, grid_spec: str | None, specs: list[str], in
 
     report(0.1, f"statistics of {name}")
     return layer_report(loaded, name, grid_spec, specs, inspection=inspection)
+
+
+# Share of the scan bar each calibration stage fills, in the order they run (the last 15%).
+CALIBRATION_SHARES = (("uniform", 0.85, 0.90), ("check", 0.90, 0.95), ("refine", 0.95, 1.0))
+
+
+def calibration_fraction(msg: str) -> float | None:
+    """Bar position of a calibration message "calibrating: <stage> ... (i/n)" (`sensitivity._calibrate`):
+    the stage's share, filled by i/n; 0.85 for another calibrating message, None for a setup message."""
+    if not msg.startswith("calibrating"):
+        return None
+    body = msg.removeprefix("calibrating: ")
+    m = re.search(r"\((\d+)/(\d+)\)\s*$", msg)
+    for stage, lo, hi in CALIBRATION_SHARES:
+        if body.startswith(stage):
+            return lo + (hi - lo) * ((int(m[1]) - 1) / int(m[2]) if m else 0.0)
+    return 0.85
 
 
 def _heartbeat(report: Report, text: str, stop: threading.Event) -> threading.Thread:
@@ -99,7 +117,7 @@ def sensitivity(
     `cfg`: the scan settings (`defaults.scan_settings`); `grams`: the statistics' Gram matrices of the same
     calibration tokens, or None (then collected, or read from the Gram cache). The bar fills over the setup
     (Grams, Fisher pass: the first 25%, elapsed seconds meanwhile), layer by layer, then over the
-    calibration of the costs on measured uniform plans (the last 15%).
+    calibration (the last 15%: uniform plans, the check, the refinement, each its own share).
     """
     from workbench.measure.sensitivity import calibration_stage, sensitivity_scan
     from workbench.model.inventory import layer_inventory
@@ -117,7 +135,8 @@ def sensitivity(
         def on_setup(msg: str) -> None:
             quiet()
             note = " (reusing the statistics' Gram matrices)" if grams and "Fisher" in msg else ""
-            report(0.85 if msg.startswith("calibrating") else next(steps, 0.25), msg + note)
+            f = calibration_fraction(msg)
+            report(next(steps, 0.25) if f is None else f, msg + note)
             beats.append(threading.Event())
             _heartbeat(report, msg + note, beats[-1])
 
