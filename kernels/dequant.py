@@ -319,7 +319,7 @@ def dense_matmul(
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W_hat^T: W_hat dequantized into the scratch buffer in x.dtype, then cuBLAS
     (fp32 accumulation); ``out`` optional [M, N] in x.dtype (inputs already checked).  With
-    ``dense_chunks`` > 1 the dequantize of one row chunk overlaps the GEMM of the previous (``_pipelined``)."""
+    ``dense_chunks`` > 1 the dequantize of one row chunk overlaps the previous GEMM (``_pipelined``)."""
     N = packed.shape[0]
     W = scratch(N * K, x.dtype, x.device)[: N * K].view(N, K)
     chunks = dense_chunks(N, x.device)
