@@ -45,8 +45,9 @@ def make_weight(fmt: str, N: int, K: int) -> tuple:
     return pack_codes(codes, bits), st, zt, bits, G, False
 
 
-def variants(x: torch.Tensor, w: tuple, K: int) -> dict:
-    """name -> fn(packed, scales, zeros) for one weight (the graph timing rotates the weight copies)."""
+def variants(x: torch.Tensor, w: tuple, K: int, chunks: list[int] = ()) -> dict:
+    """name -> fn(packed, scales, zeros) for one weight (the graph timing rotates the weight copies);
+    ``dense_c<c>`` for each c in chunks: the dense route pipelined over c row chunks (side stream)."""
     from workbench.kernels.dequant import dense_matmul, launch_dequant, scratch
     from workbench.kernels.gemm_fp8 import gemm_fp8
     from workbench.kernels.gemm_int import gemm_int
@@ -65,11 +66,19 @@ def variants(x: torch.Tensor, w: tuple, K: int) -> dict:
         W = scratch(N * K, x.dtype, x.device)[: N * K].view(N, K)
         return launch_dequant(p, s.view(-1) if fp8 else s, z, bits, G, K, fp8, W)
 
-    return {
-        "gemm": gemm,
-        "dense": lambda p, s, z: dense_matmul(x, p, s.view(-1) if fp8 else s, z, bits, G, K, fp8, None),
-        "deq": deq,
-    }
+    def dense_c(c):
+        def fn(p, s, z):
+            os.environ["WORKBENCH_DENSE_CHUNKS"] = str(c)
+            try:
+                return dense_matmul(x, p, s.view(-1) if fp8 else s, z, bits, G, K, fp8, None)
+            finally:
+                del os.environ["WORKBENCH_DENSE_CHUNKS"]
+
+        return fn
+
+    out = {"gemm": gemm, "dense": dense_c(1), "deq": deq}
+    out.update({f"dense_c{c}": dense_c(c) for c in chunks})
+    return out
 
 
 def reference(x: torch.Tensor, w: tuple, K: int) -> torch.Tensor:
@@ -83,7 +92,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def bench_case(fmt: str, K: int, N: int, rows: list[int]) -> list[dict]:
+def bench_case(fmt: str, K: int, N: int, rows: list[int], chunks: list[int] = (), skip=()) -> list[dict]:
     """Rows of results (us per launch) for one format and shape at every M."""
     from workbench.kernels.tune import rotated_copies, time_graph
 
@@ -96,7 +105,9 @@ def bench_case(fmt: str, K: int, N: int, rows: list[int]) -> list[dict]:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         ref = reference(x, w, K)
         row = {"fmt": fmt, "K": K, "N": N, "M": M}
-        for name, fn in variants(x, w, K).items():
+        for name, fn in variants(x, w, K, chunks).items():
+            if name in skip:
+                continue
             if name != "deq":
                 row[f"{name}_err"] = round(rel_err(fn(*w[:3]), ref), 5)
             turn = iter(range(1 << 30))
@@ -114,7 +125,7 @@ def threshold(rows: list[dict]) -> dict:
     for fmt in sorted({r["fmt"] for r in rows}):
         mine = [r for r in rows if r["fmt"] == fmt]
         ms = sorted({r["M"] for r in mine})
-        ok = [m for m in ms if all(r["dense_us"] <= r["gemm_us"] for r in mine if r["M"] >= m)]
+        ok = [m for m in ms if all(r["dense_us"] <= r.get("gemm_us", 0) for r in mine if r["M"] >= m)]
         res[fmt] = ok[0] if ok else None
     return res
 
@@ -123,13 +134,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="64,128,256,512,2048")
     ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--chunks", default="", help="row chunks of the pipelined dense route to time too: 2,4")
+    ap.add_argument("--skip", default="", help="variants not to time, e.g. gemm")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    chunks = [int(c) for c in a.chunks.split(",") if c]
     rows = [int(m) for m in a.rows.split(",")]
     res = []
     for fmt in a.formats.split(","):
         for K, N in SHAPES:
-            res += bench_case(fmt, K, N, rows)
+            res += bench_case(fmt, K, N, rows, chunks, a.skip.split(","))
     summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": res,
                "dense_from_rows": threshold(res)}  # fmt: skip
     print(json.dumps(summary["dense_from_rows"]))

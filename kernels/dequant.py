@@ -33,6 +33,8 @@ from workbench.quant.packing import packed_k
 # H200 (issue 14): summed over the 8B fast path's four linear shapes, dense beats the Triton GEMM from 64
 # rows at 2-4 bits and 128 at 8 bits, and on every shape from 128 / 256.  Tuned key "dense|min_rows|w4".
 DENSE_MIN_ROWS = {2: 128, 3: 128, 4: 128, 8: 256}
+# row chunks of the dense route (1: no side-stream overlap); see dense_chunks
+DENSE_CHUNKS = 1
 
 
 @triton.jit
@@ -117,6 +119,8 @@ def _dequant_kernel(
     K,
     KWL,
     LO_WORDS,
+    N0,
+    N_END,
     # strides (elements)
     stride_wn,
     stride_on,
@@ -135,8 +139,8 @@ def _dequant_kernel(
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
     DT = o_ptr.dtype.element_ty
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    nmask = n < N
+    n = N0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows N0 .. N_END of N
+    nmask = n < N_END
     row_off = tl.multiple_of(n * stride_wn, 4)[:, None]  # rows are multiples of 16 bytes
     wq = decode_tile(
         w_ptr, s_ptr, z_ptr, n, nmask, row_off, t, N, KWL, LO_WORDS, DT, BITS, PER, TILES_PER_GROUP,
@@ -171,17 +175,20 @@ def launch_dequant(
     out: torch.Tensor,
     block_n: int = 64,
     block_k: int = 128,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Write W_hat [N, K] into ``out`` (fp16/bf16 [N, K], row stride >= K); inputs already checked.
 
-    scales: int ``[n_groups, N]`` fp16 (zeros_t alike or None), FP8 fp32 ``[N]``."""
+    scales: int ``[n_groups, N]`` fp16 (zeros_t alike or None), FP8 fp32 ``[N]``; rows (n0, n1): write
+    only rows n0 .. n1 - 1 of W_hat (default all)."""
     N = packed.shape[0]
+    n0, n1 = rows if rows is not None else (0, N)
     per = 16 if bits == 3 else 32 // bits
     per_channel = fp8 or group_size >= K
     bk = block_k if per_channel else max(32, min(block_k, group_size))
     magic, off = magic_offset(out.dtype, bits, fp8)
     Kp = packed_k(K, bits)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, bk))
+    grid = (triton.cdiv(n1 - n0, block_n), triton.cdiv(K, bk))
     _dequant_kernel[grid](
         packed,
         scales,
@@ -191,6 +198,8 @@ def launch_dequant(
         K,
         Kp // per,
         Kp // 16,
+        n0,
+        n1,
         packed.stride(0),
         out.stride(0),
         BITS=bits,
@@ -258,6 +267,45 @@ def dense_min_rows(x: torch.Tensor, bits: int, fp8: bool) -> int:
     return int(hit[0]) if hit else DENSE_MIN_ROWS[bits]
 
 
+def dense_chunks(N: int, device: torch.device) -> int:
+    """Row chunks of the pipelined dense route: ``WORKBENCH_DENSE_CHUNKS`` (1 = one dequantize launch, then
+    one cuBLAS call), else ``DENSE_CHUNKS``; at most N / 512 (a chunk keeps >= 512 output columns)."""
+    env = os.environ.get("WORKBENCH_DENSE_CHUNKS")
+    want = int(env) if env is not None else DENSE_CHUNKS
+    return max(1, min(want, N // 512)) if device.type == "cuda" else 1
+
+
+_SIDE: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream per device the pipelined dense route dequantizes on."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SIDE:
+        _SIDE[idx] = torch.cuda.Stream(device=idx)
+    return _SIDE[idx]
+
+
+def _pipelined(x, packed, scales, zeros_t, bits, group_size, K, fp8, W, out, chunks):
+    """Dequantize row chunk j + 1 of W_hat on the side stream while cuBLAS multiplies chunk j on the
+    current one (one event per chunk; the side stream first waits for the current stream, so the scratch
+    buffer's earlier readers are done and the inputs are written).  out [M, N]."""
+    N = W.shape[0]
+    step = (-(-N // chunks) + 63) // 64 * 64
+    main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+    side.wait_stream(main)
+    spans, events = [(n, min(N, n + step)) for n in range(0, N, step)], []
+    with torch.cuda.stream(side):
+        for span in spans:
+            launch_dequant(packed, scales, zeros_t, bits, group_size, K, fp8, W, rows=span)
+            events.append(torch.cuda.Event())
+            events[-1].record(side)
+    for (n0, n1), ev in zip(spans, events):
+        main.wait_event(ev)
+        torch.mm(x, W[n0:n1].t(), out=out[:, n0:n1])
+    return out
+
+
 def dense_matmul(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -270,9 +318,15 @@ def dense_matmul(
     out: torch.Tensor | None,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W_hat^T: W_hat dequantized into the scratch buffer in x.dtype, then cuBLAS
-    (fp32 accumulation); ``out`` optional [M, N] in x.dtype (inputs already checked)."""
+    (fp32 accumulation); ``out`` optional [M, N] in x.dtype (inputs already checked).  With
+    ``dense_chunks`` > 1 the dequantize of one row chunk overlaps the previous GEMM (``_pipelined``)."""
     N = packed.shape[0]
     W = scratch(N * K, x.dtype, x.device)[: N * K].view(N, K)
+    chunks = dense_chunks(N, x.device)
+    if chunks > 1 and x.dim() == 2:
+        if out is None:
+            out = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
+        return _pipelined(x, packed, scales, zeros_t, bits, group_size, K, fp8, W, out, chunks)
     launch_dequant(packed, scales, zeros_t, bits, group_size, K, fp8, W)
     if out is None:
         return x @ W.t()

@@ -314,6 +314,40 @@ def test_gemm_dense_route(dt, monkeypatch):
     assert _rel_err(y, R.gemm_fp8_ref(x, packed, scales, 1000)) < TOL[dt], "fp8"
 
 
+def test_dequantize_row_span():
+    """launch_dequant with rows (n0, n1) writes exactly those rows of W_hat (the pipelined dense route's
+    chunks) and leaves the others as they were."""
+    from workbench.kernels.dequant import launch_dequant
+
+    N, K, bits, G = 200, 256, 4, 128
+    _, packed, st, zt = _make_int(N, K, bits, G, False, 17)
+    W = torch.full((N, K), 7.0, dtype=torch.float16, device=DEV)
+    launch_dequant(packed, st, zt, bits, G, K, False, W, rows=(64, 136))
+    ref = R.dequantize_int(packed, st, zt, bits, G, K)
+    assert _rel_err(W[64:136], ref[64:136]) < TOL[torch.float16]
+    assert bool((W[:64] == 7).all()) and bool((W[136:] == 7).all())
+
+
+@pytest.mark.skipif(not CUDA, reason="the side-stream pipeline runs on CUDA only")
+@pytest.mark.parametrize("chunks", [2, 3, 8])
+def test_dense_route_pipelined(chunks, monkeypatch):
+    """dense_matmul over row chunks (dequantize on a side stream beside the cuBLAS calls) equals the
+    one-launch route bit for bit, into a fresh or a given output, layer after layer on one scratch."""
+    from workbench.kernels.dequant import dense_matmul
+
+    dt = torch.bfloat16
+    for (N, K), bits, G in [((4096, 1024), 4, 128), ((1600, 512), 3, 64), ((2048, 768), 8, PER_CHANNEL)]:
+        _, packed, st, zt = _make_int(N, K, bits, G, False, N + chunks)
+        x = _x(256, K, dt, bits)
+        monkeypatch.setenv("WORKBENCH_DENSE_CHUNKS", "1")
+        y1 = dense_matmul(x, packed, st, zt, bits, G, K, False, None)
+        monkeypatch.setenv("WORKBENCH_DENSE_CHUNKS", str(chunks))
+        yc = dense_matmul(x, packed, st, zt, bits, G, K, False, _poisoned(256, N, dt))
+        yn = dense_matmul(x, packed, st, zt, bits, G, K, False, None)
+        torch.cuda.synchronize()
+        assert torch.equal(y1, yc) and torch.equal(y1, yn), f"w{bits} N={N} chunks={chunks}"
+
+
 MMA_SHAPES = [(300, 1024), (64, 256), (200, 1000), (4096, 4096), (100, 4224)]
 MMA_GROUPS = [32, 64, 128, 256, PER_CHANNEL]
 
