@@ -12,8 +12,9 @@
    Bytes: `predicted` = KVSpec.cache_bytes of the filled context (all layers), `allocated` = what the
    decoder's buffers hold (`FastDecoder.cache_bytes`, capacity = context + 64).
 2. Per-layer attention inside a CUDA graph (one layer, 8B head shape, 32k and 4k tokens): bf16 split-K
-   kernel vs the quantized kernel at several (BLOCK_N, num_warps), `--reps` replays of a graph of 20 calls;
-   and 64 / 4 with one-pass tf32 dots (`precision="tf32"`) with its max abs difference to tf32x3.
+   kernel vs the quantized kernels (`impl` "dequant" and "planes") over `SWEEP` (BLOCK_N, num_warps,
+   num_stages, n_splits), `--reps` replays of a graph of 20 calls, each with its max abs difference to the
+   dequantizing kernel at 64 / 4; and the decoder's launch with one-pass tf32 dots (`precision="tf32"`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SPECS = {"bf16": None, "int8": ("int8_ch_r32", "int8_tok_r32"), "int4": ("int4_ch_r32", "int4_tok_r32")}
-LAUNCHES = [(32, 4), (64, 4), (64, 8), (128, 8)]
+# per-layer sweep: (kernel, BLOCK_N, num_warps, num_stages (None: Triton's), n_splits (None: from the SM count))
+SWEEP = [("dequant", bn, nw, None, None) for bn, nw in [(32, 4), (64, 4), (64, 8)]] + [
+    ("planes", bn, nw, st, None) for bn, nw in [(16, 4), (32, 4), (32, 2), (64, 4), (64, 8)] for st in (None, 1, 3)
+] + [("planes", 32, 4, None, sp) for sp in (33, 132, 264)]
 
 
 def _kv(n_blocks: int, cache: str) -> dict:
@@ -126,6 +130,7 @@ def per_layer(shape: dict, contexts: list[int], dev: str, reps: int) -> list[dic
     from workbench.kernels.attn_kvq import attn_kvq_static
 
     from workbench.runtime.attention import decode_attention
+    from workbench.runtime.fastkv import LAUNCH
     from workbench.runtime.kvstatic import StaticKVSide
 
     hq, hkv, d = shape["hq"], shape["hkv"], shape["d"]
@@ -142,46 +147,38 @@ def per_layer(shape: dict, contexts: list[int], dev: str, reps: int) -> list[dic
             for sd in sides:
                 sd.fill(torch.randn(hkv, ctx, d, device=dev))
             ka, va = (sd.kernel_args() for sd in sides)
-            for bn, nw in LAUNCHES:
+            ref = attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=64, num_warps=4, impl="dequant")
+            for impl, bn, nw, st, splits in SWEEP:
 
-                def fn(bn=bn, nw=nw):
-                    return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=bn, num_warps=nw)
+                def fn(impl=impl, bn=bn, nw=nw, st=st, splits=splits):
+                    return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=bn, num_warps=nw,
+                                           impl=impl, num_stages=st, n_splits=splits)  # fmt: skip
 
-                t = _graph_time(fn, reps)
-                rows.append({"cache": cache, "context": ctx, "block_n": bn, "num_warps": nw, "ms": t * 1e3})
+                row = {"cache": cache, "context": ctx, "impl": impl, "block_n": bn, "num_warps": nw,
+                       "num_stages": st, "n_splits": splits}  # fmt: skip
+                try:  # a launch that does not fit (shared memory, registers) is a result, not a crash
+                    row["max_abs_diff_vs_dequant_64_4"] = (fn() - ref).abs().max().item()
+                    row["ms"] = _graph_time(fn, reps) * 1e3
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                rows.append(row)
             rows.append(_one_pass_row(q, ka, va, length, d, cache, ctx, reps))
-            if cache == "int8":  # the opt-in branch-free loop (refused on CUDA for sub-byte codes)
-                rows.append(_fast_row(q, ka, va, length, d, cache, ctx, reps))
-        print(json.dumps(rows[-12:]), flush=True)
+        print(json.dumps(rows[-2 * len(SWEEP) - 3 :]), flush=True)
     return rows
 
 
-def _fast_row(q, ka, va, length, d: int, cache: str, ctx: int, reps: int) -> dict:
-    """BLOCK_N 64 / 4 warps through the opt-in `fast=True` loop: time and max abs diff to the default loop."""
-    from workbench.kernels.attn_kvq import attn_kvq_static
-
-    def fn(fast=True):
-        return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=64, num_warps=4, fast=fast)
-
-    row = {"cache": cache, "context": ctx, "block_n": 64, "num_warps": 4, "fast": True}
-    try:
-        row["max_abs_diff_vs_default"] = (fn() - fn(False)).abs().max().item()
-        row["ms"] = _graph_time(fn, reps) * 1e3
-    except Exception as e:  # a launch that does not fit (shared memory) is a result, not a crash
-        row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-    return row
-
-
 def _one_pass_row(q, ka, va, length, d: int, cache: str, ctx: int, reps: int) -> dict:
-    """BLOCK_N 64 / 4 warps with one-pass tf32 dots: time, and the max abs difference to tf32x3."""
+    """The default launch with one-pass tf32 dots: time, and the max abs difference to tf32x3."""
     from workbench.kernels.attn_kvq import attn_kvq_static
+    from workbench.runtime.fastkv import LAUNCH
 
     def fn(prec="tf32"):
-        return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=64, num_warps=4, precision=prec)
+        return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=bn, num_warps=nw, precision=prec)
 
+    bn, nw = LAUNCH
     err = (fn() - fn("tf32x3")).abs().max().item()
     t = _graph_time(fn, reps)
-    return {"cache": cache, "context": ctx, "block_n": 64, "num_warps": 4, "precision": "tf32", "ms": t * 1e3,
+    return {"cache": cache, "context": ctx, "block_n": bn, "num_warps": nw, "precision": "tf32", "ms": t * 1e3,
             "max_abs_diff_vs_tf32x3": err}  # fmt: skip
 
 

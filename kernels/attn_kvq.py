@@ -21,6 +21,8 @@ KIVI's layout: https://arxiv.org/abs/2402.02750. Reference twin: `reference.attn
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -178,76 +180,6 @@ def _dot_int(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _codes_f32(codes_ptr, pos, cap, bh, BITS: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-               BLOCK_N: tl.constexpr):  # fmt: skip
-    """[BLOCK_N, D_P] float32 raw codes of whole positions `pos` (all < the quantized prefix)."""
-    ROW: tl.constexpr = D * BITS // 8
-    ROW_P: tl.constexpr = D_P * BITS // 8
-    j = tl.arange(0, ROW_P)
-    ptr = codes_ptr + _base(bh, cap * ROW) + pos[:, None] * ROW + j[None, :]
-    if ROW == ROW_P:
-        byte = tl.load(ptr).to(tl.int32)
-    else:
-        byte = tl.load(ptr, mask=(j[None, :] < ROW) & (pos[:, None] >= 0), other=0).to(tl.int32)
-    return _unpack(byte, BITS, BLOCK_N, D_P).to(tl.float32)
-
-
-@triton.jit
-def _fast_scores(
-    q, kc, ks, kl, start, d, cap, bh, K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr,
-    K_SYM: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """q [BLOCK_H, D_P] . keys of the whole-code block at `start` -> [BLOCK_H, BLOCK_N] (unscaled).
-
-    Per-channel keys with the block inside one group of K_G tokens: the scale goes onto q once
-    (q * scale) . code (+ q . lo, or - 2^(b-1) * sum(q * scale)); else the keys are dequantized.
-    """
-    pos = start + tl.arange(0, BLOCK_N)
-    if K_CH and K_G % BLOCK_N == 0:
-        code = _codes_f32(kc, pos, cap, bh, K_BITS, D, D_P, BLOCK_N)
-        s_off = _base(bh, (cap // K_G) * D) + (start // K_G) * D + d
-        qs = q * tl.load(ks + s_off, mask=d < D, other=0.0).to(tl.float32)[None, :]
-        s = _dot_int(qs, tl.trans(code), PREC)
-        if K_SYM:
-            s = s - (1 << (K_BITS - 1)) * tl.sum(qs, 1)[:, None]
-        else:
-            s = s + tl.sum(q * tl.load(kl + s_off, mask=d < D, other=0.0).to(tl.float32)[None, :], 1)[:, None]
-    else:
-        ones = pos >= 0
-        k = _deq_codes(kc, ks, kl, pos, d, ones, start + BLOCK_N, cap, bh, K_BITS, K_CH, K_G, K_SYM, D, D_P,
-                       BLOCK_N)  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    return s
-
-
-@triton.jit
-def _fast_pv(
-    p, vc, vs, vl, start, d, cap, bh, V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr,
-    V_SYM: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """p [BLOCK_H, BLOCK_N] @ values of the whole-code block at `start` -> [BLOCK_H, D_P].
-
-    Per-token values with one scale per token (group = D): the scale goes onto p, (p * scale) @ code
-    (+ p . lo, or - 2^(b-1) * sum(p * scale)); else the values are dequantized.
-    """
-    pos = start + tl.arange(0, BLOCK_N)
-    if (not V_CH) and V_G == D:
-        code = _codes_f32(vc, pos, cap, bh, V_BITS, D, D_P, BLOCK_N)
-        ps = p * tl.load(vs + _base(bh, cap) + pos).to(tl.float32)[None, :]
-        pv = _dot_int(ps, code, PREC)
-        if V_SYM:
-            pv = pv - (1 << (V_BITS - 1)) * tl.sum(ps, 1)[:, None]
-        else:
-            pv = pv + tl.sum(p * tl.load(vl + _base(bh, cap) + pos).to(tl.float32)[None, :], 1)[:, None]
-    else:
-        ones = pos >= 0
-        v = _deq_codes(vc, vs, vl, pos, d, ones, start + BLOCK_N, cap, bh, V_BITS, V_CH, V_G, V_SYM, D, D_P,
-                       BLOCK_N)  # fmt: skip
-        pv = tl.dot(p, v, input_precision=PREC)
-    return pv
-
-
-@triton.jit
 def _prefix(n, R, PER_CHANNEL: tl.constexpr, G: tl.constexpr):
     """`KVSpec.quantized_prefix(n)`: max(n - R, 0), rounded down to whole groups of G tokens per channel."""
     m = tl.maximum(n - R, 0)
@@ -264,14 +196,13 @@ def _attn_kvq_split_kernel(
     K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
     V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    DEV: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
+    DEV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One (kv head, split): all rep query heads of the kv head over positions [split * chunk, +chunk).
 
     Writes the split's unnormalised partial: row max m, sum l [BLOCK_H] and acc [BLOCK_H, D] (float32).
     DEV: n is read from len_ptr (int64 [1], CUDA-graph safe), the quantized prefixes follow from it and the
     residual windows Rk / Rv (`KVSpec.quantized_prefix`), the windows are rings; splits past n store nothing.
-    FAST: whole blocks below both prefixes go through `_fast_scores` / `_fast_pv` (scales on q and p).
     """
     if DEV:
         n = tl.load(len_ptr).to(tl.int32)
@@ -293,22 +224,7 @@ def _attn_kvq_split_kernel(
     acc = tl.zeros((BLOCK_H, D_P), tl.float32)
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, n)
-    mid = lo
-    if FAST:  # whole blocks below both quantized prefixes: codes only, no branch in the loop
-        mid = tl.maximum(tl.minimum(hi, tl.minimum(qk, qv) // BLOCK_N * BLOCK_N), lo)
-        for start in range(lo, mid, BLOCK_N):
-            s = _fast_scores(
-                q, kc, ks, kl, start, d, cap, bh, K_BITS, K_CH, K_G, K_SYM, D, D_P, BLOCK_N, PREC
-            )
-            s = s * sm_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            pv = _fast_pv(p, vc, vs, vl, start, d, cap, bh, V_BITS, V_CH, V_G, V_SYM, D, D_P, BLOCK_N, PREC)
-            acc = acc * alpha[:, None] + pv
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-    for start in range(mid, hi, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         mask_n = pos < hi
         k = _load_side(
@@ -370,6 +286,250 @@ def _attn_kvq_split_kernel(
 
 
 @triton.jit
+def _pick(e: tl.constexpr, a0, a1, a2, a3):
+    """The e-th of four values (e a constexpr: resolved at compile time)."""
+    if e == 0:
+        return a0
+    elif e == 1:
+        return a1
+    elif e == 2:
+        return a2
+    else:
+        return a3
+
+
+@triton.jit
+def _plane(byte, e: tl.constexpr, BITS: tl.constexpr):
+    """float32 codes of bit plane e of bytes [BLOCK_N, DJ]: channel j * (8 / BITS) + e of each byte j."""
+    if BITS == 8:
+        return byte.to(tl.float32)
+    return ((byte >> (e * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _bytes(codes_ptr, pos, j, ok, cap, bh, DJ: tl.constexpr, DJ_P: tl.constexpr, ALL: tl.constexpr):
+    """int32 code bytes [BLOCK_N, DJ_P] of positions `pos` (rows of DJ bytes); 0 where not `ok` [BLOCK_N].
+
+    ALL: every position is valid (`ok` unused), so a row of DJ = DJ_P bytes loads without a mask.
+    """
+    ptr = codes_ptr + _base(bh, cap * DJ) + pos[:, None] * DJ + j[None, :]
+    if ALL:
+        if DJ == DJ_P:
+            return tl.load(ptr).to(tl.int32)
+        return tl.load(ptr, mask=(j[None, :] < DJ) & (pos[:, None] >= 0), other=0).to(tl.int32)
+    return tl.load(ptr, mask=ok[:, None] & (j[None, :] < DJ), other=0).to(tl.int32)
+
+
+@triton.jit
+def _deq_plane(
+    code, scale_ptr, lo_ptr, pos, j, m, cap, bh, e: tl.constexpr, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+):  # fmt: skip
+    """Plane e's codes [BLOCK_N, DJ_P] dequantized with their own scale (and minimum); 0 where not m."""
+    c = j * NP + e  # the channel of each plane column
+    if PER_CHANNEL:
+        off = _base(bh, (cap // G) * D) + (pos[:, None] // G) * D + c[None, :]
+    else:
+        off = _base(bh, cap * (D // G)) + pos[:, None] * (D // G) + c[None, :] // G
+    scale = tl.load(scale_ptr + off, mask=m, other=0.0).to(tl.float32)
+    if SYM:
+        return (code - (1 << (BITS - 1))) * scale
+    return code * scale + tl.load(lo_ptr + off, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mixed_plane(
+    byte, scale_ptr, lo_ptr, win_ptr, pos, j, mask_n, q_len, cap, W, bh, e: tl.constexpr, BITS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+    DJ: tl.constexpr, RING: tl.constexpr,
+):  # fmt: skip
+    """Plane e [BLOCK_N, DJ_P] of any block: dequantized codes below q_len, the window from q_len on."""
+    in_q = (pos < q_len) & mask_n
+    mj = j[None, :] < DJ
+    x = _deq_plane(_plane(byte, e, BITS), scale_ptr, lo_ptr, pos, j, in_q[:, None] & mj, cap, bh, e, BITS,
+                   PER_CHANNEL, G, SYM, D, NP)  # fmt: skip
+    in_w = (pos >= q_len) & mask_n
+    w_off = _base(bh, W * D) + _win_slot(pos, q_len, W, RING)[:, None] * D + (j * NP + e)[None, :]
+    w = tl.load(win_ptr + w_off, mask=in_w[:, None] & mj, other=0.0).to(tl.float32)
+    return tl.where(in_q[:, None], x, w)
+
+
+@triton.jit
+def _scores_codes(
+    q0, q1, q2, q3, byte, ks, kl, pos, start, j, cap, bh, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, DJ: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """q . keys of a whole-code block at `start` -> [BLOCK_H, BLOCK_N], q given as its NP channel planes.
+
+    Per-channel keys with the block inside one group of G tokens: the block's scale goes onto q,
+    (q * scale) . code + q . lo (or - 2^(b-1) * sum(q * scale)), the codes meeting the MMA exactly; other
+    layouts dequantize each element.
+    """
+    mj = j < DJ
+    if PER_CHANNEL and G % BLOCK_N == 0:
+        s_off = _base(bh, (cap // G) * D) + (start // G) * D
+        s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
+        bias = tl.zeros((q0.shape[0],), tl.float32)
+        for e in tl.static_range(NP):
+            qe = _pick(e, q0, q1, q2, q3)
+            qs = qe * tl.load(ks + s_off + j * NP + e, mask=mj, other=0.0).to(tl.float32)[None, :]
+            s += _dot_int(qs, tl.trans(_plane(byte, e, BITS)), PREC)
+            if SYM:
+                bias -= (1 << (BITS - 1)) * tl.sum(qs, 1)
+            else:
+                bias += tl.sum(qe * tl.load(kl + s_off + j * NP + e, mask=mj, other=0.0).to(tl.float32)[None, :], 1)
+        return s + bias[:, None]
+    m = (pos >= 0)[:, None] & mj[None, :]
+    s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
+    for e in tl.static_range(NP):
+        k = _deq_plane(_plane(byte, e, BITS), ks, kl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP)
+        s += tl.dot(_pick(e, q0, q1, q2, q3), tl.trans(k), input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _pv_codes(
+    p, byte, vs, vl, pos, j, cap, bh, e: tl.constexpr, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, DJ: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """p [BLOCK_H, BLOCK_N] @ plane e of a whole-code value block -> [BLOCK_H, DJ_P].
+
+    Per-token values with one scale per token (G = D): the scale goes onto p, (p * scale) @ code + p . lo
+    (or - 2^(b-1) * sum(p * scale)); other layouts dequantize each element.
+    """
+    if (not PER_CHANNEL) and G == D:
+        ps = p * tl.load(vs + _base(bh, cap) + pos).to(tl.float32)[None, :]
+        pv = _dot_int(ps, _plane(byte, e, BITS), PREC)
+        if SYM:
+            return pv - (1 << (BITS - 1)) * tl.sum(ps, 1)[:, None]
+        return pv + tl.sum(p * tl.load(vl + _base(bh, cap) + pos).to(tl.float32)[None, :], 1)[:, None]
+    m = (pos >= 0)[:, None] & (j[None, :] < DJ)
+    v = _deq_plane(_plane(byte, e, BITS), vs, vl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP)
+    return tl.dot(p, v, input_precision=PREC)
+
+
+@triton.jit
+def _online(s, m_i, l_i):
+    """Online-softmax step of scores s [BLOCK_H, BLOCK_N]: (new max, p, rescale of the old sums, new sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    return m_new, p, alpha, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _attn_kvq_planes_kernel(
+    q_ptr, m_ptr, l_ptr, acc_ptr,
+    kc, ks, kl, kw, vc, vs, vl, vw,
+    n, qk, qv, cap, Wk, Wv, Hq, Hkv, sm_scale, chunk, n_splits, len_ptr, Rk, Rv,
+    K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
+    V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
+    D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    DEV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """`_attn_kvq_split_kernel`'s job with the codes kept in bit planes: no unpacking join, no branch per block.
+
+    A byte row of b-bit codes holds NP = 8 / b channels per byte: plane e is channel j * NP + e of byte j. The
+    query is loaded as the key side's NP planes and the accumulator kept as the value side's NP planes
+    (stored interleaved back to channel order), so the codes go to `tl.dot` straight from a shift and a mask.
+    Blocks wholly below both quantized prefixes run a branch-free loop (the scales onto q and p where the
+    layout allows, `_scores_codes` / `_pv_codes`); the rest of the split (the block holding a prefix
+    boundary, the window) runs a masked loop that mixes codes and window (`_mixed_plane`).
+    """
+    NPK: tl.constexpr = 8 // K_BITS
+    NPV: tl.constexpr = 8 // V_BITS
+    DJK: tl.constexpr = D // NPK  # bytes per key row = channels per plane
+    DJV: tl.constexpr = D // NPV
+    DJK_P: tl.constexpr = DJK if DJK >= 16 else 16  # tl.dot wants >= 16 along K and N
+    DJV_P: tl.constexpr = DJV if DJV >= 16 else 16
+    if DEV:
+        n = tl.load(len_ptr).to(tl.int32)
+        qk = _prefix(n, Rk, K_CH, K_G)
+        qv = _prefix(n, Rv, V_CH, V_G)
+    bh = tl.program_id(0)  # b * Hkv + kv head
+    sp = tl.program_id(1)
+    rep = Hq // Hkv
+    r = tl.arange(0, BLOCK_H)
+    jk = tl.arange(0, DJK_P)
+    jv = tl.arange(0, DJV_P)
+    mask_h = r < rep
+    q_rows = (bh // Hkv) * Hq + (bh % Hkv) * rep + r  # query heads h = kv head * rep + r
+    q_base = q_ptr + q_rows[:, None] * D
+    q_m = mask_h[:, None] & (jk[None, :] < DJK)
+    q0 = tl.load(q_base + (jk * NPK)[None, :], mask=q_m, other=0.0).to(tl.float32)
+    q1, q2, q3 = q0, q0, q0
+    if NPK > 1:
+        q1 = tl.load(q_base + (jk * NPK + 1)[None, :], mask=q_m, other=0.0).to(tl.float32)
+    if NPK > 2:
+        q2 = tl.load(q_base + (jk * NPK + 2)[None, :], mask=q_m, other=0.0).to(tl.float32)
+        q3 = tl.load(q_base + (jk * NPK + 3)[None, :], mask=q_m, other=0.0).to(tl.float32)
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc0 = tl.zeros((BLOCK_H, DJV_P), tl.float32)
+    acc1 = tl.zeros((BLOCK_H, DJV_P), tl.float32)
+    acc2 = tl.zeros((BLOCK_H, DJV_P), tl.float32)
+    acc3 = tl.zeros((BLOCK_H, DJV_P), tl.float32)
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, n)
+    mid = tl.maximum(tl.minimum(hi, tl.minimum(qk, qv) // BLOCK_N * BLOCK_N), lo)
+    for start in range(lo, mid, BLOCK_N):  # whole-code blocks: no mask on positions, no branch
+        pos = start + tl.arange(0, BLOCK_N)
+        kb = _bytes(kc, pos, jk, pos, cap, bh, DJK, DJK_P, True)
+        s = _scores_codes(q0, q1, q2, q3, kb, ks, kl, pos, start, jk, cap, bh, K_BITS, K_CH, K_G, K_SYM, D, NPK,
+                          DJK, BLOCK_N, PREC)  # fmt: skip
+        m_i, p, alpha, l_i = _online(s * sm_scale, m_i, l_i)
+        vb = _bytes(vc, pos, jv, pos, cap, bh, DJV, DJV_P, True)
+        acc0 = acc0 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 0, V_BITS, V_CH, V_G, V_SYM, D,
+                                                 NPV, DJV, PREC)  # fmt: skip
+        if NPV > 1:
+            acc1 = acc1 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 1, V_BITS, V_CH, V_G, V_SYM,
+                                                     D, NPV, DJV, PREC)  # fmt: skip
+        if NPV > 2:
+            acc2 = acc2 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 2, V_BITS, V_CH, V_G, V_SYM,
+                                                     D, NPV, DJV, PREC)  # fmt: skip
+            acc3 = acc3 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 3, V_BITS, V_CH, V_G, V_SYM,
+                                                     D, NPV, DJV, PREC)  # fmt: skip
+    for start in range(mid, hi, BLOCK_N):  # the rest: a prefix boundary, the window, the split's end
+        pos = start + tl.arange(0, BLOCK_N)
+        mask_n = pos < hi
+        kb = _bytes(kc, pos, jk, (pos < qk) & mask_n, cap, bh, DJK, DJK_P, False)
+        s = tl.zeros((BLOCK_H, BLOCK_N), tl.float32)
+        for e in tl.static_range(NPK):
+            k = _mixed_plane(kb, ks, kl, kw, pos, jk, mask_n, qk, cap, Wk, bh, e, K_BITS, K_CH, K_G, K_SYM, D, NPK,
+                             DJK, DEV)  # fmt: skip
+            s += tl.dot(_pick(e, q0, q1, q2, q3), tl.trans(k), input_precision=PREC)
+        s = tl.where(mask_n[None, :], s * sm_scale, float("-inf"))
+        m_i, p, alpha, l_i = _online(s, m_i, l_i)
+        vb = _bytes(vc, pos, jv, (pos < qv) & mask_n, cap, bh, DJV, DJV_P, False)
+        v = _mixed_plane(vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 0, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV,
+                         DEV)  # fmt: skip
+        acc0 = acc0 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+        if NPV > 1:
+            v = _mixed_plane(vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 1, V_BITS, V_CH, V_G, V_SYM, D, NPV,
+                             DJV, DEV)  # fmt: skip
+            acc1 = acc1 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+        if NPV > 2:
+            v = _mixed_plane(vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 2, V_BITS, V_CH, V_G, V_SYM, D, NPV,
+                             DJV, DEV)  # fmt: skip
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+            v = _mixed_plane(vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 3, V_BITS, V_CH, V_G, V_SYM, D, NPV,
+                             DJV, DEV)  # fmt: skip
+            acc3 = acc3 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+    row = (bh * n_splits + sp) * BLOCK_H + r
+    tl.store(m_ptr + row, m_i)
+    tl.store(l_ptr + row, l_i)
+    a_ptr = acc_ptr + row[:, None] * D_P + (jv * NPV)[None, :]
+    a_m = jv[None, :] < DJV
+    tl.store(a_ptr, acc0, mask=a_m)
+    if NPV > 1:
+        tl.store(a_ptr + 1, acc1, mask=a_m)
+    if NPV > 2:
+        tl.store(a_ptr + 2, acc2, mask=a_m)
+        tl.store(a_ptr + 3, acc3, mask=a_m)
+
+
+@triton.jit
 def _attn_kvq_combine_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, Hq, Hkv, n_splits,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -416,19 +576,28 @@ def _check(q: torch.Tensor, Hkv: int, n: int, block_n: int) -> None:
         raise ValueError(f"attn_kvq: block_n {block_n} must be a power of two >= 16")
 
 
+IMPLS = ("planes", "dequant")
+
+
+def _impl(impl: str | None) -> str:
+    """The kernel to run: `impl`, else $WORKBENCH_KVQ_IMPL, else "planes"."""
+    impl = impl or os.environ.get("WORKBENCH_KVQ_IMPL") or "planes"
+    if impl not in IMPLS:
+        raise ValueError(f"attn_kvq: kernel '{impl}' (choose {' or '.join(IMPLS)})")
+    return impl
+
+
 def _launch(
-    q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None, prec="tf32x3", fast=False
-):
+    q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None, prec="tf32x3", impl=None,
+    num_stages=None,
+):  # fmt: skip
     """Both kernels; n is the (host) number of positions, or the capacity when `length` holds it on device."""
     B, Hq, D = q.shape
     Hkv, cap = k["codes"].shape[1], k["codes"].shape[2]
     _check(q, Hkv, n, block_n)
     if v["codes"].shape[2] != cap:
         raise ValueError(f"attn_kvq: key capacity {cap} != value capacity {v['codes'].shape[2]}")
-    if fast and q.is_cuda and min(k["bits"], v["bits"]) < 8:
-        raise ValueError(
-            f"attn_kvq: fast=True with {k['bits']}/{v['bits']}-bit codes is wrong on CUDA (issue 17)"
-        )
+    kernel = _attn_kvq_planes_kernel if _impl(impl) == "planes" else _attn_kvq_split_kernel
     rep = Hq // Hkv
     block_h, d_p = max(16, triton.next_power_of_2(rep)), max(16, D)  # tl.dot wants >= 16 rows and columns
     splits = n_splits or _n_splits(n, B * Hkv, q.device, block_n)
@@ -445,7 +614,10 @@ def _launch(
 
     kw, vw = win(k), win(v)
     dev = length is not None
-    _attn_kvq_split_kernel[(B * Hkv, splits)](
+    opts = {"num_warps": num_warps or (4 if d_p * block_n <= 4096 else 8)}
+    if num_stages:
+        opts["num_stages"] = num_stages
+    kernel[(B * Hkv, splits)](
         q.contiguous(), m, l_sum, acc,
         k["codes"], k["scale"], k["lo"] if k["lo"] is not None else k["scale"], kw,
         v["codes"], v["scale"], v["lo"] if v["lo"] is not None else v["scale"], vw,
@@ -453,22 +625,30 @@ def _launch(
         length if dev else k["codes"], k.get("residual", 0), v.get("residual", 0),
         k["bits"], k["per_channel"], k["group"], k["lo"] is None,
         v["bits"], v["per_channel"], v["group"], v["lo"] is None,
-        D, d_p, block_n, block_h, dev, prec, fast, num_warps=num_warps or (4 if d_p * block_n <= 4096 else 8),
+        D, d_p, block_n, block_h, dev, prec, **opts,
     )  # fmt: skip
     _attn_kvq_combine_kernel[(B * Hq,)](m, l_sum, acc, out, Hq, Hkv, splits, D, d_p, block_h, 16, num_warps=4)
     return out
 
 
 def attn_kvq(
-    q: torch.Tensor, k: dict, v: dict, n: int, sm_scale: float, block_n: int = 64, n_splits: int | None = None
+    q: torch.Tensor,
+    k: dict,
+    v: dict,
+    n: int,
+    sm_scale: float,
+    block_n: int = 64,
+    n_splits: int | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over n cached positions; returns float32 [B, Hq, D].
 
     k / v: {"codes", "scale", "lo" (None: symmetric), "window" [B, Hkv, W, D], "q" (quantized prefix),
     "bits" (2, 4, 8), "per_channel" (bool), "group" (G)} as `QuantKVSide.kernel_args()` gives them.
     n_splits: how many programs share one kv head's positions (None: from the SM count and n).
+    impl: "planes" (`_attn_kvq_planes_kernel`, the default) or "dequant" (`_attn_kvq_split_kernel`).
     """
-    return _launch(q, k, v, n, k["q"], v["q"], sm_scale, block_n, n_splits)
+    return _launch(q, k, v, n, k["q"], v["q"], sm_scale, block_n, n_splits, impl=impl)
 
 
 def attn_kvq_static(
@@ -481,7 +661,8 @@ def attn_kvq_static(
     n_splits: int | None = None,
     num_warps: int | None = None,
     precision: str = "tf32x3",
-    fast: bool = False,
+    impl: str | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """`attn_kvq` with the length on the device (int64 [1]): one launch serves every step of a CUDA graph.
 
@@ -490,11 +671,9 @@ def attn_kvq_static(
     from the length in the kernel. The grid covers the capacity; splits past the length do no work.
     precision: the tl.dot input precision, "tf32x3" (float32-accurate, the default) or "tf32" (one MMA
     pass, 10-bit mantissas: for timing the cost of exactness; not checked against the twin at 1e-4).
-    fast: whole-code blocks take the branch-free loop with the scales on q / p (`_fast_scores`). Opt-in:
-    on the H200 (2026-12-02) it matched the twin for int8 keys and values only; with int4 / int2 codes on
-    either side it gave wrong results (RESULTS.md, issue 17), so CUDA refuses it for those.
+    impl / num_stages: the kernel (see `attn_kvq`) and Triton's software-pipelining depth (None: its default).
     """
     if precision not in ("tf32x3", "tf32"):
         raise ValueError(f"attn_kvq_static: precision '{precision}' (choose tf32x3 or tf32)")
     cap = k["codes"].shape[2]
-    return _launch(q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision, fast)
+    return _launch(q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision, impl, num_stages)

@@ -204,27 +204,37 @@ def test_generate_command_with_a_kv_plan(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kspec,vspec",
-    [("int8_ch_g32", "int8_tok"), ("int4_ch_g32_r8_sym", "int4_tok_r8_sym"), ("int8_ch_g16", "int2_tok_g8")],
+    "kspec,vspec,D",
+    [
+        ("int8_ch_g32", "int8_tok", 16),  # scales onto q and p, int8: one plane
+        ("int4_ch_g32_r8_sym", "int4_tok_r8_sym", 16),  # 8 bytes per row: planes padded to 16 columns
+        ("int8_ch_g16", "int2_tok_g8", 16),  # per-element value scales (G < D)
+        ("int4_ch_g16", "int4_tok", 64),  # two planes of 32 channels
+        ("int2_ch_g32_r4", "int2_tok_r4", 64),  # four planes of 16 channels
+        ("int4_ch_g8", "int8_tok_g16", 32),  # key group < BLOCK_N: per-element key scales
+    ],
 )
-def test_fast_loop_split_path_matches_slow(kspec, vspec):
-    """The branch-free whole-code loop (scales on q / p) over splits == the general loop and the twin."""
+def test_planes_kernel_matches_dequant_kernel_and_twin(kspec, vspec, D):
+    """The bit-plane kernel over splits == the dequantizing kernel == the cache's own dequantized values."""
     cap, n = 128, 100
-    sides = [StaticKVSide(s, 2, 16, cap, torch.bfloat16, DEV) for s in (kspec, vspec)]
+    sides = [StaticKVSide(s, 2, D, cap, torch.bfloat16, DEV) for s in (kspec, vspec)]
     for i, sd in enumerate(sides):
-        sd.fill(_rows(n, seed=7 * i))
-    q = torch.randn(1, 8, 16, device=DEV)
+        sd.fill(_rows(n, D=D, seed=7 * i))
+    q = torch.randn(1, 8, D, device=DEV)
     length = torch.tensor([n], device=DEV)
     ka, va = (sd.kernel_args() for sd in sides)
-    if CUDA and min(ka["bits"], va["bits"]) < 8:  # wrong on the H200 (2026-12-02): refused there
-        with pytest.raises(ValueError, match="wrong on CUDA"):
-            attn_kvq_static(q, ka, va, length, 0.25, block_n=16, fast=True)
-        return
-    fast = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, fast=True)
-    slow = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3)
-    one = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=1, fast=True)
+    planes = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, impl="planes")
+    dequant = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, impl="dequant")
+    one = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=1, impl="planes")
     K, V = (s.values(length)[0, :, :n].repeat_interleave(4, 0) for s in sides)
     direct = (torch.softmax(q[0, :, None] @ K.transpose(-1, -2) * 0.25, -1) @ V)[:, 0]
-    torch.testing.assert_close(fast[0], direct, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fast, one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(planes[0], direct, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(planes, dequant, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(planes, one, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_kernel_is_refused():
+    sides = [StaticKVSide(s, 2, 16, 64, torch.bfloat16, DEV) for s in ("int8_ch_g16", "int8_tok")]
+    with pytest.raises(ValueError, match="kernel 'fast' \\(choose planes or dequant\\)"):
+        attn_kvq_static(torch.randn(1, 4, 16, device=DEV), *(sd.kernel_args() for sd in sides),
+                        torch.tensor([5], device=DEV), 0.25, impl="fast")  # fmt: skip
