@@ -32,10 +32,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SPECS = {"bf16": None, "int8": ("int8_ch_r32", "int8_tok_r32"), "int4": ("int4_ch_r32", "int4_tok_r32")}
-# per-layer sweep: (kernel, BLOCK_N, num_warps, num_stages (None: Triton's), n_splits (None: from the SM count))
-SWEEP = [("dequant", bn, nw, None, None) for bn, nw in [(32, 4), (64, 4), (64, 8)]] + [
-    ("planes", bn, nw, st, None) for bn, nw in [(16, 4), (32, 4), (32, 2), (64, 4), (64, 8)] for st in (None, 1, 3)
-] + [("planes", 32, 4, None, sp) for sp in (33, 132, 264)]
+# per-layer sweep: (kernel, BLOCK_N, num_warps, num_stages (None: Triton's), n_splits (None: from the SM count),
+# dot precision)
+SWEEP = (
+    [("dequant", bn, nw, None, None, "tf32x3") for bn, nw in [(32, 4), (64, 4), (64, 8)]]
+    + [("planes", bn, nw, st, None, "tf32x3") for bn, nw in [(16, 4), (32, 4), (64, 4), (64, 8)] for st in (None, 1, 3)]
+    + [("planes", bn, nw, None, None, "tf32") for bn, nw in [(16, 4), (32, 4), (64, 8)]]
+    + [("planes", 32, 4, None, sp, "tf32x3") for sp in (33, 132, 264)]
+)
 
 
 def _kv(n_blocks: int, cache: str) -> dict:
@@ -148,14 +152,14 @@ def per_layer(shape: dict, contexts: list[int], dev: str, reps: int) -> list[dic
                 sd.fill(torch.randn(hkv, ctx, d, device=dev))
             ka, va = (sd.kernel_args() for sd in sides)
             ref = attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=64, num_warps=4, impl="dequant")
-            for impl, bn, nw, st, splits in SWEEP:
+            for impl, bn, nw, st, splits, prec in SWEEP:
 
-                def fn(impl=impl, bn=bn, nw=nw, st=st, splits=splits):
+                def fn(impl=impl, bn=bn, nw=nw, st=st, splits=splits, prec=prec):
                     return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=bn, num_warps=nw,
-                                           impl=impl, num_stages=st, n_splits=splits)  # fmt: skip
+                                           impl=impl, num_stages=st, n_splits=splits, precision=prec)  # fmt: skip
 
                 row = {"cache": cache, "context": ctx, "impl": impl, "block_n": bn, "num_warps": nw,
-                       "num_stages": st, "n_splits": splits}  # fmt: skip
+                       "num_stages": st, "n_splits": splits, "precision": prec}  # fmt: skip
                 try:  # a launch that does not fit (shared memory, registers) is a result, not a crash
                     row["max_abs_diff_vs_dequant_64_4"] = (fn() - ref).abs().max().item()
                     row["ms"] = _graph_time(fn, reps) * 1e3

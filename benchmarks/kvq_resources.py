@@ -19,9 +19,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def resources(bits: int, block_n: int, warps: int, dev: bool = True, prec: str = "tf32x3") -> dict:
-    """Registers, spill stack bytes and HMMA instructions of the kernel compiled for sm_90 (dev: the
-    device-length variant `attn_kvq_static` launches, ring windows)."""
+def resources(
+    bits: int, block_n: int, warps: int, dev: bool = True, prec: str = "tf32x3", impl: str = "planes", stages=None
+) -> dict:
+    """Registers, spill stack bytes, shared memory and HMMA instructions of the kernel `impl` compiled for
+    sm_90 (dev: the device-length variant `attn_kvq_static` launches, ring windows)."""
     from workbench.kernels import attn_kvq as A
 
     sig = {p: "*fp32" for p in ("q_ptr", "m_ptr", "l_ptr", "acc_ptr")}
@@ -34,8 +36,9 @@ def resources(bits: int, block_n: int, warps: int, dev: bool = True, prec: str =
     const = dict(K_BITS=bits, K_CH=True, K_G=32, K_SYM=False, V_BITS=bits, V_CH=False, V_G=128, V_SYM=False)
     const.update(D=128, D_P=128, BLOCK_N=block_n, BLOCK_H=16, DEV=dev, PREC=prec)
     sig.update({k: "constexpr" for k in const})
-    src = ASTSource(fn=A._attn_kvq_split_kernel, signature=sig, constexprs=const)
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": warps})
+    fn = A._attn_kvq_planes_kernel if impl == "planes" else A._attn_kvq_split_kernel
+    opts = {"num_warps": warps} | ({"num_stages": stages} if stages else {})
+    ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 64), options=opts)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
@@ -46,17 +49,18 @@ def resources(bits: int, block_n: int, warps: int, dev: bool = True, prec: str =
         "regs": int(re.search(r"REG:(\d+)", res).group(1)),
         "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
         "hmma": sass.count("HMMA"),
+        "smem": ck.metadata.shared,
     }
 
 
 def main() -> None:
     print(f"triton {triton.__version__}, sm_90, D=128")
-    for bits in (4, 8):
-        for block_n, warps in ((32, 4), (64, 4), (64, 8), (128, 8)):
-            for prec in ("tf32x3", "tf32"):
-                r = resources(bits, block_n, warps, prec=prec)
-                cfg = f"int{bits} BLOCK_N={block_n:3d} warps={warps} {prec:6s}"
-                print(f"{cfg}: {r['regs']} regs, stack {r['stack']} B, {r['hmma']} HMMA")
+    for impl in ("planes", "dequant"):
+        for bits in (4, 8):
+            for block_n, warps in ((32, 4), (64, 4), (64, 8)):
+                r = resources(bits, block_n, warps, impl=impl)
+                cfg = f"{impl:7s} int{bits} BLOCK_N={block_n:3d} warps={warps}"
+                print(f"{cfg}: {r['regs']} regs, stack {r['stack']} B, smem {r['smem']} B, {r['hmma']} HMMA")
 
 
 if __name__ == "__main__":

@@ -289,21 +289,24 @@ def _attn_kvq_split_kernel(
 def _pick(e: tl.constexpr, a0, a1, a2, a3):
     """The e-th of four values (e a constexpr: resolved at compile time)."""
     if e == 0:
-        return a0
+        x = a0
     elif e == 1:
-        return a1
+        x = a1
     elif e == 2:
-        return a2
+        x = a2
     else:
-        return a3
+        x = a3
+    return x
 
 
 @triton.jit
 def _plane(byte, e: tl.constexpr, BITS: tl.constexpr):
     """float32 codes of bit plane e of bytes [BLOCK_N, DJ]: channel j * (8 / BITS) + e of each byte j."""
     if BITS == 8:
-        return byte.to(tl.float32)
-    return ((byte >> (e * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+        x = byte.to(tl.float32)
+    else:
+        x = ((byte >> (e * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -311,13 +314,14 @@ def _bytes(codes_ptr, pos, j, ok, cap, bh, DJ: tl.constexpr, DJ_P: tl.constexpr,
     """int32 code bytes [BLOCK_N, DJ_P] of positions `pos` (rows of DJ bytes); 0 where not `ok` [BLOCK_N].
 
     ALL: every position is valid (`ok` unused), so a row of DJ = DJ_P bytes loads without a mask.
+    (No code may follow a return under a constexpr `if` here: Triton's code generator still compiles it.)
     """
     ptr = codes_ptr + _base(bh, cap * DJ) + pos[:, None] * DJ + j[None, :]
-    if ALL:
-        if DJ == DJ_P:
-            return tl.load(ptr).to(tl.int32)
-        return tl.load(ptr, mask=(j[None, :] < DJ) & (pos[:, None] >= 0), other=0).to(tl.int32)
-    return tl.load(ptr, mask=ok[:, None] & (j[None, :] < DJ), other=0).to(tl.int32)
+    if ALL and DJ == DJ_P:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=ok[:, None] & (j[None, :] < DJ), other=0)
+    return x.to(tl.int32)
 
 
 @triton.jit
@@ -333,8 +337,10 @@ def _deq_plane(
         off = _base(bh, cap * (D // G)) + pos[:, None] * (D // G) + c[None, :] // G
     scale = tl.load(scale_ptr + off, mask=m, other=0.0).to(tl.float32)
     if SYM:
-        return (code - (1 << (BITS - 1))) * scale
-    return code * scale + tl.load(lo_ptr + off, mask=m, other=0.0).to(tl.float32)
+        x = (code - (1 << (BITS - 1))) * scale
+    else:
+        x = code * scale + tl.load(lo_ptr + off, mask=m, other=0.0).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -379,12 +385,13 @@ def _scores_codes(
                 bias -= (1 << (BITS - 1)) * tl.sum(qs, 1)
             else:
                 bias += tl.sum(qe * tl.load(kl + s_off + j * NP + e, mask=mj, other=0.0).to(tl.float32)[None, :], 1)
-        return s + bias[:, None]
-    m = (pos >= 0)[:, None] & mj[None, :]
-    s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
-    for e in tl.static_range(NP):
-        k = _deq_plane(_plane(byte, e, BITS), ks, kl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP)
-        s += tl.dot(_pick(e, q0, q1, q2, q3), tl.trans(k), input_precision=PREC)
+        s += bias[:, None]
+    else:
+        m = (pos >= 0)[:, None] & mj[None, :]
+        s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
+        for e in tl.static_range(NP):
+            k = _deq_plane(_plane(byte, e, BITS), ks, kl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP)
+            s += tl.dot(_pick(e, q0, q1, q2, q3), tl.trans(k), input_precision=PREC)
     return s
 
 
@@ -402,11 +409,14 @@ def _pv_codes(
         ps = p * tl.load(vs + _base(bh, cap) + pos).to(tl.float32)[None, :]
         pv = _dot_int(ps, _plane(byte, e, BITS), PREC)
         if SYM:
-            return pv - (1 << (BITS - 1)) * tl.sum(ps, 1)[:, None]
-        return pv + tl.sum(p * tl.load(vl + _base(bh, cap) + pos).to(tl.float32)[None, :], 1)[:, None]
-    m = (pos >= 0)[:, None] & (j[None, :] < DJ)
-    v = _deq_plane(_plane(byte, e, BITS), vs, vl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP)
-    return tl.dot(p, v, input_precision=PREC)
+            pv -= (1 << (BITS - 1)) * tl.sum(ps, 1)[:, None]
+        else:
+            pv += tl.sum(p * tl.load(vl + _base(bh, cap) + pos).to(tl.float32)[None, :], 1)[:, None]
+    else:
+        m = (pos >= 0)[:, None] & (j[None, :] < DJ)
+        v = _deq_plane(_plane(byte, e, BITS), vs, vl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP)
+        pv = tl.dot(p, v, input_precision=PREC)
+    return pv
 
 
 @triton.jit
@@ -475,11 +485,11 @@ def _attn_kvq_planes_kernel(
     mid = tl.maximum(tl.minimum(hi, tl.minimum(qk, qv) // BLOCK_N * BLOCK_N), lo)
     for start in range(lo, mid, BLOCK_N):  # whole-code blocks: no mask on positions, no branch
         pos = start + tl.arange(0, BLOCK_N)
-        kb = _bytes(kc, pos, jk, pos, cap, bh, DJK, DJK_P, True)
+        kb = _bytes(kc, pos, jk, pos >= 0, cap, bh, DJK, DJK_P, True)
         s = _scores_codes(q0, q1, q2, q3, kb, ks, kl, pos, start, jk, cap, bh, K_BITS, K_CH, K_G, K_SYM, D, NPK,
                           DJK, BLOCK_N, PREC)  # fmt: skip
         m_i, p, alpha, l_i = _online(s * sm_scale, m_i, l_i)
-        vb = _bytes(vc, pos, jv, pos, cap, bh, DJV, DJV_P, True)
+        vb = _bytes(vc, pos, jv, pos >= 0, cap, bh, DJV, DJV_P, True)
         acc0 = acc0 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 0, V_BITS, V_CH, V_G, V_SYM, D,
                                                  NPV, DJV, PREC)  # fmt: skip
         if NPV > 1:
