@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SPECS = {"bf16": None, "int8": ("int8_ch_r32", "int8_tok_r32"), "int4": ("int4_ch_r32", "int4_tok_r32")}
 # per-layer sweep: (kernel, BLOCK_N, num_warps, num_stages (None: Triton's), n_splits (None: from the SM count),
 # dot precision)
-SWEEP = (
-    [("dequant", bn, nw, None, None, "tf32x3") for bn, nw in [(32, 4), (64, 4), (64, 8)]]
-    + [("planes", bn, nw, st, None, "tf32x3") for bn, nw in [(16, 4), (32, 4), (64, 4), (64, 8)] for st in (None, 1, 3)]
-    + [("planes", bn, nw, None, None, "tf32") for bn, nw in [(16, 4), (32, 4), (64, 8)]]
-    + [("planes", 32, 4, None, sp, "tf32x3") for sp in (33, 132, 264)]
-)
+SWEEP = [("dequant", bn, nw, None, None, "tf32x3") for bn, nw in [(32, 4), (64, 4)]] + [
+    ("planes", bn, nw, st, sp, prec)
+    for prec in ("tf32x3", "fp16x2", "tf32")
+    for bn, nw, st in [(16, 4, None), (32, 4, None), (32, 4, 1), (64, 4, 1)]
+    for sp in (None, 16, 33)
+]
 
 
 def _kv(n_blocks: int, cache: str) -> dict:
@@ -166,8 +166,11 @@ def per_layer(shape: dict, contexts: list[int], dev: str, reps: int) -> list[dic
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                 rows.append(row)
-            rows.append(_one_pass_row(q, ka, va, length, d, cache, ctx, reps))
-        print(json.dumps(rows[-2 * len(SWEEP) - 3 :]), flush=True)
+                print(json.dumps(row), flush=True)
+            try:
+                rows.append(_one_pass_row(q, ka, va, length, d, cache, ctx, reps))
+            except Exception as e:
+                rows.append({"cache": cache, "context": ctx, "precision": "tf32", "error": f"{type(e).__name__}: {e}"[:200]})
     return rows
 
 
@@ -233,7 +236,7 @@ def main() -> int:
     if not a.skip_layer:
         res["per_layer"] = per_layer(shape, contexts, dev, 2 if a.small else a.reps)
         out.write_text(json.dumps(res, indent=1))
-    for weights in a.weights.split(","):
+    for weights in filter(None, a.weights.split(",")):  # --weights "": the per-layer part only
         model = _model(cfg, weights, dev)
         fm = FastModel(model)
         for ctx in contexts:

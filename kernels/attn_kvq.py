@@ -166,17 +166,25 @@ def _load_side(
 
 
 @triton.jit
-def _dot_int(a, b, PREC: tl.constexpr):
-    """a @ b for b holding small integer codes (exact in tf32): tf32x3 accuracy from two tf32 passes.
+def _dot_codes(a, code, PREC: tl.constexpr):
+    """a (float32) @ code (small unsigned integer codes, exact in tf32 and fp16) with float32 accumulation.
 
-    a = hi + rest with hi a's top 10 mantissa bits; both halves meet exact codes, so only rest's rounding
-    (~2^-21 relative) is lost. PREC "tf32": one pass.
+    "tf32x3": a = hi + rest with hi a's top 10 mantissa bits, two tf32 passes; only rest's rounding (~2^-21
+    relative) is lost. "fp16x2": the same split into two fp16 halves against fp16 codes (half the operand
+    registers, the fp16 MMA; rest below fp16's normal range loses bits: ~2^-22 of a's row scale). "tf32": one
+    pass (10-bit mantissas).
     """
-    if PREC == "tf32x3":
+    if PREC == "fp16x2":
+        b = code.to(tl.float16)
+        hi = a.to(tl.float16)
+        x = tl.dot(hi, b, out_dtype=tl.float32) + tl.dot((a - hi.to(tl.float32)).to(tl.float16), b, out_dtype=tl.float32)
+    elif PREC == "tf32x3":
+        b = code.to(tl.float32)
         hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-        return tl.dot(hi, b, input_precision="tf32") + tl.dot(a - hi, b, input_precision="tf32")
+        x = tl.dot(hi, b, input_precision="tf32") + tl.dot(a - hi, b, input_precision="tf32")
     else:
-        return tl.dot(a, b, input_precision=PREC)
+        x = tl.dot(a, code.to(tl.float32), input_precision=PREC)
+    return x
 
 
 @triton.jit
@@ -301,17 +309,17 @@ def _pick(e: tl.constexpr, a0, a1, a2, a3):
 
 @triton.jit
 def _plane(byte, e: tl.constexpr, BITS: tl.constexpr):
-    """float32 codes of bit plane e of bytes [BLOCK_N, DJ]: channel j * (8 / BITS) + e of each byte j."""
+    """Integer codes of bit plane e of bytes [BLOCK_N, DJ] (uint8): channel j * (8 / BITS) + e of byte j."""
     if BITS == 8:
-        x = byte.to(tl.float32)
+        x = byte
     else:
-        x = ((byte >> (e * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+        x = (byte >> (e * BITS)) & ((1 << BITS) - 1)
     return x
 
 
 @triton.jit
 def _bytes(codes_ptr, pos, j, ok, cap, bh, DJ: tl.constexpr, DJ_P: tl.constexpr, ALL: tl.constexpr):
-    """int32 code bytes [BLOCK_N, DJ_P] of positions `pos` (rows of DJ bytes); 0 where not `ok` [BLOCK_N].
+    """uint8 code bytes [BLOCK_N, DJ_P] of positions `pos` (rows of DJ bytes); 0 where not `ok` [BLOCK_N].
 
     ALL: every position is valid (`ok` unused), so a row of DJ = DJ_P bytes loads without a mask.
     (No code may follow a return under a constexpr `if` here: Triton's code generator still compiles it.)
@@ -321,7 +329,7 @@ def _bytes(codes_ptr, pos, j, ok, cap, bh, DJ: tl.constexpr, DJ_P: tl.constexpr,
         x = tl.load(ptr)
     else:
         x = tl.load(ptr, mask=ok[:, None] & (j[None, :] < DJ), other=0)
-    return x.to(tl.int32)
+    return x
 
 
 @triton.jit
@@ -330,6 +338,7 @@ def _deq_plane(
     G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
 ):  # fmt: skip
     """Plane e's codes [BLOCK_N, DJ_P] dequantized with their own scale (and minimum); 0 where not m."""
+    code = code.to(tl.float32)
     c = j * NP + e  # the channel of each plane column
     if PER_CHANNEL:
         off = _base(bh, (cap // G) * D) + (pos[:, None] // G) * D + c[None, :]
@@ -364,7 +373,7 @@ def _mixed_plane(
 def _scores_codes(
     q0, q1, q2, q3, byte, ks, kl, pos, start, j, cap, bh, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
     G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, DJ: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, CPREC: tl.constexpr,
 ):  # fmt: skip
     """q . keys of a whole-code block at `start` -> [BLOCK_H, BLOCK_N], q given as its NP channel planes.
 
@@ -380,7 +389,7 @@ def _scores_codes(
         for e in tl.static_range(NP):
             qe = _pick(e, q0, q1, q2, q3)
             qs = qe * tl.load(ks + s_off + j * NP + e, mask=mj, other=0.0).to(tl.float32)[None, :]
-            s += _dot_int(qs, tl.trans(_plane(byte, e, BITS)), PREC)
+            s += _dot_codes(qs, tl.trans(_plane(byte, e, BITS)), CPREC)
             if SYM:
                 bias -= (1 << (BITS - 1)) * tl.sum(qs, 1)
             else:
@@ -399,6 +408,7 @@ def _scores_codes(
 def _pv_codes(
     p, byte, vs, vl, pos, j, cap, bh, e: tl.constexpr, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
     G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, DJ: tl.constexpr, PREC: tl.constexpr,
+    CPREC: tl.constexpr,
 ):  # fmt: skip
     """p [BLOCK_H, BLOCK_N] @ plane e of a whole-code value block -> [BLOCK_H, DJ_P].
 
@@ -407,7 +417,7 @@ def _pv_codes(
     """
     if (not PER_CHANNEL) and G == D:
         ps = p * tl.load(vs + _base(bh, cap) + pos).to(tl.float32)[None, :]
-        pv = _dot_int(ps, _plane(byte, e, BITS), PREC)
+        pv = _dot_codes(ps, _plane(byte, e, BITS), CPREC)
         if SYM:
             pv -= (1 << (BITS - 1)) * tl.sum(ps, 1)[:, None]
         else:
@@ -436,7 +446,7 @@ def _attn_kvq_planes_kernel(
     K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
     V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    DEV: tl.constexpr, PREC: tl.constexpr,
+    DEV: tl.constexpr, PREC: tl.constexpr, CPREC: tl.constexpr,
 ):  # fmt: skip
     """`_attn_kvq_split_kernel`'s job with the codes kept in bit planes: no unpacking join, no branch per block.
 
@@ -486,20 +496,20 @@ def _attn_kvq_planes_kernel(
     for start in range(lo, mid, BLOCK_N):  # whole-code blocks: no mask on positions, no branch
         pos = start + tl.arange(0, BLOCK_N)
         kb = _bytes(kc, pos, jk, pos >= 0, cap, bh, DJK, DJK_P, True)
+        vb = _bytes(vc, pos, jv, pos >= 0, cap, bh, DJV, DJV_P, True)  # both loads in flight at once
         s = _scores_codes(q0, q1, q2, q3, kb, ks, kl, pos, start, jk, cap, bh, K_BITS, K_CH, K_G, K_SYM, D, NPK,
-                          DJK, BLOCK_N, PREC)  # fmt: skip
+                          DJK, BLOCK_N, PREC, CPREC)  # fmt: skip
         m_i, p, alpha, l_i = _online(s * sm_scale, m_i, l_i)
-        vb = _bytes(vc, pos, jv, pos >= 0, cap, bh, DJV, DJV_P, True)
         acc0 = acc0 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 0, V_BITS, V_CH, V_G, V_SYM, D,
-                                                 NPV, DJV, PREC)  # fmt: skip
+                                                 NPV, DJV, PREC, CPREC)  # fmt: skip
         if NPV > 1:
             acc1 = acc1 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 1, V_BITS, V_CH, V_G, V_SYM,
-                                                     D, NPV, DJV, PREC)  # fmt: skip
+                                                     D, NPV, DJV, PREC, CPREC)  # fmt: skip
         if NPV > 2:
             acc2 = acc2 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 2, V_BITS, V_CH, V_G, V_SYM,
-                                                     D, NPV, DJV, PREC)  # fmt: skip
+                                                     D, NPV, DJV, PREC, CPREC)  # fmt: skip
             acc3 = acc3 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 3, V_BITS, V_CH, V_G, V_SYM,
-                                                     D, NPV, DJV, PREC)  # fmt: skip
+                                                     D, NPV, DJV, PREC, CPREC)  # fmt: skip
     for start in range(mid, hi, BLOCK_N):  # the rest: a prefix boundary, the window, the split's end
         pos = start + tl.arange(0, BLOCK_N)
         mask_n = pos < hi
@@ -587,6 +597,7 @@ def _check(q: torch.Tensor, Hkv: int, n: int, block_n: int) -> None:
 
 
 IMPLS = ("planes", "dequant")
+PRECISIONS = ("tf32x3", "tf32", "fp16x2")
 
 
 def _impl(impl: str | None) -> str:
@@ -607,7 +618,12 @@ def _launch(
     _check(q, Hkv, n, block_n)
     if v["codes"].shape[2] != cap:
         raise ValueError(f"attn_kvq: key capacity {cap} != value capacity {v['codes'].shape[2]}")
-    kernel = _attn_kvq_planes_kernel if _impl(impl) == "planes" else _attn_kvq_split_kernel
+    if _impl(impl) == "planes":  # general dots / dots against exact codes
+        kernel, precs = _attn_kvq_planes_kernel, ("tf32x3" if prec == "fp16x2" else prec, prec)
+    elif prec == "fp16x2":
+        raise ValueError("attn_kvq: precision fp16x2 needs the planes kernel")
+    else:
+        kernel, precs = _attn_kvq_split_kernel, (prec,)
     rep = Hq // Hkv
     block_h, d_p = max(16, triton.next_power_of_2(rep)), max(16, D)  # tl.dot wants >= 16 rows and columns
     splits = n_splits or _n_splits(n, B * Hkv, q.device, block_n)
@@ -635,7 +651,7 @@ def _launch(
         length if dev else k["codes"], k.get("residual", 0), v.get("residual", 0),
         k["bits"], k["per_channel"], k["group"], k["lo"] is None,
         v["bits"], v["per_channel"], v["group"], v["lo"] is None,
-        D, d_p, block_n, block_h, dev, prec, **opts,
+        D, d_p, block_n, block_h, dev, *precs, **opts,
     )  # fmt: skip
     _attn_kvq_combine_kernel[(B * Hq,)](m, l_sum, acc, out, Hq, Hkv, splits, D, d_p, block_h, 16, num_warps=4)
     return out
@@ -683,7 +699,7 @@ def attn_kvq_static(
     pass, 10-bit mantissas: for timing the cost of exactness; not checked against the twin at 1e-4).
     impl / num_stages: the kernel (see `attn_kvq`) and Triton's software-pipelining depth (None: its default).
     """
-    if precision not in ("tf32x3", "tf32"):
-        raise ValueError(f"attn_kvq_static: precision '{precision}' (choose tf32x3 or tf32)")
+    if precision not in PRECISIONS:
+        raise ValueError(f"attn_kvq_static: precision '{precision}' (choose {', '.join(PRECISIONS)})")
     cap = k["codes"].shape[2]
     return _launch(q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision, impl, num_stages)

@@ -29,7 +29,7 @@ from workbench.runtime.kvstatic import StaticKVSide, static_reason
 PREFILL_ROWS = 256  # query rows per chunk of the masked prefill attention (memory: Hq x rows x T floats)
 # (BLOCK_N, num_warps) of the decode kernel: the fastest inside a CUDA graph on the H200 at 32k, int8 and
 # int4 (0.135 / 0.128 ms vs 0.167 / 0.175 for the launcher's 64 / 8; benchmarks/bench_kv_step_h200.json)
-LAUNCH = (64, 4)
+LAUNCH = (32, 4)
 
 
 @dataclass(eq=False)
