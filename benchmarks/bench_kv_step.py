@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SPECS = {"bf16": None, "int8": ("int8_ch_r32", "int8_tok_r32"), "int4": ("int4_ch_r32", "int4_tok_r32")}
-# per-layer sweep: (kernel, BLOCK_N, num_warps, num_stages (None: Triton's), n_splits (None: from the SM count),
+# per-layer sweep: (kernel, BLOCK_N, num_warps, num_stages (None: Triton's), n_splits (None: from the
+# SM count),
 # dot precision)
 SWEEP = [("dequant", bn, nw, None, None, "tf32x3") for bn, nw in [(32, 4), (64, 4)]] + [
     ("planes", bn, nw, st, sp, prec)
@@ -129,12 +130,11 @@ def _graph_time(fn, reps: int, inner: int = 20) -> float:
     return _time(g.replay, reps) / inner
 
 
-def per_layer(shape: dict, contexts: list[int], dev: str, reps: int) -> list[dict]:
+def per_layer(shape: dict, contexts: list[int], dev: str, reps: int, sweep: bool = True) -> list[dict]:
     """One layer's decode attention at each context, timed inside a CUDA graph (module docstring)."""
     from workbench.kernels.attn_kvq import attn_kvq_static
 
     from workbench.runtime.attention import decode_attention
-    from workbench.runtime.fastkv import LAUNCH
     from workbench.runtime.kvstatic import StaticKVSide
 
     hq, hkv, d = shape["hq"], shape["hkv"], shape["d"]
@@ -152,11 +152,11 @@ def per_layer(shape: dict, contexts: list[int], dev: str, reps: int) -> list[dic
                 sd.fill(torch.randn(hkv, ctx, d, device=dev))
             ka, va = (sd.kernel_args() for sd in sides)
             ref = attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=64, num_warps=4, impl="dequant")
-            for impl, bn, nw, st, splits, prec in SWEEP:
+            for impl, bn, nw, st, splits, prec in SWEEP if sweep else SWEEP[1:2]:
 
                 def fn(impl=impl, bn=bn, nw=nw, st=st, splits=splits, prec=prec):
-                    return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=bn, num_warps=nw,
-                                           impl=impl, num_stages=st, n_splits=splits, precision=prec)  # fmt: skip
+                    kw = {"impl": impl, "num_stages": st, "n_splits": splits, "precision": prec}
+                    return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=bn, num_warps=nw, **kw)
 
                 row = {"cache": cache, "context": ctx, "impl": impl, "block_n": bn, "num_warps": nw,
                        "num_stages": st, "n_splits": splits, "precision": prec}  # fmt: skip
@@ -170,23 +170,33 @@ def per_layer(shape: dict, contexts: list[int], dev: str, reps: int) -> list[dic
             try:
                 rows.append(_one_pass_row(q, ka, va, length, d, cache, ctx, reps))
             except Exception as e:
-                rows.append({"cache": cache, "context": ctx, "precision": "tf32", "error": f"{type(e).__name__}: {e}"[:200]})
+                rows.append(
+                    {
+                        "cache": cache,
+                        "context": ctx,
+                        "precision": "tf32",
+                        "error": f"{type(e).__name__}: {e}"[:200],
+                    }
+                )
     return rows
 
 
 def _one_pass_row(q, ka, va, length, d: int, cache: str, ctx: int, reps: int) -> dict:
-    """The default launch with one-pass tf32 dots: time, and the max abs difference to tf32x3."""
+    """The decoder's launch (`fastkv.LAUNCH`, `kernel_splits`) with one-pass tf32 dots (its bf16 setting):
+    time, and the max abs difference to the same launch with tf32x3."""
     from workbench.kernels.attn_kvq import attn_kvq_static
-    from workbench.runtime.fastkv import LAUNCH
+
+    from workbench.runtime.fastkv import LAUNCH, kernel_splits
+
+    splits = kernel_splits(q, ka["codes"].shape[1])
 
     def fn(prec="tf32"):
-        return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=bn, num_warps=nw, precision=prec)
+        return attn_kvq_static(q[None], ka, va, length, d**-0.5, n_splits=splits, precision=prec, **LAUNCH)
 
-    bn, nw = LAUNCH
     err = (fn() - fn("tf32x3")).abs().max().item()
     t = _graph_time(fn, reps)
-    return {"cache": cache, "context": ctx, "block_n": bn, "num_warps": nw, "precision": "tf32", "ms": t * 1e3,
-            "max_abs_diff_vs_tf32x3": err}  # fmt: skip
+    row = {"cache": cache, "context": ctx, **LAUNCH, "n_splits": splits, "precision": "tf32", "decoder": True}
+    return row | {"ms": t * 1e3, "max_abs_diff_vs_tf32x3": err}
 
 
 def _model(cfg: dict, weights: str, dev: str):
@@ -210,6 +220,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--skip-layer", action="store_true")
+    p.add_argument(
+        "--no-sweep", action="store_true", help="per layer: dequant 64 / 4 and the decoder launch only"
+    )
     a = p.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not a.small:
@@ -234,7 +247,7 @@ def main() -> int:
     d = 16 if a.small else 128
     shape = {"hq": cfg["num_attention_heads"], "hkv": cfg["num_key_value_heads"], "d": d}
     if not a.skip_layer:
-        res["per_layer"] = per_layer(shape, contexts, dev, 2 if a.small else a.reps)
+        res["per_layer"] = per_layer(shape, contexts, dev, 2 if a.small else a.reps, not a.no_sweep)
         out.write_text(json.dumps(res, indent=1))
     for weights in filter(None, a.weights.split(",")):  # --weights "": the per-layer part only
         model = _model(cfg, weights, dev)

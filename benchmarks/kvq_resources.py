@@ -20,7 +20,13 @@ from triton.compiler import ASTSource
 
 
 def resources(
-    bits: int, block_n: int, warps: int, dev: bool = True, prec: str = "tf32x3", impl: str = "planes", stages=None
+    bits: int,
+    block_n: int,
+    warps: int,
+    dev: bool = True,
+    prec: str = "tf32x3",
+    impl: str = "planes",
+    stages=None,
 ) -> dict:
     """Registers, spill stack bytes, shared memory and HMMA instructions of the kernel `impl` compiled for
     sm_90 (dev: the device-length variant `attn_kvq_static` launches, ring windows)."""
@@ -38,7 +44,9 @@ def resources(
     sig.update({k: "constexpr" for k in const})
     fn = A._attn_kvq_planes_kernel if impl == "planes" else A._attn_kvq_split_kernel
     opts = {"num_warps": warps} | ({"num_stages": stages} if stages else {})
-    ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 64), options=opts)
+    ck = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 64), options=opts
+    )
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])

@@ -167,18 +167,13 @@ def _load_side(
 
 @triton.jit
 def _dot_codes(a, code, PREC: tl.constexpr):
-    """a (float32) @ code (small unsigned integer codes, exact in tf32 and fp16) with float32 accumulation.
+    """a (float32) @ code (small unsigned integer codes, exact in tf32) with float32 accumulation.
 
     "tf32x3": a = hi + rest with hi a's top 10 mantissa bits, two tf32 passes; only rest's rounding (~2^-21
-    relative) is lost. "fp16x2": the same split into two fp16 halves against fp16 codes (half the operand
-    registers, the fp16 MMA; rest below fp16's normal range loses bits: ~2^-22 of a's row scale). "tf32": one
-    pass (10-bit mantissas).
+    relative) is lost. "tf32": one pass (10-bit mantissas). (A split into two fp16 halves against fp16 codes
+    measured no faster on the H200, 2026-12-03: benchmarks/bench_kv_step_h200_planes_sweep2.json.)
     """
-    if PREC == "fp16x2":
-        b = code.to(tl.float16)
-        hi = a.to(tl.float16)
-        x = tl.dot(hi, b, out_dtype=tl.float32) + tl.dot((a - hi.to(tl.float32)).to(tl.float16), b, out_dtype=tl.float32)
-    elif PREC == "tf32x3":
+    if PREC == "tf32x3":
         b = code.to(tl.float32)
         hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
         x = tl.dot(hi, b, input_precision="tf32") + tl.dot(a - hi, b, input_precision="tf32")
@@ -334,8 +329,8 @@ def _bytes(codes_ptr, pos, j, ok, cap, bh, DJ: tl.constexpr, DJ_P: tl.constexpr,
 
 @triton.jit
 def _deq_plane(
-    code, scale_ptr, lo_ptr, pos, j, m, cap, bh, e: tl.constexpr, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+    code, scale_ptr, lo_ptr, pos, j, m, cap, bh, e: tl.constexpr, BITS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
 ):  # fmt: skip
     """Plane e's codes [BLOCK_N, DJ_P] dequantized with their own scale (and minimum); 0 where not m."""
     code = code.to(tl.float32)
@@ -361,8 +356,23 @@ def _mixed_plane(
     """Plane e [BLOCK_N, DJ_P] of any block: dequantized codes below q_len, the window from q_len on."""
     in_q = (pos < q_len) & mask_n
     mj = j[None, :] < DJ
-    x = _deq_plane(_plane(byte, e, BITS), scale_ptr, lo_ptr, pos, j, in_q[:, None] & mj, cap, bh, e, BITS,
-                   PER_CHANNEL, G, SYM, D, NP)  # fmt: skip
+    x = _deq_plane(
+        _plane(byte, e, BITS),
+        scale_ptr,
+        lo_ptr,
+        pos,
+        j,
+        in_q[:, None] & mj,
+        cap,
+        bh,
+        e,
+        BITS,
+        PER_CHANNEL,
+        G,
+        SYM,
+        D,
+        NP,
+    )
     in_w = (pos >= q_len) & mask_n
     w_off = _base(bh, W * D) + _win_slot(pos, q_len, W, RING)[:, None] * D + (j * NP + e)[None, :]
     w = tl.load(win_ptr + w_off, mask=in_w[:, None] & mj, other=0.0).to(tl.float32)
@@ -373,7 +383,7 @@ def _mixed_plane(
 def _scores_codes(
     q0, q1, q2, q3, byte, ks, kl, pos, start, j, cap, bh, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
     G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, DJ: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr, CPREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """q . keys of a whole-code block at `start` -> [BLOCK_H, BLOCK_N], q given as its NP channel planes.
 
@@ -389,17 +399,21 @@ def _scores_codes(
         for e in tl.static_range(NP):
             qe = _pick(e, q0, q1, q2, q3)
             qs = qe * tl.load(ks + s_off + j * NP + e, mask=mj, other=0.0).to(tl.float32)[None, :]
-            s += _dot_codes(qs, tl.trans(_plane(byte, e, BITS)), CPREC)
+            s += _dot_codes(qs, tl.trans(_plane(byte, e, BITS)), PREC)
             if SYM:
                 bias -= (1 << (BITS - 1)) * tl.sum(qs, 1)
             else:
-                bias += tl.sum(qe * tl.load(kl + s_off + j * NP + e, mask=mj, other=0.0).to(tl.float32)[None, :], 1)
+                bias += tl.sum(
+                    qe * tl.load(kl + s_off + j * NP + e, mask=mj, other=0.0).to(tl.float32)[None, :], 1
+                )
         s += bias[:, None]
     else:
         m = (pos >= 0)[:, None] & mj[None, :]
         s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
         for e in tl.static_range(NP):
-            k = _deq_plane(_plane(byte, e, BITS), ks, kl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP)
+            k = _deq_plane(
+                _plane(byte, e, BITS), ks, kl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP
+            )
             s += tl.dot(_pick(e, q0, q1, q2, q3), tl.trans(k), input_precision=PREC)
     return s
 
@@ -407,8 +421,8 @@ def _scores_codes(
 @triton.jit
 def _pv_codes(
     p, byte, vs, vl, pos, j, cap, bh, e: tl.constexpr, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, DJ: tl.constexpr, PREC: tl.constexpr,
-    CPREC: tl.constexpr,
+    G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, DJ: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """p [BLOCK_H, BLOCK_N] @ plane e of a whole-code value block -> [BLOCK_H, DJ_P].
 
@@ -417,7 +431,7 @@ def _pv_codes(
     """
     if (not PER_CHANNEL) and G == D:
         ps = p * tl.load(vs + _base(bh, cap) + pos).to(tl.float32)[None, :]
-        pv = _dot_codes(ps, _plane(byte, e, BITS), CPREC)
+        pv = _dot_codes(ps, _plane(byte, e, BITS), PREC)
         if SYM:
             pv -= (1 << (BITS - 1)) * tl.sum(ps, 1)[:, None]
         else:
@@ -446,9 +460,9 @@ def _attn_kvq_planes_kernel(
     K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
     V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    DEV: tl.constexpr, PREC: tl.constexpr, CPREC: tl.constexpr,
+    DEV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """`_attn_kvq_split_kernel`'s job with the codes kept in bit planes: no unpacking join, no branch per block.
+    """`_attn_kvq_split_kernel`'s job with the codes in bit planes: no unpacking join, no branch per block.
 
     A byte row of b-bit codes holds NP = 8 / b channels per byte: plane e is channel j * NP + e of byte j. The
     query is loaded as the key side's NP planes and the accumulator kept as the value side's NP planes
@@ -497,44 +511,150 @@ def _attn_kvq_planes_kernel(
         pos = start + tl.arange(0, BLOCK_N)
         kb = _bytes(kc, pos, jk, pos >= 0, cap, bh, DJK, DJK_P, True)
         vb = _bytes(vc, pos, jv, pos >= 0, cap, bh, DJV, DJV_P, True)  # both loads in flight at once
-        s = _scores_codes(q0, q1, q2, q3, kb, ks, kl, pos, start, jk, cap, bh, K_BITS, K_CH, K_G, K_SYM, D, NPK,
-                          DJK, BLOCK_N, PREC, CPREC)  # fmt: skip
+        s = _scores_codes(
+            q0,
+            q1,
+            q2,
+            q3,
+            kb,
+            ks,
+            kl,
+            pos,
+            start,
+            jk,
+            cap,
+            bh,
+            K_BITS,
+            K_CH,
+            K_G,
+            K_SYM,
+            D,
+            NPK,
+            DJK,
+            BLOCK_N,
+            PREC,
+        )
         m_i, p, alpha, l_i = _online(s * sm_scale, m_i, l_i)
-        acc0 = acc0 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 0, V_BITS, V_CH, V_G, V_SYM, D,
-                                                 NPV, DJV, PREC, CPREC)  # fmt: skip
+        acc0 = acc0 * alpha[:, None] + _pv_codes(
+            p, vb, vs, vl, pos, jv, cap, bh, 0, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+        )
         if NPV > 1:
-            acc1 = acc1 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 1, V_BITS, V_CH, V_G, V_SYM,
-                                                     D, NPV, DJV, PREC, CPREC)  # fmt: skip
+            acc1 = acc1 * alpha[:, None] + _pv_codes(
+                p, vb, vs, vl, pos, jv, cap, bh, 1, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+            )
         if NPV > 2:
-            acc2 = acc2 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 2, V_BITS, V_CH, V_G, V_SYM,
-                                                     D, NPV, DJV, PREC, CPREC)  # fmt: skip
-            acc3 = acc3 * alpha[:, None] + _pv_codes(p, vb, vs, vl, pos, jv, cap, bh, 3, V_BITS, V_CH, V_G, V_SYM,
-                                                     D, NPV, DJV, PREC, CPREC)  # fmt: skip
+            acc2 = acc2 * alpha[:, None] + _pv_codes(
+                p, vb, vs, vl, pos, jv, cap, bh, 2, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+            )
+            acc3 = acc3 * alpha[:, None] + _pv_codes(
+                p, vb, vs, vl, pos, jv, cap, bh, 3, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+            )
     for start in range(mid, hi, BLOCK_N):  # the rest: a prefix boundary, the window, the split's end
         pos = start + tl.arange(0, BLOCK_N)
         mask_n = pos < hi
         kb = _bytes(kc, pos, jk, (pos < qk) & mask_n, cap, bh, DJK, DJK_P, False)
         s = tl.zeros((BLOCK_H, BLOCK_N), tl.float32)
         for e in tl.static_range(NPK):
-            k = _mixed_plane(kb, ks, kl, kw, pos, jk, mask_n, qk, cap, Wk, bh, e, K_BITS, K_CH, K_G, K_SYM, D, NPK,
-                             DJK, DEV)  # fmt: skip
+            k = _mixed_plane(
+                kb,
+                ks,
+                kl,
+                kw,
+                pos,
+                jk,
+                mask_n,
+                qk,
+                cap,
+                Wk,
+                bh,
+                e,
+                K_BITS,
+                K_CH,
+                K_G,
+                K_SYM,
+                D,
+                NPK,
+                DJK,
+                DEV,
+            )
             s += tl.dot(_pick(e, q0, q1, q2, q3), tl.trans(k), input_precision=PREC)
         s = tl.where(mask_n[None, :], s * sm_scale, float("-inf"))
         m_i, p, alpha, l_i = _online(s, m_i, l_i)
         vb = _bytes(vc, pos, jv, (pos < qv) & mask_n, cap, bh, DJV, DJV_P, False)
-        v = _mixed_plane(vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 0, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV,
-                         DEV)  # fmt: skip
+        v = _mixed_plane(
+            vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 0, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, DEV
+        )
         acc0 = acc0 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         if NPV > 1:
-            v = _mixed_plane(vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 1, V_BITS, V_CH, V_G, V_SYM, D, NPV,
-                             DJV, DEV)  # fmt: skip
+            v = _mixed_plane(
+                vb,
+                vs,
+                vl,
+                vw,
+                pos,
+                jv,
+                mask_n,
+                qv,
+                cap,
+                Wv,
+                bh,
+                1,
+                V_BITS,
+                V_CH,
+                V_G,
+                V_SYM,
+                D,
+                NPV,
+                DJV,
+                DEV,
+            )
             acc1 = acc1 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         if NPV > 2:
-            v = _mixed_plane(vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 2, V_BITS, V_CH, V_G, V_SYM, D, NPV,
-                             DJV, DEV)  # fmt: skip
+            v = _mixed_plane(
+                vb,
+                vs,
+                vl,
+                vw,
+                pos,
+                jv,
+                mask_n,
+                qv,
+                cap,
+                Wv,
+                bh,
+                2,
+                V_BITS,
+                V_CH,
+                V_G,
+                V_SYM,
+                D,
+                NPV,
+                DJV,
+                DEV,
+            )
             acc2 = acc2 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
-            v = _mixed_plane(vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 3, V_BITS, V_CH, V_G, V_SYM, D, NPV,
-                             DJV, DEV)  # fmt: skip
+            v = _mixed_plane(
+                vb,
+                vs,
+                vl,
+                vw,
+                pos,
+                jv,
+                mask_n,
+                qv,
+                cap,
+                Wv,
+                bh,
+                3,
+                V_BITS,
+                V_CH,
+                V_G,
+                V_SYM,
+                D,
+                NPV,
+                DJV,
+                DEV,
+            )
             acc3 = acc3 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
     row = (bh * n_splits + sp) * BLOCK_H + r
     tl.store(m_ptr + row, m_i)
@@ -597,7 +717,7 @@ def _check(q: torch.Tensor, Hkv: int, n: int, block_n: int) -> None:
 
 
 IMPLS = ("planes", "dequant")
-PRECISIONS = ("tf32x3", "tf32", "fp16x2")
+PRECISIONS = ("tf32x3", "tf32")
 
 
 def _impl(impl: str | None) -> str:
@@ -618,12 +738,10 @@ def _launch(
     _check(q, Hkv, n, block_n)
     if v["codes"].shape[2] != cap:
         raise ValueError(f"attn_kvq: key capacity {cap} != value capacity {v['codes'].shape[2]}")
-    if _impl(impl) == "planes":  # general dots / dots against exact codes
-        kernel, precs = _attn_kvq_planes_kernel, ("tf32x3" if prec == "fp16x2" else prec, prec)
-    elif prec == "fp16x2":
-        raise ValueError("attn_kvq: precision fp16x2 needs the planes kernel")
+    if _impl(impl) == "planes":
+        kernel = _attn_kvq_planes_kernel
     else:
-        kernel, precs = _attn_kvq_split_kernel, (prec,)
+        kernel = _attn_kvq_split_kernel
     rep = Hq // Hkv
     block_h, d_p = max(16, triton.next_power_of_2(rep)), max(16, D)  # tl.dot wants >= 16 rows and columns
     splits = n_splits or _n_splits(n, B * Hkv, q.device, block_n)
@@ -651,7 +769,7 @@ def _launch(
         length if dev else k["codes"], k.get("residual", 0), v.get("residual", 0),
         k["bits"], k["per_channel"], k["group"], k["lo"] is None,
         v["bits"], v["per_channel"], v["group"], v["lo"] is None,
-        D, d_p, block_n, block_h, dev, *precs, **opts,
+        D, d_p, block_n, block_h, dev, prec, **opts,
     )  # fmt: skip
     _attn_kvq_combine_kernel[(B * Hq,)](m, l_sum, acc, out, Hq, Hkv, splits, D, d_p, block_h, 16, num_warps=4)
     return out
@@ -702,4 +820,6 @@ def attn_kvq_static(
     if precision not in PRECISIONS:
         raise ValueError(f"attn_kvq_static: precision '{precision}' (choose {', '.join(PRECISIONS)})")
     cap = k["codes"].shape[2]
-    return _launch(q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision, impl, num_stages)
+    return _launch(
+        q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision, impl, num_stages
+    )

@@ -215,8 +215,8 @@ def test_generate_command_with_a_kv_plan(tmp_path, capsys, monkeypatch):
     ],
 )
 def test_planes_kernel_matches_dequant_kernel_and_twin(kspec, vspec, D):
-    """The bit-plane kernel over splits (tf32x3 and fp16x2 dots) == the dequantizing kernel == the cache's own
-    dequantized values."""
+    """The bit-plane kernel over splits (tf32x3; one-pass tf32 within its rounding) == the dequantizing
+    kernel == the cache's own dequantized values."""
     cap, n = 128, 100
     sides = [StaticKVSide(s, 2, D, cap, torch.bfloat16, DEV) for s in (kspec, vspec)]
     for i, sd in enumerate(sides):
@@ -227,11 +227,11 @@ def test_planes_kernel_matches_dequant_kernel_and_twin(kspec, vspec, D):
     planes = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, impl="planes")
     dequant = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, impl="dequant")
     one = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=1, impl="planes")
-    halves = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, precision="fp16x2")
+    one_pass = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, precision="tf32")
     K, V = (s.values(length)[0, :, :n].repeat_interleave(4, 0) for s in sides)
     direct = (torch.softmax(q[0, :, None] @ K.transpose(-1, -2) * 0.25, -1) @ V)[:, 0]
     torch.testing.assert_close(planes[0], direct, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(halves[0], direct, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one_pass[0], direct, atol=3e-3, rtol=3e-3)  # 10-bit mantissas of q * scale
     torch.testing.assert_close(planes, dequant, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(planes, one, atol=1e-5, rtol=1e-5)
 

@@ -27,9 +27,25 @@ from workbench.runtime.kvcache import full_precision_side
 from workbench.runtime.kvstatic import StaticKVSide, static_reason
 
 PREFILL_ROWS = 256  # query rows per chunk of the masked prefill attention (memory: Hq x rows x T floats)
-# (BLOCK_N, num_warps) of the decode kernel: the fastest inside a CUDA graph on the H200 at 32k, int8 and
-# int4 (0.135 / 0.128 ms vs 0.167 / 0.175 for the launcher's 64 / 8; benchmarks/bench_kv_step_h200.json)
-LAUNCH = (32, 4)
+# The decode kernel's launch (`attn_kvq_static`): the fastest exact-enough setting of the bit-plane kernel
+# inside a CUDA graph on the H200 at 4k and 32k, int8 and int4, 8B heads (2026-12-03, 96 settings:
+# benchmarks/bench_kv_step_h200_planes_sweep2.json): BLOCK_N 64, 4 warps, no software pipelining, about
+# PROGRAMS_PER_SM programs per SM over all kv heads (33 splits of each of 8 heads on 132 SMs).
+LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 1}
+PROGRAMS_PER_SM = 2
+
+
+def kernel_precision(dtype: torch.dtype) -> str:
+    """The decode kernel's dot precision for a model of `dtype`: one tf32 pass (10-bit mantissas of q * scale,
+    ~5e-4 relative) where the attention output is rounded to bf16 / fp16 anyway (8 / 11 bits); tf32x3
+    (float32-accurate) for float32 models."""
+    return "tf32" if dtype in (torch.bfloat16, torch.float16) else "tf32x3"
+
+
+def kernel_splits(q: torch.Tensor, n_kv: int) -> int:
+    """Programs per kv head: PROGRAMS_PER_SM per SM in all."""
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    return max(1, -(-PROGRAMS_PER_SM * sms // n_kv))
 
 
 @dataclass(eq=False)
@@ -72,9 +88,10 @@ def static_attention(q: torch.Tensor, c: KVBlockCache, length: torch.Tensor, sca
     if use_kernel(q):
         from workbench.kernels.attn_kvq import attn_kvq_static
 
-        bn, nw = LAUNCH
         ka, va = c.k.kernel_args(), c.v.kernel_args()
-        return attn_kvq_static(q[None], ka, va, length, scale, block_n=bn, num_warps=nw)[0]
+        splits = kernel_splits(q, ka["codes"].shape[1])
+        prec = kernel_precision(q.dtype)
+        return attn_kvq_static(q[None], ka, va, length, scale, n_splits=splits, precision=prec, **LAUNCH)[0]
     K, V = c.k.values(length)[0], c.v.values(length)[0]  # [Hkv, cap, D]
     rep = Hq // K.shape[0]
     s = torch.einsum("hgd,hld->hgl", q.float().view(-1, rep, D), K) * scale
