@@ -444,6 +444,18 @@ def _pv_codes(
 
 
 @triton.jit
+def _pv_mixed(
+    p, byte, vs, vl, vw, pos, j, mask_n, q_len, cap, W, bh, e: tl.constexpr, BITS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+    DJ: tl.constexpr, RING: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """p [BLOCK_H, BLOCK_N] @ plane e of any value block (`_mixed_plane`) -> [BLOCK_H, DJ_P]."""
+    v = _mixed_plane(byte, vs, vl, vw, pos, j, mask_n, q_len, cap, W, bh, e, BITS, PER_CHANNEL, G, SYM, D,
+                     NP, DJ, RING)  # fmt: skip
+    return tl.dot(p, v, input_precision=PREC)
+
+
+@triton.jit
 def _online(s, m_i, l_i):
     """Online-softmax step of scores s [BLOCK_H, BLOCK_N]: (new max, p, rescale of the old sums, new sum)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -555,107 +567,26 @@ def _attn_kvq_planes_kernel(
         kb = _bytes(kc, pos, jk, (pos < qk) & mask_n, cap, bh, DJK, DJK_P, False)
         s = tl.zeros((BLOCK_H, BLOCK_N), tl.float32)
         for e in tl.static_range(NPK):
-            k = _mixed_plane(
-                kb,
-                ks,
-                kl,
-                kw,
-                pos,
-                jk,
-                mask_n,
-                qk,
-                cap,
-                Wk,
-                bh,
-                e,
-                K_BITS,
-                K_CH,
-                K_G,
-                K_SYM,
-                D,
-                NPK,
-                DJK,
-                DEV,
-            )
+            k = _mixed_plane(kb, ks, kl, kw, pos, jk, mask_n, qk, cap, Wk, bh, e, K_BITS, K_CH, K_G, K_SYM, D,
+                             NPK, DJK, DEV)  # fmt: skip
             s += tl.dot(_pick(e, q0, q1, q2, q3), tl.trans(k), input_precision=PREC)
         s = tl.where(mask_n[None, :], s * sm_scale, float("-inf"))
         m_i, p, alpha, l_i = _online(s, m_i, l_i)
         vb = _bytes(vc, pos, jv, (pos < qv) & mask_n, cap, bh, DJV, DJV_P, False)
-        v = _mixed_plane(
-            vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 0, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, DEV
-        )
-        acc0 = acc0 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+        pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 0, V_BITS, V_CH, V_G, V_SYM, D,
+                       NPV, DJV, DEV, PREC)  # fmt: skip
+        acc0 = acc0 * alpha[:, None] + pv
         if NPV > 1:
-            v = _mixed_plane(
-                vb,
-                vs,
-                vl,
-                vw,
-                pos,
-                jv,
-                mask_n,
-                qv,
-                cap,
-                Wv,
-                bh,
-                1,
-                V_BITS,
-                V_CH,
-                V_G,
-                V_SYM,
-                D,
-                NPV,
-                DJV,
-                DEV,
-            )
-            acc1 = acc1 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+            pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 1, V_BITS, V_CH, V_G, V_SYM,
+                           D, NPV, DJV, DEV, PREC)  # fmt: skip
+            acc1 = acc1 * alpha[:, None] + pv
         if NPV > 2:
-            v = _mixed_plane(
-                vb,
-                vs,
-                vl,
-                vw,
-                pos,
-                jv,
-                mask_n,
-                qv,
-                cap,
-                Wv,
-                bh,
-                2,
-                V_BITS,
-                V_CH,
-                V_G,
-                V_SYM,
-                D,
-                NPV,
-                DJV,
-                DEV,
-            )
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
-            v = _mixed_plane(
-                vb,
-                vs,
-                vl,
-                vw,
-                pos,
-                jv,
-                mask_n,
-                qv,
-                cap,
-                Wv,
-                bh,
-                3,
-                V_BITS,
-                V_CH,
-                V_G,
-                V_SYM,
-                D,
-                NPV,
-                DJV,
-                DEV,
-            )
-            acc3 = acc3 * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+            pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 2, V_BITS, V_CH, V_G, V_SYM,
+                           D, NPV, DJV, DEV, PREC)  # fmt: skip
+            acc2 = acc2 * alpha[:, None] + pv
+            pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 3, V_BITS, V_CH, V_G, V_SYM,
+                           D, NPV, DJV, DEV, PREC)  # fmt: skip
+            acc3 = acc3 * alpha[:, None] + pv
     row = (bh * n_splits + sp) * BLOCK_H + r
     tl.store(m_ptr + row, m_i)
     tl.store(l_ptr + row, l_i)
