@@ -25,7 +25,15 @@ def test_upper_panels_mirrored_equal_the_full_gram(K, panel, dtype):
     X = torch.cat(xs).double()
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     ref = X.T @ X
-    assert torch.equal(G, G.T) and float((G.double() - ref).abs().max()) < tol * float(ref.abs().max())
+    scale = float(ref.abs().max())
+    assert float((G.double() - ref).abs().max()) < tol * scale
+    # The mirrored strips are copies (bit-exact); a diagonal panel is one BLAS GEMM, whose blocking (it
+    # follows the thread count) need not round a_ij and a_ji alike, so it is symmetric to rounding only.
+    for s in range(0, K, panel):
+        e = min(s + panel, K)
+        assert torch.equal(G[e:, s:e], G[s:e, e:].T)
+        d = G[s:e, s:e]
+        assert float((d - d.T).abs().max()) <= tol * scale
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 panels on the GPU")
