@@ -422,6 +422,13 @@ SHAPE_CHOICES = [
     (128, 4, 0),
     (64, 8, 0),
     (128, 8, 0),
+    # more bytes in flight per warp with split-K, and a full wave at N = 4096 (ncu, fifth session)
+    (32, 4, 1),
+    (64, 4, 1),
+    (32, 8, 0),
+    (64, 8, 1),
+    (32, 16, 0),
+    (64, 16, 0),
 ]
 
 
