@@ -689,9 +689,14 @@ def _launch(
 
     kw, vw = win(k), win(v)
     dev = length is not None
-    opts = {"num_warps": num_warps or (4 if d_p * block_n <= 4096 else 8)}
-    if num_stages:
-        opts["num_stages"] = num_stages
+    if kernel is _attn_kvq_planes_kernel:
+        # H200 sweep (RESULTS, "Bit-plane kernel"): 4 warps, no software pipelining; Triton's default 3
+        # stages need 248 KB of shared memory at D 128 / BLOCK_N 64 and do not launch (232 KB per SM)
+        opts = {"num_warps": num_warps or 4, "num_stages": num_stages or 1}
+    else:
+        opts = {"num_warps": num_warps or (4 if d_p * block_n <= 4096 else 8)}
+        if num_stages:
+            opts["num_stages"] = num_stages
     kernel[(B * Hkv, splits)](
         q.contiguous(), m, l_sum, acc,
         k["codes"], k["scale"], k["lo"] if k["lo"] is not None else k["scale"], kw,
