@@ -50,6 +50,30 @@ def test_reference_forward_equals_dequantized_matmul(spec, shape):
     torch.testing.assert_close(y, x @ qw.dequantize().t() + b, rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_reference_unpacks_once_and_follows_buffer_changes():
+    """No-grad CPU calls reuse one unpacked weight; an in-place change of the packed codes or a move drops
+    it; with gradients recorded nothing is kept (the copy would outlive the graph)."""
+    torch.manual_seed(3)
+    W = torch.randn(64, 128)
+    m = QuantLinear.from_quantized(quantize_weight(W, "int4_g32"), name="cached")
+    x = torch.randn(2, 128)
+    y0 = x @ m.dequantize().t()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), y0, rtol=1e-5, atol=1e-5)
+        first = m.__dict__["_ref_cache"][1]
+        m(x)
+        assert m.__dict__["_ref_cache"][1] is first  # not unpacked again
+        m.packed.bitwise_xor_(0x11111111)  # flip code bits in place: the weight changes
+        y1 = m(x)
+    assert m.__dict__["_ref_cache"][1] is not first
+    torch.testing.assert_close(y1, x @ m.dequantize().t(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y1, y0)
+    m.to(torch.float64)  # a move (here a no-op for the packed buffers) drops the copy
+    assert "_ref_cache" not in m.__dict__
+    m(x)  # gradients recorded: nothing kept
+    assert "_ref_cache" not in m.__dict__
+
+
 @pytest.mark.parametrize("spec", FALLBACK_SPECS)
 def test_formats_without_kernel_run_the_same_math(spec):
     torch.manual_seed(1)

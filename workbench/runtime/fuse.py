@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.quant.layouts import stored_group_size
-from workbench.runtime.qlinear import QuantLinear, fp8_matmul, int_matmul
+from workbench.runtime.qlinear import QuantLinear, cached_reference, fp8_matmul, int_matmul
 
 FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -72,23 +72,25 @@ def linear(op: LinearOp, x: torch.Tensor) -> torch.Tensor:
     if op.kind == "module":
         return _module_call(op.module, x)
     fast = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-    if op.kind == "int":
-        if fast:
-            y = int_matmul(x, op.packed, op.scales, op.zeros, op.bits, op.group_size, op.in_features)
-        else:
-            from workbench.kernels.reference import dequant_matmul_int_ref
-
-            y = dequant_matmul_int_ref(
-                x, op.packed, op.scales, op.zeros, op.bits, op.group_size, op.in_features
-            )
+    if not fast:  # the torch reference (dequant_matmul_*_ref's math), the weight unpacked once on the CPU
+        y = (x.to(torch.float32) @ _reference_weight(op).t()).to(x.dtype)
+    elif op.kind == "int":
+        y = int_matmul(x, op.packed, op.scales, op.zeros, op.bits, op.group_size, op.in_features)
     else:
-        if fast:
-            y = fp8_matmul(x, op.packed, op.scales, op.in_features)
-        else:
-            from workbench.kernels.reference import dequant_matmul_fp8_ref
-
-            y = dequant_matmul_fp8_ref(x, op.packed, op.scales, op.in_features)
+        y = fp8_matmul(x, op.packed, op.scales, op.in_features)
     return y + op.bias.to(y.dtype) if op.bias is not None else y
+
+
+def _reference_weight(op: LinearOp) -> torch.Tensor:
+    """W_hat [N, K] float32 of an "int" / "fp8" op (kept on the CPU: `qlinear.cached_reference`)."""
+    from workbench.kernels.reference import dequantize_fp8, dequantize_int
+
+    def make() -> torch.Tensor:
+        if op.kind == "int":
+            return dequantize_int(op.packed, op.scales, op.zeros, op.bits, op.group_size, op.in_features)
+        return dequantize_fp8(op.packed, op.scales, op.in_features)
+
+    return cached_reference(op.__dict__, [op.packed, op.scales, op.zeros], make)
 
 
 def _spec_name(m: torch.nn.Module) -> str:
