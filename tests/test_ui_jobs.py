@@ -99,6 +99,13 @@ def test_chat_runs_reference_and_quantized(scanned):
     r = s.chat_log[-1]
     assert r["reference"] and r["quantized"] and r["quantized_layers"] == 36
     assert r["device"] == "cpu" and "no CUDA" in r["note"]
+    assert r["q_cache_bytes"] == r["ref_cache_bytes"] > 0 and not r["kv_note"]  # no K/V specs: same cache
+    assert s.set_kv("int8_ch", "int4_tok")  # the plan's cache specs reach the chat's decoder
+    job = s.chat("Once upon a time", max_new_tokens=12, wait=True)
+    assert job.state == "done", job.error
+    r = s.chat_log[-1]
+    assert "quantized KV cache in 5 of 5 blocks" in r["kv_note"]
+    assert 0 < r["q_cache_bytes"] < 0.6 * r["ref_cache_bytes"]  # 64 slots of stories260K: 42,880 vs 81,920 B
 
 
 def test_verify_puts_measured_points_beside_the_prediction(scanned, excerpt):

@@ -133,11 +133,13 @@ def greedy_generate(
     eos_token_id: int | None = None,
     max_cache_len: int | None = None,
     path: str = "auto",
+    kv: dict | None = None,
 ) -> DecodeResult:
-    """One-shot helper: build a decoder (`make_decoder`) sized for the request and generate."""
+    """One-shot helper: build a decoder (`make_decoder`, `kv` = a plan's K/V specs) sized for the request
+    and generate."""
     n = len(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else int(prompt_ids.numel())
     L = max_cache_len or max(64, n + max_new_tokens)
-    dec = make_decoder(model, max_cache_len=L, mode=mode, path=path)
+    dec = make_decoder(model, max_cache_len=L, mode=mode, path=path, kv=kv)
     return dec.generate(prompt_ids, max_new_tokens, eos_token_id)
 
 

@@ -189,7 +189,7 @@ def chat(session: ModelSession, prompt: str, max_new_tokens: int, resolved, plan
     """Greedy generation with the reference and the quantized model (real QuantLinear layers) side by side;
     returns one chat-log entry (texts, speeds, layers that fell back)."""
     from workbench.runtime.apply import apply_plan
-    from workbench.runtime.decode import greedy_generate, select_device
+    from workbench.runtime.decode import select_device
 
     device, note = select_device("auto")
     tok = session.loaded.tokenizer
@@ -209,9 +209,9 @@ def chat(session: ModelSession, prompt: str, max_new_tokens: int, resolved, plan
         ref_model.to(device)
         try:
             report(0.4, f"reference model generating on {device}")
-            ref = greedy_generate(ref_model, ids, max_new_tokens, eos_token_id=tok.eos_token_id)
+            ref, ref_cache, _ = _generate(ref_model, ids, max_new_tokens, tok.eos_token_id, None)
             report(0.7, f"quantized model generating on {device}")
-            qnt = greedy_generate(qmodel, ids, max_new_tokens, eos_token_id=tok.eos_token_id)
+            qnt, q_cache, kv_note = _generate(qmodel, ids, max_new_tokens, tok.eos_token_id, resolved.kv)
         finally:
             ref_model.to("cpu")
     return {
@@ -226,4 +226,28 @@ def chat(session: ModelSession, prompt: str, max_new_tokens: int, resolved, plan
         "quantized_layers": len(applied.layers),
         "fallback_layers": len(applied.fallback),
         "fallback_reasons": sorted(set(applied.fallback.values())),
+        "ref_cache_bytes": ref_cache,
+        "q_cache_bytes": q_cache,
+        "kv_note": kv_note,
     }
+
+
+def _generate(model, ids, max_new_tokens: int, eos: int | None, kv: dict | None):
+    """(DecodeResult, K/V cache bytes or None, note) of one greedy generation. The plan's K/V specs make
+    the decoder store the cache quantized (the fast path); a model that path cannot run still chats, with
+    the bf16 cache and a note saying why (the simulation in Measure applies the specs either way)."""
+    from workbench.errors import WorkbenchError
+    from workbench.runtime.decode import make_decoder
+
+    L = max(64, len(ids) + max_new_tokens + 1)
+    quant_kv = any(s.k is not None or s.v is not None for s in (kv or {}).values())
+    note = ""
+    try:
+        dec = make_decoder(model, max_cache_len=L, kv=kv if quant_kv else None)
+    except WorkbenchError as exc:
+        if not quant_kv:
+            raise
+        dec, note = make_decoder(model, max_cache_len=L), f"K/V cache kept in full precision here: {exc}"
+    res = dec.generate(ids, max_new_tokens, eos)
+    note = note or next((n for n in res.notes if "KV cache" in n), "")
+    return res, (dec.cache_bytes() if hasattr(dec, "cache_bytes") else None), note

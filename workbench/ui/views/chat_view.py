@@ -10,7 +10,8 @@ from workbench.ui.views.common import View
 
 
 class ChatView(View):
-    """Greedy generation (`runtime.decode.greedy_generate`) on a copy quantized with `runtime.apply_plan`."""
+    """Greedy generation (`runtime.decode.make_decoder`: the plan's K/V specs store the cache quantized) on a
+    copy quantized with `runtime.apply_plan`, cache sizes beside the tokens/s (`ui.tasks.chat`)."""
 
     def panel(self) -> pn.viewable.Viewable:
         from workbench.runtime.decode import select_device
@@ -56,6 +57,15 @@ class ChatView(View):
                         else ""
                     )
                 )
+                if r.get("q_cache_bytes") is not None:
+                    ref_mb = (
+                        f" (reference {r['ref_cache_bytes'] / 1e6:,.2f} MB)"
+                        if r.get("ref_cache_bytes")
+                        else ""
+                    )
+                    head += f"  \nK/V cache {r['q_cache_bytes'] / 1e6:,.2f} MB{ref_mb}"
+                if r.get("kv_note"):
+                    head += f" &middot; {r['kv_note']}"
                 cards.append(
                     pn.Card(
                         pn.pane.Markdown(head + (f"  \n{r['note']}" if r["note"] else "")),
