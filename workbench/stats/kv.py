@@ -28,6 +28,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.measure.kvsim import apply_rope
 from workbench.paths import cache_dir
+from workbench.progress import Progress, track
 
 SIDES = ("k_pre", "k_post", "v")
 N_BINS = 64
@@ -100,7 +101,7 @@ class KVStats:
         return cls(blocks, settings)
 
 
-def _collect(model: torch.nn.Module, windows: torch.Tensor) -> dict:
+def _collect(model: torch.nn.Module, windows: torch.Tensor, progress: Progress = False) -> dict:
     attns = {n: m for n, m in model.named_modules() if n.endswith("self_attn") and hasattr(m, "k_proj")}
     if not attns:
         raise WorkbenchError(
@@ -140,7 +141,7 @@ def _collect(model: torch.nn.Module, windows: torch.Tensor) -> dict:
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
-            for i in range(windows.shape[0]):
+            for i in track(range(windows.shape[0]), "K/V statistics", progress, unit="window"):
                 model(input_ids=windows[i : i + 1].to(device), use_cache=False)
     finally:
         for h in handles:
@@ -148,8 +149,11 @@ def _collect(model: torch.nn.Module, windows: torch.Tensor) -> dict:
     return acc
 
 
-def kv_statistics(loaded, text: str = "wiki", n_seqs: int = 8, seq_len: int = 512, seed: int = 0) -> KVStats:
-    """K (pre / post RoPE) and V statistics of every attention block (module docstring), cached on disk."""
+def kv_statistics(
+    loaded, text: str = "wiki", n_seqs: int = 8, seq_len: int = 512, seed: int = 0, progress: Progress = False
+) -> KVStats:
+    """K (pre / post RoPE) and V statistics of every attention block (module docstring), cached on disk;
+    `progress` (workbench.progress) follows the calibration windows."""
     from safetensors.torch import load_file, save_file
 
     from workbench.model.data import calibration_batches
@@ -168,7 +172,7 @@ def kv_statistics(loaded, text: str = "wiki", n_seqs: int = 8, seq_len: int = 51
             b, s, f = k.split("|")
             blocks.setdefault(b, {}).setdefault(s, {})[f] = t
         return KVStats(blocks, settings)
-    acc = _collect(loaded.model, windows)
+    acc = _collect(loaded.model, windows, progress)
     blocks = {}
     for name, sides in acc.items():
         blocks[name] = {}

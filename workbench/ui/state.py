@@ -63,6 +63,7 @@ class WorkbenchState(param.Parameterized):
     )
     inspection = param.Parameter(default=None, doc="activation statistics per layer (stats.cache)")
     sensitivity = param.Parameter(default=None, doc="SensitivityTable")
+    kv_stats = param.Parameter(default=None, doc="K/V statistics per attention block (stats.kv.KVStats)")
     verification = param.Parameter(default=None, doc="Verification of the plan last verified (verify.py)")
     evaluations = param.List(default=[], doc="evaluation results, one dict per run")
     chat_log = param.List(default=[], doc="chat results, one dict per prompt")
@@ -117,6 +118,7 @@ class WorkbenchState(param.Parameterized):
         with param.parameterized.batch_call_watchers(self):
             self.loaded, self.description, self.layers = loaded, loaded.description, layers
             self.inspection = None
+            self.kv_stats = None
             self.details = None
             self.sensitivity = None
             self.evaluations, self.chat_log = [], []
@@ -370,6 +372,18 @@ class WorkbenchState(param.Parameterized):
             "statistics",
             lambda report: tasks.statistics(self.session, *args, report),
             lambda inspection: adopt.inspection(self, inspection, *args),
+            wait,
+        )
+
+    def compute_kv_stats(
+        self, wait: bool = False, text: str = "wiki", n_seqs: int = 8, seq_len: int = 256
+    ) -> Job:
+        """K / V statistics of every attention block in the background (cached on disk by the core)."""
+        self._require_model()
+        return self._start(
+            "K/V statistics",
+            lambda report: tasks.kv_stats(self.session, text, n_seqs, seq_len, report),
+            lambda stats: setattr(self, "kv_stats", stats),
             wait,
         )
 

@@ -44,6 +44,17 @@ def statistics(session: ModelSession, text: str, n_seqs: int, seq_len: int, repo
         return inspect_model(loaded, text=text, n_seqs=n_seqs, seq_len=seq_len, progress=progress)
 
 
+def kv_stats(session: ModelSession, text: str, n_seqs: int, seq_len: int, report: Report):
+    """K (pre / post RoPE) and V statistics of every attention block (`stats.kv.kv_statistics`, cached on
+    disk by the core)."""
+    from workbench.progress import stage
+    from workbench.stats.kv import kv_statistics
+
+    with session.use(report) as loaded:
+        report(0.02, f"K/V statistics: {n_seqs} x {seq_len} tokens of '{text}' (cached after the first run)")
+        return kv_statistics(loaded, text, n_seqs, seq_len, progress=stage(report, 0.02, 1.0))
+
+
 def layer_details(loaded, name: str, grid_spec: str | None, specs: list[str], inspection, report: Report):
     """The Distributions tab's report for one layer (`workbench.measure.layer_report`, on the shared
     model)."""

@@ -40,31 +40,43 @@ class CacheView(View):
             state.set_kv(k, v)
 
         def show_size(*_events):
-            size.object = self._size_text(context.value)
+            k = kv_spec_string(kbits.value, kaxis.value, resid.value, had.value, pre.value)
+            v = kv_spec_string(vbits.value, "tok", resid.value)
+            size.object = self._size_text(context.value, k, v)
 
         apply.on_click(on_apply)
-        context.param.watch(show_size, "value")
+        for w in (context, kbits, vbits, kaxis, resid, had, pre):
+            w.param.watch(show_size, "value")
         state.param.watch(show_size, ["revision", "loaded"])
         show_size()
         return pn.Row(kbits, kaxis, vbits, resid, had, pre, apply), pn.Row(context, size)
 
-    def _size_text(self, context: int) -> str:
-        """The plan's KV-cache bytes of one sequence at `context` tokens beside bf16 (markdown)."""
+    def _size_text(self, context: int, k: str | None, v: str | None) -> str:
+        """KV-cache bytes of one sequence at `context` tokens: the plan's, and the selectors' (k, v) if
+        they differ, beside bf16 (markdown)."""
+        from workbench.plan.edit import with_kv
         from workbench.plan.kv import plan_cache_bytes
 
         state = self.state
         if state.loaded is None or state.plan is None:
             return "*no model loaded*"
-        try:
-            kv = state.plan.resolve(state.layers).kv
+
+        def line(plan) -> tuple[str, str]:
+            kv = plan.resolve(state.layers).kv
             q, bf = plan_cache_bytes(state.loaded.model, kv, context)
+            specs = sorted({f"K {s.to_json()['k']} / V {s.to_json()['v']}" for s in kv.values()})
+            ratio = "the same as bf16" if q == bf else f"{bf / max(q, 1):.2f}x smaller than bf16"
+            return f"{q / 1e6:.2f} MB ({ratio}, {bf / 1e6:.2f} MB)", "; ".join(specs) or "bf16"
+
+        try:
+            now, specs = line(state.plan)
+            picked, picked_specs = line(with_kv(state.plan, k, v))
         except WorkbenchError as exc:
             return f"cache size unavailable: {exc}"
-        specs = sorted({f"K {s.to_json()['k']} / V {s.to_json()['v']}" for s in kv.values()}) or ["bf16"]
-        return (
-            f"**KV cache of one sequence at {context:,} tokens: {q / 1e6:.2f} MB** "
-            f"(bf16 {bf / 1e6:.2f} MB, {bf / max(q, 1):.2f}x smaller); plan: {'; '.join(specs)}"
-        )
+        text = f"**KV cache of one sequence at {context:,} tokens, the plan ({specs}): {now}**"
+        if picked_specs != specs:
+            text += f"  \nwith the settings above ({picked_specs}): {picked}"
+        return text
 
     def _stats_panel(self) -> pn.Column:
         """The K/V statistics button, the block / side / head selectors and the two charts of one head."""
@@ -78,30 +90,29 @@ class CacheView(View):
             charts.empty_figure("compute the statistics first"), sizing_mode="stretch_width"
         )
         hist = pn.pane.Plotly(charts.empty_figure(""), sizing_mode="stretch_width")
-        held: dict = {}
 
-        def on_stats(_event):
-            from workbench.stats.kv import kv_statistics
-
-            try:
-                held["stats"] = kv_statistics(state.loaded, "wiki", 8, 256)
-            except WorkbenchError as exc:
-                state.notify(str(exc), "error")
+        def adopt(*_events):
+            s = state.kv_stats
+            if s is None:
+                block.options, outliers.object = [], ""
+                absmax.object = charts.empty_figure("compute the statistics first")
                 return
-            block.options = list(held["stats"].blocks)
+            block.options = list(s.blocks)
             block.value = block.value if block.value in block.options else block.options[0]
-            outliers.object = held["stats"].summary(5).replace("\n", "  \n")
+            outliers.object = s.summary(5).replace("\n", "  \n")
             draw()
 
         def draw(*_events):
-            s = held.get("stats")
+            s = state.kv_stats
             if s is not None and block.value:
                 _draw_head(s, block.value, side.value, head.value, absmax, hist)
 
-        stats_btn.on_click(on_stats)
+        stats_btn.on_click(lambda _e: state.compute_kv_stats())  # a job: progress bar, the UI stays live
+        state.param.watch(adopt, "kv_stats")
         block.param.watch(draw, "value")
         side.param.watch(draw, "value")
         head.param.watch(draw, "value")
+        adopt()
         return pn.Column(
             pn.Row(stats_btn, block, side, head),
             outliers,
