@@ -1,35 +1,65 @@
-"""Compile the split-K decode-attention kernel (kernels/attn_kvq.py) for sm_90 offline; print its resources.
+"""Compile the quantized-KV decode-attention kernels (kernels/attn_kvq*.py) for sm_90 offline: resources.
 
-    python benchmarks/kvq_resources.py
+    python benchmarks/kvq_resources.py                 # the decoder's launch, every kernel option (~3 min)
+    python benchmarks/kvq_resources.py --sweep         # also BLOCK_N 32 / 64 x 4 / 8 warps, both kernels
+    python benchmarks/kvq_resources.py --json out.json
 
-For each (bits, BLOCK_N, num_warps) on the Llama-3-8B head (D = 128, rep 4 padded to 16 rows, keys per
-channel g32, values per token): registers per thread, spill stack bytes and HMMA count of the SASS, from
-Triton's own cuobjdump. Timing needs the H200 (benchmarks/bench_kv.py, `kernel_configs`).
+Shape: the Llama-3-8B head (D = 128, GQA 4: rep 4 padded to BLOCK_H rows), keys per channel g32 and values
+per token (one scale per token), asymmetric, device length with ring windows (what `attn_kvq_static` launches
+for int4_ch_r32 / int4_tok_r32 and the int8 pair). The decoder's launch (`workbench.runtime.fastkv.LAUNCH`):
+BLOCK_N 64, 4 warps, num_stages 1. Per variant: registers per thread, spill stores / loads in bytes (ptxas -v
+on Triton's PTX, the options Triton passes), stack frame, shared memory and HMMA instructions of the SASS
+(Triton's own cuobjdump). Timing needs the H200 (benchmarks/bench_kv_step.py, benchmarks/gpu_kvregs.sh).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _ptxas(ptx: str) -> dict:
+    """Registers and spill bytes ptxas reports for `ptx` (sm_90a; Triton's make_cubin runs the same ptxas
+    with these flags)."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [os.path.join(BIN, "ptxas-blackwell"), "-lineinfo", "-v", "--regAllocOptLevel=2"]
+        cmd += ["--gpu-name=sm_90a"]
+        run = subprocess.run(cmd + [src, "-o", src + ".o"], capture_output=True, text=True)
+    log = run.stdout + run.stderr
+    assert "Used" in log, f"ptxas gave no resource line: {log[-2000:]}"
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {
+        "ptxas_regs": int(re.search(r"Used (\d+) registers", log).group(1)),
+        "spill_st": int(spill.group(1)),
+        "spill_ld": int(spill.group(2)),
+    }
+
 
 def resources(
     bits: int,
-    block_n: int,
-    warps: int,
+    block_n: int = 64,
+    warps: int = 4,
     dev: bool = True,
     prec: str = "tf32x3",
     impl: str = "planes",
-    stages=None,
+    stages: int | None = 1,
+    block_h: int = 16,
 ) -> dict:
-    """Registers, spill stack bytes, shared memory and HMMA instructions of the kernel `impl` compiled for
-    sm_90 (dev: the device-length variant `attn_kvq_static` launches, ring windows)."""
+    """Resources of kernel `impl` ("planes" / "dequant") compiled for sm_90 (module docstring)."""
     from workbench.kernels import attn_kvq as A
 
     sig = {p: "*fp32" for p in ("q_ptr", "m_ptr", "l_ptr", "acc_ptr")}
@@ -40,14 +70,14 @@ def resources(
         {"sm_scale": "fp32", "chunk": "i32", "n_splits": "i32", "len_ptr": "*i64", "Rk": "i32", "Rv": "i32"}
     )
     const = dict(K_BITS=bits, K_CH=True, K_G=32, K_SYM=False, V_BITS=bits, V_CH=False, V_G=128, V_SYM=False)
-    const.update(D=128, D_P=128, BLOCK_N=block_n, BLOCK_H=16, DEV=dev, PREC=prec)
+    const.update(D=128, D_P=128, BLOCK_N=block_n, BLOCK_H=block_h, DEV=dev, PREC=prec)
     sig.update({k: "constexpr" for k in const})
     fn = A._attn_kvq_planes_kernel if impl == "planes" else A._attn_kvq_split_kernel
     opts = {"num_warps": warps} | ({"num_stages": stages} if stages else {})
     ck = triton.compile(
         ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 64), options=opts
     )
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = os.path.join(BIN, "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()
@@ -58,17 +88,44 @@ def resources(
         "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
         "hmma": sass.count("HMMA"),
         "smem": ck.metadata.shared,
-    }
+    } | _ptxas(ck.asm["ptx"])
+
+
+def variants(sweep: bool) -> list[dict]:
+    """The decoder's launch for int4 / int8 in every dot precision, then (sweep) other launch shapes."""
+    out = [{"impl": "planes", "bits": bits, "prec": prec} for bits in (4, 8) for prec in ("tf32", "tf32x3")]
+    if sweep:
+        out += [
+            {"impl": impl, "bits": bits, "block_n": bn, "warps": w, "stages": None}
+            for impl in ("planes", "dequant")
+            for bits in (4, 8)
+            for bn, w in ((32, 4), (64, 4), (64, 8))
+        ]
+    return out
+
+
+def _row(v: dict) -> dict:
+    return v | resources(**v)
 
 
 def main() -> None:
-    print(f"triton {triton.__version__}, sm_90, D=128")
-    for impl in ("planes", "dequant"):
-        for bits in (4, 8):
-            for block_n, warps in ((32, 4), (64, 4), (64, 8)):
-                r = resources(bits, block_n, warps, impl=impl)
-                cfg = f"{impl:7s} int{bits} BLOCK_N={block_n:3d} warps={warps}"
-                print(f"{cfg}: {r['regs']} regs, stack {r['stack']} B, smem {r['smem']} B, {r['hmma']} HMMA")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", action="store_true", help="also other BLOCK_N / warps and the dequant kernel")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    a = p.parse_args()
+    print(f"triton {triton.__version__}, sm_90, D=128, keys ch g32 / values tok, asym, device length")
+    rows = []
+    with ProcessPoolExecutor(a.jobs) as ex:
+        for r in ex.map(_row, variants(a.sweep)):
+            cfg = f"{r['impl']:7s} int{r['bits']} {r.get('prec', 'tf32x3'):6s}"
+            cfg += f" BLOCK_N={r.get('block_n', 64):3d} warps={r.get('warps', 4)} stages={r.get('stages', 1)}"
+            res = f"{r['regs']} regs, spill st/ld {r['spill_st']}/{r['spill_ld']} B, stack {r['stack']} B"
+            print(f"{cfg}: {res}, smem {r['smem']} B, {r['hmma']} HMMA", flush=True)
+            rows.append(r)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"triton": triton.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

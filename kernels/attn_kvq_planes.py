@@ -1,0 +1,340 @@
+"""The bit-plane split-K kernel of the quantized-KV decode attention (`impl="planes"`, the default).
+
+b-bit codes stay in bit planes: plane e of a byte row holds channel j * 8/b + e of byte j, so codes reach
+`tl.dot` from one shift and mask. Layout, grid and workspace: kernels/attn_kvq.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from workbench.kernels.attn_kvq_common import _base, _prefix, _win_slot
+
+
+@triton.jit
+def _dot_codes(a, code, PREC: tl.constexpr):
+    """a (float32) @ code (small unsigned integer codes, exact in tf32) with float32 accumulation.
+
+    "tf32x3": a = hi + rest with hi a's top 10 mantissa bits, two tf32 passes; only rest's rounding (~2^-21
+    relative) is lost. "tf32": one pass (10-bit mantissas). (A split into two fp16 halves against fp16 codes
+    measured no faster on the H200, 2026-12-03: benchmarks/bench_kv_step_h200_planes_sweep2.json.)
+    """
+    if PREC == "tf32x3":
+        b = code.to(tl.float32)
+        hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        x = tl.dot(hi, b, input_precision="tf32") + tl.dot(a - hi, b, input_precision="tf32")
+    else:
+        x = tl.dot(a, code.to(tl.float32), input_precision=PREC)
+    return x
+
+
+@triton.jit
+def _pick(e: tl.constexpr, a0, a1, a2, a3):
+    """The e-th of four values (e a constexpr: resolved at compile time)."""
+    if e == 0:
+        x = a0
+    elif e == 1:
+        x = a1
+    elif e == 2:
+        x = a2
+    else:
+        x = a3
+    return x
+
+
+@triton.jit
+def _plane(byte, e: tl.constexpr, BITS: tl.constexpr):
+    """Integer codes of bit plane e of bytes [BLOCK_N, DJ] (uint8): channel j * (8 / BITS) + e of byte j."""
+    if BITS == 8:
+        x = byte
+    else:
+        x = (byte >> (e * BITS)) & ((1 << BITS) - 1)
+    return x
+
+
+@triton.jit
+def _bytes(codes_ptr, pos, j, ok, cap, bh, DJ: tl.constexpr, DJ_P: tl.constexpr, ALL: tl.constexpr):
+    """uint8 code bytes [BLOCK_N, DJ_P] of positions `pos` (rows of DJ bytes); 0 where not `ok` [BLOCK_N].
+
+    ALL: every position is valid (`ok` unused), so a row of DJ = DJ_P bytes loads without a mask.
+    (No code may follow a return under a constexpr `if` here: Triton's code generator still compiles it.)
+    """
+    ptr = codes_ptr + _base(bh, cap * DJ) + pos[:, None] * DJ + j[None, :]
+    if ALL and DJ == DJ_P:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=ok[:, None] & (j[None, :] < DJ), other=0)
+    return x
+
+
+@triton.jit
+def _deq_plane(
+    code, scale_ptr, lo_ptr, pos, j, m, cap, bh, e: tl.constexpr, BITS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+):  # fmt: skip
+    """Plane e's codes [BLOCK_N, DJ_P] dequantized with their own scale (and minimum); 0 where not m."""
+    code = code.to(tl.float32)
+    c = j * NP + e  # the channel of each plane column
+    if PER_CHANNEL:
+        off = _base(bh, (cap // G) * D) + (pos[:, None] // G) * D + c[None, :]
+    else:
+        off = _base(bh, cap * (D // G)) + pos[:, None] * (D // G) + c[None, :] // G
+    scale = tl.load(scale_ptr + off, mask=m, other=0.0).to(tl.float32)
+    if SYM:
+        x = (code - (1 << (BITS - 1))) * scale
+    else:
+        x = code * scale + tl.load(lo_ptr + off, mask=m, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _mixed_plane(
+    byte, scale_ptr, lo_ptr, win_ptr, pos, j, mask_n, q_len, cap, W, bh, e: tl.constexpr, BITS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+    DJ: tl.constexpr, RING: tl.constexpr,
+):  # fmt: skip
+    """Plane e [BLOCK_N, DJ_P] of any block: dequantized codes below q_len, the window from q_len on."""
+    in_q = (pos < q_len) & mask_n
+    mj = j[None, :] < DJ
+    x = _deq_plane(
+        _plane(byte, e, BITS),
+        scale_ptr,
+        lo_ptr,
+        pos,
+        j,
+        in_q[:, None] & mj,
+        cap,
+        bh,
+        e,
+        BITS,
+        PER_CHANNEL,
+        G,
+        SYM,
+        D,
+        NP,
+    )
+    in_w = (pos >= q_len) & mask_n
+    w_off = _base(bh, W * D) + _win_slot(pos, q_len, W, RING)[:, None] * D + (j * NP + e)[None, :]
+    w = tl.load(win_ptr + w_off, mask=in_w[:, None] & mj, other=0.0).to(tl.float32)
+    return tl.where(in_q[:, None], x, w)
+
+
+@triton.jit
+def _scores_codes(
+    q0, q1, q2, q3, byte, ks, kl, pos, start, j, cap, bh, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, DJ: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """q . keys of a whole-code block at `start` -> [BLOCK_H, BLOCK_N], q given as its NP channel planes.
+
+    Per-channel keys with the block inside one group of G tokens: the block's scale goes onto q,
+    (q * scale) . code + q . lo (or - 2^(b-1) * sum(q * scale)), the codes meeting the MMA exactly; other
+    layouts dequantize each element.
+    """
+    mj = j < DJ
+    if PER_CHANNEL and G % BLOCK_N == 0:
+        s_off = _base(bh, (cap // G) * D) + (start // G) * D
+        s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
+        bias = tl.zeros((q0.shape[0],), tl.float32)
+        for e in tl.static_range(NP):
+            qe = _pick(e, q0, q1, q2, q3)
+            qs = qe * tl.load(ks + s_off + j * NP + e, mask=mj, other=0.0).to(tl.float32)[None, :]
+            s += _dot_codes(qs, tl.trans(_plane(byte, e, BITS)), PREC)
+            if SYM:
+                bias -= (1 << (BITS - 1)) * tl.sum(qs, 1)
+            else:
+                bias += tl.sum(
+                    qe * tl.load(kl + s_off + j * NP + e, mask=mj, other=0.0).to(tl.float32)[None, :], 1
+                )
+        s += bias[:, None]
+    else:
+        m = (pos >= 0)[:, None] & mj[None, :]
+        s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
+        for e in tl.static_range(NP):
+            k = _deq_plane(
+                _plane(byte, e, BITS), ks, kl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP
+            )
+            s += tl.dot(_pick(e, q0, q1, q2, q3), tl.trans(k), input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _pv_codes(
+    p, byte, vs, vl, pos, j, cap, bh, e: tl.constexpr, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, DJ: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """p [BLOCK_H, BLOCK_N] @ plane e of a whole-code value block -> [BLOCK_H, DJ_P].
+
+    Per-token values with one scale per token (G = D): the scale goes onto p, (p * scale) @ code + p . lo
+    (or - 2^(b-1) * sum(p * scale)); other layouts dequantize each element.
+    """
+    if (not PER_CHANNEL) and G == D:
+        ps = p * tl.load(vs + _base(bh, cap) + pos).to(tl.float32)[None, :]
+        pv = _dot_codes(ps, _plane(byte, e, BITS), PREC)
+        if SYM:
+            pv -= (1 << (BITS - 1)) * tl.sum(ps, 1)[:, None]
+        else:
+            pv += tl.sum(p * tl.load(vl + _base(bh, cap) + pos).to(tl.float32)[None, :], 1)[:, None]
+    else:
+        m = (pos >= 0)[:, None] & (j[None, :] < DJ)
+        v = _deq_plane(_plane(byte, e, BITS), vs, vl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP)
+        pv = tl.dot(p, v, input_precision=PREC)
+    return pv
+
+
+@triton.jit
+def _pv_mixed(
+    p, byte, vs, vl, vw, pos, j, mask_n, q_len, cap, W, bh, e: tl.constexpr, BITS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+    DJ: tl.constexpr, RING: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """p [BLOCK_H, BLOCK_N] @ plane e of any value block (`_mixed_plane`) -> [BLOCK_H, DJ_P]."""
+    v = _mixed_plane(byte, vs, vl, vw, pos, j, mask_n, q_len, cap, W, bh, e, BITS, PER_CHANNEL, G, SYM, D,
+                     NP, DJ, RING)  # fmt: skip
+    return tl.dot(p, v, input_precision=PREC)
+
+
+@triton.jit
+def _online(s, m_i, l_i):
+    """Online-softmax step of scores s [BLOCK_H, BLOCK_N]: (new max, p, rescale of the old sums, new sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    return m_new, p, alpha, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _attn_kvq_planes_kernel(
+    q_ptr, m_ptr, l_ptr, acc_ptr,
+    kc, ks, kl, kw, vc, vs, vl, vw,
+    n, qk, qv, cap, Wk, Wv, Hq, Hkv, sm_scale, chunk, n_splits, len_ptr, Rk, Rv,
+    K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
+    V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
+    D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    DEV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """`_attn_kvq_split_kernel`'s job with the codes in bit planes: no unpacking join, no branch per block.
+
+    A byte row of b-bit codes holds NP = 8 / b channels per byte: plane e is channel j * NP + e of byte j. The
+    query is loaded as the key side's NP planes and the accumulator kept as the value side's NP planes
+    (stored interleaved back to channel order), so the codes go to `tl.dot` straight from a shift and a mask.
+    Blocks wholly below both quantized prefixes run a branch-free loop (the scales onto q and p where the
+    layout allows, `_scores_codes` / `_pv_codes`); the rest of the split (the block holding a prefix
+    boundary, the window) runs a masked loop that mixes codes and window (`_mixed_plane`).
+    """
+    NPK: tl.constexpr = 8 // K_BITS
+    NPV: tl.constexpr = 8 // V_BITS
+    DJK: tl.constexpr = D // NPK  # bytes per key row = channels per plane
+    DJV: tl.constexpr = D // NPV
+    DJK_P: tl.constexpr = DJK if DJK >= 16 else 16  # tl.dot wants >= 16 along K and N
+    DJV_P: tl.constexpr = DJV if DJV >= 16 else 16
+    if DEV:
+        n = tl.load(len_ptr).to(tl.int32)
+        qk = _prefix(n, Rk, K_CH, K_G)
+        qv = _prefix(n, Rv, V_CH, V_G)
+    bh = tl.program_id(0)  # b * Hkv + kv head
+    sp = tl.program_id(1)
+    rep = Hq // Hkv
+    r = tl.arange(0, BLOCK_H)
+    jk = tl.arange(0, DJK_P)
+    jv = tl.arange(0, DJV_P)
+    mask_h = r < rep
+    q_rows = (bh // Hkv) * Hq + (bh % Hkv) * rep + r  # query heads h = kv head * rep + r
+    q_base = q_ptr + q_rows[:, None] * D
+    q_m = mask_h[:, None] & (jk[None, :] < DJK)
+    q0 = tl.load(q_base + (jk * NPK)[None, :], mask=q_m, other=0.0).to(tl.float32)
+    q1, q2, q3 = q0, q0, q0
+    if NPK > 1:
+        q1 = tl.load(q_base + (jk * NPK + 1)[None, :], mask=q_m, other=0.0).to(tl.float32)
+    if NPK > 2:
+        q2 = tl.load(q_base + (jk * NPK + 2)[None, :], mask=q_m, other=0.0).to(tl.float32)
+        q3 = tl.load(q_base + (jk * NPK + 3)[None, :], mask=q_m, other=0.0).to(tl.float32)
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc0 = tl.zeros((BLOCK_H, DJV_P), tl.float32)
+    acc1 = tl.zeros((BLOCK_H, DJV_P), tl.float32)
+    acc2 = tl.zeros((BLOCK_H, DJV_P), tl.float32)
+    acc3 = tl.zeros((BLOCK_H, DJV_P), tl.float32)
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, n)
+    mid = tl.maximum(tl.minimum(hi, tl.minimum(qk, qv) // BLOCK_N * BLOCK_N), lo)
+    for start in range(lo, mid, BLOCK_N):  # whole-code blocks: no mask on positions, no branch
+        pos = start + tl.arange(0, BLOCK_N)
+        kb = _bytes(kc, pos, jk, pos >= 0, cap, bh, DJK, DJK_P, True)
+        vb = _bytes(vc, pos, jv, pos >= 0, cap, bh, DJV, DJV_P, True)  # both loads in flight at once
+        s = _scores_codes(
+            q0,
+            q1,
+            q2,
+            q3,
+            kb,
+            ks,
+            kl,
+            pos,
+            start,
+            jk,
+            cap,
+            bh,
+            K_BITS,
+            K_CH,
+            K_G,
+            K_SYM,
+            D,
+            NPK,
+            DJK,
+            BLOCK_N,
+            PREC,
+        )
+        m_i, p, alpha, l_i = _online(s * sm_scale, m_i, l_i)
+        acc0 = acc0 * alpha[:, None] + _pv_codes(
+            p, vb, vs, vl, pos, jv, cap, bh, 0, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+        )
+        if NPV > 1:
+            acc1 = acc1 * alpha[:, None] + _pv_codes(
+                p, vb, vs, vl, pos, jv, cap, bh, 1, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+            )
+        if NPV > 2:
+            acc2 = acc2 * alpha[:, None] + _pv_codes(
+                p, vb, vs, vl, pos, jv, cap, bh, 2, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+            )
+            acc3 = acc3 * alpha[:, None] + _pv_codes(
+                p, vb, vs, vl, pos, jv, cap, bh, 3, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+            )
+    for start in range(mid, hi, BLOCK_N):  # the rest: a prefix boundary, the window, the split's end
+        pos = start + tl.arange(0, BLOCK_N)
+        mask_n = pos < hi
+        kb = _bytes(kc, pos, jk, (pos < qk) & mask_n, cap, bh, DJK, DJK_P, False)
+        s = tl.zeros((BLOCK_H, BLOCK_N), tl.float32)
+        for e in tl.static_range(NPK):
+            k = _mixed_plane(kb, ks, kl, kw, pos, jk, mask_n, qk, cap, Wk, bh, e, K_BITS, K_CH, K_G, K_SYM, D,
+                             NPK, DJK, DEV)  # fmt: skip
+            s += tl.dot(_pick(e, q0, q1, q2, q3), tl.trans(k), input_precision=PREC)
+        s = tl.where(mask_n[None, :], s * sm_scale, float("-inf"))
+        m_i, p, alpha, l_i = _online(s, m_i, l_i)
+        vb = _bytes(vc, pos, jv, (pos < qv) & mask_n, cap, bh, DJV, DJV_P, False)
+        pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 0, V_BITS, V_CH, V_G, V_SYM, D,
+                       NPV, DJV, DEV, PREC)  # fmt: skip
+        acc0 = acc0 * alpha[:, None] + pv
+        if NPV > 1:
+            pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 1, V_BITS, V_CH, V_G, V_SYM,
+                           D, NPV, DJV, DEV, PREC)  # fmt: skip
+            acc1 = acc1 * alpha[:, None] + pv
+        if NPV > 2:
+            pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 2, V_BITS, V_CH, V_G, V_SYM,
+                           D, NPV, DJV, DEV, PREC)  # fmt: skip
+            acc2 = acc2 * alpha[:, None] + pv
+            pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 3, V_BITS, V_CH, V_G, V_SYM,
+                           D, NPV, DJV, DEV, PREC)  # fmt: skip
+            acc3 = acc3 * alpha[:, None] + pv
+    row = (bh * n_splits + sp) * BLOCK_H + r
+    tl.store(m_ptr + row, m_i)
+    tl.store(l_ptr + row, l_i)
+    a_ptr = acc_ptr + row[:, None] * D_P + (jv * NPV)[None, :]
+    a_m = jv[None, :] < DJV
+    tl.store(a_ptr, acc0, mask=a_m)
+    if NPV > 1:
+        tl.store(a_ptr + 1, acc1, mask=a_m)
+    if NPV > 2:
+        tl.store(a_ptr + 2, acc2, mask=a_m)
+        tl.store(a_ptr + 3, acc3, mask=a_m)
