@@ -58,11 +58,16 @@ def resources(
     impl: str = "planes",
     stages: int | None = 1,
     block_h: int = 16,
+    tail_n: int | None = None,
+    maxnreg: int | None = None,
+    q: str | None = None,
+    aligned: bool = True,
 ) -> dict:
     """Resources of kernel `impl` ("planes" / "dequant") compiled for sm_90 (module docstring)."""
     from workbench.kernels import attn_kvq as A
 
     sig = {p: "*fp32" for p in ("q_ptr", "m_ptr", "l_ptr", "acc_ptr")}
+    sig["q_ptr"] = f"*{q or ('fp32' if prec == 'tf32x3' else 'bf16')}"  # fastkv.kernel_precision's models
     sig.update({"kc": "*u8", "ks": "*fp16", "kl": "*fp16", "kw": "*bf16"})
     sig.update({"vc": "*u8", "vs": "*fp16", "vl": "*fp16", "vw": "*bf16"})
     sig.update({k: "i32" for k in ("n", "qk", "qv", "cap", "Wk", "Wv", "Hq", "Hkv")})
@@ -71,12 +76,22 @@ def resources(
     )
     const = dict(K_BITS=bits, K_CH=True, K_G=32, K_SYM=False, V_BITS=bits, V_CH=False, V_G=128, V_SYM=False)
     const.update(D=128, D_P=128, BLOCK_N=block_n, BLOCK_H=block_h, DEV=dev, PREC=prec)
-    sig.update({k: "constexpr" for k in const})
     fn = A._attn_kvq_planes_kernel if impl == "planes" else A._attn_kvq_split_kernel
+    if "TAIL_N" in fn.arg_names:
+        const["TAIL_N"] = tail_n or block_n
+    sig.update({k: "constexpr" for k in const})
     opts = {"num_warps": warps} | ({"num_stages": stages} if stages else {})
-    ck = triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 64), options=opts
-    )
+    opts |= {"maxnreg": maxnreg} if maxnreg else {}
+    # what Triton's launcher specializes at the decoder's launch: 16-byte aligned pointers, and the integers
+    # that are multiples of 16 (the capacity and n a multiple of 64, qk = qv = 0, Wk = R + G = 64, Hq 32,
+    # chunk a multiple of BLOCK_N, R 32); not Wv = R + 1, Hkv 8, n_splits 33. Without these hints the
+    # code bytes load one byte per instruction (ALIGNED False: the numbers before 2026-12-04).
+    div16 = [k for k, t in sig.items() if t.startswith("*")] + "n qk qv cap Wk Hq chunk Rk Rv".split()
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div16} if aligned else {}
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=opts)
+    if os.environ.get("KVQ_DUMP"):
+        open(os.environ["KVQ_DUMP"], "w").write(ck.asm["ttgir"])
     tool = os.path.join(BIN, "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])

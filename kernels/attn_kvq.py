@@ -54,7 +54,8 @@ def _check(q: torch.Tensor, Hkv: int, n: int, block_n: int) -> None:
 
 
 IMPLS = ("planes", "dequant")
-PRECISIONS = ("tf32x3", "tf32")
+PRECISIONS = ("tf32x3", "tf32", "fp16")
+PLANES_ONLY = ("fp16",)  # dot operands rounded to 16 bits: the bit-plane kernel only
 
 
 def _impl(impl: str | None) -> str:
@@ -67,7 +68,7 @@ def _impl(impl: str | None) -> str:
 
 def _launch(
     q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None, prec="tf32x3", impl=None,
-    num_stages=None,
+    num_stages=None, tail_n=None, maxnreg=None,
 ):  # fmt: skip
     """Both kernels; n is the (host) number of positions, or the capacity when `length` holds it on device."""
     B, Hq, D = q.shape
@@ -79,6 +80,11 @@ def _launch(
         kernel = _attn_kvq_planes_kernel
     else:
         kernel = _attn_kvq_split_kernel
+        if prec in PLANES_ONLY or tail_n:
+            raise ValueError(f"attn_kvq: precision '{prec}' and tail_n are options of the planes kernel only")
+    tail_n = tail_n or block_n
+    if tail_n < 16 or tail_n & (tail_n - 1) or tail_n > block_n:
+        raise ValueError(f"attn_kvq: tail_n {tail_n} must be a power of two in [16, block_n {block_n}]")
     rep = Hq // Hkv
     block_h, d_p = max(16, triton.next_power_of_2(rep)), max(16, D)  # tl.dot wants >= 16 rows and columns
     splits = n_splits or _n_splits(n, B * Hkv, q.device, block_n)
@@ -98,11 +104,13 @@ def _launch(
     if kernel is _attn_kvq_planes_kernel:
         # H200 sweep (RESULTS, "Bit-plane kernel"): 4 warps, no software pipelining; Triton's default 3
         # stages need 248 KB of shared memory at D 128 / BLOCK_N 64 and do not launch (232 KB per SM)
-        opts = {"num_warps": num_warps or 4, "num_stages": num_stages or 1}
+        opts = {"num_warps": num_warps or 4, "num_stages": num_stages or 1, "TAIL_N": tail_n}
     else:
         opts = {"num_warps": num_warps or (4 if d_p * block_n <= 4096 else 8)}
         if num_stages:
             opts["num_stages"] = num_stages
+    if maxnreg:
+        opts["maxnreg"] = maxnreg  # ptxas register cap per thread (spills past it)
     kernel[(B * Hkv, splits)](
         q.contiguous(), m, l_sum, acc,
         k["codes"], k["scale"], k["lo"] if k["lo"] is not None else k["scale"], kw,
@@ -149,19 +157,29 @@ def attn_kvq_static(
     precision: str = "tf32x3",
     impl: str | None = None,
     num_stages: int | None = None,
+    tail_n: int | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """`attn_kvq` with the length on the device (int64 [1]): one launch serves every step of a CUDA graph.
 
     k / v: `StaticKVSide.kernel_args()` (workbench/runtime/kvstatic.py): the window is a ring of W slots
     (position p in slot p % W) and "residual" is the spec's R; the quantized prefix of each side follows
     from the length in the kernel. The grid covers the capacity; splits past the length do no work.
-    precision: the tl.dot input precision, "tf32x3" (float32-accurate, the default) or "tf32" (one MMA
-    pass, 10-bit mantissas: for timing the cost of exactness; not checked against the twin at 1e-4).
+    precision: the tl.dot input precision, "tf32x3" (float32-accurate, the default), "tf32" (one MMA
+    pass, 10-bit mantissas), or, planes kernel only, "fp16" (one pass with both operands rounded to fp16:
+    codes exact, q * scale and p * scale to 11-bit mantissas; half the operand registers of tf32; needs
+    |q| * key scale < 65504). The one-pass precisions are checked against the twin only within the bf16
+    cache's own error. (No "bf16": the Triton interpreter computes bf16 dots wrongly, so the CPU tests
+    could not check it.)
     impl / num_stages: the kernel (see `attn_kvq`) and Triton's software-pipelining depth (None: its default).
+    tail_n (planes kernel): the block of the masked tail loop (prefix boundary, window), a power of two
+    in [16, block_n] (None: block_n); smaller tiles there lower the kernel's register peak.
+    maxnreg: a cap on registers per thread (Triton's `maxnreg`; None: ptxas chooses, up to 255).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"attn_kvq_static: precision '{precision}' (choose {', '.join(PRECISIONS)})")
     cap = k["codes"].shape[2]
     return _launch(
-        q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision, impl, num_stages
-    )
+        q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision, impl, num_stages,
+        tail_n, maxnreg,
+    )  # fmt: skip

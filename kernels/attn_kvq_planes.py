@@ -12,19 +12,31 @@ from workbench.kernels.attn_kvq_common import _base, _prefix, _win_slot
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b with float32 accumulation: "fp16" rounds both operands to fp16 (one MMA pass at half the operand
+    registers of tf32), else `tl.dot`'s input precision PREC ("tf32", "tf32x3")."""
+    if PREC == "fp16":
+        x = tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        x = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    return x
+
+
+@triton.jit
 def _dot_codes(a, code, PREC: tl.constexpr):
-    """a (float32) @ code (small unsigned integer codes, exact in tf32) with float32 accumulation.
+    """a (float32) @ code (small unsigned integer codes, exact in tf32, bf16, fp16), float32 accumulation.
 
     "tf32x3": a = hi + rest with hi a's top 10 mantissa bits, two tf32 passes; only rest's rounding (~2^-21
-    relative) is lost. "tf32": one pass (10-bit mantissas). (A split into two fp16 halves against fp16 codes
-    measured no faster on the H200, 2026-12-03: benchmarks/bench_kv_step_h200_planes_sweep2.json.)
+    relative) is lost. "tf32": one pass (10-bit mantissas). "fp16": one pass, a rounded to 11 mantissa
+    bits, the codes exact (0..255). (A split into two fp16 halves against fp16 codes measured no
+    faster on the H200, 2026-12-03: benchmarks/bench_kv_step_h200_planes_sweep2.json.)
     """
     if PREC == "tf32x3":
         b = code.to(tl.float32)
         hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
         x = tl.dot(hi, b, input_precision="tf32") + tl.dot(a - hi, b, input_precision="tf32")
     else:
-        x = tl.dot(a, code.to(tl.float32), input_precision=PREC)
+        x = _dot(a, code, PREC)
     return x
 
 
@@ -154,7 +166,7 @@ def _scores_codes(
             k = _deq_plane(
                 _plane(byte, e, BITS), ks, kl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP
             )
-            s += tl.dot(_pick(e, q0, q1, q2, q3), tl.trans(k), input_precision=PREC)
+            s += _dot(_pick(e, q0, q1, q2, q3), tl.trans(k), PREC)
     return s
 
 
@@ -179,7 +191,7 @@ def _pv_codes(
     else:
         m = (pos >= 0)[:, None] & (j[None, :] < DJ)
         v = _deq_plane(_plane(byte, e, BITS), vs, vl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP)
-        pv = tl.dot(p, v, input_precision=PREC)
+        pv = _dot(p, v, PREC)
     return pv
 
 
@@ -192,7 +204,7 @@ def _pv_mixed(
     """p [BLOCK_H, BLOCK_N] @ plane e of any value block (`_mixed_plane`) -> [BLOCK_H, DJ_P]."""
     v = _mixed_plane(byte, vs, vl, vw, pos, j, mask_n, q_len, cap, W, bh, e, BITS, PER_CHANNEL, G, SYM, D,
                      NP, DJ, RING)  # fmt: skip
-    return tl.dot(p, v, input_precision=PREC)
+    return _dot(p, v, PREC)
 
 
 @triton.jit
@@ -212,7 +224,7 @@ def _attn_kvq_planes_kernel(
     K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
     V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    DEV: tl.constexpr, PREC: tl.constexpr,
+    DEV: tl.constexpr, PREC: tl.constexpr, TAIL_N: tl.constexpr,
 ):  # fmt: skip
     """`_attn_kvq_split_kernel`'s job with the codes in bit planes: no unpacking join, no branch per block.
 
@@ -301,15 +313,15 @@ def _attn_kvq_planes_kernel(
             acc3 = acc3 * alpha[:, None] + _pv_codes(
                 p, vb, vs, vl, pos, jv, cap, bh, 3, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
             )
-    for start in range(mid, hi, BLOCK_N):  # the rest: a prefix boundary, the window, the split's end
-        pos = start + tl.arange(0, BLOCK_N)
+    for start in range(mid, hi, TAIL_N):  # the rest: a prefix boundary, the window, the split's end
+        pos = start + tl.arange(0, TAIL_N)
         mask_n = pos < hi
         kb = _bytes(kc, pos, jk, (pos < qk) & mask_n, cap, bh, DJK, DJK_P, False)
-        s = tl.zeros((BLOCK_H, BLOCK_N), tl.float32)
+        s = tl.zeros((BLOCK_H, TAIL_N), tl.float32)
         for e in tl.static_range(NPK):
             k = _mixed_plane(kb, ks, kl, kw, pos, jk, mask_n, qk, cap, Wk, bh, e, K_BITS, K_CH, K_G, K_SYM, D,
                              NPK, DJK, DEV)  # fmt: skip
-            s += tl.dot(_pick(e, q0, q1, q2, q3), tl.trans(k), input_precision=PREC)
+            s += _dot(_pick(e, q0, q1, q2, q3), tl.trans(k), PREC)
         s = tl.where(mask_n[None, :], s * sm_scale, float("-inf"))
         m_i, p, alpha, l_i = _online(s, m_i, l_i)
         vb = _bytes(vc, pos, jv, (pos < qv) & mask_n, cap, bh, DJV, DJV_P, False)

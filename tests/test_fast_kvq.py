@@ -215,8 +215,8 @@ def test_generate_command_with_a_kv_plan(tmp_path, capsys, monkeypatch):
     ],
 )
 def test_planes_kernel_matches_dequant_kernel_and_twin(kspec, vspec, D):
-    """The bit-plane kernel over splits (tf32x3; one-pass tf32 within its rounding) == the dequantizing
-    kernel == the cache's own dequantized values."""
+    """The bit-plane kernel over splits (tf32x3; one-pass tf32 and fp16 within their rounding; a tail loop
+    in smaller blocks) == the dequantizing kernel == the cache's own dequantized values."""
     cap, n = 128, 100
     sides = [StaticKVSide(s, 2, D, cap, torch.bfloat16, DEV) for s in (kspec, vspec)]
     for i, sd in enumerate(sides):
@@ -228,7 +228,10 @@ def test_planes_kernel_matches_dequant_kernel_and_twin(kspec, vspec, D):
     dequant = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, impl="dequant")
     one = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=1, impl="planes")
     one_pass = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, precision="tf32")
+    half = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, precision="fp16")
+    tail = attn_kvq_static(q, ka, va, length, 0.25, block_n=32, n_splits=3, tail_n=16)
     K, V = (s.values(length)[0, :, :n].repeat_interleave(4, 0) for s in sides)
+
     def attend(q, K, V):
         return (torch.softmax(q[0, :, None] @ K.transpose(-1, -2) * 0.25, -1) @ V)[:, 0]
 
@@ -239,8 +242,23 @@ def test_planes_kernel_matches_dequant_kernel_and_twin(kspec, vspec, D):
     bf = [t.to(torch.bfloat16).float() for t in (q, K, V)]
     bf16_err = float((attend(*bf) - direct).abs().max())
     assert float((one_pass[0] - direct).abs().max()) <= max(bf16_err, 1e-4)
+    assert float((half[0] - direct).abs().max()) <= max(bf16_err, 1e-4)
+    assert float((half[0] - direct).abs().max()) > 1e-6  # the fp16 rounding did happen
+    torch.testing.assert_close(tail, planes, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(planes, dequant, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(planes, one, atol=1e-5, rtol=1e-5)
+
+
+def test_planes_only_options_and_bad_tail_are_refused():
+    sides = [StaticKVSide(s, 2, 16, 64, torch.bfloat16, DEV) for s in ("int8_ch_g16", "int8_tok")]
+    q, length = torch.randn(1, 4, 16, device=DEV), torch.tensor([5], device=DEV)
+    args = (q, *(sd.kernel_args() for sd in sides), length)
+    with pytest.raises(ValueError, match="precision 'fp16' and tail_n are options of the planes kernel only"):
+        attn_kvq_static(*args, 0.25, precision="fp16", impl="dequant")
+    with pytest.raises(ValueError, match="tail_n 8 must be a power of two in \\[16, block_n 32\\]"):
+        attn_kvq_static(*args, 0.25, block_n=32, tail_n=8)
+    with pytest.raises(ValueError, match="tail_n 64 must be a power of two"):
+        attn_kvq_static(*args, 0.25, block_n=32, tail_n=64)
 
 
 def test_unknown_kernel_is_refused():
