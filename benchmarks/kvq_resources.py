@@ -1,15 +1,18 @@
 """Compile the quantized-KV decode-attention kernels (kernels/attn_kvq*.py) for sm_90 offline: resources.
 
-    python benchmarks/kvq_resources.py                 # the decoder's launch, every kernel option (~3 min)
-    python benchmarks/kvq_resources.py --sweep         # also BLOCK_N 32 / 64 x 4 / 8 warps, both kernels
+    python benchmarks/kvq_resources.py             # the decoder's launch x precision x cut (~5 min, 2 cores)
+    python benchmarks/kvq_resources.py --cap 168   # each also under maxnreg 168 (3 CTAs per SM)
+    python benchmarks/kvq_resources.py --sweep     # also BLOCK_N 32 / 64 x 4 / 8 warps, both kernels
     python benchmarks/kvq_resources.py --json out.json
 
 Shape: the Llama-3-8B head (D = 128, GQA 4: rep 4 padded to BLOCK_H rows), keys per channel g32 and values
 per token (one scale per token), asymmetric, device length with ring windows (what `attn_kvq_static` launches
 for int4_ch_r32 / int4_tok_r32 and the int8 pair). The decoder's launch (`workbench.runtime.fastkv.LAUNCH`):
-BLOCK_N 64, 4 warps, num_stages 1. Per variant: registers per thread, spill stores / loads in bytes (ptxas -v
-on Triton's PTX, the options Triton passes), stack frame, shared memory and HMMA instructions of the SASS
-(Triton's own cuobjdump). Timing needs the H200 (benchmarks/bench_kv_step.py, benchmarks/gpu_kvregs.sh).
+BLOCK_N 64, 4 warps, num_stages 1; q bf16 for the one-pass precisions (bf16 models), fp32 for tf32x3; the
+Triton launcher's 16-divisibility hints of that launch. Per variant: registers per thread, spill stores /
+loads in bytes (ptxas -v on Triton's PTX, the options Triton passes), stack frame, shared memory and HMMA
+instructions of the SASS (Triton's own cuobjdump). Timing needs the H200 (benchmarks/bench_kv_step.py,
+benchmarks/gpu_kvregs.sh).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def resources(
     maxnreg: int | None = None,
     q: str | None = None,
     aligned: bool = True,
+    int8_chunk: int | None = None,
 ) -> dict:
     """Resources of kernel `impl` ("planes" / "dequant") compiled for sm_90 (module docstring)."""
     from workbench.kernels import attn_kvq as A
@@ -79,6 +83,8 @@ def resources(
     fn = A._attn_kvq_planes_kernel if impl == "planes" else A._attn_kvq_split_kernel
     if "TAIL_N" in fn.arg_names:
         const["TAIL_N"] = tail_n or block_n
+    if "CHUNK8" in fn.arg_names:
+        const["CHUNK8"] = int8_chunk or 0
     sig.update({k: "constexpr" for k in const})
     opts = {"num_warps": warps} | ({"num_stages": stages} if stages else {})
     opts |= {"maxnreg": maxnreg} if maxnreg else {}
@@ -106,9 +112,21 @@ def resources(
     } | _ptxas(ck.asm["ptx"])
 
 
-def variants(sweep: bool) -> list[dict]:
-    """The decoder's launch for int4 / int8 in every dot precision, then (sweep) other launch shapes."""
-    out = [{"impl": "planes", "bits": bits, "prec": prec} for bits in (4, 8) for prec in ("tf32", "tf32x3")]
+# the register cuts of branch kvregs, as `attn_kvq_static` keywords (int8_chunk does nothing to int4)
+CUTS = {"default": {}, "tail16": {"tail_n": 16}, "tail16+chunk64": {"tail_n": 16, "int8_chunk": 64}}
+
+
+def variants(sweep: bool, cap: int | None) -> list[dict]:
+    """The decoder's launch for int4 / int8 in every dot precision and cut (cap: also under maxnreg cap),
+    then (sweep) other launch shapes of the default kernels."""
+    out = [
+        {"impl": "planes", "bits": bits, "prec": prec, "cut": cut} | kw | extra
+        for bits in (4, 8)
+        for prec in ("tf32", "fp16", "tf32x3")
+        for cut, kw in CUTS.items()
+        if bits == 8 or "int8_chunk" not in kw
+        for extra in ([{}, {"maxnreg": cap}] if cap else [{}])
+    ]
     if sweep:
         out += [
             {"impl": impl, "bits": bits, "block_n": bn, "warps": w, "stages": None}
@@ -120,7 +138,7 @@ def variants(sweep: bool) -> list[dict]:
 
 
 def _row(v: dict) -> dict:
-    return v | resources(**v)
+    return v | resources(**{k: x for k, x in v.items() if k != "cut"})
 
 
 def main() -> None:
@@ -128,13 +146,15 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also other BLOCK_N / warps and the dequant kernel")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--cap", type=int, help="also compile every cut under this maxnreg (168: 3 CTAs / SM)")
     a = p.parse_args()
     print(f"triton {triton.__version__}, sm_90, D=128, keys ch g32 / values tok, asym, device length")
     rows = []
     with ProcessPoolExecutor(a.jobs) as ex:
-        for r in ex.map(_row, variants(a.sweep)):
-            cfg = f"{r['impl']:7s} int{r['bits']} {r.get('prec', 'tf32x3'):6s}"
+        for r in ex.map(_row, variants(a.sweep, a.cap)):
+            cfg = f"{r['impl']:7s} int{r['bits']} {r.get('prec', 'tf32x3'):6s} {r.get('cut', ''):14s}"
             cfg += f" BLOCK_N={r.get('block_n', 64):3d} warps={r.get('warps', 4)} stages={r.get('stages', 1)}"
+            cfg += f" maxnreg={r['maxnreg']}" if r.get("maxnreg") else ""
             res = f"{r['regs']} regs, spill st/ld {r['spill_st']}/{r['spill_ld']} B, stack {r['stack']} B"
             print(f"{cfg}: {res}, smem {r['smem']} B, {r['hmma']} HMMA", flush=True)
             rows.append(r)

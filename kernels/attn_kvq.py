@@ -68,7 +68,7 @@ def _impl(impl: str | None) -> str:
 
 def _launch(
     q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None, prec="tf32x3", impl=None,
-    num_stages=None, tail_n=None, maxnreg=None,
+    num_stages=None, tail_n=None, maxnreg=None, int8_chunk=None,
 ):  # fmt: skip
     """Both kernels; n is the (host) number of positions, or the capacity when `length` holds it on device."""
     B, Hq, D = q.shape
@@ -80,8 +80,14 @@ def _launch(
         kernel = _attn_kvq_planes_kernel
     else:
         kernel = _attn_kvq_split_kernel
-        if prec in PLANES_ONLY or tail_n:
-            raise ValueError(f"attn_kvq: precision '{prec}' and tail_n are options of the planes kernel only")
+        if prec in PLANES_ONLY or tail_n or int8_chunk:
+            raise ValueError(
+                f"attn_kvq: precision '{prec}', tail_n and int8_chunk are options of the planes kernel only"
+            )
+    if int8_chunk and (int8_chunk < 16 or int8_chunk & (int8_chunk - 1) or D // int8_chunk > 4):
+        raise ValueError(
+            f"attn_kvq: int8_chunk {int8_chunk} must be a power of two >= 16 and >= head dim {D} / 4"
+        )
     tail_n = tail_n or block_n
     if tail_n < 16 or tail_n & (tail_n - 1) or tail_n > block_n:
         raise ValueError(f"attn_kvq: tail_n {tail_n} must be a power of two in [16, block_n {block_n}]")
@@ -105,6 +111,7 @@ def _launch(
         # H200 sweep (RESULTS, "Bit-plane kernel"): 4 warps, no software pipelining; Triton's default 3
         # stages need 248 KB of shared memory at D 128 / BLOCK_N 64 and do not launch (232 KB per SM)
         opts = {"num_warps": num_warps or 4, "num_stages": num_stages or 1, "TAIL_N": tail_n}
+        opts["CHUNK8"] = int8_chunk if int8_chunk and int8_chunk < D else 0
     else:
         opts = {"num_warps": num_warps or (4 if d_p * block_n <= 4096 else 8)}
         if num_stages:
@@ -159,6 +166,7 @@ def attn_kvq_static(
     num_stages: int | None = None,
     tail_n: int | None = None,
     maxnreg: int | None = None,
+    int8_chunk: int | None = None,
 ) -> torch.Tensor:
     """`attn_kvq` with the length on the device (int64 [1]): one launch serves every step of a CUDA graph.
 
@@ -175,11 +183,13 @@ def attn_kvq_static(
     tail_n (planes kernel): the block of the masked tail loop (prefix boundary, window), a power of two
     in [16, block_n] (None: block_n); smaller tiles there lower the kernel's register peak.
     maxnreg: a cap on registers per thread (Triton's `maxnreg`; None: ptxas chooses, up to 255).
+    int8_chunk (planes kernel): int8 rows cut into planes of this many consecutive channels (a power of two
+    >= 16 and >= D / 4; None: one plane of D), so each dot takes a [BLOCK_N, int8_chunk] code tile.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"attn_kvq_static: precision '{precision}' (choose {', '.join(PRECISIONS)})")
     cap = k["codes"].shape[2]
     return _launch(
         q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision, impl, num_stages,
-        tail_n, maxnreg,
+        tail_n, maxnreg, int8_chunk,
     )  # fmt: skip

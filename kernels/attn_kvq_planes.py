@@ -65,13 +65,29 @@ def _plane(byte, e: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _bytes(codes_ptr, pos, j, ok, cap, bh, DJ: tl.constexpr, DJ_P: tl.constexpr, ALL: tl.constexpr):
-    """uint8 code bytes [BLOCK_N, DJ_P] of positions `pos` (rows of DJ bytes); 0 where not `ok` [BLOCK_N].
+def _chan(j, e: tl.constexpr, BITS: tl.constexpr, DJ: tl.constexpr):
+    """The channel of column j of plane e: j * (8 / BITS) + e for sub-byte codes (the planes of one byte
+    row), e * DJ + j for int8 (plane e: bytes e * DJ .. e * DJ + DJ - 1 of the row)."""
+    if BITS == 8:
+        c = e * DJ + j
+    else:
+        c = j * (8 // BITS) + e
+    return c
+
+
+@triton.jit
+def _bytes(
+    codes_ptr, pos, j, ok, cap, bh, e: tl.constexpr, BITS: tl.constexpr, ROW: tl.constexpr, DJ: tl.constexpr,
+    DJ_P: tl.constexpr, ALL: tl.constexpr,
+):  # fmt: skip
+    """uint8 code bytes [BLOCK_N, DJ_P] of plane e (all planes for sub-byte codes) of positions `pos` (rows
+    of ROW bytes); 0 where not `ok` [BLOCK_N].
 
     ALL: every position is valid (`ok` unused), so a row of DJ = DJ_P bytes loads without a mask.
     (No code may follow a return under a constexpr `if` here: Triton's code generator still compiles it.)
     """
-    ptr = codes_ptr + _base(bh, cap * DJ) + pos[:, None] * DJ + j[None, :]
+    col = e * DJ if BITS == 8 else 0
+    ptr = codes_ptr + _base(bh, cap * ROW) + pos[:, None] * ROW + col + j[None, :]
     if ALL and DJ == DJ_P:
         x = tl.load(ptr)
     else:
@@ -86,7 +102,7 @@ def _deq_plane(
 ):  # fmt: skip
     """Plane e's codes [BLOCK_N, DJ_P] dequantized with their own scale (and minimum); 0 where not m."""
     code = code.to(tl.float32)
-    c = j * NP + e  # the channel of each plane column
+    c = _chan(j, e, BITS, D // NP)  # the channel of each plane column
     if PER_CHANNEL:
         off = _base(bh, (cap // G) * D) + (pos[:, None] // G) * D + c[None, :]
     else:
@@ -126,18 +142,20 @@ def _mixed_plane(
         NP,
     )
     in_w = (pos >= q_len) & mask_n
-    w_off = _base(bh, W * D) + _win_slot(pos, q_len, W, RING)[:, None] * D + (j * NP + e)[None, :]
+    w_off = _base(bh, W * D) + _win_slot(pos, q_len, W, RING)[:, None] * D + _chan(j, e, BITS, DJ)[None, :]
     w = tl.load(win_ptr + w_off, mask=in_w[:, None] & mj, other=0.0).to(tl.float32)
     return tl.where(in_q[:, None], x, w)
 
 
 @triton.jit
 def _scores_codes(
-    q0, q1, q2, q3, byte, ks, kl, pos, start, j, cap, bh, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    q0, q1, q2, q3, b0, b1, b2, b3, ks, kl, pos, start, j, cap, bh, BITS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
     G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, DJ: tl.constexpr,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """q . keys of a whole-code block at `start` -> [BLOCK_H, BLOCK_N], q given as its NP channel planes.
+    """q . keys of a whole-code block at `start` -> [BLOCK_H, BLOCK_N], q and the code bytes b0 .. b3 given
+    as the side's NP channel planes (`_chan`; sub-byte codes: one byte tile, b0 = b1 = ...).
 
     Per-channel keys with the block inside one group of G tokens: the block's scale goes onto q,
     (q * scale) . code + q . lo (or - 2^(b-1) * sum(q * scale)), the codes meeting the MMA exactly; other
@@ -150,22 +168,20 @@ def _scores_codes(
         bias = tl.zeros((q0.shape[0],), tl.float32)
         for e in tl.static_range(NP):
             qe = _pick(e, q0, q1, q2, q3)
-            qs = qe * tl.load(ks + s_off + j * NP + e, mask=mj, other=0.0).to(tl.float32)[None, :]
-            s += _dot_codes(qs, tl.trans(_plane(byte, e, BITS)), PREC)
+            c = _chan(j, e, BITS, DJ)
+            qs = qe * tl.load(ks + s_off + c, mask=mj, other=0.0).to(tl.float32)[None, :]
+            s += _dot_codes(qs, tl.trans(_plane(_pick(e, b0, b1, b2, b3), e, BITS)), PREC)
             if SYM:
                 bias -= (1 << (BITS - 1)) * tl.sum(qs, 1)
             else:
-                bias += tl.sum(
-                    qe * tl.load(kl + s_off + j * NP + e, mask=mj, other=0.0).to(tl.float32)[None, :], 1
-                )
+                bias += tl.sum(qe * tl.load(kl + s_off + c, mask=mj, other=0.0).to(tl.float32)[None, :], 1)
         s += bias[:, None]
     else:
         m = (pos >= 0)[:, None] & mj[None, :]
         s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
         for e in tl.static_range(NP):
-            k = _deq_plane(
-                _plane(byte, e, BITS), ks, kl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP
-            )
+            code = _plane(_pick(e, b0, b1, b2, b3), e, BITS)
+            k = _deq_plane(code, ks, kl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP)
             s += _dot(_pick(e, q0, q1, q2, q3), tl.trans(k), PREC)
     return s
 
@@ -224,20 +240,24 @@ def _attn_kvq_planes_kernel(
     K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
     V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    DEV: tl.constexpr, PREC: tl.constexpr, TAIL_N: tl.constexpr,
+    DEV: tl.constexpr, PREC: tl.constexpr, TAIL_N: tl.constexpr, CHUNK8: tl.constexpr,
 ):  # fmt: skip
     """`_attn_kvq_split_kernel`'s job with the codes in bit planes: no unpacking join, no branch per block.
 
-    A byte row of b-bit codes holds NP = 8 / b channels per byte: plane e is channel j * NP + e of byte j. The
-    query is loaded as the key side's NP planes and the accumulator kept as the value side's NP planes
-    (stored interleaved back to channel order), so the codes go to `tl.dot` straight from a shift and a mask.
-    Blocks wholly below both quantized prefixes run a branch-free loop (the scales onto q and p where the
-    layout allows, `_scores_codes` / `_pv_codes`); the rest of the split (the block holding a prefix
-    boundary, the window) runs a masked loop that mixes codes and window (`_mixed_plane`).
+    A byte row of b-bit codes holds 8 / b channels per byte: plane e is channel j * 8 / b + e of byte j. int8
+    rows are cut into D / CHUNK8 planes of CHUNK8 consecutive channels (CHUNK8 0: one plane of D), so each dot
+    sees a [BLOCK_N, <= CHUNK8] tile. The query is loaded as the key side's NP planes and the accumulator kept
+    as the value side's NP planes (stored back in channel order, `_chan`), so the codes go to `tl.dot`
+    straight from a shift and a mask. Blocks wholly below both quantized prefixes run a branch-free loop (the
+    scales onto q and p where the layout allows, `_scores_codes` / `_pv_codes`); the rest of the split (the
+    block holding a prefix boundary, the window) runs a masked loop over blocks of TAIL_N that mixes codes
+    and window (`_mixed_plane`).
     """
-    NPK: tl.constexpr = 8 // K_BITS
-    NPV: tl.constexpr = 8 // V_BITS
-    DJK: tl.constexpr = D // NPK  # bytes per key row = channels per plane
+    NPK: tl.constexpr = 8 // K_BITS if K_BITS < 8 else (D // CHUNK8 if CHUNK8 > 0 else 1)  # planes
+    NPV: tl.constexpr = 8 // V_BITS if V_BITS < 8 else (D // CHUNK8 if CHUNK8 > 0 else 1)
+    ROWK: tl.constexpr = D * K_BITS // 8  # bytes per row
+    ROWV: tl.constexpr = D * V_BITS // 8
+    DJK: tl.constexpr = D // NPK  # channels per plane = bytes per plane's row
     DJV: tl.constexpr = D // NPV
     DJK_P: tl.constexpr = DJK if DJK >= 16 else 16  # tl.dot wants >= 16 along K and N
     DJV_P: tl.constexpr = DJV if DJV >= 16 else 16
@@ -255,13 +275,13 @@ def _attn_kvq_planes_kernel(
     q_rows = (bh // Hkv) * Hq + (bh % Hkv) * rep + r  # query heads h = kv head * rep + r
     q_base = q_ptr + q_rows[:, None] * D
     q_m = mask_h[:, None] & (jk[None, :] < DJK)
-    q0 = tl.load(q_base + (jk * NPK)[None, :], mask=q_m, other=0.0).to(tl.float32)
+    q0 = tl.load(q_base + _chan(jk, 0, K_BITS, DJK)[None, :], mask=q_m, other=0.0).to(tl.float32)
     q1, q2, q3 = q0, q0, q0
     if NPK > 1:
-        q1 = tl.load(q_base + (jk * NPK + 1)[None, :], mask=q_m, other=0.0).to(tl.float32)
+        q1 = tl.load(q_base + _chan(jk, 1, K_BITS, DJK)[None, :], mask=q_m, other=0.0).to(tl.float32)
     if NPK > 2:
-        q2 = tl.load(q_base + (jk * NPK + 2)[None, :], mask=q_m, other=0.0).to(tl.float32)
-        q3 = tl.load(q_base + (jk * NPK + 3)[None, :], mask=q_m, other=0.0).to(tl.float32)
+        q2 = tl.load(q_base + _chan(jk, 2, K_BITS, DJK)[None, :], mask=q_m, other=0.0).to(tl.float32)
+        q3 = tl.load(q_base + _chan(jk, 3, K_BITS, DJK)[None, :], mask=q_m, other=0.0).to(tl.float32)
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
     acc0 = tl.zeros((BLOCK_H, DJV_P), tl.float32)
@@ -273,80 +293,76 @@ def _attn_kvq_planes_kernel(
     mid = tl.maximum(tl.minimum(hi, tl.minimum(qk, qv) // BLOCK_N * BLOCK_N), lo)
     for start in range(lo, mid, BLOCK_N):  # whole-code blocks: no mask on positions, no branch
         pos = start + tl.arange(0, BLOCK_N)
-        kb = _bytes(kc, pos, jk, pos >= 0, cap, bh, DJK, DJK_P, True)
-        vb = _bytes(vc, pos, jv, pos >= 0, cap, bh, DJV, DJV_P, True)  # both loads in flight at once
-        s = _scores_codes(
-            q0,
-            q1,
-            q2,
-            q3,
-            kb,
-            ks,
-            kl,
-            pos,
-            start,
-            jk,
-            cap,
-            bh,
-            K_BITS,
-            K_CH,
-            K_G,
-            K_SYM,
-            D,
-            NPK,
-            DJK,
-            BLOCK_N,
-            PREC,
-        )
+        ok = pos >= 0
+        kb0 = _bytes(kc, pos, jk, ok, cap, bh, 0, K_BITS, ROWK, DJK, DJK_P, True)
+        kb1, kb2, kb3 = kb0, kb0, kb0
+        if K_BITS == 8 and NPK > 1:
+            kb1 = _bytes(kc, pos, jk, ok, cap, bh, 1, K_BITS, ROWK, DJK, DJK_P, True)
+        if K_BITS == 8 and NPK > 2:
+            kb2 = _bytes(kc, pos, jk, ok, cap, bh, 2, K_BITS, ROWK, DJK, DJK_P, True)
+            kb3 = _bytes(kc, pos, jk, ok, cap, bh, 3, K_BITS, ROWK, DJK, DJK_P, True)
+        vb0 = _bytes(vc, pos, jv, ok, cap, bh, 0, V_BITS, ROWV, DJV, DJV_P, True)  # loads in flight at once
+        vb1, vb2, vb3 = vb0, vb0, vb0
+        if V_BITS == 8 and NPV > 1:
+            vb1 = _bytes(vc, pos, jv, ok, cap, bh, 1, V_BITS, ROWV, DJV, DJV_P, True)
+        if V_BITS == 8 and NPV > 2:
+            vb2 = _bytes(vc, pos, jv, ok, cap, bh, 2, V_BITS, ROWV, DJV, DJV_P, True)
+            vb3 = _bytes(vc, pos, jv, ok, cap, bh, 3, V_BITS, ROWV, DJV, DJV_P, True)
+        s = _scores_codes(q0, q1, q2, q3, kb0, kb1, kb2, kb3, ks, kl, pos, start, jk, cap, bh, K_BITS, K_CH,
+                          K_G, K_SYM, D, NPK, DJK, BLOCK_N, PREC)  # fmt: skip
         m_i, p, alpha, l_i = _online(s * sm_scale, m_i, l_i)
         acc0 = acc0 * alpha[:, None] + _pv_codes(
-            p, vb, vs, vl, pos, jv, cap, bh, 0, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+            p, vb0, vs, vl, pos, jv, cap, bh, 0, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
         )
         if NPV > 1:
             acc1 = acc1 * alpha[:, None] + _pv_codes(
-                p, vb, vs, vl, pos, jv, cap, bh, 1, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+                p, vb1, vs, vl, pos, jv, cap, bh, 1, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
             )
         if NPV > 2:
             acc2 = acc2 * alpha[:, None] + _pv_codes(
-                p, vb, vs, vl, pos, jv, cap, bh, 2, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+                p, vb2, vs, vl, pos, jv, cap, bh, 2, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
             )
             acc3 = acc3 * alpha[:, None] + _pv_codes(
-                p, vb, vs, vl, pos, jv, cap, bh, 3, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
+                p, vb3, vs, vl, pos, jv, cap, bh, 3, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC
             )
     for start in range(mid, hi, TAIL_N):  # the rest: a prefix boundary, the window, the split's end
         pos = start + tl.arange(0, TAIL_N)
         mask_n = pos < hi
-        kb = _bytes(kc, pos, jk, (pos < qk) & mask_n, cap, bh, DJK, DJK_P, False)
         s = tl.zeros((BLOCK_H, TAIL_N), tl.float32)
-        for e in tl.static_range(NPK):
+        for e in tl.static_range(NPK):  # int8: one byte tile per plane; sub-byte: one for all (CSE'd)
+            kb = _bytes(kc, pos, jk, (pos < qk) & mask_n, cap, bh, e, K_BITS, ROWK, DJK, DJK_P, False)
             k = _mixed_plane(kb, ks, kl, kw, pos, jk, mask_n, qk, cap, Wk, bh, e, K_BITS, K_CH, K_G, K_SYM, D,
                              NPK, DJK, DEV)  # fmt: skip
             s += _dot(_pick(e, q0, q1, q2, q3), tl.trans(k), PREC)
         s = tl.where(mask_n[None, :], s * sm_scale, float("-inf"))
         m_i, p, alpha, l_i = _online(s, m_i, l_i)
-        vb = _bytes(vc, pos, jv, (pos < qv) & mask_n, cap, bh, DJV, DJV_P, False)
+        v_ok = (pos < qv) & mask_n
+        vb = _bytes(vc, pos, jv, v_ok, cap, bh, 0, V_BITS, ROWV, DJV, DJV_P, False)
         pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 0, V_BITS, V_CH, V_G, V_SYM, D,
                        NPV, DJV, DEV, PREC)  # fmt: skip
         acc0 = acc0 * alpha[:, None] + pv
         if NPV > 1:
+            vb = _bytes(vc, pos, jv, v_ok, cap, bh, 1, V_BITS, ROWV, DJV, DJV_P, False)
             pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 1, V_BITS, V_CH, V_G, V_SYM,
                            D, NPV, DJV, DEV, PREC)  # fmt: skip
             acc1 = acc1 * alpha[:, None] + pv
         if NPV > 2:
+            vb = _bytes(vc, pos, jv, v_ok, cap, bh, 2, V_BITS, ROWV, DJV, DJV_P, False)
             pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 2, V_BITS, V_CH, V_G, V_SYM,
                            D, NPV, DJV, DEV, PREC)  # fmt: skip
             acc2 = acc2 * alpha[:, None] + pv
+            vb = _bytes(vc, pos, jv, v_ok, cap, bh, 3, V_BITS, ROWV, DJV, DJV_P, False)
             pv = _pv_mixed(p, vb, vs, vl, vw, pos, jv, mask_n, qv, cap, Wv, bh, 3, V_BITS, V_CH, V_G, V_SYM,
                            D, NPV, DJV, DEV, PREC)  # fmt: skip
             acc3 = acc3 * alpha[:, None] + pv
     row = (bh * n_splits + sp) * BLOCK_H + r
     tl.store(m_ptr + row, m_i)
     tl.store(l_ptr + row, l_i)
-    a_ptr = acc_ptr + row[:, None] * D_P + (jv * NPV)[None, :]
+    a_ptr = acc_ptr + row[:, None] * D_P
     a_m = jv[None, :] < DJV
-    tl.store(a_ptr, acc0, mask=a_m)
+    tl.store(a_ptr + _chan(jv, 0, V_BITS, DJV)[None, :], acc0, mask=a_m)
     if NPV > 1:
-        tl.store(a_ptr + 1, acc1, mask=a_m)
+        tl.store(a_ptr + _chan(jv, 1, V_BITS, DJV)[None, :], acc1, mask=a_m)
     if NPV > 2:
-        tl.store(a_ptr + 2, acc2, mask=a_m)
-        tl.store(a_ptr + 3, acc3, mask=a_m)
+        tl.store(a_ptr + _chan(jv, 2, V_BITS, DJV)[None, :], acc2, mask=a_m)
+        tl.store(a_ptr + _chan(jv, 3, V_BITS, DJV)[None, :], acc3, mask=a_m)
