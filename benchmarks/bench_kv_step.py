@@ -56,6 +56,7 @@ KVREGS = [
     _DEC | {"precision": "tf32", "tail_n": 16},
     _DEC | {"precision": "tf32"} | _CUT,
     _DEC | {"precision": "tf32", "n_splits": 50} | _CUT,
+    _DEC | {"precision": "tf32", "n_splits": 50, "maxnreg": 168} | _CUT,  # offline: 168 regs, no spills
     _DEC | {"precision": "fp16"},
     _DEC | {"precision": "fp16"} | _CUT,
     _DEC | {"precision": "fp16", "n_splits": 50} | _CUT,

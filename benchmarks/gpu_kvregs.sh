@@ -4,7 +4,7 @@
 # against the register cuts (`KVREGS` in benchmarks/bench_kv_step.py: tail_n 16, int8_chunk 64, fp16 dots,
 # 50 / 66 splits, maxnreg 168 / 128, BLOCK_N 32), each with its max abs difference to the dequantizing
 # kernel, and the offline sm_90 register / spill table of the same Triton for comparison.
-# Expected ~4 min of command time on the H200 (tests ~35 s, per-layer ~2-3 min: 2 contexts x 2 caches x 12
+# Expected ~4 min of command time on the H200 (tests ~35 s, per-layer ~2-3 min: 2 contexts x 2 caches x 13
 # variants, each compiled once), plus the cold start. WHOLE=1 adds the whole decode step (default launch).
 # Usage on the device: OUT=... bash benchmarks/gpu_kvregs.sh   (logs and JSON land in $OUT)
 set -u
