@@ -148,6 +148,17 @@ def _mixed_plane(
 
 
 @triton.jit
+def _group_rows(ptr, s_off, c, mj, grp, NGB: tl.constexpr, D: tl.constexpr):
+    """Per-channel rows [BLOCK_N, DJ_P] (float32) of a block over NGB >= 2 key groups: position n gets the
+    row of its group grp [BLOCK_N, 1]; NGB row loads [DJ_P] and selects instead of a per-element gather."""
+    x = tl.load(ptr + s_off + c, mask=mj, other=0.0).to(tl.float32)[None, :]
+    for g in tl.static_range(1, NGB):
+        row = tl.load(ptr + s_off + g * D + c, mask=mj, other=0.0).to(tl.float32)[None, :]
+        x = tl.where(grp == g, row, x)
+    return x
+
+
+@triton.jit
 def _scores_codes(
     q0, q1, q2, q3, b0, b1, b2, b3, ks, kl, pos, start, j, cap, bh, BITS: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
@@ -158,8 +169,10 @@ def _scores_codes(
     as the side's NP channel planes (`_chan`; sub-byte codes: one byte tile, b0 = b1 = ...).
 
     Per-channel keys with the block inside one group of G tokens: the block's scale goes onto q,
-    (q * scale) . code + q . lo (or - 2^(b-1) * sum(q * scale)), the codes meeting the MMA exactly; other
-    layouts dequantize each element.
+    (q * scale) . code + q . lo (or - 2^(b-1) * sum(q * scale)), the codes meeting the MMA exactly; a block
+    over several whole groups dequantizes with each group's scale row picked by `tl.where` (`_group_rows`:
+    no [BLOCK_N, DJ] gather of scales, its addresses and its L1 traffic); other layouts dequantize each
+    element.
     """
     mj = j < DJ
     if PER_CHANNEL and G % BLOCK_N == 0:
@@ -176,6 +189,20 @@ def _scores_codes(
             else:
                 bias += tl.sum(qe * tl.load(kl + s_off + c, mask=mj, other=0.0).to(tl.float32)[None, :], 1)
         s += bias[:, None]
+    elif PER_CHANNEL and BLOCK_N % G == 0:  # BLOCK_N / G key groups: their scale rows selected
+        s_off = _base(bh, (cap // G) * D) + (start // G) * D
+        grp = ((pos - start) // G)[:, None]
+        s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
+        for e in tl.static_range(NP):
+            c = _chan(j, e, BITS, DJ)
+            code = _plane(_pick(e, b0, b1, b2, b3), e, BITS).to(tl.float32)
+            if SYM:
+                k = (code - (1 << (BITS - 1))) * _group_rows(ks, s_off, c, mj, grp, BLOCK_N // G, D)
+            else:
+                k = code * _group_rows(ks, s_off, c, mj, grp, BLOCK_N // G, D) + _group_rows(
+                    kl, s_off, c, mj, grp, BLOCK_N // G, D
+                )
+            s += _dot(_pick(e, q0, q1, q2, q3), tl.trans(k), PREC)
     else:
         m = (pos >= 0)[:, None] & mj[None, :]
         s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
