@@ -47,13 +47,15 @@ SWEEP = [
 ]  # fmt: skip
 # --kvregs: the decoder's launch (planes, BLOCK_N 64, 4 warps, stages 1, 33 splits) against the register cuts
 # of branch kvregs (benchmarks/kvq_resources.py has their offline sm_90 registers / spills): the tail loop in
-# blocks of 16, int8 rows as two planes of 64 channels, fp16 dot operands, and, where the registers allow 3
-# programs per SM (<= 168), 50 splits (3 per SM over 8 kv heads on 132 SMs) with and without maxnreg 168.
+# blocks of 16, key scale rows selected, int8 rows as two planes of 64 channels, fp16 dot operands, and, where
+# the registers allow 3 programs per SM (<= 168), 50 splits (3 per SM over 8 kv heads on 132 SMs) with and
+# without maxnreg 168.
 _DEC = {"impl": "planes", "block_n": 64, "num_warps": 4, "num_stages": 1, "n_splits": 33}
-_CUT = {"tail_n": 16, "int8_chunk": 64}
+_CUT = {"tail_n": 16, "int8_chunk": 64, "select_rows": True}
 KVREGS = [
     _DEC | {"precision": "tf32"},  # the decoder today (bf16 models)
     _DEC | {"precision": "tf32", "tail_n": 16},
+    _DEC | {"precision": "tf32", "tail_n": 16, "select_rows": True},
     _DEC | {"precision": "tf32"} | _CUT,
     _DEC | {"precision": "tf32", "n_splits": 50} | _CUT,
     _DEC | {"precision": "tf32", "n_splits": 50, "maxnreg": 168} | _CUT,  # offline: 168 regs, no spills

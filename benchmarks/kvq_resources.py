@@ -13,6 +13,16 @@ Triton launcher's 16-divisibility hints of that launch. Per variant: registers p
 loads in bytes (ptxas -v on Triton's PTX, the options Triton passes), stack frame, shared memory and HMMA
 instructions of the SASS (Triton's own cuobjdump). Timing needs the H200 (benchmarks/bench_kv_step.py,
 benchmarks/gpu_kvregs.sh).
+
+Recorded 2026-12-04, Triton 3.9 (the H200 runs 3.6), registers / spill stores B (uncapped | maxnreg 168):
+
+    kernel, cut                            int4 tf32   int4 fp16   int8 tf32    int8 fp16   tf32x3 int4 / int8
+    default (the decoder's launch)         180 / 0     168 / 0     250 / 0      244 / 0     255/60 | 255/32
+      under maxnreg 168                    168 / 116               168 / 168
+    tail16+sel (+chunk64 for int8)         140 / 0     134 / 0     234 / 0      180 / 0     255/56 | 255/16
+      under maxnreg 168 (128 for int4)     128 / 16    128 / 48    168 / 0      168 / 12
+
+Before the divisibility hints every variant read 255 registers with 572-1476 B of spills (one-byte loads).
 """
 
 from __future__ import annotations
@@ -66,6 +76,7 @@ def resources(
     q: str | None = None,
     aligned: bool = True,
     int8_chunk: int | None = None,
+    select_rows: bool = False,
 ) -> dict:
     """Resources of kernel `impl` ("planes" / "dequant") compiled for sm_90 (module docstring)."""
     from workbench.kernels import attn_kvq as A
@@ -85,6 +96,8 @@ def resources(
         const["TAIL_N"] = tail_n or block_n
     if "CHUNK8" in fn.arg_names:
         const["CHUNK8"] = int8_chunk or 0
+    if "SEL" in fn.arg_names:
+        const["SEL"] = select_rows
     sig.update({k: "constexpr" for k in const})
     opts = {"num_warps": warps} | ({"num_stages": stages} if stages else {})
     opts |= {"maxnreg": maxnreg} if maxnreg else {}
@@ -113,7 +126,12 @@ def resources(
 
 
 # the register cuts of branch kvregs, as `attn_kvq_static` keywords (int8_chunk does nothing to int4)
-CUTS = {"default": {}, "tail16": {"tail_n": 16}, "tail16+chunk64": {"tail_n": 16, "int8_chunk": 64}}
+CUTS = {
+    "default": {},
+    "tail16": {"tail_n": 16},
+    "tail16+sel": {"tail_n": 16, "select_rows": True},
+    "tail16+sel+chunk64": {"tail_n": 16, "select_rows": True, "int8_chunk": 64},
+}
 
 
 def variants(sweep: bool, cap: int | None) -> list[dict]:
@@ -152,7 +170,7 @@ def main() -> None:
     rows = []
     with ProcessPoolExecutor(a.jobs) as ex:
         for r in ex.map(_row, variants(a.sweep, a.cap)):
-            cfg = f"{r['impl']:7s} int{r['bits']} {r.get('prec', 'tf32x3'):6s} {r.get('cut', ''):14s}"
+            cfg = f"{r['impl']:7s} int{r['bits']} {r.get('prec', 'tf32x3'):6s} {r.get('cut', ''):18s}"
             cfg += f" BLOCK_N={r.get('block_n', 64):3d} warps={r.get('warps', 4)} stages={r.get('stages', 1)}"
             cfg += f" maxnreg={r['maxnreg']}" if r.get("maxnreg") else ""
             res = f"{r['regs']} regs, spill st/ld {r['spill_st']}/{r['spill_ld']} B, stack {r['stack']} B"

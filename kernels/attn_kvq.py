@@ -68,7 +68,7 @@ def _impl(impl: str | None) -> str:
 
 def _launch(
     q, k, v, n, qk, qv, sm_scale, block_n, n_splits, length=None, num_warps=None, prec="tf32x3", impl=None,
-    num_stages=None, tail_n=None, maxnreg=None, int8_chunk=None,
+    num_stages=None, tail_n=None, maxnreg=None, int8_chunk=None, select_rows=False,
 ):  # fmt: skip
     """Both kernels; n is the (host) number of positions, or the capacity when `length` holds it on device."""
     B, Hq, D = q.shape
@@ -80,9 +80,10 @@ def _launch(
         kernel = _attn_kvq_planes_kernel
     else:
         kernel = _attn_kvq_split_kernel
-        if prec in PLANES_ONLY or tail_n or int8_chunk:
+        if prec in PLANES_ONLY or tail_n or int8_chunk or select_rows:
             raise ValueError(
-                f"attn_kvq: precision '{prec}', tail_n and int8_chunk are options of the planes kernel only"
+                f"attn_kvq: precision '{prec}', tail_n, int8_chunk and select_rows are options of the planes"
+                " kernel only"
             )
     if int8_chunk and (int8_chunk < 16 or int8_chunk & (int8_chunk - 1) or D // int8_chunk > 4):
         raise ValueError(
@@ -112,6 +113,7 @@ def _launch(
         # stages need 248 KB of shared memory at D 128 / BLOCK_N 64 and do not launch (232 KB per SM)
         opts = {"num_warps": num_warps or 4, "num_stages": num_stages or 1, "TAIL_N": tail_n}
         opts["CHUNK8"] = int8_chunk if int8_chunk and int8_chunk < D else 0
+        opts["SEL"] = bool(select_rows)
     else:
         opts = {"num_warps": num_warps or (4 if d_p * block_n <= 4096 else 8)}
         if num_stages:
@@ -167,6 +169,7 @@ def attn_kvq_static(
     tail_n: int | None = None,
     maxnreg: int | None = None,
     int8_chunk: int | None = None,
+    select_rows: bool = False,
 ) -> torch.Tensor:
     """`attn_kvq` with the length on the device (int64 [1]): one launch serves every step of a CUDA graph.
 
@@ -185,11 +188,13 @@ def attn_kvq_static(
     maxnreg: a cap on registers per thread (Triton's `maxnreg`; None: ptxas chooses, up to 255).
     int8_chunk (planes kernel): int8 rows cut into planes of this many consecutive channels (a power of two
     >= 16 and >= D / 4; None: one plane of D), so each dot takes a [BLOCK_N, int8_chunk] code tile.
+    select_rows (planes kernel): per-channel keys whose group G divides block_n (g32 at 64) dequantize
+    with each group's scale row selected instead of gathered per element (same arithmetic).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"attn_kvq_static: precision '{precision}' (choose {', '.join(PRECISIONS)})")
     cap = k["codes"].shape[2]
     return _launch(
         q, k, v, cap, 0, 0, sm_scale, block_n, n_splits, length, num_warps, precision, impl, num_stages,
-        tail_n, maxnreg, int8_chunk,
+        tail_n, maxnreg, int8_chunk, select_rows,
     )  # fmt: skip

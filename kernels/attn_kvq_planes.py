@@ -163,16 +163,16 @@ def _scores_codes(
     q0, q1, q2, q3, b0, b1, b2, b3, ks, kl, pos, start, j, cap, bh, BITS: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     G: tl.constexpr, SYM: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, DJ: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, SEL: tl.constexpr,
 ):  # fmt: skip
     """q . keys of a whole-code block at `start` -> [BLOCK_H, BLOCK_N], q and the code bytes b0 .. b3 given
     as the side's NP channel planes (`_chan`; sub-byte codes: one byte tile, b0 = b1 = ...).
 
     Per-channel keys with the block inside one group of G tokens: the block's scale goes onto q,
     (q * scale) . code + q . lo (or - 2^(b-1) * sum(q * scale)), the codes meeting the MMA exactly; a block
-    over several whole groups dequantizes with each group's scale row picked by `tl.where` (`_group_rows`:
-    no [BLOCK_N, DJ] gather of scales, its addresses and its L1 traffic); other layouts dequantize each
-    element.
+    over several whole groups, with SEL, dequantizes with each group's scale row picked by `tl.where`
+    (`_group_rows`: no [BLOCK_N, DJ] gather of scales, its addresses and its L1 traffic); other layouts
+    dequantize each element.
     """
     mj = j < DJ
     if PER_CHANNEL and G % BLOCK_N == 0:
@@ -189,7 +189,7 @@ def _scores_codes(
             else:
                 bias += tl.sum(qe * tl.load(kl + s_off + c, mask=mj, other=0.0).to(tl.float32)[None, :], 1)
         s += bias[:, None]
-    elif PER_CHANNEL and BLOCK_N % G == 0:  # BLOCK_N / G key groups: their scale rows selected
+    elif PER_CHANNEL and BLOCK_N % G == 0 and SEL:  # BLOCK_N / G key groups: their scale rows selected
         s_off = _base(bh, (cap // G) * D) + (start // G) * D
         grp = ((pos - start) // G)[:, None]
         s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
@@ -267,7 +267,7 @@ def _attn_kvq_planes_kernel(
     K_BITS: tl.constexpr, K_CH: tl.constexpr, K_G: tl.constexpr, K_SYM: tl.constexpr,
     V_BITS: tl.constexpr, V_CH: tl.constexpr, V_G: tl.constexpr, V_SYM: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    DEV: tl.constexpr, PREC: tl.constexpr, TAIL_N: tl.constexpr, CHUNK8: tl.constexpr,
+    DEV: tl.constexpr, PREC: tl.constexpr, TAIL_N: tl.constexpr, CHUNK8: tl.constexpr, SEL: tl.constexpr,
 ):  # fmt: skip
     """`_attn_kvq_split_kernel`'s job with the codes in bit planes: no unpacking join, no branch per block.
 
@@ -278,7 +278,8 @@ def _attn_kvq_planes_kernel(
     straight from a shift and a mask. Blocks wholly below both quantized prefixes run a branch-free loop (the
     scales onto q and p where the layout allows, `_scores_codes` / `_pv_codes`); the rest of the split (the
     block holding a prefix boundary, the window) runs a masked loop over blocks of TAIL_N that mixes codes
-    and window (`_mixed_plane`).
+    and window (`_mixed_plane`). SEL: per-channel key scales of a block over several groups by row selection
+    (`_scores_codes`).
     """
     NPK: tl.constexpr = 8 // K_BITS if K_BITS < 8 else (D // CHUNK8 if CHUNK8 > 0 else 1)  # planes
     NPV: tl.constexpr = 8 // V_BITS if V_BITS < 8 else (D // CHUNK8 if CHUNK8 > 0 else 1)
@@ -336,7 +337,7 @@ def _attn_kvq_planes_kernel(
             vb2 = _bytes(vc, pos, jv, ok, cap, bh, 2, V_BITS, ROWV, DJV, DJV_P, True)
             vb3 = _bytes(vc, pos, jv, ok, cap, bh, 3, V_BITS, ROWV, DJV, DJV_P, True)
         s = _scores_codes(q0, q1, q2, q3, kb0, kb1, kb2, kb3, ks, kl, pos, start, jk, cap, bh, K_BITS, K_CH,
-                          K_G, K_SYM, D, NPK, DJK, BLOCK_N, PREC)  # fmt: skip
+                          K_G, K_SYM, D, NPK, DJK, BLOCK_N, PREC, SEL)  # fmt: skip
         m_i, p, alpha, l_i = _online(s * sm_scale, m_i, l_i)
         acc0 = acc0 * alpha[:, None] + _pv_codes(
             p, vb0, vs, vl, pos, jv, cap, bh, 0, V_BITS, V_CH, V_G, V_SYM, D, NPV, DJV, PREC

@@ -233,6 +233,7 @@ def test_planes_kernel_matches_dequant_kernel_and_twin(kspec, vspec, D):
     half = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, precision="fp16")
     tail = attn_kvq_static(q, ka, va, length, 0.25, block_n=32, n_splits=3, tail_n=16)
     chunked = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, int8_chunk=16)
+    sel = attn_kvq_static(q, ka, va, length, 0.25, block_n=32, n_splits=3, tail_n=16, select_rows=True)
     K, V = (s.values(length)[0, :, :n].repeat_interleave(4, 0) for s in sides)
 
     def attend(q, K, V):
@@ -250,6 +251,7 @@ def test_planes_kernel_matches_dequant_kernel_and_twin(kspec, vspec, D):
     torch.testing.assert_close(tail, planes, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked, planes, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked[0], direct, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sel, tail, atol=1e-6, rtol=1e-6)  # same arithmetic, rows selected
     torch.testing.assert_close(planes, dequant, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(planes, one, atol=1e-5, rtol=1e-5)
 
@@ -258,7 +260,7 @@ def test_planes_only_options_and_bad_tail_are_refused():
     sides = [StaticKVSide(s, 2, 16, 64, torch.bfloat16, DEV) for s in ("int8_ch_g16", "int8_tok")]
     q, length = torch.randn(1, 4, 16, device=DEV), torch.tensor([5], device=DEV)
     args = (q, *(sd.kernel_args() for sd in sides), length)
-    with pytest.raises(ValueError, match="precision 'fp16', tail_n and int8_chunk are options of the planes"):
+    with pytest.raises(ValueError, match="'fp16', tail_n, int8_chunk and select_rows are options of the"):
         attn_kvq_static(*args, 0.25, precision="fp16", impl="dequant")
     with pytest.raises(ValueError, match="int8_chunk 8 must be a power of two >= 16 and >= head dim 16 / 4"):
         attn_kvq_static(*args, 0.25, int8_chunk=8)
