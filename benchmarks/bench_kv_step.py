@@ -13,8 +13,9 @@
    decoder's buffers hold (`FastDecoder.cache_bytes`, capacity = context + 64).
 2. Per-layer attention inside a CUDA graph (one layer, 8B head shape, 32k and 4k tokens): bf16 split-K
    kernel vs the quantized kernels (`impl` "dequant" and "planes") over `SWEEP` (BLOCK_N, num_warps,
-   num_stages, n_splits), `--reps` replays of a graph of 20 calls, each with its max abs difference to the
-   dequantizing kernel at 64 / 4; and the decoder's launch with one-pass tf32 dots (`precision="tf32"`).
+   num_stages, n_splits; `--kvregs`: `KVREGS`, the decoder's launch against the register cuts), `--reps`
+   replays of a graph of 20 calls, each with its max abs difference to the dequantizing kernel at 64 / 4
+   (tf32x3); and the decoder's launch with one-pass tf32 dots (`precision="tf32"`).
 """
 
 from __future__ import annotations
@@ -32,14 +33,40 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SPECS = {"bf16": None, "int8": ("int8_ch_r32", "int8_tok_r32"), "int4": ("int4_ch_r32", "int4_tok_r32")}
-# per-layer sweep: (kernel, BLOCK_N, num_warps, num_stages (None: Triton's), n_splits (None: from the
-# SM count),
-# dot precision)
-SWEEP = [("dequant", bn, nw, None, None, "tf32x3") for bn, nw in [(32, 4), (64, 4)]] + [
-    ("planes", bn, nw, st, sp, prec)
-    for prec in ("tf32x3", "fp16x2", "tf32")
+# per-layer sweep: `attn_kvq_static` keyword arguments (num_stages None: Triton's; n_splits None: from the
+# SM count)
+SWEEP = [
+    {"impl": "dequant", "block_n": bn, "num_warps": nw, "num_stages": None, "n_splits": None,
+     "precision": "tf32x3"}
+    for bn, nw in [(32, 4), (64, 4)]
+] + [
+    {"impl": "planes", "block_n": bn, "num_warps": nw, "num_stages": st, "n_splits": sp, "precision": prec}
+    for prec in ("tf32x3", "tf32")
     for bn, nw, st in [(16, 4, None), (32, 4, None), (32, 4, 1), (64, 4, 1)]
     for sp in (None, 16, 33)
+]  # fmt: skip
+# --kvregs: the decoder's launch (planes, BLOCK_N 64, 4 warps, stages 1, 33 splits) against the register cuts
+# of branch kvregs (benchmarks/kvq_resources.py has their offline sm_90 registers / spills): the tail loop in
+# blocks of 16, key scale rows selected, int8 rows as two planes of 64 channels, fp16 dot operands, and, where
+# the registers allow 3 programs per SM (<= 168), 50 splits (3 per SM over 8 kv heads on 132 SMs) with and
+# without maxnreg 168.
+_DEC = {"impl": "planes", "block_n": 64, "num_warps": 4, "num_stages": 1, "n_splits": 33}
+_CUT = {"tail_n": 16, "int8_chunk": 64, "select_rows": True}
+KVREGS = [
+    _DEC | {"precision": "tf32"},  # the decoder today (bf16 models)
+    _DEC | {"precision": "tf32", "tail_n": 16},
+    _DEC | {"precision": "tf32", "tail_n": 16, "select_rows": True},
+    _DEC | {"precision": "tf32"} | _CUT,
+    _DEC | {"precision": "tf32", "n_splits": 50} | _CUT,
+    _DEC | {"precision": "tf32", "n_splits": 50, "maxnreg": 168} | _CUT,  # offline: 168 regs, no spills
+    _DEC | {"precision": "fp16"},
+    _DEC | {"precision": "fp16"} | _CUT,
+    _DEC | {"precision": "fp16", "n_splits": 50} | _CUT,
+    _DEC | {"precision": "fp16", "n_splits": 50, "maxnreg": 168} | _CUT,
+    _DEC | {"precision": "fp16", "n_splits": 66, "maxnreg": 128} | _CUT,
+    _DEC | {"precision": "fp16", "block_n": 32, "n_splits": 66} | _CUT,
+    _DEC | {"precision": "tf32x3"},  # the decoder today (fp32 models)
+    _DEC | {"precision": "tf32x3"} | _CUT,
 ]
 
 
@@ -130,7 +157,7 @@ def _graph_time(fn, reps: int, inner: int = 20) -> float:
     return _time(g.replay, reps) / inner
 
 
-def per_layer(shape: dict, contexts: list[int], dev: str, reps: int, sweep: bool = True) -> list[dict]:
+def per_layer(shape: dict, contexts: list[int], dev: str, reps: int, sweep: list[dict]) -> list[dict]:
     """One layer's decode attention at each context, timed inside a CUDA graph (module docstring)."""
     from workbench.kernels.attn_kvq import attn_kvq_static
 
@@ -152,14 +179,12 @@ def per_layer(shape: dict, contexts: list[int], dev: str, reps: int, sweep: bool
                 sd.fill(torch.randn(hkv, ctx, d, device=dev))
             ka, va = (sd.kernel_args() for sd in sides)
             ref = attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=64, num_warps=4, impl="dequant")
-            for impl, bn, nw, st, splits, prec in SWEEP if sweep else SWEEP[1:2]:
+            for kw in sweep:
 
-                def fn(impl=impl, bn=bn, nw=nw, st=st, splits=splits, prec=prec):
-                    kw = {"impl": impl, "num_stages": st, "n_splits": splits, "precision": prec}
-                    return attn_kvq_static(q[None], ka, va, length, d**-0.5, block_n=bn, num_warps=nw, **kw)
+                def fn(kw=kw):
+                    return attn_kvq_static(q[None], ka, va, length, d**-0.5, **kw)
 
-                row = {"cache": cache, "context": ctx, "impl": impl, "block_n": bn, "num_warps": nw,
-                       "num_stages": st, "n_splits": splits, "precision": prec}  # fmt: skip
+                row = {"cache": cache, "context": ctx, **kw}
                 try:  # a launch that does not fit (shared memory, registers) is a result, not a crash
                     row["max_abs_diff_vs_dequant_64_4"] = (fn() - ref).abs().max().item()
                     row["ms"] = _graph_time(fn, reps) * 1e3
@@ -223,6 +248,7 @@ def main() -> int:
     p.add_argument(
         "--no-sweep", action="store_true", help="per layer: dequant 64 / 4 and the decoder launch only"
     )
+    p.add_argument("--kvregs", action="store_true", help="per layer: KVREGS (the register cuts) only")
     a = p.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not a.small:
@@ -247,7 +273,8 @@ def main() -> int:
     d = 16 if a.small else 128
     shape = {"hq": cfg["num_attention_heads"], "hkv": cfg["num_key_value_heads"], "d": d}
     if not a.skip_layer:
-        res["per_layer"] = per_layer(shape, contexts, dev, 2 if a.small else a.reps, not a.no_sweep)
+        sweep = KVREGS if a.kvregs else SWEEP[1:2] if a.no_sweep else SWEEP
+        res["per_layer"] = per_layer(shape, contexts, dev, 2 if a.small else a.reps, sweep)
         out.write_text(json.dumps(res, indent=1))
     for weights in filter(None, a.weights.split(",")):  # --weights "": the per-layer part only
         model = _model(cfg, weights, dev)

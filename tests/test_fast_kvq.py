@@ -212,11 +212,13 @@ def test_generate_command_with_a_kv_plan(tmp_path, capsys, monkeypatch):
         ("int4_ch_g16", "int4_tok", 64),  # two planes of 32 channels
         ("int2_ch_g32_r4", "int2_tok_r4", 64),  # four planes of 16 channels
         ("int4_ch_g8", "int8_tok_g16", 32),  # key group < BLOCK_N: per-element key scales
+        ("int8_ch_g16_r8", "int8_tok_r8", 64),  # int8_chunk 16: four planes of 16 channels per side
     ],
 )
 def test_planes_kernel_matches_dequant_kernel_and_twin(kspec, vspec, D):
-    """The bit-plane kernel over splits (tf32x3; one-pass tf32 within its rounding) == the dequantizing
-    kernel == the cache's own dequantized values."""
+    """The bit-plane kernel over splits (tf32x3; one-pass tf32 and fp16 within their rounding; a tail loop
+    in smaller blocks; int8 rows in planes of 16 channels) == the dequantizing kernel == the cache's own
+    dequantized values."""
     cap, n = 128, 100
     sides = [StaticKVSide(s, 2, D, cap, torch.bfloat16, DEV) for s in (kspec, vspec)]
     for i, sd in enumerate(sides):
@@ -228,7 +230,12 @@ def test_planes_kernel_matches_dequant_kernel_and_twin(kspec, vspec, D):
     dequant = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, impl="dequant")
     one = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=1, impl="planes")
     one_pass = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, precision="tf32")
+    half = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, precision="fp16")
+    tail = attn_kvq_static(q, ka, va, length, 0.25, block_n=32, n_splits=3, tail_n=16)
+    chunked = attn_kvq_static(q, ka, va, length, 0.25, block_n=16, n_splits=3, int8_chunk=16)
+    sel = attn_kvq_static(q, ka, va, length, 0.25, block_n=32, n_splits=3, tail_n=16, select_rows=True)
     K, V = (s.values(length)[0, :, :n].repeat_interleave(4, 0) for s in sides)
+
     def attend(q, K, V):
         return (torch.softmax(q[0, :, None] @ K.transpose(-1, -2) * 0.25, -1) @ V)[:, 0]
 
@@ -239,8 +246,28 @@ def test_planes_kernel_matches_dequant_kernel_and_twin(kspec, vspec, D):
     bf = [t.to(torch.bfloat16).float() for t in (q, K, V)]
     bf16_err = float((attend(*bf) - direct).abs().max())
     assert float((one_pass[0] - direct).abs().max()) <= max(bf16_err, 1e-4)
+    assert float((half[0] - direct).abs().max()) <= max(bf16_err, 1e-4)
+    assert float((half[0] - direct).abs().max()) > 1e-6  # the fp16 rounding did happen
+    torch.testing.assert_close(tail, planes, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked, planes, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked[0], direct, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sel, tail, atol=1e-6, rtol=1e-6)  # same arithmetic, rows selected
     torch.testing.assert_close(planes, dequant, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(planes, one, atol=1e-5, rtol=1e-5)
+
+
+def test_planes_only_options_and_bad_tail_are_refused():
+    sides = [StaticKVSide(s, 2, 16, 64, torch.bfloat16, DEV) for s in ("int8_ch_g16", "int8_tok")]
+    q, length = torch.randn(1, 4, 16, device=DEV), torch.tensor([5], device=DEV)
+    args = (q, *(sd.kernel_args() for sd in sides), length)
+    with pytest.raises(ValueError, match="'fp16', tail_n, int8_chunk and select_rows are options of the"):
+        attn_kvq_static(*args, 0.25, precision="fp16", impl="dequant")
+    with pytest.raises(ValueError, match="int8_chunk 8 must be a power of two >= 16 and >= head dim 16 / 4"):
+        attn_kvq_static(*args, 0.25, int8_chunk=8)
+    with pytest.raises(ValueError, match="tail_n 8 must be a power of two in \\[16, block_n 32\\]"):
+        attn_kvq_static(*args, 0.25, block_n=32, tail_n=8)
+    with pytest.raises(ValueError, match="tail_n 64 must be a power of two"):
+        attn_kvq_static(*args, 0.25, block_n=32, tail_n=64)
 
 
 def test_unknown_kernel_is_refused():
