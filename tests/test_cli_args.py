@@ -16,6 +16,8 @@ import torch
 
 from tests.conftest import STORIES
 from workbench.cli import main
+from workbench.measure.sensitivity import SensitivityTable
+from workbench.model.inventory import layer_inventory
 from workbench.plan.plan import Plan
 from workbench.transform.compare import PRESETS
 
@@ -42,8 +44,13 @@ def no_model(monkeypatch):
 
 
 @pytest.fixture
-def files(tmp_path):
-    """Paths the cases refer to: a valid plan, a plan with transforms, a file that is not JSON, a folder."""
+def files(tmp_path, stories):
+    """Paths the cases refer to: a valid plan, a plan with transforms, a sensitivity table of stories260K,
+    a file that is not JSON, a folder."""
+    layers = layer_inventory(stories.model)
+    cost = {x.name: {"int4_g128": 1.0, "int8_ch": 0.1} for x in layers}
+    model = {"source": str(STORIES), "fingerprint": stories.description.fingerprint}
+    SensitivityTable("proxy", ["int4_g128", "int8_ch"], layers, cost, model).save(tmp_path / "sens.json")
     Plan(default="int4_g128").save(tmp_path / "plan.json")
     Plan(default="bf16", transforms=PRESETS["hadamard residual + down"]).save(tmp_path / "rotated.json")
     (tmp_path / "broken.json").write_text('{"format": "workbench.plan",\n  "version": 1,,}')
@@ -132,6 +139,39 @@ BAD = {
         ["act-allocate", *M, "--budget", "6", "--transforms", "none,spin", "--out", "{d}/p.json"],
         "unknown set(s) ['spin']",
     ),
+    "allocate-verify-text": (
+        [
+            "allocate",
+            "--sensitivity",
+            "{d}/sens.json",
+            "--budget-bits",
+            "6",
+            "--out",
+            "{d}/p.json",
+            "--verify",
+        ]
+        + ["--verify-text", "{d}/no.txt"],
+        "--verify-text: text source",
+    ),
+    "allocate-verify-tokens": (
+        [
+            "allocate",
+            "--sensitivity",
+            "{d}/sens.json",
+            "--budget-bits",
+            "6",
+            "--out",
+            "{d}/p.json",
+            "--verify",
+        ]
+        + ["--verify-tokens", "0"],
+        "--verify-tokens 0",
+    ),
+    "allocate-refine": (
+        ["allocate", "--sensitivity", "{d}/sens.json", "--budget-bits", "6", "--out", "{d}/p.json"]
+        + ["--refine", "-1"],
+        "--refine -1",
+    ),
 }
 CUDA_BAD = {
     "generate-cuda": (
@@ -162,6 +202,16 @@ GOOD = {
     "export": ["export", *M, "--plan", "{d}/plan.json", "--format", "compressed-tensors", "--out", "{d}/ct"],
     "outliers": ["outliers", *M, "--plan", "{d}/rotated.json"],
     "act-allocate": ["act-allocate", *M, "--budget", "6", "--out", "{d}/p.json"],
+    "allocate-verify": [
+        "allocate",
+        "--sensitivity",
+        "{d}/sens.json",
+        "--budget-bits",
+        "6",
+        "--out",
+        "{d}/p.json",
+    ]
+    + ["--verify", "--verify-text", "wikitext2"],
 }
 
 
