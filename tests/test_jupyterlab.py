@@ -1,10 +1,13 @@
 """The notebooks in a real JupyterLab page (Chromium through Playwright, no network), quick mode.
 
 Starts `jupyter lab` on 127.0.0.1 with a token on a copy of notebooks/ (JupyterLab saves what it runs), opens
-each notebook, runs all cells (`notebook:run-all-cells`) with WORKBENCH_QUICK=1 and checks that no cell errs
-and every plotly figure is drawn (an SVG inside each plotly output). Then 01's explorer: changing its group
-size redraws its two figures in place (same count, new title). Then 04's embedded app: Panel's browser code
-runs offline (inline resources), and a spec edit in its layer table changes the totals line and the table.
+each notebook, runs all cells (`notebook:run-all-cells`) with WORKBENCH_QUICK=1 and checks that no cell errs,
+the notebook draws plotly figures and every one is drawn (an SVG inside each plotly output), and the summary
+cell printed computed numbers (`tests.test_notebooks.check_executed`: this run is the notebooks' execution
+test; tests/test_notebooks.py runs them through nbclient only where this one cannot run). Then 01's
+explorer: changing its group size redraws its two figures in place (same count, new title). Then 04's
+embedded app: Panel's browser code runs offline (inline resources), and a spec edit in its layer table
+changes the totals line and the table.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import pytest
 
 from tests.conftest import CHROMIUM, REPO
 from tests.test_browser import ARTIFACTS, _free_port, _totals, _wait_change, _wait_for
+from tests.test_notebooks import check_executed
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -32,7 +36,8 @@ _STATE_JS = """(name) => {
   if (!window.jupyterapp) return null;
   const nb = window.jupyterapp.shell.currentWidget;
   if (!nb || !nb.content || !nb.content.model || nb.context.path !== name) return null;
-  const cells = nb.content.model.cells, out = {pending: 0, errors: [], plotly: 0, n: cells.length};
+  const cells = nb.content.model.cells;
+  const out = {pending: 0, errors: [], plotly: 0, n: cells.length, mimes: [], summary: []};
   for (let i = 0; i < cells.length; i++) {
     const c = cells.get(i);
     if (c.type !== 'code') continue;
@@ -41,6 +46,9 @@ _STATE_JS = """(name) => {
       const o = c.outputs.get(j).toJSON();
       if (o.output_type === 'error') out.errors.push([i, o.ename, o.evalue]);
       if (o.data && o.data['application/vnd.plotly.v1+json']) out.plotly++;
+      for (const m of Object.keys(o.data || {})) if (!out.mimes.includes(m)) out.mimes.push(m);
+      const md = o.data && o.data['text/markdown'];
+      if (i === cells.length - 1 && md) out.summary.push(Array.isArray(md) ? md.join('') : md);
     }
   }
   out.status = nb.sessionContext.kernelDisplayStatus;
@@ -106,6 +114,7 @@ def _run_notebook(browser, lab, name: str):
         pytest.fail(f"{name}: still running after {RUN_TIMEOUT_S} s: {state}")
     print(f"{name}: ran in {time.time() - t0:.0f} s, {state['plotly']} plotly figures")
     assert not state["errors"], f"{name}: cell errors {state['errors']}\n{log.read_text()[-2000:]}"
+    check_executed(name, state["mimes"], state["summary"])  # what tests/test_notebooks.py asked of nbclient
     return page, state
 
 
@@ -113,7 +122,7 @@ def _plotly_drawn(page, expected: int) -> None:
     """Every plotly output of the notebook (`expected` in cell outputs, more inside widgets) holds an SVG."""
     outs = page.locator(".jp-RenderedPlotly")
     n = outs.count()
-    assert n >= expected
+    assert n >= expected > 0, f"{expected} plotly outputs in the notebook, {n} rendered in the page"
     for i in range(n):
         outs.nth(i).scroll_into_view_if_needed()
         outs.nth(i).locator(".main-svg").first.wait_for(timeout=30_000)
@@ -123,8 +132,7 @@ def _plotly_drawn(page, expected: int) -> None:
 def test_notebook_runs_in_jupyterlab(browser, lab, path):
     page, state = _run_notebook(browser, lab, path.name)
     try:
-        if state["plotly"]:
-            _plotly_drawn(page, state["plotly"])
+        _plotly_drawn(page, state["plotly"])
         if path.stem.startswith("01"):
             _check_explorer(page)
         if path.stem.startswith("04"):

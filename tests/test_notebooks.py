@@ -1,15 +1,23 @@
 """The notebooks: stored without outputs, no logic of their own, goals first and summary last, and each one
-executes top to bottom (nbclient, WORKBENCH_QUICK=1 so token counts stay small on a CPU)."""
+executes top to bottom (WORKBENCH_QUICK=1 so token counts stay small on a CPU).
+
+Execution is checked once per notebook: by tests/test_jupyterlab.py in a real JupyterLab page when that test
+runs in the session (selected, with Chromium, Playwright and JupyterLab installed), else here through
+nbclient; both hold the outputs to `check_executed`.
+"""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import CHROMIUM
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -99,10 +107,42 @@ def test_the_logic_check_catches_a_long_function():
     assert _defs_too_long(klass) == ["A (6 lines)"]
 
 
+def check_executed(name: str, mimes, summaries: list[str]) -> None:
+    """What an executed notebook must show: a plotly figure among its outputs (`mimes`: every output's MIME
+    types) and computed numbers in the markdown its summary cell printed (`summaries`)."""
+    assert "application/vnd.plotly.v1+json" in set(mimes), f"{name} drew no plotly figure"
+    printed = summaries[0] if summaries else ""
+    assert re.search(r"\d", printed), f"{name}: the summary cell printed no computed numbers"
+
+
+def test_check_executed_catches_a_missing_figure_or_summary():
+    plotly, md = "application/vnd.plotly.v1+json", "text/markdown"
+    check_executed("nb", [md, plotly], ["## Summary\n4.25 bits per weight"])
+    with pytest.raises(AssertionError, match="no plotly figure"):
+        check_executed("nb", [md, "image/png"], ["## Summary\n4.25 bits"])
+    with pytest.raises(AssertionError, match="no computed numbers"):
+        check_executed("nb", [md, plotly], ["## Summary\nsee above"])
+    with pytest.raises(AssertionError, match="no computed numbers"):
+        check_executed("nb", [plotly], [])
+
+
+def _runs_in_jupyterlab(request, stem: str) -> bool:
+    """Whether tests/test_jupyterlab.py executes this notebook in this session: selected, and not skipped for
+    a missing Chromium, Playwright or JupyterLab (its fixtures' conditions)."""
+    selected = any(
+        item.name == f"test_notebook_runs_in_jupyterlab[{stem}]" and item.path.name == "test_jupyterlab.py"
+        for item in request.session.items
+    )
+    tools = all(importlib.util.find_spec(m) is not None for m in ("playwright", "jupyterlab"))
+    return selected and tools and Path(CHROMIUM).is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", _paths(), ids=lambda p: p.stem)
-def test_notebook_executes(path, monkeypatch, tmp_path):
+def test_notebook_executes(path, monkeypatch, tmp_path, request):
     """Runs every cell with small token counts; no cell may raise; figures and computed prose must appear."""
+    if _runs_in_jupyterlab(request, path.stem):
+        pytest.skip(f"{path.name} is executed and checked in JupyterLab by tests/test_jupyterlab.py")
     from nbclient import NotebookClient
 
     monkeypatch.setenv("WORKBENCH_QUICK", "1")
@@ -118,8 +158,6 @@ def test_notebook_executes(path, monkeypatch, tmp_path):
     errors = [o for o in outputs if o.output_type == "error"]
     assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
     mimes = {m for o in outputs for m in o.get("data", {})}
-    assert "application/vnd.plotly.v1+json" in mimes, f"{path.name} drew no plotly figure"
-    summary = [o for o in nb.cells[-1].outputs if "text/markdown" in o.get("data", {})]
-    assert summary and re.search(r"\d", summary[0]["data"]["text/markdown"]), (
-        f"{path.name}: the summary cell printed no computed numbers"
-    )
+    last = nb.cells[-1].outputs
+    summary = [o["data"]["text/markdown"] for o in last if "text/markdown" in o.get("data", {})]
+    check_executed(path.name, mimes, summary)

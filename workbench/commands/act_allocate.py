@@ -4,7 +4,7 @@ under a weight-bit budget, the transform set chosen by predicted KL
 
 from __future__ import annotations
 
-from workbench.commands.common import add_model_arg, emit_json
+from workbench.commands.common import add_model_arg, check_out, check_positive, check_text_source, emit_json
 
 TRANSFORM_SETS = {"none": [], "hadamard": "hadamard residual + down"}
 
@@ -32,7 +32,11 @@ def add_parser(sub):
 
 def run(args) -> int:
     from workbench.errors import WorkbenchError
-    from workbench.measure.sensitivity_transformed import allocate_candidates, scan_transformed
+    from workbench.measure.sensitivity_transformed import (
+        allocate_candidates,
+        parse_candidate,
+        scan_transformed,
+    )
     from workbench.model.loading import load_model
     from workbench.plan.plan import Rule
     from workbench.transform.compare import PRESETS
@@ -41,8 +45,18 @@ def run(args) -> int:
     bad = [s for s in sets if s not in TRANSFORM_SETS]
     if bad or not sets:
         raise WorkbenchError(f"--transforms: unknown set(s) {bad} (choose {', '.join(TRANSFORM_SETS)})")
-    loaded = load_model(args.model, progress=False)
     cands = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    if not cands:
+        raise WorkbenchError(f"--candidates '{args.candidates}': no candidates given")
+    for c in cands:  # the options that need no model fail before it loads
+        try:
+            parse_candidate(c)
+        except WorkbenchError as exc:
+            raise WorkbenchError(f"--candidates: {exc}") from None
+    check_positive(args, "budget", "seqs", "seq_len")
+    check_text_source(args.text, "--text")
+    check_out(args.out, "file")
+    loaded = load_model(args.model, progress=False)
     head = [Rule("lm_head", "bf16", "none")]
     allocs = {}
     for name in sets:

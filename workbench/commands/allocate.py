@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workbench.commands.common import emit_json, table
+from workbench.commands.common import check_positive, check_text_source, emit_json, table
+from workbench.errors import WorkbenchError
 
 
 def add_parser(sub):
@@ -46,8 +47,6 @@ def add_parser(sub):
 
 
 def _pins(items: list[str]) -> dict[str, str]:
-    from workbench.errors import WorkbenchError
-
     pins = {}
     for item in items:
         match, sep, spec = item.rpartition("=")
@@ -64,6 +63,10 @@ def run(args) -> int:
 
     tab = SensitivityTable.load(args.sensitivity)
     pins = _pins(args.pin)
+    check_positive(args, "budget_bits", "budget_mb", "verify_tokens")
+    if args.refine < 0:
+        raise WorkbenchError(f"--refine {args.refine}: give a number of moves >= 0 (0: no refinement)")
+    check_text_source(args.verify_text, "--verify-text")  # before --verify / --refine load the model
     if args.refine:
         res = _refine(args, tab, pins)
     else:
@@ -132,7 +135,6 @@ def _refine(args, tab, pins):
     """`calibrate.refine_allocation` with the table's model; the table is saved with the new measurements."""
     import sys
 
-    from workbench.errors import WorkbenchError
     from workbench.measure.calibrate import refine_allocation
 
     if pins or args.no_bf16:
@@ -149,7 +151,6 @@ def _refine(args, tab, pins):
 
 def _model(args, tab, flag: str):
     """The model the table was scanned on (--model, else the table's source), checked by fingerprint."""
-    from workbench.errors import WorkbenchError
     from workbench.model.loading import load_model
 
     source = args.model or tab.model.get("source")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workbench.commands.common import add_model_arg, emit_json, table
+from workbench.commands.common import add_model_arg, check_positive, check_text_source, emit_json, table
 
 
 def add_parser(sub):
@@ -29,6 +29,10 @@ def run(args) -> int:
     from workbench.transform.apply import apply_transforms
 
     plan = Plan.load(args.plan) if args.plan else None  # a bad plan fails before the model loads
+    check_positive(args, "tokens", "seq_len", "calib_seqs", "calib_seq_len")
+    check_text_source(args.text, "--text")
+    if plan is not None:
+        check_text_source(args.calib, "--calib")
     loaded = load_model(args.model, progress=not args.quiet)
     resolved, totals, grams, transformed = None, None, None, None
     if plan is not None:

@@ -3,7 +3,7 @@ tensor-type file)."""
 
 from __future__ import annotations
 
-from workbench.commands.common import add_model_arg, emit_json
+from workbench.commands.common import add_model_arg, check_out, check_positive, check_text_source, emit_json
 
 FORMATS = ("compressed-tensors", "gguf", "llama-cpp")
 
@@ -25,7 +25,11 @@ def run(args) -> int:
     from workbench.model.loading import load_model
     from workbench.plan.plan import Plan
 
-    plan = Plan.load(args.plan)  # a bad plan fails before the model loads
+    plan = Plan.load(args.plan)  # a bad plan and the options that need no model fail before it loads
+    check_out(args.out, "folder" if args.format == "compressed-tensors" else "file")
+    if args.format == "compressed-tensors":
+        check_positive(args, "calib_seqs")
+        check_text_source(args.calib, "--calib")
     loaded = load_model(args.model, progress=not args.json)
     layers = layer_inventory(loaded.model)
     resolved = plan.resolve(layers)

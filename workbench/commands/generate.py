@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from workbench.commands.common import add_model_arg, emit_json
+from workbench.commands.common import add_model_arg, check_positive, emit_json
+from workbench.errors import WorkbenchError
 
 
 def add_parser(sub):
@@ -30,8 +31,6 @@ def _load(model_arg: str, device, dtype):
         model, _ = load_quantized(model_arg, device=device, dtype=dtype)
         tok = load_tokenizer(model_arg)
         if tok is None:
-            from workbench.errors import WorkbenchError
-
             raise WorkbenchError(f"{model_arg}: no tokenizer saved beside the quantized model")
         return model, tok, f"quantized model {model_arg}"
     from workbench.model.loading import load_model
@@ -40,26 +39,34 @@ def _load(model_arg: str, device, dtype):
     return loaded.model, loaded.tokenizer, loaded.description.name
 
 
-def _plan(path: str):
-    """The plan file (imported here: the CLI keeps heavy imports lazy)."""
-    from workbench.plan.plan import Plan
+def _check_args(args) -> None:
+    """The options that need no model, checked before it loads (decode loop, decoder path, token count)."""
+    from workbench.runtime.decode import PATHS
+    from workbench.runtime.graph import MODES
 
-    return Plan.load(path)
+    if args.mode not in MODES:
+        raise WorkbenchError(f"--mode '{args.mode}': unknown decode loop (choose {', '.join(MODES)})")
+    if args.path not in PATHS:
+        raise WorkbenchError(f"--path '{args.path}': unknown decoder (choose {', '.join(PATHS)})")
+    check_positive(args, "max_new_tokens")
 
 
 def run(args) -> int:
     import torch
 
+    from workbench.plan.plan import Plan
     from workbench.runtime.apply import apply_plan
     from workbench.runtime.decode import make_decoder, select_device
     from workbench.runtime.memory import model_memory
 
+    _check_args(args)
     device, message = select_device(args.device)
+    plan = Plan.load(args.plan) if args.plan else None  # a bad plan fails before the model loads
     if message and not args.json:
         print(message)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok, what = _load(args.model, device, dtype)
-    resolved = _plan(args.plan).resolve(model) if args.plan else None
+    resolved = plan.resolve(model) if plan else None
     report = apply_plan(model, resolved) if resolved else None
     ids = tok.prompt_ids(args.prompt)
     L = len(ids) + args.max_new_tokens + 1

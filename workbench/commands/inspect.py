@@ -12,7 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-from workbench.commands.common import add_model_arg, emit_json, table
+from workbench.commands.common import (
+    add_model_arg,
+    check_device,
+    check_out,
+    check_positive,
+    check_text_source,
+    emit_json,
+    parse_spec_list,
+    table,
+)
 from workbench.errors import WorkbenchError
 
 
@@ -64,10 +73,9 @@ def run(args) -> int:
     from workbench.model.inventory import layer_inventory
     from workbench.model.loading import load_model
 
-    if args.seq_len is not None and args.tokens < args.seq_len:
-        raise WorkbenchError(f"--tokens {args.tokens} is less than one sequence of --seq-len {args.seq_len}")
+    specs = _check_args(args)
     if args.stream:
-        return _run_stream(args)
+        return _run_stream(args, specs)
     t0 = time.perf_counter()
     loaded = load_model(args.model, progress=not args.quiet)
     seq_len = args.seq_len or default_seq_len(loaded.description.max_context)
@@ -85,7 +93,6 @@ def run(args) -> int:
     from workbench.stats.inspection import inspect_model
 
     n_seqs = args.tokens // seq_len
-    specs = [s.strip() for s in args.specs.split(",") if s.strip()]
     insp = inspect_model(
         loaded,
         args.text,
@@ -130,6 +137,19 @@ def run(args) -> int:
     return 0
 
 
+def _check_args(args) -> list[str]:
+    """The options that need no model, checked before it loads; returns the specs."""
+    check_positive(args, "tokens", "seq_len", "k_sigma", "top")
+    if args.seq_len is not None and args.tokens < args.seq_len:
+        raise WorkbenchError(f"--tokens {args.tokens} is less than one sequence of --seq-len {args.seq_len}")
+    check_out(args.out, "folder")
+    check_device(args.device, auto=False)
+    if args.no_stats:
+        return []
+    check_text_source(args.text, "--text")
+    return parse_spec_list(args.specs, empty_ok=True)  # none: no grid levels stored
+
+
 def _kv_stats(loaded, args, n_seqs: int, seq_len: int, out: Path):
     """K / V statistics (workbench.stats.kv) written beside the inspection; None for non-Llama attention."""
     from workbench.stats.kv import kv_statistics
@@ -164,7 +184,7 @@ def _describe_only(args, loaded, layers, out, desc) -> int:
     return 0
 
 
-def _run_stream(args) -> int:
+def _run_stream(args, specs: list[str]) -> int:
     from workbench.streaming.distributed import distributed_inspect, init_distributed, rank_device
     from workbench.streaming.open import open_streamed, stream_batches
 
@@ -172,7 +192,6 @@ def _run_stream(args) -> int:
     sm, tok = open_streamed(args.model, rank_device(args.device or "cpu"))
     seq_len = args.seq_len or 512
     ids, settings = stream_batches(sm, tok, args.text, max(1, args.tokens // seq_len), seq_len, args.seed)
-    specs = [s.strip() for s in args.specs.split(",") if s.strip()]
     insp, report = distributed_inspect(
         sm,
         ids,

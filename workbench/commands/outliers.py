@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workbench.commands.common import add_model_arg, emit_json, table
+from workbench.commands.common import add_model_arg, check_positive, check_text_source, emit_json, table
 
 
 def add_parser(sub):
@@ -31,6 +31,8 @@ def run(args) -> int:
     plan = Plan.load(args.plan)
     if not plan.transforms:
         raise WorkbenchError(f"plan file {args.plan} has no 'transforms' to compare (plan version 2)")
+    check_positive(args, "seqs", "seq_len")
+    check_text_source(args.text, "--text")
     loaded = load_model(args.model, progress=False)
     names = match_layers(args.match, layer_inventory(loaded.model))
     if not names:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workbench.commands.common import add_model_arg, emit_json
+from workbench.commands.common import add_model_arg, check_out, check_positive, check_text_source, emit_json
 
 
 def add_parser(sub):
@@ -39,7 +39,10 @@ def run(args) -> int:
     device, message = select_device(args.device)
     if message and not args.json:
         print(message)
-    plan = Plan.load(args.plan)
+    plan = Plan.load(args.plan)  # the plan and the options that need no model fail before it loads
+    check_positive(args, "tokens", "seq_len")
+    check_text_source(args.text, "--text")
+    check_out(args.out, "folder")
     if args.stream:
         return _run_stream(args, plan, device)
     loaded = load_model(args.model, dtype=torch.float32)

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from workbench.commands.common import add_model_arg, emit_json, table
+from pathlib import Path
+
+from workbench.commands.common import (
+    add_model_arg,
+    check_device,
+    check_out,
+    check_positive,
+    check_text_source,
+    emit_json,
+    parse_spec_list,
+    table,
+)
+from workbench.errors import WorkbenchError
 
 
 def add_parser(sub):
@@ -76,14 +88,33 @@ def _settings(args, description) -> dict:
     return cfg
 
 
+def _check_args(args) -> list[str]:
+    """The options that need no model, checked before it loads; returns the specs."""
+    from workbench.measure.sensitivity import SensitivityTable
+
+    specs = parse_spec_list(args.specs)
+    if args.importance_spec is not None:
+        parse_spec_list(args.importance_spec, "--importance-spec")
+    check_positive(args, "scan_seqs", "seq_len", "calib_seqs", "calib_seq_len")
+    check_text_source(args.text, "--text")
+    check_out(args.out, "file")
+    if Path(args.out).is_file():
+        SensitivityTable.load(args.out)  # a table to resume must be readable (its identity needs the model)
+    if args.stream:
+        if args.method != "proxy" or args.importance != "none":
+            raise WorkbenchError("--stream scans with --method proxy (no importance); got " + args.method)
+        check_device(args.device, auto=False)
+    return specs
+
+
 def run(args) -> int:
     from workbench.measure.sensitivity import sensitivity_scan
     from workbench.model.loading import load_model
 
+    specs = _check_args(args)
     if args.stream:
-        return _run_stream(args)
+        return _run_stream(args, specs)
     loaded = load_model(args.model, progress=not args.quiet)
-    specs = [s.strip() for s in args.specs.split(",") if s.strip()]
     tab = sensitivity_scan(
         loaded,
         specs,
@@ -107,19 +138,15 @@ def run(args) -> int:
     return 0
 
 
-def _run_stream(args) -> int:
-    from workbench.errors import WorkbenchError
+def _run_stream(args, specs: list[str]) -> int:
     from workbench.streaming.distributed import distributed_scan, init_distributed, rank_device
     from workbench.streaming.open import open_streamed, stream_batches
 
-    if args.method != "proxy" or args.importance != "none":
-        raise WorkbenchError("--stream scans with --method proxy (no importance); got " + args.method)
     rank, _ = init_distributed()
     sm, tok = open_streamed(args.model, rank_device(args.device))
     ids, settings = stream_batches(
         sm, tok, args.text or "wiki", args.calib_seqs or 32, args.calib_seq_len or 512, seed=0
     )
-    specs = [s.strip() for s in args.specs.split(",") if s.strip()]
     tab, report = distributed_scan(sm, ids, specs, args.out, settings=settings, progress=not args.quiet)
     if rank != 0:
         return 0
