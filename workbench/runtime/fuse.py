@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.quant.layouts import stored_group_size
-from workbench.runtime.qlinear import QuantLinear, fp8_matmul, int_matmul
+from workbench.runtime.qlinear import QuantLinear, fp8_linear, int_linear
 
 FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -74,7 +74,7 @@ def linear(op: LinearOp, x: torch.Tensor) -> torch.Tensor:
     fast = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
     if op.kind == "int":
         if fast:
-            y = int_matmul(x, op.packed, op.scales, op.zeros, op.bits, op.group_size, op.in_features)
+            y = int_linear(x, op.packed, op.scales, op.zeros, op.bits, op.group_size, op.in_features)
         else:
             from workbench.kernels.reference import dequant_matmul_int_ref
 
@@ -83,7 +83,7 @@ def linear(op: LinearOp, x: torch.Tensor) -> torch.Tensor:
             )
     else:
         if fast:
-            y = fp8_matmul(x, op.packed, op.scales, op.in_features)
+            y = fp8_linear(x, op.packed, op.scales, op.in_features)
         else:
             from workbench.kernels.reference import dequant_matmul_fp8_ref
 
