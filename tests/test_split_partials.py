@@ -270,3 +270,97 @@ def test_int_linear_compiled_fuses_the_sum(monkeypatch):
     _within_one_rounding(out, eager, p)
     monkeypatch.setenv("WORKBENCH_SPLIT_PARTIALS", "0")
     _within_one_rounding(eager, step(x, resid), p)
+
+
+MMA_CASES = [((300, 1024), 128, False), ((4096, 4096), 128, False), ((100, 4224), PER_CHANNEL, True)]
+
+
+@pytest.mark.skipif(not CUDA, reason="the W4 tensor-core kernel is inline PTX: CUDA only")
+@pytest.mark.parametrize("case", MMA_CASES, ids=lambda c: f"N{c[0][0]}-K{c[0][1]}-g{c[1]}-sym{int(c[2])}")
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_w4_mma_partials_match_reference_and_atomic_path(case, dt, monkeypatch):
+    """Every split-K launch shape of the tensor-core kernel (st.global.f32 into its slice) against its
+    columns' reference, and summed against the red.add path and the in-kernel fix-up."""
+    from workbench.kernels.gemv_mma import SHAPE_CHOICES, mma_split, w4_mma
+
+    (N, K), G, sym = case
+    packed, st, zt = _make_int(N, K, 4, G, sym, N + K)
+    for M, shape in itertools.product([1, 3, 4], [c for c in SHAPE_CHOICES if c[1] > 1]):
+        plan = (0, *shape, mma_split(K, shape[1])[0])
+        if plan[-1] == 1:
+            continue
+        x = _x(M, K, dt, M + shape[1])
+        p = gemv_int_partials(x, packed, st, zt, 4, G, K, plan, out=_nan((plan[-1], M, N)))
+        ref = R.gemv_int_partials_ref(x, packed, st, zt, 4, G, K, plan)
+        tol = 2e-3 if dt == torch.float16 and G < 128 else PARTIAL_TOL  # rounded scheme: fp16(q s)
+        assert _rel(p, ref) < tol, f"M={M} {shape}"
+        y = sum_partials(p, dt)
+        for fix in ("0", "1"):
+            monkeypatch.setenv("WORKBENCH_W4_FIXUP", fix)
+            monkeypatch.setenv("WORKBENCH_SPLIT_FIXUP", fix)
+            _within_one_rounding(y, w4_mma(x, packed, st, zt, G, K, N, shape=shape), p)
+
+
+@pytest.mark.skipif(not CUDA, reason="the launch choice on the GPU (tensor-core W4, tuned table)")
+def test_planned_launch_is_the_launchers_choice():
+    """plan_split's launch = what gemv_int launches by default (choose_w4 / tune.pick without timing)."""
+    from workbench.kernels import tune
+    from workbench.kernels.gemv_int import default_gemv_config
+    from workbench.kernels.gemv_mma import choose_w4
+    from workbench.kernels.split_partials import planned_launch
+
+    for (K, N), dt, M in itertools.product(
+        [(4096, 4096), (14336, 4096), (4096, 6144), (4096, 28672)], [torch.float16, torch.bfloat16], [1, 4]
+    ):
+        x = _x(M, K, dt, 1)
+        packed, st, zt = _make_int(N, K, 4, 128, False, 1)
+        never = lambda *a: pytest.fail("no timing pass expected")  # noqa: E731
+        want = choose_w4(x, packed, st, zt, 128, K, N, [], never)
+        assert planned_launch(M, N, K, 4, 128, True, False, dt, x.device) == want, f"w4 {K}x{N} M={M}"
+        key = tune.shape_key(x, N, K, 8, K, False, False)
+        want8 = tune.pick("gemv", key, x.device, [], never, astuple(default_gemv_config(M, N, K, 8)))
+        assert planned_launch(M, N, K, 8, K, False, False, dt, x.device) == (1, *want8), f"w8 {K}x{N}"
+
+
+@pytest.mark.skipif(not CUDA, reason="QuantLinear runs the kernels on CUDA inputs only")
+@pytest.mark.parametrize("spec", ["int4_g128", "int8_ch", "fp8_e4m3"])
+def test_quantlinear_partials_route(spec, monkeypatch):
+    """A QuantLinear at 1 row in bf16 (the decoder's route), eager, in a CUDA graph and compiled with a
+    residual add: partials on and off agree to one rounding; compiled, the sum, cast and add are one
+    generated kernel."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    from workbench.quant.api import quantize_weight
+    from workbench.runtime.qlinear import QuantLinear
+
+    K, N = 14336, 4096
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(2)) * 0.02
+    m = QuantLinear.from_quantized(quantize_weight(W, spec), name="down", dtype=torch.bfloat16, device=DEV)
+    x = _x(1, K, torch.bfloat16, 3)
+    resid = _x(1, N, torch.bfloat16, 4)
+    monkeypatch.setenv("WORKBENCH_SPLIT_PARTIALS", "0")
+    base = m(x)
+    monkeypatch.setenv("WORKBENCH_SPLIT_PARTIALS", "1")
+    args = m._kernel.args(m.spec, m.packed_buffers(), K)
+    fp8 = spec.startswith("fp8")
+    bits, G, zeros = (8, K, None) if fp8 else (args[3], args[4], args[2])
+    plan = plan_split(1, N, K, bits, G, zeros is not None, fp8, x.dtype, x.device)
+    assert plan is not None and plan[-1] > 1, f"{spec} {K}x{N}: expected a split-K launch, plan {plan}"
+    p = gemv_fp8_partials(x, *args, plan) if fp8 else gemv_int_partials(x, *args, plan)
+    y = m(x)
+    _within_one_rounding(y, base, p)
+    g = torch.cuda.CUDAGraph()
+    out = torch.empty_like(y)
+    m(x)  # warm-up outside the capture
+    with torch.cuda.graph(g):
+        out.copy_(m(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, y), "graph replay differs from eager"
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, r: r + m(x), fullgraph=True, dynamic=False)
+    yc, code = run_and_get_code(step, x, resid)
+    kernels = set(re.findall(r"triton_\w*fused_\w+", "\n".join(code)))
+    assert any("sum" in k and "add" in k for k in kernels), f"sum + add not fused: {sorted(kernels)}"
+    _within_one_rounding(yc, resid + y, p)
