@@ -50,7 +50,7 @@ if CUDA:
     ROWS = [1, 2, 3, 4]
 else:
     SHAPES = [(1, 33), (24, 172), (40, 576)]
-    ROWS = [1, 3]
+    ROWS = [1, 3]  # the int sweep takes one of them per case (by its seed) to halve the interpreter's time
 GROUPS = [32, 128, PER_CHANNEL]
 # split-K launch shapes: 3 splits of small tiles (8 words: every case but K = 33 splits), and the heuristic's
 # own split-K shape for 8-bit / 4-bit weights at N <= 4096 (default_gemv_config)
@@ -127,7 +127,8 @@ def test_gemv_int_partials_match_reference_and_atomic_path(case, monkeypatch):
     packed, st, zt = _make_int(N, K, bits, G, sym, seed)
     monkeypatch.setenv("WORKBENCH_SPLIT_FIXUP", "0")  # the zero-fill + atomics + cast path to compare with
     ran = 0
-    for M, cfg in itertools.product(ROWS, CONFIGS):
+    rows = ROWS if CUDA else [ROWS[seed % len(ROWS)]]
+    for M, cfg in itertools.product(rows, CONFIGS):
         plan = _plan(cfg, K, bits, G)
         if plan[-1] == 1:
             continue
@@ -292,8 +293,7 @@ def test_w4_mma_partials_match_reference_and_atomic_path(case, dt, monkeypatch):
         x = _x(M, K, dt, M + shape[1])
         p = gemv_int_partials(x, packed, st, zt, 4, G, K, plan, out=_nan((plan[-1], M, N)))
         ref = R.gemv_int_partials_ref(x, packed, st, zt, 4, G, K, plan)
-        tol = 2e-3 if dt == torch.float16 and G < 128 else PARTIAL_TOL  # rounded scheme: fp16(q s)
-        assert _rel(p, ref) < tol, f"M={M} {shape}"
+        assert _rel(p, ref) < 1e-4, f"M={M} {shape}"  # exact scheme; the mma adds in its own order
         y = sum_partials(p, dt)
         for fix in ("0", "1"):
             monkeypatch.setenv("WORKBENCH_W4_FIXUP", fix)
