@@ -430,6 +430,7 @@ def launch_gemv(
     """Shared launch for ``gemv_int`` / ``gemv_fp8`` (inputs already checked).  ``partials`` (with an
     explicit ``config``): return the fp32 [split, M, N] per-split sums instead (``out`` is then such a
     buffer); the caller sums them (``kernels/split_partials.py``)."""
+    assert config is not None or not partials, f"{name}: a partials launch needs its planned config"
     M = x.shape[0]
     if M > MAX_GEMV_ROWS:
         raise WorkbenchError(
