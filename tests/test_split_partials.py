@@ -325,9 +325,9 @@ def test_planned_launch_is_the_launchers_choice():
 @pytest.mark.skipif(not CUDA, reason="QuantLinear runs the kernels on CUDA inputs only")
 @pytest.mark.parametrize("spec", ["int4_g128", "int8_ch", "fp8_e4m3"])
 def test_quantlinear_partials_route(spec, monkeypatch):
-    """A QuantLinear at 1 row in bf16 (the decoder's route), eager, in a CUDA graph and compiled with a
-    residual add: partials on and off agree to one rounding; compiled, the sum, cast and add are one
-    generated kernel."""
+    """A QuantLinear at 1 row in bf16 (the decoder's route; the fast path's `fuse.linear` the same), eager,
+    in a CUDA graph and compiled with a residual add: partials on and off agree to one rounding; compiled,
+    the sum, cast and add are one generated kernel."""
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
 
@@ -350,6 +350,9 @@ def test_quantlinear_partials_route(spec, monkeypatch):
     p = gemv_fp8_partials(x, *args, plan) if fp8 else gemv_int_partials(x, *args, plan)
     y = m(x)
     _within_one_rounding(y, base, p)
+    from workbench.runtime.fuse import fused_op, linear
+
+    assert torch.equal(linear(fused_op([m]), x), y), "the fast path's linear takes another route"
     g = torch.cuda.CUDAGraph()
     out = torch.empty_like(y)
     m(x)  # warm-up outside the capture
