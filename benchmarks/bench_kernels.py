@@ -11,6 +11,10 @@ replayed ``REPLAYS`` times between events; the median replay / LAUNCHES is repor
 (never zeros).  Each kernel variant is checked against the torch reference before it is timed.
 
     python benchmarks/bench_kernels.py [--json] [--sweep] [--out results.json] [--quick]
+
+With ``WORKBENCH_SPLIT_PARTIALS=1`` the default-config GEMV rows go through the decoder's route instead
+(``qlinear.int_linear`` / ``fp8_linear``: a split-K launch stores per-split partials, one reduction sums
+them; ``kernels/split_partials.py``), for an A/B against the zero-fill + atomics + cast launches.
     workbench bench kernels [--json]        (calls run())
 """
 
@@ -194,6 +198,7 @@ def _default_config(fmt: str, M: int, N: int, K: int):
 
 
 def _kernel_call(fmt: str, M: int, K: int, x, wt, cfg):
+    from workbench.kernels.checks import split_partials_enabled
     from workbench.kernels.gemm_fp8 import gemm_fp8
     from workbench.kernels.gemm_int import gemm_int
     from workbench.kernels.gemv_fp8 import gemv_fp8
@@ -202,6 +207,12 @@ def _kernel_call(fmt: str, M: int, K: int, x, wt, cfg):
     bits, G, _ = FORMATS[fmt]
     packed, s, z = wt
     gs = G or K
+    if cfg is None and M <= 4 and split_partials_enabled():  # the decoder's route: op + sum outside it
+        from workbench.runtime.qlinear import fp8_linear, int_linear
+
+        if fmt == "fp8":
+            return lambda: fp8_linear(x, packed, s, K)
+        return lambda: int_linear(x, packed, s, z, bits, gs, K)
     if fmt == "fp8":
         fn = gemv_fp8 if M <= 4 else gemm_fp8
         return lambda: fn(x, packed, s, K, config=cfg)
@@ -220,6 +231,9 @@ def _reference(fmt: str, K: int, x, wt):
 
 
 def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool, log=print) -> list[Row]:
+    from workbench.kernels.checks import split_partials_enabled
+
+    partials = M <= 4 and split_partials_enabled()
     gen = torch.Generator(device="cuda").manual_seed(K * 7 + N + M)
     act_bytes = M * K * 2 + M * N * 2
     xs = [torch.randn(M, K, device="cuda", generator=gen).half() for _ in range(4)]
@@ -253,7 +267,7 @@ def bench_shape(K: int, N: int, M: int, fmts: list[str], bw: float, sweep: bool,
                 log(f"  {fmt} {label}: FAILED {repr(e)[:200]}")
                 continue
             if cfg is None:  # what the launcher's per-GPU tuning picked (kernels.tune), if it ran
-                label = _chosen(fmt, xs[0], N, K) or label
+                label = (_chosen(fmt, xs[0], N, K) or label) + (" +partials" if partials else "")
             tried.append({"config": label, "us": us, "pct_roofline": 100 * roof_us / us})
             pct = 100 * roof_us / us
             log(f"  {fmt:8s} {label}: {us:8.1f} us  {fp16_us / us:5.2f}x  {pct:5.1f}% roofline")

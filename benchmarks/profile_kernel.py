@@ -6,7 +6,7 @@
 No timing here (``bench_kernels.py`` times); this only builds the inputs the benchmark builds and calls
 the launcher with its default (or a given) config (``WORKBENCH_W4_MMA=1`` for the tensor-core W4 path).
 
-    python benchmarks/profile_kernel.py --sass [--rows16] [--sym] [--two-steps]
+    python benchmarks/profile_kernel.py --sass [--rows16] [--sym] [--two-steps] [--fixup | --partials]
 
 compiles the tensor-core W4 kernel for sm_90 without a GPU (Triton's own ptxas / cuobjdump) and prints
 its registers and the SASS opcode histogram of the K loop (instructions per 64 weights of a lane).
@@ -27,9 +27,12 @@ def sass_histogram(
     bf16: bool = False,
     exact: bool = True,
     fixup: bool = False,
+    partials: bool = False,
+    atomic: bool = False,
 ) -> str:
     """Compile ``_w4_mma_kernel`` for sm_90 here (no GPU), check its layout, count the SASS of its K loop
-    (``fixup``: split-K 4 finished in the kernel)."""
+    (split-K 4 with ``atomic``: fp32 red.add into one buffer; ``fixup``: finished in the kernel;
+    ``partials``: stored per split, plain fp32); also the whole kernel's global stores / reductions."""
     import collections
     import os
     import re
@@ -44,7 +47,8 @@ def sass_histogram(
     asm, cons = G.w4_asm(rows16, has_zero, bf16, exact or bf16)
     act = "*bf16" if bf16 else "*fp16"
     ints = ["M", "N", "K2", "KWL", "STEPS", "STEPS_PER_SPLIT", "stride_x2", "stride_wn", "stride_ym"]
-    y_t = "*fp32" if fixup else act
+    split = 4 if fixup or partials or atomic else 1
+    y_t = "*fp32" if split > 1 else act
     sig = {"x_ptr": act, "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": y_t}
     sig.update({k: "i32" for k in ints})
     const = dict(
@@ -55,7 +59,7 @@ def sass_histogram(
         ONE_ROW=not rows16,
         EVEN_K=True,
         BLOCK_N=block_n,
-        SPLIT_K=4 if fixup else 1,
+        SPLIT_K=split,
         ASM=asm,
         CONS=cons,
         TWO_STEPS=int(two_steps),
@@ -63,7 +67,8 @@ def sass_histogram(
     )
     sig.update({k: "constexpr" for k in const})
     sig.update({"o_ptr": act, "cnt_ptr": "*i32", "stride_om": "i32", "FIXUP": "constexpr"})
-    const["FIXUP"] = fixup
+    sig["PARTIALS"] = "constexpr"
+    const.update(FIXUP=fixup, PARTIALS=partials)
     names = list(sig)
     aligned = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "K2", "KWL", "stride_x2", "stride_wn"]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
@@ -86,9 +91,12 @@ def sass_histogram(
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
     per = 64 * (2 if two_steps else 1)
     reg = re.search(r"REG:(\d+)", regs)
+    every = collections.Counter(t.split()[0].split(".")[0] for _, t in ins if not t.startswith("@"))
+    every.update(t.split()[1].split(".")[0] for _, t in ins if t.startswith("@"))
+    mem = {k: every[k] for k in ("STG", "REDG", "RED", "ATOMG", "BAR") if every[k]}
     return (
         f"triton {triton.__version__}, registers {reg.group(1) if reg else '?'}: {len(body)} SASS instr. "
-        f"per {per} weights of a lane = {len(body) / per:.2f} per weight\n{ops.most_common()}"
+        f"per {per} weights of a lane = {len(body) / per:.2f} per weight; kernel {mem}\n{ops.most_common()}"
     )
 
 
@@ -109,10 +117,21 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 activations (bf16 decode and mma)")
     ap.add_argument("--rounded", action="store_true", help="fp16 scheme for groups < 128 (q s rounded)")
     ap.add_argument("--fixup", action="store_true", help="split-K 4 finished inside the kernel")
+    ap.add_argument("--partials", action="store_true", help="split-K 4 as per-split fp32 partials")
+    ap.add_argument("--atomic", action="store_true", help="split-K 4 with fp32 atomics (zero-fill + cast)")
     a = ap.parse_args()
     if a.sass:
         print(
-            sass_histogram(a.rows16, not a.sym, a.two_steps, bf16=a.bf16, exact=not a.rounded, fixup=a.fixup)
+            sass_histogram(
+                a.rows16,
+                not a.sym,
+                a.two_steps,
+                bf16=a.bf16,
+                exact=not a.rounded,
+                fixup=a.fixup,
+                partials=a.partials,
+                atomic=a.atomic,
+            )
         )
         return
     K, N, M = (int(v) for v in a.shape.split("x"))

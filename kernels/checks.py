@@ -2,7 +2,9 @@
 
 Every launcher calls these before launching, so a bad call fails with a message that names the tensor
 and its shape instead of a Triton crash or a silently wrong result.  Split-K launches accumulate into a
-zeroed fp32 buffer with atomics; ``alloc_output`` / ``finish_output`` hide that from the launchers.
+zeroed fp32 buffer with atomics; ``alloc_output`` / ``finish_output`` hide that from the launchers.  Two
+alternatives finish split-K without those launches: the in-kernel fix-up (``fixup_enabled``) and the
+per-split partials summed by the caller (``split_partials_enabled``, ``alloc_partials``).
 """
 
 from __future__ import annotations
@@ -139,6 +141,28 @@ def fixup_enabled(default: bool) -> bool:
     ``default`` (measured per kernel on the H200: ``benchmarks/RESULTS.md``, issue 13, fourth session)."""
     env = os.environ.get("WORKBENCH_SPLIT_FIXUP")
     return default if env is None else env != "0"
+
+
+def split_partials_enabled() -> bool:
+    """Split-K GEMVs write each split's fp32 partial sums to their own slice of a [split, M, N] buffer with
+    plain stores (no zero-fill, no atomics), and the caller sums them outside the custom op
+    (``kernels/split_partials.py``), where ``torch.compile`` fuses the sum and the cast into the next op
+    (the residual add).  Opt-in, ``WORKBENCH_SPLIT_PARTIALS=1``, not yet measured on a GPU; it takes
+    precedence over the fix-up for the launches it covers (GEMV, <= 4 rows).  Read when the launch is
+    planned: a compiled graph keeps the choice it was traced with."""
+    return os.environ.get("WORKBENCH_SPLIT_PARTIALS", "0") == "1"
+
+
+def alloc_partials(name: str, out: torch.Tensor | None, x: torch.Tensor, N: int, split: int) -> torch.Tensor:
+    """The fp32 [split, M, N] buffer of a split-K partials launch: ``out`` (checked) or a new one, not
+    zeroed (every program stores its whole slice)."""
+    shape = (split, x.shape[0], N)
+    if out is not None and (out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise WorkbenchError(
+            f"{name}: partials out must be contiguous float32 {list(shape)}, got {out.dtype} "
+            f"{tuple(out.shape)}"
+        )
+    return out if out is not None else torch.empty(shape, dtype=torch.float32, device=x.device)
 
 
 _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

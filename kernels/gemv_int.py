@@ -37,6 +37,7 @@ import triton.language as tl
 from workbench.kernels import tune
 from workbench.kernels.checks import (
     alloc_output,
+    alloc_partials,
     check_int_weight,
     finish_output,
     fixup_enabled,
@@ -231,6 +232,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     FIXUP: tl.constexpr,  # split-K finished inside the kernel (no zero-fill / cast launches)
+    PARTIALS: tl.constexpr,  # y_ptr is fp32 [SPLIT_K, M, N]: each split stores its own slice (no atomics)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -355,13 +357,16 @@ def _gemv_kernel(
                 accz3 += b * _group_xsum(x_ptr + 3 * stride_xm, t, K, C, GW * PER, EVEN_K)[None, :]
         words, hi16, s_raw, z_raw = nwords, nhi16, ns_raw, nz_raw
     y_ptrs = y_ptr + n
-    _store_row(y_ptrs, acc0, accz0, nmask, SPLIT_K)
+    if PARTIALS:  # this split's slice of the partials; plain stores
+        y_ptrs += pid_k * (M_ROWS * stride_ym)
+    ATOMIC: tl.constexpr = SPLIT_K > 1 and not PARTIALS
+    _store_row(y_ptrs, acc0, accz0, nmask, ATOMIC)
     if M_ROWS > 1:
-        _store_row(y_ptrs + stride_ym, acc1, accz1, nmask, SPLIT_K)
+        _store_row(y_ptrs + stride_ym, acc1, accz1, nmask, ATOMIC)
     if M_ROWS > 2:
-        _store_row(y_ptrs + 2 * stride_ym, acc2, accz2, nmask, SPLIT_K)
+        _store_row(y_ptrs + 2 * stride_ym, acc2, accz2, nmask, ATOMIC)
     if M_ROWS > 3:
-        _store_row(y_ptrs + 3 * stride_ym, acc3, accz3, nmask, SPLIT_K)
+        _store_row(y_ptrs + 3 * stride_ym, acc3, accz3, nmask, ATOMIC)
     if FIXUP:  # the last of the SPLIT_K programs of this column block casts, writes and re-zeroes
         tl.debug_barrier()  # every thread's atomic add issued before the release below
         seen = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -370,12 +375,12 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _store_row(y_ptrs, acc, accz, nmask, SPLIT_K: tl.constexpr):
+def _store_row(y_ptrs, acc, accz, nmask, ATOMIC: tl.constexpr):
     y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(accz, axis=1)  # [BN]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=nmask)
-    else:
+    if ATOMIC:
         tl.atomic_add(y_ptrs, y, mask=nmask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=nmask)
 
 
 @dataclass(frozen=True)
@@ -420,8 +425,12 @@ def launch_gemv(
     fp8: bool,
     config: GemvConfig | None,
     out: torch.Tensor | None,
+    partials: bool = False,
 ) -> torch.Tensor:
-    """Shared launch for ``gemv_int`` / ``gemv_fp8`` (inputs already checked)."""
+    """Shared launch for ``gemv_int`` / ``gemv_fp8`` (inputs already checked).  ``partials`` (with an
+    explicit ``config``): return the fp32 [split, M, N] per-split sums instead (``out`` is then such a
+    buffer); the caller sums them (``kernels/split_partials.py``)."""
+    assert config is not None or not partials, f"{name}: a partials launch needs its planned config"
     M = x.shape[0]
     if M > MAX_GEMV_ROWS:
         raise WorkbenchError(
@@ -454,16 +463,13 @@ def launch_gemv(
         cfg = GemvConfig(*tune.pick("gemv", key, x.device, tune.GEMV_CANDIDATES, make_run, astuple(cfg)))
     Kp = packed_k(K, bits)
     kwl = Kp // per  # words of the (low) plane per row
-    if per_channel:  # one tile of gw words per step, no wider than the row
-        gw, c = min(cfg.tile_words, triton.next_power_of_2(kwl)), 1
-        tiles = triton.cdiv(kwl, gw)
-    else:  # c whole groups per step, no more than the row has
-        gw = G // per
-        c = max(1, min(cfg.tile_words // gw, triton.next_power_of_2(triton.cdiv(K, G))))
-        tiles = triton.cdiv(triton.cdiv(K, G), c)
+    gw, c, tiles = gemv_tiles(cfg, K, bits, group_size)
     split, tps = split_tiles(tiles, cfg.split_k)
-    ws = split_workspace(x, N, cfg.block_n) if split > 1 and fixup_enabled(True) else None
-    y = alloc_output(name, out, x, N, 1 if ws is not None else split)
+    ws = split_workspace(x, N, cfg.block_n) if split > 1 and fixup_enabled(True) and not partials else None
+    if partials:
+        y = alloc_partials(name, out, x, N, split)
+    else:
+        y = alloc_output(name, out, x, N, 1 if ws is not None else split)
     grid = (triton.cdiv(N, cfg.block_n), split)
     _gemv_kernel[grid](
         x,
@@ -480,10 +486,10 @@ def launch_gemv(
         tps,
         x.stride(0),
         packed.stride(0),
-        y.stride(0) if ws is None else ws[0].stride(0),
+        y.stride(-2) if ws is None else ws[0].stride(0),
         y,
         y if ws is None else ws[1],
-        y.stride(0),
+        y.stride(-2),
         M_ROWS=M,
         BITS=bits,
         PER=per,
@@ -497,9 +503,22 @@ def launch_gemv(
         BLOCK_N=cfg.block_n,
         SPLIT_K=split,
         FIXUP=ws is not None,
+        PARTIALS=partials,
         num_warps=cfg.num_warps,
     )
-    return finish_output(y, out, x.dtype)
+    return y if partials else finish_output(y, out, x.dtype)
+
+
+def gemv_tiles(cfg: GemvConfig, K: int, bits: int, group_size: int) -> tuple[int, int, int]:
+    """(words per group of a tile GW, groups per tile C, tiles along K) of a launch shape."""
+    per = 16 if bits == 3 else 32 // bits
+    kwl = packed_k(K, bits) // per  # words of the (low) plane per row
+    if group_size >= K:  # per channel: one tile of gw words per step, no wider than the row
+        gw = min(cfg.tile_words, triton.next_power_of_2(kwl))
+        return gw, 1, triton.cdiv(kwl, gw)
+    gw = group_size // per  # c whole groups per step, no more than the row has
+    c = max(1, min(cfg.tile_words // gw, triton.next_power_of_2(triton.cdiv(K, group_size))))
+    return gw, c, triton.cdiv(triton.cdiv(K, group_size), c)
 
 
 def gemv_int(

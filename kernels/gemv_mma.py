@@ -40,7 +40,13 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
-from workbench.kernels.checks import alloc_output, finish_output, fixup_enabled, split_workspace
+from workbench.kernels.checks import (
+    alloc_output,
+    alloc_partials,
+    finish_output,
+    fixup_enabled,
+    split_workspace,
+)
 from workbench.kernels.w4_mma_asm import w4_asm
 
 from workbench.errors import WorkbenchError
@@ -165,9 +171,12 @@ def _w4_mma_kernel(
     cnt_ptr,  # FIXUP: int32 arrival counters, one per column block (persistent, left at 0)
     stride_om,
     FIXUP: tl.constexpr,  # split-K finished inside the kernel (no zero-fill / cast launches)
+    PARTIALS: tl.constexpr,  # y_ptr is fp32 [SPLIT_K, M, N]: each split stores its own slice (no atomics)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if PARTIALS:
+        y_ptr += pid_k * (M * stride_ym)
     r = tl.arange(0, BLOCK_N)[:, None]  # [BN, 1]
     c = tl.arange(0, 16)[None, :]  # [1, 16]
     n = pid_n * BLOCK_N + r
@@ -230,7 +239,12 @@ def _w4_mma_kernel(
     ymask = (ym < M) & nmask
     if not ROWS16:
         ymask = ymask & ((c % 4) < 2)  # elements 2, 3 were folded into 0, 1
-    _store(y_ptr + ym * stride_ym + n, out, ymask, SPLIT_K)
+    if PARTIALS:
+        _store(y_ptr + ym * stride_ym + n, out, ymask, 2)
+    elif SPLIT_K == 1:
+        _store(y_ptr + ym * stride_ym + n, out, ymask, 0)
+    else:
+        _store(y_ptr + ym * stride_ym + n, out, ymask, 1)
     if FIXUP:  # the last of the SPLIT_K programs of this column block casts, writes and re-zeroes
         tl.debug_barrier()  # every thread's red.add issued before the release below
         seen = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -252,8 +266,10 @@ def finish_split(ws_ptr, o_ptr, cnt_ptr, pid_n, M, N, stride_wm, stride_om, BLOC
 
 
 @triton.jit
-def _store(ptrs, val, mask, SPLIT_K: tl.constexpr):
-    """Predicated store (split-K: fp32 atomic add) as inline PTX rather than ``tl.store``.
+def _store(ptrs, val, mask, MODE: tl.constexpr):
+    """Predicated store as inline PTX rather than ``tl.store``: MODE 0 casts to the output dtype (fp16 /
+    bf16), 1 adds fp32 atomically (split-K into one buffer), 2 stores fp32 (split-K partials, one slice
+    per split).
 
     A ``tl.store`` here is contiguous along rows, and Triton 3.6 then re-lays the whole loop out
     column-major to match it, which breaks the lane <-> mma-fragment map of the loads; an opaque
@@ -261,7 +277,7 @@ def _store(ptrs, val, mask, SPLIT_K: tl.constexpr):
     """
     addr = ptrs.to(tl.uint64, bitcast=True)
     pred = mask.to(tl.int32)
-    if SPLIT_K == 1:
+    if MODE == 0:
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.b16 [$1], $3; mov.b32 $0, 0; }",
             "=r,l,r,h",
@@ -270,7 +286,7 @@ def _store(ptrs, val, mask, SPLIT_K: tl.constexpr):
             is_pure=False,
             pack=1,
         )
-    else:
+    elif MODE == 1:
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p red.global.add.f32 [$1], $3; mov.b32 $0, 0; }",
             "=r,l,r,f",
@@ -279,6 +295,22 @@ def _store(ptrs, val, mask, SPLIT_K: tl.constexpr):
             is_pure=False,
             pack=1,
         )
+    else:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.f32 [$1], $3; mov.b32 $0, 0; }",
+            "=r,l,r,f",
+            (addr, pred, val),
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
+def mma_split(K: int, split_k: int) -> tuple[int, int]:
+    """(programs along K, K steps per program) of a requested split-K; never an empty program."""
+    steps = triton.cdiv(K, STEP_COLS)
+    tps = triton.cdiv(steps, max(1, min(split_k, steps)))
+    return triton.cdiv(steps, tps), tps
 
 
 def launch_w4_mma(
@@ -293,23 +325,27 @@ def launch_w4_mma(
     split_k: int,
     out: torch.Tensor | None,
     two_steps: int = 0,
+    partials: bool = False,
 ) -> torch.Tensor:
     """Launch the W4 tensor-core GEMV (inputs already checked, ``mma_eligible`` true).
 
     x: fp16 or bf16 [M <= 16, K]; packed int32 [N, Kp / 8]; scales_t / zeros_t fp16 [n_groups, N] (zeros None:
-    symmetric); block_n = 16 * warps (two rows per lane); split_k >= 1.  Returns y [M, N] fp16.
+    symmetric); block_n = 16 * warps (two rows per lane); split_k >= 1.  Returns y [M, N] in x.dtype, or
+    with ``partials`` the fp32 [split, M, N] per-split sums (plain stores; the caller sums them, and
+    ``out`` is then such a buffer).
     """
     M = x.shape[0]
     per_channel = group_size >= K
     steps = triton.cdiv(K, STEP_COLS)
-    tps = triton.cdiv(steps, max(1, min(split_k, steps)))
-    split = triton.cdiv(steps, tps)
+    split, tps = mma_split(K, split_k)
     # in-kernel fix-up by default at split-K >= 8 only (H200: 14336x4096 split 8 17.8 vs 18.7 us;
     # 4096x14336 split 4 20.0 vs 16.0 us; int4 e2e with it at every split 343 vs 352 tokens/s);
     # WORKBENCH_W4_FIXUP=1: always
     fix = fixup_enabled(os.environ.get("WORKBENCH_W4_FIXUP") == "1" or split >= 8)
-    ws = split_workspace(x, N, block_n) if split > 1 and fix else None
-    if ws is not None:  # split-K finished in the kernel (checks.fixup_enabled)
+    ws = split_workspace(x, N, block_n) if split > 1 and fix and not partials else None
+    if partials:
+        y = alloc_partials("gemv_w4_mma", out, x, N, split)
+    elif ws is not None:  # split-K finished in the kernel (checks.fixup_enabled)
         y = alloc_output("gemv_w4_mma", out, x, N, 1)
         ws, cnt = ws
     else:
@@ -330,7 +366,7 @@ def launch_w4_mma(
         tps,
         x.stride(0) // 2,
         packed.stride(0),
-        y.stride(0) if ws is None else ws.stride(0),
+        y.stride(-2) if ws is None else ws.stride(0),
         G_SHIFT=0 if per_channel else group_size.bit_length() - 1,
         PER_CHANNEL=per_channel,
         HAS_ZERO=zeros_t is not None,
@@ -345,12 +381,13 @@ def launch_w4_mma(
         BF16=x.dtype == torch.bfloat16,
         o_ptr=y,
         cnt_ptr=y if ws is None else cnt,
-        stride_om=y.stride(0),
+        stride_om=y.stride(-2),
         FIXUP=ws is not None,
+        PARTIALS=partials,
         num_warps=block_n // 16,
     )
     _check_layout(ck)
-    return finish_output(y, out, x.dtype)
+    return y if partials else finish_output(y, out, x.dtype)
 
 
 _LAYOUT_OK: set[int] = set()
@@ -379,20 +416,27 @@ def exact_scheme(x: torch.Tensor, group_size: int, K: int) -> bool:
 
 
 def mma_eligible(x: torch.Tensor, bits: int, group_size: int, K: int) -> bool:
-    """The W4 tensor-core path applies: CUDA sm_80+, fp16 / bf16 x with <= 16 rows, even K and row stride,
+    """The W4 tensor-core path applies to this x (``mma_applies``, and an even row stride, 4-byte aligned)."""
+    if not mma_applies(x.shape[0], x.dtype, x.device, bits, group_size, K):
+        return False
+    return not (x.stride(0) % 2 or x.data_ptr() % 4)
+
+
+def mma_applies(M: int, dtype: torch.dtype, device: torch.device, bits: int, group_size: int, K: int) -> bool:
+    """The W4 tensor-core path applies to the problem: CUDA sm_80+, fp16 / bf16 x with <= 16 rows, even K,
     4-bit codes, group >= 32 (the launch checks already ensured a power of two) or per channel."""
     if os.environ.get("WORKBENCH_W4_MMA", "1") == "0":  # default on; WORKBENCH_W4_MMA=0 turns it off
         return False
-    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or bits != 4 or x.shape[0] > MAX_ROWS:
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or bits != 4 or M > MAX_ROWS:
         return False
-    if K % 2 or x.stride(0) % 2 or x.data_ptr() % 4:
+    if K % 2:
         return False
-    dev = x.device.index
+    dev = device.index
     if dev not in _CC:
-        _CC[dev] = torch.cuda.get_device_capability(x.device)[0]
+        _CC[dev] = torch.cuda.get_device_capability(device)[0]
     if _CC[dev] < 8:
         return False
-    if x.dtype == torch.bfloat16:  # bf16 needs the exact scheme: one scale per row and step
+    if dtype == torch.bfloat16:  # bf16 needs the exact scheme: one scale per row and step
         return group_size >= min(K, STEP_COLS)
     return group_size >= K or group_size >= 32
 
@@ -507,3 +551,14 @@ def choose_w4(
 
     key = tune.shape_key(x, N, K, 4, group_size, zeros_t is not None, False)
     return tune.pick("w4", key, x.device, cands, make_run, default)
+
+
+def planned_w4(
+    M: int, dtype: torch.dtype, device: torch.device, group_size: int, K: int, N: int, has_zero: bool
+) -> tuple:
+    """``choose_w4``'s answer without running a timing pass: this GPU's cached choice (shipped table or
+    user cache), else the heuristic shape; for a launch decided before the op runs (split-K partials)."""
+    from workbench.kernels import tune
+
+    key = tune.problem_key(M, dtype, N, K, 4, group_size, has_zero, False)
+    return tune.lookup("w4", key, device) or (0, *default_shape(N, K, sm_count(device), M))

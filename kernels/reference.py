@@ -69,6 +69,39 @@ def dequant_matmul_fp8_ref(
     return (x.to(torch.float32) @ W.t()).to(x.dtype)
 
 
+def gemv_int_partials_ref(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    K: int,
+    plan: tuple[int, ...],
+) -> torch.Tensor:
+    """fp32 [split, M, N]: slice s = x[:, cols_s] @ W_hat[:, cols_s]^T over the columns split program s of
+    ``plan`` covers (``split_partials.split_columns``); x: [M, K]."""
+    from workbench.kernels.split_partials import split_columns
+
+    W = dequantize_int(packed, scales_t, zeros_t, bits, group_size, K)
+    return _partials(x, W, split_columns(plan, K, bits, group_size), plan[-1])
+
+
+def gemv_fp8_partials_ref(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, K: int, plan: tuple[int, ...]
+) -> torch.Tensor:
+    """``gemv_int_partials_ref`` for FP8 E4M3 weights -> fp32 [split, M, N]."""
+    from workbench.kernels.split_partials import split_columns
+
+    return _partials(x, dequantize_fp8(packed, scales, K), split_columns(plan, K, 8, K), plan[-1])
+
+
+def _partials(x: torch.Tensor, W: torch.Tensor, cols: int, split: int) -> torch.Tensor:
+    xf = x.to(torch.float32)
+    parts = [xf[:, s * cols : (s + 1) * cols] @ W[:, s * cols : (s + 1) * cols].t() for s in range(split)]
+    return torch.stack(parts)
+
+
 # Same function, one name per kernel launcher (gemv_int, gemm_int, gemv_fp8, gemm_fp8).
 gemv_int_ref = dequant_matmul_int_ref
 gemm_int_ref = dequant_matmul_int_ref

@@ -199,9 +199,16 @@ GEMM_CANDIDATES = [
 
 def shape_key(x: torch.Tensor, N: int, K: int, bits: int, group_size: int, has_zero: bool, fp8: bool) -> str:
     """Cache key of one problem: format, rows, N, K, grouping, zero points, activation dtype."""
+    return problem_key(x.shape[0], x.dtype, N, K, bits, group_size, has_zero, fp8)
+
+
+def problem_key(
+    M: int, dtype: torch.dtype, N: int, K: int, bits: int, group_size: int, has_zero: bool, fp8: bool
+) -> str:
+    """``shape_key`` from the rows and activation dtype instead of x."""
     fmt = "fp8" if fp8 else f"w{bits}"
     g = "ch" if group_size >= K else f"g{group_size}"
-    return f"{fmt}|M{x.shape[0]}|N{N}|K{K}|{g}|{'asym' if has_zero else 'sym'}|{str(x.dtype)[6:]}"
+    return f"{fmt}|M{M}|N{N}|K{K}|{g}|{'asym' if has_zero else 'sym'}|{str(dtype)[6:]}"
 
 
 def tunable(x: torch.Tensor) -> bool:

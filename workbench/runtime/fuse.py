@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.quant.layouts import stored_group_size
-from workbench.runtime.qlinear import QuantLinear, cached_reference, fp8_matmul, int_matmul
+from workbench.runtime.qlinear import QuantLinear, cached_reference, fp8_linear, int_linear
 
 FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -75,9 +75,9 @@ def linear(op: LinearOp, x: torch.Tensor) -> torch.Tensor:
     if not fast:  # the torch reference (dequant_matmul_*_ref's math), the weight unpacked once on the CPU
         y = (x.to(torch.float32) @ _reference_weight(op).t()).to(x.dtype)
     elif op.kind == "int":
-        y = int_matmul(x, op.packed, op.scales, op.zeros, op.bits, op.group_size, op.in_features)
+        y = int_linear(x, op.packed, op.scales, op.zeros, op.bits, op.group_size, op.in_features)
     else:
-        y = fp8_matmul(x, op.packed, op.scales, op.in_features)
+        y = fp8_linear(x, op.packed, op.scales, op.in_features)
     return y + op.bias.to(y.dtype) if op.bias is not None else y
 
 

@@ -27,7 +27,10 @@ was built with backend="reference".
 
 The kernels are called through torch custom ops (`workbench::int_matmul`, `workbench::fp8_matmul`, named by
 `Kernel.op` in the registry) so that `torch.compile` treats them as opaque calls and fuses the rest of the
-model around them.
+model around them. With WORKBENCH_SPLIT_PARTIALS=1 a split-K GEMV runs as `workbench::int_matmul_partials` /
+`fp8_matmul_partials` instead, returning fp32 [split, M, N] per-split sums that `int_linear` / `fp8_linear`
+add up outside the op (kernels/split_partials.py), so that torch.compile fuses that sum and the cast into
+the residual add or norm that reads the output.
 """
 
 from __future__ import annotations
@@ -104,8 +107,79 @@ def _fp8_matmul_fake(x, packed, scales, K):
     return x.new_empty(x.shape[0], packed.shape[0])
 
 
+@torch.library.custom_op("workbench::int_matmul_partials", mutates_args=())
+def int_matmul_partials(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    K: int,
+    plan: list[int],
+) -> torch.Tensor:
+    """fp32 [split, M, N] per-split sums of x [M, K] @ dequant(packed)^T, launched as `plan` says
+    (kernels/split_partials.py `plan_split`; the split is plan[-1])."""
+    from workbench.kernels.split_partials import gemv_int_partials
+
+    return gemv_int_partials(x, packed, scales_t, zeros_t, bits, group_size, K, tuple(plan))
+
+
+@int_matmul_partials.register_fake
+def _int_matmul_partials_fake(x, packed, scales_t, zeros_t, bits, group_size, K, plan):
+    return x.new_empty(plan[-1], x.shape[0], packed.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("workbench::fp8_matmul_partials", mutates_args=())
+def fp8_matmul_partials(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, K: int, plan: list[int]
+) -> torch.Tensor:
+    """fp32 [split, M, N] per-split sums of `fp8_matmul`, launched as `plan` says."""
+    from workbench.kernels.split_partials import gemv_fp8_partials
+
+    return gemv_fp8_partials(x, packed, scales, K, tuple(plan))
+
+
+@fp8_matmul_partials.register_fake
+def _fp8_matmul_partials_fake(x, packed, scales, K, plan):
+    return x.new_empty(plan[-1], x.shape[0], packed.shape[0], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- callers
+def int_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    K: int,
+) -> torch.Tensor:
+    """y [M, N] in x.dtype through `int_matmul`, or, with split-K partials on (WORKBENCH_SPLIT_PARTIALS=1)
+    and a split-K GEMV planned, `int_matmul_partials` summed here, outside the op, where torch.compile
+    fuses the sum and the cast into the next op."""
+    from workbench.kernels.split_partials import finish_partials, plan_split
+
+    N = packed.shape[0]
+    plan = plan_split(x.shape[0], N, K, bits, group_size, zeros_t is not None, False, x.dtype, x.device)
+    if plan is None:
+        return int_matmul(x, packed, scales_t, zeros_t, bits, group_size, K)
+    partials = int_matmul_partials(x, packed, scales_t, zeros_t, bits, group_size, K, list(plan))
+    return finish_partials(partials, x.dtype)
+
+
+def fp8_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, K: int) -> torch.Tensor:
+    """`int_linear` for FP8 E4M3 weights (`fp8_matmul`, or `fp8_matmul_partials` summed here)."""
+    from workbench.kernels.split_partials import finish_partials, plan_split
+
+    plan = plan_split(x.shape[0], packed.shape[0], K, 8, K, False, True, x.dtype, x.device)
+    if plan is None:
+        return fp8_matmul(x, packed, scales, K)
+    return finish_partials(fp8_matmul_partials(x, packed, scales, K, list(plan)), x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- module
-_OPS = {"int_matmul": int_matmul, "fp8_matmul": fp8_matmul}  # Kernel.op -> custom op
+_OPS = {"int_matmul": int_linear, "fp8_matmul": fp8_linear}  # Kernel.op -> the op's caller
 
 
 class QuantLinear(nn.Module):
