@@ -91,7 +91,7 @@ def resources(
     )
     const = dict(K_BITS=bits, K_CH=True, K_G=32, K_SYM=False, V_BITS=bits, V_CH=False, V_G=128, V_SYM=False)
     const.update(D=128, D_P=128, BLOCK_N=block_n, BLOCK_H=block_h, DEV=dev, PREC=prec)
-    fn = A._attn_kvq_planes_kernel if impl == "planes" else A._attn_kvq_split_kernel
+    fn = A.attn_kvq_planes_kernel if impl == "planes" else A.attn_kvq_dequant_kernel
     if "TAIL_N" in fn.arg_names:
         const["TAIL_N"] = tail_n or block_n
     if "CHUNK8" in fn.arg_names:

@@ -29,10 +29,9 @@ import os
 
 import torch
 import triton
-from workbench.kernels.attn_kvq_common import _attn_kvq_combine_kernel
-from workbench.kernels.attn_kvq_common import _base as _base  # re-exported: tests/test_fast_kvq.py
-from workbench.kernels.attn_kvq_dequant import _attn_kvq_split_kernel
-from workbench.kernels.attn_kvq_planes import _attn_kvq_planes_kernel
+from workbench.kernels.attn_kvq_common import attn_kvq_combine_kernel
+from workbench.kernels.attn_kvq_dequant import attn_kvq_dequant_kernel
+from workbench.kernels.attn_kvq_planes import attn_kvq_planes_kernel
 
 
 def _n_splits(n: int, programs: int, device: torch.device, block_n: int) -> int:
@@ -77,9 +76,9 @@ def _launch(
     if v["codes"].shape[2] != cap:
         raise ValueError(f"attn_kvq: key capacity {cap} != value capacity {v['codes'].shape[2]}")
     if _impl(impl) == "planes":
-        kernel = _attn_kvq_planes_kernel
+        kernel = attn_kvq_planes_kernel
     else:
-        kernel = _attn_kvq_split_kernel
+        kernel = attn_kvq_dequant_kernel
         if prec in PLANES_ONLY or tail_n or int8_chunk or select_rows:
             raise ValueError(
                 f"attn_kvq: precision '{prec}', tail_n, int8_chunk and select_rows are options of the planes"
@@ -108,7 +107,7 @@ def _launch(
 
     kw, vw = win(k), win(v)
     dev = length is not None
-    if kernel is _attn_kvq_planes_kernel:
+    if kernel is attn_kvq_planes_kernel:
         # H200 sweep (RESULTS, "Bit-plane kernel"): 4 warps, no software pipelining; Triton's default 3
         # stages need 248 KB of shared memory at D 128 / BLOCK_N 64 and do not launch (232 KB per SM)
         opts = {"num_warps": num_warps or 4, "num_stages": num_stages or 1, "TAIL_N": tail_n}
@@ -130,7 +129,7 @@ def _launch(
         v["bits"], v["per_channel"], v["group"], v["lo"] is None,
         D, d_p, block_n, block_h, dev, prec, **opts,
     )  # fmt: skip
-    _attn_kvq_combine_kernel[(B * Hq,)](m, l_sum, acc, out, Hq, Hkv, splits, D, d_p, block_h, 16, num_warps=4)
+    attn_kvq_combine_kernel[(B * Hq,)](m, l_sum, acc, out, Hq, Hkv, splits, D, d_p, block_h, 16, num_warps=4)
     return out
 
 
@@ -149,7 +148,7 @@ def attn_kvq(
     k / v: {"codes", "scale", "lo" (None: symmetric), "window" [B, Hkv, W, D], "q" (quantized prefix),
     "bits" (2, 4, 8), "per_channel" (bool), "group" (G)} as `QuantKVSide.kernel_args()` gives them.
     n_splits: how many programs share one kv head's positions (None: from the SM count and n).
-    impl: "planes" (`_attn_kvq_planes_kernel`, the default) or "dequant" (`_attn_kvq_split_kernel`).
+    impl: "planes" (`attn_kvq_planes_kernel`, the default) or "dequant" (`attn_kvq_dequant_kernel`).
     """
     return _launch(q, k, v, n, k["q"], v["q"], sm_scale, block_n, n_splits, impl=impl)
 

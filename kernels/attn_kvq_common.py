@@ -8,13 +8,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _base(bh, per_head):
+def head_base(bh, per_head):
     """int64 offset of kv head `bh`'s first element: B * Hkv * cap * row overflows int32 (B 64, 32k, int8)."""
     return bh.to(tl.int64) * per_head
 
 
 @triton.jit
-def _win_slot(pos, q_len, W, RING: tl.constexpr):
+def win_slot(pos, q_len, W, RING: tl.constexpr):
     """Window slot of positions pos >= q_len: pos - q_len (a linear window) or pos % W (a ring)."""
     if RING:
         return pos % W
@@ -22,7 +22,7 @@ def _win_slot(pos, q_len, W, RING: tl.constexpr):
 
 
 @triton.jit
-def _prefix(n, R, PER_CHANNEL: tl.constexpr, G: tl.constexpr):
+def quantized_prefix_len(n, R, PER_CHANNEL: tl.constexpr, G: tl.constexpr):
     """`KVSpec.quantized_prefix(n)`: max(n - R, 0), rounded down to whole groups of G tokens per channel."""
     m = tl.maximum(n - R, 0)
     if PER_CHANNEL:
@@ -31,7 +31,7 @@ def _prefix(n, R, PER_CHANNEL: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def _attn_kvq_combine_kernel(
+def attn_kvq_combine_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, Hq, Hkv, n_splits,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip

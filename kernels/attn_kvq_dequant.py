@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from workbench.kernels.attn_kvq_common import _base, _prefix, _win_slot
+from workbench.kernels.attn_kvq_common import head_base, quantized_prefix_len, win_slot
 
 
 @triton.jit
@@ -42,20 +42,20 @@ def _deq_codes(
     ROW_P: tl.constexpr = D_P * BITS // 8
     j = tl.arange(0, ROW_P)
     byte = tl.load(
-        codes_ptr + _base(bh, cap * ROW) + pos[:, None] * ROW + j[None, :],
+        codes_ptr + head_base(bh, cap * ROW) + pos[:, None] * ROW + j[None, :],
         mask=in_q[:, None] & (j[None, :] < ROW),
         other=0,
     ).to(tl.int32)
     code = _unpack(byte, BITS, BLOCK_N, D_P).to(tl.float32)
     if PER_CHANNEL:
-        s_off = _base(bh, (cap // G) * D) + (pos[:, None] // G) * D + d[None, :]
+        s_off = head_base(bh, (cap // G) * D) + (pos[:, None] // G) * D + d[None, :]
         scale = tl.load(scale_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
         if not SYM:
             lo = tl.load(lo_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
     elif (G & (G - 1)) == 0 and G <= D_P:
         NG: tl.constexpr = D_P // G
         gi = tl.arange(0, NG)
-        g_off = _base(bh, cap * (D // G)) + pos[:, None] * (D // G) + gi[None, :]
+        g_off = head_base(bh, cap * (D // G)) + pos[:, None] * (D // G) + gi[None, :]
         g_mask = in_q[:, None] & (gi[None, :] < D // G)
         scale = tl.load(scale_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
         scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, NG, G)).reshape(BLOCK_N, D_P)
@@ -63,7 +63,7 @@ def _deq_codes(
             lo = tl.load(lo_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
             lo = tl.broadcast_to(lo[:, :, None], (BLOCK_N, NG, G)).reshape(BLOCK_N, D_P)
     else:
-        s_off = _base(bh, cap * (D // G)) + pos[:, None] * (D // G) + d[None, :] // G
+        s_off = head_base(bh, cap * (D // G)) + pos[:, None] * (D // G) + d[None, :] // G
         scale = tl.load(scale_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
         if not SYM:
             lo = tl.load(lo_ptr + s_off, mask=m_q, other=0.0).to(tl.float32)
@@ -109,7 +109,7 @@ def _load_side(
     else:
         in_w = (pos >= q_len) & mask_n
         x = tl.load(
-            win_ptr + _base(bh, stride_bh_win) + _win_slot(pos, q_len, W, RING)[:, None] * D + d[None, :],
+            win_ptr + head_base(bh, stride_bh_win) + win_slot(pos, q_len, W, RING)[:, None] * D + d[None, :],
             mask=in_w[:, None] & (d[None, :] < D),
             other=0.0,
         ).to(tl.float32)
@@ -137,7 +137,7 @@ def _load_side(
 
 
 @triton.jit
-def _attn_kvq_split_kernel(
+def attn_kvq_dequant_kernel(
     q_ptr, m_ptr, l_ptr, acc_ptr,
     kc, ks, kl, kw, vc, vs, vl, vw,
     n, qk, qv, cap, Wk, Wv, Hq, Hkv, sm_scale, chunk, n_splits, len_ptr, Rk, Rv,
@@ -154,8 +154,8 @@ def _attn_kvq_split_kernel(
     """
     if DEV:
         n = tl.load(len_ptr).to(tl.int32)
-        qk = _prefix(n, Rk, K_CH, K_G)
-        qv = _prefix(n, Rv, V_CH, V_G)
+        qk = quantized_prefix_len(n, Rk, K_CH, K_G)
+        qv = quantized_prefix_len(n, Rv, V_CH, V_G)
     bh = tl.program_id(0)  # b * Hkv + kv head
     sp = tl.program_id(1)
     rep = Hq // Hkv

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from workbench.kernels.attn_kvq_common import _base, _prefix, _win_slot
+from workbench.kernels.attn_kvq_common import head_base, quantized_prefix_len, win_slot
 
 
 @triton.jit
@@ -87,7 +87,7 @@ def _bytes(
     (No code may follow a return under a constexpr `if` here: Triton's code generator still compiles it.)
     """
     col = e * DJ if BITS == 8 else 0
-    ptr = codes_ptr + _base(bh, cap * ROW) + pos[:, None] * ROW + col + j[None, :]
+    ptr = codes_ptr + head_base(bh, cap * ROW) + pos[:, None] * ROW + col + j[None, :]
     if ALL and DJ == DJ_P:
         x = tl.load(ptr)
     else:
@@ -104,9 +104,9 @@ def _deq_plane(
     code = code.to(tl.float32)
     c = _chan(j, e, BITS, D // NP)  # the channel of each plane column
     if PER_CHANNEL:
-        off = _base(bh, (cap // G) * D) + (pos[:, None] // G) * D + c[None, :]
+        off = head_base(bh, (cap // G) * D) + (pos[:, None] // G) * D + c[None, :]
     else:
-        off = _base(bh, cap * (D // G)) + pos[:, None] * (D // G) + c[None, :] // G
+        off = head_base(bh, cap * (D // G)) + pos[:, None] * (D // G) + c[None, :] // G
     scale = tl.load(scale_ptr + off, mask=m, other=0.0).to(tl.float32)
     if SYM:
         x = (code - (1 << (BITS - 1))) * scale
@@ -142,7 +142,7 @@ def _mixed_plane(
         NP,
     )
     in_w = (pos >= q_len) & mask_n
-    w_off = _base(bh, W * D) + _win_slot(pos, q_len, W, RING)[:, None] * D + _chan(j, e, BITS, DJ)[None, :]
+    w_off = head_base(bh, W * D) + win_slot(pos, q_len, W, RING)[:, None] * D + _chan(j, e, BITS, DJ)[None, :]
     w = tl.load(win_ptr + w_off, mask=in_w[:, None] & mj, other=0.0).to(tl.float32)
     return tl.where(in_q[:, None], x, w)
 
@@ -176,7 +176,7 @@ def _scores_codes(
     """
     mj = j < DJ
     if PER_CHANNEL and G % BLOCK_N == 0:
-        s_off = _base(bh, (cap // G) * D) + (start // G) * D
+        s_off = head_base(bh, (cap // G) * D) + (start // G) * D
         s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
         bias = tl.zeros((q0.shape[0],), tl.float32)
         for e in tl.static_range(NP):
@@ -190,7 +190,7 @@ def _scores_codes(
                 bias += tl.sum(qe * tl.load(kl + s_off + c, mask=mj, other=0.0).to(tl.float32)[None, :], 1)
         s += bias[:, None]
     elif PER_CHANNEL and BLOCK_N % G == 0 and SEL:  # BLOCK_N / G key groups: their scale rows selected
-        s_off = _base(bh, (cap // G) * D) + (start // G) * D
+        s_off = head_base(bh, (cap // G) * D) + (start // G) * D
         grp = ((pos - start) // G)[:, None]
         s = tl.zeros((q0.shape[0], BLOCK_N), tl.float32)
         for e in tl.static_range(NP):
@@ -225,12 +225,12 @@ def _pv_codes(
     (or - 2^(b-1) * sum(p * scale)); other layouts dequantize each element.
     """
     if (not PER_CHANNEL) and G == D:
-        ps = p * tl.load(vs + _base(bh, cap) + pos).to(tl.float32)[None, :]
+        ps = p * tl.load(vs + head_base(bh, cap) + pos).to(tl.float32)[None, :]
         pv = _dot_codes(ps, _plane(byte, e, BITS), PREC)
         if SYM:
             pv -= (1 << (BITS - 1)) * tl.sum(ps, 1)[:, None]
         else:
-            pv += tl.sum(p * tl.load(vl + _base(bh, cap) + pos).to(tl.float32)[None, :], 1)[:, None]
+            pv += tl.sum(p * tl.load(vl + head_base(bh, cap) + pos).to(tl.float32)[None, :], 1)[:, None]
     else:
         m = (pos >= 0)[:, None] & (j[None, :] < DJ)
         v = _deq_plane(_plane(byte, e, BITS), vs, vl, pos, j, m, cap, bh, e, BITS, PER_CHANNEL, G, SYM, D, NP)
@@ -260,7 +260,7 @@ def _online(s, m_i, l_i):
 
 
 @triton.jit
-def _attn_kvq_planes_kernel(
+def attn_kvq_planes_kernel(
     q_ptr, m_ptr, l_ptr, acc_ptr,
     kc, ks, kl, kw, vc, vs, vl, vw,
     n, qk, qv, cap, Wk, Wv, Hq, Hkv, sm_scale, chunk, n_splits, len_ptr, Rk, Rv,
@@ -269,7 +269,7 @@ def _attn_kvq_planes_kernel(
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     DEV: tl.constexpr, PREC: tl.constexpr, TAIL_N: tl.constexpr, CHUNK8: tl.constexpr, SEL: tl.constexpr,
 ):  # fmt: skip
-    """`_attn_kvq_split_kernel`'s job with the codes in bit planes: no unpacking join, no branch per block.
+    """`attn_kvq_dequant_kernel`'s job with the codes in bit planes: no unpacking join, no branch per block.
 
     A byte row of b-bit codes holds 8 / b channels per byte: plane e is channel j * 8 / b + e of byte j. int8
     rows are cut into D / CHUNK8 planes of CHUNK8 consecutive channels (CHUNK8 0: one plane of D), so each dot
@@ -291,8 +291,8 @@ def _attn_kvq_planes_kernel(
     DJV_P: tl.constexpr = DJV if DJV >= 16 else 16
     if DEV:
         n = tl.load(len_ptr).to(tl.int32)
-        qk = _prefix(n, Rk, K_CH, K_G)
-        qv = _prefix(n, Rv, V_CH, V_G)
+        qk = quantized_prefix_len(n, Rk, K_CH, K_G)
+        qv = quantized_prefix_len(n, Rv, V_CH, V_G)
     bh = tl.program_id(0)  # b * Hkv + kv head
     sp = tl.program_id(1)
     rep = Hq // Hkv

@@ -17,7 +17,8 @@ if not CUDA:
 import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from workbench.kernels.attn_kvq import _base, attn_kvq_static  # noqa: E402
+from workbench.kernels.attn_kvq import attn_kvq_static  # noqa: E402
+from workbench.kernels.attn_kvq_common import head_base  # noqa: E402
 
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.runtime.kvcache import QuantKVSide  # noqa: E402
@@ -95,7 +96,7 @@ def _to_cpu(c):
 
 @triton.jit
 def _offset_kernel(out_ptr, bh, per_head, pos, ROW: tl.constexpr):
-    tl.store(out_ptr, _base(bh, per_head) + pos * ROW)
+    tl.store(out_ptr, head_base(bh, per_head) + pos * ROW)
 
 
 def test_code_offsets_are_64_bit():

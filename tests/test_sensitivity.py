@@ -157,7 +157,15 @@ def test_resume_after_sigint_to_cli(text, tmp_path):
         str(out),
         "--quiet",
     ]
-    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIG_DFL in the child: a suite started in the background (`cmd &`, nohup) ignores SIGINT, which the child
+    # would inherit, and Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen(
+        cmd,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if out.is_file() and len(json.loads(out.read_text())["cost"]) >= 2:
